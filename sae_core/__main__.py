@@ -1,0 +1,1 @@
+from sae_core.cli import main; raise SystemExit(main())

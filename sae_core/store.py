@@ -1,0 +1,198 @@
+"""The store: the one contract between precompute (writes) and serving (reads).
+
+SQLite is the embedded default, PostgreSQL the self-hosted one; the same tables serve both.
+Arrays that are only ever read whole (token ids of a context, per-token activations) are packed
+into compact binary blobs; small per-feature lists (histograms, logit effects, neighbours) are JSON.
+
+Packed formats (little-endian):
+- context tokens: int32 per token, BOS included;
+- example activations: ``uint16 n`` + ``n × uint16 positions`` + ``n × uint8 levels`` where
+  ``value = level / 255 · max_act`` (max_act is stored exactly in its own column, and the max
+  position always carries level 255).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SubjectModelRow(Base):
+    """A subject language model whose vocabulary the store holds."""
+
+    __tablename__ = "subject_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # spec, e.g. "smollm2-135m"
+    source: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(64))
+    d_model: Mapped[int] = mapped_column(Integer)
+    n_layers: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    bos_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VocabRow(Base):
+    """Token id -> display text, so pages render without loading the tokenizer."""
+
+    __tablename__ = "vocab"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)  # decoded text of the single token ("Ġfoo" -> " foo")
+
+
+class SaeRow(Base):
+    """One SAE and the run that precomputed it."""
+
+    __tablename__ = "saes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # url slug, e.g. "smollm2-135m-l15-topk-8192"
+    model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id"))
+    layer: Mapped[int] = mapped_column(Integer)
+    hook_name: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(32))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    l1_coeff: Mapped[float | None] = mapped_column(Float, nullable=True)
+    path: Mapped[str] = mapped_column(Text)  # SAE folder it was loaded from
+    train_cfg: Mapped[dict] = mapped_column(JSON, default=dict)  # training config, tokens seen
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # metrics.json of the SAE folder
+    corpus: Mapped[dict] = mapped_column(JSON, default=dict)  # corpus spec, ctx_len, seed, n_contexts
+    precompute_cfg: Mapped[dict] = mapped_column(JSON, default=dict)  # top_k, bins, tokens, seed
+    n_tokens: Mapped[int] = mapped_column(Integer, default=0)  # non-special tokens precomputed over
+    density_hist: Mapped[dict] = mapped_column(JSON, default=dict)  # {"edges": [...], "counts": [...]} of log10 density
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | complete
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ContextRow(Base):
+    """A token window, stored once and shared by every example that shows it."""
+
+    __tablename__ = "contexts"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # index of the context in the corpus
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 LE, see pack_tokens
+
+
+class FeatureRow(Base):
+    __tablename__ = "features"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)  # tokens where it fired (> 0)
+    density: Mapped[float] = mapped_column(Float, default=0.0)  # count / saes.n_tokens
+    max_act: Mapped[float] = mapped_column(Float, default=0.0)
+    mean_act: Mapped[float] = mapped_column(Float, default=0.0)  # mean over the tokens where it fired
+    act_hist: Mapped[dict] = mapped_column(JSON, default=dict)  # {"edges": [...], "counts": [...]} nonzero acts
+    intervals: Mapped[list] = mapped_column(JSON, default=list)  # [{"bin", "lo", "hi", "share", "count"}]
+    logit_top: Mapped[list] = mapped_column(JSON, default=list)  # [[token_id, value], ...] descending
+    logit_bottom: Mapped[list] = mapped_column(JSON, default=list)  # [[token_id, value], ...] ascending
+    logit_hist: Mapped[dict] = mapped_column(JSON, default=dict)
+    neighbours_cos: Mapped[list] = mapped_column(JSON, default=list)  # [[idx, cosine], ...]
+    neighbours_coact: Mapped[list] = mapped_column(JSON, default=list)  # [[idx, score], ...]
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+    label_source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # auto | llm:<model> | human:<who>
+    label_precision: Mapped[float | None] = mapped_column(Float, nullable=True)
+    label_recall: Mapped[float | None] = mapped_column(Float, nullable=True)
+    label_f1: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index("ix_features_density", "sae_id", "density"),
+        Index("ix_features_max_act", "sae_id", "max_act"),
+        Index("ix_features_label_f1", "sae_id", "label_f1"),
+    )
+
+
+class ExampleRow(Base):
+    """A context shown on a feature page: a top example or an interval sample."""
+
+    __tablename__ = "examples"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # "top" | "interval"
+    bin: Mapped[int] = mapped_column(Integer, primary_key=True)  # interval bin; 0 for top
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    context_id: Mapped[int] = mapped_column(Integer)
+    max_act: Mapped[float] = mapped_column(Float)  # exact
+    max_pos: Mapped[int] = mapped_column(Integer)
+    acts: Mapped[bytes] = mapped_column(LargeBinary)  # see pack_acts
+
+
+class TokenFeatureRow(Base):
+    """Which features fire most on a vocabulary token (search by token)."""
+
+    __tablename__ = "token_features"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer)
+    mean_act: Mapped[float] = mapped_column(Float)  # mean activation on this token (zeros included)
+    count: Mapped[int] = mapped_column(Integer)  # firings on this token
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed arrays
+
+
+def pack_tokens(token_ids) -> bytes:
+    return np.asarray(token_ids, dtype="<i4").tobytes()
+
+
+def unpack_tokens(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<i4")
+
+
+def pack_acts(values) -> tuple[bytes, float, int]:
+    """Per-token activations (seq,) -> (blob, max_act exact, max_pos). Zeros are not stored."""
+    values = np.asarray(values, dtype=np.float32)
+    max_pos = int(values.argmax()) if values.size else 0
+    max_act = float(values[max_pos]) if values.size else 0.0
+    positions = np.flatnonzero(values > 0).astype("<u2")
+    if max_act > 0:
+        levels = np.clip(np.rint(values[positions] / max_act * 255), 1, 255).astype("u1")
+    else:
+        levels = np.zeros(0, dtype="u1")
+        positions = positions[:0]
+    header = np.asarray([positions.size], dtype="<u2").tobytes()
+    return header + positions.tobytes() + levels.tobytes(), max_act, max_pos
+
+
+def unpack_acts(blob: bytes, max_act: float, length: int) -> np.ndarray:
+    """Inverse of ``pack_acts``: a dense (length,) float32 array."""
+    n = int(np.frombuffer(blob[:2], dtype="<u2")[0])
+    positions = np.frombuffer(blob[2 : 2 + 2 * n], dtype="<u2")
+    levels = np.frombuffer(blob[2 + 2 * n : 2 + 3 * n], dtype="u1")
+    out = np.zeros(length, dtype=np.float32)
+    out[positions] = levels.astype(np.float32) / 255.0 * max_act
+    return out

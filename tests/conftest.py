@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models in temporary folders, an isolated cache, database URLs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.tiny import make_gpt2, make_llama
+
+torch.set_num_threads(1)  # tests share 2 cores; one thread each is fastest overall
+
+PG_URL = os.environ.get("SAESCOPE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own SAESCOPE_CACHE, so nothing reads the user's real cache."""
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return make_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    return make_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    from sae_core.subject import load_subject
+
+    return load_subject(str(llama_dir))
+
+
+def _pg_available() -> bool:
+    try:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(PG_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """URL of the real PostgreSQL test database. CI starts the server; fail loudly if it is down."""
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
+        pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
+    return PG_URL
