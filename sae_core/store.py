@@ -14,8 +14,10 @@ Packed formats (little-endian):
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -27,7 +29,10 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sae_core.errors import SaescopeError
 
 SCHEMA_VERSION = 1
 
@@ -196,3 +201,63 @@ def unpack_acts(blob: bytes, max_act: float, length: int) -> np.ndarray:
     out = np.zeros(length, dtype=np.float32)
     out[positions] = levels.astype(np.float32) / 255.0 * max_act
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and schema
+
+
+class StoreError(SaescopeError):
+    """The store cannot be opened or used as asked."""
+
+
+# Full-text search over labels. SQLite: an FTS5 table kept in sync with features.label by
+# triggers (features is a rowid table). Postgres: a GIN index on the label's tsvector.
+SQLITE_FTS = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS features_fts USING fts5(label, content='features', content_rowid='rowid')",
+    """CREATE TRIGGER IF NOT EXISTS features_fts_ai AFTER INSERT ON features BEGIN
+         INSERT INTO features_fts(rowid, label) VALUES (new.rowid, coalesce(new.label, ''));
+       END""",
+    """CREATE TRIGGER IF NOT EXISTS features_fts_ad AFTER DELETE ON features BEGIN
+         INSERT INTO features_fts(features_fts, rowid, label) VALUES ('delete', old.rowid, coalesce(old.label, ''));
+       END""",
+    """CREATE TRIGGER IF NOT EXISTS features_fts_au AFTER UPDATE OF label ON features BEGIN
+         INSERT INTO features_fts(features_fts, rowid, label) VALUES ('delete', old.rowid, coalesce(old.label, ''));
+         INSERT INTO features_fts(rowid, label) VALUES (new.rowid, coalesce(new.label, ''));
+       END""",
+]
+POSTGRES_FTS = [
+    "CREATE INDEX IF NOT EXISTS ix_features_label_tsv ON features "
+    "USING gin (to_tsvector('simple', coalesce(label, '')))",
+]
+
+
+def default_db_url() -> str:
+    return "sqlite:///saescope.db"
+
+
+def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
+    """One engine per process. SQLite gets WAL (readers never block the writer) and foreign keys;
+    ``readonly`` opens SQLite read-only so serving can never write by accident."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if readonly:
+            if not Path(path).is_file():
+                raise StoreError(f"no store at {path}; run `saescope precompute` first")
+            engine = sa.create_engine(
+                f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"check_same_thread": False}
+            )
+        else:
+            engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
