@@ -261,3 +261,15 @@ def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the current version (creates it on an empty database).
+
+    TODO(precompute issue): replace with Alembic migrations; same signature.
+    """
+    Base.metadata.create_all(engine)
+    statements = SQLITE_FTS if engine.dialect.name == "sqlite" else POSTGRES_FTS
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
