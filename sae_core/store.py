@@ -13,6 +13,7 @@ Packed formats (little-endian):
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -233,7 +234,8 @@ POSTGRES_FTS = [
 
 
 def default_db_url() -> str:
-    return "sqlite:///saescope.db"
+    """``SAESCOPE_DB_URL`` when set (docker-compose sets it), else ``saescope.db`` in the current folder."""
+    return os.environ.get("SAESCOPE_DB_URL") or "sqlite:///saescope.db"
 
 
 def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
