@@ -168,6 +168,45 @@ class TokenFeatureRow(Base):
 
 
 # ---------------------------------------------------------------------------------------------
+# Labels and their search index (labels issue; sae_core.labels writes them). Every label a feature
+# was ever given lives in `labels`; `features.label*` holds the current one.
+
+
+class LabelRow(Base):
+    """One label of one feature, machine or human, with how well it predicts the feature firing."""
+
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    feature_idx: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(64))  # auto | llm:<model> | human:<who>
+    author: Mapped[str] = mapped_column(String(200))  # person for human edits, else the program
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    precision: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: nothing to score
+    recall: Mapped[float | None] = mapped_column(Float, nullable=True)
+    f1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rule: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # see sae_core.label_rules
+
+    __table_args__ = (Index("ix_labels_feature", "sae_id", "feature_idx", "id"),)
+
+
+class FeatureEmbeddingRow(Base):
+    """Sentence embedding of a feature's latest label of one kind, for semantic search."""
+
+    __tablename__ = "feature_embeddings"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # auto | llm | human
+    text: Mapped[str] = mapped_column(Text)  # what was embedded; re-embedded when it changes
+    model: Mapped[str] = mapped_column(String(100))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE, unit norm
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# ---------------------------------------------------------------------------------------------
 # Packed arrays
 
 
