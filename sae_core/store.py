@@ -19,8 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -35,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sae_core.errors import SaescopeError
 
-SCHEMA_VERSION = 1
+MIGRATIONS = Path(__file__).with_name("migrations")  # Alembic scripts; versions/ holds one file per revision
 
 
 def utcnow() -> datetime:
@@ -206,6 +211,18 @@ class FeatureEmbeddingRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class PrecomputeStateRow(Base):
+    """The last checkpoint of an unfinished precompute (sae_core.precompute); gone once complete."""
+
+    __tablename__ = "precompute_state"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    batches_done: Mapped[int] = mapped_column(Integer)  # corpus batches folded into `state`
+    spill_bytes: Mapped[int] = mapped_column(BigInteger)  # valid length of the activation spill file
+    state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors of the streaming accumulators
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 # ---------------------------------------------------------------------------------------------
 # Packed arrays
 
@@ -251,27 +268,6 @@ class StoreError(SaescopeError):
     """The store cannot be opened or used as asked."""
 
 
-# Full-text search over labels. SQLite: an FTS5 table kept in sync with features.label by
-# triggers (features is a rowid table). Postgres: a GIN index on the label's tsvector.
-SQLITE_FTS = [
-    "CREATE VIRTUAL TABLE IF NOT EXISTS features_fts USING fts5(label, content='features', content_rowid='rowid')",
-    """CREATE TRIGGER IF NOT EXISTS features_fts_ai AFTER INSERT ON features BEGIN
-         INSERT INTO features_fts(rowid, label) VALUES (new.rowid, coalesce(new.label, ''));
-       END""",
-    """CREATE TRIGGER IF NOT EXISTS features_fts_ad AFTER DELETE ON features BEGIN
-         INSERT INTO features_fts(features_fts, rowid, label) VALUES ('delete', old.rowid, coalesce(old.label, ''));
-       END""",
-    """CREATE TRIGGER IF NOT EXISTS features_fts_au AFTER UPDATE OF label ON features BEGIN
-         INSERT INTO features_fts(features_fts, rowid, label) VALUES ('delete', old.rowid, coalesce(old.label, ''));
-         INSERT INTO features_fts(rowid, label) VALUES (new.rowid, coalesce(new.label, ''));
-       END""",
-]
-POSTGRES_FTS = [
-    "CREATE INDEX IF NOT EXISTS ix_features_label_tsv ON features "
-    "USING gin (to_tsvector('simple', coalesce(label, '')))",
-]
-
-
 def default_db_url() -> str:
     """``SAESCOPE_DB_URL`` when set (docker-compose sets it), else ``saescope.db`` in the current folder."""
     return os.environ.get("SAESCOPE_DB_URL") or "sqlite:///saescope.db"
@@ -304,13 +300,34 @@ def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the current version (creates it on an empty database).
+def _alembic_config(connection) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
 
-    TODO(precompute issue): replace with Alembic migrations; same signature.
-    """
-    Base.metadata.create_all(engine)
-    statements = SQLITE_FTS if engine.dialect.name == "sqlite" else POSTGRES_FTS
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the store is at (None for an empty database)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision: creates it on an empty database, upgrades an older
+    one in place, and refuses a store written by a newer saescope (never touching it)."""
+    scripts = ScriptDirectory(str(MIGRATIONS))
+    head = scripts.get_current_head()
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    current = schema_revision(engine)
+    if current is not None and current not in known:
+        raise StoreError(
+            f"the store is at schema revision {current!r}, which this saescope does not know "
+            f"(it knows up to {head!r}); upgrade saescope or use another --db"
+        )
+    if current is None and sa.inspect(engine).has_table("saes"):
+        raise StoreError("the store has saescope tables but no schema revision; move it aside and precompute again")
+    if current == head:
+        return
     with engine.begin() as conn:
-        for statement in statements:
-            conn.exec_driver_sql(statement)
+        alembic_command.upgrade(_alembic_config(conn), "head")
