@@ -1,0 +1,180 @@
+"""A store built in code with planted features whose true firing rule is known.
+
+The corpus mixes English prose and small Python functions over a hand-made vocabulary. Every
+feature's activations are computed on every context, then a miniature precompute keeps what the
+real one keeps: top examples, interval samples per activation bin, and the contexts they use.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sae_core.store import (
+    ContextRow,
+    ExampleRow,
+    FeatureRow,
+    SaeRow,
+    SubjectModelRow,
+    VocabRow,
+    create_engine_for,
+    migrate,
+    pack_acts,
+    pack_tokens,
+)
+
+BOS = "<|bos|>"
+PROSE = [" The", " city", " of", " Paris", " is", " large", " and", " old", ".", " people", " live", " there", " we", " like", " it"]
+NAMES = [" f", " g", " add", " run", " make"]
+COMMENT = [" note", " fix", " this", " later", " slow"]
+CODE = ["def", "(", "x", "):", "\n", "    ", "return", " x", " #", " +", " 1", "<b>"]
+TEXTS = [BOS] + PROSE + NAMES + COMMENT + CODE
+ID = {t: i for i, t in enumerate(TEXTS)}
+SEQ = 24  # tokens per context after BOS
+N_CONTEXTS = 160
+TOP_K = 8  # top examples kept per feature
+N_BINS = 3  # interval bins
+PER_BIN = 4  # interval samples per bin
+
+# Planted features, by index.
+PARIS, AFTER_DEF, IN_COMMENT, RANDOM, BOLD, DEAD = range(6)
+D_SAE = 6
+
+
+def _prose(rng: np.random.Generator) -> list[int]:
+    words = [w for w in PROSE if w != " Paris"]
+    out = [ID[w] for w in rng.choice(words, size=SEQ)]
+    for pos in rng.choice(SEQ, size=rng.integers(0, 3), replace=False):
+        out[pos] = ID[" Paris"]
+    return out
+
+
+def _code(rng: np.random.Generator) -> list[int]:
+    out: list[str] = []
+    while len(out) < SEQ:
+        out += ["def", str(rng.choice(NAMES)), "(", "x", "):", "\n", "    ", "return", " x", " +", " 1"]
+        if rng.random() < 0.6:
+            out += [" #"] + list(rng.choice(COMMENT, size=rng.integers(1, 4)))
+        if rng.random() < 0.2:
+            out += ["<b>"]
+        out += ["\n"]
+    return [ID[t] for t in out[:SEQ]]
+
+
+def make_corpus(seed: int = 0) -> np.ndarray:
+    """(N_CONTEXTS, SEQ + 1) int token ids, BOS first; half prose, half code."""
+    rng = np.random.default_rng(seed)
+    rows = [_prose(rng) if i % 2 == 0 else _code(rng) for i in range(N_CONTEXTS)]
+    return np.concatenate([np.full((N_CONTEXTS, 1), ID[BOS]), np.array(rows)], axis=1)
+
+
+def planted_acts(tokens: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(D_SAE, n_contexts, seq) float32 activations of the planted features."""
+    rng = np.random.default_rng(seed + 1)
+    acts = np.zeros((D_SAE,) + tokens.shape, dtype=np.float32)
+    strength = rng.uniform(1.0, 5.0, size=tokens.shape).astype(np.float32)
+    acts[PARIS] = np.where(tokens == ID[" Paris"], strength, 0)
+    after_def = np.zeros_like(tokens, dtype=bool)
+    after_def[:, 1:] = tokens[:, :-1] == ID["def"]
+    acts[AFTER_DEF] = np.where(after_def, strength, 0)
+    acts[IN_COMMENT] = np.where(_in_comment(tokens), strength, 0)
+    acts[RANDOM] = np.where(rng.random(tokens.shape) < 0.05, strength, 0)
+    acts[RANDOM][:, 0] = 0
+    acts[BOLD] = np.where(tokens == ID["<b>"], strength, 0)
+    return acts
+
+
+def _in_comment(tokens: np.ndarray) -> np.ndarray:
+    out = np.zeros(tokens.shape, dtype=bool)
+    for r, row in enumerate(tokens):
+        inside = False
+        for c, t in enumerate(row):
+            if t == ID[" #"]:
+                inside = True
+            elif t == ID["\n"]:
+                inside = False
+            out[r, c] = inside
+    return out
+
+
+class PlantedStore(NamedTuple):
+    url: str
+    sae_name: str
+    tokens: np.ndarray  # (N_CONTEXTS, SEQ + 1)
+    acts: np.ndarray  # (D_SAE, N_CONTEXTS, SEQ + 1)
+
+
+def _select_examples(m: np.ndarray, rng: np.random.Generator) -> list[tuple[str, int, int, int]]:
+    """(kind, bin, rank, context) for one feature from its per-context max ``m`` (n_contexts,)."""
+    firing = np.flatnonzero(m > 0)
+    top = firing[np.argsort(-m[firing], kind="stable")][:TOP_K]
+    chosen = [("top", 0, rank, int(c)) for rank, c in enumerate(top)]
+    if not firing.size:
+        return chosen
+    edges = np.linspace(0, m.max(), N_BINS + 1)
+    bins = np.clip(np.searchsorted(edges, m, side="left") - 1, 0, N_BINS - 1)
+    for b in range(N_BINS):
+        members = [c for c in firing if bins[c] == b]
+        for rank, c in enumerate(rng.permutation(members)[:PER_BIN]):
+            chosen.append(("interval", b, rank, int(c)))
+    return chosen
+
+
+def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) -> PlantedStore:
+    tokens = make_corpus(seed)
+    acts = planted_acts(tokens, seed)
+    engine = create_engine_for(url)
+    migrate(engine)
+    rng = np.random.default_rng(seed + 2)
+    with Session(engine) as session:
+        model = SubjectModelRow(
+            name=f"planted-{sae_name}", source="code", architecture="llama", d_model=8, n_layers=2,
+            vocab_size=len(TEXTS), bos_token_id=ID[BOS],
+        )
+        session.add(model)
+        session.flush()
+        session.add_all(VocabRow(model_id=model.id, token_id=i, text=t) for i, t in enumerate(TEXTS))
+        sae = SaeRow(
+            name=sae_name, model_id=model.id, layer=1, hook_name="blocks.1.hook_resid_post",
+            architecture="topk", d_in=8, d_sae=D_SAE, k=2, path="planted", status="complete",
+            n_tokens=int(tokens.size - len(tokens)),
+        )
+        session.add(sae)
+        session.flush()
+        used: set[int] = set()
+        for f in range(D_SAE):
+            a = acts[f]
+            fired = a[a > 0]
+            session.add(
+                FeatureRow(
+                    sae_id=sae.id, idx=f, count=int(fired.size), density=fired.size / sae.n_tokens,
+                    max_act=float(fired.max(initial=0)), mean_act=float(fired.mean()) if fired.size else 0.0,
+                    logit_top=[[ID[" city"], 0.5], [ID[" of"], 0.3]],
+                )
+            )
+            for kind, b, rank, c in _select_examples(a.max(axis=1), rng):
+                blob, max_act, max_pos = pack_acts(a[c])
+                session.add(
+                    ExampleRow(
+                        sae_id=sae.id, feature_idx=f, kind=kind, bin=b, rank=rank, context_id=c,
+                        max_act=max_act, max_pos=max_pos, acts=blob,
+                    )
+                )
+                used.add(c)
+        session.add_all(ContextRow(sae_id=sae.id, id=c, token_ids=pack_tokens(tokens[c])) for c in sorted(used))
+        session.commit()
+    engine.dispose()
+    return PlantedStore(url, sae_name, tokens, acts)
+
+
+def feature(url: str, sae_name: str, idx: int) -> FeatureRow:
+    engine = create_engine_for(url)
+    with Session(engine) as session:
+        sae_id = session.scalar(sa.select(SaeRow.id).where(SaeRow.name == sae_name))
+        row = session.get(FeatureRow, (sae_id, idx))
+        session.expunge(row)
+    engine.dispose()
+    return row

@@ -1,0 +1,294 @@
+"""Automatic labels: planted features get the right rule and a high held-out F1, random ones a low F1."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sae_core.cli import main
+from sae_core.explainer import ExplainerConfig, ExplainerError, parse_explanation
+from sae_core.label_evidence import Example, split_examples
+from sae_core.label_rules import CONTEXT_NAMES, LabelRule, context_masks
+from sae_core.label_search import search_labels
+from sae_core.labels import (
+    LabelError,
+    LabelOptions,
+    get_sae,
+    label_history,
+    label_sae,
+    score_stored_label,
+    set_human_label,
+)
+from sae_core.store import FeatureRow, LabelRow, create_engine_for
+from tests.label_fixtures import (
+    AFTER_DEF,
+    BOLD,
+    DEAD,
+    IN_COMMENT,
+    PARIS,
+    RANDOM,
+    write_planted_store,
+)
+
+NO_EMBED = LabelOptions(embed=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A planted store labelled once; tests that write use their own store."""
+    store = write_planted_store(f"sqlite:///{tmp_path_factory.mktemp('labels')}/store.db")
+    engine = create_engine_for(store.url)
+    summary = label_sae(engine, store.sae_name, NO_EMBED)
+    yield store, engine, summary
+    engine.dispose()
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    store = write_planted_store(f"sqlite:///{tmp_path}/store.db")
+    engine = create_engine_for(store.url)
+    yield store, engine
+    engine.dispose()
+
+
+def _feature(engine, name: str, idx: int) -> FeatureRow:
+    with Session(engine) as session:
+        row = session.get(FeatureRow, (get_sae(session, name).id, idx))
+        session.expunge(row)
+        return row
+
+
+def _auto_rule(engine, name: str, idx: int) -> LabelRule:
+    with Session(engine) as session:
+        history = label_history(session, sae=get_sae(session, name), idx=idx)
+        return LabelRule.from_json(next(h for h in history if h.source == "auto").rule["rule"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule language
+
+
+def test_context_masks_follow_python_lexing():
+    texts = ["def", " f", "():", "\n", "   ", " #", " hi", "\n", " s", " =", " '", "abc", "'", "\n", ' """', "Doc", '"""']
+    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
+    assert masks["comment"].tolist() == [t in (" #", " hi") for t in texts]
+    assert [t for t, m in zip(texts, masks["string"], strict=True) if m] == [" '", "abc", "'"]
+    assert [t for t, m in zip(texts, masks["docstring"], strict=True) if m] == [' """', "Doc", '"""']
+    assert [t for t, m in zip(texts, masks["line_start"], strict=True) if m] == [" #", " s", ' """']
+    assert masks["code"].all() and not masks["prose"].any()
+    prose = context_masks([" The", " city", " of", " Paris", " is", " old", "."])
+    assert prose[CONTEXT_NAMES.index("prose")].all()
+
+
+def test_rule_describes_itself_and_round_trips():
+    rule = LabelRule((" Paris", " Lyon"), (), "prose")
+    assert rule.describe() == '" Paris" / " Lyon" (in English prose)'
+    assert LabelRule((), ("def",)).describe() == 'after "def"'
+    assert LabelRule(context="comment").describe() == "any token in comments"
+    assert LabelRule(("\n",)).describe() == '"\\n"'
+    assert LabelRule.from_json(json.loads(json.dumps(rule.to_json()))) == rule
+    with pytest.raises(ValueError, match="unknown context"):
+        LabelRule(context="poetry")
+
+
+def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
+    acts = np.ones(4, np.float32)
+    examples = [Example("top", 0, r, c, acts) for r, c in enumerate([1, 2, 3])] + [
+        Example("interval", b, r, c, acts) for b, r, c in [(0, 0, 10), (0, 1, 11), (1, 0, 3), (1, 1, 12)]
+    ]
+    train, heldout = split_examples(examples)
+    assert [e.context_id for e in heldout] == [11, 12]
+    assert {e.context_id for e in train} == {1, 2, 3, 10}
+    # With a single interval sample the top examples alternate instead.
+    train, heldout = split_examples(examples[:3] + examples[3:4])
+    assert [e.context_id for e in heldout] == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelling a store
+
+
+def test_token_feature_gets_its_token_with_high_f1(labelled):
+    store, engine, summary = labelled
+    assert summary.n_labelled == 5  # every alive feature; the dead one has no examples
+    feature = _feature(engine, store.sae_name, PARIS)
+    assert feature.label == '" Paris"'
+    assert feature.label_source == "auto"
+    assert feature.label_f1 > 0.8 and feature.label_recall > 0.9
+
+
+def test_context_and_previous_token_features_get_those_rules(labelled):
+    store, engine, _ = labelled
+    assert _auto_rule(engine, store.sae_name, AFTER_DEF) == LabelRule((), ("def",), None)
+    assert _auto_rule(engine, store.sae_name, IN_COMMENT).context == "comment"
+    assert _feature(engine, store.sae_name, AFTER_DEF).label_f1 > 0.6
+    assert _feature(engine, store.sae_name, IN_COMMENT).label_f1 > 0.7
+
+
+def test_random_feature_scores_low(labelled):
+    store, engine, _ = labelled
+    feature = _feature(engine, store.sae_name, RANDOM)
+    assert feature.label_f1 < 0.3
+    assert "promotes" in feature.label  # a weak rule says what the feature promotes instead
+
+
+def test_dead_feature_is_not_labelled(labelled):
+    store, engine, _ = labelled
+    assert _feature(engine, store.sae_name, DEAD).label is None
+
+
+def test_stored_rule_reproduces_the_score(labelled):
+    store, engine, _ = labelled
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        label = next(h for h in label_history(session, sae=sae, idx=PARIS) if h.source == "auto")
+        score = score_stored_label(session, sae, label)
+    assert (score.precision, score.recall, score.f1) == pytest.approx((label.precision, label.recall, label.f1))
+    assert not set(label.rule["heldout"]["positives"]) & set(label.rule["heldout"]["negatives"])
+
+
+def test_rerun_resumes_and_force_relabels(fresh):
+    store, engine = fresh
+    assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 5
+    assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 0
+    assert label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, force=True)).n_labelled == 5
+
+
+def test_human_label_stays_current_and_history_keeps_all(fresh):
+    store, engine = fresh
+    with Session(engine) as session:
+        set_human_label(session, sae=get_sae(session, store.sae_name), idx=BOLD, label="bold tag", author="ada")
+        session.commit()
+    label_sae(engine, store.sae_name, NO_EMBED)
+    feature = _feature(engine, store.sae_name, BOLD)
+    assert (feature.label, feature.label_source, feature.label_f1) == ("bold tag", "human:ada", None)
+    with Session(engine) as session:
+        history = label_history(session, sae=get_sae(session, store.sae_name), idx=BOLD)
+    assert [(h.source, h.label) for h in history] == [("auto", '"<b>"'), ("human:ada", "bold tag")]
+
+
+def test_human_label_is_validated(fresh):
+    store, engine = fresh
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        with pytest.raises(LabelError, match="author"):
+            set_human_label(session, sae=sae, idx=PARIS, label="x", author=" ")
+        with pytest.raises(LabelError, match="no feature 99"):
+            set_human_label(session, sae=sae, idx=99, label="x", author="ada")
+
+
+# ---------------------------------------------------------------------------------------------
+# Explainer
+
+
+class _FakeChat(BaseHTTPRequestHandler):
+    reply = ""
+    requests: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": type(self).reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    server = HTTPServer(("127.0.0.1", 0), _FakeChat)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _FakeChat.requests = []
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat_server):
+    store, engine = fresh
+    _FakeChat.reply = 'Sure: {"explanation": "the word Paris", "tokens": ["Paris"], "context": null}'
+    config = ExplainerConfig(chat_server, "fake-7b", api_key="sk-test")
+    summary = label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config))
+    assert summary.n_explained == 5
+    request = _FakeChat.requests[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
+    assert "[[" in request["body"]["messages"][1]["content"]  # firing tokens are marked
+    with Session(engine) as session:
+        history = label_history(session, sae=get_sae(session, store.sae_name), idx=PARIS)
+    explained = next(h for h in history if h.source == "llm:fake-7b")
+    assert explained.label == "the word Paris"
+    assert explained.rule["rule"]["tokens"] == [" Paris"]  # the leading space the model dropped
+    assert explained.f1 > 0.8
+    assert _feature(engine, store.sae_name, RANDOM).label_source == "auto"  # " Paris" scores ~0 there
+
+
+def test_unreachable_explainer_is_one_clear_error(fresh):
+    store, engine = fresh
+    config = ExplainerConfig("http://127.0.0.1:9/v1", "m", timeout_s=2)
+    with pytest.raises(ExplainerError, match="cannot be reached"):
+        label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config))
+
+
+def test_explainer_is_off_without_url_and_needs_a_model(monkeypatch):
+    monkeypatch.delenv("SAESCOPE_EXPLAINER_URL", raising=False)
+    assert ExplainerConfig.from_env() is None
+    with pytest.raises(ExplainerError, match="no model"):
+        ExplainerConfig.from_env(url="http://x/v1")
+    monkeypatch.setenv("MY_KEY", "secret")
+    assert ExplainerConfig.from_env(url="http://x/v1/", model="m", key_env="MY_KEY").api_key == "secret"
+
+
+def test_unusable_replies_are_skipped():
+    assert parse_explanation("no json here") is None
+    assert parse_explanation('{"tokens": ["a"]}') is None
+    parsed = parse_explanation('{"explanation": "commas", "tokens": [",", 3], "context": "nowhere"}')
+    assert parsed.tokens == [","] and parsed.context is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and Postgres
+
+
+def test_cli_labels_and_reports(fresh, capsys):
+    store, engine = fresh
+    assert main(["label", "--db", store.url, "--sae", store.sae_name, "--no-embed"]) == 0
+    assert "labelled 5 features" in capsys.readouterr().out
+    assert main(["label", "--db", store.url, "--sae", "nope", "--no-embed"]) == 2
+    assert "no SAE named 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_labels_and_text_search_on_postgres(pg_url):
+    schema = f"labels_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        url = f"{pg_url}?options=-csearch_path%3D{schema}"
+        store = write_planted_store(url)
+        engine = create_engine_for(url)
+        label_sae(engine, store.sae_name, NO_EMBED)
+        assert _feature(engine, store.sae_name, PARIS).label == '" Paris"'
+        with Session(engine) as session:
+            sae = get_sae(session, store.sae_name)
+            result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
+            assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 5
+        assert [h.idx for h in result.hits] == [PARIS]
+        engine.dispose()
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
