@@ -1,0 +1,1 @@
+"""saescope's web browser and REST API over a precomputed store (``app.main.create_app``)."""

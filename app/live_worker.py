@@ -1,0 +1,133 @@
+"""The model worker: one thread runs every live job, fed by a bounded queue.
+
+A CPU forward pass uses every core, so running two at once only makes both slower; one thread
+keeps latency predictable. When the queue is full a new job is refused at once (the API answers
+503 with Retry-After) instead of piling up, and a caller waits at most its timeout (504). A job
+that times out while still queued is cancelled; one already running finishes and its result is
+dropped (a forward pass cannot be interrupted), which the job-length limits keep short.
+
+Nothing here imports torch or knows HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+# Weight of the newest job in the running mean of job durations behind Retry-After: recent
+# enough to follow a change of workload, smooth enough that one long job does not dominate.
+DURATION_SMOOTHING = 0.2
+
+
+class WorkerBusy(Exception):
+    """The queue is full; ``retry_after_s`` estimates when a slot frees up."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the model is busy; retry in about {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class WorkerTimeout(Exception):
+    """A job did not finish within its caller's time limit."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(f"the model did not answer within {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
+class WorkerStopped(Exception):
+    """The worker has shut down (the server is stopping)."""
+
+
+class _Job(NamedTuple):
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+    future: Future
+
+
+class LiveWorker:
+    """Runs submitted callables one at a time on a single daemon thread."""
+
+    def __init__(self, *, queue_size: int, name: str = "saescope-live"):
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._stopped = threading.Event()
+        self._mean_duration_s = 1.0  # until a job has run: a CPU forward of a short prompt
+
+    def start(self) -> LiveWorker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Cancel queued jobs, let the running one finish, and end the thread."""
+        self._stopped.set()
+        while True:
+            self._cancel_queued()
+            try:
+                self._queue.put_nowait(None)
+                break
+            except queue.Full:  # a submit raced the drain
+                continue
+        self._thread.join()
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.future.cancel()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, fn: Callable[..., T], /, *args, **kwargs) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)``; raises WorkerBusy at once when the queue is full."""
+        if self._stopped.is_set():
+            raise WorkerStopped("the live worker has stopped")
+        future: Future[T] = Future()
+        try:
+            self._queue.put_nowait(_Job(fn, args, kwargs, future))
+        except queue.Full:
+            raise WorkerBusy(self.retry_after_s()) from None
+        return future
+
+    def run(self, fn: Callable[..., T], /, *args, timeout_s: float, **kwargs) -> T:
+        """Submit and wait up to ``timeout_s`` for the result (or the job's own exception)."""
+        future = self.submit(fn, *args, **kwargs)
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise WorkerTimeout(timeout_s) from None
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until the queue has likely drained by one job: every queued job plus the
+        running one, at the running mean duration."""
+        return max(1, math.ceil((self._queue.qsize() + 1) * self._mean_duration_s))
+
+    def _serve(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its caller gave up while it waited
+            started = time.perf_counter()
+            try:
+                job.future.set_result(job.fn(*job.args, **job.kwargs))
+            except BaseException as err:  # the caller re-raises it; the worker lives on
+                job.future.set_exception(err)
+            elapsed = time.perf_counter() - started
+            self._mean_duration_s += DURATION_SMOOTHING * (elapsed - self._mean_duration_s)

@@ -1,0 +1,94 @@
+"""``create_app(settings)``: the FastAPI application over one store.
+
+The lifespan opens the store's engine (SQLite read-only unless a write token allows label edits)
+and enters the lifespans of the optional routers (``app.routes.live`` loads the model there).
+Nothing here imports torch: a browse-only server starts in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+
+from app.errors import install_error_handlers
+from app.rendering import STATIC_DIR, make_templates
+from app.routes import api, pages
+from app.settings import Settings
+from sae_core import __version__
+from sae_core.store import StoreError, create_engine_for
+
+# Routers other parts of saescope add when they are installed; each module has ``router`` and
+# may have ``lifespan(app)``, an async context manager entered after the store is open.
+OPTIONAL_ROUTERS = ("live", "labels")
+
+
+def open_store(settings: Settings) -> Engine:
+    """The engine for ``settings.db_url``, checked to hold a saescope store."""
+    engine = create_engine_for(settings.db_url, readonly=settings.write_token is None)
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            has_store = sa.inspect(conn).has_table("saes")
+    except sa.exc.DBAPIError as err:
+        engine.dispose()
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        raise StoreError(
+            f"cannot open the store at {shown} ({reason}); check --db / SAESCOPE_DB_URL"
+        ) from None
+    if not has_store:
+        engine.dispose()
+        raise StoreError(
+            f"{shown} holds no saescope store; run `saescope precompute --db ...` into it first"
+        )
+    return engine
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    engine = open_store(app.state.settings)
+    app.state.engine = engine
+    app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+    try:
+        async with AsyncExitStack() as stack:
+            for module in app.state.extensions:
+                if hasattr(module, "lifespan"):
+                    await stack.enter_async_context(module.lifespan(app))
+            yield
+    finally:
+        engine.dispose()
+
+
+def _optional_routers() -> list:
+    return [
+        importlib.import_module(f"app.routes.{name}")
+        for name in OPTIONAL_ROUTERS
+        if importlib.util.find_spec(f"app.routes.{name}") is not None
+    ]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; ``settings`` default to the ``SAESCOPE_*`` environment (``saescope serve`` sets it)."""
+    app = FastAPI(
+        title="saescope",
+        version=__version__,
+        summary="Features of sparse autoencoders on language models: browse, search, probe.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or Settings()
+    app.state.templates = make_templates()
+    app.state.extensions = _optional_routers()
+    install_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.include_router(api.router)
+    for module in app.state.extensions:
+        app.include_router(module.router)
+    app.include_router(pages.router)
+    return app

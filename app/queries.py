@@ -1,0 +1,374 @@
+"""Read functions: store rows -> the pydantic models that pages and ``/api/v1`` both return.
+
+Each function takes keyword arguments only, starting with the session, and raises
+``NotFoundError`` for what the URL names but the store lacks. Search lives in ``app.search``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.errors import UnknownFeatureError, UnknownSaeError
+from app.schemas import (
+    ExamplePublic,
+    ExamplesPublic,
+    FeaturePreviewPublic,
+    FeaturePublic,
+    FeatureSummaryPublic,
+    HistogramPublic,
+    IntervalPublic,
+    LabelPublic,
+    NeighbourPublic,
+    SaePublic,
+    SaesPublic,
+    TokenActivationPublic,
+    TokenValuePublic,
+)
+from app.vocab import Vocabulary, get_vocabulary
+from sae_core.store import (
+    ContextRow,
+    ExampleRow,
+    FeatureRow,
+    SaeRow,
+    SubjectModelRow,
+    unpack_acts,
+    unpack_tokens,
+)
+
+DENSE_THRESHOLD = (
+    0.1  # "dense" feature: fires on more than 10% of tokens (as in the SAE literature)
+)
+SNIPPET_RADIUS = (
+    6  # tokens each side of a neighbour's max token: enough to read, small enough for a row
+)
+PREVIEW_EXAMPLES = 3  # examples in a neighbour preview: a glance, not the feature page
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+
+
+def _histogram(value: dict | None) -> HistogramPublic | None:
+    if not value or not value.get("counts"):
+        return None
+    return HistogramPublic(edges=value["edges"], counts=value["counts"])
+
+
+def _optional_float(mapping: dict, key: str) -> float | None:
+    value = mapping.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _feature_fractions(session: Session, sae_ids: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """sae id -> (dead fraction, dense fraction) over its stored features."""
+    if not sae_ids:
+        return {}
+    rows = session.execute(
+        sa.select(
+            FeatureRow.sae_id,
+            sa.func.count(),
+            sa.func.sum(sa.case((FeatureRow.count == 0, 1), else_=0)),
+            sa.func.sum(sa.case((FeatureRow.density > DENSE_THRESHOLD, 1), else_=0)),
+        )
+        .where(FeatureRow.sae_id.in_(sae_ids))
+        .group_by(FeatureRow.sae_id)
+    )
+    return {sae_id: (dead / total, dense / total) for sae_id, total, dead, dense in rows if total}
+
+
+def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
+    metrics = row.metrics or {}
+    tokens_seen = (row.train_cfg or {}).get("tokens_seen")
+    return SaePublic(
+        name=row.name,
+        model=model_name,
+        layer=row.layer,
+        hook_name=row.hook_name,
+        architecture=row.architecture,
+        d_in=row.d_in,
+        d_sae=row.d_sae,
+        k=row.k,
+        l1_coeff=row.l1_coeff,
+        status=row.status,
+        train_tokens=int(tokens_seen) if isinstance(tokens_seen, int | float) else None,
+        n_tokens=row.n_tokens,
+        explained_variance=_optional_float(metrics, "explained_variance"),
+        l0=_optional_float(metrics, "l0"),
+        ce_loss_recovered=_optional_float(metrics, "ce_loss_recovered"),
+        delta_ce=_optional_float(metrics, "delta_ce"),
+        dead_fraction=fractions[0] if fractions else None,
+        dense_fraction=fractions[1] if fractions else None,
+        corpus=row.corpus or {},
+        density_hist=_histogram(row.density_hist),
+        created_at=row.created_at,
+    )
+
+
+def list_saes(*, session: Session) -> SaesPublic:
+    rows = session.execute(
+        sa.select(SaeRow, SubjectModelRow.name)
+        .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
+        .order_by(SaeRow.created_at, SaeRow.name)
+    ).all()
+    fractions = _feature_fractions(session, [sae.id for sae, _ in rows])
+    data = [_sae_public(sae, model, fractions.get(sae.id)) for sae, model in rows]
+    return SaesPublic(data=data, count=len(data))
+
+
+def get_sae_row(*, session: Session, sae_name: str) -> SaeRow:
+    """The store row of an SAE (for code that reads more than ``SaePublic`` holds)."""
+    row = session.scalars(sa.select(SaeRow).where(SaeRow.name == sae_name)).one_or_none()
+    if row is None:
+        raise UnknownSaeError(sae_name)
+    return row
+
+
+def get_sae(*, session: Session, sae_name: str) -> SaePublic:
+    row = get_sae_row(session=session, sae_name=sae_name)
+    model_name = session.scalar(
+        sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
+    )
+    return _sae_public(row, model_name or "", _feature_fractions(session, [row.id]).get(row.id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples
+
+
+def _contexts(session: Session, sae_id: int, context_ids: Iterable[int]) -> dict[int, list[int]]:
+    """context id -> its token ids (BOS included)."""
+    ids = sorted(set(context_ids))
+    if not ids:
+        return {}
+    rows = session.execute(
+        sa.select(ContextRow.id, ContextRow.token_ids).where(
+            ContextRow.sae_id == sae_id, ContextRow.id.in_(ids)
+        )
+    )
+    return {cid: unpack_tokens(blob).tolist() for cid, blob in rows}
+
+
+def _token_activations(
+    vocab: Vocabulary, token_ids: list[int], values
+) -> list[TokenActivationPublic]:
+    return [
+        TokenActivationPublic(token_id=t, text=vocab.text(t), value=round(float(v), 4))
+        for t, v in zip(token_ids, values, strict=True)
+    ]
+
+
+def _example(row: ExampleRow, token_ids: list[int], vocab: Vocabulary) -> ExamplePublic:
+    values = unpack_acts(row.acts, row.max_act, len(token_ids))
+    return ExamplePublic(
+        context_id=row.context_id,
+        kind=row.kind,
+        bin=row.bin,
+        rank=row.rank,
+        max_act=row.max_act,
+        max_pos=row.max_pos,
+        tokens=_token_activations(vocab, token_ids, values),
+    )
+
+
+def _examples(session: Session, sae: SaeRow, rows: Sequence[ExampleRow]) -> list[ExamplePublic]:
+    contexts = _contexts(session, sae.id, (r.context_id for r in rows))
+    vocab = get_vocabulary(session, sae.model_id)
+    return [_example(r, contexts[r.context_id], vocab) for r in rows]
+
+
+def _snippet(example: ExamplePublic) -> list[TokenActivationPublic]:
+    start = max(0, example.max_pos - SNIPPET_RADIUS)
+    return example.tokens[start : example.max_pos + SNIPPET_RADIUS + 1]
+
+
+def _example_rows(
+    session: Session, sae_id: int, index: int, kind: str | None = None
+) -> list[ExampleRow]:
+    stmt = sa.select(ExampleRow).where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx == index)
+    if kind is not None:
+        stmt = stmt.where(ExampleRow.kind == kind)
+    return list(session.scalars(stmt.order_by(ExampleRow.kind, ExampleRow.bin, ExampleRow.rank)))
+
+
+def list_examples(
+    *,
+    session: Session,
+    sae_name: str,
+    index: int,
+    kind: str = "top",
+    bin: int | None = None,
+    offset: int = 0,
+    limit: int = 20,
+) -> ExamplesPublic:
+    """One kind of a feature's examples (one interval bin when ``bin`` is given), paginated."""
+    sae = get_sae_row(session=session, sae_name=sae_name)
+    _feature_row(session, sae, index)
+    rows = [r for r in _example_rows(session, sae.id, index, kind) if bin is None or r.bin == bin]
+    return ExamplesPublic(
+        data=_examples(session, sae, rows[offset : offset + limit]), count=len(rows)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+
+
+def _feature_row(session: Session, sae: SaeRow, index: int) -> FeatureRow:
+    row = session.get(FeatureRow, (sae.id, index)) if 0 <= index < sae.d_sae else None
+    if row is None:
+        raise UnknownFeatureError(sae.name, index, sae.d_sae)
+    return row
+
+
+def feature_summary(row: FeatureRow, token_act: float | None = None) -> FeatureSummaryPublic:
+    return FeatureSummaryPublic(
+        index=row.idx,
+        count=row.count,
+        density=row.density,
+        max_act=row.max_act,
+        mean_act=row.mean_act,
+        label=row.label,
+        label_source=row.label_source,
+        label_f1=row.label_f1,
+        token_act=token_act,
+    )
+
+
+def _label(row: FeatureRow) -> LabelPublic | None:
+    if not row.label:
+        return None
+    return LabelPublic(
+        text=row.label,
+        source=row.label_source,
+        precision=row.label_precision,
+        recall=row.label_recall,
+        f1=row.label_f1,
+    )
+
+
+def _logit_tokens(pairs: list, vocab: Vocabulary) -> list[TokenValuePublic]:
+    return [TokenValuePublic(token_id=t, text=vocab.text(t), value=v) for t, v in pairs]
+
+
+def _neighbours(
+    session: Session, sae: SaeRow, lists: Sequence[list]
+) -> list[list[NeighbourPublic]]:
+    """Each [[idx, score], ...] list -> neighbours with label, density and a snippet of their top
+    example; one query for the features, one for their examples, one for the contexts."""
+    wanted = sorted({int(i) for pairs in lists for i, _ in pairs})
+    if not wanted:
+        return [[] for _ in lists]
+    rows = {
+        r.idx: r
+        for r in session.scalars(
+            sa.select(FeatureRow).where(FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted))
+        )
+    }
+    tops = session.scalars(
+        sa.select(ExampleRow).where(
+            ExampleRow.sae_id == sae.id,
+            ExampleRow.feature_idx.in_(wanted),
+            ExampleRow.kind == "top",
+            ExampleRow.rank == 0,
+        )
+    ).all()
+    best = {r.feature_idx: e for r, e in zip(tops, _examples(session, sae, tops), strict=True)}
+
+    def neighbour(idx: int, score: float) -> NeighbourPublic:
+        row, example = rows.get(idx), best.get(idx)
+        return NeighbourPublic(
+            index=idx,
+            score=score,
+            label=row.label if row else None,
+            density=row.density if row else None,
+            snippet=_snippet(example) if example else [],
+            snippet_max=example.max_act if example else 0.0,
+        )
+
+    return [[neighbour(int(i), float(s)) for i, s in pairs] for pairs in lists]
+
+
+def _intervals(
+    row: FeatureRow, samples: list[ExamplePublic], counts: dict[int, int]
+) -> list[IntervalPublic]:
+    by_bin: dict[int, list[ExamplePublic]] = {}
+    for example in samples:
+        by_bin.setdefault(example.bin, []).append(example)
+    return [
+        IntervalPublic(
+            bin=b["bin"],
+            lo=b["lo"],
+            hi=b["hi"],
+            share=b["share"],
+            count=b["count"],
+            n_examples=counts.get(b["bin"], 0),
+            examples=by_bin.get(b["bin"], []),
+        )
+        for b in sorted(row.intervals or [], key=lambda b: b["lo"], reverse=True)
+    ]
+
+
+def get_feature(
+    *,
+    session: Session,
+    sae_name: str,
+    index: int,
+    top_limit: int | None = None,
+    interval_limit: int | None = None,
+) -> FeaturePublic:
+    """Everything a feature page shows. ``top_limit`` / ``interval_limit`` (per bin) cap the
+    examples returned (None: all of them); pages fetch the rest as fragments."""
+    sae = get_sae_row(session=session, sae_name=sae_name)
+    row = _feature_row(session, sae, index)
+    vocab = get_vocabulary(session, sae.model_id)
+    example_rows = _example_rows(session, sae.id, index)
+    top_rows = [r for r in example_rows if r.kind == "top"]
+    interval_rows = [r for r in example_rows if r.kind == "interval"]
+    bin_counts: dict[int, int] = {}
+    shown_intervals = []
+    for r in interval_rows:
+        bin_counts[r.bin] = bin_counts.get(r.bin, 0) + 1
+        if interval_limit is None or bin_counts[r.bin] <= interval_limit:
+            shown_intervals.append(r)
+    shown = top_rows[:top_limit] + shown_intervals
+    examples = _examples(session, sae, shown)
+    cos, coact = _neighbours(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
+    return FeaturePublic(
+        sae=sae.name,
+        index=index,
+        d_sae=sae.d_sae,
+        count=row.count,
+        n_tokens=sae.n_tokens,
+        density=row.density,
+        max_act=row.max_act,
+        mean_act=row.mean_act,
+        label=_label(row),
+        act_hist=_histogram(row.act_hist),
+        logit_top=_logit_tokens(row.logit_top or [], vocab),
+        logit_bottom=_logit_tokens(row.logit_bottom or [], vocab),
+        logit_hist=_histogram(row.logit_hist),
+        neighbours_cos=cos,
+        neighbours_coact=coact,
+        top_examples=[e for e in examples if e.kind == "top"],
+        n_top_examples=len(top_rows),
+        intervals=_intervals(row, [e for e in examples if e.kind == "interval"], bin_counts),
+        prev_index=index - 1 if index > 0 else None,
+        next_index=index + 1 if index + 1 < sae.d_sae else None,
+    )
+
+
+def get_feature_summary(*, session: Session, sae_name: str, index: int) -> FeatureSummaryPublic:
+    sae = get_sae_row(session=session, sae_name=sae_name)
+    return feature_summary(_feature_row(session, sae, index))
+
+
+def get_feature_preview(*, session: Session, sae_name: str, index: int) -> FeaturePreviewPublic:
+    sae = get_sae_row(session=session, sae_name=sae_name)
+    row = _feature_row(session, sae, index)
+    rows = _example_rows(session, sae.id, index, "top")[:PREVIEW_EXAMPLES]
+    return FeaturePreviewPublic(
+        sae=sae.name, feature=feature_summary(row), examples=_examples(session, sae, rows)
+    )

@@ -1,0 +1,81 @@
+"""Jinja2 set-up (autoescaped, with the filters the templates use) and the page response helper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+from starlette.responses import Response
+
+from app.charts import histogram_chart
+from app.schemas import FeaturePublic, LabelPublic, SaePublic
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = ROOT / "templates"
+STATIC_DIR = ROOT / "static"
+HTMX = "htmx-2.0.4.min.js"  # vendored from the npm package htmx.org@2.0.4 (BSD-0)
+
+# Newlines and tabs are tokens too; show them rather than let them reflow the heatmap.
+_VISIBLE_WHITESPACE = str.maketrans({"\n": "↵", "\t": "⇥", "\r": "␍"})
+
+
+def number(value: float | int | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) or (
+        isinstance(value, float) and value.is_integer() and abs(value) >= 1000
+    ):
+        return f"{int(value):,}"
+    return f"{value:.{digits}g}"
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.3g}%"
+
+
+def token_text(text: str) -> str:
+    return text.translate(_VISIBLE_WHITESPACE)
+
+
+def shade(value: float, max_value: float) -> float:
+    """Activation -> heatmap opacity in [0, 1], relative to the feature's max."""
+    if max_value <= 0 or value <= 0:
+        return 0.0
+    return round(min(value / max_value, 1.0), 2)
+
+
+def url_segment(value: Any) -> str:
+    """One path segment, percent-encoded (``/`` included) so user data cannot change the route."""
+    return quote(str(value), safe="")
+
+
+def _hints(model) -> dict[str, str]:
+    return {name: field.description or "" for name, field in model.model_fields.items()}
+
+
+def make_templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=TEMPLATES_DIR)  # autoescape is on for every template
+    env = templates.env
+    env.filters.update(num=number, pct=percent, tok=token_text, seg=url_segment)
+    env.globals.update(
+        shade=shade,
+        histogram_chart=histogram_chart,
+        htmx=HTMX,
+        sae_hints=_hints(SaePublic),
+        feature_hints=_hints(FeaturePublic),
+        label_hints=_hints(LabelPublic),
+    )
+    return templates
+
+
+def render(
+    request: Request, template: str, context: dict[str, Any], *, alternate: str | None = None
+) -> Response:
+    """A page, with a ``Link: rel="alternate"`` header naming its JSON twin."""
+    response = request.app.state.templates.TemplateResponse(request, template, context)
+    if alternate:
+        response.headers["Link"] = f'<{alternate}>; rel="alternate"; type="application/json"'
+    return response

@@ -1,0 +1,128 @@
+"""Feature search: label full text, features that fire on a token, filters, sorting, paging.
+
+Label text goes through the store's full-text index: SQLite FTS5 (``features_fts``, joined on
+rowid) or the Postgres GIN index on ``to_tsvector('simple', coalesce(label, ''))``. The user's
+text is reduced to its words (``\\w+``), each quoted, the last one as a prefix so results follow
+typing; no character of the query can reach the FTS syntax. A query with no word characters
+(e.g. ``(``) falls back to a case-insensitive substring match.
+"""
+
+from __future__ import annotations
+
+import re
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.queries import feature_summary, get_sae_row
+from app.schemas import FeatureSearch, FeaturesPublic
+from app.vocab import get_vocabulary
+from sae_core.store import FeatureRow, TokenFeatureRow
+
+MAX_QUERY_WORDS = 16  # labels are a few words; more terms only slow the index down
+
+features = FeatureRow.__table__
+token_features = TokenFeatureRow.__table__
+fts5 = sa.table("features_fts", sa.column("rowid"), sa.column("rank"), sa.column("features_fts"))
+POSTGRES_LABEL_TSV = sa.literal_column("to_tsvector('simple', coalesce(features.label, ''))")
+
+
+def query_words(q: str) -> list[str]:
+    return re.findall(r"\w+", q)[:MAX_QUERY_WORDS]
+
+
+def fts5_query(words: list[str]) -> str:
+    """['capital', 'fra'] -> '"capital" "fra"*' (every word required, the last as a prefix)."""
+    return " ".join(f'"{w}"' for w in words) + "*"
+
+
+def tsquery(words: list[str]) -> str:
+    """['capital', 'fra'] -> 'capital & fra:*' (the words are \\w+ only, so nothing to escape)."""
+    return " & ".join(words) + ":*"
+
+
+def _label_match(
+    stmt: sa.Select, q: str, dialect: str
+) -> tuple[sa.Select, sa.ColumnElement | None]:
+    """Restrict ``stmt`` to labels matching ``q``; also return a relevance column (higher first)."""
+    words = query_words(q)
+    if not words:
+        return stmt.where(
+            sa.func.lower(features.c.label).contains(q.strip().lower(), autoescape=True)
+        ), None
+    if dialect == "sqlite":
+        stmt = stmt.join(fts5, fts5.c.rowid == sa.literal_column("features.rowid")).where(
+            fts5.c.features_fts.op("MATCH")(fts5_query(words))
+        )
+        return stmt, -fts5.c.rank  # FTS5 rank is bm25, lower is better
+    query = sa.func.to_tsquery(sa.literal_column("'simple'"), tsquery(words))
+    return stmt.where(POSTGRES_LABEL_TSV.op("@@")(query)), sa.func.ts_rank(
+        POSTGRES_LABEL_TSV, query
+    )
+
+
+def _token_match(
+    stmt: sa.Select, sae_id: int, token_ids: list[int]
+) -> tuple[sa.Select, sa.ColumnElement]:
+    """Restrict ``stmt`` to features in the token index of ``token_ids``; relevance is the
+    feature's mean activation on the token (the best of the token's spellings)."""
+    on_token = (
+        sa.select(
+            token_features.c.feature_idx, sa.func.max(token_features.c.mean_act).label("token_act")
+        )
+        .where(token_features.c.sae_id == sae_id, token_features.c.token_id.in_(token_ids))
+        .group_by(token_features.c.feature_idx)
+        .subquery()
+    )
+    return stmt.join(on_token, on_token.c.feature_idx == features.c.idx), on_token.c.token_act
+
+
+def _filters(search: FeatureSearch) -> list[sa.ColumnElement]:
+    conditions = []
+    if search.min_density is not None:
+        conditions.append(features.c.density >= search.min_density)
+    if search.max_density is not None:
+        conditions.append(features.c.density <= search.max_density)
+    if search.alive is not None:
+        conditions.append(features.c.count > 0 if search.alive else features.c.count == 0)
+    if search.min_max_act is not None:
+        conditions.append(features.c.max_act >= search.min_max_act)
+    if search.max_max_act is not None:
+        conditions.append(features.c.max_act <= search.max_max_act)
+    return conditions
+
+
+def _ordering(search: FeatureSearch, relevance: sa.ColumnElement | None) -> list:
+    columns = {
+        "index": features.c.idx,
+        "density": features.c.density,
+        "max_act": features.c.max_act,
+        "label_score": features.c.label_f1,
+        "relevance": relevance if relevance is not None else features.c.idx,
+    }
+    key = columns[search.effective_sort()]
+    ordered = key.asc() if search.effective_order() == "asc" else key.desc()
+    return [sa.nulls_last(ordered), features.c.idx]
+
+
+def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -> FeaturesPublic:
+    sae = get_sae_row(session=session, sae_name=sae_name)
+    dialect = session.get_bind().dialect.name
+    stmt = sa.select(FeatureRow).where(features.c.sae_id == sae.id, *_filters(search))
+    relevance = token_act = None
+    if search.token:
+        token_ids = get_vocabulary(session, sae.model_id).find(search.token)
+        if not token_ids:
+            return FeaturesPublic(data=[], count=0)
+        stmt, token_act = _token_match(stmt, sae.id, token_ids)
+        relevance = token_act
+    if search.q and search.q.strip():
+        stmt, label_relevance = _label_match(stmt, search.q, dialect)
+        relevance = relevance if relevance is not None else label_relevance
+    stmt = stmt.add_columns(token_act if token_act is not None else sa.null())
+    total = session.scalar(sa.select(sa.func.count()).select_from(stmt.subquery()))
+    page = session.execute(
+        stmt.order_by(*_ordering(search, relevance)).offset(search.offset).limit(search.limit)
+    ).all()
+    data = [feature_summary(row, token_act=act) for row, act in page]
+    return FeaturesPublic(data=data, count=total or 0)

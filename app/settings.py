@@ -1,0 +1,46 @@
+"""The server's settings: one class, read from ``SAESCOPE_*`` environment variables.
+
+Built in ``create_app`` (never at import), so tests and ``saescope serve`` pass their own.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAESCOPE_", extra="ignore")
+
+    db_url: str = Field(
+        default="sqlite:///saescope.db",
+        description="SQLAlchemy URL of the store to serve; the default is the file "
+        "`saescope precompute` writes in the current folder.",
+    )
+    live: bool | None = Field(
+        default=None,
+        description="Load the subject model for live prompts, attribution and steering. "
+        "None (auto) turns it on when the SAE's model can be loaded; false serves the store only, "
+        "without importing torch weights.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Subject model to load for live features instead of the one the store names "
+        "(a folder, .gguf file or hub id holding the same weights).",
+    )
+    write_token: str | None = Field(
+        default=None,
+        description="Bearer token that lets a request edit labels. None (the default) keeps the "
+        "server read-only: SQLite is then opened read-only.",
+    )
+    max_prompt_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Longest live prompt in tokens; ~200 is what public browsers allow, and it "
+        "bounds a CPU forward pass to well under a second.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface to listen on; loopback by default, so nothing is exposed by accident.",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")

@@ -1,0 +1,60 @@
+"""The subject model's vocabulary, read from the store once per engine and kept in memory.
+
+Every page renders token text (examples, logit effects) and token search looks texts up, so a
+query per request would dominate; the vocabulary never changes once precompute wrote it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sae_core.store import VocabRow
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    texts: dict[int, str]  # token id -> display text
+    ids_by_text: dict[str, list[int]]  # display text -> token ids (several ids may decode alike)
+
+    @classmethod
+    def from_texts(cls, texts: dict[int, str]) -> Vocabulary:
+        ids_by_text: dict[str, list[int]] = {}
+        for token_id, text in texts.items():
+            ids_by_text.setdefault(text, []).append(token_id)
+        return cls(texts=texts, ids_by_text=ids_by_text)
+
+    def text(self, token_id: int) -> str:
+        return self.texts.get(token_id, f"<{token_id}>")
+
+    def find(self, token: str) -> list[int]:
+        """Ids of ``token`` as written and of its variants with and without one leading space
+        (BPE vocabularies spell a word inside a sentence with its space: " Paris")."""
+        word = token.strip()
+        variants = dict.fromkeys([token, word, " " + word])
+        return sorted({i for v in variants if v for i in self.ids_by_text.get(v, [])})
+
+
+_cache: weakref.WeakKeyDictionary[Engine, dict[int, Vocabulary]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def get_vocabulary(session: Session, model_id: int) -> Vocabulary:
+    engine = session.get_bind()
+    with _lock:
+        cached = _cache.get(engine, {}).get(model_id)
+    if cached is not None:
+        return cached
+    rows = session.execute(
+        sa.select(VocabRow.token_id, VocabRow.text).where(VocabRow.model_id == model_id)
+    )
+    vocabulary = Vocabulary.from_texts({token_id: text for token_id, text in rows})
+    if vocabulary.texts:  # an empty vocabulary may still be being written: read it again next time
+        with _lock:
+            _cache.setdefault(engine, {})[model_id] = vocabulary
+    return vocabulary
