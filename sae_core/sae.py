@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from sae_core.errors import SaescopeError
@@ -184,5 +184,6 @@ def load_sae(path: str | Path, *, d_in: int | None = None) -> SAE:
 
 
 def default_width(d_model: int, expansion: int = 16) -> int:
-    """A width that is a multiple of 256 near ``expansion * d_model``."""
-    return int(math.ceil(expansion * d_model / 256) * 256)
+    """The power of two nearest ``expansion * d_model`` (8192 for SmolLM2's 576), in REFERENCE's
+    8–16× range; powers of two keep the matmuls aligned."""
+    return 2 ** round(math.log2(expansion * d_model))
