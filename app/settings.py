@@ -39,6 +39,24 @@ class Settings(BaseSettings):
         description="Longest live prompt in tokens; ~200 is what public browsers allow, and it "
         "bounds a CPU forward pass to well under a second.",
     )
+    max_new_tokens: int = Field(
+        default=64,
+        ge=1,
+        description="Most tokens one steering request may generate (twice: default and steered); "
+        "64 on a 135M model is a few seconds of CPU.",
+    )
+    live_queue_size: int = Field(
+        default=4,
+        ge=1,
+        description="Live requests that may wait for the model; more get 503 with Retry-After at once. "
+        "Four short jobs wait a few seconds, well inside live_timeout_s.",
+    )
+    live_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest a live request waits for its answer (queue included) before a 504; "
+        "a full queue of steering jobs on a CPU fits in it.",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface to listen on; loopback by default, so nothing is exposed by accident.",
