@@ -9,7 +9,8 @@ One loader serves every source a user can name:
 - a hub id such as ``gpt2`` or ``google/gemma-2-2b`` (needs a network the first time).
 
 The hook point is the residual stream *after* block ``L`` (``blocks.L.hook_resid_post`` in
-SAELens' naming), which equals ``output_hidden_states[L + 1]`` of the full model.
+SAELens' naming), which equals ``output_hidden_states[L + 1]`` of the full model for every block
+but the last (transformers reports the last one after the final norm; we read it before).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class Subject:
 
     @property
     def special_ids(self) -> list[int]:
-        return sorted({int(i) for i in self.tokenizer.all_special_ids if i is not None})
+        return special_token_ids(self.tokenizer)
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -218,6 +219,17 @@ class Subject:
         if self.config.model_type.startswith("gemma"):
             return 1.0 + weight.detach()
         return weight.detach()
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of every special token: BOS/EOS/PAD/UNK and added tokens flagged special.
+
+    ``all_special_ids`` alone misses added control tokens such as SmolLM2's ``<file_sep>``.
+    """
+    ids = {int(i) for i in tokenizer.all_special_ids if i is not None}
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    return sorted(ids)
 
 
 def _find_blocks(model: nn.Module) -> nn.ModuleList:

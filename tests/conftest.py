@@ -10,6 +10,9 @@ import torch
 from tests.tiny import make_gpt2, make_llama
 
 torch.set_num_threads(1)  # tests share 2 cores; one thread each is fastest overall
+# huggingface_hub reads HF_HUB_OFFLINE once, when first imported (often by a session fixture,
+# before the per-test fixture below runs): set it now, so no test waits on the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 PG_URL = os.environ.get("SAESCOPE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
