@@ -1,11 +1,65 @@
-"""`saescope precompute` (being built; see its issue)."""
+"""`saescope precompute`: run a corpus through model + SAE once and store every feature."""
 
-HELP = "precompute (not built yet)"
+from __future__ import annotations
+
+from sae_core.cli import add_corpus_args, add_model_args
+from sae_core.precompute import PrecomputeConfig, run_precompute
+
+HELP = "precompute every feature of an SAE (ours, SAELens, sparsify, Gemma Scope) into the store"
+
+DEFAULTS = PrecomputeConfig(sae_path="")
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--sae", required=True, help="SAE folder or file (ours, SAELens, sparsify, Gemma Scope params.npz)")
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL of the store (default: $SAESCOPE_DB_URL or sqlite:///saescope.db)")
+    add_model_args(parser, default_layer=None)
+    add_corpus_args(parser)
+    parser.add_argument(
+        "--tokens", type=int, default=DEFAULTS.tokens, help=f"tokens to run over (default {DEFAULTS.tokens}; 0 = the whole corpus)"
+    )
+    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="top examples per feature")
+    parser.add_argument("--bins", type=int, default=DEFAULTS.bins, help="activation intervals per feature")
+    parser.add_argument("--per-bin", type=int, default=DEFAULTS.per_bin, help="random examples per interval")
+    parser.add_argument("--name", default=None, help="URL id of the SAE in the store (default <model>-l<layer>-<arch>-<width>)")
+    parser.add_argument("--force", action="store_true", help="replace a complete SAE of the same name")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="contexts per forward pass")
+    parser.add_argument(
+        "--memory-budget", type=int, default=DEFAULTS.memory_budget_mb, help="MiB for feature chunks (encoding, logits, neighbours)"
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, help="batches between resumable checkpoints"
+    )
 
 
-def run(args):
-    raise NotImplementedError("saescope precompute is not built yet")
+def run(args) -> int:
+    positive = {"--top-k": args.top_k, "--bins": args.bins, "--per-bin": args.per_bin, "--batch-size": args.batch_size,
+                "--memory-budget": args.memory_budget, "--checkpoint-every": args.checkpoint_every, "--ctx-len": args.ctx_len}
+    for flag, value in positive.items():
+        if value < 1:
+            from sae_core.precompute import PrecomputeError
+
+            raise PrecomputeError(f"{flag} must be at least 1, not {value}")
+    cfg = PrecomputeConfig(
+        sae_path=args.sae,
+        model=args.model,
+        layer=args.layer,
+        device=args.device,
+        corpus=args.corpus,
+        text_field=args.text_field,
+        ctx_len=args.ctx_len,
+        seed=args.seed,
+        tokens=args.tokens or None,
+        top_k=args.top_k,
+        bins=args.bins,
+        per_bin=args.per_bin,
+        name=args.name,
+        force=args.force,
+        batch_size=args.batch_size,
+        memory_budget_mb=args.memory_budget,
+        checkpoint_every=args.checkpoint_every,
+    )
+    if args.db:
+        cfg.db_url = args.db
+    run_precompute(cfg)
+    return 0

@@ -1,0 +1,356 @@
+"""Precompute every feature of an SAE into the store.
+
+    pass 1   corpus -> subject (to layer L) -> SAE, sparse -> streaming accumulators (all features
+             at once; sae_core.precompute_stats) + the sparse activations appended to a spill file;
+             a checkpoint every ``checkpoint_every`` batches
+    results  intervals, co-activation neighbours, token index (precompute_results); logit effects
+             and decoder neighbours from the weights (precompute_weights)
+    pass 2   the spill streamed once for the per-token activations of the chosen examples
+    write    one transaction: rows under the staging SAE, then the swap (precompute_store)
+
+``run_precompute(PrecomputeConfig(...))`` is the whole job; ``saescope precompute`` and
+``saescope demo`` call it. Killed at any moment, the same call resumes from the last checkpoint and
+produces the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from sae_core.activations import ActivationBatch, iter_activations
+from sae_core.corpus import Contexts, build_contexts
+from sae_core.errors import SaescopeError
+from sae_core.precompute_results import (
+    coactivation_neighbours,
+    density_histogram,
+    final_intervals,
+    ordered_samples,
+    token_index,
+)
+from sae_core.precompute_rows import RowInputs, store_rows
+from sae_core.precompute_spill import SpillWriter, example_activations
+from sae_core.precompute_stats import BatchActs, StreamingStats
+from sae_core.precompute_store import (
+    Checkpoint,
+    complete_sae_id,
+    ensure_model,
+    open_staging,
+    publish,
+    save_checkpoint,
+)
+from sae_core.precompute_weights import decoder_neighbours, logit_effects
+from sae_core.sae import SAE, load_sae
+from sae_core.sparse_acts import feature_chunk, sparse_encode
+from sae_core.store import create_engine_for, default_db_url, migrate
+from sae_core.subject import Subject, cache_dir, hook_name, load_subject
+
+
+class PrecomputeError(SaescopeError):
+    """Precompute cannot run as asked; the message says what to pass instead."""
+
+
+@dataclass
+class PrecomputeConfig:
+    sae_path: str  # anything sae_core.sae.load_sae reads (ours, SAELens, sparsify, Gemma Scope)
+    db_url: str = field(default_factory=default_db_url)  # SQLAlchemy URL; SAESCOPE_DB_URL or ./saescope.db
+    model: str | None = None  # subject model; None: the one the SAE's config names
+    layer: int | None = None  # block whose output the SAE reads; None: from the SAE's config
+    corpus: str = "default"  # corpus spec, as every command takes it
+    text_field: str = "text"  # JSONL / datasets field with the text
+    ctx_len: int = 64  # tokens per context, the length SAEs here are trained on
+    tokens: int | None = 500_000  # tokens to run over: ~15 min for SmolLM2 on 2 CPU cores; None: all
+    top_k: int = 20  # top examples per feature (Anthropic's browser and Neuronpedia show ~20)
+    bins: int = 5  # activation intervals per feature
+    per_bin: int = 5  # random examples per interval: 5 x 5 = 25, enough to see weak activations
+    seed: int = 0  # corpus shuffle and interval sampling
+    name: str | None = None  # URL id of the SAE in the store; None: <model>-l<layer>-<arch>-<width>
+    force: bool = False  # replace a complete SAE of the same name
+    batch_size: int = 32  # contexts per forward pass: ~2k tokens, where CPU throughput levels off
+    memory_budget_mb: int = 1024  # bounds the feature chunks of encoding, logit effects and neighbours
+    device: str | None = None  # None: cuda when available, else cpu
+    checkpoint_every: int = 50  # batches between checkpoints: ~2 min of SmolLM2 on 2 cores
+    max_active: int = 64  # features per token counted for co-activation (all of them for TopK k <= 64)
+    neighbours: int = 10  # neighbours by decoder cosine and by co-activation
+    logit_tokens: int = 10  # top and bottom tokens of the logit effects
+    hist_bins: int = 32  # bins of the logit-effect histogram
+    token_index_size: int = 20  # features kept per vocabulary token for search by token
+    progress: bool = True  # tqdm bars on stderr
+
+    @property
+    def memory_budget(self) -> int:
+        return self.memory_budget_mb << 20
+
+
+class PrecomputeResult(NamedTuple):
+    name: str
+    n_tokens: int
+    n_features: int
+    skipped: bool  # already complete, nothing done
+    resumed_from_batch: int  # 0 for a fresh run
+
+
+class Inputs(NamedTuple):
+    sae: SAE
+    model: str
+    layer: int
+    name: str
+
+
+def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
+    inputs = resolve_inputs(cfg)
+    engine = create_engine_for(cfg.db_url)
+    migrate(engine)
+    if complete_sae_id(engine, inputs.name) is not None and not cfg.force:
+        say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
+        return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    subject = load_subject(inputs.model, device=device)
+    if subject.d_model != inputs.sae.d_in:
+        raise PrecomputeError(
+            f"the SAE reads d_in={inputs.sae.d_in} but {inputs.model} has d_model={subject.d_model}; pass the right --model"
+        )
+    subject.check_layer(inputs.layer)
+    sae = inputs.sae.to(device)
+    max_contexts = None if cfg.tokens is None else max(1, math.ceil(cfg.tokens / cfg.ctx_len))
+    contexts = build_contexts(
+        cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed, max_contexts=max_contexts
+    )
+    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, vocab_strings(subject))
+    sae_id, checkpoint = open_staging(engine, inputs.name, sae_row_values(cfg, inputs, sae, model_id, contexts))
+    spill_path = cache_dir() / "precompute" / f"{hashlib.sha256(f'{cfg.db_url}|{sae_id}'.encode()).hexdigest()[:20]}.spill"
+    if checkpoint is not None and (not spill_path.is_file() or spill_path.stat().st_size < checkpoint.spill_bytes):
+        say(f"the activation spill {spill_path} is missing or short; starting {inputs.name} again")
+        checkpoint = None
+    stats = new_stats(cfg, sae, subject)
+    if checkpoint is not None:
+        stats.load_state_dict(checkpoint.state)
+        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
+    start = checkpoint.batches_done if checkpoint else 0
+    first_pass(cfg, engine, sae_id, subject, sae, inputs.layer, contexts, stats, spill_path, checkpoint)
+    rows = store_rows(collect_results(cfg, stats, sae, subject, contexts, spill_path, sae_id))
+    n_tokens = int(stats.n_tokens)
+    publish(
+        engine,
+        sae_id,
+        inputs.name,
+        {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)},
+        rows,
+    )
+    spill_path.unlink(missing_ok=True)
+    say(f"{inputs.name}: {sae.d_sae} features over {n_tokens} tokens written to {cfg.db_url}")
+    return PrecomputeResult(inputs.name, n_tokens, sae.d_sae, False, start)
+
+
+def say(message: str) -> None:
+    print(f"saescope: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def resolve_inputs(cfg: PrecomputeConfig) -> Inputs:
+    """The SAE, and the model, layer and store name it is precomputed under."""
+    sae = load_sae(cfg.sae_path)
+    model = cfg.model or sae.cfg.model_name
+    if not model:
+        raise PrecomputeError(f"{cfg.sae_path} does not name its model; pass --model")
+    layer = cfg.layer if cfg.layer is not None else sae.cfg.layer  # read from cfg or hook name
+    if layer is None:
+        raise PrecomputeError(f"cannot tell which layer {cfg.sae_path} reads; pass --layer")
+    name = cfg.name or default_name(model, layer, sae)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,150}", name):
+        raise PrecomputeError(f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-' (it is a URL id)")
+    return Inputs(sae, model, layer, name)
+
+
+def default_name(model: str, layer: int, sae: SAE) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(model).name.lower().removesuffix(".gguf")).strip("-")
+    return f"{slug}-l{layer}-{sae.cfg.architecture}-{sae.d_sae}"
+
+
+def sae_fingerprint(sae: SAE) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(cfg: PrecomputeConfig, inputs: Inputs, contexts: Contexts) -> dict:
+    """Everything the result depends on; a staging run with a different identity starts over."""
+    return {
+        "sae": sae_fingerprint(inputs.sae),
+        "model": inputs.model,
+        "layer": inputs.layer,
+        "corpus": contexts.fingerprint,
+        "tokens": cfg.tokens,
+        "top_k": cfg.top_k,
+        "bins": cfg.bins,
+        "per_bin": cfg.per_bin,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "max_active": cfg.max_active,
+        "neighbours": cfg.neighbours,
+        "logit_tokens": cfg.logit_tokens,
+        "hist_bins": cfg.hist_bins,
+        "token_index_size": cfg.token_index_size,
+    }
+
+
+def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, sae: SAE, model_id: int, contexts: Contexts) -> dict:
+    meta = dict(sae.cfg.saescope)
+    return {
+        "model_id": model_id,
+        "layer": inputs.layer,
+        "hook_name": hook_name(inputs.layer),
+        "architecture": sae.cfg.architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.cfg.k,
+        "l1_coeff": meta.get("train", {}).get("l1_coeff") if isinstance(meta.get("train"), dict) else None,
+        "path": str(Path(cfg.sae_path).resolve()),
+        "train_cfg": meta,
+        "metrics": read_metrics(Path(cfg.sae_path)),
+        "corpus": contexts.describe(),
+        "precompute_cfg": run_identity(cfg, inputs, contexts),
+        "n_tokens": 0,
+        "density_hist": {},
+    }
+
+
+def read_metrics(sae_path: Path) -> dict:
+    path = sae_path / "metrics.json" if sae_path.is_dir() else sae_path.with_name("metrics.json")
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PrecomputeError(f"{path} is not valid JSON ({err.msg}); fix or remove it") from err
+
+
+def vocab_strings(subject: Subject) -> list[str]:
+    """Display text of every token id (each decoded alone, e.g. 'Ġfoo' -> ' foo')."""
+    return subject.tokenizer.batch_decode([[i] for i in range(subject.vocab_size)])
+
+
+def new_stats(cfg: PrecomputeConfig, sae: SAE, subject: Subject) -> StreamingStats:
+    return StreamingStats(
+        sae.d_sae,
+        subject.vocab_size,
+        top_k=cfg.top_k,
+        per_bin=cfg.per_bin,
+        max_active=cfg.max_active,
+        seed=cfg.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1
+
+
+class EncodedBatch(NamedTuple):
+    acts: BatchActs  # on the CPU, what the accumulators take
+    grid: torch.Tensor  # (n,) position of each entry in the batch's (B * seq) token grid
+
+
+@torch.no_grad()
+def encode_batch(sae: SAE, batch: ActivationBatch, memory_budget: int) -> EncodedBatch:
+    """Non-special tokens of a batch through the SAE, as sparse entries."""
+    n_contexts, seq, d_model = batch.acts.shape
+    counted = (~batch.special_mask).reshape(-1).nonzero().squeeze(1)  # (N,) grid positions
+    x = batch.acts.reshape(-1, d_model)[counted]  # (N, d_model)
+    sparse = sparse_encode(sae, x, feature_chunk(counted.numel(), memory_budget))
+    counted = counted.cpu()
+    token = sparse.token.cpu()
+    acts = BatchActs(
+        context_ids=batch.context_ids.cpu(),
+        token_context=counted // seq,
+        token_ids=batch.tokens.reshape(-1)[counted.to(batch.tokens.device)].cpu(),
+        token=token,
+        feature=sparse.feature.cpu(),
+        value=sparse.value.float().cpu(),
+    )
+    return EncodedBatch(acts, counted[token])
+
+
+def first_pass(cfg, engine, sae_id, subject, sae, layer, contexts, stats, spill_path, checkpoint) -> None:
+    """Stream the corpus through model and SAE into ``stats`` and the spill, checkpointing."""
+    done = checkpoint.batches_done if checkpoint else 0
+    n_batches = math.ceil(len(contexts) / cfg.batch_size)
+    if done >= n_batches:
+        return
+    spill = SpillWriter(spill_path, checkpoint.spill_bytes if checkpoint else 0)
+    seq = contexts.tokens.shape[1]
+    try:
+        batches = iter_activations(
+            subject, layer, contexts, batch_size=cfg.batch_size, start=done * cfg.batch_size, progress=cfg.progress
+        )
+        for index, batch in enumerate(batches, start=done):
+            encoded = encode_batch(sae, batch, cfg.memory_budget)
+            stats.update(encoded.acts)
+            spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)
+            if (index + 1) % cfg.checkpoint_every == 0 or index + 1 == n_batches:
+                save_checkpoint(engine, sae_id, Checkpoint(index + 1, spill.sync(), stats.state_dict()))
+    finally:
+        spill.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and pass 2
+
+
+def collect_results(cfg, stats, sae, subject, contexts, spill_path, sae_id) -> RowInputs:
+    intervals = final_intervals(stats, cfg.bins, cfg.per_bin)
+    sample_context, sample_value, sample_filled = ordered_samples(intervals.samples)
+    n_features = sae.d_sae
+    top = stats.top
+    wanted = np.unique(
+        np.concatenate(
+            [
+                example_keys(top.context, top.value > 0, n_features, per_row=1),
+                example_keys(sample_context, sample_filled, n_features, per_row=cfg.bins),
+            ]
+        )
+    )
+    W_dec = sae.W_dec.detach().float()
+    return RowInputs(
+        sae_id=sae_id,
+        n_tokens=int(stats.n_tokens),
+        bins=cfg.bins,
+        features=stats.features,
+        top=top,
+        intervals=intervals,
+        sample_context=sample_context.view(n_features, cfg.bins, -1),
+        sample_value=sample_value.view(n_features, cfg.bins, -1),
+        sample_filled=sample_filled.view(n_features, cfg.bins, -1),
+        packed=example_activations(spill_path, wanted, n_features),
+        context_tokens={int(c): contexts.tokens[int(c)] for c in np.unique(wanted // n_features)},
+        logits=logit_effects(
+            W_dec,
+            subject.final_norm_scale().float(),
+            subject.unembed.detach().float(),
+            n=cfg.logit_tokens,
+            bins=cfg.hist_bins,
+            memory_budget=cfg.memory_budget,
+        ),
+        decoder=decoder_neighbours(W_dec, n=cfg.neighbours, memory_budget=cfg.memory_budget),
+        coact=coactivation_neighbours(stats, cfg.neighbours),
+        token_features=token_index(stats, cfg.token_index_size),
+    )
+
+
+def example_keys(context: torch.Tensor, filled: torch.Tensor, n_features: int, per_row: int) -> np.ndarray:
+    """Keys context * F + feature of the filled slots of a (F * per_row, slots) context table."""
+    feature = (torch.arange(context.shape[0]) // per_row).unsqueeze(1).expand_as(context)
+    return (context[filled] * n_features + feature[filled]).numpy()
