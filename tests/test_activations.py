@@ -1,0 +1,228 @@
+"""Streaming activations and the on-disk activation cache: contents, shuffling, resume, refusal."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core.activations import (
+    ActivationBatch,
+    ActivationCache,
+    ActivationCacheError,
+    iter_activations,
+)
+from sae_core.corpus import build_contexts
+from sae_core.subject import SubjectError
+from tests.tiny import TRAIN_TEXT
+
+CTX_LEN = 16
+LAYER = 2
+CONTEXTS_PER_SHARD = 40
+
+
+@pytest.fixture(scope="module")
+def contexts(llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    path = folder / "docs.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"text": f"{i}: {t}"}) for i in range(30) for t in TRAIN_TEXT)
+    )
+    with pytest.MonkeyPatch.context() as patch:  # module fixtures run before the per-test cache
+        patch.setenv("SAESCOPE_CACHE", str(folder / "cache"))
+        return build_contexts(str(path), llama.tokenizer, ctx_len=CTX_LEN)
+
+
+@pytest.fixture(scope="module")
+def reference(llama, contexts) -> np.ndarray:
+    """Every non-special token's activation, in context order, as fp16: (n_tokens, d_model)."""
+    with torch.no_grad():
+        acts = llama.forward_to_layer(contexts.tokens, LAYER)  # (n_contexts, seq, d_model)
+    return acts[~contexts.special_mask].to(torch.float16).numpy()
+
+
+def shard_bytes(llama, contexts) -> int:
+    """The shard size that puts CONTEXTS_PER_SHARD contexts in each shard."""
+    return CONTEXTS_PER_SHARD * 2 * llama.d_model * contexts.tokens.shape[1]
+
+
+def build(llama, contexts, folder, **kwargs) -> ActivationCache:
+    return ActivationCache.build(
+        llama,
+        LAYER,
+        contexts,
+        folder,
+        batch_size=16,
+        shard_bytes=shard_bytes(llama, contexts),
+        **kwargs,
+    )
+
+
+def sorted_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows in a canonical order, to compare caches as multisets of token activations."""
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def all_rows(cache: ActivationCache) -> np.ndarray:
+    return torch.cat(list(cache.token_batches(1000))).to(torch.float16).numpy()
+
+
+class CountingForward:
+    """Stands in for Subject.forward_to_layer: counts calls and can fail on the n-th one."""
+
+    def __init__(self, forward, fail_on: int | None = None):
+        self.forward = forward
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise KeyboardInterrupt
+        return self.forward(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# iter_activations
+
+
+def test_iter_activations_streams_contexts_in_order(llama, contexts):
+    batches = list(
+        iter_activations(llama, LAYER, contexts, batch_size=7, start=3, stop=20, progress=False)
+    )
+    assert [len(b.context_ids) for b in batches] == [7, 7, 3]
+    batch = batches[1]
+    assert isinstance(batch, ActivationBatch)
+    assert batch.context_ids.tolist() == list(range(10, 17))
+    assert torch.equal(batch.tokens, contexts.tokens[10:17])
+    assert torch.equal(batch.special_mask, contexts.special_mask[10:17])
+    assert batch.acts.dtype == torch.float32
+    assert batch.acts.shape == (7, CTX_LEN + 1, llama.d_model)
+    torch.testing.assert_close(
+        batch.acts, llama.forward_to_layer(contexts.tokens[10:17], LAYER), rtol=0, atol=0
+    )
+
+
+def test_iter_activations_checks_the_layer(llama, contexts):
+    with pytest.raises(SubjectError, match="layer 9 is outside"):
+        next(iter_activations(llama, 9, contexts))
+
+
+# ---------------------------------------------------------------------------------------------
+# ActivationCache
+
+
+def test_cache_holds_every_non_special_token_shuffled_across_contexts(
+    llama, contexts, reference, tmp_path
+):
+    cache = build(llama, contexts, tmp_path / "cache")
+    assert cache.n_tokens == len(reference) == contexts.n_tokens
+    assert cache.d_model == llama.d_model
+    rows = all_rows(cache)
+    np.testing.assert_array_equal(sorted_rows(rows), sorted_rows(reference))
+
+    # where each cached row came from: the first shard's first rows span many contexts
+    owner = {row.tobytes(): i for i, row in enumerate(reference)}
+    token_context = np.repeat(np.arange(len(contexts)), (~contexts.special_mask).sum(1).numpy())
+    first = {int(token_context[owner[row.tobytes()]]) for row in rows[: CTX_LEN * 2]}
+    assert len(first) > 10
+
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["complete"] and meta["n_tokens"] == cache.n_tokens
+    assert meta["corpus_fingerprint"] == contexts.fingerprint
+    assert meta["hook_name"] == "blocks.2.hook_resid_post" and meta["dtype"] == "float16"
+    assert len(meta["shards"]) == -(-len(contexts) // CONTEXTS_PER_SHARD)
+    opened = ActivationCache.open(tmp_path / "cache")
+    assert isinstance(opened._shards[0], np.memmap)
+    np.testing.assert_array_equal(all_rows(opened), rows)
+
+
+def test_token_batches_cross_shard_borders(llama, contexts, tmp_path):
+    cache = build(llama, contexts, tmp_path / "cache")
+    rows = all_rows(cache)
+    batches = list(cache.token_batches(333, start=100, stop=1100))
+    assert [len(b) for b in batches] == [333, 333, 333, 1]
+    assert all(b.dtype == torch.float32 and b.shape[1] == llama.d_model for b in batches)
+    np.testing.assert_array_equal(torch.cat(batches).to(torch.float16).numpy(), rows[100:1100])
+    with pytest.raises(ActivationCacheError, match="start 5000000 is outside"):
+        next(cache.token_batches(10, start=5_000_000))
+
+
+def test_interrupted_build_resumes_to_identical_contents(llama, contexts, tmp_path, monkeypatch):
+    whole = build(llama, contexts, tmp_path / "whole")
+    n_batches = -(-CONTEXTS_PER_SHARD // 16)  # forward calls per shard
+
+    interrupted = CountingForward(llama.forward_to_layer, fail_on=3 * n_batches + 2)
+    monkeypatch.setattr(llama, "forward_to_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(llama, contexts, tmp_path / "resumed")
+    meta = json.loads((tmp_path / "resumed" / "meta.json").read_text())
+    assert len(meta["shards"]) == 3 and not meta["complete"]
+    with pytest.raises(ActivationCacheError, match="unfinished.*build it again to resume"):
+        ActivationCache.open(tmp_path / "resumed")
+
+    resumed_forward = CountingForward(interrupted.forward)
+    monkeypatch.setattr(llama, "forward_to_layer", resumed_forward)
+    resumed = build(llama, contexts, tmp_path / "resumed")
+    remaining = range(
+        3 * CONTEXTS_PER_SHARD, len(contexts), CONTEXTS_PER_SHARD
+    )  # unfinished shards
+    n = len(contexts)
+    assert resumed_forward.calls == sum(
+        -(-(min(s + CONTEXTS_PER_SHARD, n) - s) // 16) for s in remaining
+    )
+    assert resumed.n_tokens == whole.n_tokens
+    for a, b in zip(whole._shards, resumed._shards, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_finished_cache_is_reused_and_a_small_one_extended(llama, contexts, tmp_path, monkeypatch):
+    small = build(llama, contexts, tmp_path / "cache", max_tokens=1000)
+    assert 1000 <= small.n_tokens < 1000 + CTX_LEN + 1
+    forward = CountingForward(llama.forward_to_layer)
+    monkeypatch.setattr(llama, "forward_to_layer", forward)
+    assert build(llama, contexts, tmp_path / "cache", max_tokens=500).n_tokens == small.n_tokens
+    assert forward.calls == 0
+
+    extended = build(llama, contexts, tmp_path / "cache")
+    fresh = build(llama, contexts, tmp_path / "fresh")
+    assert extended.n_tokens == fresh.n_tokens == contexts.n_tokens
+    np.testing.assert_array_equal(all_rows(extended), all_rows(fresh))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("shard_*")) == sorted(
+        p.name for p in (tmp_path / "fresh").glob("shard_*")
+    )
+
+
+def test_cache_for_another_layer_or_corpus_is_refused(llama, contexts, tmp_path):
+    build(llama, contexts, tmp_path / "cache", max_tokens=200)
+    with pytest.raises(
+        ActivationCacheError,
+        match=r"caches .* blocks\.2\.hook_resid_post .*, not .* blocks\.1\.hook_resid_post",
+    ):
+        ActivationCache.build(llama, 1, contexts, tmp_path / "cache")
+    other_corpus = build_contexts(contexts.spec, llama.tokenizer, ctx_len=CTX_LEN, seed=1)
+    with pytest.raises(ActivationCacheError, match="pass another folder or delete this one"):
+        ActivationCache.build(llama, LAYER, other_corpus, tmp_path / "cache")
+
+
+def test_open_and_build_errors(llama, contexts, tmp_path):
+    with pytest.raises(ActivationCacheError, match="holds no activation cache"):
+        ActivationCache.open(tmp_path)
+    with pytest.raises(ActivationCacheError, match="max_tokens must be at least 1"):
+        build(llama, contexts, tmp_path / "cache", max_tokens=0)
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ActivationCacheError, match="another process is building"):
+            build(llama, contexts, folder)
+
+
+def test_default_folder_names_model_layer_and_corpus(llama, contexts):
+    folder = ActivationCache.default_folder(llama, LAYER, contexts)
+    assert folder.parent.name == "activations"
+    assert folder.name.endswith(f"-L{LAYER}-{contexts.fingerprint[:16]}")
+    assert "/" not in folder.name
