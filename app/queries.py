@@ -44,6 +44,9 @@ DENSE_THRESHOLD = (
 SNIPPET_RADIUS = (
     6  # tokens each side of a neighbour's max token: enough to read, small enough for a row
 )
+# Metrics read from the SAE's metrics.json (held-out tokens of its training run); the dead and
+# dense fractions are measured here instead, on the precompute tokens the pages describe.
+TRAINING_METRICS = ("explained_variance", "l0", "ce_loss_recovered", "delta_ce")
 PREVIEW_EXAMPLES = 3  # examples in a neighbour preview: a glance, not the feature page
 
 
@@ -81,7 +84,7 @@ def _feature_fractions(session: Session, sae_ids: Sequence[int]) -> dict[int, tu
 
 def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
     metrics = row.metrics or {}
-    tokens_seen = (row.train_cfg or {}).get("tokens_seen")
+    tokens_trained = (row.train_cfg or {}).get("tokens_trained")  # written by `saescope train`
     return SaePublic(
         name=row.name,
         model=model_name,
@@ -93,14 +96,16 @@ def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | N
         k=row.k,
         l1_coeff=row.l1_coeff,
         status=row.status,
-        train_tokens=int(tokens_seen) if isinstance(tokens_seen, int | float) else None,
+        train_tokens=int(tokens_trained) if isinstance(tokens_trained, int | float) else None,
         n_tokens=row.n_tokens,
-        explained_variance=_optional_float(metrics, "explained_variance"),
-        l0=_optional_float(metrics, "l0"),
-        ce_loss_recovered=_optional_float(metrics, "ce_loss_recovered"),
-        delta_ce=_optional_float(metrics, "delta_ce"),
+        **{name: _optional_float(metrics, name) for name in TRAINING_METRICS},
         dead_fraction=fractions[0] if fractions else None,
         dense_fraction=fractions[1] if fractions else None,
+        metrics_how={
+            k: v
+            for k, v in (metrics.get("how") or {}).items()
+            if k in TRAINING_METRICS and isinstance(v, str)
+        },
         corpus=row.corpus or {},
         density_hist=_histogram(row.density_hist),
         created_at=row.created_at,

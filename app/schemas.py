@@ -53,6 +53,9 @@ class SaePublic(BaseModel):
     dense_fraction: float | None = Field(
         description="Share of features that fired on more than 10% of the precompute tokens."
     )
+    metrics_how: dict[str, str] = Field(
+        description="How the training run measured explained_variance, l0, ce_loss_recovered and delta_ce, in its own words (metrics.json)."
+    )
     corpus: dict = Field(
         description="Corpus the features were precomputed on (spec, ctx_len, seed, contexts)."
     )

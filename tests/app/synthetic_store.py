@@ -7,7 +7,8 @@ Planted, whatever the size:
 - features 1, 2 and 3 fire on the token " Paris" (ranked 3 > 1 > 2 by mean activation) and
   feature 1 is labelled "capital cities like Paris";
 - every feature whose index is 4 mod 7 is dead (never fired, no examples);
-- features 5 and 6 neighbour each other (decoder cosine and co-activation).
+- features 5 and 6 neighbour each other (decoder cosine and co-activation), and feature 0 is
+  among feature 1's neighbours.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def _feature_row(
     a, b = store.neighbour_pair
     if index in (a, b):
         neighbours[0] = b if index == a else a
+    if index == store.labelled_paris and store.script_feature not in neighbours:
+        neighbours[-1] = store.script_feature
     label = _label(index, store)
     return dict(
         sae_id=sae_id,
@@ -250,12 +253,13 @@ def build_synthetic_store(engine: Engine, spec: StoreSpec = StoreSpec()) -> Synt
                 k=8,
                 l1_coeff=None,
                 path="/synthetic",
-                train_cfg={"tokens_seen": 1_000_000},
+                train_cfg={"tokens_trained": 1_000_000},
                 metrics={
                     "explained_variance": 0.81,
                     "l0": 8.0,
                     "ce_loss_recovered": 0.93,
                     "delta_ce": 0.12,
+                    "how": {"l0": f"mean active latents per held-out token {SCRIPT}"},
                 },
                 corpus={
                     "spec": "synthetic",
