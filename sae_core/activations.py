@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -118,9 +119,14 @@ class ActivationCache:
 
     @staticmethod
     def default_folder(subject: Subject, layer: int, contexts: Contexts) -> Path:
-        """Where commands keep the cache of this model, layer and corpus."""
+        """Where commands keep the cache of this model, layer and corpus.
+
+        The corpus part hashes the whole fingerprint, so subsets whose fingerprints share a
+        prefix (a training split, say) get folders of their own.
+        """
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", subject.name).strip("_.")[-60:] or "model"
-        return cache_dir() / "activations" / f"{model}-L{layer}-{contexts.fingerprint[:16]}"
+        corpus = hashlib.sha256(contexts.fingerprint.encode()).hexdigest()[:16]
+        return cache_dir() / "activations" / f"{model}-L{layer}-{corpus}"
 
     @classmethod
     def open(cls, folder: str | Path) -> ActivationCache:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,5 +226,10 @@ def test_open_and_build_errors(llama, contexts, tmp_path):
 def test_default_folder_names_model_layer_and_corpus(llama, contexts):
     folder = ActivationCache.default_folder(llama, LAYER, contexts)
     assert folder.parent.name == "activations"
-    assert folder.name.endswith(f"-L{LAYER}-{contexts.fingerprint[:16]}")
-    assert "/" not in folder.name
+    assert Path(llama.name).name in folder.name and f"-L{LAYER}-" in folder.name
+    split = dataclasses.replace(contexts, fingerprint=f"{contexts.fingerprint}-train0-100")
+    others = {
+        ActivationCache.default_folder(llama, LAYER, split),
+        ActivationCache.default_folder(llama, LAYER + 1, contexts),
+    }
+    assert folder not in others and len(others) == 2
