@@ -1,0 +1,307 @@
+"""Live prompts: ``/api/v1`` endpoints, the prompt page, and the htmx fragments it swaps in.
+
+The model loads in ``lifespan`` when live is not switched off (``app.live_service`` imports
+torch only then). Every endpoint calls one ``LiveService`` data function; the API returns its
+model and the matching fragment renders it. Pages never touch the model worker, so browsing
+stays fast while it is busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Annotated, NamedTuple, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from app import queries
+from app.deps import SessionDep
+from app.errors import NotFoundError
+from app.live_schemas import (
+    AttributionPublic,
+    AttributionRequest,
+    FeatureOnTextPublic,
+    FeatureTextRequest,
+    PromptActivationsPublic,
+    PromptRequest,
+    PromptTokenPublic,
+    SteeringPublic,
+    SteerRequest,
+    TokenValuePublic,
+)
+from app.rendering import render, url_segment
+from sae_core.errors import SaescopeError
+
+if TYPE_CHECKING:
+    from app.live_service import LiveService
+
+router = APIRouter()
+M = TypeVar("M", bound=BaseModel)
+
+FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
+LIVE_ERRORS = {
+    404: {"description": "Unknown SAE or feature"},
+    413: {"description": "The prompt has more tokens than max_prompt_tokens"},
+    422: {"description": "Invalid request (bad feature index, a target that is not one token ...)"},
+    503: {"description": "Live is off for this SAE, or the queue is full (see Retry-After)"},
+    504: {"description": "The model did not answer within live_timeout_s"},
+}
+LIVE_OFF = (
+    "live prompts are off on this server; start it with `saescope serve --live` "
+    "(SAESCOPE_LIVE=true) where the SAE's model can be loaded"
+)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the model and SAEs unless live is switched off; templates learn which SAEs are live."""
+    settings = app.state.settings
+    service = None
+    if settings.live is not False:
+        from app.live_service import LiveService
+
+        with app.state.sessionmaker() as session:
+            service = LiveService.load(session=session, settings=settings)
+    app.state.live = service
+    app.state.templates.env.globals["live_on"] = lambda sae: (
+        service is not None and sae in service.saes
+    )
+    try:
+        yield
+    finally:
+        if service is not None:
+            service.close()
+
+
+def live_service(request: Request) -> LiveService:
+    service = request.app.state.live
+    if service is None:
+        raise HTTPException(503, LIVE_OFF)
+    return service
+
+
+def _sae_path(sae: str) -> str:
+    return f"/saes/{url_segment(sae)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# /api/v1
+
+
+@router.post(
+    "/api/v1/saes/{sae}/activations",
+    tags=["live"],
+    responses=LIVE_ERRORS,
+    summary="Which features fire on a prompt",
+)
+def post_activations(
+    sae: str, body: PromptRequest, request: Request, session: SessionDep
+) -> PromptActivationsPublic:
+    return live_service(request).activations(session=session, sae_name=sae, request=body)
+
+
+@router.post(
+    "/api/v1/saes/{sae}/features/{index}/activations",
+    tags=["live"],
+    responses=LIVE_ERRORS,
+    summary="One feature's activation on custom text",
+)
+def post_feature_activations(
+    sae: str, index: FeatureIndex, body: FeatureTextRequest, request: Request, session: SessionDep
+) -> FeatureOnTextPublic:
+    return live_service(request).feature_on_text(
+        session=session, sae_name=sae, index=index, text=body.text
+    )
+
+
+@router.post(
+    "/api/v1/saes/{sae}/attribution",
+    tags=["live"],
+    responses=LIVE_ERRORS,
+    summary="Attribute a next-token logit (or logit difference) to features and positions",
+)
+def post_attribution(
+    sae: str, body: AttributionRequest, request: Request, session: SessionDep
+) -> AttributionPublic:
+    return live_service(request).attribution(session=session, sae_name=sae, request=body)
+
+
+@router.post(
+    "/api/v1/saes/{sae}/steer",
+    tags=["live"],
+    responses=LIVE_ERRORS,
+    summary="Generate with and without steering features, same seed, side by side",
+)
+def post_steer(
+    sae: str, body: SteerRequest, request: Request, session: SessionDep
+) -> SteeringPublic:
+    return live_service(request).steer(session=session, sae_name=sae, request=body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Page and fragments
+
+
+@router.get("/saes/{sae}/prompt", include_in_schema=False, response_class=HTMLResponse)
+def prompt_page(
+    request: Request,
+    sae: str,
+    session: SessionDep,
+    text: Annotated[str, Query(max_length=20_000)] = "",
+) -> Response:
+    """The prompt page (``?text=`` prefills the prompt); it never runs the model itself."""
+    detail = queries.get_sae(session=session, sae_name=sae)
+    service = request.app.state.live
+    if service is None:
+        off_reason = LIVE_OFF
+    elif sae in service.saes:
+        off_reason = None
+    else:
+        off_reason = service.unavailable.get(
+            sae, "the SAE was added after the server started; restart it"
+        )
+    context = {
+        "sae": detail,
+        "sae_path": _sae_path(sae),
+        "off_reason": off_reason,
+        "text": text,
+        "settings": request.app.state.settings,
+    }
+    return render(request, "prompt.html", context)
+
+
+class FormProblem(NamedTuple):
+    """A form that failed validation, answered as a fragment rather than a full error page."""
+
+    message: str
+
+
+def form_of(model: type[M]):
+    """Dependency: the request's form fields as ``model``, or a FormProblem saying what is wrong."""
+
+    async def parse(request: Request) -> M | FormProblem:
+        try:
+            return model.model_validate(dict(await request.form()))
+        except ValidationError as err:
+            problems = (
+                f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors()
+            )
+            return FormProblem("; ".join(problems))
+
+    return Depends(parse)
+
+
+def _fragment(
+    request: Request,
+    template: str,
+    body: BaseModel | FormProblem,
+    compute: Callable[[BaseModel], BaseModel],
+    **context,
+) -> Response:
+    """Render ``template`` with ``result=compute(body)``; a failure renders the error partial with
+    its status (the page's forms swap error responses in too, so the message is seen)."""
+    if isinstance(body, FormProblem):
+        return _error_fragment(request, 422, body.message)
+    try:
+        context["result"] = compute(body)
+    except HTTPException as err:
+        return _error_fragment(request, err.status_code, str(err.detail), err.headers)
+    except NotFoundError as err:
+        return _error_fragment(request, 404, str(err))
+    except SaescopeError as err:
+        return _error_fragment(request, 422, str(err))
+    return render(request, template, context)
+
+
+def _token_values(tokens: list[PromptTokenPublic], values: list[float]) -> list[TokenValuePublic]:
+    """The prompt's tokens with one feature's values, as the heatmap partial reads them."""
+    return [TokenValuePublic(text=t.text, value=v) for t, v in zip(tokens, values, strict=True)]
+
+
+def _error_fragment(
+    request: Request, status: int, message: str, headers: dict | None = None
+) -> Response:
+    response = render(request, "_partials/live_error.html", {"status": status, "message": message})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+@router.post(
+    "/saes/{sae}/-/fragments/prompt/activations",
+    include_in_schema=False,
+    response_class=HTMLResponse,
+)
+def activations_fragment(
+    request: Request,
+    sae: str,
+    session: SessionDep,
+    body: Annotated[PromptRequest | FormProblem, form_of(PromptRequest)],
+) -> Response:
+    def compute(body: PromptRequest) -> PromptActivationsPublic:
+        return live_service(request).activations(session=session, sae_name=sae, request=body)
+
+    return _fragment(
+        request,
+        "_partials/prompt_activations.html",
+        body,
+        compute,
+        sae_path=_sae_path(sae),
+        token_values=_token_values,
+    )
+
+
+@router.post(
+    "/saes/{sae}/-/fragments/prompt/attribution",
+    include_in_schema=False,
+    response_class=HTMLResponse,
+)
+def attribution_fragment(
+    request: Request,
+    sae: str,
+    session: SessionDep,
+    body: Annotated[AttributionRequest | FormProblem, form_of(AttributionRequest)],
+) -> Response:
+    def compute(body: AttributionRequest) -> AttributionPublic:
+        return live_service(request).attribution(session=session, sae_name=sae, request=body)
+
+    return _fragment(
+        request, "_partials/prompt_attribution.html", body, compute, sae_path=_sae_path(sae)
+    )
+
+
+@router.post(
+    "/saes/{sae}/-/fragments/prompt/steer", include_in_schema=False, response_class=HTMLResponse
+)
+def steer_fragment(
+    request: Request,
+    sae: str,
+    session: SessionDep,
+    body: Annotated[SteerRequest | FormProblem, form_of(SteerRequest)],
+) -> Response:
+    def compute(body: SteerRequest) -> SteeringPublic:
+        return live_service(request).steer(session=session, sae_name=sae, request=body)
+
+    return _fragment(request, "_partials/prompt_steering.html", body, compute)
+
+
+@router.post(
+    "/saes/{sae}/-/fragments/features/{index}/try",
+    include_in_schema=False,
+    response_class=HTMLResponse,
+)
+def feature_try_fragment(
+    request: Request,
+    sae: str,
+    index: FeatureIndex,
+    session: SessionDep,
+    body: Annotated[FeatureTextRequest | FormProblem, form_of(FeatureTextRequest)],
+) -> Response:
+    def compute(body: FeatureTextRequest) -> FeatureOnTextPublic:
+        return live_service(request).feature_on_text(
+            session=session, sae_name=sae, index=index, text=body.text
+        )
+
+    return _fragment(request, "_partials/feature_prompt_result.html", body, compute)

@@ -1,0 +1,75 @@
+"""app.live_worker: one thread, a bounded queue, refusal when full, time limits, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app.live_worker import LiveWorker, WorkerBusy, WorkerStopped, WorkerTimeout
+
+
+@pytest.fixture
+def worker():
+    w = LiveWorker(queue_size=1).start()
+    yield w
+    w.stop()
+
+
+def blocked(worker: LiveWorker) -> threading.Event:
+    """Occupy the worker thread until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        release.wait(10)
+
+    worker.submit(hold)
+    assert started.wait(10)
+    return release
+
+
+def test_runs_jobs_on_one_thread_and_returns_results(worker):
+    threads = {worker.run(lambda: threading.current_thread().name, timeout_s=10) for _ in range(3)}
+    assert threads == {"saescope-live"}
+    assert worker.run(pow, 2, 10, timeout_s=10) == 1024
+
+
+def test_a_job_error_reaches_the_caller_and_the_worker_lives_on(worker):
+    with pytest.raises(ZeroDivisionError):
+        worker.run(lambda: 1 / 0, timeout_s=10)
+    assert worker.run(lambda: "alive", timeout_s=10) == "alive"
+
+
+def test_a_full_queue_refuses_at_once_with_a_retry_estimate(worker):
+    release = blocked(worker)
+    queued = worker.submit(lambda: "queued")
+    with pytest.raises(WorkerBusy) as refused:
+        worker.submit(lambda: "refused")
+    assert refused.value.retry_after_s >= 1
+    release.set()
+    assert queued.result(10) == "queued"
+
+
+def test_a_timed_out_queued_job_is_cancelled_and_never_runs(worker):
+    release = blocked(worker)
+    ran = threading.Event()
+    with pytest.raises(WorkerTimeout, match="within 0.05 s"):
+        worker.run(ran.set, timeout_s=0.05)
+    release.set()
+    while worker.queued:  # the cancelled job holds its slot until the thread pops and skips it
+        time.sleep(0.01)
+    assert worker.run(lambda: "next", timeout_s=10) == "next"
+    assert not ran.is_set()
+
+
+def test_stop_cancels_queued_jobs_and_refuses_new_ones():
+    worker = LiveWorker(queue_size=2).start()
+    release = blocked(worker)
+    queued = worker.submit(lambda: "never")
+    threading.Timer(0.05, release.set).start()
+    worker.stop()
+    assert queued.cancelled()
+    with pytest.raises(WorkerStopped):
+        worker.submit(lambda: None)
