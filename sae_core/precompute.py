@@ -240,8 +240,10 @@ def read_metrics(sae_path: Path) -> dict:
 
 
 def vocab_strings(subject: Subject) -> list[str]:
-    """Display text of every token id (each decoded alone, e.g. 'Ġfoo' -> ' foo')."""
-    return subject.tokenizer.batch_decode([[i] for i in range(subject.vocab_size)])
+    """Display text of every token id (each decoded alone, e.g. 'Ġfoo' -> ' foo'). NUL, which
+    PostgreSQL text cannot hold, shows as its control picture '␀'."""
+    texts = subject.tokenizer.batch_decode([[i] for i in range(subject.vocab_size)])
+    return [text.replace("\x00", "\u2400") for text in texts]
 
 
 def new_stats(cfg: PrecomputeConfig, sae: SAE, subject: Subject) -> StreamingStats:

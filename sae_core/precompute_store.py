@@ -105,7 +105,7 @@ def open_staging(engine: Engine, name: str, sae_values: dict) -> tuple[int, Chec
                 .returning(SaeRow.id)
             )
             return sae_id, None
-        state = conn.execute(sa.select(PrecomputeStateRow).where(PrecomputeStateRow.sae_id == row.id)).scalar()
+        state = conn.execute(sa.select(PrecomputeStateRow.__table__).where(PrecomputeStateRow.sae_id == row.id)).first()
     if state is None:
         return row.id, None
     return row.id, Checkpoint(state.batches_done, state.spill_bytes, load(state.state))

@@ -1,0 +1,387 @@
+"""Precompute on a tiny Llama: a planted feature, brute-force equality of every streamed statistic,
+resume after a kill on SQLite and PostgreSQL, skip when complete, atomic --force."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+
+from sae_core.activations import iter_activations
+from sae_core.corpus import build_contexts
+from sae_core.precompute import PrecomputeConfig, run_precompute
+from sae_core.precompute_stats import FINE_BINS, StreamingStats, pow2_ceil, sample_priority
+from sae_core.sae import SAE, SAEConfig
+from sae_core.store import (
+    ContextRow,
+    ExampleRow,
+    FeatureRow,
+    SaeRow,
+    TokenFeatureRow,
+    create_engine_for,
+    unpack_acts,
+)
+from tests.tiny import TRAIN_TEXT
+
+LAYER = 1
+CTX_LEN = 16
+D_SAE = 48
+PLANTED = 5  # index of the latent that fires on one token only
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(TRAIN_TEXT):
+        (folder / f"doc{i}.txt").write_text((text + "\n") * 4)
+    return str(folder)
+
+
+def contexts_for(llama, corpus):
+    return build_contexts(corpus, llama.tokenizer, ctx_len=CTX_LEN, seed=0)
+
+
+def residuals(llama, contexts):
+    """(n_contexts, seq, d_model) residual after block LAYER."""
+    return torch.cat([b.acts for b in iter_activations(llama, LAYER, contexts, progress=False)])
+
+
+def logistic_direction(xs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Weights of a class-balanced logistic regression of labels y (n,) on xs (n, d)."""
+    w = torch.zeros(xs.shape[1], dtype=xs.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=xs.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+    balance = (1 - y).sum() / y.sum()
+
+    def loss():
+        opt.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y, pos_weight=balance)
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return w.detach()
+
+
+def plant_direction(x: torch.Tensor, tokens: torch.Tensor, counted: torch.Tensor):
+    """A (token id, direction, threshold, margin) such that x @ direction > threshold exactly at the
+    counted positions of that token; the first separable token after the commonest ones."""
+    ids, freq = torch.unique(tokens[counted], return_counts=True)
+    xs, ts = x[counted].double(), tokens[counted]
+    for token in ids[freq.argsort(descending=True)][3:]:
+        y = (ts == token).double()
+        w = logistic_direction(xs, y)
+        s = xs @ w
+        lo, hi = s[y == 0].max(), s[y == 1].min()
+        if lo < hi:
+            return int(token), w.float(), float((lo + hi) / 2), float(hi - lo)
+    raise AssertionError("no token is linearly separable in the tiny model's residual")
+
+
+@pytest.fixture(scope="module")
+def planted(llama, corpus, tmp_path_factory):
+    """A TopK SAE (k=4) whose latent PLANTED fires exactly on one token id; the rest random and weak."""
+    cache = tmp_path_factory.mktemp("planted-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAESCOPE_CACHE", str(cache))
+        contexts = contexts_for(llama, corpus)
+        x = residuals(llama, contexts)
+    counted = ~contexts.special_mask
+    token, w, threshold, margin = plant_direction(x, contexts.tokens, counted)
+    gen = torch.Generator().manual_seed(1)
+    sae = SAE(SAEConfig(d_in=x.shape[-1], d_sae=D_SAE, architecture="topk", k=4, model_name="tiny", layer=LAYER))
+    sae.W_enc.data = torch.randn(x.shape[-1], D_SAE, generator=gen) * 0.05
+    sae.W_dec.data = torch.randn(D_SAE, x.shape[-1], generator=gen)
+    scale = 20.0 / margin  # planted pre-activation >= 10 on its token, <= -10 elsewhere
+    sae.W_enc.data[:, PLANTED] = w * scale
+    sae.b_enc.data[PLANTED] = -threshold * scale
+    folder = tmp_path_factory.mktemp("sae") / "planted"
+    sae.save(folder)
+    return folder, token
+
+
+def config(sae_path, db_url, corpus, **overrides) -> PrecomputeConfig:
+    base = {
+        "sae_path": str(sae_path),
+        "db_url": db_url,
+        "model": None,
+        "corpus": corpus,
+        "ctx_len": CTX_LEN,
+        "tokens": None,
+        "batch_size": 4,
+        "checkpoint_every": 3,
+        "top_k": 6,
+        "per_bin": 3,
+        "progress": False,
+    }
+    return PrecomputeConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+def run_on(llama_dir, corpus, planted):
+    def run(db_url, **overrides):
+        return run_precompute(config(planted[0], db_url, corpus, model=str(llama_dir), **overrides))
+
+    return run
+
+
+def dump(db_url: str) -> dict[str, list]:
+    """Every precomputed row, without ids and timestamps: what "the same store" means."""
+    engine = create_engine_for(db_url)
+    queries = {
+        "saes": "select name, status, layer, hook_name, architecture, d_sae, k, n_tokens, density_hist, corpus, precompute_cfg from saes order by name",
+        "features": "select idx, count, density, max_act, mean_act, act_hist, intervals, logit_top, logit_bottom, logit_hist, neighbours_cos, neighbours_coact from features order by idx",
+        "examples": "select feature_idx, kind, bin, rank, context_id, max_act, max_pos, acts from examples order by feature_idx, kind, bin, rank",
+        "contexts": "select id, token_ids from contexts order by id",
+        "token_features": "select token_id, rank, feature_idx, mean_act, count from token_features order by token_id, rank",
+        "state": "select count(*) from precompute_state",
+    }
+    with engine.connect() as conn:
+        out = {name: [tuple(r) for r in conn.exec_driver_sql(q)] for name, q in queries.items()}
+    engine.dispose()
+    return out
+
+
+def features_by_idx(db_url):
+    engine = create_engine_for(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(FeatureRow.__table__).order_by(FeatureRow.idx)).mappings().all()
+        examples = conn.execute(sa.select(ExampleRow.__table__)).mappings().all()
+        tokens = conn.execute(sa.select(TokenFeatureRow.__table__)).mappings().all()
+        contexts = {r.id: np.frombuffer(r.token_ids, "<i4") for r in conn.execute(sa.select(ContextRow.__table__))}
+        sae = conn.execute(sa.select(SaeRow.__table__)).mappings().one()
+    engine.dispose()
+    return rows, examples, tokens, contexts, sae
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_planted_feature_is_found_exactly(llama, corpus, planted, run_on, tmp_path):
+    folder, token = planted
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    result = run_on(db)
+    features, examples, token_rows, context_tokens, sae_row = features_by_idx(db)
+    contexts = contexts_for(llama, corpus)
+    counted = ~contexts.special_mask
+    on_token = (contexts.tokens == token) & counted  # (n_contexts, seq)
+
+    assert sae_row["status"] == "complete" and sae_row["n_tokens"] == int(counted.sum()) == result.n_tokens
+    feature = features[PLANTED]
+    assert feature["count"] == int(on_token.sum())
+    assert feature["density"] == pytest.approx(int(on_token.sum()) / int(counted.sum()))
+
+    top = sorted((e for e in examples if e["feature_idx"] == PLANTED and e["kind"] == "top"), key=lambda e: e["rank"])
+    with_token = set(torch.nonzero(on_token.any(1)).squeeze(1).tolist())
+    assert len(top) == min(6, len(with_token))
+    assert {e["context_id"] for e in top} <= with_token
+    for example in top:
+        acts = unpack_acts(example["acts"], example["max_act"], contexts.tokens.shape[1])
+        fired = np.flatnonzero(acts > 0)
+        assert set(fired) == set(torch.nonzero(on_token[example["context_id"]]).squeeze(1).tolist())
+        assert context_tokens[example["context_id"]].tolist() == contexts.tokens[example["context_id"]].tolist()
+        assert acts[example["max_pos"]] == pytest.approx(example["max_act"])
+    assert [e["max_act"] for e in top] == sorted((e["max_act"] for e in top), reverse=True)
+
+    best_for_token = min((r for r in token_rows if r["token_id"] == token), key=lambda r: r["rank"])
+    assert best_for_token["feature_idx"] == PLANTED and best_for_token["count"] == feature["count"]
+    assert {r["token_id"] for r in token_rows if r["feature_idx"] == PLANTED} == {token}
+
+
+def brute_force(llama, corpus, sae_path):
+    """Every statistic computed densely from scratch: (n_contexts, seq, F) activations."""
+    from sae_core.sae import load_sae
+
+    contexts = contexts_for(llama, corpus)
+    acts = load_sae(sae_path).encode(residuals(llama, contexts)).detach()
+    acts[contexts.special_mask] = 0
+    return contexts, acts
+
+
+@pytest.mark.parametrize("architecture", ["topk", "standard"])
+def test_streaming_statistics_equal_brute_force(llama, llama_dir, corpus, tmp_path, architecture):
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(d_in=llama.d_model, d_sae=D_SAE, architecture=architecture, k=6 if architecture == "topk" else None, layer=LAYER))
+    sae.W_enc.data.normal_(std=0.3)
+    sae.W_dec.data.normal_()
+    sae.b_enc.data.fill_(-0.3)
+    sae.save(tmp_path / "sae")
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    run_precompute(config(tmp_path / "sae", db, corpus, model=str(llama_dir), max_active=D_SAE, memory_budget_mb=1))
+    features, examples, token_rows, _, sae_row = features_by_idx(db)
+    contexts, acts = brute_force(llama, corpus, tmp_path / "sae")
+    flat = acts.reshape(-1, D_SAE)  # (tokens, F)
+    context_max = acts.amax(dim=1)  # (n_contexts, F)
+
+    for f in range(D_SAE):
+        row, values = features[f], flat[:, f][flat[:, f] > 0]
+        assert row["count"] == values.numel()
+        if not values.numel():
+            continue
+        assert row["max_act"] == pytest.approx(float(values.max()), rel=1e-6)
+        assert row["mean_act"] == pytest.approx(float(values.double().mean()), rel=1e-6)
+        scale = pow2_ceil(values.max().reshape(1))
+        fine = (torch.ceil(values / scale * FINE_BINS).long() - 1).clamp(0, FINE_BINS - 1)
+        hist = torch.bincount(fine, minlength=FINE_BINS).tolist()
+        assert row["act_hist"]["counts"] == hist[: len(row["act_hist"]["counts"])]
+        assert sum(row["act_hist"]["counts"]) == values.numel()
+
+        order = sorted(range(len(contexts)), key=lambda c: (-float(context_max[c, f]), c))
+        expected_top = [c for c in order if context_max[c, f] > 0][:6]
+        got_top = sorted((e for e in examples if e["feature_idx"] == f and e["kind"] == "top"), key=lambda e: e["rank"])
+        assert [e["context_id"] for e in got_top] == expected_top
+        assert [e["max_act"] for e in got_top] == pytest.approx([float(context_max[c, f]) for c in expected_top])
+
+        check_intervals(row, f, context_max[:, f], values, examples)
+
+    check_coactivation(features, flat)
+    check_token_index(token_rows, flat, contexts)
+
+
+def check_intervals(row, f, context_max, values, examples):
+    """Interval edges, shares and samples against their definition: bins of the fine grid, per
+    bin the contexts of highest sample_priority whose max falls in it."""
+    intervals = row["intervals"]
+    lo = torch.tensor([iv["lo"] for iv in intervals] + [intervals[-1]["hi"]])
+    assert lo[0] == 0 and lo[-1] >= row["max_act"] * (1 - 1e-5)
+    assert sum(iv["count"] for iv in intervals) == values.numel()
+    for b, iv in enumerate(intervals):
+        inside = (values > iv["lo"] * (1 + 1e-5)) & (values <= iv["hi"] * (1 + 1e-5))
+        assert iv["count"] == int(inside.sum())
+        candidates = torch.nonzero((context_max > iv["lo"] * (1 + 1e-5)) & (context_max <= iv["hi"] * (1 + 1e-5))).squeeze(1)
+        priority = sample_priority(0, candidates, torch.full_like(candidates, f))
+        expected = candidates[priority.argsort(descending=True)][:3].tolist()
+        got = sorted((e for e in examples if e["feature_idx"] == f and e["kind"] == "interval" and e["bin"] == b), key=lambda e: e["rank"])
+        assert [e["context_id"] for e in got] == expected
+
+
+def check_coactivation(features, flat):
+    active = (flat > 0).double()  # (tokens, F)
+    both = active.T @ active
+    occurrences = active.sum(0)
+    jaccard = both / (occurrences[:, None] + occurrences[None, :] - both).clamp(min=1)
+    jaccard.fill_diagonal_(0)
+    for f, row in enumerate(features):
+        got = row["neighbours_coact"]
+        expected = sorted(jaccard[f][jaccard[f] > 0].tolist(), reverse=True)[:10]
+        assert [s for _, s in got] == pytest.approx(expected, rel=1e-4)
+        for other, score in got:
+            assert float(jaccard[f, other]) == pytest.approx(score, rel=1e-4)
+
+
+def check_token_index(token_rows, flat, contexts):
+    counted = ~contexts.special_mask.reshape(-1)
+    token_ids = contexts.tokens.reshape(-1)[counted]
+    values = flat[counted]
+    for token in torch.unique(token_ids).tolist():
+        mean = values[token_ids == token].double().mean(0)  # (F,)
+        expected = sorted(mean[mean > 0].tolist(), reverse=True)[:20]
+        got = sorted((r for r in token_rows if r["token_id"] == token), key=lambda r: r["rank"])
+        assert [r["mean_act"] for r in got] == pytest.approx(expected, rel=1e-6)
+
+
+def test_weight_statistics_equal_brute_force(llama, planted, run_on, tmp_path):
+    from sae_core.sae import load_sae
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    run_on(db)
+    features = features_by_idx(db)[0]
+    sae = load_sae(planted[0])
+    logits = (sae.W_dec * llama.final_norm_scale()) @ llama.unembed.T  # (F, vocab)
+    unit = torch.nn.functional.normalize(sae.W_dec, dim=1)
+    cos = (unit @ unit.T).fill_diagonal_(-2)
+    for f, row in enumerate(features):
+        assert [i for i, _ in row["logit_top"]] == logits[f].topk(10).indices.tolist()
+        assert [i for i, _ in row["logit_bottom"]] == logits[f].topk(10, largest=False).indices.tolist()
+        assert sum(row["logit_hist"]["counts"]) == logits.shape[1]
+        assert [i for i, _ in row["neighbours_cos"]] == cos[f].topk(10).indices.tolist()
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after_batches(monkeypatch, n: int) -> None:
+    """Make the n+1-th batch of the first pass die, as a SIGKILL would, after n batches."""
+    calls = {"n": 0}
+    original = StreamingStats.update
+
+    def update(self, batch):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Killed
+        original(self, batch)
+
+    monkeypatch.setattr(StreamingStats, "update", update)
+
+
+def kill_during_write(monkeypatch) -> None:
+    import sae_core.precompute_store as precompute_store
+
+    original = precompute_store.insert_rows
+
+    def insert_rows(conn, table, rows):
+        if table.__tablename__ == "examples":
+            raise Killed
+        original(conn, table, rows)
+
+    monkeypatch.setattr(precompute_store, "insert_rows", insert_rows)
+
+
+def resume_equals_uninterrupted(run_on, url_a, url_b, monkeypatch):
+    run_on(url_a)
+    with monkeypatch.context() as mp:
+        kill_after_batches(mp, 7)  # past the checkpoint at 6 batches
+        with pytest.raises(Killed):
+            run_on(url_b)
+    assert dump(url_b)["saes"][0][1] == "running"
+    with monkeypatch.context() as mp:
+        kill_during_write(mp)
+        with pytest.raises(Killed):
+            run_on(url_b)
+    assert dump(url_b)["features"] == []
+    result = run_on(url_b)
+    assert result.resumed_from_batch > 0
+    assert dump(url_b) == dump(url_a)
+
+
+def test_resume_after_kill_equals_uninterrupted_sqlite(run_on, tmp_path, monkeypatch):
+    resume_equals_uninterrupted(run_on, f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}", monkeypatch)
+
+
+@pytest.fixture
+def pg_schemas(pg_url):
+    """Two fresh schemas on the real PostgreSQL, dropped afterwards; yields their URLs."""
+    names = [f"pc_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        for name in names:
+            conn.exec_driver_sql(f"create schema {name}")
+    yield [f"{pg_url}?options=-csearch_path%3D{name}" for name in names]
+    with admin.begin() as conn:
+        for name in names:
+            conn.exec_driver_sql(f"drop schema {name} cascade")
+    admin.dispose()
+
+
+@pytest.mark.postgres
+def test_resume_after_kill_equals_uninterrupted_postgres(run_on, pg_schemas, monkeypatch):
+    resume_equals_uninterrupted(run_on, *pg_schemas, monkeypatch)
+
+
+def test_complete_sae_is_skipped_and_force_replaces_it(run_on, tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    first = run_on(db)
+    before = dump(db)
+    assert run_on(db).skipped
+    assert "already complete" in capsys.readouterr().err
+    replaced = run_on(db, force=True, top_k=2)
+    after = dump(db)
+    assert not replaced.skipped and after != before
+    assert [row[0] for row in after["saes"]] == [first.name]
+    assert max(row[3] for row in after["examples"] if row[1] == "top") == 1
+    run_on(db, name="second")  # another SAE side by side
+    assert [row[0] for row in dump(db)["saes"]] == sorted([first.name, "second"])
