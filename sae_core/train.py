@@ -205,41 +205,36 @@ class SparseCodes(NamedTuple):
 
 
 class _PreActsAt(torch.autograd.Function):
-    """Encoder pre-activations x_c @ W_enc + b_enc at chosen (row, latent) pairs.
+    """Encoder pre-activations (x - b_dec) @ W_enc + b_enc at chosen (row, latent) pairs.
 
     ``z`` is that dense product, computed once without autograd for the selection; the backward
-    uses only the chosen pairs: a sparse (width × batch) @ (batch × d) matmul for W_enc.
+    uses only the chosen pairs: a sparse (width × batch) @ (batch × d) matmul for W_enc, and
+    for b_dec the identity Σ_rows ∂/∂b_dec = -W_enc @ (∂/∂b_enc). The data x gets no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, rows, latents, z):
-        ctx.save_for_backward(x_c, W_enc, rows, latents)
+    def forward(ctx, x, b_dec, W_enc, b_enc, rows, latents, z):
+        ctx.save_for_backward(x, b_dec, W_enc, rows, latents)
         return z[rows, latents]
 
     @staticmethod
     def backward(ctx, grad):  # grad: (n,)
-        x_c, W_enc, rows, latents = ctx.saved_tensors
-        batch, width = x_c.shape[0], W_enc.shape[1]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            pairs = _sparse(rows, latents, grad, (batch, width))
-            grad_x = torch.sparse.mm(pairs, W_enc.t())  # (batch, d)
-        if ctx.needs_input_grad[1]:
-            pairs_t = _sparse(latents, rows, grad, (width, batch))
-            grad_w = torch.sparse.mm(pairs_t, x_c).t()  # (d, width)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, latents, grad)
-        return grad_x, grad_w, grad_b, None, None, None
+        x, b_dec, W_enc, rows, latents = ctx.saved_tensors
+        batch, width = x.shape[0], W_enc.shape[1]
+        grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, latents, grad)
+        pairs_t = _sparse(latents, rows, grad, (width, batch))
+        grad_w = torch.sparse.mm(pairs_t, x - b_dec).t()  # (d, width)
+        return None, -(W_enc @ grad_b_enc), grad_w, grad_b_enc, None, None, None
 
 
 def _sparse(row, col, values, size) -> torch.Tensor:
     return torch.sparse_coo_tensor(torch.stack([row, col]), values, size, check_invariants=False)
 
 
-def codes_at(sae: SAE, x_c: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor) -> SparseCodes:
+def codes_at(sae: SAE, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor) -> SparseCodes:
     """ReLU'd, differentiable activations at the selected pairs (rows sorted ascending)."""
-    values = torch.relu(_PreActsAt.apply(x_c, sae.W_enc, sae.b_enc, rows, latents, z))
-    counts = torch.bincount(rows, minlength=x_c.shape[0])
+    values = torch.relu(_PreActsAt.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, rows, latents, z))
+    counts = torch.bincount(rows, minlength=x.shape[0])
     offsets = torch.cumsum(counts, 0) - counts
     return SparseCodes(rows, latents, values, offsets)
 
@@ -313,14 +308,13 @@ class Forward(NamedTuple):
 def forward_sparse(state: TrainState, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor) -> Forward:
     """TopK or BatchTopK reconstruction + AuxK loss, both normalised by the batch variance."""
     sae = state.sae
-    x_c = x - sae.b_dec  # (batch, d)
     with torch.no_grad():
-        z = x_c @ sae.W_enc + sae.b_enc  # (batch, width): the one dense matmul
+        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width): the one dense matmul
     if cfg.architecture == "topk":
         rows, latents = select_topk(z, cfg.k)
     else:
         rows, latents = select_batch_topk(z, cfg.k)
-    codes = codes_at(sae, x_c, z, rows, latents)
+    codes = codes_at(sae, x, z, rows, latents)
     x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
     total_variance = (x - x.mean(dim=0)).pow(2).sum()
     loss = (x_hat - x).pow(2).sum() / total_variance
@@ -329,7 +323,7 @@ def forward_sparse(state: TrainState, x: torch.Tensor, cfg: TrainConfig, dead: t
         k_aux = cfg.resolved_aux_k(x.shape[1])
         aux_rows, aux_latents = select_dead(z, dead, k_aux)
         residual = (x - x_hat).detach()
-        aux_hat = decode_sparse(sae.W_dec, codes_at(sae, x_c, z, aux_rows, aux_latents))
+        aux_hat = decode_sparse(sae.W_dec, codes_at(sae, x, z, aux_rows, aux_latents))
         aux_loss = (aux_hat - residual).pow(2).sum() / total_variance
         loss = loss + cfg.aux_coeff * min(n_dead / k_aux, 1.0) * aux_loss
     if cfg.architecture == "batchtopk":

@@ -71,11 +71,10 @@ def test_sparse_topk_gradients_equal_dense_autograd(data):
     cfg = small_config("topk")
     state = init_state(cfg, TensorSource(data[0][:512]))
     sae = state.sae
-    x_c = x - sae.b_dec
     with torch.no_grad():
-        z = x_c @ sae.W_enc + sae.b_enc
+        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     rows, latents = select_topk(z, cfg.k)
-    x_hat = decode_sparse(sae.W_dec, codes_at(sae, x_c, z, rows, latents)) + sae.b_dec
+    x_hat = decode_sparse(sae.W_dec, codes_at(sae, x, z, rows, latents)) + sae.b_dec
     (x_hat - x).pow(2).sum().backward()
     sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
 
