@@ -62,3 +62,12 @@ class Settings(BaseSettings):
         description="Interface to listen on; loopback by default, so nothing is exposed by accident.",
     )
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+
+    def to_environment(self) -> dict[str, str]:
+        """The ``SAESCOPE_*`` variables that rebuild these settings in another process."""
+        prefix = self.model_config["env_prefix"]
+        return {
+            f"{prefix}{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }

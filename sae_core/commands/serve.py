@@ -1,11 +1,82 @@
-"""`saescope serve` (being built; see its issue)."""
+"""`saescope serve`: the feature browser and REST API over a store (uvicorn).
 
-HELP = "serve (not built yet)"
+Flags override the ``SAESCOPE_*`` environment; the merged settings are exported back to it, so
+with ``--workers N`` every worker process builds the same app through the
+``app.main:create_app`` factory. The web stack is imported only here, inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "serve the feature browser and the REST API over a store"
 
 
-def add_arguments(parser):
-    pass
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
-def run(args):
-    raise NotImplementedError("saescope serve is not built yet")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db", default=None, help="store URL (default: $SAESCOPE_DB_URL or sqlite:///saescope.db)"
+    )
+    parser.add_argument("--host", default=None, help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default: 8000)")
+    parser.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=1,
+        help="server processes; several pay off over PostgreSQL (each opens its own connection pool)",
+    )
+    parser.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the subject model for live prompts (default: on when the SAE's model can be loaded)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="subject model to load for live prompts instead of the store's",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=None, help="longest live prompt (default: 256)"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import open_store
+    from app.settings import Settings
+
+    flags = {
+        "db_url": args.db,
+        "host": args.host,
+        "port": args.port,
+        "live": args.live,
+        "model": args.model,
+        "max_prompt_tokens": args.max_prompt_tokens,
+    }
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+    open_store(settings).dispose()  # a wrong --db fails here in one line, not in every worker
+    os.environ.update(settings.to_environment())
+    print(
+        f"saescope: serving {settings.db_url} on http://{settings.host}:{settings.port}", flush=True
+    )
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
+    return 0

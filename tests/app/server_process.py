@@ -1,0 +1,69 @@
+"""``saescope serve`` in a subprocess on a free loopback port, for browser tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(db_url: str, *flags: str, timeout: float = 60.0) -> Iterator[str]:
+    """Run ``saescope serve --db db_url --no-live *flags``; yield its base URL once it answers."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "sae_core",
+        "serve",
+        "--db",
+        db_url,
+        "--port",
+        str(port),
+        "--no-live",
+        "--log-level",
+        "warning",
+        *flags,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_answering(process, base, timeout)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_answering(process: subprocess.Popen, base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"saescope serve exited {process.returncode}: {process.stdout.read().decode()}"
+            )
+        try:
+            if httpx.get(f"{base}/api/v1/saes", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"saescope serve did not answer within {timeout:.0f} s")
