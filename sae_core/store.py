@@ -300,7 +300,8 @@ def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def _alembic_config(connection) -> AlembicConfig:
+def alembic_config(connection) -> AlembicConfig:
+    """Alembic configuration that runs the migrations on ``connection`` (no alembic.ini needed)."""
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -330,4 +331,4 @@ def migrate(engine: Engine) -> None:
     if current == head:
         return
     with engine.begin() as conn:
-        alembic_command.upgrade(_alembic_config(conn), "head")
+        alembic_command.upgrade(alembic_config(conn), "head")

@@ -1,0 +1,146 @@
+"""The store: Alembic migrations on SQLite and PostgreSQL, older stores upgraded, newer refused,
+the label full-text index kept in sync, packed arrays round-trip."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+from sae_core.store import (
+    StoreError,
+    alembic_config,
+    create_engine_for,
+    migrate,
+    pack_acts,
+    pack_tokens,
+    schema_revision,
+    unpack_acts,
+    unpack_tokens,
+)
+
+HEAD = "0002"
+
+
+def seed_rows(conn) -> None:
+    conn.exec_driver_sql(
+        "insert into subject_models (id, name, source, architecture, d_model, n_layers, vocab_size, created_at) "
+        "values (1, 'm', 's', 'llama', 8, 2, 10, CURRENT_TIMESTAMP)"
+    )
+    conn.exec_driver_sql(
+        "insert into saes (id, name, model_id, layer, hook_name, architecture, d_in, d_sae, path, train_cfg, metrics, "
+        "corpus, precompute_cfg, n_tokens, density_hist, status, created_at) values (1, 'sae', 1, 0, 'h', 'topk', 8, 4, "
+        "'p', '{}', '{}', '{}', '{}', 0, '{}', 'complete', CURRENT_TIMESTAMP)"
+    )
+    conn.exec_driver_sql(
+        "insert into features (sae_id, idx, count, density, max_act, mean_act, act_hist, intervals, logit_top, "
+        "logit_bottom, logit_hist, neighbours_cos, neighbours_coact, label) values "
+        "(1, 0, 1, 0.1, 1.0, 1.0, '{}', '[]', '[]', '[]', '{}', '[]', '[]', 'French city names')"
+    )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def pg_schema_url(pg_url):
+    name = f"st_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"create schema {name}")
+    yield f"{pg_url}?options=-csearch_path%3D{name}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"drop schema {name} cascade")
+    admin.dispose()
+
+
+def upgrade_to(engine, revision: str) -> None:
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), revision)
+
+
+def check_migrations(url: str) -> None:
+    engine = create_engine_for(url)
+    upgrade_to(engine, "0001")
+    with engine.begin() as conn:
+        seed_rows(conn)
+    assert not sa.inspect(engine).has_table("precompute_state")
+    migrate(engine)  # the older store is upgraded in place, its rows kept
+    assert schema_revision(engine) == HEAD
+    assert sa.inspect(engine).has_table("precompute_state")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
+    migrate(engine)  # at head: nothing to do
+    with engine.begin() as conn:
+        conn.exec_driver_sql("update alembic_version set version_num = '9999'")
+    with pytest.raises(StoreError, match="'9999'.*upgrade saescope"):
+        migrate(engine)
+    engine.dispose()
+
+
+def test_migrations_sqlite(sqlite_url):
+    check_migrations(sqlite_url)
+
+
+@pytest.mark.postgres
+def test_migrations_postgres(pg_schema_url):
+    check_migrations(pg_schema_url)
+
+
+def test_fresh_store_has_every_table_of_the_models(sqlite_url):
+    from sae_core.store import Base
+
+    engine = create_engine_for(sqlite_url)
+    migrate(engine)
+    assert set(Base.metadata.tables) <= set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_store_without_revision_is_refused(sqlite_url):
+    engine = create_engine_for(sqlite_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("create table saes (id integer primary key)")
+    with pytest.raises(StoreError, match="no schema revision"):
+        migrate(engine)
+    engine.dispose()
+
+
+def test_sqlite_label_search_follows_inserts_updates_and_deletes(sqlite_url):
+    engine = create_engine_for(sqlite_url)
+    migrate(engine)
+    search = "select f.idx from features_fts join features f on f.rowid = features_fts.rowid where features_fts match :q"
+    with engine.begin() as conn:
+        seed_rows(conn)
+        assert conn.execute(sa.text(search), {"q": "french"}).scalars().all() == [0]
+        conn.exec_driver_sql("update features set label = 'German rivers' where idx = 0")
+        assert conn.execute(sa.text(search), {"q": "french"}).scalars().all() == []
+        assert conn.execute(sa.text(search), {"q": "rivers"}).scalars().all() == [0]
+        conn.exec_driver_sql("delete from features")
+        assert conn.execute(sa.text(search), {"q": "rivers"}).scalars().all() == []
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_label_index_exists(pg_schema_url):
+    engine = create_engine_for(pg_schema_url)
+    migrate(engine)
+    assert "ix_features_label_tsv" in {ix["name"] for ix in sa.inspect(engine).get_indexes("features")}
+    engine.dispose()
+
+
+def test_packed_arrays_round_trip():
+    tokens = np.array([1, 50000, 7], dtype=np.int64)
+    assert unpack_tokens(pack_tokens(tokens)).tolist() == tokens.tolist()
+    values = np.array([0.0, 0.5, 0.0, 2.0, 1.0], dtype=np.float32)
+    blob, max_act, max_pos = pack_acts(values)
+    assert (max_act, max_pos) == (2.0, 3)
+    assert len(blob) == 2 + 3 * 3  # header + three nonzero positions and levels
+    back = unpack_acts(blob, max_act, len(values))
+    assert back[3] == 2.0 and back[0] == back[2] == 0.0
+    assert np.allclose(back, values, atol=max_act / 255 / 2)
+
