@@ -194,3 +194,10 @@ def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, c
     assert main(["evaluate", str(out), "--corpus", str(corpus), "--ctx-len", "32", "--tokens", "256"]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["explained_variance"] == pytest.approx(metrics["explained_variance"], abs=1e-6)
+
+
+def test_unknown_architecture_is_one_line_error(tmp_path, capsys):
+    from sae_core.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "x"), "--arch", "gated"]) == 2
+    assert "unknown architecture 'gated'" in capsys.readouterr().err

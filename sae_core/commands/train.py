@@ -1,4 +1,8 @@
-"""`saescope train`: cache activations, train an SAE, evaluate it, save it with metrics.json."""
+"""`saescope train`: cache activations, train an SAE, evaluate it, save it with metrics.json.
+
+Options left out take ``sae_core.train.TrainConfig``'s defaults (one place, each explained
+there); torch is imported only when the command runs, so other commands start fast.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,35 @@ from sae_core.cli import add_corpus_args, add_model_args
 
 HELP = "train a sparse autoencoder on one layer's residual stream (resumable)"
 
+# option -> TrainConfig field, for options that fall back to TrainConfig's default
+CONFIG_OPTIONS = {
+    "arch": "architecture",
+    "width": "width",
+    "k": "k",
+    "l1": "l1_coeff",
+    "tokens": "tokens",
+    "cache_tokens": "cache_tokens",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "eval_contexts": "eval_contexts",
+    "checkpoint_every": "checkpoint_every",
+}
+
 
 def add_arguments(parser):
-    from sae_core.train import ARCHITECTURES, TrainConfig
-
-    defaults = TrainConfig()
-    add_model_args(parser, default_layer=defaults.layer)
+    add_model_args(parser)
     add_corpus_args(parser)
     parser.add_argument("--out", required=True, help="folder for the SAE (SAELens layout), metrics.json and checkpoints")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default=defaults.architecture, help="training recipe (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=None, help="number of latents (default: power of two nearest 16 x d_model)")
-    parser.add_argument("--k", type=int, default=defaults.k, help="active latents per token for topk/batchtopk (default: %(default)s)")
-    parser.add_argument("--l1", type=float, default=defaults.l1_coeff, help="sparsity coefficient for relu (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=defaults.tokens, help="training tokens (default: %(default)s)")
-    parser.add_argument(
-        "--cache-tokens",
-        type=int,
-        default=None,
-        help="activations to cache and cycle through (default: --tokens, one epoch)",
-    )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="tokens per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's, scaled by width)")
-    parser.add_argument(
-        "--eval-contexts", type=int, default=defaults.eval_contexts, help="held-out contexts for the metrics (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints (default: %(default)s)"
-    )
+    parser.add_argument("--arch", help="topk (default; TopK + AuxK), batchtopk (saved as JumpReLU) or relu (Anthropic)")
+    parser.add_argument("--width", type=int, help="number of latents (default: the power of two nearest 16 x d_model)")
+    parser.add_argument("--k", type=int, help="active latents per token for topk/batchtopk (default: 32)")
+    parser.add_argument("--l1", type=float, help="sparsity coefficient of the relu recipe (default: 5)")
+    parser.add_argument("--tokens", type=int, help="training tokens (default: 2,000,000)")
+    parser.add_argument("--cache-tokens", type=int, help="activations to cache and cycle through (default: --tokens, one epoch)")
+    parser.add_argument("--batch-size", type=int, help="tokens per step (default: 4096)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: 2e-4/sqrt(width/16384) for TopK, 5e-5 for relu)")
+    parser.add_argument("--eval-contexts", type=int, help="held-out contexts for the metrics (default: 256)")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 50)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
 
@@ -42,24 +48,16 @@ def config_from_args(args):
     from sae_core.subject import DEFAULT_MODEL
     from sae_core.train import TrainConfig
 
+    given = {field: getattr(args, option) for option, field in CONFIG_OPTIONS.items() if getattr(args, option) is not None}
     return TrainConfig(
         model=args.model or DEFAULT_MODEL,
         layer=args.layer,
         corpus=args.corpus,
         text_field=args.text_field,
         ctx_len=args.ctx_len,
-        architecture=args.arch,
-        width=args.width,
-        k=args.k,
-        l1_coeff=args.l1,
-        tokens=args.tokens,
-        cache_tokens=args.cache_tokens,
-        batch_size=args.batch_size,
-        lr=args.lr,
         seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        eval_contexts=args.eval_contexts,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        **given,
     )
 
 
