@@ -71,6 +71,37 @@ class LabelRule:
         return " ".join(parts) if parts else "any token"
 
 
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_QUOTED_LIST = rf"{_QUOTED}(?:\s*/\s*{_QUOTED})*"
+_LABEL_GRAMMAR = re.compile(
+    rf"(?P<tokens>{_QUOTED_LIST})?\s*(?:after\s+(?P<previous>{_QUOTED_LIST}))?\s*"
+    rf"(?:\((?P<context>[^)]+)\)|any token (?P<only_context>.+))?"
+)
+_CONTEXT_BY_PHRASE = {phrase: name for name, phrase in CONTEXTS.items()}
+_UNESCAPE = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
+def _unquote_list(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    return tuple(
+        re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), q[1:-1]) for q in re.findall(_QUOTED, text)
+    )
+
+
+def parse_label(text: str) -> LabelRule | None:
+    """The rule a label written in the rule language states (``describe``'s output, all tokens
+    listed), e.g. ``" Paris" / " Lyon" (in English prose)``; None for free text."""
+    match = _LABEL_GRAMMAR.fullmatch(text.strip())
+    if not match or not any(match.groupdict().values()):
+        return None
+    phrase = match.group("context") or match.group("only_context")
+    if phrase is not None and phrase.strip() not in _CONTEXT_BY_PHRASE:
+        return None
+    context = _CONTEXT_BY_PHRASE[phrase.strip()] if phrase else None
+    return LabelRule(_unquote_list(match.group("tokens")), _unquote_list(match.group("previous")), context)
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace('"', '\\"') + '"'
 

@@ -36,7 +36,7 @@ from sae_core.label_evidence import (
     load_examples,
 )
 from sae_core.label_induction import fit_rule
-from sae_core.label_rules import LabelRule
+from sae_core.label_rules import LabelRule, parse_label
 from sae_core.label_scoring import LabelScore, score_rule
 from sae_core.store import FeatureRow, LabelRow, SaeRow, utcnow
 
@@ -114,7 +114,9 @@ def record_label(session: Session, feature: FeatureRow, label: LabelRow) -> None
 
 
 def set_human_label(session: Session, *, sae: SaeRow, idx: int, label: str, author: str) -> LabelRow:
-    """A researcher's label: current from now on, kept in the history with who and when."""
+    """A researcher's label: current from now on, kept in the history with who and when. A label
+    written in the rule language (e.g. ``" Paris" / " Lyon"``) is scored on the held-out contexts
+    of the feature's automatic label; free text is not scored."""
     label, author = label.strip(), author.strip()
     if not label or len(label) > MAX_LABEL_CHARS:
         raise LabelError(f"a label must have 1 to {MAX_LABEL_CHARS} characters")
@@ -124,8 +126,23 @@ def set_human_label(session: Session, *, sae: SaeRow, idx: int, label: str, auth
     row = LabelRow(
         sae_id=sae.id, feature_idx=idx, label=label, source=f"human:{author}", author=author, created_at=utcnow()
     )
+    rule, auto = parse_label(label), _latest_auto_label(session, sae, idx)
+    if rule is not None and auto is not None:
+        held = HeldOut.from_json(auto.rule["heldout"])
+        score = score_on_heldout(session, sae, idx, rule, held)
+        row.precision, row.recall, row.f1 = score.precision, score.recall, score.f1
+        row.rule = _rule_json(rule, held, score, method="human")
     record_label(session, feature, row)
     return row
+
+
+def _latest_auto_label(session: Session, sae: SaeRow, idx: int) -> LabelRow | None:
+    return session.scalar(
+        sa.select(LabelRow)
+        .where(LabelRow.sae_id == sae.id, LabelRow.feature_idx == idx, LabelRow.source == AUTO_SOURCE)
+        .order_by(LabelRow.id.desc())
+        .limit(1)
+    )
 
 
 def label_history(session: Session, *, sae: SaeRow, idx: int) -> list[LabelRow]:
@@ -140,6 +157,16 @@ def label_history(session: Session, *, sae: SaeRow, idx: int) -> list[LabelRow]:
     )
 
 
+def _rule_json(rule: LabelRule, held: HeldOut, score: LabelScore, *, method: str = METHOD) -> dict:
+    return {
+        "method": method,
+        "rule": rule.to_json(),
+        "heldout": held.to_json(),
+        "n_firing": score.n_firing,
+        "n_predicted": score.n_predicted,
+    }
+
+
 def _machine_label(sae: SaeRow, idx: int, text: str, source: str, rule: LabelRule, score: LabelScore, evidence: FeatureEvidence) -> LabelRow:
     return LabelRow(
         sae_id=sae.id,
@@ -151,27 +178,25 @@ def _machine_label(sae: SaeRow, idx: int, text: str, source: str, rule: LabelRul
         precision=score.precision,
         recall=score.recall,
         f1=score.f1,
-        rule={
-            "method": METHOD,
-            "rule": rule.to_json(),
-            "heldout": evidence.heldout_contexts.to_json(),
-            "n_firing": score.n_firing,
-            "n_predicted": score.n_predicted,
-        },
+        rule=_rule_json(rule, evidence.heldout_contexts, score),
     )
 
 
-def score_stored_label(session: Session, sae: SaeRow, label: LabelRow) -> LabelScore:
-    """Recompute a machine label's score from its stored rule and held-out contexts."""
-    if not label.rule:
-        raise LabelError(f"label {label.id} has no rule to score (human labels are not scored)")
-    held = HeldOut.from_json(label.rule["heldout"])
+def score_on_heldout(session: Session, sae: SaeRow, idx: int, rule: LabelRule, held: HeldOut) -> LabelScore:
+    """Score ``rule`` for feature ``idx`` on the given held-out contexts (read from the store)."""
     vocab = Vocab.load(session, sae)
     library = ContextLibrary.load(session, sae, vocab, held.positives + held.negatives)
     seq_len = {cid: len(tokens) for cid, tokens in library.token_ids.items()}
-    idx = label.feature_idx
     positives = load_examples(session, sae.id, idx, idx + 1, seq_len, contexts=held.positives).get(idx, [])
-    return score_rule(LabelRule.from_json(label.rule["rule"]), heldout_tokens(library, positives, held), vocab)
+    return score_rule(rule, heldout_tokens(library, positives, held), vocab)
+
+
+def score_stored_label(session: Session, sae: SaeRow, label: LabelRow) -> LabelScore:
+    """Recompute a scored label's score from its stored rule and held-out contexts."""
+    if not label.rule:
+        raise LabelError(f"label {label.id} has no rule to score (free-text human labels are not scored)")
+    rule, held = LabelRule.from_json(label.rule["rule"]), HeldOut.from_json(label.rule["heldout"])
+    return score_on_heldout(session, sae, label.feature_idx, rule, held)
 
 
 # ---------------------------------------------------------------------------------------------

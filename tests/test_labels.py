@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from sae_core.cli import main
 from sae_core.explainer import ExplainerConfig, ExplainerError, parse_explanation
 from sae_core.label_evidence import Example, split_examples
-from sae_core.label_rules import CONTEXT_NAMES, LabelRule, context_masks
+from sae_core.label_rules import CONTEXT_NAMES, LabelRule, context_masks, parse_label
 from sae_core.label_search import search_labels
 from sae_core.labels import (
     LabelError,
@@ -98,6 +98,19 @@ def test_rule_describes_itself_and_round_trips():
         LabelRule(context="poetry")
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [LabelRule((" Paris", " Lyon"), (), "prose"), LabelRule((), ("def",)), LabelRule(context="comment"), LabelRule(("\n", '"x\\'), ("a",), "string")],
+)
+def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
+    assert parse_label(rule.describe(max_shown=100)) == rule
+
+
+@pytest.mark.parametrize("text", ["the French capital", '" Paris" (in the sky)', '"x" and more', "any token"])
+def test_free_text_is_not_a_rule(text):
+    assert parse_label(text) is None
+
+
 def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
     acts = np.ones(4, np.float32)
     examples = [Example("top", 0, r, c, acts) for r, c in enumerate([1, 2, 3])] + [
@@ -172,6 +185,21 @@ def test_human_label_stays_current_and_history_keeps_all(fresh):
     with Session(engine) as session:
         history = label_history(session, sae=get_sae(session, store.sae_name), idx=BOLD)
     assert [(h.source, h.label) for h in history] == [("auto", '"<b>"'), ("human:ada", "bold tag")]
+
+
+def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(fresh):
+    store, engine = fresh
+    label_sae(engine, store.sae_name, NO_EMBED)
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        auto = session.get(FeatureRow, (sae.id, PARIS)).label_f1
+        broader = set_human_label(session, sae=sae, idx=PARIS, label='" Paris" / " city"', author="ada")
+        free = set_human_label(session, sae=sae, idx=BOLD, label="bold tags", author="ada")
+        session.commit()
+        assert broader.rule["heldout"] == label_history(session, sae=sae, idx=PARIS)[1].rule["heldout"]
+        assert score_stored_label(session, sae, broader).f1 == pytest.approx(broader.f1)
+        assert broader.recall == 1.0 and broader.f1 < auto  # " city" adds false positives
+        assert free.f1 is None and free.rule is None
 
 
 def test_human_label_is_validated(fresh):

@@ -49,7 +49,7 @@ class LabelRecordPublic(BaseModel):
     source: str = Field(description="auto | llm:<model> | human:<who>")
     author: str
     created_at: datetime
-    precision: float | None = Field(description="Held-out precision of the label's rule; none for human labels.")
+    precision: float | None = Field(description="Held-out precision of the label's rule; none for free text.")
     recall: float | None
     f1: float | None
     rule: dict | None = Field(description="The machine-applicable rule and the held-out contexts it was scored on.")
