@@ -221,4 +221,5 @@ def direct_logit_attribution(
     if centre:
         w_dec = w_dec - w_dec.mean(dim=-1, keepdim=True)
     readout = subject.final_norm_scale().double() * direction.double()  # (d_model,)
-    return (acts.double() * (w_dec @ readout) / sigma).float()
+    dla = acts.double() * (w_dec @ readout) / sigma
+    return dla.masked_fill(acts == 0, 0.0).float()  # a clean 0, not -0, where a feature is off

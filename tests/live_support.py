@@ -1,10 +1,19 @@
-"""A random SAE sized for the tiny models, for the live-prompt tests (no training needed)."""
+"""A random SAE sized for the tiny models, and a store that serves it, for the live-prompt tests
+(no training, no precompute)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import sqlalchemy as sa
 import torch
 
 from sae_core.sae import SAE, SAEConfig
+from sae_core.store import SaeRow, create_engine_for
+from tests.app.synthetic_store import StoreSpec, build_synthetic_store
+
+# The synthetic store's SAE (layer 2 of a d_model 32 model) at a size that builds in a blink.
+LIVE_STORE = StoreSpec(n_features=48, n_contexts=12, n_top=3, n_bins=2, per_bin=1)
 
 
 def random_sae(
@@ -23,3 +32,17 @@ def random_sae(
         "b_dec": 0.01 * torch.randn(d_in, generator=generator),
     }
     return SAE.from_tensors(cfg, tensors, origin="random_sae").eval()
+
+
+def build_live_store(folder: Path) -> str:
+    """A synthetic store in ``folder`` whose SAE row points at a saved random TopK SAE for the
+    tiny Llama (serve it with ``Settings(model=<tiny llama folder>)``); returns its URL."""
+    spec = LIVE_STORE
+    random_sae(32, d_sae=spec.n_features, architecture="topk", k=8, layer=2).save(folder / "sae")
+    url = f"sqlite:///{folder / 'store.db'}"
+    engine = create_engine_for(url)
+    build_synthetic_store(engine, spec)
+    with engine.begin() as conn:
+        conn.execute(sa.update(SaeRow).values(path=str(folder / "sae")))
+    engine.dispose()
+    return url

@@ -17,29 +17,16 @@ from sae_core.attribution import Target, attribution
 from sae_core.sae import load_sae
 from sae_core.store import FeatureRow, SaeRow, create_engine_for
 from sae_core.subject import load_subject
-from tests.app.synthetic_store import StoreSpec, build_synthetic_store
-from tests.live_support import random_sae
+from tests.live_support import LIVE_STORE, build_live_store
 
-SPEC = StoreSpec(n_features=48, n_contexts=12, n_top=3, n_bins=2, per_bin=1)
-SAE = SPEC.sae_name
+SAE = LIVE_STORE.sae_name
 LAYER = 2  # the synthetic store's layer
 TEXT = "Paris is the capital of France."
 
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory) -> str:
-    """The synthetic store with its SAE row pointing at a saved random SAE for the tiny Llama."""
-    folder = tmp_path_factory.mktemp("live-store")
-    random_sae(32, d_sae=SPEC.n_features, architecture="topk", k=8, layer=LAYER).save(
-        folder / "sae"
-    )
-    url = f"sqlite:///{folder / 'store.db'}"
-    engine = create_engine_for(url)
-    build_synthetic_store(engine, SPEC)
-    with engine.begin() as conn:
-        conn.execute(sa.update(SaeRow).values(path=str(folder / "sae")))
-    engine.dispose()
-    return url
+    return build_live_store(tmp_path_factory.mktemp("live-store"))
 
 
 @contextmanager
