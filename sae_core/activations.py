@@ -136,6 +136,11 @@ class ActivationCache:
             raise ActivationCacheError(
                 f"{folder} holds no activation cache (no meta.json); build one first"
             )
+        if meta["format"] != CACHE_FORMAT:
+            raise ActivationCacheError(
+                f"the activation cache in {folder} has format {meta['format']}, this saescope reads "
+                f"format {CACHE_FORMAT}; delete it and build again"
+            )
         if not meta["complete"]:
             raise ActivationCacheError(
                 f"the activation cache in {folder} is unfinished ({meta['n_tokens']:,} tokens so far); "
@@ -155,6 +160,7 @@ class ActivationCache:
         max_tokens: int | None = None,
         batch_size: int = 32,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
+        progress: bool = True,
     ) -> ActivationCache:
         """Cache at least ``max_tokens`` non-special tokens' activations (all of the corpus by default).
 
@@ -173,7 +179,8 @@ class ActivationCache:
             target = _contexts_for(contexts, max_tokens)
             shards = [_Shard(*entry) for entry in meta["shards"]]
             if not (meta["complete"] and shards and shards[-1].stop >= target):
-                _Builder(subject, layer, contexts, folder, meta, batch_size).run(shards, target)
+                builder = _Builder(subject, layer, contexts, folder, meta, batch_size, progress)
+                builder.run(shards, target)
         return cls.open(folder)
 
     def token_batches(
@@ -216,6 +223,7 @@ class _Builder:
         folder: Path,
         meta: dict,
         batch_size: int,
+        progress: bool,
     ):
         self.subject = subject
         self.layer = layer
@@ -223,14 +231,15 @@ class _Builder:
         self.folder = folder
         self.meta = meta
         self.batch_size = batch_size
+        self.progress = progress
         self.counts = (~contexts.special_mask).sum(dim=1)  # (n_contexts,) non-special tokens
 
     def run(self, stored: list[_Shard], target: int) -> None:
         plan = _plan(target, self.meta["contexts_per_shard"])
         kept = _matching_prefix(stored, plan)
+        self._save(kept, complete=False)  # forget stale shards before deleting them
         for stale in stored[len(kept) :]:
             (self.folder / stale.file).unlink(missing_ok=True)
-        self._save(kept, complete=False)
         done = sum(shard.n_tokens for shard in kept)
         total = int(self.counts[:target].sum())
         with tqdm(
@@ -239,6 +248,7 @@ class _Builder:
             unit="tok",
             unit_scale=True,
             desc=f"caching {self.folder.name}",
+            disable=not self.progress,
         ) as bar:
             for index in range(len(kept), len(plan)):
                 kept.append(self._write_shard(index, *plan[index], bar))

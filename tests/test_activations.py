@@ -59,6 +59,7 @@ def build(llama, contexts, folder, **kwargs) -> ActivationCache:
         folder,
         batch_size=16,
         shard_bytes=shard_bytes(llama, contexts),
+        progress=False,
         **kwargs,
     )
 
