@@ -312,6 +312,7 @@ def _write_contexts(folder: Path, tokenized: _Tokenized) -> None:
     """Write the arrays into a temporary folder and rename it into place (atomic)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any folder
     try:
         np.save(staging / "tokens.npy", tokenized.tokens)
         np.save(staging / "special_mask.npy", tokenized.special_mask)
