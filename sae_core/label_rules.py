@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +35,7 @@ CONTEXT_NAMES = tuple(CONTEXTS)
 _CODE, _STRING, _DOCSTRING, _COMMENT = 0, 1, 2, 3
 _LEXEMES = re.compile(r'"""|\'\'\'|"|\'|#|\n|\\.')
 # Characters that mark code; prose is a window where they are rare.
+_LETTERS = re.compile(r"[^\W\d_]")
 _CODE_CHARS = re.compile(r"[()\[\]{}=_:#<>*/@\\|`]")
 PROSE_MAX_CODE_CHAR_SHARE = 0.02  # English text has ~1% of these (a parenthesis, a colon); code 8-15%
 
@@ -141,24 +144,37 @@ def _char_states(text: str) -> np.ndarray:
 
 
 def _is_prose(text: str) -> bool:
-    letters = sum(ch.isalpha() for ch in text)
-    if letters < len(text) / 2:
+    if len(_LETTERS.findall(text)) < len(text) / 2:
         return False
     return len(_CODE_CHARS.findall(text)) <= PROSE_MAX_CODE_CHAR_SHARE * len(text)
 
 
-def _line_starts(texts: list[str]) -> np.ndarray:
+class _TokenShape(NamedTuple):
+    lead: int  # characters of leading whitespace (the whole token when it has no visible one)
+    visible: bool  # holds a non-whitespace character
+    newline_in_lead: bool  # a line break before its first visible character
+    ends_line: bool  # its visible part is followed by a line break and only whitespace after
+
+
+@lru_cache(maxsize=1 << 17)  # one entry per distinct token text: a vocabulary fits
+def _shape(text: str) -> _TokenShape:
+    visible = text.lstrip()
+    lead = len(text) - len(visible)
+    ends_line = "\n" in visible and not visible[visible.rindex("\n") + 1 :].strip()
+    return _TokenShape(lead, bool(visible), "\n" in text[:lead], ends_line)
+
+
+def _line_starts(shapes: list[_TokenShape]) -> np.ndarray:
     """True at the first visible token of each line. (seq,) bool; the window's first line is
     assumed to start before the window, since windows are cut mid-line."""
-    out = np.zeros(len(texts), dtype=bool)
+    out = np.zeros(len(shapes), dtype=bool)
     at_line_start = False
-    for i, t in enumerate(texts):
-        visible = t.lstrip()
-        if not visible:
-            at_line_start = at_line_start or "\n" in t
+    for i, shape in enumerate(shapes):
+        if not shape.visible:
+            at_line_start = at_line_start or shape.newline_in_lead
             continue
-        out[i] = at_line_start or "\n" in t[: len(t) - len(visible)]
-        at_line_start = "\n" in visible and not visible[visible.rindex("\n") + 1 :].strip()
+        out[i] = at_line_start or shape.newline_in_lead
+        at_line_start = shape.ends_line
     return out
 
 
@@ -168,12 +184,15 @@ def context_masks(texts: list[str]) -> np.ndarray:
     Returns (len(CONTEXT_NAMES), seq) bool, rows in ``CONTEXT_NAMES`` order.
     """
     text = "".join(texts)
-    starts = np.cumsum([0] + [len(t) for t in texts[:-1]]).astype(np.int64)  # (seq,)
+    shapes = [_shape(t) for t in texts]
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (seq,)
+    starts = np.cumsum(lengths) - lengths
     # A token's state is that of its first visible character (a leading space belongs to code).
-    firsts = np.array([s + (len(t) - len(t.lstrip())) if t.strip() else s for s, t in zip(starts, texts, strict=True)])
+    leads = np.fromiter((sh.lead if sh.visible else 0 for sh in shapes), dtype=np.int64, count=len(texts))
+    firsts = starts + leads
     states = _char_states(text)
     token_state = states[np.minimum(firsts, max(len(text) - 1, 0))] if text else np.zeros(len(texts), np.int8)
-    line_start = _line_starts(texts)
+    line_start = _line_starts(shapes)
     prose = _is_prose(text)
     masks = np.zeros((len(CONTEXT_NAMES), len(texts)), dtype=bool)
     masks[CONTEXT_NAMES.index("string")] = token_state == _STRING
