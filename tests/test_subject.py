@@ -265,6 +265,17 @@ def test_named_model_with_a_wrong_hash_is_refused(gguf_path, tmp_path, monkeypat
     assert not (subject_module.cache_dir() / "models" / "tiny-named").exists()
 
 
+def test_named_model_whose_wheel_lacks_the_file_is_refused(gguf_path, tmp_path, monkeypatch):
+    wheel = write_wheel(
+        tmp_path / "tinyllama-0.1-py3-none-any.whl", "tinyllama/other.gguf", gguf_path
+    )
+    source = GGUFSource(wheel=str(wheel), member="tinyllama/tiny.gguf", sha256="0" * 64)
+    monkeypatch.setitem(subject_module.NAMED_MODELS, "tiny-named", source)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(SubjectError, match="does not hold tinyllama/tiny.gguf"):
+        load_subject("tiny-named")
+
+
 # ---------------------------------------------------------------------------------------------
 # errors a user can cause
 
