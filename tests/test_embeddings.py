@@ -47,16 +47,33 @@ def _write_labelled_store(url: str) -> int:
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        model = SubjectModelRow(name="m", source="code", architecture="llama", d_model=8, n_layers=1, vocab_size=4)
+        model = SubjectModelRow(
+            name="m", source="code", architecture="llama", d_model=8, n_layers=1, vocab_size=4
+        )
         session.add(model)
         session.flush()
-        sae = SaeRow(name="s", model_id=model.id, layer=0, hook_name="h", architecture="topk", d_in=8, d_sae=len(LABELS), path="p")
+        sae = SaeRow(
+            name="s",
+            model_id=model.id,
+            layer=0,
+            hook_name="h",
+            architecture="topk",
+            d_in=8,
+            d_sae=len(LABELS),
+            path="p",
+        )
         session.add(sae)
         session.flush()
         for idx, (label, f1) in enumerate(LABELS):
             feature = FeatureRow(sae_id=sae.id, idx=idx, count=1)
             session.add(feature)
-            record_label(session, feature, LabelRow(sae_id=sae.id, feature_idx=idx, label=label, source="auto", author="t", f1=f1))
+            record_label(
+                session,
+                feature,
+                LabelRow(
+                    sae_id=sae.id, feature_idx=idx, label=label, source="auto", author="t", f1=f1
+                ),
+            )
         session.commit()
         sae_id = sae.id
     engine.dispose()
@@ -82,7 +99,14 @@ def test_vectors_are_unit_length_and_deterministic(embedder):
 
 
 @pytest.mark.parametrize(
-    ("query", "target"), [("French cities", PARIS), ("German towns", BERLIN), ("colours", 2), ("animals", 7), ("numbers", 3)]
+    ("query", "target"),
+    [
+        ("French cities", PARIS),
+        ("German towns", BERLIN),
+        ("colours", 2),
+        ("animals", 7),
+        ("numbers", 3),
+    ],
 )
 def test_synonym_query_ranks_its_feature_first(store, query, target):
     engine, sae_id = store
@@ -104,7 +128,13 @@ def test_only_changed_labels_are_embedded_again(store, embedder):
     engine, sae_id = store
     with Session(engine) as session:
         assert embeddings.sync_embeddings(session, sae_id, embedder, progress=False) == 0
-        set_human_label(session, sae=session.get(SaeRow, sae_id), idx=7, label="pets and farm animals", author="ada")
+        set_human_label(
+            session,
+            sae=session.get(SaeRow, sae_id),
+            idx=7,
+            label="pets and farm animals",
+            author="ada",
+        )
         session.commit()
         assert embeddings.sync_embeddings(session, sae_id, embedder, progress=False) == 1
         result = search_labels(session, sae_id=sae_id, query="livestock on a farm")

@@ -76,11 +76,33 @@ def _auto_rule(engine, name: str, idx: int) -> LabelRule:
 
 
 def test_context_masks_follow_python_lexing():
-    texts = ["def", " f", "():", "\n", "   ", " #", " hi", "\n", " s", " =", " '", "abc", "'", "\n", ' """', "Doc", '"""']
+    texts = [
+        "def",
+        " f",
+        "():",
+        "\n",
+        "   ",
+        " #",
+        " hi",
+        "\n",
+        " s",
+        " =",
+        " '",
+        "abc",
+        "'",
+        "\n",
+        ' """',
+        "Doc",
+        '"""',
+    ]
     masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
     assert masks["comment"].tolist() == [t in (" #", " hi") for t in texts]
     assert [t for t, m in zip(texts, masks["string"], strict=True) if m] == [" '", "abc", "'"]
-    assert [t for t, m in zip(texts, masks["docstring"], strict=True) if m] == [' """', "Doc", '"""']
+    assert [t for t, m in zip(texts, masks["docstring"], strict=True) if m] == [
+        ' """',
+        "Doc",
+        '"""',
+    ]
     assert [t for t, m in zip(texts, masks["line_start"], strict=True) if m] == [" #", " s", ' """']
     assert masks["code"].all() and not masks["prose"].any()
     prose = context_masks([" The", " city", " of", " Paris", " is", " old", "."])
@@ -100,13 +122,20 @@ def test_rule_describes_itself_and_round_trips():
 
 @pytest.mark.parametrize(
     "rule",
-    [LabelRule((" Paris", " Lyon"), (), "prose"), LabelRule((), ("def",)), LabelRule(context="comment"), LabelRule(("\n", '"x\\'), ("a",), "string")],
+    [
+        LabelRule((" Paris", " Lyon"), (), "prose"),
+        LabelRule((), ("def",)),
+        LabelRule(context="comment"),
+        LabelRule(("\n", '"x\\'), ("a",), "string"),
+    ],
 )
 def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
     assert parse_label(rule.describe(max_shown=100)) == rule
 
 
-@pytest.mark.parametrize("text", ["the French capital", '" Paris" (in the sky)', '"x" and more', "any token"])
+@pytest.mark.parametrize(
+    "text", ["the French capital", '" Paris" (in the sky)', '"x" and more', "any token"]
+)
 def test_free_text_is_not_a_rule(text):
     assert parse_label(text) is None
 
@@ -114,7 +143,8 @@ def test_free_text_is_not_a_rule(text):
 def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
     acts = np.ones(4, np.float32)
     examples = [Example("top", 0, r, c, acts) for r, c in enumerate([1, 2, 3])] + [
-        Example("interval", b, r, c, acts) for b, r, c in [(0, 0, 10), (0, 1, 11), (1, 0, 3), (1, 1, 12)]
+        Example("interval", b, r, c, acts)
+        for b, r, c in [(0, 0, 10), (0, 1, 11), (1, 0, 3), (1, 1, 12)]
     ]
     train, heldout = split_examples(examples)
     assert [e.context_id for e in heldout] == [11, 12]
@@ -163,7 +193,9 @@ def test_stored_rule_reproduces_the_score(labelled):
         sae = get_sae(session, store.sae_name)
         label = next(h for h in label_history(session, sae=sae, idx=PARIS) if h.source == "auto")
         score = score_stored_label(session, sae, label)
-    assert (score.precision, score.recall, score.f1) == pytest.approx((label.precision, label.recall, label.f1))
+    assert (score.precision, score.recall, score.f1) == pytest.approx(
+        (label.precision, label.recall, label.f1)
+    )
     assert not set(label.rule["heldout"]["positives"]) & set(label.rule["heldout"]["negatives"])
 
 
@@ -171,17 +203,28 @@ def test_rerun_resumes_and_force_relabels(fresh):
     store, engine = fresh
     assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 5
     assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 0
-    assert label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, force=True)).n_labelled == 5
+    assert (
+        label_sae(
+            engine, store.sae_name, LabelOptions(embed=False, progress=False, force=True)
+        ).n_labelled
+        == 5
+    )
 
 
 def test_human_label_stays_current_and_history_keeps_all(fresh):
     store, engine = fresh
     with Session(engine) as session:
-        set_human_label(session, sae=get_sae(session, store.sae_name), idx=BOLD, label="bold tag", author="ada")
+        set_human_label(
+            session, sae=get_sae(session, store.sae_name), idx=BOLD, label="bold tag", author="ada"
+        )
         session.commit()
     label_sae(engine, store.sae_name, NO_EMBED)
     feature = _feature(engine, store.sae_name, BOLD)
-    assert (feature.label, feature.label_source, feature.label_f1) == ("bold tag", "human:ada", None)
+    assert (feature.label, feature.label_source, feature.label_f1) == (
+        "bold tag",
+        "human:ada",
+        None,
+    )
     with Session(engine) as session:
         history = label_history(session, sae=get_sae(session, store.sae_name), idx=BOLD)
     assert [(h.source, h.label) for h in history] == [("auto", '"<b>"'), ("human:ada", "bold tag")]
@@ -193,10 +236,14 @@ def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
         auto = session.get(FeatureRow, (sae.id, PARIS)).label_f1
-        broader = set_human_label(session, sae=sae, idx=PARIS, label='" Paris" / " city"', author="ada")
+        broader = set_human_label(
+            session, sae=sae, idx=PARIS, label='" Paris" / " city"', author="ada"
+        )
         free = set_human_label(session, sae=sae, idx=BOLD, label="bold tags", author="ada")
         session.commit()
-        assert broader.rule["heldout"] == label_history(session, sae=sae, idx=PARIS)[1].rule["heldout"]
+        assert (
+            broader.rule["heldout"] == label_history(session, sae=sae, idx=PARIS)[1].rule["heldout"]
+        )
         assert score_stored_label(session, sae, broader).f1 == pytest.approx(broader.f1)
         assert broader.recall == 1.0 and broader.f1 < auto  # " city" adds false positives
         assert free.f1 is None and free.rule is None
@@ -222,8 +269,12 @@ class _FakeChat(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": type(self).reply}}]}).encode()
+        type(self).requests.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        )
+        answer = json.dumps(
+            {"choices": [{"message": {"role": "assistant", "content": type(self).reply}}]}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
@@ -247,9 +298,13 @@ def chat_server():
 
 def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat_server):
     store, engine = fresh
-    _FakeChat.reply = 'Sure: {"explanation": "the word Paris", "tokens": ["Paris"], "context": null}'
+    _FakeChat.reply = (
+        'Sure: {"explanation": "the word Paris", "tokens": ["Paris"], "context": null}'
+    )
     config = ExplainerConfig(chat_server, "fake-7b", api_key="sk-test")
-    summary = label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config))
+    summary = label_sae(
+        engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config)
+    )
     assert summary.n_explained == 5
     request = _FakeChat.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
@@ -260,14 +315,18 @@ def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat
     assert explained.label == "the word Paris"
     assert explained.rule["rule"]["tokens"] == [" Paris"]  # the leading space the model dropped
     assert explained.f1 > 0.8
-    assert _feature(engine, store.sae_name, RANDOM).label_source == "auto"  # " Paris" scores ~0 there
+    assert (
+        _feature(engine, store.sae_name, RANDOM).label_source == "auto"
+    )  # " Paris" scores ~0 there
 
 
 def test_unreachable_explainer_is_one_clear_error(fresh):
     store, engine = fresh
     config = ExplainerConfig("http://127.0.0.1:9/v1", "m", timeout_s=2)
     with pytest.raises(ExplainerError, match="cannot be reached"):
-        label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config))
+        label_sae(
+            engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config)
+        )
 
 
 def test_explainer_is_off_without_url_and_needs_a_model(monkeypatch):
@@ -276,13 +335,18 @@ def test_explainer_is_off_without_url_and_needs_a_model(monkeypatch):
     with pytest.raises(ExplainerError, match="no model"):
         ExplainerConfig.from_env(url="http://x/v1")
     monkeypatch.setenv("MY_KEY", "secret")
-    assert ExplainerConfig.from_env(url="http://x/v1/", model="m", key_env="MY_KEY").api_key == "secret"
+    assert (
+        ExplainerConfig.from_env(url="http://x/v1/", model="m", key_env="MY_KEY").api_key
+        == "secret"
+    )
 
 
 def test_unusable_replies_are_skipped():
     assert parse_explanation("no json here") is None
     assert parse_explanation('{"tokens": ["a"]}') is None
-    parsed = parse_explanation('{"explanation": "commas", "tokens": [",", 3], "context": "nowhere"}')
+    parsed = parse_explanation(
+        '{"explanation": "commas", "tokens": [",", 3], "context": "nowhere"}'
+    )
     assert parsed.tokens == [","] and parsed.context is None
 
 

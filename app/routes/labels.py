@@ -41,7 +41,9 @@ MAX_SEARCH_RESULTS = 100  # one page of hits; semantic search ranks all features
 
 class LabelEdit(BaseModel):
     label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, description="The new label.")
-    author: str = Field(min_length=1, max_length=200, description="Who is editing (kept in the history).")
+    author: str = Field(
+        min_length=1, max_length=200, description="Who is editing (kept in the history)."
+    )
 
 
 class LabelRecordPublic(BaseModel):
@@ -49,14 +51,20 @@ class LabelRecordPublic(BaseModel):
     source: str = Field(description="auto | llm:<model> | human:<who>")
     author: str
     created_at: datetime
-    precision: float | None = Field(description="Held-out precision of the label's rule; none for free text.")
+    precision: float | None = Field(
+        description="Held-out precision of the label's rule; none for free text."
+    )
     recall: float | None
     f1: float | None
-    rule: dict | None = Field(description="The machine-applicable rule and the held-out contexts it was scored on.")
+    rule: dict | None = Field(
+        description="The machine-applicable rule and the held-out contexts it was scored on."
+    )
 
 
 class LabelHistoryPublic(BaseModel):
-    data: list[LabelRecordPublic] = Field(description="Newest first; the feature's current label is in its own record.")
+    data: list[LabelRecordPublic] = Field(
+        description="Newest first; the feature's current label is in its own record."
+    )
     count: int
 
 
@@ -65,8 +73,12 @@ class SearchHitPublic(BaseModel):
     label: str | None
     label_source: str | None
     label_f1: float | None
-    score: float = Field(description="Cosine similarity of query and label (semantic) or full-text rank.")
-    matched: str = Field(description="Which label matched: auto | llm | human, or label for full text.")
+    score: float = Field(
+        description="Cosine similarity of query and label (semantic) or full-text rank."
+    )
+    matched: str = Field(
+        description="Which label matched: auto | llm | human, or label for full text."
+    )
 
 
 class LabelSearchPublic(BaseModel):
@@ -79,16 +91,30 @@ class LabelSearchPublic(BaseModel):
 def require_write_token(settings: Settings, authorization: str | None) -> None:
     """Raise 403 when editing is off, 401 without the right bearer token."""
     if not settings.write_token:
-        raise HTTPException(403, "label editing is off on this server; start it with SAESCOPE_WRITE_TOKEN set")
+        raise HTTPException(
+            403, "label editing is off on this server; start it with SAESCOPE_WRITE_TOKEN set"
+        )
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.write_token.encode()):
-        raise HTTPException(401, "send the server's write token as 'Authorization: Bearer <token>'", headers=UNAUTHORIZED)
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.strip().encode(), settings.write_token.encode()
+    ):
+        raise HTTPException(
+            401,
+            "send the server's write token as 'Authorization: Bearer <token>'",
+            headers=UNAUTHORIZED,
+        )
 
 
 def _record(row: LabelRow) -> LabelRecordPublic:
     return LabelRecordPublic(
-        label=row.label, source=row.source, author=row.author, created_at=row.created_at,
-        precision=row.precision, recall=row.recall, f1=row.f1, rule=row.rule,
+        label=row.label,
+        source=row.source,
+        author=row.author,
+        created_at=row.created_at,
+        precision=row.precision,
+        recall=row.recall,
+        f1=row.f1,
+        rule=row.rule,
     )
 
 
@@ -99,12 +125,16 @@ def _feature_sae(session: Session, sae: str, index: int) -> SaeRow:
     return row
 
 
-def save_human_label(session: Session, sae: str, index: int, *, label: str, author: str) -> LabelRow:
+def save_human_label(
+    session: Session, sae: str, index: int, *, label: str, author: str
+) -> LabelRow:
     """Write the edit (and its embedding, when the SAE has embeddings to search)."""
     sae_row = _feature_sae(session, sae, index)
     row = set_human_label(session, sae=sae_row, idx=index, label=label, author=author)
     has_vectors = session.scalar(
-        sa.select(FeatureEmbeddingRow.feature_idx).where(FeatureEmbeddingRow.sae_id == sae_row.id).limit(1)
+        sa.select(FeatureEmbeddingRow.feature_idx)
+        .where(FeatureEmbeddingRow.sae_id == sae_row.id)
+        .limit(1)
     )
     if has_vectors is not None and embeddings.embedder_available():
         embeddings.embed_one(session, sae_row.id, index, row.source, row.label)
@@ -112,7 +142,9 @@ def save_human_label(session: Session, sae: str, index: int, *, label: str, auth
     return row
 
 
-@router.put("/api/v1/saes/{sae}/features/{index}/label", tags=["labels"], summary="Set a human label")
+@router.put(
+    "/api/v1/saes/{sae}/features/{index}/label", tags=["labels"], summary="Set a human label"
+)
 def put_label(
     sae: str,
     index: FeatureIndex,
@@ -125,17 +157,26 @@ def put_label(
     return _record(save_human_label(session, sae, index, label=edit.label, author=edit.author))
 
 
-@router.get("/api/v1/saes/{sae}/features/{index}/labels", tags=["labels"], summary="Every label the feature was given")
+@router.get(
+    "/api/v1/saes/{sae}/features/{index}/labels",
+    tags=["labels"],
+    summary="Every label the feature was given",
+)
 def read_label_history(sae: str, index: FeatureIndex, session: SessionDep) -> LabelHistoryPublic:
     rows = label_history(session, sae=_feature_sae(session, sae, index), idx=index)
     return LabelHistoryPublic(data=[_record(r) for r in rows], count=len(rows))
 
 
-@router.get("/api/v1/saes/{sae}/search", tags=["labels"], summary="Find features by what their labels mean")
+@router.get(
+    "/api/v1/saes/{sae}/search", tags=["labels"], summary="Find features by what their labels mean"
+)
 def read_label_search(
     sae: str,
     session: SessionDep,
-    q: Annotated[str, Query(min_length=1, max_length=500, description="What to look for, e.g. 'French cities'.")],
+    q: Annotated[
+        str,
+        Query(min_length=1, max_length=500, description="What to look for, e.g. 'French cities'."),
+    ],
     mode: SearchMode = "semantic",
     sort: SearchSort = "relevance",
     limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
@@ -144,14 +185,23 @@ def read_label_search(
     result = search_labels(session, sae_id=sae_row.id, query=q, mode=mode, sort=sort, limit=limit)
     hits = [
         SearchHitPublic(
-            index=h.idx, label=h.label, label_source=h.label_source, label_f1=h.label_f1, score=h.score, matched=h.matched
+            index=h.idx,
+            label=h.label,
+            label_source=h.label_source,
+            label_f1=h.label_f1,
+            score=h.score,
+            matched=h.matched,
         )
         for h in result.hits
     ]
     return LabelSearchPublic(mode=result.mode, note=result.note, data=hits, count=len(hits))
 
 
-@router.put("/saes/{sae}/-/fragments/features/{index}/label", include_in_schema=False, response_class=HTMLResponse)
+@router.put(
+    "/saes/{sae}/-/fragments/features/{index}/label",
+    include_in_schema=False,
+    response_class=HTMLResponse,
+)
 def put_label_fragment(
     request: Request,
     sae: str,
@@ -168,11 +218,25 @@ def put_label_fragment(
         require_write_token(settings, authorization)
         save_human_label(session, sae, index, label=label, author=author)
     except (HTTPException, SaescopeError) as err:
-        status = err.status_code if isinstance(err, HTTPException) else 404 if isinstance(err, NotFoundError) else 422
+        status = (
+            err.status_code
+            if isinstance(err, HTTPException)
+            else 404
+            if isinstance(err, NotFoundError)
+            else 422
+        )
         message = err.detail if isinstance(err, HTTPException) else str(err)
-        response = render(request, "_partials/label_edit.html", {"label_edit": edit_view | {"message": message, "ok": False}})
+        response = render(
+            request,
+            "_partials/label_edit.html",
+            {"label_edit": edit_view | {"message": message, "ok": False}},
+        )
         response.status_code = status
         return response
-    response = render(request, "_partials/label_edit.html", {"label_edit": edit_view | {"message": "saved", "ok": True}})
+    response = render(
+        request,
+        "_partials/label_edit.html",
+        {"label_edit": edit_view | {"message": "saved", "ok": True}},
+    )
     response.headers["HX-Refresh"] = "true"  # the page header shows the new label and its source
     return response

@@ -13,16 +13,30 @@ HELP = "label every alive feature of an SAE in the store and score each label"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=None, help="store URL (default: SAESCOPE_DB_URL or sqlite:///saescope.db)")
-    parser.add_argument("--sae", required=True, help="name of the SAE in the store (as in /saes/NAME)")
-    parser.add_argument("--seed", type=int, default=0, help="seed that picks held-out negatives")
-    parser.add_argument("--force", action="store_true", help="relabel features that already have labels")
     parser.add_argument(
-        "--explainer-url", default=None, help="OpenAI-compatible API base URL, e.g. http://127.0.0.1:8080/v1 (default: SAESCOPE_EXPLAINER_URL; none: no explainer)"
+        "--db", default=None, help="store URL (default: SAESCOPE_DB_URL or sqlite:///saescope.db)"
     )
-    parser.add_argument("--explainer-model", default=None, help="model name for the explainer (default: SAESCOPE_EXPLAINER_MODEL)")
     parser.add_argument(
-        "--explainer-key-env", default=None, help="environment variable holding the explainer's API key (default: SAESCOPE_EXPLAINER_KEY)"
+        "--sae", required=True, help="name of the SAE in the store (as in /saes/NAME)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed that picks held-out negatives")
+    parser.add_argument(
+        "--force", action="store_true", help="relabel features that already have labels"
+    )
+    parser.add_argument(
+        "--explainer-url",
+        default=None,
+        help="OpenAI-compatible API base URL, e.g. http://127.0.0.1:8080/v1 (default: SAESCOPE_EXPLAINER_URL; none: no explainer)",
+    )
+    parser.add_argument(
+        "--explainer-model",
+        default=None,
+        help="model name for the explainer (default: SAESCOPE_EXPLAINER_MODEL)",
+    )
+    parser.add_argument(
+        "--explainer-key-env",
+        default=None,
+        help="environment variable holding the explainer's API key (default: SAESCOPE_EXPLAINER_KEY)",
     )
     parser.add_argument(
         "--embed",
@@ -33,10 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    explainer = ExplainerConfig.from_env(url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env)
+    explainer = ExplainerConfig.from_env(
+        url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env
+    )
     engine = create_engine_for(args.db or default_db_url())
     migrate(engine)
-    summary = label_sae(engine, args.sae, LabelOptions(seed=args.seed, force=args.force, explainer=explainer, embed=args.embed))
+    summary = label_sae(
+        engine,
+        args.sae,
+        LabelOptions(seed=args.seed, force=args.force, explainer=explainer, embed=args.embed),
+    )
     mean_f1 = f"{summary.mean_f1:.3f}" if summary.mean_f1 is not None else "n/a"
     print(
         f"labelled {summary.n_labelled} features (mean held-out F1 {mean_f1}); "

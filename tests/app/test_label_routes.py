@@ -58,7 +58,9 @@ def test_edit_without_the_token_is_refused_and_changes_nothing(client, store, au
 
 def test_server_without_a_write_token_forbids_edits(store):
     with _client(store, None) as client:
-        response = client.put(_label_url(store, PARIS), json=EDIT, headers={"Authorization": f"Bearer {TOKEN}"})
+        response = client.put(
+            _label_url(store, PARIS), json=EDIT, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
         assert response.status_code == 403 and "editing is off" in response.json()["detail"]
         assert _current_label(client, store, PARIS)["source"] == "auto"
         page = client.get(f"/saes/{store.sae_name}/features/{PARIS}").text
@@ -66,14 +68,23 @@ def test_server_without_a_write_token_forbids_edits(store):
 
 
 def test_edit_with_the_token_becomes_current_and_keeps_history(client, store):
-    response = client.put(_label_url(store, PARIS), json=EDIT, headers={"Authorization": f"Bearer {TOKEN}"})
+    response = client.put(
+        _label_url(store, PARIS), json=EDIT, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert response.status_code == 200
     assert response.json()["source"] == "human:ada" and response.json()["f1"] is None
     assert _current_label(client, store, PARIS) == {
-        "text": "the French capital", "source": "human:ada", "precision": None, "recall": None, "f1": None,
+        "text": "the French capital",
+        "source": "human:ada",
+        "precision": None,
+        "recall": None,
+        "f1": None,
     }
     history = client.get(f"/api/v1/saes/{store.sae_name}/features/{PARIS}/labels").json()
-    assert [(h["source"], h["author"]) for h in history["data"]] == [("human:ada", "ada"), ("auto", "saescope rules-v1")]
+    assert [(h["source"], h["author"]) for h in history["data"]] == [
+        ("human:ada", "ada"),
+        ("auto", "saescope rules-v1"),
+    ]
     assert history["data"][0]["created_at"] >= history["data"][1]["created_at"]
     assert history["data"][1]["rule"]["rule"]["tokens"] == [" Paris"]
 
@@ -81,12 +92,18 @@ def test_edit_with_the_token_becomes_current_and_keeps_history(client, store):
 def test_bad_edits_are_one_clear_message(client, store):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert client.put(_label_url(store, 999), json=EDIT, headers=auth).status_code == 404
-    response = client.put(_label_url(store, PARIS), json={"label": "", "author": "ada"}, headers=auth)
+    response = client.put(
+        _label_url(store, PARIS), json={"label": "", "author": "ada"}, headers=auth
+    )
     assert response.status_code == 422 and "label" in response.json()["detail"]
 
 
 def test_labels_with_html_are_escaped_on_the_page(client, store):
-    client.put(_label_url(store, PARIS), json={"label": SCRIPT, "author": "<i>eve</i>"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    client.put(
+        _label_url(store, PARIS),
+        json={"label": SCRIPT, "author": "<i>eve</i>"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     page = client.get(f"/saes/{store.sae_name}/features/{PARIS}").text
     assert SCRIPT not in page and "<i>eve" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -99,21 +116,37 @@ def test_edit_form_fragment(client, store):
     page = client.get(f"/saes/{store.sae_name}/features/{PARIS}").text
     assert f'hx-put="{url}"' in page and "/static/labels.js" in page
     refused = client.put(url, data=EDIT)
-    assert refused.status_code == 401 and "write token" in refused.text and "HX-Refresh" not in refused.headers
+    assert (
+        refused.status_code == 401
+        and "write token" in refused.text
+        and "HX-Refresh" not in refused.headers
+    )
     assert _current_label(client, store, PARIS)["source"] == "auto"
-    saved = client.put(url, data={"label": SCRIPT, "author": "ada"}, headers={"Authorization": f"Bearer {TOKEN}"})
+    saved = client.put(
+        url, data={"label": SCRIPT, "author": "ada"}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert saved.status_code == 200 and saved.headers["HX-Refresh"] == "true"
     assert SCRIPT not in saved.text and "&lt;script&gt;" in saved.text
     assert _current_label(client, store, PARIS)["text"] == SCRIPT
 
 
 def test_search_endpoint_text_and_fallback(client, store):
-    text = client.get(f"/api/v1/saes/{store.sae_name}/search", params={"q": "Paris", "mode": "text"}).json()
+    text = client.get(
+        f"/api/v1/saes/{store.sae_name}/search", params={"q": "Paris", "mode": "text"}
+    ).json()
     assert text["mode"] == "text" and text["data"][0]["index"] == PARIS
     semantic = client.get(f"/api/v1/saes/{store.sae_name}/search", params={"q": "Paris"}).json()
     assert semantic["mode"] == "text" and semantic["note"]  # no embeddings were made for this store
-    by_f1 = client.get(f"/api/v1/saes/{store.sae_name}/search", params={"q": "comments def Paris", "mode": "text", "sort": "f1"}).json()
+    by_f1 = client.get(
+        f"/api/v1/saes/{store.sae_name}/search",
+        params={"q": "comments def Paris", "mode": "text", "sort": "f1"},
+    ).json()
     f1s = [h["label_f1"] for h in by_f1["data"]]
     assert len(f1s) >= 2 and f1s == sorted(f1s, reverse=True)
-    assert client.get(f"/api/v1/saes/{store.sae_name}/search", params={"q": "x", "mode": "magic"}).status_code == 422
+    assert (
+        client.get(
+            f"/api/v1/saes/{store.sae_name}/search", params={"q": "x", "mode": "magic"}
+        ).status_code
+        == 422
+    )
     assert client.get("/api/v1/saes/nope/search", params={"q": "x"}).status_code == 404

@@ -87,7 +87,9 @@ def test_right_token_saves_and_the_page_shows_the_label_as_text(page, server):
     dialogs = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     _submit(page, SCRIPT, TOKEN)
-    page.wait_for_function("document.querySelector('.feature-label').textContent.includes('alert(1)')")
+    page.wait_for_function(
+        "document.querySelector('.feature-label').textContent.includes('alert(1)')"
+    )
     assert page.locator(".feature-label").inner_text().startswith(SCRIPT)
     assert "human:ada" in page.locator(".feature-label").inner_text()
     assert dialogs == []  # the label is shown, never run
