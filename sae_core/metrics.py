@@ -77,10 +77,11 @@ def density_histogram(fire_counts: torch.Tensor, n_tokens: int, bins: int = HIST
     low = -math.log10(n_tokens)
     edges = torch.linspace(low, 0.0, bins + 1, dtype=torch.float64)
     counts = torch.histc(torch.log10(fired / n_tokens), bins=bins, min=low, max=0.0) if fired.numel() else torch.zeros(bins)
-    return {
-        "log10_rate_edges": [round(float(e), 4) for e in edges],
+    return {  # the same keys as the precompute's histogram, so pages read either
+        "edges": [round(float(e), 4) for e in edges],
         "counts": [int(c) for c in counts],
-        "n_dead": int((fire_counts == 0).sum()),
+        "dead": int((fire_counts == 0).sum()),
+        "measured_over_tokens": int(n_tokens),
     }
 
 

@@ -43,9 +43,9 @@ def test_sums_accumulate_across_batches_not_ratios():
 def test_density_histogram_bins_log10_rates():
     counts = torch.tensor([0, 1, 10, 100, 1000])
     hist = density_histogram(counts, n_tokens=1000, bins=3)
-    assert hist["log10_rate_edges"] == [-3.0, -2.0, -1.0, 0.0]
+    assert hist["edges"] == [-3.0, -2.0, -1.0, 0.0]
     assert hist["counts"] == [1, 1, 2]  # rates 1e-3 | 1e-2 | 1e-1 and 1
-    assert hist["n_dead"] == 1
+    assert hist["dead"] == 1
 
 
 def test_ce_stats_by_hand():
