@@ -3,7 +3,9 @@
 Each accumulator folds in the sparse activations of a batch with a few bincount / scatter / sort
 calls over all features at once (no Python loop over features), and round-trips through
 ``state_dict`` so that a killed run resumes bit for bit. All of them merge exactly, which is what
-sharding the corpus over workers needs.
+sharding the corpus over workers needs (sae_core.stats_merge): counts are integers, sums of
+activations are kept in fixed point (``to_fixed``) so their total does not depend on the order of
+addition, and sample priorities are unique per feature, so no tie depends on arrival order.
 
 Activation bins before the maximum is known. A feature's histogram and its interval samples use
 ``FINE_BINS`` equal bins over (0, scale], where ``scale`` is the smallest power of two at or above
@@ -23,6 +25,11 @@ import torch
 
 FINE_BINS = 64  # fine bins over (0, scale]: >= 32 over (0, max], so 5 intervals snap within 1/32 of max
 MASK32 = 0xFFFFFFFF
+# Fraction bits of the fixed-point sums: values are float32, so every activation >= 2^-8 adds
+# exactly and smaller ones lose < 2^-32; one coalesce can add 2^31 values to a slot before the
+# fraction column could overflow.
+FRACTION_BITS = 32
+CONTEXT_BITS = 31  # low bits of a sample priority: the context id, unique up to 2^31 contexts
 
 
 def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -44,10 +51,32 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_priority(seed: int, context: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """Random priority in [0, 2^32) of a (context, feature) pair: a hash, so it does not depend on
-    batching, resuming or sharding, only on the seed."""
+    """Random priority in [0, 2^63) of a (context, feature) pair: a 32-bit hash, so it does not
+    depend on batching, resuming or sharding, only on the seed; the context id in the low bits
+    makes it unique within a feature, so which sample wins never depends on arrival order."""
     salted = mix32((context + seed * 0x9E3779B9) & MASK32)
-    return mix32(salted ^ feature)
+    return (mix32(salted ^ feature) << CONTEXT_BITS) | (context & ((1 << CONTEXT_BITS) - 1))
+
+
+def to_fixed(value: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) int64 fixed point: whole part and FRACTION_BITS bits of fraction."""
+    v = value.double()  # exact, as is every step below (scaling by a power of two, floor)
+    whole = torch.floor(v)
+    return torch.stack([whole, torch.floor((v - whole) * 2.0**FRACTION_BITS)], dim=1).long()
+
+
+def add_fixed(total: torch.Tensor, index: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """total (m, 2) += fixed (n, 2) at rows ``index`` (n,), in place, carries normalised. Integer
+    addition, so the result does not depend on the order."""
+    total.index_add_(0, index, fixed)
+    total[:, 0] += total[:, 1] >> FRACTION_BITS
+    total[:, 1] &= (1 << FRACTION_BITS) - 1
+    return total
+
+
+def fixed_to_float(total: torch.Tensor) -> torch.Tensor:
+    """(m, 2) fixed-point sums -> (m,) float64, rounded once."""
+    return total[:, 0].double() + total[:, 1].double() * 2.0**-FRACTION_BITS
 
 
 def ranks_within_groups(group: torch.Tensor, order_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +96,7 @@ class FeatureStats:
 
     def __init__(self, n_features: int):
         self.count = torch.zeros(n_features, dtype=torch.int64)
-        self.sum = torch.zeros(n_features, dtype=torch.float64)
+        self.fixed_sum = torch.zeros(n_features, 2, dtype=torch.int64)  # to_fixed units
         self.max = torch.zeros(n_features)
         self.scale = torch.zeros(n_features)  # power of two >= max; 0 until the feature fires
         self.hist = torch.zeros(n_features, FINE_BINS, dtype=torch.int64)
@@ -76,7 +105,7 @@ class FeatureStats:
         """Fold in nonzero activations (n,); returns the doublings of each feature's scale (F,)."""
         n = self.count.numel()
         self.count += torch.bincount(feature, minlength=n)
-        self.sum += torch.bincount(feature, weights=value.double(), minlength=n)
+        add_fixed(self.fixed_sum, feature, to_fixed(value))
         batch_max = torch.zeros(n).scatter_reduce_(0, feature, value, "amax")
         self.max = torch.maximum(self.max, batch_max)
         doublings = self._grow_scale(batch_max)
@@ -96,11 +125,16 @@ class FeatureStats:
             self.hist[rows] = merge_fine_bins(self.hist[rows], doublings[rows])
         return doublings
 
+    @property
+    def sum(self) -> torch.Tensor:
+        """(F,) float64 sum of each feature's activations."""
+        return fixed_to_float(self.fixed_sum)
+
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{name}": getattr(self, name) for name in ("count", "sum", "max", "scale", "hist")}
+        return {f"{prefix}.{name}": getattr(self, name) for name in ("count", "fixed_sum", "max", "scale", "hist")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        for name in ("count", "sum", "max", "scale", "hist"):
+        for name in ("count", "fixed_sum", "max", "scale", "hist"):
             setattr(self, name, state[f"{prefix}.{name}"].clone())
 
 
@@ -212,9 +246,9 @@ class IntervalSamples:
 
 
 class SparseCounter:
-    """Counts (and optionally sums) over int64 keys too many to hold densely, e.g. (token, feature)
-    or (feature, feature) pairs. New entries buffer and coalesce (sort + unique) once they
-    outnumber the coalesced ones, so the total cost stays O(n log n)."""
+    """Counts (and optionally sums, in fixed point) over int64 keys too many to hold densely, e.g.
+    (token, feature) or (feature, feature) pairs. New entries buffer and coalesce (sort + unique)
+    once they outnumber the coalesced ones, so the total cost stays O(n log n)."""
 
     MIN_PENDING = 1 << 22  # entries buffered before the first coalesce: ~4 M, ~100 MB
 
@@ -222,19 +256,24 @@ class SparseCounter:
         self.with_sums = with_sums
         self.keys = torch.zeros(0, dtype=torch.int64)  # sorted, unique
         self.counts = torch.zeros(0, dtype=torch.int64)
-        self.sums = torch.zeros(0, dtype=torch.float64)
+        self.fixed_sums = torch.zeros(0, 2, dtype=torch.int64)  # to_fixed units
         self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._pending_n = 0
 
     def add(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        self._pending.append((keys, weights.double() if self.with_sums else None))
+        self._pending.append((keys, to_fixed(weights) if self.with_sums else None))
         self._pending_n += keys.numel()
         if self._pending_n > max(self.MIN_PENDING, self.keys.numel()):
             self.coalesce()
 
+    @property
+    def sums(self) -> torch.Tensor:
+        """(keys,) float64 sum of the weights added under each key."""
+        return fixed_to_float(self.fixed_sums)
+
     def coalesce(self) -> None:
-        """Fold buffered entries in. Sums add in arrival order (index_add_ on CPU is sequential), so
-        the result does not depend on when coalescing happens."""
+        """Fold buffered entries in. Sums are integers in fixed point, so the result does not
+        depend on when coalescing happens."""
         if not self._pending:
             return
         keys = torch.cat([self.keys, *(k for k, _ in self._pending)])
@@ -242,19 +281,19 @@ class SparseCounter:
         counts = torch.cat([self.counts, *(torch.ones_like(k) for k, _ in self._pending)])
         self.counts = torch.zeros_like(unique).index_add_(0, inverse, counts)
         if self.with_sums:
-            sums = torch.cat([self.sums, *(w for _, w in self._pending)])
-            self.sums = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, sums)
+            sums = torch.cat([self.fixed_sums, *(w for _, w in self._pending)])
+            self.fixed_sums = add_fixed(torch.zeros(unique.numel(), 2, dtype=torch.int64), inverse, sums)
         self.keys = unique
         self._pending, self._pending_n = [], 0
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         self.coalesce()
-        return {f"{prefix}.keys": self.keys, f"{prefix}.counts": self.counts, f"{prefix}.sums": self.sums}
+        return {f"{prefix}.keys": self.keys, f"{prefix}.counts": self.counts, f"{prefix}.fixed_sums": self.fixed_sums}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         self.keys = state[f"{prefix}.keys"].clone()
         self.counts = state[f"{prefix}.counts"].clone()
-        self.sums = state[f"{prefix}.sums"].clone()
+        self.fixed_sums = state[f"{prefix}.fixed_sums"].clone()
         self._pending, self._pending_n = [], 0
 
 
