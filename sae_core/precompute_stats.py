@@ -68,7 +68,11 @@ def to_fixed(value: torch.Tensor) -> torch.Tensor:
 def add_fixed(total: torch.Tensor, index: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     """total (m, 2) += fixed (n, 2) at rows ``index`` (n,), in place, carries normalised. Integer
     addition, so the result does not depend on the order."""
-    total.index_add_(0, index, fixed)
+    return carry_fixed(total.index_add_(0, index, fixed))
+
+
+def carry_fixed(total: torch.Tensor) -> torch.Tensor:
+    """Move whole units out of the fraction column of (m, 2) fixed-point sums, in place."""
     total[:, 0] += total[:, 1] >> FRACTION_BITS
     total[:, 1] &= (1 << FRACTION_BITS) - 1
     return total
