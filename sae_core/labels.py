@@ -392,6 +392,10 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
     options = options or LabelOptions()
     with Session(engine) as session:
         sae = get_sae(session, sae_name)
+        if sae.status != "complete":
+            raise LabelError(
+                f"precompute of {sae_name!r} has not finished; run `saescope precompute` to the end first"
+            )
         vocab = Vocab.load(session, sae)
         library = ContextLibrary.load(session, sae, vocab)
         seq_len = {cid: len(tokens) for cid, tokens in library.token_ids.items()}

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from sae_core import labels
 from sae_core.cli import main
 from sae_core.explainer import ExplainerConfig, ExplainerError, parse_explanation
 from sae_core.label_evidence import Example, split_examples
@@ -209,6 +210,42 @@ def test_rerun_resumes_and_force_relabels(fresh):
         ).n_labelled
         == 5
     )
+
+
+def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
+    store, engine = fresh
+    monkeypatch.setattr(labels, "FEATURES_PER_CHUNK", 2)
+    real_fit = labels.fit_rule
+    calls = []
+
+    def fit_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 3:  # first feature of the second chunk
+            raise KeyboardInterrupt
+        return real_fit(*args)
+
+    monkeypatch.setattr(labels, "fit_rule", fit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        label_sae(engine, store.sae_name, NO_EMBED)
+    monkeypatch.setattr(labels, "fit_rule", real_fit)
+    assert [_feature(engine, store.sae_name, i).label is not None for i in range(4)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert (
+        label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 3
+    )  # the rest, not the first chunk again
+
+
+def test_unfinished_precompute_is_refused(fresh):
+    store, engine = fresh
+    with Session(engine) as session:
+        get_sae(session, store.sae_name).status = "running"
+        session.commit()
+    with pytest.raises(LabelError, match="has not finished"):
+        label_sae(engine, store.sae_name, NO_EMBED)
 
 
 def test_human_label_stays_current_and_history_keeps_all(fresh):
