@@ -16,6 +16,11 @@ Speed: the TopK encoder's backward and the decoder touch only the selected (toke
 pairs (a sparse matmul for dW_enc, ``embedding_bag`` for the decoder), so a step costs one dense
 (batch × d_model × width) matmul instead of five.
 
+Across ranks (``torchrun --nproc-per-node N -m sae_core train ...``, sae_core.distributed): each
+rank takes an equal slice of every batch; whatever depends on the whole batch (its variance, the
+BatchTopK threshold, which latents fired) is all-reduced, and so are the gradients, so every rank
+takes the step one process would take on the whole batch. Rank 0 alone writes files.
+
 Memory budget (fp32, width W, d_model d, batch B): parameters, gradients and Adam's two moments
 are 4 × 2·W·d floats (150 MB for W=8192, d=576); a step holds the (B, W) pre-activations once
 (134 MB at B=4096) for TopK, about four such tensors for ``relu``. ``memory_estimate`` says it.
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sae_core import distributed
 from sae_core.errors import SaescopeError
 from sae_core.sae import SAE, SAEConfig, default_width
 
@@ -254,17 +260,22 @@ def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k·batch largest positive pre-activations of the whole batch: (rows, latents).
+    """The k·batch largest positive pre-activations of the whole batch (all ranks' slices):
+    this rank's (rows, latents).
 
     Fast path: the global threshold among each row's top 4k candidates; exact unless a row has
-    all its candidates above it, in which case the threshold comes from the whole batch.
+    all its candidates above it, in which case the threshold comes from every row's top k·batch.
     """
-    n = k * z.shape[0]
+    n = k * z.shape[0] * distributed.world().size
     width = z.shape[1]
     candidates = z.topk(min(width, 4 * k), dim=-1, sorted=False).values  # (batch, ≤4k)
-    threshold = candidates.flatten().kthvalue(candidates.numel() - n + 1).values
-    if candidates.shape[1] < width and (candidates.amin(dim=-1) >= threshold).any():
-        threshold = z.flatten().kthvalue(z.numel() - n + 1).values
+    gathered = distributed.all_gather(candidates.flatten(), step="the BatchTopK threshold")
+    threshold = gathered.kthvalue(gathered.numel() - n + 1).values
+    short = torch.tensor(int(candidates.shape[1] < width and (candidates.amin(dim=-1) >= threshold).any()))
+    if distributed.all_reduce(short, "max", step="the BatchTopK threshold"):
+        best = z.flatten().topk(min(n, z.numel()), sorted=False).values
+        gathered = distributed.all_gather(best, step="the BatchTopK threshold")
+        threshold = gathered.kthvalue(gathered.numel() - n + 1).values
     rows, latents = ((z >= threshold) & (z > 0)).nonzero(as_tuple=True)
     return rows, latents
 
@@ -316,7 +327,7 @@ def forward_sparse(state: TrainState, x: torch.Tensor, cfg: TrainConfig, dead: t
         rows, latents = select_batch_topk(z, cfg.k)
     codes = codes_at(sae, x, z, rows, latents)
     x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
-    total_variance = (x - x.mean(dim=0)).pow(2).sum()
+    total_variance = batch_variance(x)
     loss = (x_hat - x).pow(2).sum() / total_variance
     n_dead = int(dead.sum())
     if n_dead:
@@ -333,22 +344,31 @@ def forward_sparse(state: TrainState, x: torch.Tensor, cfg: TrainConfig, dead: t
     return Forward(x_hat, loss, fired, float((codes.values > 0).sum()) / x.shape[0])
 
 
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """Σ ||x - mean||² over the whole batch (every rank's slice of it, all equal in size)."""
+    mean = distributed.all_reduce(x.sum(dim=0), step="the batch mean") / (x.shape[0] * distributed.world().size)
+    return distributed.all_reduce((x - mean).pow(2).sum(), step="the batch variance")
+
+
 def update_threshold(state: TrainState, values: torch.Tensor, momentum: float) -> None:
     """Running mean of the smallest positive selected activation (BatchTopK -> JumpReLU θ)."""
     positive = values[values > 0]
-    if positive.numel() == 0:
+    local = positive.min() if positive.numel() else torch.tensor(torch.inf, device=values.device)
+    smallest = float(distributed.all_reduce(local.reshape(1).clone(), "min", step="the BatchTopK threshold"))
+    if math.isinf(smallest):
         return
-    smallest = float(positive.min())
     state.threshold = smallest if state.threshold is None else momentum * state.threshold + (1 - momentum) * smallest
 
 
 def forward_relu(state: TrainState, x: torch.Tensor, cfg: TrainConfig) -> Forward:
-    """Anthropic's loss: mean ||x - x̂||² + λ_t · mean Σ_i f_i ||W_dec_i||, λ warmed up over 5%."""
+    """Anthropic's loss: mean ||x - x̂||² + λ_t · mean Σ_i f_i ||W_dec_i||, λ warmed up over 5%
+    (means over the whole batch: this rank's sums over its slice, divided by the batch size)."""
     sae = state.sae
     f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)  # (batch, width)
     x_hat = f @ sae.W_dec + sae.b_dec
-    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
-    penalty = (f * sae.W_dec.norm(dim=-1)).sum(dim=-1).mean()
+    batch = x.shape[0] * distributed.world().size
+    mse = (x_hat - x).pow(2).sum() / batch
+    penalty = (f * sae.W_dec.norm(dim=-1)).sum() / batch
     l1_scale = min(1.0, (state.step + 1) / max(1, int(0.05 * cfg.total_steps)))
     active = (f > 0).detach()
     return Forward(x_hat, mse + cfg.l1_coeff * l1_scale * penalty, active.any(dim=0), float(active.sum()) / x.shape[0])
@@ -376,6 +396,7 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: fl
         out = forward_sparse(state, x, cfg, dead)
     state.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
+    all_reduce_grads(sae)
     if cfg.architecture != "relu":
         remove_parallel_grad(sae.W_dec)
     torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -384,12 +405,29 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: fl
     state.optimizer.step()
     if cfg.architecture != "relu":
         normalise_rows(sae.W_dec)
-    state.tokens_since_fired += x.shape[0]
-    state.tokens_since_fired[out.fired] = 0
+    fired = distributed.all_reduce(out.fired.to(torch.uint8), "max", step="which latents fired").bool()
+    state.tokens_since_fired += x.shape[0] * distributed.world().size
+    state.tokens_since_fired[fired] = 0
     state.step += 1
     with torch.no_grad():
-        fvu = (out.x_hat - x).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+        error = distributed.all_reduce((out.x_hat - x).pow(2).sum(), step="the batch error")
+        fvu = error / batch_variance(x)
     return StepStats(float(out.loss.detach()), 1.0 - float(fvu), out.l0, float(dead.float().mean()))
+
+
+@torch.no_grad()
+def all_reduce_grads(sae: SAE) -> None:
+    """Sum every rank's gradients (one flat buffer): each rank's loss is its slice's share of the
+    whole batch's loss, so the sum is the whole batch's gradient."""
+    if distributed.world().size == 1:
+        return
+    params = list(sae.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = distributed.all_reduce(torch.cat([p.grad.reshape(-1) for p in params]), step="the gradient all-reduce")
+    for p, part in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad.copy_(part.view_as(p))
 
 
 @torch.no_grad()
@@ -493,6 +531,10 @@ def fit(
     """Train on ``source`` for cfg.tokens tokens, checkpointing into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    me = distributed.world()
+    if cfg.batch_size % me.size:
+        raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {me.size} ranks; use a multiple of {me.size}")
+    rows = distributed.shard_range(cfg.batch_size)  # this rank's slice of every batch
     has_checkpoint = (folder / CHECKPOINT).is_file()
     if has_checkpoint and not resume:
         raise TrainError(f"{folder} holds an unfinished run; pass --resume to continue it, or choose another --out")
@@ -504,18 +546,18 @@ def fit(
         initial=state.step * cfg.batch_size,
         unit="tok",
         unit_scale=True,
-        disable=not progress,
+        disable=not (progress and me.is_main),
         desc=f"train {cfg.architecture}",
     )
     batches = batches_from(source, cfg.batch_size, state.step, cfg.cache_tokens or cfg.tokens)
     with bar:
         while state.step < total:
-            stats = train_step(state, next(batches), cfg, base_lr)
+            stats = train_step(state, next(batches)[rows.start : rows.stop], cfg, base_lr)
             bar.update(cfg.batch_size)
             bar.set_postfix(
                 L0=f"{stats.l0:.1f}", EV=f"{stats.explained_variance:.3f}", dead=f"{stats.dead_fraction:.3f}", refresh=False
             )
-            if state.step % cfg.checkpoint_every == 0 or state.step == total:
+            if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
                 save_checkpoint(folder, state, cfg)
     dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
     return FitResult(
@@ -593,19 +635,22 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
         raise TrainError(f"{out} already holds a trained SAE; choose another --out")
     subject = load_subject(cfg.model, device=cfg.device)
     subject.check_layer(cfg.layer)
-    contexts = build_contexts(
-        cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed
-    )
-    split = held_out_split(contexts, cfg.eval_contexts)
-    cache = ActivationCache.build(
-        subject,
-        cfg.layer,
-        split.train,
-        ActivationCache.default_folder(subject, cfg.layer, split.train),
-        max_tokens=cfg.cache_tokens or cfg.tokens,
-    )
+    with distributed.main_first("building the corpus and activation caches"):  # rank 0 builds, the rest reuse
+        contexts = build_contexts(
+            cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed
+        )
+        split = held_out_split(contexts, cfg.eval_contexts)
+        cache = ActivationCache.build(
+            subject,
+            cfg.layer,
+            split.train,
+            ActivationCache.default_folder(subject, cfg.layer, split.train),
+            max_tokens=cfg.cache_tokens or cfg.tokens,
+        )
     print(f"saescope: training needs about {memory_estimate(cfg, subject.d_model) / 2**20:.0f} MiB")
     result = fit(cache, cfg, out, resume=resume, progress=progress)
+    if not distributed.is_main():
+        return out
     sae = with_metadata(
         result.sae,
         model_name=cfg.model,

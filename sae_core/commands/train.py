@@ -62,8 +62,11 @@ def config_from_args(args):
 
 
 def run(args) -> int:
+    from sae_core import distributed
     from sae_core.train import train_sae
 
-    out = train_sae(config_from_args(args), args.out, resume=args.resume)
-    print(f"saved {out}")
+    with distributed.session() as world:  # under torchrun: data-parallel over its ranks
+        out = train_sae(config_from_args(args), args.out, resume=args.resume)
+        if world.is_main:
+            print(f"saved {out}")
     return 0
