@@ -253,3 +253,9 @@ def test_required_live_fails_fast_when_no_model_loads(store_url, tmp_path):
     app = create_app(Settings(db_url=store_url, model=str(tmp_path / "no-model"), live=True))
     with pytest.raises(Exception, match="no SAE's model loads"), TestClient(app):
         pass
+
+
+def test_sae_page_links_to_the_prompt_page_only_when_live(client, store_url):
+    assert f'href="/saes/{SAE}/prompt"' in client.get(f"/saes/{SAE}").text
+    with TestClient(create_app(Settings(db_url=store_url, live=False))) as off:
+        assert f'href="/saes/{SAE}/prompt"' not in off.get(f"/saes/{SAE}").text
