@@ -93,6 +93,7 @@ def write_store(url: str, n_features: int, n_contexts: int, rng: np.random.Gener
             d_sae=n_features,
             path="p",
             n_tokens=tokens.size,
+            status="complete",
         )
         session.add(sae)
         session.flush()
