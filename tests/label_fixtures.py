@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.store import (
@@ -224,13 +223,3 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
         session.commit()
     engine.dispose()
     return PlantedStore(url, sae_name, tokens, acts)
-
-
-def feature(url: str, sae_name: str, idx: int) -> FeatureRow:
-    engine = create_engine_for(url)
-    with Session(engine) as session:
-        sae_id = session.scalar(sa.select(SaeRow.id).where(SaeRow.name == sae_name))
-        row = session.get(FeatureRow, (sae_id, idx))
-        session.expunge(row)
-    engine.dispose()
-    return row
