@@ -20,13 +20,16 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from sqlalchemy.engine import Engine
 
+from sae_core import distributed
 from sae_core.activations import ActivationBatch, iter_activations
 from sae_core.corpus import Contexts, build_contexts
 from sae_core.errors import SaescopeError
@@ -38,7 +41,7 @@ from sae_core.precompute_results import (
     token_index,
 )
 from sae_core.precompute_rows import RowInputs, store_rows
-from sae_core.precompute_spill import SpillWriter, example_activations
+from sae_core.precompute_spill import PackedActs, SpillWriter, example_activations
 from sae_core.precompute_stats import BatchActs, StreamingStats
 from sae_core.precompute_store import (
     Checkpoint,
@@ -106,13 +109,54 @@ class Inputs(NamedTuple):
     name: str
 
 
+class Run(NamedTuple):
+    """One precompute in progress: what it reads and where it writes."""
+
+    cfg: PrecomputeConfig
+    engine: Engine
+    sae_id: int  # the staging row
+    subject: Subject
+    sae: SAE
+    layer: int
+    contexts: Contexts
+    spill_path: Path
+
+
 def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
+    if distributed.launched_world().size > 1:  # a rank of a torchrun job
+        from sae_core.sharded_precompute import run_sharded
+
+        with distributed.session():
+            return run_sharded(cfg)
     inputs = resolve_inputs(cfg)
     engine = create_engine_for(cfg.db_url)
     migrate(engine)
     if complete_sae_id(engine, inputs.name) is not None and not cfg.force:
         say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
         return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
+    run, checkpoint = start_run(cfg, inputs, engine)
+    stats = new_stats(cfg, run.sae, run.subject)
+    if checkpoint is not None:
+        stats.load_state_dict(checkpoint.state)
+        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
+    first_pass(run, stats, checkpoint)
+    rows = store_rows(collect_results(run, stats))
+    n_tokens = int(stats.n_tokens)
+    summary = {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)}
+    publish(engine, run.sae_id, inputs.name, summary, rows)
+    run.spill_path.unlink(missing_ok=True)
+    say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens written to {cfg.db_url}")
+    return PrecomputeResult(inputs.name, n_tokens, run.sae.d_sae, False, checkpoint.batches_done if checkpoint else 0)
+
+
+class Loaded(NamedTuple):
+    subject: Subject
+    sae: SAE  # on the subject's device
+    contexts: Contexts
+
+
+def load_run_inputs(cfg: PrecomputeConfig, inputs: Inputs) -> Loaded:
+    """The subject model, the SAE beside it, and the corpus contexts (nothing touches the store)."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     subject = load_subject(inputs.model, device=device)
     if subject.d_model != inputs.sae.d_in:
@@ -125,30 +169,20 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     contexts = build_contexts(
         cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed, max_contexts=max_contexts
     )
-    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, vocab_strings(subject))
+    return Loaded(subject, sae, contexts)
+
+
+def start_run(cfg: PrecomputeConfig, inputs: Inputs, engine: Engine) -> tuple[Run, Checkpoint | None]:
+    """Load model and corpus, and open (or reopen) the staging row with its last checkpoint."""
+    subject, sae, contexts = load_run_inputs(cfg, inputs)
+    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
     sae_id, checkpoint = open_staging(engine, inputs.name, sae_row_values(cfg, inputs, sae, model_id, contexts))
-    spill_path = cache_dir() / "precompute" / f"{hashlib.sha256(f'{cfg.db_url}|{sae_id}'.encode()).hexdigest()[:20]}.spill"
+    key = hashlib.sha256(f"{cfg.db_url}|{sae_id}".encode()).hexdigest()[:20]
+    spill_path = cache_dir() / "precompute" / f"{key}.spill"
     if checkpoint is not None and (not spill_path.is_file() or spill_path.stat().st_size < checkpoint.spill_bytes):
         say(f"the activation spill {spill_path} is missing or short; starting {inputs.name} again")
         checkpoint = None
-    stats = new_stats(cfg, sae, subject)
-    if checkpoint is not None:
-        stats.load_state_dict(checkpoint.state)
-        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
-    start = checkpoint.batches_done if checkpoint else 0
-    first_pass(cfg, engine, sae_id, subject, sae, inputs.layer, contexts, stats, spill_path, checkpoint)
-    rows = store_rows(collect_results(cfg, stats, sae, subject, contexts, spill_path, sae_id))
-    n_tokens = int(stats.n_tokens)
-    publish(
-        engine,
-        sae_id,
-        inputs.name,
-        {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)},
-        rows,
-    )
-    spill_path.unlink(missing_ok=True)
-    say(f"{inputs.name}: {sae.d_sae} features over {n_tokens} tokens written to {cfg.db_url}")
-    return PrecomputeResult(inputs.name, n_tokens, sae.d_sae, False, start)
+    return Run(cfg, engine, sae_id, subject, sae, inputs.layer, contexts, spill_path), checkpoint
 
 
 def say(message: str) -> None:
@@ -286,24 +320,43 @@ def encode_batch(sae: SAE, batch: ActivationBatch, memory_budget: int) -> Encode
     return EncodedBatch(acts, counted[token])
 
 
-def first_pass(cfg, engine, sae_id, subject, sae, layer, contexts, stats, spill_path, checkpoint) -> None:
-    """Stream the corpus through model and SAE into ``stats`` and the spill, checkpointing."""
-    done = checkpoint.batches_done if checkpoint else 0
-    n_batches = math.ceil(len(contexts) / cfg.batch_size)
+def first_pass(
+    run: Run,
+    stats: StreamingStats,
+    checkpoint: Checkpoint | None,
+    *,
+    block: range | None = None,
+    save: Callable[[Checkpoint], None] | None = None,
+) -> None:
+    """Stream the corpus through model and SAE into ``stats`` and the spill, checkpointing.
+
+    ``block``: the batch indices to stream (default all; a rank streams its block of them);
+    ``save``: where checkpoints go (default the store's staging row)."""
+    cfg = run.cfg
+    block = block if block is not None else range(math.ceil(len(run.contexts) / cfg.batch_size))
+    save = save or (lambda checkpoint: save_checkpoint(run.engine, run.sae_id, checkpoint))
+    done = checkpoint.batches_done if checkpoint else block.start
+    n_batches = block.stop
     if done >= n_batches:
         return
-    spill = SpillWriter(spill_path, checkpoint.spill_bytes if checkpoint else 0)
-    seq = contexts.tokens.shape[1]
+    spill = SpillWriter(run.spill_path, checkpoint.spill_bytes if checkpoint else 0)
+    seq = run.contexts.tokens.shape[1]
     try:
         batches = iter_activations(
-            subject, layer, contexts, batch_size=cfg.batch_size, start=done * cfg.batch_size, progress=cfg.progress
+            run.subject,
+            run.layer,
+            run.contexts,
+            batch_size=cfg.batch_size,
+            start=done * cfg.batch_size,
+            stop=n_batches * cfg.batch_size,
+            progress=cfg.progress,
         )
         for index, batch in enumerate(batches, start=done):
-            encoded = encode_batch(sae, batch, cfg.memory_budget)
+            encoded = encode_batch(run.sae, batch, cfg.memory_budget)
             stats.update(encoded.acts)
             spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)
-            if (index + 1) % cfg.checkpoint_every == 0 or index + 1 == n_batches:
-                save_checkpoint(engine, sae_id, Checkpoint(index + 1, spill.sync(), stats.state_dict()))
+            if (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == n_batches:
+                save(Checkpoint(index + 1, spill.sync(), stats.state_dict()))
     finally:
         spill.close()
 
@@ -312,7 +365,13 @@ def first_pass(cfg, engine, sae_id, subject, sae, layer, contexts, stats, spill_
 # Results and pass 2
 
 
-def collect_results(cfg, stats, sae, subject, contexts, spill_path, sae_id) -> RowInputs:
+def collect_results(
+    run: Run, stats: StreamingStats, examples: Callable[[np.ndarray], dict[int, PackedActs]] | None = None
+) -> RowInputs:
+    """Finish the statistics, read the chosen examples' per-token activations from the spill
+    (``examples``: from keys to activations; default this process's spill), and compute the
+    weight-based effects."""
+    cfg, sae, subject = run.cfg, run.sae, run.subject
     intervals = final_intervals(stats, cfg.bins, cfg.per_bin)
     sample_context, sample_value, sample_filled = ordered_samples(intervals.samples)
     n_features = sae.d_sae
@@ -327,7 +386,7 @@ def collect_results(cfg, stats, sae, subject, contexts, spill_path, sae_id) -> R
     )
     W_dec = sae.W_dec.detach().float()
     return RowInputs(
-        sae_id=sae_id,
+        sae_id=run.sae_id,
         n_tokens=int(stats.n_tokens),
         bins=cfg.bins,
         features=stats.features,
@@ -336,8 +395,8 @@ def collect_results(cfg, stats, sae, subject, contexts, spill_path, sae_id) -> R
         sample_context=sample_context.view(n_features, cfg.bins, -1),
         sample_value=sample_value.view(n_features, cfg.bins, -1),
         sample_filled=sample_filled.view(n_features, cfg.bins, -1),
-        packed=example_activations(spill_path, wanted, n_features),
-        context_tokens={int(c): contexts.tokens[int(c)] for c in np.unique(wanted // n_features)},
+        packed=examples(wanted) if examples else example_activations(run.spill_path, wanted, n_features),
+        context_tokens={int(c): run.contexts.tokens[int(c)] for c in np.unique(wanted // n_features)},
         logits=logit_effects(
             W_dec,
             subject.final_norm_scale().float(),

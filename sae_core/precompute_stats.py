@@ -316,11 +316,12 @@ class CoActivation:
 
     def update(self, acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int) -> None:
         perm, rank = ranks_within_groups(acts_token, value)
-        keep = perm[rank < self.max_active]
-        active = torch.full((n_tokens, self.max_active), -1, dtype=torch.int64)  # (tokens, max_active)
-        active[acts_token[keep], rank[rank < self.max_active]] = feature[keep]
+        width = min(self.max_active, int(rank.max()) + 1 if rank.numel() else 0)  # k for a TopK SAE
+        keep = perm[rank < width]
+        active = torch.full((n_tokens, width), -1, dtype=torch.int64)  # (tokens, width)
+        active[acts_token[keep], rank[rank < width]] = feature[keep]
         self.occurrences += torch.bincount(feature[keep], minlength=self.n_features)
-        first, second = torch.triu_indices(self.max_active, self.max_active, offset=1)
+        first, second = torch.triu_indices(width, width, offset=1)
         a, b = active[:, first].reshape(-1), active[:, second].reshape(-1)  # (tokens * pairs,)
         both = (a >= 0) & (b >= 0)
         a, b = a[both], b[both]

@@ -9,7 +9,7 @@ the new one, and rerunning the same command picks up from the last checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import sqlalchemy as sa
@@ -64,8 +64,9 @@ def insert_rows(conn: Connection, table, rows: Iterable[dict]) -> None:
         conn.execute(sa.insert(table), chunk)
 
 
-def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: list[str]) -> int:
-    """The subject model's row, created with its vocabulary strings the first time it is seen."""
+def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Callable[[], list[str]]) -> int:
+    """The subject model's row, created with its vocabulary strings (``vocab()``, decoded only
+    then) the first time it is seen."""
     with engine.begin() as conn:
         model_id = conn.scalar(sa.select(SubjectModelRow.id).where(SubjectModelRow.name == info["name"]))
         if model_id is not None:
@@ -84,7 +85,7 @@ def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: li
             )
             .returning(SubjectModelRow.id)
         )
-        insert_rows(conn, VocabRow, ({"model_id": model_id, "token_id": i, "text": t} for i, t in enumerate(vocab)))
+        insert_rows(conn, VocabRow, ({"model_id": model_id, "token_id": i, "text": t} for i, t in enumerate(vocab())))
         return model_id
 
 

@@ -48,12 +48,13 @@ def logit_effects(
 
 
 def row_histograms(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
-    """(rows, m) values -> (rows, bins) counts over equal bins of each row's [lo, hi]."""
+    """(rows, m) values -> (rows, bins) counts over equal bins of each row's [lo, hi].
+    Overwrites ``values`` (in-place passes: this runs over F x vocab elements)."""
     rows = values.shape[0]
-    width = (hi - lo).clamp(min=1e-12).unsqueeze(1)
-    index = ((values - lo.unsqueeze(1)) / width * bins).long().clamp_(0, bins - 1)
-    flat = index + torch.arange(rows).unsqueeze(1) * bins
-    return torch.bincount(flat.reshape(-1), minlength=rows * bins).view(rows, bins)
+    scale = bins / (hi - lo).clamp(min=1e-12).unsqueeze(1)
+    index = values.sub_(lo.unsqueeze(1)).mul_(scale).clamp_(0, bins - 1)  # (rows, m) in [0, bins - 1]
+    index.add_(torch.arange(rows, dtype=index.dtype).unsqueeze(1) * bins)  # row offsets, exact in float32
+    return torch.bincount(index.view(-1).long(), minlength=rows * bins).view(rows, bins)
 
 
 @torch.no_grad()

@@ -3,6 +3,11 @@ resume after a kill on SQLite and PostgreSQL, skip when complete, atomic --force
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 
 import numpy as np
@@ -385,3 +390,38 @@ def test_complete_sae_is_skipped_and_force_replaces_it(run_on, tmp_path, capsys)
     assert max(row[3] for row in after["examples"] if row[1] == "top") == 1
     run_on(db, name="second")  # another SAE side by side
     assert [row[0] for row in dump(db)["saes"]] == sorted([first.name, "second"])
+
+
+def batches_checkpointed(db_url: str) -> int:
+    engine = create_engine_for(db_url)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("select coalesce(max(batches_done), 0) from precompute_state").scalar()
+    except sa.exc.OperationalError:  # the store is not created yet
+        return 0
+    finally:
+        engine.dispose()
+
+
+def test_sigkill_then_the_same_command_resumes(llama_dir, corpus, planted, run_on, tmp_path):
+    """The real thing: `saescope precompute` SIGKILLed mid-run, then run again."""
+    db = f"sqlite:///{tmp_path / 'killed.db'}"
+    command = [
+        sys.executable, "-m", "sae_core", "precompute", "--sae", str(planted[0]), "--db", db,
+        "--model", str(llama_dir), "--corpus", corpus, "--ctx-len", str(CTX_LEN), "--tokens", "0",
+        "--batch-size", "1", "--checkpoint-every", "1", "--top-k", "6", "--per-bin", "3",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float rounding as this process's single thread
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while batches_checkpointed(db) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "precompute finished before it could be killed"
+    assert dump(db)["saes"][0][1] == "running"
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stderr
+    reference = f"sqlite:///{tmp_path / 'reference.db'}"
+    run_on(reference, batch_size=1)
+    assert dump(db) == dump(reference)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sae_core.cli import add_corpus_args, add_model_args
-from sae_core.precompute import PrecomputeConfig, run_precompute
+from sae_core.precompute import PrecomputeConfig, PrecomputeError, run_precompute
 
 HELP = "precompute every feature of an SAE (ours, SAELens, sparsify, Gemma Scope) into the store"
 
@@ -33,13 +33,20 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    positive = {"--top-k": args.top_k, "--bins": args.bins, "--per-bin": args.per_bin, "--batch-size": args.batch_size,
-                "--memory-budget": args.memory_budget, "--checkpoint-every": args.checkpoint_every, "--ctx-len": args.ctx_len}
+    positive = {
+        "--top-k": args.top_k,
+        "--bins": args.bins,
+        "--per-bin": args.per_bin,
+        "--batch-size": args.batch_size,
+        "--memory-budget": args.memory_budget,
+        "--checkpoint-every": args.checkpoint_every,
+        "--ctx-len": args.ctx_len,
+    }
     for flag, value in positive.items():
         if value < 1:
-            from sae_core.precompute import PrecomputeError
-
             raise PrecomputeError(f"{flag} must be at least 1, not {value}")
+    if args.tokens < 0:
+        raise PrecomputeError(f"--tokens must be 0 (the whole corpus) or more, not {args.tokens}")
     cfg = PrecomputeConfig(
         sae_path=args.sae,
         model=args.model,
