@@ -425,3 +425,18 @@ def test_sigkill_then_the_same_command_resumes(llama_dir, corpus, planted, run_o
     reference = f"sqlite:///{tmp_path / 'reference.db'}"
     run_on(reference, batch_size=1)
     assert dump(db) == dump(reference)
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    from sae_core.cli import main
+
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2, layer=0))  # names no model
+    sae.save(tmp_path / "anonymous")
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["precompute", "--sae", str(tmp_path / "anonymous"), "--db", db]) == 2
+    assert capsys.readouterr().err.strip() == f"saescope: error: {tmp_path / 'anonymous'} does not name its model; pass --model"
+    assert main(["precompute", "--sae", str(tmp_path / "anonymous"), "--model", "m", "--name", "a b", "--db", db]) == 2
+    assert "--name 'a b' must be" in capsys.readouterr().err
+    assert main(["precompute", "--sae", str(tmp_path / "anonymous"), "--top-k", "0", "--db", db]) == 2
+    assert capsys.readouterr().err.strip() == "saescope: error: --top-k must be at least 1, not 0"
+    assert not (tmp_path / "s.db").exists()
