@@ -7,12 +7,13 @@ continuations use the same seed, so any difference is the intervention's.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 
-from sae_core.live import LiveError, Prompt, PromptToken, as_prompt, check_feature
+from sae_core.live import LiveError, Prompt, as_prompt, check_feature
 from sae_core.sae import SAE
 from sae_core.subject import Subject
 
@@ -42,7 +43,6 @@ class Steering:
     generation: Generation
     default: Continuation
     steered: Continuation
-    tokens: list[PromptToken]  # the prompt as the model saw it
 
 
 class SteerHook:
@@ -98,7 +98,6 @@ def steer(
         generation=generation,
         default=default,
         steered=steered,
-        tokens=prompt.tokens,
     )
 
 
@@ -111,13 +110,14 @@ def _generate(subject: Subject, prompt: Prompt, generation: Generation, hook: St
     generator = torch.Generator(device=subject.device).manual_seed(generation.seed)
     stop = _eos_ids(subject)
     chunk, keep = prompt.ids[None], ~prompt.special_mask[None]  # (1, seq)
+    cache_name = _cache_name(subject.model)
     cache = None
     new_ids: list[int] = []
     for _ in range(generation.max_new_tokens):
         if hook is not None:
             hook.keep = keep
-        out = subject.model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
+        out = subject.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{cache_name: cache})
+        cache = getattr(out, cache_name)
         next_id = _sample(out.logits[0, -1].float(), generation.temperature, generator)
         if next_id in stop:
             break
@@ -125,6 +125,12 @@ def _generate(subject: Subject, prompt: Prompt, generation: Generation, hook: St
         chunk = torch.tensor([[next_id]], device=subject.device)
         keep = torch.ones_like(chunk, dtype=torch.bool)
     return Continuation(new_ids, subject.tokenizer.decode(new_ids))
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """The KV cache's argument and output name: ``cache`` in recent transformers 5 releases,
+    ``past_key_values`` in 4.x (a misspelt keyword would be swallowed and the cache silently lost)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
