@@ -6,7 +6,8 @@ Each function takes keyword arguments only, starting with the session, and raise
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -24,7 +25,7 @@ from app.schemas import (
     NeighbourPublic,
     SaePublic,
     SaesPublic,
-    TokenActivationPublic,
+    TokensPublic,
     TokenValuePublic,
 )
 from app.vocab import Vocabulary, get_vocabulary
@@ -156,17 +157,8 @@ def _contexts(session: Session, sae_id: int, context_ids: Iterable[int]) -> dict
     return {cid: unpack_tokens(blob).tolist() for cid, blob in rows}
 
 
-def _token_activations(
-    vocab: Vocabulary, token_ids: list[int], values
-) -> list[TokenActivationPublic]:
-    return [
-        TokenActivationPublic(token_id=t, text=vocab.text(t), value=round(float(v), 4))
-        for t, v in zip(token_ids, values, strict=True)
-    ]
-
-
 def _example(row: ExampleRow, token_ids: list[int], vocab: Vocabulary) -> ExamplePublic:
-    values = unpack_acts(row.acts, row.max_act, len(token_ids))
+    values = unpack_acts(row.acts, row.max_act, len(token_ids)).round(4)
     return ExamplePublic(
         context_id=row.context_id,
         kind=row.kind,
@@ -174,7 +166,9 @@ def _example(row: ExampleRow, token_ids: list[int], vocab: Vocabulary) -> Exampl
         rank=row.rank,
         max_act=row.max_act,
         max_pos=row.max_pos,
-        tokens=_token_activations(vocab, token_ids, values),
+        tokens=[vocab.text(t) for t in token_ids],
+        token_ids=token_ids,
+        values=values.tolist(),
     )
 
 
@@ -184,9 +178,13 @@ def _examples(session: Session, sae: SaeRow, rows: Sequence[ExampleRow]) -> list
     return [_example(r, contexts[r.context_id], vocab) for r in rows]
 
 
-def _snippet(example: ExamplePublic) -> list[TokenActivationPublic]:
-    start = max(0, example.max_pos - SNIPPET_RADIUS)
-    return example.tokens[start : example.max_pos + SNIPPET_RADIUS + 1]
+def _snippet(example: ExamplePublic) -> TokensPublic:
+    window = slice(max(0, example.max_pos - SNIPPET_RADIUS), example.max_pos + SNIPPET_RADIUS + 1)
+    return TokensPublic(
+        tokens=example.tokens[window],
+        token_ids=example.token_ids[window],
+        values=example.values[window],
+    )
 
 
 def _example_rows(
@@ -228,18 +226,50 @@ def _feature_row(session: Session, sae: SaeRow, index: int) -> FeatureRow:
     return row
 
 
-def feature_summary(row: FeatureRow, token_act: float | None = None) -> FeatureSummaryPublic:
+# The columns a feature list shows: everything but the per-feature JSON, which rows of a list
+# would decode for nothing.
+SUMMARY_COLUMNS = (
+    FeatureRow.idx,
+    FeatureRow.count,
+    FeatureRow.density,
+    FeatureRow.max_act,
+    FeatureRow.mean_act,
+    FeatureRow.label,
+    FeatureRow.label_source,
+    FeatureRow.label_f1,
+)
+
+
+def feature_summary(values: Mapping[str, Any]) -> FeatureSummaryPublic:
+    """A row of ``SUMMARY_COLUMNS`` (plus ``token_act`` from a token search) -> its summary."""
     return FeatureSummaryPublic(
-        index=row.idx,
-        count=row.count,
-        density=row.density,
-        max_act=row.max_act,
-        mean_act=row.mean_act,
-        label=row.label,
-        label_source=row.label_source,
-        label_f1=row.label_f1,
-        token_act=token_act,
+        index=values["idx"],
+        count=values["count"],
+        density=values["density"],
+        max_act=values["max_act"],
+        mean_act=values["mean_act"],
+        label=values["label"],
+        label_source=values["label_source"],
+        label_f1=values["label_f1"],
+        token_act=values.get("token_act"),
     )
+
+
+def _summary(session: Session, sae: SaeRow, index: int) -> FeatureSummaryPublic:
+    values = None
+    if 0 <= index < sae.d_sae:
+        values = (
+            session.execute(
+                sa.select(*SUMMARY_COLUMNS).where(
+                    FeatureRow.sae_id == sae.id, FeatureRow.idx == index
+                )
+            )
+            .mappings()
+            .first()
+        )
+    if values is None:
+        raise UnknownFeatureError(sae.name, index, sae.d_sae)
+    return feature_summary(values)
 
 
 def _label(row: FeatureRow) -> LabelPublic | None:
@@ -268,8 +298,10 @@ def _neighbours(
         return [[] for _ in lists]
     rows = {
         r.idx: r
-        for r in session.scalars(
-            sa.select(FeatureRow).where(FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted))
+        for r in session.execute(
+            sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.density).where(
+                FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted)
+            )
         )
     }
     tops = session.scalars(
@@ -289,7 +321,7 @@ def _neighbours(
             score=score,
             label=row.label if row else None,
             density=row.density if row else None,
-            snippet=_snippet(example) if example else [],
+            snippet=_snippet(example) if example else None,
             snippet_max=example.max_act if example else 0.0,
         )
 
@@ -367,13 +399,13 @@ def get_feature(
 
 def get_feature_summary(*, session: Session, sae_name: str, index: int) -> FeatureSummaryPublic:
     sae = get_sae_row(session=session, sae_name=sae_name)
-    return feature_summary(_feature_row(session, sae, index))
+    return _summary(session, sae, index)
 
 
 def get_feature_preview(*, session: Session, sae_name: str, index: int) -> FeaturePreviewPublic:
     sae = get_sae_row(session=session, sae_name=sae_name)
-    row = _feature_row(session, sae, index)
+    summary = _summary(session, sae, index)
     rows = _example_rows(session, sae.id, index, "top")[:PREVIEW_EXAMPLES]
     return FeaturePreviewPublic(
-        sae=sae.name, feature=feature_summary(row), examples=_examples(session, sae, rows)
+        sae=sae.name, feature=summary, examples=_examples(session, sae, rows)
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 from starlette.responses import Response
 
 from app.charts import histogram_chart
@@ -47,6 +49,27 @@ def shade(value: float, max_value: float) -> float:
     return round(min(value / max_value, 1.0), 2)
 
 
+def heatmap(tokens: Iterable[Any], max_value: float, max_pos: int | None = None) -> Markup:
+    """The token heatmap (``_partials/heatmap.html``), built here because pages hold thousands
+    of tokens: one span per token, shaded by ``--a`` = value / max_value, its activation in
+    ``data-act`` and, with its text, in ``title``; the token at ``max_pos`` is marked.
+    Tokens are objects or mappings with ``text`` and ``value``; their text is escaped."""
+    spans = []
+    for position, token in enumerate(tokens):
+        text, value = (
+            (token["text"], token["value"])
+            if isinstance(token, Mapping)
+            else (token.text, token.value)
+        )
+        shown = escape(token_text(text))
+        marked = " max" if position == max_pos else ""
+        style = f' style="--a:{shade(value, max_value)}"' if value > 0 else ""
+        spans.append(
+            f'<span class="t{marked}" data-act="{value:.4g}"{style} title="{shown} · {value:.3g}">{shown}</span>'
+        )
+    return Markup('<span class="hm">' + "".join(spans) + "</span>")
+
+
 def url_segment(value: Any) -> str:
     """One path segment, percent-encoded (``/`` included) so user data cannot change the route."""
     return quote(str(value), safe="")
@@ -61,7 +84,7 @@ def make_templates() -> Jinja2Templates:
     env = templates.env
     env.filters.update(num=number, pct=percent, tok=token_text, seg=url_segment)
     env.globals.update(
-        shade=shade,
+        heatmap=heatmap,
         histogram_chart=histogram_chart,
         htmx=HTMX,
         sae_hints=_hints(SaePublic),

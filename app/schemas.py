@@ -8,7 +8,7 @@ Field descriptions say how each number was measured; pages show them as hints.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -84,20 +84,33 @@ class LabelPublic(BaseModel):
     )
 
 
-class TokenActivationPublic(BaseModel):
-    token_id: int
+class TokenValue(NamedTuple):
+    """One token of a heatmap: what ``_partials/heatmap.html`` reads."""
+
     text: str
-    value: float = Field(description="Feature activation on this token (0 where it did not fire).")
+    value: float
 
 
-class ExamplePublic(BaseModel):
+class TokensPublic(BaseModel):
+    """A run of tokens with one activation each, as parallel lists (compact in JSON)."""
+
+    tokens: list[str] = Field(description="Display text of each token.")
+    token_ids: list[int]
+    values: list[float] = Field(
+        description="Feature activation on each token (0 where it did not fire)."
+    )
+
+    def pairs(self) -> list[TokenValue]:
+        return [TokenValue(t, v) for t, v in zip(self.tokens, self.values, strict=True)]
+
+
+class ExamplePublic(TokensPublic):
     context_id: int = Field(description="Row of the context in the precompute corpus.")
     kind: Literal["top", "interval"]
     bin: int = Field(description="Interval bin of an interval sample; 0 for top examples.")
     rank: int
     max_act: float
     max_pos: int = Field(description="Position of the example's largest activation.")
-    tokens: list[TokenActivationPublic]
 
 
 class ExamplesPublic(BaseModel):
@@ -128,7 +141,7 @@ class NeighbourPublic(BaseModel):
     score: float = Field(description="Decoder cosine similarity, or co-activation score.")
     label: str | None
     density: float | None
-    snippet: list[TokenActivationPublic] = Field(
+    snippet: TokensPublic | None = Field(
         description="Tokens around the neighbour's strongest activation, for a mini heatmap."
     )
     snippet_max: float = Field(

@@ -69,6 +69,9 @@ class StoreSpec:
     n_bins: int = 5
     per_bin: int = 5
     n_neighbours: int = 8
+    token_index_size: int = (
+        0  # features indexed per vocabulary token besides the planted " Paris" ones
+    )
     seed: int = 0
 
 
@@ -132,7 +135,7 @@ def _example_rows(
                 bin=b,
                 rank=rank,
                 acts=blob,
-                context_id=int(rng.choice(context_ids)),
+                context_id=int(context_ids[rng.integers(len(context_ids))]),
                 max_act=exact_max,
                 max_pos=max_pos,
             )
@@ -157,10 +160,8 @@ def _feature_row(
     top_tokens = rng.choice(vocab, 10, replace=False).tolist()
     if index == store.script_feature:
         top_tokens[0] = 0  # the <script> token
-    neighbours = [
-        int(j)
-        for j in rng.choice([j for j in range(n) if j != index], spec.n_neighbours, replace=False)
-    ]
+    others = rng.choice(n - 1, spec.n_neighbours, replace=False)  # indices other than this one
+    neighbours = [int(j) + int(j >= index) for j in others]
     a, b = store.neighbour_pair
     if index in (a, b):
         neighbours[0] = b if index == a else a
@@ -203,6 +204,40 @@ def _feature_row(
         label_recall=0.6 if label else None,
         label_f1=round(0.3 + 0.6 * ((index * 37) % 100) / 100, 3) if label else None,
     )
+
+
+def _token_index(
+    rng, spec: StoreSpec, store: SyntheticStore, sae_id: int, paris: int
+) -> list[dict]:
+    """The planted " Paris" features, then ``token_index_size`` random ones for every other token."""
+    rows = [
+        dict(
+            sae_id=sae_id,
+            token_id=paris,
+            rank=rank,
+            feature_idx=f,
+            mean_act=3.0 - rank,
+            count=10 - rank,
+        )
+        for rank, f in enumerate(store.paris_features)
+    ]
+    for token in range(spec.vocab_size) if spec.token_index_size else ():
+        if token == paris:
+            continue
+        features = rng.choice(spec.n_features, spec.token_index_size, replace=False)
+        acts = np.sort(rng.uniform(0.1, 5.0, spec.token_index_size))[::-1]
+        rows += [
+            dict(
+                sae_id=sae_id,
+                token_id=token,
+                rank=r,
+                feature_idx=int(f),
+                mean_act=float(a),
+                count=int(a * 10),
+            )
+            for r, (f, a) in enumerate(zip(features, acts, strict=True))
+        ]
+    return rows
 
 
 def _insert(conn, table, rows: list[dict], chunk: int = 5000) -> None:
@@ -287,25 +322,14 @@ def build_synthetic_store(engine: Engine, spec: StoreSpec = StoreSpec()) -> Synt
             features.append(row)
             if row["count"]:
                 densities.append(row["density"])
-                context_ids = [0] if index == store.script_feature else range(spec.n_contexts)
+                context_ids = range(1) if index == store.script_feature else range(spec.n_contexts)
                 examples += _example_rows(rng, spec, sae_id, index, row["max_act"], context_ids)
         _insert(conn, FeatureRow.__table__, features)
         _insert(conn, ExampleRow.__table__, examples)
-        paris = vocab.index(" Paris")
         _insert(
             conn,
             TokenFeatureRow.__table__,
-            [
-                dict(
-                    sae_id=sae_id,
-                    token_id=paris,
-                    rank=rank,
-                    feature_idx=f,
-                    mean_act=3.0 - rank,
-                    count=10 - rank,
-                )
-                for rank, f in enumerate(store.paris_features)
-            ],
+            _token_index(rng, spec, store, sae_id, vocab.index(" Paris")),
         )
         log_density = np.log10(densities)
         counts, edges = np.histogram(log_density, bins=20)

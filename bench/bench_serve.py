@@ -1,0 +1,275 @@
+"""Serving benchmark: `saescope serve` over a 16k-feature store, SQLite and Postgres side by side.
+
+A synthetic store of realistic size (16,384 features, 20 top examples + 5 bins x 5 interval
+samples of 65 tokens each, a 49k vocabulary with a token index) is built by code into SQLite and
+into a scratch Postgres schema. For each, the server runs on loopback and 32 concurrent clients
+replay a researcher's mix of requests (feature pages, the feature JSON, label and token search,
+as-you-type fragments, example and preview fragments, SAE pages) for a bounded time:
+
+- paced: each client waits a random think time (exponential, mean --think s) between requests,
+  i.e. 32 researchers clicking fast; this is the latency a user sees (target p99 <= 50 ms);
+- saturated: no think time, to find the throughput ceiling (latency then is queueing).
+
+Run from the repository root:  python bench/bench_serve.py [--duration 20] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae_core.store import create_engine_for  # noqa: E402
+from tests.app.server_process import serving  # noqa: E402
+from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+SPEC = StoreSpec(
+    sae_name="bench-16k",
+    n_features=16384,
+    vocab_size=49152,  # SmolLM2's vocabulary size
+    n_contexts=100_000,
+    token_index_size=8,
+)
+LABEL_WORDS = [
+    "capital",
+    "cities",
+    "python",
+    "function",
+    "definitions",
+    "indentation",
+    "loops",
+    "quotes",
+    "return",
+]
+TOKENS = [" Paris", "Paris", " w100", " w2000", " nothing-like-this"]
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str
+    path: str
+
+
+def next_request(rng: random.Random, sae: str) -> Request:
+    """One request of a researcher's mix (weights in percent)."""
+    index = rng.randrange(SPEC.n_features)
+    word = rng.choice(LABEL_WORDS)
+    mix = [
+        (35, "feature page", f"/saes/{sae}/features/{index}"),
+        (15, "feature json", f"/api/v1/saes/{sae}/features/{index}"),
+        (
+            15,
+            "label search",
+            f"/api/v1/saes/{sae}/features?q={word}&sort={rng.choice(['relevance', 'density'])}",
+        ),
+        (10, "token search", f"/api/v1/saes/{sae}/features?token={rng.choice(TOKENS)}"),
+        (
+            10,
+            "typing fragment",
+            f"/saes/{sae}/-/fragments/features?q={word[: rng.randint(2, len(word))]}",
+        ),
+        (5, "examples fragment", f"/saes/{sae}/-/fragments/features/{index}/examples?offset=10"),
+        (5, "preview fragment", f"/saes/{sae}/-/fragments/features/{index}/preview"),
+        (5, "sae page", f"/saes/{sae}?offset={rng.randrange(0, SPEC.n_features, 50)}&sort=max_act"),
+    ]
+    _, kind, path = rng.choices(mix, weights=[w for w, _, _ in mix])[0]
+    return Request(kind, path)
+
+
+@dataclass
+class LoadResult:
+    seconds: float
+    latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
+    errors: int = 0
+
+    @property
+    def all_latencies(self) -> list[float]:
+        return [t for times in self.latencies.values() for t in times]
+
+    @property
+    def requests(self) -> int:
+        return len(self.all_latencies) + self.errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return (
+        statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
+        if len(values) > 1
+        else values[0]
+    )
+
+
+async def one_client(
+    client: httpx.AsyncClient,
+    seed: int,
+    sae: str,
+    deadline: float,
+    think: float,
+    result: LoadResult,
+):
+    rng = random.Random(seed)
+    while time.monotonic() < deadline:
+        if think:
+            await asyncio.sleep(rng.expovariate(1 / think))
+        request = next_request(rng, sae)
+        start = time.perf_counter()
+        try:
+            response = await client.get(request.path)
+            ok = response.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            result.latencies.setdefault(request.kind, []).append(time.perf_counter() - start)
+        else:
+            result.errors += 1
+
+
+async def run_load(
+    base: str, *, clients: int, seconds: float, think: float, seed: int
+) -> LoadResult:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+        result = LoadResult(seconds)
+        deadline = time.monotonic() + seconds
+        await asyncio.gather(
+            *(
+                one_client(client, seed * 1000 + i, SPEC.sae_name, deadline, think, result)
+                for i in range(clients)
+            )
+        )
+    return result
+
+
+def build_sqlite(folder: Path) -> str:
+    url = f"sqlite:///{folder / 'bench.db'}"
+    engine = create_engine_for(url)
+    build_synthetic_store(engine, SPEC)
+    engine.dispose()
+    return url
+
+
+def build_postgres(pg_url: str, schema: str) -> str:
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    admin.dispose()
+    url = f"{pg_url}?options=-csearch_path%3D{schema}"
+    engine = create_engine_for(url)
+    build_synthetic_store(engine, SPEC)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")
+    engine.dispose()
+    return url
+
+
+def drop_postgres(pg_url: str, schema: str) -> None:
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    admin.dispose()
+
+
+def measure(url: str, args: argparse.Namespace) -> dict[str, LoadResult]:
+    with serving(url, "--workers", str(args.workers)) as base:
+        asyncio.run(
+            run_load(base, clients=args.clients, seconds=3, think=0, seed=99)
+        )  # warm caches
+        return {
+            "paced": asyncio.run(
+                run_load(
+                    base, clients=args.clients, seconds=args.duration, think=args.think, seed=1
+                )
+            ),
+            "saturated": asyncio.run(
+                run_load(base, clients=args.clients, seconds=args.duration, think=0, seed=2)
+            ),
+        }
+
+
+def print_report(results: dict[str, dict[str, LoadResult]], args: argparse.Namespace) -> None:
+    backends = list(results)
+    print(
+        f"\n{args.clients} clients, {args.duration:.0f} s per run, {args.workers} server worker(s), "
+        f"{SPEC.n_features} features; latency in ms"
+    )
+    header = f"{'':34}" + "".join(f"{b:>22}" for b in backends)
+    for mode in ("paced", "saturated"):
+        print(
+            f"\n{mode}"
+            + (
+                f" (think time ~ exp, mean {args.think} s)"
+                if mode == "paced"
+                else " (no think time)"
+            )
+        )
+        print(header)
+        rows = {
+            "requests/s": lambda r: f"{r.requests / r.seconds:.1f}",
+            "p50": lambda r: f"{percentile(r.all_latencies, 50) * 1e3:.1f}",
+            "p99": lambda r: f"{percentile(r.all_latencies, 99) * 1e3:.1f}",
+            "errors": lambda r: f"{r.errors} / {r.requests}",
+        }
+        for name, cell in rows.items():
+            print(f"  {name:32}" + "".join(f"{cell(results[b][mode]):>22}" for b in backends))
+        kinds = sorted({k for b in backends for k in results[b][mode].latencies})
+        for kind in kinds:
+            cells = []
+            for b in backends:
+                times = results[b][mode].latencies.get(kind, [])
+                cells.append(
+                    f"{percentile(times, 50) * 1e3:.1f} / {percentile(times, 99) * 1e3:.1f}"
+                )
+            print(f"  {kind + ' p50 / p99':32}" + "".join(f"{c:>22}" for c in cells))
+    if len(backends) == 2:
+        a, b = (results[x]["paced"] for x in backends)
+        ratio = percentile(b.all_latencies, 99) / percentile(a.all_latencies, 99)
+        print(f"\npaced p99, {backends[1]} / {backends[0]}: {ratio:.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=20, help="seconds per measured run")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument(
+        "--think", type=float, default=1.0, help="mean think time of a paced client (s)"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="server processes (2 cores here)")
+    parser.add_argument("--pg", default=PG_URL, help="PostgreSQL URL ('' to skip Postgres)")
+    args = parser.parse_args()
+
+    results: dict[str, dict[str, LoadResult]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
+        started = time.perf_counter()
+        sqlite_url = build_sqlite(Path(folder))
+        print(f"built the SQLite store in {time.perf_counter() - started:.0f} s", flush=True)
+        results["SQLite"] = measure(sqlite_url, args)
+    if args.pg:
+        schema = f"bench_serve_{uuid.uuid4().hex[:8]}"
+        try:
+            started = time.perf_counter()
+            pg_url = build_postgres(args.pg, schema)
+            print(f"built the Postgres store in {time.perf_counter() - started:.0f} s", flush=True)
+            results["Postgres"] = measure(pg_url, args)
+        finally:
+            drop_postgres(args.pg, schema)
+    print_report(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
