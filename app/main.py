@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Features of sparse autoencoders on language models: browse, search, probe.",
         lifespan=lifespan,
+        docs_url=None,  # served by app.routes.pages from vendored files, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings or Settings()
     app.state.templates = make_templates()

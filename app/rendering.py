@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = ROOT / "templates"
 STATIC_DIR = ROOT / "static"
 HTMX = "htmx-2.0.4.min.js"  # vendored from the npm package htmx.org@2.0.4 (BSD-0)
+SWAGGER_UI = "swagger-ui-5.35.0"  # swagger-ui-dist@5.35.0's bundle and css (Apache-2.0), for /docs
 
 # Newlines and tabs are tokens too; show them rather than let them reflow the heatmap.
 _VISIBLE_WHITESPACE = str.maketrans({"\n": "↵", "\t": "⇥", "\r": "␍"})

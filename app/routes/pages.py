@@ -11,11 +11,12 @@ from typing import Annotated, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app import queries
 from app.deps import SessionDep
-from app.rendering import render, url_segment
+from app.rendering import SWAGGER_UI, render, url_segment
 from app.schemas import FeatureSearch
 from app.search import search_features
 
@@ -38,6 +39,18 @@ def search_url(path: str, search: FeatureSearch, **changes) -> str:
 
 def _sae_path(sae: str) -> str:
     return f"/saes/{url_segment(sae)}"
+
+
+@router.get("/docs")
+def api_docs(request: Request) -> Response:
+    """Swagger UI for the OpenAPI schema, from vendored files: the docs work offline too."""
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url,
+        title="saescope API",
+        swagger_js_url=f"/static/{SWAGGER_UI}/swagger-ui-bundle.js",
+        swagger_css_url=f"/static/{SWAGGER_UI}/swagger-ui.css",
+        swagger_favicon_url="/static/favicon.svg",
+    )
 
 
 @router.get("/")
