@@ -71,7 +71,7 @@ class PrecomputeConfig:
     corpus: str = "default"  # corpus spec, as every command takes it
     text_field: str = "text"  # JSONL / datasets field with the text
     ctx_len: int = 64  # tokens per context, the length SAEs here are trained on
-    tokens: int | None = 500_000  # tokens to run over: ~15 min for SmolLM2 on 2 CPU cores; None: all
+    tokens: int | None = 500_000  # tokens to run over: ~20 min for SmolLM2 on 2 idle CPU cores; None: all
     top_k: int = 20  # top examples per feature (Anthropic's browser and Neuronpedia show ~20)
     bins: int = 5  # activation intervals per feature
     per_bin: int = 5  # random examples per interval: 5 x 5 = 25, enough to see weak activations

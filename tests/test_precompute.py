@@ -403,6 +403,7 @@ def batches_checkpointed(db_url: str) -> int:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_sigkill_then_the_same_command_resumes(llama_dir, corpus, planted, run_on, tmp_path):
     """The real thing: `saescope precompute` SIGKILLed mid-run, then run again."""
     db = f"sqlite:///{tmp_path / 'killed.db'}"
