@@ -181,6 +181,9 @@ def main() -> None:
     print(f"precompute end to end : {result.n_tokens / total:8.0f} tok/s ({total:.1f} s)  ratio {bare / total:.2f}x (target >= 0.8x)")
     for phase, seconds in timer.seconds.items():
         print(f"    {phase:16s} {seconds:6.1f} s")
+    streaming = timer.seconds["first_pass"]
+    print(f"first pass alone      : {result.n_tokens / streaming:8.0f} tok/s  ratio {bare / streaming:.2f}x "
+          f"(the rest, {total - streaming:.0f} s, is per SAE and does not grow with the tokens)")
     print(f"peak RSS: {rss_before / 1024:.0f} MiB after the bare forward, {rss_after / 1024:.0f} MiB after precompute")
     print(f"store: {store_bytes / result.n_features / 1024:.1f} KB per feature (target <= 16 KB); vocabulary {vocab_bytes / 1024:.0f} KB once per model")
     for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:6]:
