@@ -33,6 +33,9 @@ T = TypeVar("T")
 # Seconds a rank waits in a collective for a peer that neither answers nor disconnects. Generous,
 # because ranks wait for rank 0 while it writes the store; a dead peer is noticed at once anyway.
 DEFAULT_TIMEOUT_S = 3600
+# Seconds the other ranks wait while rank 0 builds something they then reuse (an activation cache
+# of a large corpus takes hours).
+MAIN_FIRST_TIMEOUT_S = 7 * 24 * 3600
 
 
 class DistributedError(SaescopeError):
@@ -120,12 +123,20 @@ def shard_range(n: int, me: World | None = None) -> range:
 
 @contextlib.contextmanager
 def main_first(step: str) -> Iterator[None]:
-    """Rank 0 runs the body first (e.g. builds a cache), then the others run it (and reuse it)."""
+    """Rank 0 runs the body first (e.g. builds a cache), then the others run it (and reuse it).
+    The others wait up to MAIN_FIRST_TIMEOUT_S, however long the process group's timeout; a
+    rank 0 that dies still fails them at once."""
     if not is_main():
-        barrier(step)
+        wait_for_main(step)
     yield
     if is_main():
-        barrier(step)
+        wait_for_main(step)
+
+
+def wait_for_main(step: str) -> None:
+    if world().size > 1:
+        timeout = datetime.timedelta(seconds=MAIN_FIRST_TIMEOUT_S)
+        collective(step, lambda: dist.monitored_barrier(timeout=timeout, wait_all_ranks=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Precompute over several ranks: ``torchrun --nproc-per-node N -m sae_core precompute ...``.
 
-    every rank   loads model, SAE and corpus (rank 0 first, so the corpus cache is built once)
+    every rank   loads model, SAE and corpus
     every rank   streams its contiguous block of batches (sae_core.distributed.shard_range) into
                  its own accumulators and spill file, checkpointing both next to each other on
                  its local disk
@@ -114,8 +114,7 @@ def run_sharded(cfg: PrecomputeConfig) -> PrecomputeResult:
         if me.is_main:
             say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
         return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
-    with distributed.main_first("building the corpus cache"):
-        loaded = load_run_inputs(cfg, inputs)
+    loaded = load_run_inputs(cfg, inputs)  # ranks building the corpus cache at once is safe (atomic rename)
     sae_id = distributed.broadcast_object(open_staging_row(cfg, inputs, engine, loaded) if me.is_main else None, step="opening the staging row")
     files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, loaded.contexts), me)
     run = Run(cfg, engine, sae_id, loaded.subject, loaded.sae, inputs.layer, loaded.contexts, files.spill)
