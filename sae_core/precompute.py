@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 from sae_core import distributed
 from sae_core.activations import ActivationBatch, iter_activations
 from sae_core.corpus import Contexts, build_contexts
+from sae_core.device import pick_device
 from sae_core.errors import SaescopeError
 from sae_core.precompute_results import (
     coactivation_neighbours,
@@ -157,7 +158,7 @@ class Loaded(NamedTuple):
 
 def load_run_inputs(cfg: PrecomputeConfig, inputs: Inputs) -> Loaded:
     """The subject model, the SAE beside it, and the corpus contexts (nothing touches the store)."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     subject = load_subject(inputs.model, device=device)
     if subject.d_model != inputs.sae.d_in:
         raise PrecomputeError(

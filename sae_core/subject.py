@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sae_core.device import model_autocast
 from sae_core.errors import SaescopeError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -167,8 +168,10 @@ class Subject:
         """Residual stream after block ``layer``: (batch, seq, d_model).
 
         Runs the embedding and blocks 0..layer only; a hook on block ``layer`` stops the pass.
+        On a GPU it runs under bf16 autocast (sae_core.device); the result is float32 everywhere.
         """
-        return self.run_to_layer(input_ids, layer, attention_mask)
+        with model_autocast(self.device):
+            return self.run_to_layer(input_ids, layer, attention_mask).float()
 
     def run_to_layer(self, input_ids, layer, attention_mask=None) -> torch.Tensor:
         """Like ``forward_to_layer`` but keeps the autograd graph (for attribution)."""

@@ -43,8 +43,7 @@ def add_arguments(parser):
 
 
 def config_from_args(args):
-    import torch
-
+    from sae_core.device import pick_device
     from sae_core.subject import DEFAULT_MODEL
     from sae_core.train import TrainConfig
 
@@ -56,7 +55,7 @@ def config_from_args(args):
         text_field=args.text_field,
         ctx_len=args.ctx_len,
         seed=args.seed,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=str(pick_device(args.device)),
         **given,
     )
 
