@@ -66,21 +66,22 @@ def _optional_float(mapping: dict, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _feature_fractions(session: Session, sae_ids: Sequence[int]) -> dict[int, tuple[float, float]]:
-    """sae id -> (dead fraction, dense fraction) over its stored features."""
-    if not sae_ids:
-        return {}
-    rows = session.execute(
-        sa.select(
-            FeatureRow.sae_id,
-            sa.func.count(),
-            sa.func.sum(sa.case((FeatureRow.count == 0, 1), else_=0)),
-            sa.func.sum(sa.case((FeatureRow.density > DENSE_THRESHOLD, 1), else_=0)),
+def _feature_fractions(session: Session, sae: SaeRow) -> tuple[float, float] | None:
+    """(dead fraction, dense fraction) of a complete SAE's features: two range counts on the
+    (sae_id, density) index, since density is 0 exactly where a feature never fired."""
+    if sae.status != "complete" or not sae.d_sae:
+        return None
+
+    def count(condition: sa.ColumnElement[bool]) -> int:
+        return session.scalar(
+            sa.select(sa.func.count())
+            .select_from(FeatureRow)
+            .where(FeatureRow.sae_id == sae.id, condition)
         )
-        .where(FeatureRow.sae_id.in_(sae_ids))
-        .group_by(FeatureRow.sae_id)
-    )
-    return {sae_id: (dead / total, dense / total) for sae_id, total, dead, dense in rows if total}
+
+    return count(FeatureRow.density == 0) / sae.d_sae, count(
+        FeatureRow.density > DENSE_THRESHOLD
+    ) / sae.d_sae
 
 
 def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
@@ -119,8 +120,7 @@ def list_saes(*, session: Session) -> SaesPublic:
         .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
         .order_by(SaeRow.created_at, SaeRow.name)
     ).all()
-    fractions = _feature_fractions(session, [sae.id for sae, _ in rows])
-    data = [_sae_public(sae, model, fractions.get(sae.id)) for sae, model in rows]
+    data = [_sae_public(sae, model, _feature_fractions(session, sae)) for sae, model in rows]
     return SaesPublic(data=data, count=len(data))
 
 
@@ -137,7 +137,7 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
     model_name = session.scalar(
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
-    return _sae_public(row, model_name or "", _feature_fractions(session, [row.id]).get(row.id))
+    return _sae_public(row, model_name or "", _feature_fractions(session, row))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup, escape
+from markupsafe import Markup
 from starlette.responses import Response
 
 from app.charts import histogram_chart
@@ -50,19 +52,25 @@ def shade(value: float, max_value: float) -> float:
     return round(min(value / max_value, 1.0), 2)
 
 
+@lru_cache(maxsize=1 << 16)
+def _shown_token(text: str) -> str:
+    """A token's text as heatmap markup: whitespace made visible, then escaped (quotes too)."""
+    return html.escape(token_text(text), quote=True)
+
+
 def heatmap(tokens: Iterable[Any], max_value: float, max_pos: int | None = None) -> Markup:
     """The token heatmap (``_partials/heatmap.html``), built here because pages hold thousands
     of tokens: one span per token, shaded by ``--a`` = value / max_value, its activation in
     ``data-act`` and, with its text, in ``title``; the token at ``max_pos`` is marked.
     Tokens are objects or mappings with ``text`` and ``value``; their text is escaped."""
+    items = list(tokens)
+    if items and isinstance(items[0], Mapping):
+        pairs = [(t["text"], t["value"]) for t in items]
+    else:
+        pairs = [(t.text, t.value) for t in items]
     spans = []
-    for position, token in enumerate(tokens):
-        text, value = (
-            (token["text"], token["value"])
-            if isinstance(token, Mapping)
-            else (token.text, token.value)
-        )
-        shown = escape(token_text(text))
+    for position, (text, value) in enumerate(pairs):
+        shown = _shown_token(text)
         marked = " max" if position == max_pos else ""
         style = f' style="--a:{shade(value, max_value)}"' if value > 0 else ""
         spans.append(

@@ -10,6 +10,7 @@ typing; no character of the query can reach the FTS syntax. A query with no word
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -42,29 +43,29 @@ def tsquery(words: list[str]) -> str:
 
 
 def _label_match(
-    stmt: sa.Select, q: str, dialect: str
+    stmt: sa.Select, q: str, dialect: str, *, ranked: bool
 ) -> tuple[sa.Select, sa.ColumnElement | None]:
-    """Restrict ``stmt`` to labels matching ``q``; also return a relevance column (higher first)."""
+    """Restrict ``stmt`` to labels matching ``q``; with ``ranked``, also return a relevance
+    column (higher first). Ranking costs a score per match, so counting goes without it."""
     words = query_words(q)
     if not words:
-        return stmt.where(
-            sa.func.lower(features.c.label).contains(q.strip().lower(), autoescape=True)
-        ), None
+        contained = sa.func.lower(features.c.label).contains(q.strip().lower(), autoescape=True)
+        return stmt.where(contained), None
     if dialect == "sqlite":
         # LIMIT -1 keeps SQLite from flattening the subquery into the join: the FTS match then
         # runs once, first, instead of once per feature of the SAE (~200x slower at 1k features).
+        columns = [fts5.c.rowid.label("rid")] + ([fts5.c.rank.label("rank")] if ranked else [])
         matches = (
-            sa.select(fts5.c.rowid.label("rid"), fts5.c.rank.label("rank"))
+            sa.select(*columns)
             .where(fts5.c.features_fts.op("MATCH")(fts5_query(words)))
             .limit(-1)
             .subquery("label_matches")
         )
         stmt = stmt.join(matches, matches.c.rid == sa.literal_column("features.rowid"))
-        return stmt, -matches.c.rank  # FTS5 rank is bm25, lower is better
+        return stmt, -matches.c.rank if ranked else None  # FTS5 rank is bm25, lower is better
     query = sa.func.to_tsquery(sa.literal_column("'simple'"), tsquery(words))
-    return stmt.where(POSTGRES_LABEL_TSV.op("@@")(query)), sa.func.ts_rank(
-        POSTGRES_LABEL_TSV, query
-    )
+    relevance = sa.func.ts_rank(POSTGRES_LABEL_TSV, query) if ranked else None
+    return stmt.where(POSTGRES_LABEL_TSV.op("@@")(query)), relevance
 
 
 def _token_match(
@@ -106,27 +107,50 @@ def _ordering(search: FeatureSearch, relevance: sa.ColumnElement | None) -> list
         "label_score": features.c.label_f1,
         "relevance": relevance if relevance is not None else features.c.idx,
     }
-    key = columns[search.effective_sort()]
+    sort = search.effective_sort()
+    key = columns[sort]
     ordered = key.asc() if search.effective_order() == "asc" else key.desc()
-    return [sa.nulls_last(ordered), features.c.idx]
+    if sort == "label_score":  # the only nullable key; elsewhere plain order lets the index serve
+        ordered = sa.nulls_last(ordered)
+    return [ordered, features.c.idx]
+
+
+class Matching(NamedTuple):
+    stmt: sa.Select  # SUMMARY_COLUMNS of the matching features, filtered and joined
+    relevance: sa.ColumnElement | None  # higher is better; None when no ranking was asked for
+    token_act: sa.ColumnElement | None  # mean activation on the searched token
+
+
+def _matching(
+    sae_id: int, search: FeatureSearch, token_ids: list[int] | None, dialect: str, *, ranked: bool
+) -> Matching:
+    stmt = sa.select(*SUMMARY_COLUMNS).where(features.c.sae_id == sae_id, *_filters(search))
+    relevance = token_act = None
+    if token_ids is not None:
+        stmt, token_act = _token_match(stmt, sae_id, token_ids)
+        relevance = token_act
+    if search.q and search.q.strip():
+        stmt, label_relevance = _label_match(
+            stmt, search.q, dialect, ranked=ranked and relevance is None
+        )
+        relevance = relevance if relevance is not None else label_relevance
+    return Matching(stmt, relevance, token_act)
 
 
 def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -> FeaturesPublic:
     sae = get_sae_row(session=session, sae_name=sae_name)
     dialect = session.get_bind().dialect.name
-    stmt = sa.select(*SUMMARY_COLUMNS).where(features.c.sae_id == sae.id, *_filters(search))
-    relevance = token_act = None
+    token_ids = None
     if search.token:
         token_ids = get_vocabulary(session, sae.model_id).find(search.token)
         if not token_ids:
             return FeaturesPublic(data=[], count=0)
-        stmt, token_act = _token_match(stmt, sae.id, token_ids)
-        relevance = token_act
-    if search.q and search.q.strip():
-        stmt, label_relevance = _label_match(stmt, search.q, dialect)
-        relevance = relevance if relevance is not None else label_relevance
+    counted = _matching(sae.id, search, token_ids, dialect, ranked=False).stmt
     total = session.scalar(
-        sa.select(sa.func.count()).select_from(stmt.with_only_columns(features.c.idx).subquery())
+        sa.select(sa.func.count()).select_from(counted.with_only_columns(features.c.idx).subquery())
+    )
+    stmt, relevance, token_act = _matching(
+        sae.id, search, token_ids, dialect, ranked=search.effective_sort() == "relevance"
     )
     if token_act is not None:
         stmt = stmt.add_columns(token_act.label("token_act"))

@@ -67,6 +67,9 @@ def next_request(rng: random.Random, sae: str) -> Request:
     """One request of a researcher's mix (weights in percent)."""
     index = rng.randrange(SPEC.n_features)
     word = rng.choice(LABEL_WORDS)
+    page = min(
+        int(rng.expovariate(0.5)), SPEC.n_features // 50 - 1
+    )  # readers mostly stay on the first pages
     mix = [
         (35, "feature page", f"/saes/{sae}/features/{index}"),
         (15, "feature json", f"/api/v1/saes/{sae}/features/{index}"),
@@ -83,7 +86,11 @@ def next_request(rng: random.Random, sae: str) -> Request:
         ),
         (5, "examples fragment", f"/saes/{sae}/-/fragments/features/{index}/examples?offset=10"),
         (5, "preview fragment", f"/saes/{sae}/-/fragments/features/{index}/preview"),
-        (5, "sae page", f"/saes/{sae}?offset={rng.randrange(0, SPEC.n_features, 50)}&sort=max_act"),
+        (
+            5,
+            "sae page",
+            f"/saes/{sae}?offset={page * 50}&sort={rng.choice(['index', 'max_act', 'density'])}",
+        ),
     ]
     _, kind, path = rng.choices(mix, weights=[w for w, _, _ in mix])[0]
     return Request(kind, path)
