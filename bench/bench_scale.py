@@ -1,0 +1,216 @@
+"""Scaling out: 1 vs 2 processes side by side, for precompute, training and serving.
+
+- precompute: `saescope precompute` of a random TopK SAE (8 x 576 latents, k = 32) on SmolLM2-135M
+  layer 15 over --tokens tokens of the default corpus; wall time of the whole job, model loading
+  included; the stores are compared row for row;
+- training: `fit` on --train-steps batches of 4,096 random 576-d activations (width 4,608, k = 32),
+  timed inside the job after a warm-up run;
+  both as one process with torch's default threads (2 here), one process with one thread, and
+  `torchrun --nproc-per-node 2` with gloo (torchrun gives each rank one thread);
+- serving: `saescope serve --workers 1` vs `--workers 2` over a synthetic Postgres store, 32
+  concurrent clients without think time (feature pages, feature JSON, label search) for
+  --serve-seconds each: requests per second and latency percentiles.
+
+Every process of every run shares the same 2 CPU cores (and, on the team machine, other people's
+jobs): the ratios say how much the second process buys on this box, not on a real cluster.
+
+Run from the repository root:  python bench/bench_scale.py [--tokens 8192] [--train-steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae_core import distributed  # noqa: E402
+from sae_core.sae import SAE, SAEConfig  # noqa: E402
+from sae_core.store import create_engine_for  # noqa: E402
+from sae_core.train import TensorSource, TrainConfig, fit  # noqa: E402
+from tests.app.server_process import serving  # noqa: E402
+from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+D_MODEL, WIDTH, K, BATCH = 576, 4608, 32, 4096
+SERVE_SPEC = StoreSpec(sae_name="scale-4k", n_features=4096, vocab_size=49152, n_contexts=20_000, token_index_size=4)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank
+
+
+def timed(command: list[str], env: dict | None = None) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command[:6])}... failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Precompute
+
+
+def random_sae(folder: Path) -> Path:
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=D_MODEL, d_sae=WIDTH, architecture="topk", k=K, model_name="smollm2-135m", layer=15))
+    sae.W_enc.data.normal_(std=D_MODEL**-0.5)
+    sae.W_dec.data = torch.nn.functional.normalize(torch.randn(WIDTH, D_MODEL), dim=1)
+    sae.save(folder / "sae")
+    return folder / "sae"
+
+
+def bench_precompute(tokens: int, folder: Path) -> None:
+    from tests.test_precompute import dump
+
+    sae = random_sae(folder)
+    args = ["-m", "sae_core", "precompute", "--sae", str(sae), "--tokens", str(tokens), "--batch-size", "16"]
+    dbs = {name: f"sqlite:///{folder / name}.db" for name in ("warm", "threads", "thread", "ranks")}
+    timed([sys.executable, "-m", "sae_core", "precompute", "--sae", str(sae), "--tokens", "64", "--db", dbs["warm"]])  # caches
+    seconds = {
+        "1 process x 2 threads": timed([sys.executable, *args, "--db", dbs["threads"]]),
+        "1 process x 1 thread": timed([sys.executable, *args, "--db", dbs["thread"]], env=ONE_THREAD),
+        "2 ranks x 1 thread": timed(torchrun(*args, "--db", dbs["ranks"])),
+    }
+    same = dump(dbs["thread"]) == dump(dbs["ranks"]) == dump(dbs["threads"])
+    report("precompute", {name: tokens / s for name, s in seconds.items()})
+    print(f"precompute  stores written by all three are identical: {same}")
+
+
+def report(section: str, rates: dict[str, float]) -> None:
+    """Tokens/s of each variant and its ratio to the 2-rank run."""
+    ranks = rates["2 ranks x 1 thread"]
+    for name, rate in rates.items():
+        print(f"{section:<11} {name:<22} {rate:7.0f} tok/s   2 ranks / this: {ranks / rate:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train_worker(steps: int, folder: Path) -> None:
+    """Inside the job (1 process or a torchrun rank): time `fit` after one warm-up step."""
+    with distributed.session() as me:
+        x = torch.randn(BATCH * (steps + 1), D_MODEL, generator=torch.Generator().manual_seed(0))
+        cfg = TrainConfig(width=WIDTH, k=K, batch_size=BATCH, tokens=BATCH, checkpoint_every=10_000)
+        fit(TensorSource(x), cfg, folder / f"warm{me.size}", progress=False)
+        distributed.barrier("warm-up")
+        start = time.perf_counter()
+        cfg = TrainConfig(width=WIDTH, k=K, batch_size=BATCH, tokens=BATCH * steps, checkpoint_every=10_000)
+        fit(TensorSource(x), cfg, folder / f"run{me.size}", progress=False)
+        if me.is_main:
+            print(BATCH * steps / (time.perf_counter() - start))
+
+
+def bench_train(steps: int, folder: Path) -> None:
+    worker = [str(Path(__file__).resolve()), "--train-worker", str(folder), "--train-steps", str(steps)]
+
+    def rate(command: list[str], env: dict | None = None) -> float:
+        return float(subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split()[-1])
+
+    report(
+        "training",
+        {
+            "1 process x 2 threads": rate([sys.executable, *worker]),
+            "1 process x 1 thread": rate([sys.executable, *worker], env=ONE_THREAD),
+            "2 ranks x 1 thread": rate(torchrun(*worker)),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def request_path(rng: random.Random) -> str:
+    index, sae = rng.randrange(SERVE_SPEC.n_features), SERVE_SPEC.sae_name
+    return rng.choice(
+        [f"/saes/{sae}/features/{index}", f"/api/v1/saes/{sae}/features/{index}", f"/api/v1/saes/{sae}/features?q=capital"]
+    )
+
+
+async def saturate(base: str, clients: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+
+        async def one_client(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                response = await client.get(request_path(rng))
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    return latencies
+
+
+def bench_serve(seconds: float, clients: int) -> None:
+    schema = f"scale_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    try:
+        engine = create_engine_for(url)
+        build_synthetic_store(engine, SERVE_SPEC)
+        engine.dispose()
+        rates = {}
+        for workers in (1, 2):
+            with serving(url, "--workers", str(workers)) as base:
+                asyncio.run(saturate(base, clients, 2))  # warm-up
+                latencies = asyncio.run(saturate(base, clients, seconds))
+            rates[workers] = len(latencies) / seconds
+            q = statistics.quantiles(latencies, n=100)
+            print(f"serving     {workers} worker{'s' if workers > 1 else ' '}  {clients} clients   {rates[workers]:6.0f} req/s   "
+                  f"p50 {q[49] * 1000:5.0f} ms   p99 {q[98] * 1000:5.0f} ms")
+        print(f"serving     speed-up {rates[2] / rates[1]:.2f}x")
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="precompute tokens")
+    parser.add_argument("--train-steps", type=int, default=8, help="timed training steps of 4,096 tokens")
+    parser.add_argument("--serve-seconds", type=float, default=10.0, help="saturated load per worker count")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--only", choices=["precompute", "train", "serve"], help="run one section")
+    parser.add_argument("--train-worker", type=Path, help=argparse.SUPPRESS)  # the timed job itself
+    args = parser.parse_args()
+    if args.train_worker:
+        train_worker(args.train_steps, args.train_worker)
+        return
+    print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the start")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "precompute"):
+            bench_precompute(args.tokens, Path(tmp))
+        if args.only in (None, "train"):
+            bench_train(args.train_steps, Path(tmp))
+    if args.only in (None, "serve"):
+        bench_serve(args.serve_seconds, args.clients)
+
+
+if __name__ == "__main__":
+    main()
