@@ -7,7 +7,7 @@ Each function takes keyword arguments only, starting with the session, and raise
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -39,12 +39,10 @@ from sae_core.store import (
     unpack_tokens,
 )
 
-DENSE_THRESHOLD = (
-    0.1  # "dense" feature: fires on more than 10% of tokens (as in the SAE literature)
-)
-SNIPPET_RADIUS = (
-    6  # tokens each side of a neighbour's max token: enough to read, small enough for a row
-)
+# A "dense" feature fires on more than 10% of tokens, as in the SAE literature.
+DENSE_THRESHOLD = 0.1
+# Tokens each side of a neighbour's max token: enough to read, small enough for a table row.
+SNIPPET_RADIUS = 6
 # Metrics read from the SAE's metrics.json (held-out tokens of its training run); the dead and
 # dense fractions are measured here instead, on the precompute tokens the pages describe.
 TRAINING_METRICS = ("explained_variance", "l0", "ce_loss_recovered", "delta_ce")
@@ -201,14 +199,14 @@ def list_examples(
     session: Session,
     sae_name: str,
     index: int,
-    kind: str = "top",
+    kind: Literal["top", "interval"] = "top",
     bin: int | None = None,
     offset: int = 0,
     limit: int = 20,
 ) -> ExamplesPublic:
     """One kind of a feature's examples (one interval bin when ``bin`` is given), paginated."""
     sae = get_sae_row(session=session, sae_name=sae_name)
-    _feature_row(session, sae, index)
+    _summary(session, sae, index)  # 404 for a feature the SAE lacks
     rows = [r for r in _example_rows(session, sae.id, index, kind) if bin is None or r.bin == bin]
     return ExamplesPublic(
         data=_examples(session, sae, rows[offset : offset + limit]), count=len(rows)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -101,6 +102,7 @@ class LoadResult:
     seconds: float
     latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
     errors: int = 0
+    server_cpu: float = 0.0  # seconds of CPU the server processes spent during the run
 
     @property
     def all_latencies(self) -> list[float]:
@@ -162,6 +164,43 @@ async def run_load(
     return result
 
 
+def server_cpu_seconds(port: int) -> float:
+    """User + system CPU time of the `saescope serve --port PORT` process and its workers, from
+    Linux's /proc: a figure the other processes on a shared machine cannot inflate."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    processes = {}  # pid -> (parent pid, cpu seconds, command line)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        processes[int(stat.parent.name)] = (
+            int(fields[1]),
+            (int(fields[11]) + int(fields[12])) / ticks,
+            command,
+        )
+    wanted = {
+        pid
+        for pid, (_, _, cmd) in processes.items()
+        if b"serve" in cmd and str(port).encode() in cmd
+    }
+    grew = True
+    while grew:  # add the workers (children, grandchildren) of the server
+        children = {pid for pid, (parent, _, _) in processes.items() if parent in wanted} - wanted
+        wanted |= children
+        grew = bool(children)
+    return sum(processes[pid][1] for pid in wanted)
+
+
+async def measured_load(base: str, **load) -> LoadResult:
+    port = int(base.rsplit(":", 1)[1])
+    before = server_cpu_seconds(port)
+    result = await run_load(base, **load)
+    result.server_cpu = server_cpu_seconds(port) - before
+    return result
+
+
 def build_sqlite(folder: Path) -> str:
     url = f"sqlite:///{folder / 'bench.db'}"
     engine = create_engine_for(url)
@@ -192,19 +231,14 @@ def drop_postgres(pg_url: str, schema: str) -> None:
 
 
 def measure(url: str, args: argparse.Namespace) -> dict[str, LoadResult]:
+    load = {"clients": args.clients, "seconds": args.duration}
     with serving(url, "--workers", str(args.workers)) as base:
         asyncio.run(
             run_load(base, clients=args.clients, seconds=3, think=0, seed=99)
         )  # warm caches
         return {
-            "paced": asyncio.run(
-                run_load(
-                    base, clients=args.clients, seconds=args.duration, think=args.think, seed=1
-                )
-            ),
-            "saturated": asyncio.run(
-                run_load(base, clients=args.clients, seconds=args.duration, think=0, seed=2)
-            ),
+            "paced": asyncio.run(measured_load(base, **load, think=args.think, seed=1)),
+            "saturated": asyncio.run(measured_load(base, **load, think=0, seed=2)),
         }
 
 
@@ -230,6 +264,7 @@ def print_report(results: dict[str, dict[str, LoadResult]], args: argparse.Names
             "p50": lambda r: f"{percentile(r.all_latencies, 50) * 1e3:.1f}",
             "p99": lambda r: f"{percentile(r.all_latencies, 99) * 1e3:.1f}",
             "errors": lambda r: f"{r.errors} / {r.requests}",
+            "server CPU ms / request": lambda r: f"{r.server_cpu / max(r.requests, 1) * 1e3:.1f}",
         }
         for name, cell in rows.items():
             print(f"  {name:32}" + "".join(f"{cell(results[b][mode]):>22}" for b in backends))
