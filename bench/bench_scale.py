@@ -120,17 +120,17 @@ def train_worker(steps: int, folder: Path) -> None:
 
 
 def bench_train(steps: int, folder: Path) -> None:
-    worker = [str(Path(__file__).resolve()), "--train-worker", str(folder), "--train-steps", str(steps)]
-
-    def rate(command: list[str], env: dict | None = None) -> float:
-        return float(subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split()[-1])
+    def rate(variant: str, launch: list[str], env: dict | None = None) -> float:
+        worker = [str(Path(__file__).resolve()), "--train-worker", str(folder / variant), "--train-steps", str(steps)]
+        done = subprocess.run([*launch, *worker], capture_output=True, text=True, check=True, env=env)
+        return float(done.stdout.split()[-1])
 
     report(
         "training",
         {
-            "1 process x 2 threads": rate([sys.executable, *worker]),
-            "1 process x 1 thread": rate([sys.executable, *worker], env=ONE_THREAD),
-            "2 ranks x 1 thread": rate(torchrun(*worker)),
+            "1 process x 2 threads": rate("threads", [sys.executable]),
+            "1 process x 1 thread": rate("thread", [sys.executable], env=ONE_THREAD),
+            "2 ranks x 1 thread": rate("ranks", torchrun()),
         },
     )
 
