@@ -9,7 +9,10 @@
   `torchrun --nproc-per-node 2` with gloo (torchrun gives each rank one thread);
 - serving: `saescope serve --workers 1` vs `--workers 2` over a synthetic Postgres store, 32
   concurrent clients without think time (feature pages, feature JSON, label search) for
-  --serve-seconds each: requests per second and latency percentiles.
+  --serve-seconds each: requests per second and latency percentiles;
+- live beside pages: `saescope serve --live` (one worker: the model runs on the process's own
+  live thread, app.live_worker) over a store precomputed for the random SAE; feature-page latency
+  of 8 clients alone, then while 2 clients keep posting 60-token prompts.
 
 Every process of every run shares the same 2 CPU cores (and, on the team machine, other people's
 jobs): the ratios say how much the second process buys on this box, not on a real cluster.
@@ -190,13 +193,50 @@ def bench_serve(seconds: float, clients: int) -> None:
         admin.dispose()
 
 
+async def pages_beside_live(base: str, sae: str, seconds: float, live_clients: int) -> tuple[list[float], int]:
+    """Feature-page latencies of 8 clients while ``live_clients`` post prompts; and live answers."""
+    deadline = time.monotonic() + seconds
+    pages: list[float] = []
+    answered = 0
+    prompt = "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n" * 2
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+
+        async def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                (await client.get(f"/saes/{sae}/features/{rng.randrange(WIDTH)}")).raise_for_status()
+                pages.append(time.perf_counter() - start)
+
+        async def prompter() -> None:
+            nonlocal answered
+            while time.monotonic() < deadline:
+                response = await client.post(f"/api/v1/saes/{sae}/activations", json={"text": prompt})
+                answered += response.status_code == 200
+
+        await asyncio.gather(*(reader(i) for i in range(8)), *(prompter() for _ in range(live_clients)))
+    return pages, answered
+
+
+def bench_live(seconds: float, folder: Path) -> None:
+    sae, db = random_sae(folder), f"sqlite:///{folder / 'live.db'}"
+    timed([sys.executable, "-m", "sae_core", "precompute", "--sae", str(sae), "--tokens", "1024", "--db", db, "--name", "scale-live"])
+    with serving(db, "--live", timeout=180) as base:
+        asyncio.run(pages_beside_live(base, "scale-live", 2, 1))  # warm-up
+        for live_clients in (0, 2):
+            pages, answered = asyncio.run(pages_beside_live(base, "scale-live", seconds, live_clients))
+            q = statistics.quantiles(pages, n=100)
+            print(f"live        feature pages beside {live_clients} live clients   p50 {q[49] * 1000:5.0f} ms   "
+                  f"p99 {q[98] * 1000:5.0f} ms   {len(pages) / seconds:5.1f} pages/s   {answered / seconds:4.1f} prompts/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192, help="precompute tokens")
     parser.add_argument("--train-steps", type=int, default=8, help="timed training steps of 4,096 tokens")
     parser.add_argument("--serve-seconds", type=float, default=10.0, help="saturated load per worker count")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--only", choices=["precompute", "train", "serve"], help="run one section")
+    parser.add_argument("--only", choices=["precompute", "train", "serve", "live"], help="run one section")
     parser.add_argument("--train-worker", type=Path, help=argparse.SUPPRESS)  # the timed job itself
     args = parser.parse_args()
     if args.train_worker:
@@ -208,6 +248,8 @@ def main() -> None:
             bench_precompute(args.tokens, Path(tmp))
         if args.only in (None, "train"):
             bench_train(args.train_steps, Path(tmp))
+        if args.only in (None, "live"):
+            bench_live(args.serve_seconds, Path(tmp))
     if args.only in (None, "serve"):
         bench_serve(args.serve_seconds, args.clients)
 
