@@ -1,7 +1,8 @@
-"""Run under torchrun by tests/test_distributed.py: fit each recipe on the synthetic data of
-tests/test_train.py, data-parallel over the ranks, and save the trained weights (rank 0).
+"""Run under torchrun by tests/test_distributed.py: fit each recipe on tests/dist_train_setup's
+data, data-parallel over the ranks (resuming any checkpoint found in OUT_FOLDER/<recipe>), and
+save the trained weights (rank 0).
 
-    torchrun --nproc-per-node 2 -m tests.dist_train_worker OUT_FOLDER [--resume]
+    torchrun --nproc-per-node 2 -m tests.dist_train_worker OUT_FOLDER
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from sae_core.train import TensorSource, fit
 from tests.dist_train_setup import RECIPES, recipe_config, training_data
 
 
-def main(out: Path, resume: bool) -> None:
+def main(out: Path) -> None:
     torch.set_num_threads(1)
     x = training_data()
     with distributed.session() as world:
         for architecture in RECIPES:
-            result = fit(TensorSource(x), recipe_config(architecture), out / architecture, resume=resume, progress=False)
+            result = fit(TensorSource(x), recipe_config(architecture), out / architecture, resume=True, progress=False)
             if world.is_main:
                 save_file({k: v.contiguous() for k, v in result.sae.state_dict().items()}, out / f"{architecture}.safetensors")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), "--resume" in sys.argv[2:])
+    main(Path(sys.argv[1]))

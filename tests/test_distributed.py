@@ -19,7 +19,7 @@ from sae_core import distributed
 from sae_core.precompute import PrecomputeConfig, run_precompute
 from sae_core.sae import SAE, SAEConfig
 from sae_core.subject import cache_dir
-from sae_core.train import TensorSource, fit
+from sae_core.train import CHECKPOINT, TensorSource, fit
 from tests.dist_train_setup import RECIPES, recipe_config, training_data
 from tests.test_precompute import dump
 from tests.tiny import TRAIN_TEXT
@@ -93,16 +93,41 @@ def test_sharded_precompute_writes_the_single_process_store(sae_path, llama_dir,
     assert not list((cache_dir() / "precompute").glob("*rank*")), "ranks left their spill or checkpoint behind"
 
 
+class Killed(Exception):
+    pass
+
+
+class KilledSource(TensorSource):
+    """Dies, as a killed process would, when asked for batch ``batches`` + 1."""
+
+    def __init__(self, data: torch.Tensor, batches: int):
+        super().__init__(data)
+        self.left = batches
+
+    def token_batches(self, batch_size, *, start=0, stop=None):
+        for batch in super().token_batches(batch_size, start=start, stop=stop):
+            if self.left == 0:
+                raise Killed
+            self.left -= 1
+            yield batch
+
+
 def test_data_parallel_training_matches_one_process(tmp_path):
+    """topk and relu train from scratch on 2 ranks; batchtopk resumes there from the checkpoint of
+    a one-process run killed halfway."""
+    x = training_data()
+    with pytest.raises(Killed):
+        fit(KilledSource(x, batches=13), recipe_config("batchtopk"), tmp_path / "batchtopk", progress=False)
+    assert torch.load(tmp_path / "batchtopk" / CHECKPOINT)["step"] == 10
     finished = subprocess.run(torchrun("-m", "tests.dist_train_worker", str(tmp_path)), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    x = training_data()
     for architecture in RECIPES:
         single = fit(TensorSource(x), recipe_config(architecture), tmp_path / f"single-{architecture}", progress=False)
         sharded = load_file(tmp_path / f"{architecture}.safetensors")
         for name, tensor in single.sae.state_dict().items():
             torch.testing.assert_close(sharded[name], tensor, rtol=1e-5, atol=1e-5, msg=f"{architecture} {name}")
-    assert sorted(p.name for p in (tmp_path / "topk").iterdir()) == ["checkpoint.pt"], "only rank 0 writes"
+    assert sorted(p.name for p in (tmp_path / "topk").iterdir()) == [CHECKPOINT], "only rank 0 writes"
+    assert torch.load(tmp_path / "batchtopk" / CHECKPOINT)["step"] == recipe_config("batchtopk").total_steps
 
 
 def rank_pid(parent: int, rank: int) -> int | None:
