@@ -21,8 +21,10 @@ not looked at, and that run starts over.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +53,7 @@ from sae_core.precompute import (
 from sae_core.precompute_results import density_histogram
 from sae_core.precompute_rows import store_rows
 from sae_core.precompute_spill import PackedActs, example_activations
+from sae_core.precompute_stats import StreamingStats
 from sae_core.precompute_store import (
     Checkpoint,
     complete_sae_id,
@@ -104,43 +107,58 @@ def run_sharded(cfg: PrecomputeConfig) -> PrecomputeResult:
     me = distributed.world()
     cfg = dataclasses.replace(cfg, progress=cfg.progress and me.is_main)
     inputs = resolve_inputs(cfg)
-    engine = create_engine_for(cfg.db_url) if me.is_main else None
-    if me.is_main:
-        migrate(engine)
-    skip = distributed.broadcast_object(
-        me.is_main and complete_sae_id(engine, inputs.name) is not None and not cfg.force, step="checking the store"
-    )
-    if skip:
+    engine = open_store(cfg) if me.is_main else None
+    skip = me.is_main and complete_sae_id(engine, inputs.name) is not None and not cfg.force
+    if distributed.broadcast_object(skip, step="checking the store"):
         if me.is_main:
             say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
         return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
     loaded = load_run_inputs(cfg, inputs)  # ranks building the corpus cache at once is safe (atomic rename)
-    sae_id = distributed.broadcast_object(open_staging_row(cfg, inputs, engine, loaded) if me.is_main else None, step="opening the staging row")
+    sae_id = open_staging_row(cfg, inputs, engine, loaded) if me.is_main else None
+    sae_id = distributed.broadcast_object(sae_id, step="opening the staging row")
     files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, loaded.contexts), me)
     run = Run(cfg, engine, sae_id, loaded.subject, loaded.sae, inputs.layer, loaded.contexts, files.spill)
-    stats, checkpoint = new_stats(cfg, run.sae, run.subject), files.load()
-    if checkpoint is not None:
-        stats.load_state_dict(checkpoint.state)
-        say(f"rank {me.rank}: resuming {inputs.name} after batch {checkpoint.batches_done}")
-    n_batches = -(-len(run.contexts) // cfg.batch_size)
-    batches = distributed.shard_range(n_batches)
-    first_pass(run, stats, checkpoint, block=batches, save=files.save)
-    recovered = torch.tensor(checkpoint.batches_done - batches.start if checkpoint else 0)
-    resumed = int(distributed.all_reduce(recovered, step="counting resumed batches"))  # batches not redone
-    merged = reduce_stats(stats)
+    stats, recovered = stream_block(run, files, me)
+    resumed = int(distributed.all_reduce(torch.tensor(recovered), step="counting resumed batches"))
+    merged = reduce_stats(stats)  # every rank holds the merged token count; rank 0 everything
     if me.is_main:
-        rows = store_rows(collect_results(run, merged, examples=lambda wanted: gather_examples(files.spill, wanted, run.sae.d_sae)))
-        n_tokens = int(merged.n_tokens)
-        summary = {"n_tokens": n_tokens, "density_hist": density_histogram(merged.features.count, n_tokens)}
-        publish(engine, sae_id, inputs.name, summary, rows)
+        write_store(run, merged, inputs.name, files)
     else:
         serve_examples(files.spill, run.sae.d_sae)
-    distributed.barrier("rank 0 writing the store")
+    distributed.barrier("rank 0 writing the store")  # until then a rerun still needs these files
     files.remove()
-    n_tokens = int(stats.n_tokens)  # merged into rank 0's; the other ranks hold their share
+    n_tokens = int(stats.n_tokens)
     if me.is_main:
         say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens from {me.size} ranks written to {cfg.db_url}")
     return PrecomputeResult(inputs.name, n_tokens, run.sae.d_sae, False, resumed)
+
+
+def open_store(cfg: PrecomputeConfig):
+    """Rank 0: the store's engine, its schema created or upgraded."""
+    engine = create_engine_for(cfg.db_url)
+    migrate(engine)
+    return engine
+
+
+def stream_block(run: Run, files: RankFiles, me: distributed.World) -> tuple[StreamingStats, int]:
+    """Pass 1 over this rank's block of batches, from its last checkpoint; returns the
+    accumulators and how many batches the checkpoint saved from being redone."""
+    stats, checkpoint = new_stats(run.cfg, run.sae, run.subject), files.load()
+    block = distributed.shard_range(math.ceil(len(run.contexts) / run.cfg.batch_size), me)
+    if checkpoint is not None:
+        stats.load_state_dict(checkpoint.state)
+        say(f"rank {me.rank}: resuming after batch {checkpoint.batches_done} of {block.start}..{block.stop - 1}")
+    first_pass(run, stats, checkpoint, block=block, save=files.save)
+    return stats, checkpoint.batches_done - block.start if checkpoint else 0
+
+
+def write_store(run: Run, merged: StreamingStats, name: str, files: RankFiles) -> None:
+    """Rank 0: the results (examples read from every rank's spill) in one transaction."""
+    examples = functools.partial(gather_examples, files.spill, n_features=run.sae.d_sae)
+    rows = store_rows(collect_results(run, merged, examples=examples))
+    n_tokens = int(merged.n_tokens)
+    summary = {"n_tokens": n_tokens, "density_hist": density_histogram(merged.features.count, n_tokens)}
+    publish(run.engine, run.sae_id, name, summary, rows)
 
 
 def open_staging_row(cfg: PrecomputeConfig, inputs: Inputs, engine, loaded) -> int:
