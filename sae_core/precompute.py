@@ -10,7 +10,9 @@
 
 ``run_precompute(PrecomputeConfig(...))`` is the whole job; ``saescope precompute`` and
 ``saescope demo`` call it. Killed at any moment, the same call resumes from the last checkpoint and
-produces the same store as an uninterrupted run.
+produces the same store as an uninterrupted run. Under ``torchrun --nproc-per-node N -m sae_core
+precompute ...`` each rank streams a block of the corpus and rank 0 writes the same store
+(sae_core.sharded_precompute).
 """
 
 from __future__ import annotations
