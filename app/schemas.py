@@ -223,7 +223,7 @@ class FeatureSearch(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    q: str | None = Field(
+    q: Annotated[str | None, BeforeValidator(_blank_to_none)] = Field(
         default=None,
         max_length=200,
         description="Words of the label (full text, prefix on the last word).",
