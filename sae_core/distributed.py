@@ -38,6 +38,11 @@ DEFAULT_TIMEOUT_S = 3600
 MAIN_FIRST_TIMEOUT_S = 7 * 24 * 3600
 
 
+# A gloo group for host-side waits (monitored_barrier is gloo-only), when the default group also
+# runs NCCL; None: the default group is gloo already, or there is no group.
+_host_group: dist.ProcessGroup | None = None
+
+
 class DistributedError(SaescopeError):
     """A rank lost its peers; the message says which step failed and how to resume."""
 
@@ -89,9 +94,13 @@ def session() -> Iterator[World]:
         raise DistributedError(
             f"rank {wanted.rank} of {wanted.size} could not join the job ({first_line(err)}); launch it with torchrun"
         ) from err
+    global _host_group
     try:
+        if backend() != "gloo":
+            _host_group = dist.new_group(backend="gloo")
         yield world()
     finally:
+        _host_group = None
         dist.destroy_process_group()
 
 
@@ -136,7 +145,7 @@ def main_first(step: str) -> Iterator[None]:
 def wait_for_main(step: str) -> None:
     if world().size > 1:
         timeout = datetime.timedelta(seconds=MAIN_FIRST_TIMEOUT_S)
-        collective(step, lambda: dist.monitored_barrier(timeout=timeout, wait_all_ranks=True))
+        collective(step, lambda: dist.monitored_barrier(_host_group, timeout=timeout, wait_all_ranks=True))
 
 
 # ---------------------------------------------------------------------------------------------
