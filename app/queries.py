@@ -116,6 +116,7 @@ def list_saes(*, session: Session) -> SaesPublic:
     rows = session.execute(
         sa.select(SaeRow, SubjectModelRow.name)
         .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
+        .where(SaeRow.status == "complete")  # a precompute in progress writes a staging row
         .order_by(SaeRow.created_at, SaeRow.name)
     ).all()
     data = [_sae_public(sae, model, _feature_fractions(session, sae)) for sae, model in rows]
@@ -124,7 +125,9 @@ def list_saes(*, session: Session) -> SaesPublic:
 
 def get_sae_row(*, session: Session, sae_name: str) -> SaeRow:
     """The store row of an SAE (for code that reads more than ``SaePublic`` holds)."""
-    row = session.scalars(sa.select(SaeRow).where(SaeRow.name == sae_name)).one_or_none()
+    row = session.scalars(
+        sa.select(SaeRow).where(SaeRow.name == sae_name, SaeRow.status == "complete")
+    ).one_or_none()
     if row is None:
         raise UnknownSaeError(sae_name)
     return row

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sae_core.cli import add_corpus_args, add_model_args
-from sae_core.precompute import PrecomputeConfig, PrecomputeError, run_precompute
+from sae_core.precompute_config import PrecomputeConfig, PrecomputeError  # torch-free
 
 HELP = "precompute every feature of an SAE (ours, SAELens, sparsify, Gemma Scope) into the store"
 
@@ -68,5 +68,7 @@ def run(args) -> int:
     )
     if args.db:
         cfg.db_url = args.db
+    from sae_core.precompute import run_precompute
+
     run_precompute(cfg)
     return 0
