@@ -62,3 +62,35 @@ def pg_url():
             pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
         pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
     return PG_URL
+
+
+@pytest.fixture
+def pg_schema(pg_url):
+    """A fresh schema on the real PostgreSQL for one test (dropped afterwards); yields its URL."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"create schema {name}")
+    yield f"{pg_url}?options=-csearch_path%3D{name}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"drop schema {name} cascade")
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A small folder of real text: a dozen standard-library modules (code, comments, docstrings)."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py",
+                 "heapq.py", "keyword.py", "linecache.py", "numbers.py", "shlex.py", "string.py"):
+        shutil.copy(stdlib / name, folder / f"{name}.txt")
+    return folder
