@@ -5,7 +5,8 @@ Three recipes, chosen by ``TrainConfig.architecture``:
 - ``topk`` (default; OpenAI 2024): f = TopK(W_enc (x - b_dec) + b_enc), loss = FVU + AuxK/32,
   unit-norm decoder rows. Saved as SAELens ``topk``.
 - ``batchtopk`` (Bussmann et al. 2024): the k·batch largest pre-activations over the whole batch;
-  saved as ``jumprelu`` with one global threshold (running mean of the smallest selected value).
+  saved as ``jumprelu`` with one global threshold: the mean over a few batches of the smallest
+  selected value, measured with the final weights.
 - ``relu`` (Anthropic, Scaling Monosemanticity): loss = ||x - x̂||² + λ Σ f_i ||W_dec_i||, λ warmed
   up over the first 5% of steps, decoder unconstrained. Saved as SAELens ``standard``.
 
@@ -82,7 +83,10 @@ class TrainConfig:
     aux_k: int | None = None  # None: d_model // 2 dead latents reconstruct the residual (OpenAI)
     aux_coeff: float = 1 / 32  # OpenAI's AuxK weight: revives dead latents, barely moves the MSE
     dead_tokens: int | None = None  # None: min(10M, tokens/10): OpenAI's window, scaled to the run
-    threshold_momentum: float = 0.99  # BatchTopK threshold EMA: averages the last ~100 steps
+    # BatchTopK's θ averages this many batches' smallest selected value after training; the
+    # per-batch value varies by ~1%. (A running mean kept during training lags the weights: after
+    # a 300-step run it sat 13% high and cut SmolLM2's inference L0 from 32 to 19.)
+    threshold_batches: int = 16
     seed: int = 0  # initialisation and corpus shuffling
     checkpoint_every: int = 50  # steps; ~1 minute of CPU work lost at most on a kill
     # -- evaluation -------------------------------------------------------------------------
@@ -299,7 +303,6 @@ class TrainState:
     scale: float  # c with E||c·x|| = sqrt(d_model)
     step: int = 0
     tokens_since_fired: torch.Tensor | None = None  # (width,) int64
-    threshold: float | None = None  # BatchTopK's running threshold
 
 
 class StepStats(NamedTuple):
@@ -337,8 +340,6 @@ def forward_sparse(state: TrainState, x: torch.Tensor, cfg: TrainConfig, dead: t
         aux_hat = decode_sparse(sae.W_dec, codes_at(sae, x, z, aux_rows, aux_latents))
         aux_loss = (aux_hat - residual).pow(2).sum() / total_variance
         loss = loss + cfg.aux_coeff * min(n_dead / k_aux, 1.0) * aux_loss
-    if cfg.architecture == "batchtopk":
-        update_threshold(state, codes.values.detach(), cfg.threshold_momentum)
     fired = torch.zeros(z.shape[1], dtype=torch.bool, device=z.device)
     fired[latents[codes.values.detach() > 0]] = True
     return Forward(x_hat, loss, fired, float((codes.values > 0).sum()) / x.shape[0])
@@ -350,14 +351,23 @@ def batch_variance(x: torch.Tensor) -> torch.Tensor:
     return distributed.all_reduce((x - mean).pow(2).sum(), step="the batch variance")
 
 
-def update_threshold(state: TrainState, values: torch.Tensor, momentum: float) -> None:
-    """Running mean of the smallest positive selected activation (BatchTopK -> JumpReLU θ)."""
-    positive = values[values > 0]
-    local = positive.min() if positive.numel() else torch.tensor(torch.inf, device=values.device)
-    smallest = float(distributed.all_reduce(local.reshape(1).clone(), "min", step="the BatchTopK threshold"))
-    if math.isinf(smallest):
-        return
-    state.threshold = smallest if state.threshold is None else momentum * state.threshold + (1 - momentum) * smallest
+@torch.no_grad()
+def calibrate_threshold(state: TrainState, source: TokenSource, cfg: TrainConfig, rows: range) -> float:
+    """BatchTopK -> JumpReLU θ: the mean over cfg.threshold_batches batches (the first ones, so a
+    resumed run gets the same) of the smallest activation BatchTopK selects, with the final weights."""
+    sae = state.sae
+    batches = batches_from(source, cfg.batch_size, 0, cfg.cache_tokens or cfg.tokens)
+    smallest = []
+    for _ in range(cfg.threshold_batches):
+        x = next(batches)[rows.start : rows.stop].to(sae.W_enc.device) * state.scale
+        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width)
+        selected_rows, selected_latents = select_batch_topk(z, cfg.k)
+        selected = z[selected_rows, selected_latents]
+        local = selected.min() if selected.numel() else torch.tensor(torch.inf, device=z.device)
+        value = float(distributed.all_reduce(local.reshape(1).clone(), "min", step="the BatchTopK threshold"))
+        if math.isfinite(value):
+            smallest.append(value)
+    return sum(smallest) / len(smallest) if smallest else 0.0
 
 
 def forward_relu(state: TrainState, x: torch.Tensor, cfg: TrainConfig) -> Forward:
@@ -477,7 +487,6 @@ def save_checkpoint(folder: Path, state: TrainState, cfg: TrainConfig) -> None:
         "config": asdict(cfg),
         "step": state.step,
         "scale": state.scale,
-        "threshold": state.threshold,
         "sae": state.sae.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "tokens_since_fired": state.tokens_since_fired,
@@ -513,7 +522,6 @@ def load_checkpoint(folder: Path, cfg: TrainConfig, source: TokenSource) -> Trai
         scale=payload["scale"],
         step=payload["step"],
         tokens_since_fired=payload["tokens_since_fired"],
-        threshold=payload["threshold"],
     )
 
 
@@ -560,8 +568,9 @@ def fit(
             if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
                 save_checkpoint(folder, state, cfg)
     dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
+    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture == "batchtopk" else None
     return FitResult(
-        sae=fold_scale(state, cfg),
+        sae=fold_scale(state, cfg, threshold),
         scale=state.scale,
         steps=state.step,
         tokens=state.step * cfg.batch_size,
@@ -569,8 +578,10 @@ def fit(
     )
 
 
-def fold_scale(state: TrainState, cfg: TrainConfig) -> SAE:
-    """The inference SAE on raw x: f(c·x) = act(c·W_enc (x - b_dec/c) + b_enc), x̂ = (W_dec f + b_dec)/c."""
+def fold_scale(state: TrainState, cfg: TrainConfig, threshold: float | None = None) -> SAE:
+    """The inference SAE on raw x: f(c·x) = act(c·W_enc (x - b_dec/c) + b_enc), x̂ = (W_dec f + b_dec)/c.
+
+    ``threshold`` is BatchTopK's θ (pre-activations are the same in both units)."""
     trained, c = state.sae, state.scale
     saved_arch = SAVED_ARCHITECTURE[cfg.architecture]
     sae_cfg = SAEConfig(
@@ -586,7 +597,7 @@ def fold_scale(state: TrainState, cfg: TrainConfig) -> SAE:
         "b_dec": trained.b_dec.detach().cpu() / c,
     }
     if saved_arch == "jumprelu":
-        tensors["threshold"] = torch.full((trained.d_sae,), state.threshold or 0.0)
+        tensors["threshold"] = torch.full((trained.d_sae,), threshold or 0.0)
     return SAE.from_tensors(sae_cfg, tensors, origin="training")
 
 
