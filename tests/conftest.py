@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
@@ -64,21 +67,44 @@ def pg_url():
     return PG_URL
 
 
-@pytest.fixture
-def pg_schema(pg_url):
-    """A fresh schema on the real PostgreSQL for one test (dropped afterwards); yields its URL."""
-    import uuid
-
+@contextmanager
+def postgres_schema(pg_url: str, prefix: str = "t") -> Iterator[str]:
+    """A fresh schema on the real PostgreSQL, dropped on exit even after a failure; yields ``pg_url``
+    with every connection's search_path set to it. Unique names let engineers test at once."""
     import sqlalchemy as sa
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    separator = "&" if "?" in pg_url else "?"
     admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"create schema {name}")
-    yield f"{pg_url}?options=-csearch_path%3D{name}"
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"drop schema {name} cascade")
-    admin.dispose()
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"create schema {name}")
+        try:
+            yield f"{pg_url}{separator}options=-csearch_path%3D{name}"
+        finally:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f"drop schema {name} cascade")
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_schema(pg_url) -> Iterator[str]:
+    """A fresh schema on the real PostgreSQL for one test (dropped afterwards); yields its URL."""
+    with postgres_schema(pg_url) as url:
+        yield url
+
+
+@pytest.fixture
+def make_pg_schema(pg_url) -> Iterator[Callable[[str], str]]:
+    """For tests that need several schemas: each call makes one and returns its URL; all are
+    dropped after the test."""
+    with ExitStack() as stack:
+
+        def make(prefix: str = "t") -> str:
+            return stack.enter_context(postgres_schema(pg_url, prefix))
+
+        yield make
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -162,24 +160,14 @@ def test_without_embeddings_in_the_store_search_says_so(tmp_path):
 
 
 @pytest.mark.postgres
-def test_semantic_search_on_postgres(pg_url, embedder):
-    schema = f"embed_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        url = f"{pg_url}?options=-csearch_path%3D{schema}"
-        sae_id = _write_labelled_store(url)
-        engine = create_engine_for(url)
-        with Session(engine) as session:
-            embeddings.sync_embeddings(session, sae_id, embedder, progress=False)
-            result = search_labels(session, sae_id=sae_id, query="French cities")
-        engine.dispose()
-        assert result.hits[0].idx == PARIS
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+def test_semantic_search_on_postgres(pg_schema, embedder):
+    sae_id = _write_labelled_store(pg_schema)
+    engine = create_engine_for(pg_schema)
+    with Session(engine) as session:
+        embeddings.sync_embeddings(session, sae_id, embedder, progress=False)
+        result = search_labels(session, sae_id=sae_id, query="French cities")
+    engine.dispose()
+    assert result.hits[0].idx == PARIS
 
 
 def test_vectors_written_by_another_process_are_seen(store, embedder, monkeypatch):

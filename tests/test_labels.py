@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -400,24 +399,14 @@ def test_cli_labels_and_reports(fresh, capsys):
 
 
 @pytest.mark.postgres
-def test_labels_and_text_search_on_postgres(pg_url):
-    schema = f"labels_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        url = f"{pg_url}?options=-csearch_path%3D{schema}"
-        store = write_planted_store(url)
-        engine = create_engine_for(url)
-        label_sae(engine, store.sae_name, NO_EMBED)
-        assert _feature(engine, store.sae_name, PARIS).label == '" Paris"'
-        with Session(engine) as session:
-            sae = get_sae(session, store.sae_name)
-            result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
-            assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 5
-        assert [h.idx for h in result.hits] == [PARIS]
-        engine.dispose()
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+def test_labels_and_text_search_on_postgres(pg_schema):
+    store = write_planted_store(pg_schema)
+    engine = create_engine_for(pg_schema)
+    label_sae(engine, store.sae_name, NO_EMBED)
+    assert _feature(engine, store.sae_name, PARIS).label == '" Paris"'
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
+        assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 5
+    assert [h.idx for h in result.hits] == [PARIS]
+    engine.dispose()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -357,24 +356,9 @@ def test_resume_after_kill_equals_uninterrupted_sqlite(run_on, tmp_path, monkeyp
     resume_equals_uninterrupted(run_on, f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}", monkeypatch)
 
 
-@pytest.fixture
-def pg_schemas(pg_url):
-    """Two fresh schemas on the real PostgreSQL, dropped afterwards; yields their URLs."""
-    names = [f"pc_{uuid.uuid4().hex[:12]}" for _ in range(2)]
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        for name in names:
-            conn.exec_driver_sql(f"create schema {name}")
-    yield [f"{pg_url}?options=-csearch_path%3D{name}" for name in names]
-    with admin.begin() as conn:
-        for name in names:
-            conn.exec_driver_sql(f"drop schema {name} cascade")
-    admin.dispose()
-
-
 @pytest.mark.postgres
-def test_resume_after_kill_equals_uninterrupted_postgres(run_on, pg_schemas, monkeypatch):
-    resume_equals_uninterrupted(run_on, *pg_schemas, monkeypatch)
+def test_resume_after_kill_equals_uninterrupted_postgres(run_on, make_pg_schema, monkeypatch):
+    resume_equals_uninterrupted(run_on, make_pg_schema("pc"), make_pg_schema("pc"), monkeypatch)
 
 
 def test_complete_sae_is_skipped_and_force_replaces_it(run_on, tmp_path, capsys):

@@ -3,8 +3,6 @@ the label full-text index kept in sync, packed arrays round-trip."""
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -47,18 +45,6 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
-@pytest.fixture
-def pg_schema_url(pg_url):
-    name = f"st_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"create schema {name}")
-    yield f"{pg_url}?options=-csearch_path%3D{name}"
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"drop schema {name} cascade")
-    admin.dispose()
-
-
 def upgrade_to(engine, revision: str) -> None:
     with engine.begin() as conn:
         command.upgrade(alembic_config(conn), revision)
@@ -88,8 +74,8 @@ def test_migrations_sqlite(sqlite_url):
 
 
 @pytest.mark.postgres
-def test_migrations_postgres(pg_schema_url):
-    check_migrations(pg_schema_url)
+def test_migrations_postgres(pg_schema):
+    check_migrations(pg_schema)
 
 
 def test_fresh_store_has_every_table_of_the_models(sqlite_url):
@@ -126,8 +112,8 @@ def test_sqlite_label_search_follows_inserts_updates_and_deletes(sqlite_url):
 
 
 @pytest.mark.postgres
-def test_postgres_label_index_exists(pg_schema_url):
-    engine = create_engine_for(pg_schema_url)
+def test_postgres_label_index_exists(pg_schema):
+    engine = create_engine_for(pg_schema)
     migrate(engine)
     assert "ix_features_label_tsv" in {ix["name"] for ix in sa.inspect(engine).get_indexes("features")}
     engine.dispose()

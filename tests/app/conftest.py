@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
 from sae_core.store import create_engine_for
 from tests.app.synthetic_store import StoreSpec, SyntheticStore, build_synthetic_store
+from tests.conftest import postgres_schema
 
 
 @dataclass(frozen=True)
@@ -41,29 +40,14 @@ def sqlite_store(tmp_path_factory) -> StoreUnderTest:
     return StoreUnderTest(url, planted)
 
 
-def postgres_schema_url(pg_url: str, schema: str) -> str:
-    """``pg_url`` with every connection's search_path set to ``schema``."""
-    separator = "&" if "?" in pg_url else "?"
-    return f"{pg_url}{separator}options=-csearch_path%3D{schema}"
-
-
 @pytest.fixture(scope="session")
 def postgres_store(pg_url) -> Iterator[StoreUnderTest]:
     """The synthetic store in a schema of its own, so engineers testing at once never collide."""
-    schema = f"app_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = postgres_schema_url(pg_url, schema)
-    try:
+    with postgres_schema(pg_url, "app_test") as url:
         engine = create_engine_for(url)
         planted = build_synthetic_store(engine, StoreSpec())
         engine.dispose()
         yield StoreUnderTest(url, planted)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
 
 
 @pytest.fixture(
