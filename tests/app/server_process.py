@@ -1,4 +1,5 @@
-"""``saescope serve`` in a subprocess on a free loopback port, for browser tests and benchmarks."""
+"""The app on a free loopback port, for browser tests and benchmarks: ``saescope serve`` in a
+subprocess, or an app object in uvicorn on a thread of this process."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import uvicorn
+from fastapi import FastAPI
 
 
 def free_port() -> int:
@@ -67,3 +71,22 @@ def _wait_until_answering(process: subprocess.Popen, base: str, timeout: float) 
             pass
         time.sleep(0.2)
     raise RuntimeError(f"saescope serve did not answer within {timeout:.0f} s")
+
+
+@contextmanager
+def serving_app(app: FastAPI, timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a thread of this process; yield its base URL once started."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the app server did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

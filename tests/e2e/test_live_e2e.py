@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
+from tests.app.server_process import serving_app
 from tests.live_support import LIVE_STORE, build_live_store
 
 pytestmark = pytest.mark.e2e
-playwright_sync = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SAE = LIVE_STORE.sae_name
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +20,8 @@ def server(tmp_path_factory, llama_dir) -> Iterator[str]:
     """The app with live on, served by uvicorn in a thread; yields its base URL."""
     url = build_live_store(tmp_path_factory.mktemp("live-e2e"))
     app = create_app(Settings(db_url=url, model=str(llama_dir), live=True))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the app server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def page(server) -> Iterator:
-    with playwright_sync.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
+    with serving_app(app) as base:
+        yield base
 
 
 def test_typing_a_prompt_shows_ranked_features_and_the_heatmap(page, server):
