@@ -235,15 +235,20 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _get_path(model: nn.Module, dotted: str) -> nn.Module | None:
+    """The submodule at a dotted attribute path such as ``"model.layers"``, or None if absent."""
+    module = model
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
 def _find_blocks(model: nn.Module) -> nn.ModuleList:
     n = model.config.num_hidden_layers
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        module = model
-        try:
-            for part in path.split("."):
-                module = getattr(module, part)
-        except AttributeError:
-            continue
+        module = _get_path(model, path)
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
     for module in model.modules():
@@ -254,13 +259,9 @@ def _find_blocks(model: nn.Module) -> nn.ModuleList:
 
 def _find_final_norm(model: nn.Module) -> nn.Module:
     for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm"):
-        module = model
-        try:
-            for part in path.split("."):
-                module = getattr(module, part)
-        except AttributeError:
-            continue
-        return module
+        module = _get_path(model, path)
+        if module is not None:
+            return module
     raise SubjectError(f"cannot find the final norm of {type(model).__name__}")
 
 
