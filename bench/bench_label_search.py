@@ -11,25 +11,28 @@ the matmul alone, and one full-text query through FTS5.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
 
-from sae_core import embeddings
-from sae_core.label_search import search_labels
-from sae_core.store import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae_core import embeddings  # noqa: E402
+from sae_core.label_search import search_labels  # noqa: E402
+from sae_core.store import (  # noqa: E402
     FeatureEmbeddingRow,
     FeatureRow,
-    SaeRow,
-    SubjectModelRow,
     create_engine_for,
     migrate,
     utcnow,
 )
+from tests.label_fixtures import add_bare_sae  # noqa: E402
 
 WORDS = [
     " Paris",
@@ -63,24 +66,8 @@ def write_store(url: str, n: int, rng: np.random.Generator) -> int:
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        model = SubjectModelRow(
-            name="bench", source="bench", architecture="llama", d_model=8, n_layers=1, vocab_size=1
-        )
-        session.add(model)
-        session.flush()
-        sae = SaeRow(
-            name="bench",
-            model_id=model.id,
-            layer=0,
-            hook_name="h",
-            architecture="topk",
-            d_in=8,
-            d_sae=n,
-            path="p",
-        )
-        session.add(sae)
+        sae_id = add_bare_sae(session, "bench", n).id
         session.commit()
-        sae_id = sae.id
     labels = [
         " / ".join(f'"{w}"' for w in rng.choice(WORDS, size=2, replace=False)) for _ in range(n)
     ]

@@ -10,26 +10,20 @@ their contexts). Prints labelling throughput and the held-out F1 of both halves.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core.labels import LabelOptions, label_sae
-from sae_core.store import (
-    ContextRow,
-    ExampleRow,
-    FeatureRow,
-    SaeRow,
-    SubjectModelRow,
-    VocabRow,
-    create_engine_for,
-    migrate,
-    pack_acts,
-    pack_tokens,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae_core.labels import LabelOptions, label_sae  # noqa: E402
+from sae_core.store import FeatureRow, VocabRow, create_engine_for, migrate  # noqa: E402
+from tests.label_fixtures import add_bare_sae, add_contexts, add_examples  # noqa: E402
 
 VOCAB = 2000
 SEQ = 64
@@ -49,18 +43,6 @@ def feature_acts(tokens: np.ndarray, planted: bool, rng: np.random.Generator) ->
     return np.where(fires, rng.uniform(0.5, 5, tokens.shape), 0).astype(np.float32)
 
 
-def examples_for(acts: np.ndarray, rng: np.random.Generator) -> list[tuple[str, int, int, int]]:
-    m = acts.max(axis=1)
-    firing = np.flatnonzero(m > 0)
-    chosen = [("top", 0, r, int(c)) for r, c in enumerate(firing[np.argsort(-m[firing])][:TOP_K])]
-    if firing.size:
-        bins = np.minimum((m[firing] / m.max() * N_BINS).astype(int), N_BINS - 1)
-        for b in range(N_BINS):
-            for r, c in enumerate(rng.permutation(firing[bins == b])[:PER_BIN]):
-                chosen.append(("interval", b, r, int(c)))
-    return chosen
-
-
 def write_store(url: str, n_features: int, n_contexts: int, rng: np.random.Generator) -> None:
     tokens = np.concatenate(
         [np.zeros((n_contexts, 1), int), rng.integers(1, VOCAB, (n_contexts, SEQ))], axis=1
@@ -68,35 +50,19 @@ def write_store(url: str, n_features: int, n_contexts: int, rng: np.random.Gener
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        model = SubjectModelRow(
-            name="bench",
-            source="bench",
-            architecture="llama",
-            d_model=8,
-            n_layers=1,
+        sae = add_bare_sae(
+            session,
+            "bench",
+            n_features,
             vocab_size=VOCAB,
             bos_token_id=0,
-        )
-        session.add(model)
-        session.flush()
-        session.execute(
-            sa.insert(VocabRow),
-            [{"model_id": model.id, "token_id": i, "text": f" w{i}"} for i in range(VOCAB)],
-        )
-        sae = SaeRow(
-            name="bench",
-            model_id=model.id,
-            layer=0,
-            hook_name="h",
-            architecture="topk",
-            d_in=8,
-            d_sae=n_features,
-            path="p",
             n_tokens=tokens.size,
             status="complete",
         )
-        session.add(sae)
-        session.flush()
+        session.execute(
+            sa.insert(VocabRow),
+            [{"model_id": sae.model_id, "token_id": i, "text": f" w{i}"} for i in range(VOCAB)],
+        )
         used: set[int] = set()
         for f in range(n_features):
             acts = feature_acts(tokens, planted=f % 2 == 0, rng=rng)
@@ -105,31 +71,10 @@ def write_store(url: str, n_features: int, n_contexts: int, rng: np.random.Gener
                     sae_id=sae.id, idx=f, count=int((acts > 0).sum()), max_act=float(acts.max())
                 )
             )
-            rows = []
-            for kind, b, rank, c in examples_for(acts, rng):
-                blob, max_act, max_pos = pack_acts(acts[c])
-                rows.append(
-                    {
-                        "sae_id": sae.id,
-                        "feature_idx": f,
-                        "kind": kind,
-                        "bin": b,
-                        "rank": rank,
-                        "context_id": c,
-                        "max_act": max_act,
-                        "max_pos": max_pos,
-                        "acts": blob,
-                    }
-                )
-                used.add(c)
-            session.execute(sa.insert(ExampleRow), rows)
-        session.execute(
-            sa.insert(ContextRow),
-            [
-                {"sae_id": sae.id, "id": c, "token_ids": pack_tokens(tokens[c])}
-                for c in sorted(used)
-            ],
-        )
+            used |= add_examples(
+                session, sae.id, f, acts, rng, top_k=TOP_K, n_bins=N_BINS, per_bin=PER_BIN
+            )
+        add_contexts(session, sae.id, tokens, used)
         session.commit()
     engine.dispose()
 

