@@ -150,3 +150,12 @@ def publish(engine: Engine, sae_id: int, name: str, sae_updates: dict, rows: Sto
             .where(SaeRow.id == sae_id)
             .values(name=name, status="complete", completed_at=utcnow(), **sae_updates)
         )
+    reclaim_space(engine)
+
+
+def reclaim_space(engine: Engine) -> None:
+    """Give back the pages that checkpoints and replaced rows freed: SQLite keeps them in the file
+    (on the demo store, 126 of 170 MB) until VACUUM. Postgres reuses them by itself."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM")
