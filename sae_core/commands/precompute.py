@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from sae_core.cli import add_corpus_args, add_model_args
 from sae_core.precompute_config import PrecomputeConfig, PrecomputeError  # torch-free
 
@@ -26,6 +28,12 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="contexts per forward pass")
     parser.add_argument(
         "--memory-budget", type=int, default=DEFAULTS.memory_budget_mb, help="MiB for feature chunks (encoding, logits, neighbours)"
+    )
+    parser.add_argument(
+        "--label",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="label every alive feature at the end, as `saescope label` does (default: on)",
     )
     parser.add_argument(
         "--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, help="batches between resumable checkpoints"
@@ -68,7 +76,18 @@ def run(args) -> int:
     )
     if args.db:
         cfg.db_url = args.db
+    from sae_core import distributed
     from sae_core.precompute import run_precompute
 
-    run_precompute(cfg)
+    result = run_precompute(cfg)
+    if args.label and distributed.launched_world().is_main:  # rank 0 of a torchrun job, or a lone process
+        from sae_core.labels import label_sae
+        from sae_core.store import create_engine_for
+
+        engine = create_engine_for(cfg.db_url)
+        try:
+            summary = label_sae(engine, result.name)
+        finally:
+            engine.dispose()
+        print(f"saescope: labelled {summary.n_labelled} features of {result.name}")
     return 0
