@@ -30,6 +30,7 @@ are 4 × 2·W·d floats (150 MB for W=8192, d=576); a step holds the (B, W) pre-
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -500,11 +501,7 @@ def save_checkpoint(folder: Path, state: TrainState, cfg: TrainConfig) -> None:
 def load_checkpoint(folder: Path, cfg: TrainConfig, source: TokenSource) -> TrainState:
     path = folder / CHECKPOINT
     payload = torch.load(path, map_location=cfg.device, weights_only=True)
-    changed = sorted(
-        name
-        for name, value in asdict(cfg).items()
-        if name != "device" and payload["config"].get(name) != value
-    )
+    changed = sorted(name for name, value in comparable(cfg).items() if payload["config"].get(name) != value)
     if changed:
         raise TrainError(
             f"{path} was written with different settings ({', '.join(changed)}); "
@@ -634,6 +631,20 @@ def held_out_split(contexts, n_eval: int) -> Split:
     return Split(rows(0, n_train, "train"), rows(n_train, len(contexts), "heldout"))
 
 
+def comparable(cfg: TrainConfig) -> dict:
+    """The settings that decide what a run produces (where it runs does not)."""
+    return {name: value for name, value in asdict(cfg).items() if name != "device"}
+
+
+def trained_with(folder: Path) -> dict | None:
+    """The comparable training settings recorded in a saved SAE's cfg.json, if any."""
+    try:
+        recorded = json.loads((folder / "cfg.json").read_text())["saescope"]["training"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return {name: value for name, value in recorded.items() if name != "device"}
+
+
 def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Build (or reuse) the activation cache, train, save the SAE and its metrics.json into ``out``."""
     from sae_core.activations import ActivationCache
@@ -643,7 +654,10 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
 
     out = Path(out)
     if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
-        raise TrainError(f"{out} already holds a trained SAE; choose another --out")
+        if trained_with(out) == comparable(cfg):
+            print(f"saescope: {out} already holds this SAE, trained with the same settings; nothing to do")
+            return out
+        raise TrainError(f"{out} already holds an SAE trained with other settings; choose another --out")
     subject = load_subject(cfg.model, device=cfg.device)
     subject.check_layer(cfg.layer)
     with distributed.main_first("building the corpus and activation caches"):  # rank 0 builds, the rest reuse

@@ -192,7 +192,12 @@ def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, c
     assert 0 < metrics["explained_variance"] <= 1
     assert "CE loss recovered" in capsys.readouterr().out
 
-    assert main(args) == 2  # a finished folder is not overwritten
+    before = (out / "sae_weights.safetensors").read_bytes()
+    assert main(args) == 0  # the same command again finds the finished SAE and does nothing
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "sae_weights.safetensors").read_bytes() == before
+    assert main([*args, "--k", "8"]) == 2  # other settings never overwrite it
+    assert "trained with other settings" in capsys.readouterr().err
     assert main(["evaluate", str(out), "--corpus", str(corpus), "--ctx-len", "32", "--tokens", "256"]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["explained_variance"] == pytest.approx(metrics["explained_variance"], abs=1e-6)
