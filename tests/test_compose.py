@@ -70,6 +70,8 @@ def test_compose_commands_against_postgres(pg_schema, llama_dir, text_corpus, tm
     run(shell_command(compose["migrate"]["command"]))
     run(shell_command(compose["pipeline"]["command"]))
     assert (cache / "runs" / "tiny-l1" / "metrics.json").is_file()
+    again = run(shell_command(compose["pipeline"]["command"]))  # a rerun finds everything done
+    assert "nothing to do" in again.stdout and "already complete" in again.stderr
 
     argv = shell_command(compose["app"]["command"])
     port = free_port()
