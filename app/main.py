@@ -1,14 +1,12 @@
 """``create_app(settings)``: the FastAPI application over one store.
 
 The lifespan opens the store's engine (SQLite read-only unless a write token allows label edits)
-and enters the lifespans of the optional routers (``app.routes.live`` loads the model there).
+and enters the lifespans of the live and labels routers (``app.routes.live`` loads the model there).
 Nothing here imports torch: a browse-only server starts in about a second.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -20,14 +18,15 @@ from sqlalchemy.orm import sessionmaker
 
 from app.errors import install_error_handlers
 from app.rendering import STATIC_DIR, make_templates
-from app.routes import api, pages
+from app.routes import api, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
 from sae_core.store import StoreError, create_engine_for
 
-# Routers other parts of saescope add when they are installed; each module has ``router`` and
-# may have ``lifespan(app)``, an async context manager entered after the store is open.
-OPTIONAL_ROUTERS = ("live", "labels")
+# Routers with work at start-up and shutdown: each module has ``router`` and may have
+# ``lifespan(app)``, an async context manager entered after the store is open (live loads the
+# model there). Importing them loads no torch.
+EXTENSIONS = (live, labels)
 
 
 def open_store(settings: Settings) -> Engine:
@@ -66,14 +65,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.dispose()
 
 
-def _optional_routers() -> list:
-    return [
-        importlib.import_module(f"app.routes.{name}")
-        for name in OPTIONAL_ROUTERS
-        if importlib.util.find_spec(f"app.routes.{name}") is not None
-    ]
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; ``settings`` default to the ``SAESCOPE_*`` environment (``saescope serve`` sets it)."""
     app = FastAPI(
@@ -86,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or Settings()
     app.state.templates = make_templates()
-    app.state.extensions = _optional_routers()
+    app.state.extensions = EXTENSIONS
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)

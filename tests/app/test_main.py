@@ -6,7 +6,6 @@ import subprocess
 import sys
 import types
 from contextlib import asynccontextmanager
-from importlib.machinery import ModuleSpec
 
 import pytest
 import sqlalchemy as sa
@@ -87,10 +86,9 @@ def test_unexpected_errors_answer_500_without_a_traceback(sqlite_store):
     assert response.json() == {"detail": "internal error; the server log has the details"}
 
 
-def test_optional_routers_are_included_with_their_lifespan(sqlite_store, monkeypatch):
+def test_extension_routers_are_included_with_their_lifespan(sqlite_store, monkeypatch):
     events = []
     module = types.ModuleType("app.routes.extra")
-    module.__spec__ = ModuleSpec("app.routes.extra", loader=None)
     module.router = APIRouter()
 
     @module.router.get("/extra")
@@ -104,8 +102,7 @@ def test_optional_routers_are_included_with_their_lifespan(sqlite_store, monkeyp
         events.append("stop")
 
     module.lifespan = lifespan
-    monkeypatch.setitem(sys.modules, "app.routes.extra", module)
-    monkeypatch.setattr(main, "OPTIONAL_ROUTERS", ("extra", "not_installed"))
+    monkeypatch.setattr(main, "EXTENSIONS", (module,))
     app = create_app(Settings(db_url=sqlite_store.url, live=False))
     with TestClient(app) as client:
         assert client.get("/extra").json() == {"engine_open": True}
