@@ -160,14 +160,15 @@ def _contexts(session: Session, sae_id: int, context_ids: Iterable[int]) -> dict
 
 def _example(row: ExampleRow, token_ids: list[int], vocab: Vocabulary) -> ExamplePublic:
     values = unpack_acts(row.acts, row.max_act, len(token_ids)).round(4)
-    return ExamplePublic(
+    # Built from the store's own typed columns: skip re-validating thousands of tokens per page.
+    return ExamplePublic.model_construct(
         context_id=row.context_id,
         kind=row.kind,
         bin=row.bin,
         rank=row.rank,
         max_act=row.max_act,
         max_pos=row.max_pos,
-        tokens=[vocab.text(t) for t in token_ids],
+        tokens=vocab.texts_of(token_ids),
         token_ids=token_ids,
         values=values.tolist(),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
@@ -53,6 +54,7 @@ def shade(value: float, max_value: float) -> float:
 
 
 @lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 16)  # a vocabulary's worth: pages repeat the same tokens
 def _shown_token(text: str) -> str:
     """A token's text as heatmap markup: whitespace made visible, then escaped (quotes too)."""
     return html.escape(token_text(text), quote=True)
@@ -72,10 +74,13 @@ def heatmap(tokens: Iterable[Any], max_value: float, max_pos: int | None = None)
     for position, (text, value) in enumerate(pairs):
         shown = _shown_token(text)
         marked = " max" if position == max_pos else ""
-        style = f' style="--a:{shade(value, max_value)}"' if value > 0 else ""
-        spans.append(
-            f'<span class="t{marked}" data-act="{value:.4g}"{style} title="{shown} · {value:.3g}">{shown}</span>'
-        )
+        if value > 0:
+            spans.append(
+                f'<span class="t{marked}" data-act="{value:.4g}" style="--a:{shade(value, max_value)}"'
+                f' title="{shown} · {value:.3g}">{shown}</span>'
+            )
+        else:  # most tokens: no shade, and no number to format
+            spans.append(f'<span class="t{marked}" data-act="0" title="{shown} · 0">{shown}</span>')
     return Markup('<span class="hm">' + "".join(spans) + "</span>")
 
 

@@ -32,6 +32,13 @@ class Vocabulary:
     def text(self, token_id: int) -> str:
         return self.texts.get(token_id, f"<{token_id}>")
 
+    def texts_of(self, token_ids: list[int]) -> list[str]:
+        """``text`` of each id; pages render thousands of tokens, so without a call per token."""
+        try:
+            return list(map(self.texts.__getitem__, token_ids))
+        except KeyError:  # an id outside the stored vocabulary: rare, so the slow path is fine
+            return [self.text(t) for t in token_ids]
+
     def find(self, token: str) -> list[int]:
         """Ids of ``token`` as written and of its variants with and without one leading space
         (BPE vocabularies spell a word inside a sentence with its space: " Paris")."""
