@@ -20,6 +20,7 @@ from sae_core.precompute import PrecomputeConfig, run_precompute
 from sae_core.sae import SAE, SAEConfig
 from sae_core.subject import cache_dir
 from sae_core.train import CHECKPOINT, TensorSource, fit
+from tests.app.server_process import free_port
 from tests.dist_train_setup import RECIPES, recipe_config, training_data
 from tests.test_precompute import dump
 from tests.tiny import TRAIN_TEXT
@@ -30,14 +31,6 @@ LAYER = 1
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), *args]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
