@@ -1,1 +1,3 @@
-from sae_core.cli import main; raise SystemExit(main())
+from sae_core.cli import main
+
+raise SystemExit(main())

@@ -12,11 +12,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
-from sae_core.live import LiveError, Prompt, PromptToken, as_prompt
+from sae_core.live import LiveError, Prompt, as_prompt
+from sae_core.live_results import (
+    Attribution,
+    AttributionEntry,
+    FeatureAttribution,
+    Prediction,
+)
 from sae_core.sae import SAE
 from sae_core.subject import Subject
 
@@ -29,44 +34,6 @@ class Target:
     position: int | None = None  # None: the last position, the prediction a user sees next
     token: int | None = None  # None: the model's own top prediction at that position
     contrast: int | None = None  # None: a plain logit rather than a logit difference
-
-
-class Prediction(NamedTuple):
-    token_id: int
-    text: str
-    logit: float
-    prob: float
-
-
-class AttributionEntry(NamedTuple):
-    feature: int
-    position: int
-    activation: float
-    attribution: float  # a_i · (d_i · ∇_x metric) at this position
-    dla: float  # direct logit attribution; 0 away from the target position (no direct path there)
-
-
-class FeatureAttribution(NamedTuple):
-    feature: int
-    attribution: float  # summed over positions
-    dla: float  # at the target position
-    top_position: int  # where |attribution| is largest
-    values: list[float]  # (seq,) attribution at each position
-
-
-@dataclass
-class Attribution:
-    tokens: list[PromptToken]
-    position: int  # where the target prediction is made
-    token: Prediction  # the target token there
-    contrast: Prediction | None
-    metric: float  # logit(token) [- logit(contrast)]
-    predictions: list[Prediction]  # the model's top next tokens at ``position``
-    entries: list[AttributionEntry]  # top (feature, position) pairs by |attribution|
-    features: list[FeatureAttribution]  # top features by |attribution summed over positions|
-    total: float  # Σ attribution over all features and positions: first-order metric change
-    #               when every feature is removed, negated
-    error: float  # Σ_t err_t · ∇_x metric over non-special positions: what the SAE error carries
 
 
 class _Splice:
@@ -118,18 +85,30 @@ def attribution(
         raise LiveError(f"position {position} is outside the prompt's tokens 0..{len(prompt) - 1}")
     splice = _Splice(sae, keep=~prompt.special_mask)
     keep_logits = torch.tensor([position], device=subject.device)
-    with torch.enable_grad(), subject.patch_layer(layer, splice), _captured_input(subject.final_norm) as final:
-        logits = subject.model(input_ids=prompt.ids[None], use_cache=False, logits_to_keep=keep_logits).logits
+    with (
+        torch.enable_grad(),
+        subject.patch_layer(layer, splice),
+        _captured_input(subject.final_norm) as final,
+    ):
+        logits = subject.model(
+            input_ids=prompt.ids[None], use_cache=False, logits_to_keep=keep_logits
+        ).logits
         logits = logits[0, 0]  # (vocab,)
-        token = int(logits.argmax()) if target.token is None else _check_token(subject, target.token)
+        token = (
+            int(logits.argmax()) if target.token is None else _check_token(subject, target.token)
+        )
         contrast = None if target.contrast is None else _check_token(subject, target.contrast)
         metric = logits[token] - (logits[contrast] if contrast is not None else 0.0)
         grad_f, grad_x = torch.autograd.grad(metric, [splice.f, splice.x_hat])  # (1, seq, ·)
     f = splice.f.detach()[0]  # (seq, d_sae)
     attr = f * grad_f[0]  # (seq, d_sae)
     err = (splice.x - splice.x_hat.detach())[0] * ~prompt.special_mask[:, None]  # (seq, d_model)
-    direction = subject.unembed[token] - (subject.unembed[contrast] if contrast is not None else 0.0)
-    dla = direct_logit_attribution(subject, sae, final[-1][0, position], f[position], direction)  # (d_sae,)
+    direction = subject.unembed[token] - (
+        subject.unembed[contrast] if contrast is not None else 0.0
+    )
+    dla = direct_logit_attribution(
+        subject, sae, final[-1][0, position], f[position], direction
+    )  # (d_sae,)
     logits = logits.detach()
     probs = logits.softmax(-1)
     top_ids = probs.topk(n_predictions).indices
@@ -154,7 +133,9 @@ def attribution(
 
 def _check_token(subject: Subject, token_id: int) -> int:
     if not 0 <= token_id < subject.vocab_size:
-        raise LiveError(f"token id {token_id} is outside the vocabulary 0..{subject.vocab_size - 1}")
+        raise LiveError(
+            f"token id {token_id} is outside the vocabulary 0..{subject.vocab_size - 1}"
+        )
     return token_id
 
 

@@ -11,11 +11,17 @@ Nothing here knows HTTP; the web worker calls these functions from one thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from sae_core.errors import SaescopeError
+from sae_core.live_results import (
+    FeatureOnText,
+    FeatureValue,
+    PromptActivations,
+    PromptToken,
+    RankedFeature,
+)
 from sae_core.sae import SAE
 from sae_core.subject import Subject
 
@@ -37,13 +43,6 @@ class PromptTooLong(LiveError):
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
-
-
-class PromptToken(NamedTuple):
-    position: int
-    token_id: int
-    text: str  # the token decoded alone, as the store's vocab renders it
-    special: bool  # BOS / chat markers: shown, never ranked
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,14 @@ def encode_prompt(
     tokenizer = subject.tokenizer
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise LiveError(f"{subject.name} has no chat template; send the prompt without apply_chat_template")
+            raise LiveError(
+                f"{subject.name} has no chat template; send the prompt without apply_chat_template"
+            )
         encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
         )
         ids = list(encoded["input_ids"])
     else:
@@ -82,12 +86,16 @@ def encode_prompt(
         raise PromptTooLong(len(ids), max_tokens)
     special = set(subject.special_ids)
     tokens = [
-        PromptToken(position=pos, token_id=tid, text=tokenizer.decode([tid]), special=tid in special)
+        PromptToken(
+            position=pos, token_id=tid, text=tokenizer.decode([tid]), special=tid in special
+        )
         for pos, tid in enumerate(ids)
     ]
     return Prompt(
         ids=torch.tensor(ids, dtype=torch.long, device=subject.device),
-        special_mask=torch.tensor([t.special for t in tokens], dtype=torch.bool, device=subject.device),
+        special_mask=torch.tensor(
+            [t.special for t in tokens], dtype=torch.bool, device=subject.device
+        ),
         tokens=tokens,
     )
 
@@ -109,7 +117,9 @@ def as_prompt(subject: Subject, prompt: str | Prompt) -> Prompt:
 
 def check_feature(sae: SAE, feature: int) -> int:
     if not 0 <= feature < sae.d_sae:
-        raise LiveError(f"feature {feature} does not exist; this SAE has features 0..{sae.d_sae - 1}")
+        raise LiveError(
+            f"feature {feature} does not exist; this SAE has features 0..{sae.d_sae - 1}"
+        )
     return feature
 
 
@@ -123,34 +133,6 @@ def _feature_acts(subject: Subject, sae: SAE, layer: int, prompt: Prompt) -> tor
 
 # ---------------------------------------------------------------------------------------------
 # What fires
-
-
-class FeatureValue(NamedTuple):
-    feature: int
-    value: float
-
-
-class RankedFeature(NamedTuple):
-    feature: int
-    max_value: float  # max over the prompt's non-special tokens
-    max_position: int
-    values: list[float]  # (seq,) activation at every token, 0 at special tokens
-
-
-@dataclass
-class PromptActivations:
-    tokens: list[PromptToken]
-    top_per_token: list[list[FeatureValue]]  # per position, strongest first; empty at special tokens
-    ranked: list[RankedFeature]  # features that fire anywhere, by max activation, strongest first
-
-
-@dataclass
-class FeatureOnText:
-    feature: int
-    tokens: list[PromptToken]
-    values: list[float]  # (seq,)
-    max_value: float
-    max_position: int
 
 
 def activations(

@@ -8,41 +8,14 @@ continuations use the same seed, so any difference is the intervention's.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 
 from sae_core.live import LiveError, Prompt, as_prompt, check_feature
+from sae_core.live_results import Continuation, Generation, SteerFeature, Steering
 from sae_core.sae import SAE
 from sae_core.subject import Subject
-
-
-class SteerFeature(NamedTuple):
-    feature: int
-    strength: float  # "add": multiple of W_dec[i] added; "clamp": the value f_i is held at
-
-
-@dataclass(frozen=True)
-class Generation:
-    max_new_tokens: int = 32  # enough to see a continuation change topic; ~1 s on a CPU for 135M
-    temperature: float = 0.7  # 0 is greedy; 0.7 keeps text varied yet on-topic for small models
-    seed: int = 0  # the default and the steered continuation draw from the same seed
-
-
-class Continuation(NamedTuple):
-    token_ids: list[int]
-    text: str
-
-
-@dataclass
-class Steering:
-    prompt_text: str  # what the model saw, special tokens and chat template included
-    mode: str
-    features: list[SteerFeature]
-    generation: Generation
-    default: Continuation
-    steered: Continuation
 
 
 class SteerHook:
@@ -54,8 +27,12 @@ class SteerHook:
 
     def __init__(self, sae: SAE, mode: str, features: list[SteerFeature]):
         self.sae, self.mode = sae, mode
-        self.index = torch.tensor([s.feature for s in features], dtype=torch.long, device=sae.W_dec.device)
-        self.strength = torch.tensor([s.strength for s in features], dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+        self.index = torch.tensor(
+            [s.feature for s in features], dtype=torch.long, device=sae.W_dec.device
+        )
+        self.strength = torch.tensor(
+            [s.strength for s in features], dtype=sae.W_dec.dtype, device=sae.W_dec.device
+        )
         self.keep: torch.Tensor | None = None  # (batch, chunk) bool, set by the caller per forward
 
     def __call__(self, resid: torch.Tensor) -> torch.Tensor:  # (batch, chunk, d_model)
@@ -76,7 +53,7 @@ def steer(
     features: list[SteerFeature],
     *,
     mode: Literal["add", "clamp"] = "add",
-    generation: Generation = Generation(),
+    generation: Generation = Generation(),  # noqa: B008 (frozen, so sharing it is safe)
 ) -> Steering:
     """Continue ``prompt`` twice with the same seed: as the model would, and with ``features``
     steered at layer L. In "add" mode strength 0 changes nothing, so both continuations match."""
@@ -102,7 +79,9 @@ def steer(
 
 
 @torch.no_grad()
-def _generate(subject: Subject, prompt: Prompt, generation: Generation, hook: SteerHook | None = None) -> Continuation:
+def _generate(
+    subject: Subject, prompt: Prompt, generation: Generation, hook: SteerHook | None = None
+) -> Continuation:
     """Sample up to ``max_new_tokens`` with a KV cache, stopping at an end-of-sequence token.
 
     ``hook`` (already attached to block L) is told which positions of each chunk it may touch:
@@ -116,7 +95,9 @@ def _generate(subject: Subject, prompt: Prompt, generation: Generation, hook: St
     for _ in range(generation.max_new_tokens):
         if hook is not None:
             hook.keep = keep
-        out = subject.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{cache_name: cache})
+        out = subject.model(
+            input_ids=chunk, use_cache=True, logits_to_keep=1, **{cache_name: cache}
+        )
         cache = getattr(out, cache_name)
         next_id = _sample(out.logits[0, -1].float(), generation.temperature, generator)
         if next_id in stop:
