@@ -1,25 +1,24 @@
-"""The server's live side: the store's SAEs whose model loaded, one model worker, and the data
-functions that turn ``sae_core`` results into the models pages and ``/api/v1`` both return.
+"""The web side of live prompts: one model backend, and the data functions that turn its
+``sae_core`` results into the models pages and ``/api/v1`` both return, with the store's labels.
 
-Imported only when live may be on (it imports torch); ``app.routes.live`` reaches it through
-``app.state.live``. Prompts are tokenised in the request thread, so an overlong one is refused
-(413) before it takes a queue slot; only model work goes to the worker.
+The backend is the live model process that ``saescope serve`` starts (``app.live_remote``,
+shared by every web worker), or, when the settings name none, a ``ModelHost`` loaded inside this
+app (tests, an app embedded in another program). Both answer ``call(operation, sae, **params)``
+with plain results or a ``LiveRefused``; this module imports no torch either way.
+``app.routes.live`` reaches it through ``app.state.live``.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import sqlalchemy as sa
-import torch
 from fastapi import HTTPException
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import queries
+from app.live_remote import RemoteModel
 from app.live_schemas import (
     AttributionEntryPublic,
     AttributionPublic,
@@ -37,132 +36,84 @@ from app.live_schemas import (
     SteerRequest,
     TokenValuePublic,
 )
-from app.live_worker import LiveWorker, WorkerBusy, WorkerTimeout
+from app.live_worker import LiveRefused
 from app.settings import Settings
-from sae_core import live
-from sae_core.attribution import Target, attribution
-from sae_core.errors import SaescopeError
-from sae_core.sae import SAE, load_sae
-from sae_core.steering import Generation, SteerFeature, steer
-from sae_core.store import FeatureRow, SaeRow, SubjectModelRow
-from sae_core.subject import Subject, load_subject
-
-log = logging.getLogger("saescope.live")
-T = TypeVar("T")
+from sae_core.live_results import (
+    Attribution,
+    FeatureOnText,
+    PromptActivations,
+    PromptToken,
+    Steering,
+)
+from sae_core.store import FeatureRow, SaeRow
 
 
-class LiveUnavailableError(SaescopeError):
-    """Live was required (``--live``) but no SAE's model could be loaded."""
+class ModelBackend(Protocol):
+    """What the web side needs of the model side (``ModelHost`` or ``RemoteModel``)."""
 
+    live_saes: frozenset[str]
+    unavailable: dict[str, str]  # SAE name -> why live is off for it
 
-@dataclass(frozen=True)
-class LiveSae:
-    """One SAE ready for live prompts: its subject model (shared by SAEs of the same model)."""
+    def call(self, operation: str, sae_name: str, **params) -> Any: ...
 
-    name: str
-    layer: int
-    subject: Subject
-    sae: SAE
+    def close(self) -> None: ...
 
 
 class LiveService:
-    def __init__(
-        self, *, saes: dict[str, LiveSae], unavailable: dict[str, str], settings: Settings
-    ):
-        self.saes = saes
-        self.unavailable = unavailable  # SAE name -> why live is off for it
+    def __init__(self, *, backend: ModelBackend, settings: Settings):
+        self.backend = backend
         self.settings = settings
-        self.worker = LiveWorker(queue_size=settings.live_queue_size).start()
-        self._tokenizer_lock = (
-            threading.Lock()
-        )  # request threads tokenise; fast tokenizers are not re-entrant
 
     @classmethod
-    def load(cls, *, session: Session, settings: Settings) -> LiveService:
-        """Load every SAE of the store with its model (``settings.model`` overrides the store's
-        model name). With ``settings.live`` true, fail unless at least one loads."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        rows = session.execute(
-            sa.select(SaeRow.name, SaeRow.layer, SaeRow.path, SubjectModelRow.name)
-            .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
-            .order_by(SaeRow.name)
-        ).all()
-        subjects: dict[str, Subject] = {}
-        saes: dict[str, LiveSae] = {}
-        unavailable: dict[str, str] = {}
-        for name, layer, path, model_name in rows:
-            spec = settings.model or model_name
-            try:
-                if spec not in subjects:
-                    subjects[spec] = load_subject(spec, device=device)
-                subject = subjects[spec]
-                sae = load_sae(path, d_in=subject.d_model).to(device)
-                saes[name] = LiveSae(
-                    name=name, layer=subject.check_layer(layer), subject=subject, sae=sae
-                )
-            except SaescopeError as err:
-                unavailable[name] = str(err)
-                log.warning("live prompts are off for SAE %s: %s", name, err)
-        if settings.live and rows and not saes:
-            reasons = "; ".join(f"{name}: {why}" for name, why in unavailable.items())
-            raise LiveUnavailableError(f"--live was asked for but no SAE's model loads ({reasons})")
-        return cls(saes=saes, unavailable=unavailable, settings=settings)
+    def open(cls, *, sessions: sessionmaker, settings: Settings) -> LiveService:
+        """Connect to the live model process named by ``settings.live_socket``, or load the
+        store's models into this app when it names none."""
+        if settings.live_socket:
+            backend = RemoteModel(settings.live_socket, timeout_s=settings.live_timeout_s)
+        else:
+            from app.live_host import ModelHost, sae_sources  # imports torch
+
+            with sessions() as session:
+                backend = ModelHost.load(sae_sources(session), settings=settings)
+        return cls(backend=backend, settings=settings)
 
     def close(self) -> None:
-        self.worker.stop()
+        self.backend.close()
 
-    # -- plumbing -------------------------------------------------------------------------
+    def is_live(self, sae_name: str) -> bool:
+        return sae_name in self.backend.live_saes
 
-    def get(self, *, session: Session, sae_name: str) -> LiveSae:
-        if sae_name in self.saes:
-            return self.saes[sae_name]
-        queries.get_sae_row(session=session, sae_name=sae_name)  # 404 for an unknown SAE
-        reason = self.unavailable.get(sae_name, "it was added after the server started")
-        raise HTTPException(503, f"live prompts are off for SAE {sae_name!r}: {reason}")
+    def off_reason(self, sae_name: str) -> str:
+        return self.backend.unavailable.get(
+            sae_name, "it was added after the server started; restart the server"
+        )
 
-    def encode(self, target: LiveSae, text: str, *, chat: bool = False) -> live.Prompt:
-        with self._tokenizer_lock:
-            try:
-                return live.encode_prompt(
-                    target.subject, text, chat=chat, max_tokens=self.settings.max_prompt_tokens
-                )
-            except live.PromptTooLong as err:
-                raise HTTPException(413, f"{err} (max_prompt_tokens)") from None
-
-    def token_id(self, target: LiveSae, text: str | None, token_id: int | None) -> int | None:
-        if text is None:
-            return token_id
-        with self._tokenizer_lock:
-            return live.single_token_id(target.subject, text)
-
-    def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """``fn`` on the model worker, with the server's queue and time limits as HTTP errors."""
+    def call(self, session: Session, operation: str, sae_name: str, **params) -> Any:
+        """``operation`` on the model side; an unknown SAE is 404 and every refusal an HTTP
+        error with its status (and Retry-After when the queue is full)."""
+        if not self.is_live(sae_name):
+            queries.get_sae_row(session=session, sae_name=sae_name)  # 404 for an unknown SAE
+            raise HTTPException(
+                503, f"live prompts are off for SAE {sae_name!r}: {self.off_reason(sae_name)}"
+            )
         try:
-            return self.worker.run(fn, *args, timeout_s=self.settings.live_timeout_s, **kwargs)
-        except WorkerBusy as err:
-            raise HTTPException(
-                503,
-                f"{err}; the server runs one live request at a time",
-                headers={"Retry-After": str(err.retry_after_s)},
-            ) from None
-        except WorkerTimeout as err:
-            raise HTTPException(
-                504, f"{err} (live_timeout_s); try a shorter prompt or fewer new tokens"
-            ) from None
+            return self.backend.call(operation, sae_name, **params)
+        except LiveRefused as err:
+            headers = (
+                {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+            )
+            raise HTTPException(err.status, err.message, headers=headers) from None
 
     # -- data functions: one per endpoint, shared by its page fragment ---------------------
 
     def activations(
         self, *, session: Session, sae_name: str, request: PromptRequest
     ) -> PromptActivationsPublic:
-        target = self.get(session=session, sae_name=sae_name)
-        prompt = self.encode(target, request.text)
-        result = self.run(
-            live.activations,
-            target.subject,
-            target.sae,
-            target.layer,
-            prompt,
+        result: PromptActivations = self.call(
+            session,
+            "activations",
+            sae_name,
+            text=request.text,
             per_token=request.per_token,
             top=request.top,
         )
@@ -197,11 +148,9 @@ class LiveService:
     def feature_on_text(
         self, *, session: Session, sae_name: str, index: int, text: str
     ) -> FeatureOnTextPublic:
-        target = self.get(session=session, sae_name=sae_name)
         summary = queries.get_feature_summary(session=session, sae_name=sae_name, index=index)
-        prompt = self.encode(target, text)
-        result = self.run(
-            live.feature_activations, target.subject, target.sae, target.layer, prompt, index
+        result: FeatureOnText = self.call(
+            session, "feature_on_text", sae_name, index=index, text=text
         )
         return FeatureOnTextPublic(
             sae=sae_name,
@@ -219,15 +168,17 @@ class LiveService:
     def attribution(
         self, *, session: Session, sae_name: str, request: AttributionRequest
     ) -> AttributionPublic:
-        target = self.get(session=session, sae_name=sae_name)
-        prompt = self.encode(target, request.text)
-        spec = Target(
+        result: Attribution = self.call(
+            session,
+            "attribution",
+            sae_name,
+            text=request.text,
             position=request.position,
-            token=self.token_id(target, request.token, request.token_id),
-            contrast=self.token_id(target, request.contrast, request.contrast_id),
-        )
-        result = self.run(
-            attribution, target.subject, target.sae, target.layer, prompt, spec, top=request.top
+            token=request.token,
+            token_id=request.token_id,
+            contrast=request.contrast,
+            contrast_id=request.contrast_id,
+            top=request.top,
         )
         labels = _labels(
             session,
@@ -269,38 +220,33 @@ class LiveService:
         )
 
     def steer(self, *, session: Session, sae_name: str, request: SteerRequest) -> SteeringPublic:
-        target = self.get(session=session, sae_name=sae_name)
-        prompt = self.encode(target, request.text, chat=request.apply_chat_template)
-        generation = Generation(
-            max_new_tokens=min(request.max_new_tokens, self.settings.max_new_tokens),
+        max_new_tokens = min(request.max_new_tokens, self.settings.max_new_tokens)
+        result: Steering = self.call(
+            session,
+            "steer",
+            sae_name,
+            text=request.text,
+            chat=request.apply_chat_template,
+            features=[(f.index, f.strength) for f in request.features],
+            mode=request.mode,
+            max_new_tokens=max_new_tokens,
             temperature=request.temperature,
             seed=request.seed,
-        )
-        features = [SteerFeature(f.index, f.strength) for f in request.features]
-        result = self.run(
-            steer,
-            target.subject,
-            target.sae,
-            target.layer,
-            prompt,
-            features,
-            mode=request.mode,
-            generation=generation,
         )
         return SteeringPublic(
             sae=sae_name,
             prompt_text=result.prompt_text,
             mode=request.mode,
             features=request.features,
-            max_new_tokens=generation.max_new_tokens,
-            temperature=generation.temperature,
-            seed=generation.seed,
+            max_new_tokens=max_new_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
             default=ContinuationPublic(**result.default._asdict()),
             steered=ContinuationPublic(**result.steered._asdict()),
         )
 
 
-def _tokens(tokens: Iterable[live.PromptToken]) -> list[PromptTokenPublic]:
+def _tokens(tokens: Iterable[PromptToken]) -> list[PromptTokenPublic]:
     return [PromptTokenPublic(**t._asdict()) for t in tokens]
 
 

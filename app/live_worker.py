@@ -1,4 +1,5 @@
-"""The model worker: one thread runs every live job, fed by a bounded queue.
+"""The model worker: one thread runs every live job, fed by a bounded queue; and the errors live
+requests end in, shared by the model side and the web side.
 
 A CPU forward pass uses every core, so running two at once only makes both slower; one thread
 keeps latency predictable. When the queue is full a new job is refused at once (the API answers
@@ -20,11 +21,29 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple, TypeVar
 
+from sae_core.errors import SaescopeError
+
 T = TypeVar("T")
 
 # Weight of the newest job in the running mean of job durations behind Retry-After: recent
 # enough to follow a change of workload, smooth enough that one long job does not dominate.
 DURATION_SMOOTHING = 0.2
+
+
+class LiveRefused(Exception):
+    """A live request the model side will not or cannot serve, with the HTTP status that says
+    why (413 prompt too long, 422 bad request, 503 busy or off, 504 too slow). It crosses the
+    process boundary as plain values, and the web side turns it into an HTTP error."""
+
+    def __init__(self, status: int, message: str, *, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class LiveUnavailableError(SaescopeError):
+    """Live was required (``--live``) but no SAE's model could be loaded."""
 
 
 class WorkerBusy(Exception):

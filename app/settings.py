@@ -28,6 +28,12 @@ class Settings(BaseSettings):
         description="Subject model to load for live features instead of the one the store names "
         "(a folder, .gguf file or hub id holding the same weights).",
     )
+    live_socket: str | None = Field(
+        default=None,
+        description="Unix socket of the live model process. `saescope serve` starts that process "
+        "and sets this for its web workers, which then share one model; unset, the app loads the "
+        "model itself.",
+    )
     write_token: str | None = Field(
         default=None,
         description="Bearer token that lets a request edit labels. None (the default) keeps the "

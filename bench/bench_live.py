@@ -130,7 +130,7 @@ def main() -> None:
                     response.raise_for_status()
                 return call
 
-            worker = client.app.state.live.worker
+            worker = client.app.state.live.backend.worker
 
             def on_worker(fn):
                 """Baselines run on the model worker too: torch's thread pool belongs to the thread

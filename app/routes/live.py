@@ -1,16 +1,16 @@
 """Live prompts: ``/api/v1`` endpoints, the prompt page, and the htmx fragments it swaps in.
 
-The model loads in ``lifespan`` when live is not switched off (``app.live_service`` imports
-torch only then). Every endpoint calls one ``LiveService`` data function; the API returns its
-model and the matching fragment renders it. Pages never touch the model worker, so browsing
-stays fast while it is busy.
+``lifespan`` reaches the model side when live is not switched off: the live model process of
+``saescope serve``, or a model loaded into this app (``app.live_service``). Every endpoint calls
+one ``LiveService`` data function; the API returns its model and the matching fragment renders
+it. Pages never touch the model, so browsing stays fast while it is busy.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, NamedTuple, TypeVar
+from typing import Annotated, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -31,11 +31,9 @@ from app.live_schemas import (
     SteerRequest,
     TokenValuePublic,
 )
+from app.live_service import LiveService
 from app.rendering import render, url_segment
 from sae_core.errors import SaescopeError
-
-if TYPE_CHECKING:
-    from app.live_service import LiveService
 
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
@@ -56,17 +54,14 @@ LIVE_OFF = (
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the model and SAEs unless live is switched off; templates learn which SAEs are live."""
+    """Reach the model side unless live is switched off; templates learn which SAEs are live."""
     settings = app.state.settings
     service = None
     if settings.live is not False:
-        from app.live_service import LiveService
-
-        with app.state.sessionmaker() as session:
-            service = LiveService.load(session=session, settings=settings)
+        service = LiveService.open(sessions=app.state.sessionmaker, settings=settings)
     app.state.live = service
     app.state.templates.env.globals["live_on"] = lambda sae: (
-        service is not None and sae in service.saes
+        service is not None and service.is_live(sae)
     )
     try:
         yield
@@ -156,12 +151,10 @@ def prompt_page(
     service = request.app.state.live
     if service is None:
         off_reason = LIVE_OFF
-    elif sae in service.saes:
+    elif service.is_live(sae):
         off_reason = None
     else:
-        off_reason = service.unavailable.get(
-            sae, "the SAE was added after the server started; restart it"
-        )
+        off_reason = service.off_reason(sae)
     context = {
         "sae": detail,
         "sae_path": _sae_path(sae),

@@ -2,7 +2,10 @@
 
 Flags override the ``SAESCOPE_*`` environment; the merged settings are exported back to it, so
 with ``--workers N`` every worker process builds the same app through the
-``app.main:create_app`` factory. The web stack is imported only here, inside ``run``.
+``app.main:create_app`` factory. Unless live is off, the model first loads in a process of its
+own (``app.live_remote.ModelProcess``) that every worker talks to: N workers hold one model, and
+page requests never wait behind a forward pass. The web stack is imported only here, inside
+``run``.
 """
 
 from __future__ import annotations
@@ -52,8 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
     import uvicorn
 
+    from app.live_remote import ModelProcess
     from app.main import open_store
     from app.settings import Settings
 
@@ -67,16 +73,22 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{name: value for name, value in flags.items() if value is not None})
     open_store(settings).dispose()  # a wrong --db fails here in one line, not in every worker
-    os.environ.update(settings.to_environment())
-    print(
-        f"saescope: serving {settings.db_url} on http://{settings.host}:{settings.port}", flush=True
-    )
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=args.workers,
-        log_level=args.log_level,
-    )
+    with ExitStack() as stack:
+        if settings.live is not False:
+            print("saescope: loading the live model in its own process", flush=True)
+            model = stack.enter_context(ModelProcess.start(settings))
+            settings = settings.model_copy(update={"live_socket": model.socket})
+        os.environ.update(settings.to_environment())
+        print(
+            f"saescope: serving {settings.db_url} on http://{settings.host}:{settings.port}",
+            flush=True,
+        )
+        uvicorn.run(
+            "app.main:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
     return 0

@@ -66,7 +66,7 @@ def worker_held(client: TestClient) -> Iterator[None]:
         started.set()
         release.wait(30)
 
-    client.app.state.live.worker.submit(hold)
+    client.app.state.live.backend.worker.submit(hold)
     assert started.wait(10)
     try:
         yield
@@ -102,10 +102,10 @@ def test_overlong_prompt_is_413_with_the_limit(client):
 
 def test_full_queue_is_503_with_retry_after_at_once_and_browsing_still_works(client):
     with worker_held(client):
-        client.app.state.live.worker.submit(lambda: None)  # fills the queue (4 slots by default)
-        client.app.state.live.worker.submit(lambda: None)
-        client.app.state.live.worker.submit(lambda: None)
-        client.app.state.live.worker.submit(lambda: None)
+        client.app.state.live.backend.worker.submit(lambda: None)  # fills the queue (4 slots by default)
+        client.app.state.live.backend.worker.submit(lambda: None)
+        client.app.state.live.backend.worker.submit(lambda: None)
+        client.app.state.live.backend.worker.submit(lambda: None)
         response = client.post(f"/api/v1/saes/{SAE}/activations", json={"text": TEXT})
         assert response.status_code == 503
         assert int(response.headers["retry-after"]) >= 1
