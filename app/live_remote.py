@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -150,8 +151,13 @@ def _reply(host: ModelHost, message: tuple) -> tuple:
 
 def _model_process_main(settings: Settings, socket: str, ready: Connection, parent: int) -> None:
     """Body of the model process: load, listen, report ready, serve until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; serve stops us
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     os.nice(MODEL_NICENESS)
-    logging.basicConfig(level=logging.INFO, format="saescope live: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("saescope live: %(message)s"))
+    logging.getLogger("saescope").addHandler(handler)
+    logging.getLogger("saescope").setLevel(logging.INFO)
     import sqlalchemy.orm
 
     from app.live_host import ModelHost, sae_sources
@@ -174,6 +180,12 @@ def _model_process_main(settings: Settings, socket: str, ready: Connection, pare
     ready.close()
     serve_host(host, listener)
     log.error("the live model's socket closed; live requests answer 503 until a restart")
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM from ``ModelProcess.stop``: exit through Python, so libraries release what they
+    hold (tqdm's lock would otherwise be reported as a leaked semaphore)."""
+    raise SystemExit(0)
 
 
 def _exit_with_parent(parent: int) -> None:

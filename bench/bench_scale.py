@@ -10,9 +10,10 @@
 - serving: `saescope serve --workers 1` vs `--workers 2` over a synthetic Postgres store, 32
   concurrent clients without think time (feature pages, feature JSON, label search) for
   --serve-seconds each: requests per second and latency percentiles;
-- live beside pages: `saescope serve --live` (one worker: the model runs on the process's own
-  live thread, app.live_worker) over a store precomputed for the random SAE; feature-page latency
-  of 8 clients alone, then while 2 clients keep posting 60-token prompts.
+- live beside pages: one web worker with live on over a store precomputed for the random SAE,
+  the model on a thread of the web process (uvicorn serving the app directly) vs in its own
+  process (`saescope serve --live`); feature-page latency of 8 clients alone, then while 2
+  clients keep posting 60-token prompts.
 
 Every process of every run shares the same 2 CPU cores (and, on the team machine, other people's
 jobs): the ratios say how much the second process buys on this box, not on a real cluster.
@@ -32,6 +33,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -44,7 +47,7 @@ from sae_core import distributed  # noqa: E402
 from sae_core.sae import SAE, SAEConfig  # noqa: E402
 from sae_core.store import create_engine_for  # noqa: E402
 from sae_core.train import TensorSource, TrainConfig, fit  # noqa: E402
-from tests.app.server_process import serving  # noqa: E402
+from tests.app.server_process import free_port, running, serving  # noqa: E402
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -218,16 +221,33 @@ async def pages_beside_live(base: str, sae: str, seconds: float, live_clients: i
     return pages, answered
 
 
+@contextmanager
+def live_server(db: str, model_in: str) -> Iterator[str]:
+    """One web worker with live on: the model on a thread of the web process (the app built
+    without a model process, as uvicorn serves it directly), or in its own process
+    (`saescope serve`)."""
+    port = free_port()
+    if model_in == "web process":
+        command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port), "--log-level", "warning"]
+        env = {"SAESCOPE_DB_URL": db, "SAESCOPE_LIVE": "true"}
+    else:
+        command = [sys.executable, "-m", "sae_core", "serve", "--db", db, "--port", str(port), "--live", "--log-level", "warning"]
+        env = {}
+    with running(command, port, env=env, timeout=300) as base:
+        yield base
+
+
 def bench_live(seconds: float, folder: Path) -> None:
     sae, db = random_sae(folder), f"sqlite:///{folder / 'live.db'}"
     timed([sys.executable, "-m", "sae_core", "precompute", "--sae", str(sae), "--tokens", "1024", "--db", db, "--name", "scale-live"])
-    with serving(db, "--live", timeout=180) as base:
-        asyncio.run(pages_beside_live(base, "scale-live", 2, 1))  # warm-up
-        for live_clients in (0, 2):
-            pages, answered = asyncio.run(pages_beside_live(base, "scale-live", seconds, live_clients))
-            q = statistics.quantiles(pages, n=100)
-            print(f"live        feature pages beside {live_clients} live clients   p50 {q[49] * 1000:5.0f} ms   "
-                  f"p99 {q[98] * 1000:5.0f} ms   {len(pages) / seconds:5.1f} pages/s   {answered / seconds:4.1f} prompts/s")
+    for model_in in ("web process", "own process"):
+        with live_server(db, model_in) as base:
+            asyncio.run(pages_beside_live(base, "scale-live", 2, 1))  # warm-up
+            for live_clients in (0, 2):
+                pages, answered = asyncio.run(pages_beside_live(base, "scale-live", seconds, live_clients))
+                q = statistics.quantiles(pages, n=100)
+                print(f"live        model in its {model_in:<11}  pages beside {live_clients} live clients   p50 {q[49] * 1000:5.0f} ms   "
+                      f"p99 {q[98] * 1000:5.0f} ms   {len(pages) / seconds:5.1f} pages/s   {answered / seconds:4.1f} prompts/s")
 
 
 def main() -> None:

@@ -41,8 +41,20 @@ def serving(db_url: str, *flags: str, timeout: float = 60.0) -> Iterator[str]:
         "warning",
         *flags,
     ]
+    with running(command, port, timeout=timeout) as base:
+        yield base
+
+
+@contextmanager
+def running(
+    command: list[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[str]:
+    """Run a server ``command`` listening on ``port``; yield its base URL once it answers."""
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     try:
