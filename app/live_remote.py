@@ -174,6 +174,7 @@ def _model_process_main(settings: Settings, socket: str, ready: Connection, pare
     except SaescopeError as err:
         ready.send(("failed", str(err)))
         return
+    Path(socket).unlink(missing_ok=True)  # left behind by a predecessor that was killed
     listener = Listener(socket, family="AF_UNIX", authkey=key_path(socket).read_bytes())
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     ready.send(("ready", sorted(host.saes)))
@@ -196,13 +197,18 @@ def _exit_with_parent(parent: int) -> None:
 
 
 class ModelProcess:
-    """The live model process of one ``saescope serve``: started before the web workers and
-    stopped after them (use it as a context manager)."""
+    """The live model process of one ``saescope serve``: started before the web workers,
+    started again if it dies (an out-of-memory kill, a crash in a native library), and stopped
+    after the workers (use it as a context manager). A restart keeps the socket and its key,
+    so the workers reconnect by themselves; until it is back, live requests answer 503."""
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, folder: Path):
-        self.process = process
+    def __init__(self, settings: Settings, folder: Path):
+        self.settings = settings
         self.folder = folder
         self.socket = str(folder / "live.sock")
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # one launch or stop at a time
 
     @classmethod
     def start(cls, settings: Settings) -> ModelProcess:
@@ -212,42 +218,69 @@ class ModelProcess:
         key = key_path(folder / "live.sock")
         key.write_bytes(os.urandom(32))
         key.chmod(0o600)
+        model = cls(settings, folder)
+        try:
+            with model._lock:
+                saes = model._launch()
+        except BaseException:  # a model that cannot load, or Ctrl-C while it loads
+            model.stop()
+            raise
+        log.info(
+            "live model process %d serves SAEs %s", model.process.pid, ", ".join(saes) or "none"
+        )
+        threading.Thread(
+            target=model._supervise, name="saescope-live-supervisor", daemon=True
+        ).start()
+        return model
+
+    def _launch(self) -> list[str]:
+        """Start the process and wait for its report; the names of the SAEs it serves."""
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked locks
         receive, send = context.Pipe(duplex=False)
-        process = context.Process(
+        self.process = context.Process(
             target=_model_process_main,
-            args=(settings, str(folder / "live.sock"), send, os.getpid()),
+            args=(self.settings, self.socket, send, os.getpid()),
             name="saescope-live",
             daemon=True,
         )
-        model = cls(process, folder)
-        process.start()
+        self.process.start()
         send.close()  # ours; the pipe then reports EOF if the process dies while loading
         try:
             status = receive.recv()
         except EOFError:
-            model.stop()
             raise LiveUnavailableError(
-                f"the live model process exited with code {process.exitcode} while loading"
+                f"the live model process exited with code {self.process.exitcode} while loading"
             ) from None
-        except BaseException:  # Ctrl-C while the model loads
-            model.stop()
-            raise
         if status[0] == "failed":
-            model.stop()
             raise LiveUnavailableError(status[1])
-        log.info(
-            "live model process %d serves SAEs %s", process.pid, ", ".join(status[1]) or "none"
-        )
-        return model
+        return status[1]
+
+    def _supervise(self) -> None:
+        while True:
+            process = self.process
+            process.join()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                log.error(
+                    "the live model process exited with code %s; starting it again",
+                    process.exitcode,
+                )
+                try:
+                    self._launch()
+                except Exception as err:
+                    log.error("the live model process cannot start again (%s); live is off", err)
+                    return
 
     def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(10)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
+        self._stopping.set()
+        with self._lock:
+            if self.process is not None and self.process.is_alive():
+                self.process.terminate()
+                self.process.join(10)
+                if self.process.is_alive():
+                    self.process.kill()
+                    self.process.join()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> ModelProcess:

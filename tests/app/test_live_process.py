@@ -178,17 +178,24 @@ def test_a_model_that_cannot_load_fails_the_start_in_one_line(store_url, tmp_pat
     assert "\n" not in str(failed.value)
 
 
-def test_when_the_model_process_dies_live_is_503_and_pages_still_serve(store_url, llama_dir):
+def test_a_model_process_that_dies_is_started_again_and_pages_serve_meanwhile(store_url, llama_dir):
     settings = Settings(db_url=store_url, model=str(llama_dir), live=True)
-    with ModelProcess.start(settings) as process:
-        app = create_app(settings.model_copy(update={"live_socket": process.socket}))
+    with ModelProcess.start(settings) as model:
+        app = create_app(settings.model_copy(update={"live_socket": model.socket}))
         with TestClient(app, raise_server_exceptions=False) as client:
-            process.process.kill()
-            process.process.join()
-            response = client.post(f"/api/v1/saes/{SAE}/activations", json={"text": TEXT})
-            assert response.status_code == 503
-            assert "not answering" in response.json()["detail"]
+            first = model.process
+            first.kill()
+            first.join()
             assert client.get(f"/saes/{SAE}/features/1").status_code == 200
+            deadline = time.monotonic() + 120
+            while True:
+                response = client.post(f"/api/v1/saes/{SAE}/activations", json={"text": TEXT})
+                if response.status_code == 200 or time.monotonic() > deadline:
+                    break
+                assert response.status_code == 503, response.text  # until it is back
+                time.sleep(0.2)
+            assert response.status_code == 200
+            assert model.process.pid != first.pid
 
 
 # ---------------------------------------------------------------------------------------------
