@@ -5,18 +5,18 @@ from __future__ import annotations
 import functools
 import html
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import jinja2
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 from starlette.responses import Response
 
 from app.charts import histogram_chart
-from app.schemas import FeaturePublic, LabelPublic, SaePublic
+from app.schemas import FeaturePublic, LabelPublic, SaePublic, TokensPublic
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = ROOT / "templates"
@@ -53,34 +53,50 @@ def shade(value: float, max_value: float) -> float:
     return round(min(value / max_value, 1.0), 2)
 
 
-@lru_cache(maxsize=1 << 16)
 @functools.lru_cache(maxsize=1 << 16)  # a vocabulary's worth: pages repeat the same tokens
 def _shown_token(text: str) -> str:
     """A token's text as heatmap markup: whitespace made visible, then escaped (quotes too)."""
     return html.escape(token_text(text), quote=True)
 
 
-def heatmap(tokens: Iterable[Any], max_value: float, max_pos: int | None = None) -> Markup:
+@functools.lru_cache(maxsize=1 << 16)
+def _quiet_span(text: str) -> str:
+    """The span of a token where the feature did not fire (most tokens): the same for every page."""
+    shown = _shown_token(text)
+    return f'<span class="t" data-act="0" title="{shown} · 0">{shown}</span>'
+
+
+def _span(text: str, value: float, max_value: float, marked: bool) -> str:
+    shown = _shown_token(text)
+    css = "t max" if marked else "t"
+    if value > 0:
+        return (
+            f'<span class="{css}" data-act="{value:.4g}" style="--a:{shade(value, max_value)}"'
+            f' title="{shown} · {value:.3g}">{shown}</span>'
+        )
+    return f'<span class="{css}" data-act="0" title="{shown} · 0">{shown}</span>'
+
+
+def heatmap(
+    tokens: TokensPublic | Iterable[Any], max_value: float, max_pos: int | None = None
+) -> Markup:
     """The token heatmap (``_partials/heatmap.html``), built here because pages hold thousands
     of tokens: one span per token, shaded by ``--a`` = value / max_value, its activation in
     ``data-act`` and, with its text, in ``title``; the token at ``max_pos`` is marked.
-    Tokens are objects or mappings with ``text`` and ``value``; their text is escaped."""
-    items = list(tokens)
-    if items and isinstance(items[0], Mapping):
-        pairs = [(t["text"], t["value"]) for t in items]
+    ``tokens`` is a ``TokensPublic`` (parallel lists), or items or mappings with ``text`` and
+    ``value``; their text is escaped."""
+    if isinstance(tokens, TokensPublic):
+        texts, values = tokens.tokens, tokens.values
     else:
-        pairs = [(t.text, t.value) for t in items]
-    spans = []
-    for position, (text, value) in enumerate(pairs):
-        shown = _shown_token(text)
-        marked = " max" if position == max_pos else ""
-        if value > 0:
-            spans.append(
-                f'<span class="t{marked}" data-act="{value:.4g}" style="--a:{shade(value, max_value)}"'
-                f' title="{shown} · {value:.3g}">{shown}</span>'
-            )
-        else:  # most tokens: no shade, and no number to format
-            spans.append(f'<span class="t{marked}" data-act="0" title="{shown} · 0">{shown}</span>')
+        items = list(tokens)
+        if items and isinstance(items[0], Mapping):
+            texts, values = [t["text"] for t in items], [t["value"] for t in items]
+        else:
+            texts, values = [t.text for t in items], [t.value for t in items]
+    spans = list(map(_quiet_span, texts))
+    for position, value in enumerate(values):
+        if value > 0 or position == max_pos:
+            spans[position] = _span(texts[position], value, max_value, position == max_pos)
     return Markup('<span class="hm">' + "".join(spans) + "</span>")
 
 
@@ -94,8 +110,12 @@ def _hints(model) -> dict[str, str]:
 
 
 def make_templates() -> Jinja2Templates:
-    templates = Jinja2Templates(directory=TEMPLATES_DIR)  # autoescape is on for every template
-    env = templates.env
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=True,
+        # Templates ship with the code: without this, every render and include stats its file.
+        auto_reload=False,
+    )
     env.filters.update(num=number, pct=percent, tok=token_text, seg=url_segment)
     env.globals.update(
         heatmap=heatmap,
@@ -105,7 +125,7 @@ def make_templates() -> Jinja2Templates:
         feature_hints=_hints(FeaturePublic),
         label_hints=_hints(LabelPublic),
     )
-    return templates
+    return Jinja2Templates(env=env)
 
 
 def render(

@@ -8,7 +8,7 @@ Field descriptions say how each number was measured; pages show them as hints.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -84,13 +84,6 @@ class LabelPublic(BaseModel):
     )
 
 
-class TokenValue(NamedTuple):
-    """One token of a heatmap: what ``_partials/heatmap.html`` reads."""
-
-    text: str
-    value: float
-
-
 class TokensPublic(BaseModel):
     """A run of tokens with one activation each, as parallel lists (compact in JSON)."""
 
@@ -99,9 +92,6 @@ class TokensPublic(BaseModel):
     values: list[float] = Field(
         description="Feature activation on each token (0 where it did not fire)."
     )
-
-    def pairs(self) -> list[TokenValue]:
-        return [TokenValue(t, v) for t, v in zip(self.tokens, self.values, strict=True)]
 
 
 class ExamplePublic(TokensPublic):
