@@ -6,7 +6,7 @@ Each function takes keyword arguments only, starting with the session, and raise
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -144,21 +144,41 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
 # ---------------------------------------------------------------------------------------------
 # Examples
 
+# An example's columns and its context's tokens: one joined query reads both.
+EXAMPLE_COLUMNS = (
+    ExampleRow.feature_idx,
+    ExampleRow.context_id,
+    ExampleRow.kind,
+    ExampleRow.bin,
+    ExampleRow.rank,
+    ExampleRow.max_act,
+    ExampleRow.max_pos,
+    ExampleRow.acts,
+    ContextRow.token_ids,
+)
+_WITH_CONTEXT = sa.and_(
+    ContextRow.sae_id == ExampleRow.sae_id, ContextRow.id == ExampleRow.context_id
+)
 
-def _contexts(session: Session, sae_id: int, context_ids: Iterable[int]) -> dict[int, list[int]]:
-    """context id -> its token ids (BOS included)."""
-    ids = sorted(set(context_ids))
-    if not ids:
-        return {}
-    rows = session.execute(
-        sa.select(ContextRow.id, ContextRow.token_ids).where(
-            ContextRow.sae_id == sae_id, ContextRow.id.in_(ids)
-        )
+
+def _example_rows(
+    session: Session, sae_id: int, index: int, kind: str | None = None, limit: int | None = None
+) -> list[sa.Row]:
+    """A feature's examples (``EXAMPLE_COLUMNS``): each kind by bin, then rank."""
+    stmt = (
+        sa.select(*EXAMPLE_COLUMNS)
+        .join(ContextRow, _WITH_CONTEXT)
+        .where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx == index)
     )
-    return {cid: unpack_tokens(blob).tolist() for cid, blob in rows}
+    if kind is not None:
+        stmt = stmt.where(ExampleRow.kind == kind)
+    stmt = stmt.order_by(ExampleRow.kind, ExampleRow.bin, ExampleRow.rank).limit(limit)
+    return list(session.execute(stmt))
 
 
-def _example(row: ExampleRow, token_ids: list[int], vocab: Vocabulary) -> ExamplePublic:
+def _example(row: sa.Row, vocab: Vocabulary) -> ExamplePublic:
+    """A row of ``EXAMPLE_COLUMNS`` -> the example, its tokens' texts and activations decoded."""
+    token_ids = unpack_tokens(row.token_ids).tolist()
     values = unpack_acts(row.acts, row.max_act, len(token_ids)).round(4)
     # Built from the store's own typed columns: skip re-validating thousands of tokens per page.
     return ExamplePublic.model_construct(
@@ -174,28 +194,20 @@ def _example(row: ExampleRow, token_ids: list[int], vocab: Vocabulary) -> Exampl
     )
 
 
-def _examples(session: Session, sae: SaeRow, rows: Sequence[ExampleRow]) -> list[ExamplePublic]:
-    contexts = _contexts(session, sae.id, (r.context_id for r in rows))
+def _examples(session: Session, sae: SaeRow, rows: Sequence[sa.Row]) -> list[ExamplePublic]:
     vocab = get_vocabulary(session, sae.model_id)
-    return [_example(r, contexts[r.context_id], vocab) for r in rows]
+    return [_example(r, vocab) for r in rows]
 
 
-def _snippet(example: ExamplePublic) -> TokensPublic:
-    window = slice(max(0, example.max_pos - SNIPPET_RADIUS), example.max_pos + SNIPPET_RADIUS + 1)
-    return TokensPublic(
-        tokens=example.tokens[window],
-        token_ids=example.token_ids[window],
-        values=example.values[window],
+def _snippet(row: sa.Row, vocab: Vocabulary) -> TokensPublic:
+    """The tokens of an example (a row of ``EXAMPLE_COLUMNS``) around its max activation."""
+    token_ids = unpack_tokens(row.token_ids)
+    values = unpack_acts(row.acts, row.max_act, len(token_ids)).round(4)
+    window = slice(max(0, row.max_pos - SNIPPET_RADIUS), row.max_pos + SNIPPET_RADIUS + 1)
+    ids = token_ids[window].tolist()
+    return TokensPublic.model_construct(
+        tokens=vocab.texts_of(ids), token_ids=ids, values=values[window].tolist()
     )
-
-
-def _example_rows(
-    session: Session, sae_id: int, index: int, kind: str | None = None
-) -> list[ExampleRow]:
-    stmt = sa.select(ExampleRow).where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx == index)
-    if kind is not None:
-        stmt = stmt.where(ExampleRow.kind == kind)
-    return list(session.scalars(stmt.order_by(ExampleRow.kind, ExampleRow.bin, ExampleRow.rank)))
 
 
 def list_examples(
@@ -294,37 +306,36 @@ def _neighbours(
     session: Session, sae: SaeRow, lists: Sequence[list]
 ) -> list[list[NeighbourPublic]]:
     """Each [[idx, score], ...] list -> neighbours with label, density and a snippet of their top
-    example; one query for the features, one for their examples, one for the contexts."""
+    example: one query reads the features with their top example and its context."""
     wanted = sorted({int(i) for pairs in lists for i, _ in pairs})
     if not wanted:
         return [[] for _ in lists]
-    rows = {
-        r.idx: r
-        for r in session.execute(
-            sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.density).where(
-                FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted)
-            )
-        )
-    }
-    tops = session.scalars(
-        sa.select(ExampleRow).where(
-            ExampleRow.sae_id == sae.id,
-            ExampleRow.feature_idx.in_(wanted),
-            ExampleRow.kind == "top",
-            ExampleRow.rank == 0,
-        )
-    ).all()
-    best = {r.feature_idx: e for r, e in zip(tops, _examples(session, sae, tops), strict=True)}
+    is_top = sa.and_(
+        ExampleRow.sae_id == FeatureRow.sae_id,
+        ExampleRow.feature_idx == FeatureRow.idx,
+        ExampleRow.kind == "top",
+        ExampleRow.bin == 0,
+        ExampleRow.rank == 0,
+    )
+    rows = session.execute(
+        sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.density, *EXAMPLE_COLUMNS)
+        .outerjoin(ExampleRow, is_top)
+        .outerjoin(ContextRow, _WITH_CONTEXT)
+        .where(FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted))
+    )
+    known = {row.idx: row for row in rows}
+    vocab = get_vocabulary(session, sae.model_id)
 
     def neighbour(idx: int, score: float) -> NeighbourPublic:
-        row, example = rows.get(idx), best.get(idx)
+        row = known.get(idx)
+        has_example = row is not None and row.token_ids is not None  # dead: no examples
         return NeighbourPublic(
             index=idx,
             score=score,
             label=row.label if row else None,
             density=row.density if row else None,
-            snippet=_snippet(example) if example else None,
-            snippet_max=example.max_act if example else 0.0,
+            snippet=_snippet(row, vocab) if has_example else None,
+            snippet_max=row.max_act if has_example else 0.0,
         )
 
     return [[neighbour(int(i), float(s)) for i, s in pairs] for pairs in lists]
@@ -407,7 +418,7 @@ def get_feature_summary(*, session: Session, sae_name: str, index: int) -> Featu
 def get_feature_preview(*, session: Session, sae_name: str, index: int) -> FeaturePreviewPublic:
     sae = get_sae_row(session=session, sae_name=sae_name)
     summary = _summary(session, sae, index)
-    rows = _example_rows(session, sae.id, index, "top")[:PREVIEW_EXAMPLES]
+    rows = _example_rows(session, sae.id, index, "top", limit=PREVIEW_EXAMPLES)
     return FeaturePreviewPublic(
         sae=sae.name, feature=summary, examples=_examples(session, sae, rows)
     )

@@ -65,6 +65,25 @@ def test_feature_holds_examples_intervals_logits_and_linked_neighbours(client, s
     assert 0 < len(first["snippet"]["tokens"]) <= 13
 
 
+def test_neighbour_snippets_are_their_top_example_around_its_max(client, store):
+    """Alive neighbours show their strongest example's tokens around its peak; dead ones none."""
+    checked = {"alive": 0, "dead": 0}
+    for index in range(8):
+        feature = client.get(f"/api/v1/saes/{store.sae}/features/{index}").json()
+        for n in feature["neighbours_cos"] + feature["neighbours_coact"]:
+            if store.planted.dead(n["index"]):
+                assert (n["snippet"], n["snippet_max"], n["density"]) == (None, 0.0, 0.0)
+                checked["dead"] += 1
+                continue
+            url = f"/api/v1/saes/{store.sae}/features/{n['index']}/examples?limit=1"
+            top = client.get(url).json()["data"][0]
+            window = slice(max(0, top["max_pos"] - 6), top["max_pos"] + 7)
+            assert n["snippet"] == {k: top[k][window] for k in ("tokens", "token_ids", "values")}
+            assert n["snippet_max"] == top["max_act"]
+            checked["alive"] += 1
+    assert checked["alive"] and checked["dead"]
+
+
 def test_feature_example_limits(client, store):
     feature = client.get(f"/api/v1/saes/{store.sae}/features/1?top_limit=3&interval_limit=1").json()
     assert len(feature["top_examples"]) == 3 and feature["n_top_examples"] == store.spec.n_top
