@@ -145,16 +145,30 @@ def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -
         token_ids = get_vocabulary(session, sae.model_id).find(search.token)
         if not token_ids:
             return FeaturesPublic(data=[], count=0)
-    counted = _matching(sae.id, search, token_ids, dialect, ranked=False).stmt
-    total = session.scalar(
-        sa.select(sa.func.count()).select_from(counted.with_only_columns(features.c.idx).subquery())
-    )
     stmt, relevance, token_act = _matching(
         sae.id, search, token_ids, dialect, ranked=search.effective_sort() == "relevance"
     )
     if token_act is not None:
         stmt = stmt.add_columns(token_act.label("token_act"))
-    page = session.execute(
-        stmt.order_by(*_ordering(search, relevance)).offset(search.offset).limit(search.limit)
-    ).mappings()
+    # A label or token search visits every match to sort them, so the page query counts them
+    # too; a plain listing walks an index and stops at the page, so it is counted on its own.
+    counted_along = token_ids is not None or bool(search.q and search.q.strip())
+    if counted_along:
+        stmt = stmt.add_columns(sa.func.count().over().label("total"))
+    page = (
+        session.execute(
+            stmt.order_by(*_ordering(search, relevance)).offset(search.offset).limit(search.limit)
+        )
+        .mappings()
+        .all()
+    )
+    if counted_along and page:
+        total = page[0]["total"]
+    else:  # a listing, or a page past the last match
+        counted = _matching(sae.id, search, token_ids, dialect, ranked=False).stmt
+        total = session.scalar(
+            sa.select(sa.func.count()).select_from(
+                counted.with_only_columns(features.c.idx).subquery()
+            )
+        )
     return FeaturesPublic(data=[feature_summary(values) for values in page], count=total or 0)

@@ -116,6 +116,18 @@ def test_offset_and_limit_page_through_with_a_total(client, store):
     assert [i for p in pages for i in indices(p)] == list(range(store.spec.n_features))
 
 
+@pytest.mark.parametrize(
+    "query", [{"q": "python"}, {"token": " Paris"}, {"q": "function", "sort": "index"}]
+)
+def test_a_search_reports_its_total_on_every_page_and_past_the_last(client, store, query):
+    first = search(client, store, **query, limit=2)
+    total = first["count"]
+    assert total > 2
+    pages = [search(client, store, **query, offset=o, limit=2) for o in range(0, total + 4, 2)]
+    assert {p["count"] for p in pages} == {total}
+    assert sum(len(p["data"]) for p in pages) == total and pages[-1]["data"] == []
+
+
 def test_blank_form_fields_mean_no_filter(client, store):
     body = search(
         client, store, q="  ", min_density="", max_density="", alive="", sort="", order=""
