@@ -10,6 +10,10 @@ as-you-type fragments, example and preview fragments, SAE pages) for a bounded t
   i.e. 32 researchers clicking fast; this is the latency a user sees (target p99 <= 50 ms);
 - saturated: no think time, to find the throughput ceiling (latency then is queueing).
 
+Server CPU is read from /proc (the server's processes only). Per kind it is measured with one
+request at a time, so it is what each kind costs, free of queueing and of the other processes;
+the 1-minute load average at the start of each run says how busy the shared machine was.
+
 Run from the repository root:  python bench/bench_serve.py [--duration 20] [--workers 2]
 """
 
@@ -64,37 +68,40 @@ class Request:
     path: str
 
 
+# A researcher's mix of requests, in percent.
+MIX = {
+    "feature page": 35,
+    "feature json": 15,
+    "label search": 15,
+    "token search": 10,
+    "typing fragment": 10,
+    "examples fragment": 5,
+    "preview fragment": 5,
+    "sae page": 5,
+}
+
+
 def next_request(rng: random.Random, sae: str) -> Request:
-    """One request of a researcher's mix (weights in percent)."""
+    """One request of the ``MIX``."""
     index = rng.randrange(SPEC.n_features)
     word = rng.choice(LABEL_WORDS)
     page = min(
         int(rng.expovariate(0.5)), SPEC.n_features // 50 - 1
     )  # readers mostly stay on the first pages
-    mix = [
-        (35, "feature page", f"/saes/{sae}/features/{index}"),
-        (15, "feature json", f"/api/v1/saes/{sae}/features/{index}"),
-        (
-            15,
-            "label search",
-            f"/api/v1/saes/{sae}/features?q={word}&sort={rng.choice(['relevance', 'density'])}",
-        ),
-        (10, "token search", f"/api/v1/saes/{sae}/features?token={rng.choice(TOKENS)}"),
-        (
-            10,
-            "typing fragment",
-            f"/saes/{sae}/-/fragments/features?q={word[: rng.randint(2, len(word))]}",
-        ),
-        (5, "examples fragment", f"/saes/{sae}/-/fragments/features/{index}/examples?offset=10"),
-        (5, "preview fragment", f"/saes/{sae}/-/fragments/features/{index}/preview"),
-        (
-            5,
-            "sae page",
-            f"/saes/{sae}?offset={page * 50}&sort={rng.choice(['index', 'max_act', 'density'])}",
-        ),
-    ]
-    _, kind, path = rng.choices(mix, weights=[w for w, _, _ in mix])[0]
-    return Request(kind, path)
+    paths = {  # the random draws in this order, so that a seed replays the same requests
+        "feature page": f"/saes/{sae}/features/{index}",
+        "feature json": f"/api/v1/saes/{sae}/features/{index}",
+        "label search": f"/api/v1/saes/{sae}/features?q={word}"
+        f"&sort={rng.choice(['relevance', 'density'])}",
+        "token search": f"/api/v1/saes/{sae}/features?token={rng.choice(TOKENS)}",
+        "typing fragment": f"/saes/{sae}/-/fragments/features?q={word[: rng.randint(2, len(word))]}",
+        "examples fragment": f"/saes/{sae}/-/fragments/features/{index}/examples?offset=10",
+        "preview fragment": f"/saes/{sae}/-/fragments/features/{index}/preview",
+        "sae page": f"/saes/{sae}?offset={page * 50}"
+        f"&sort={rng.choice(['index', 'max_act', 'density'])}",
+    }
+    kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+    return Request(kind, paths[kind])
 
 
 @dataclass
@@ -103,6 +110,7 @@ class LoadResult:
     latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
     errors: int = 0
     server_cpu: float = 0.0  # seconds of CPU the server processes spent during the run
+    load: float = 0.0  # the machine's 1-minute load average when the run started
 
     @property
     def all_latencies(self) -> list[float]:
@@ -195,10 +203,30 @@ def server_cpu_seconds(port: int) -> float:
 
 async def measured_load(base: str, **load) -> LoadResult:
     port = int(base.rsplit(":", 1)[1])
+    started_at = os.getloadavg()[0]
     before = server_cpu_seconds(port)
     result = await run_load(base, **load)
     result.server_cpu = server_cpu_seconds(port) - before
+    result.load = started_at
     return result
+
+
+def cpu_by_kind(base: str, per_kind: int) -> dict[str, float]:
+    """Server CPU seconds per request of each kind, sending one request at a time."""
+    port = int(base.rsplit(":", 1)[1])
+    rng = random.Random(7)
+    paths: dict[str, list[str]] = {}
+    while len(paths) < len(MIX) or min(len(p) for p in paths.values()) < per_kind:
+        request = next_request(rng, SPEC.sae_name)
+        paths.setdefault(request.kind, []).append(request.path)
+    costs = {}
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for kind, kind_paths in sorted(paths.items()):
+            before = server_cpu_seconds(port)
+            for path in kind_paths[:per_kind]:
+                client.get(path).raise_for_status()
+            costs[kind] = (server_cpu_seconds(port) - before) / per_kind
+    return costs
 
 
 def build_sqlite(folder: Path) -> str:
@@ -230,19 +258,29 @@ def drop_postgres(pg_url: str, schema: str) -> None:
     admin.dispose()
 
 
-def measure(url: str, args: argparse.Namespace) -> dict[str, LoadResult]:
+@dataclass
+class BackendResult:
+    runs: dict[str, LoadResult]  # "paced", "saturated"
+    cpu_by_kind: dict[str, float]  # kind -> server CPU seconds per request, one at a time
+
+
+def measure(url: str, args: argparse.Namespace) -> BackendResult:
     load = {"clients": args.clients, "seconds": args.duration}
     with serving(url, "--workers", str(args.workers)) as base:
         asyncio.run(
             run_load(base, clients=args.clients, seconds=3, think=0, seed=99)
         )  # warm caches
-        return {
-            "paced": asyncio.run(measured_load(base, **load, think=args.think, seed=1)),
-            "saturated": asyncio.run(measured_load(base, **load, think=0, seed=2)),
-        }
+        return BackendResult(
+            runs={
+                "paced": asyncio.run(measured_load(base, **load, think=args.think, seed=1)),
+                "saturated": asyncio.run(measured_load(base, **load, think=0, seed=2)),
+            },
+            cpu_by_kind=cpu_by_kind(base, args.per_kind),
+        )
 
 
-def print_report(results: dict[str, dict[str, LoadResult]], args: argparse.Namespace) -> None:
+def print_report(backend_results: dict[str, BackendResult], args: argparse.Namespace) -> None:
+    results = {backend: result.runs for backend, result in backend_results.items()}
     backends = list(results)
     print(
         f"\n{args.clients} clients, {args.duration:.0f} s per run, {args.workers} server worker(s), "
@@ -260,6 +298,7 @@ def print_report(results: dict[str, dict[str, LoadResult]], args: argparse.Names
         )
         print(header)
         rows = {
+            "load average at start": lambda r: f"{r.load:.2f}",
             "requests/s": lambda r: f"{r.requests / r.seconds:.1f}",
             "p50": lambda r: f"{percentile(r.all_latencies, 50) * 1e3:.1f}",
             "p99": lambda r: f"{percentile(r.all_latencies, 99) * 1e3:.1f}",
@@ -277,6 +316,19 @@ def print_report(results: dict[str, dict[str, LoadResult]], args: argparse.Names
                     f"{percentile(times, 50) * 1e3:.1f} / {percentile(times, 99) * 1e3:.1f}"
                 )
             print(f"  {kind + ' p50 / p99':32}" + "".join(f"{c:>22}" for c in cells))
+    print(f"\nserver CPU ms / request, by kind ({args.per_kind} requests each, one at a time)")
+    print(header)
+    kinds = sorted({k for b in backends for k in backend_results[b].cpu_by_kind})
+    for kind in kinds:
+        cells = [
+            f"{backend_results[b].cpu_by_kind.get(kind, float('nan')) * 1e3:.1f}" for b in backends
+        ]
+        print(f"  {kind:32}" + "".join(f"{c:>22}" for c in cells))
+    weighted = [
+        sum(MIX[k] * cpu for k, cpu in backend_results[b].cpu_by_kind.items()) / sum(MIX.values())
+        for b in backends
+    ]
+    print(f"  {'the mix, weighted':32}" + "".join(f"{w * 1e3:>22.1f}" for w in weighted))
     if len(backends) == 2:
         a, b = (results[x]["paced"] for x in backends)
         ratio = percentile(b.all_latencies, 99) / percentile(a.all_latencies, 99)
@@ -291,10 +343,13 @@ def main() -> int:
         "--think", type=float, default=1.0, help="mean think time of a paced client (s)"
     )
     parser.add_argument("--workers", type=int, default=2, help="server processes (2 cores here)")
+    parser.add_argument(
+        "--per-kind", type=int, default=50, help="requests of each kind for the CPU-by-kind table"
+    )
     parser.add_argument("--pg", default=PG_URL, help="PostgreSQL URL ('' to skip Postgres)")
     args = parser.parse_args()
 
-    results: dict[str, dict[str, LoadResult]] = {}
+    results: dict[str, BackendResult] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
         started = time.perf_counter()
         sqlite_url = build_sqlite(Path(folder))
