@@ -99,7 +99,7 @@ def _filters(search: FeatureSearch) -> list[sa.ColumnElement]:
     return conditions
 
 
-def _ordering(search: FeatureSearch, relevance: sa.ColumnElement | None) -> list:
+def _sort_key(search: FeatureSearch, relevance: sa.ColumnElement | None) -> sa.ColumnElement:
     columns = {
         "index": features.c.idx,
         "density": features.c.density,
@@ -107,12 +107,15 @@ def _ordering(search: FeatureSearch, relevance: sa.ColumnElement | None) -> list
         "label_score": features.c.label_f1,
         "relevance": relevance if relevance is not None else features.c.idx,
     }
-    sort = search.effective_sort()
-    key = columns[sort]
+    return columns[search.effective_sort()]
+
+
+def _ordering(search: FeatureSearch, key: sa.ColumnElement, idx: sa.ColumnElement) -> list:
+    """ORDER BY ``key`` in the search's order, then feature index."""
     ordered = key.asc() if search.effective_order() == "asc" else key.desc()
-    if sort == "label_score":  # the only nullable key; elsewhere plain order lets the index serve
-        ordered = sa.nulls_last(ordered)
-    return [ordered, features.c.idx]
+    if search.effective_sort() == "label_score":  # the only nullable key; elsewhere plain order
+        ordered = sa.nulls_last(ordered)  # lets the index serve
+    return [ordered, idx]
 
 
 class Matching(NamedTuple):
@@ -148,16 +151,30 @@ def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -
     stmt, relevance, token_act = _matching(
         sae.id, search, token_ids, dialect, ranked=search.effective_sort() == "relevance"
     )
+    key = _sort_key(search, relevance)
+    # The page is picked on narrow rows (index and sort key) and only its features' summary is
+    # read: sorting every match of a label search with its text costs more than reading 50 again.
+    picked_columns = [features.c.idx, key.label("key")]
     if token_act is not None:
-        stmt = stmt.add_columns(token_act.label("token_act"))
+        picked_columns.append(token_act.label("token_act"))
     # A label or token search visits every match to sort them, so the page query counts them
     # too; a plain listing walks an index and stops at the page, so it is counted on its own.
     counted_along = token_ids is not None or bool(search.q and search.q.strip())
     if counted_along:
-        stmt = stmt.add_columns(sa.func.count().over().label("total"))
+        picked_columns.append(sa.func.count().over().label("total"))
+    picked = (
+        stmt.with_only_columns(*picked_columns)
+        .order_by(*_ordering(search, key, features.c.idx))
+        .offset(search.offset)
+        .limit(search.limit)
+        .subquery("page")
+    )
+    carried = [picked.c[name] for name in ("token_act", "total") if name in picked.c]
     page = (
         session.execute(
-            stmt.order_by(*_ordering(search, relevance)).offset(search.offset).limit(search.limit)
+            sa.select(*SUMMARY_COLUMNS, *carried)
+            .join(picked, sa.and_(features.c.sae_id == sae.id, features.c.idx == picked.c.idx))
+            .order_by(*_ordering(search, picked.c.key, picked.c.idx))
         )
         .mappings()
         .all()
