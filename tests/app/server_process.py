@@ -7,10 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO
 
 import httpx
 import uvicorn
@@ -49,16 +51,16 @@ def serving(db_url: str, *flags: str, timeout: float = 60.0) -> Iterator[str]:
 def running(
     command: list[str], port: int, *, env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> Iterator[str]:
-    """Run a server ``command`` listening on ``port``; yield its base URL once it answers."""
+    """Run a server ``command`` listening on ``port``; yield its base URL once it answers.
+    Its output goes to a temporary file (a pipe nobody reads would fill and block it), shown
+    if it exits before answering."""
+    log = tempfile.TemporaryFile()
     process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_answering(process, base, timeout)
+        _wait_until_answering(process, base, timeout, log)
         yield base
     finally:
         process.terminate()
@@ -67,15 +69,17 @@ def running(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        log.close()
 
 
-def _wait_until_answering(process: subprocess.Popen, base: str, timeout: float) -> None:
+def _wait_until_answering(
+    process: subprocess.Popen, base: str, timeout: float, log: IO[bytes]
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"saescope serve exited {process.returncode}: {process.stdout.read().decode()}"
-            )
+            log.seek(0)
+            raise RuntimeError(f"the server exited {process.returncode}: {log.read().decode()}")
         try:
             if httpx.get(f"{base}/api/v1/saes", timeout=2).status_code == 200:
                 return
