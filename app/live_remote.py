@@ -180,7 +180,7 @@ def _model_process_main(settings: Settings, socket: str, ready: Connection, pare
     ready.send(("ready", sorted(host.saes)))
     ready.close()
     serve_host(host, listener)
-    log.error("the live model's socket closed; live requests answer 503 until a restart")
+    log.error("the live model's socket closed; this process ends and serve starts another")
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
