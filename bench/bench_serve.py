@@ -37,7 +37,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_core.store import create_engine_for  # noqa: E402
-from tests.app.server_process import serving  # noqa: E402
+from tests.app.server_process import server_processes, serving  # noqa: E402
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -176,29 +176,14 @@ def server_cpu_seconds(port: int) -> float:
     """User + system CPU time of the `saescope serve --port PORT` process and its workers, from
     Linux's /proc: a figure the other processes on a shared machine cannot inflate."""
     ticks = os.sysconf("SC_CLK_TCK")
-    processes = {}  # pid -> (parent pid, cpu seconds, command line)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    total = 0.0
+    for pid in server_processes(port):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended while we looked
             continue
-        processes[int(stat.parent.name)] = (
-            int(fields[1]),
-            (int(fields[11]) + int(fields[12])) / ticks,
-            command,
-        )
-    wanted = {
-        pid
-        for pid, (_, _, cmd) in processes.items()
-        if b"serve" in cmd and str(port).encode() in cmd
-    }
-    grew = True
-    while grew:  # add the workers (children, grandchildren) of the server
-        children = {pid for pid, (parent, _, _) in processes.items() if parent in wanted} - wanted
-        wanted |= children
-        grew = bool(children)
-    return sum(processes[pid][1] for pid in wanted)
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 async def measured_load(base: str, **load) -> LoadResult:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 import httpx
@@ -23,6 +24,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def server_processes(port: int) -> list[int]:
+    """The server started with ``--port PORT`` (``saescope serve`` or uvicorn) and every process
+    below it (workers, the live model process), from Linux's /proc; the server first."""
+    parents, commands = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it ended while we looked
+            continue
+        parents[int(stat.parent.name)], commands[int(stat.parent.name)] = parent, command
+    flag = [b"--port", str(port).encode()]
+    tree = [
+        pid
+        for pid, command in commands.items()
+        if any(command[i : i + 2] == flag for i in range(len(command) - 1))
+    ]
+    for pid in tree:  # grows as it is walked: children, then grandchildren
+        tree.extend(child for child, parent in parents.items() if parent == pid)
+    return tree
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from app.settings import Settings
 from sae_core import live
 from sae_core.sae import load_sae
 from sae_core.subject import load_subject
-from tests.app.server_process import serving
+from tests.app.server_process import server_processes, serving
 from tests.live_support import LIVE_STORE, build_live_store
 
 SAE = LIVE_STORE.sae_name
@@ -202,29 +202,6 @@ def test_a_model_process_that_dies_is_started_again_and_pages_serve_meanwhile(st
 # `saescope serve --workers 2`: two web workers, one model
 
 
-def _process_tree(root: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _holds_torch(pid: int) -> bool:
     try:
         return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
@@ -242,10 +219,6 @@ def test_serve_with_two_workers_loads_the_model_once(store_url, llama_dir):
         ]
         assert [a.status_code for a in answers] == [200] * 6
         assert len({str(a.json()["ranked"]) for a in answers}) == 1
-        port = base.rsplit(":", 1)[1].encode()
-        server = next(
-            pid for pid in _process_tree(1) if b"serve" in _cmdline(pid) and port in _cmdline(pid)
-        )
-        tree = _process_tree(server)
+        tree = server_processes(int(base.rsplit(":", 1)[1]))
         assert len(tree) >= 4  # the server, its model process and two web workers (and helpers)
         assert len([pid for pid in tree if _holds_torch(pid)]) == 1
