@@ -142,10 +142,19 @@ class ModelHost:
         with self._tokenizer_lock:
             return live.single_token_id(target.subject, text)
 
-    def _run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """``fn`` on the model worker, within the server's queue and time limits."""
+    def _run(self, fn: Callable[..., T], target: LiveSae, *args, **kwargs) -> T:
+        """``fn(subject, sae, layer, *args, **kwargs)`` on the model worker, within the
+        server's queue and time limits."""
         try:
-            return self.worker.run(fn, *args, timeout_s=self.settings.live_timeout_s, **kwargs)
+            return self.worker.run(
+                fn,
+                target.subject,
+                target.sae,
+                target.layer,
+                *args,
+                timeout_s=self.settings.live_timeout_s,
+                **kwargs,
+            )
         except WorkerBusy as err:
             raise LiveRefused(
                 503,
@@ -163,21 +172,11 @@ class ModelHost:
         self, target: LiveSae, *, text: str, per_token: int, top: int
     ) -> live.PromptActivations:
         prompt = self._encode(target, text)
-        return self._run(
-            live.activations,
-            target.subject,
-            target.sae,
-            target.layer,
-            prompt,
-            per_token=per_token,
-            top=top,
-        )
+        return self._run(live.activations, target, prompt, per_token=per_token, top=top)
 
     def _feature_on_text(self, target: LiveSae, *, index: int, text: str) -> live.FeatureOnText:
         prompt = self._encode(target, text)
-        return self._run(
-            live.feature_activations, target.subject, target.sae, target.layer, prompt, index
-        )
+        return self._run(live.feature_activations, target, prompt, index)
 
     def _attribution(
         self,
@@ -197,9 +196,7 @@ class ModelHost:
             token=self._token_id(target, token, token_id),
             contrast=self._token_id(target, contrast, contrast_id),
         )
-        return self._run(
-            attribution, target.subject, target.sae, target.layer, prompt, spec, top=top
-        )
+        return self._run(attribution, target, prompt, spec, top=top)
 
     def _steer(
         self,
@@ -217,9 +214,7 @@ class ModelHost:
         generation = Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         return self._run(
             steer,
-            target.subject,
-            target.sae,
-            target.layer,
+            target,
             prompt,
             [SteerFeature(index, strength) for index, strength in features],
             mode=mode,
