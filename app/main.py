@@ -21,7 +21,7 @@ from app.rendering import STATIC_DIR, make_templates
 from app.routes import api, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
-from sae_core.store import StoreError, create_engine_for
+from sae_core.store.db import StoreError, create_engine_for
 
 # Routers with work at start-up and shutdown: each module has ``router`` and may have
 # ``lifespan(app)``, an async context manager entered after the store is open (live loads the

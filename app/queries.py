@@ -29,7 +29,7 @@ from app.schemas import (
     TokenValuePublic,
 )
 from app.vocab import Vocabulary, get_vocabulary
-from sae_core.store import (
+from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,

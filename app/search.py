@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.queries import SUMMARY_COLUMNS, feature_summary, get_sae_row
 from app.schemas import FeatureSearch, FeaturesPublic
 from app.vocab import get_vocabulary
-from sae_core.store import FeatureRow, TokenFeatureRow
+from sae_core.store.db import FeatureRow, TokenFeatureRow
 
 MAX_QUERY_WORDS = 16  # labels are a few words; more terms only slow the index down
 

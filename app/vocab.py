@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sae_core.store import VocabRow
+from sae_core.store.db import VocabRow
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from sae_core.corpus import build_contexts
-from sae_core.subject import load_subject
+from sae_core.inputs.corpus import build_contexts
+from sae_core.inputs.subject import load_subject
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core import embeddings  # noqa: E402
-from sae_core.label_search import search_labels  # noqa: E402
-from sae_core.store import (  # noqa: E402
+from sae_core.labels import embeddings  # noqa: E402
+from sae_core.labels.search import search_labels  # noqa: E402
+from sae_core.store.db import (  # noqa: E402
     FeatureEmbeddingRow,
     FeatureRow,
     create_engine_for,

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core.labels import LabelOptions, label_sae  # noqa: E402
-from sae_core.store import FeatureRow, VocabRow, create_engine_for, migrate  # noqa: E402
+from sae_core.labels.run import LabelOptions, label_sae  # noqa: E402
+from sae_core.store.db import FeatureRow, VocabRow, create_engine_for, migrate  # noqa: E402
 from tests.label_fixtures import add_bare_sae, add_contexts, add_examples  # noqa: E402
 
 VOCAB = 2000

@@ -29,13 +29,14 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-import sae_core.precompute as precompute
-from sae_core.activations import iter_activations
-from sae_core.corpus import build_contexts
-from sae_core.precompute import PrecomputeConfig, run_precompute
-from sae_core.precompute_store import insert_rows
-from sae_core.sae import SAE, SAEConfig
-from sae_core.store import (
+import sae_core.precompute.run as precompute
+from sae_core.inputs.activations import iter_activations
+from sae_core.inputs.corpus import build_contexts
+from sae_core.inputs.subject import load_subject
+from sae_core.precompute.run import PrecomputeConfig, run_precompute
+from sae_core.precompute.writer import insert_rows
+from sae_core.saes.sae import SAE, SAEConfig
+from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,
@@ -43,7 +44,6 @@ from sae_core.store import (
     create_engine_for,
     migrate,
 )
-from sae_core.subject import load_subject
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MODEL, LAYER, CTX_LEN = "smollm2-135m", 15, 64

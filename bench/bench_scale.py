@@ -43,10 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core import distributed  # noqa: E402
-from sae_core.sae import SAE, SAEConfig  # noqa: E402
-from sae_core.store import create_engine_for  # noqa: E402
-from sae_core.train import TensorSource, TrainConfig, fit  # noqa: E402
+from sae_core.inputs import distributed  # noqa: E402
+from sae_core.saes.sae import SAE, SAEConfig  # noqa: E402
+from sae_core.saes.train_config import TrainConfig  # noqa: E402
+from sae_core.saes.train_data import TensorSource  # noqa: E402
+from sae_core.saes.train_loop import fit  # noqa: E402
+from sae_core.store.db import create_engine_for  # noqa: E402
 from tests.app.server_process import free_port, running, serving  # noqa: E402
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
 

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core.store import create_engine_for  # noqa: E402
+from sae_core.store.db import create_engine_for  # noqa: E402
 from tests.app.server_process import server_processes, serving  # noqa: E402
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
 

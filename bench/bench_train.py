@@ -16,7 +16,9 @@ import time
 
 import torch
 
-from sae_core.train import TensorSource, TrainConfig, init_state, train_step
+from sae_core.saes.train_config import TrainConfig
+from sae_core.saes.train_data import TensorSource
+from sae_core.saes.train_loop import init_state, train_step
 
 
 def dense_topk_step(sae, optimizer, x: torch.Tensor, k: int) -> None:

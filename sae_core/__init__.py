@@ -11,11 +11,11 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_subject": "sae_core.subject",
-    "Subject": "sae_core.subject",
-    "load_sae": "sae_core.sae",
-    "SAE": "sae_core.sae",
-    "SAEConfig": "sae_core.sae",
+    "load_subject": "sae_core.inputs.subject",
+    "Subject": "sae_core.inputs.subject",
+    "load_sae": "sae_core.saes.sae",
+    "SAE": "sae_core.saes.sae",
+    "SAEConfig": "sae_core.saes.sae",
     "SaescopeError": "sae_core.errors",
 }
 

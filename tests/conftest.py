@@ -39,7 +39,7 @@ def gpt2_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama(llama_dir):
-    from sae_core.subject import load_subject
+    from sae_core.inputs.subject import load_subject
 
     return load_subject(str(llama_dir))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae_core.train import TrainConfig
+from sae_core.saes.train_config import TrainConfig
 
 RECIPES = ("topk", "batchtopk", "relu")
 BATCH = 128  # split 64 + 64 over two ranks

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sae_core import distributed
-from sae_core.train import TensorSource, fit
+from sae_core.inputs import distributed
+from sae_core.saes.train_data import TensorSource
+from sae_core.saes.train_loop import fit
 from tests.dist_train_setup import RECIPES, recipe_config, training_data
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core.store import (
+from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,

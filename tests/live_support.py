@@ -8,8 +8,8 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-from sae_core.sae import SAE, SAEConfig
-from sae_core.store import SaeRow, create_engine_for
+from sae_core.saes.sae import SAE, SAEConfig
+from sae_core.store.db import SaeRow, create_engine_for
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store
 
 # The synthetic store's SAE (layer 2 of a d_model 32 model) at a size that builds in a blink.

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core.activations import (
+from sae_core.inputs.activations import (
     ActivationBatch,
     ActivationCache,
     ActivationCacheError,
     iter_activations,
 )
-from sae_core.corpus import build_contexts
-from sae_core.subject import SubjectError
+from sae_core.inputs.corpus import build_contexts
+from sae_core.inputs.subject import SubjectError
 from tests.tiny import TRAIN_TEXT
 
 CTX_LEN = 16

@@ -1,13 +1,13 @@
-"""sae_core.attribution: activation × gradient against finite differences, DLA by hand."""
+"""sae_core.live.attribution: activation × gradient against finite differences, DLA by hand."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sae_core import live
-from sae_core.attribution import Target, attribution
-from sae_core.subject import load_subject
+from sae_core.inputs.subject import load_subject
+from sae_core.live import probe as live
+from sae_core.live.attribution import Target, attribution
 from tests.live_support import random_sae
 
 LAYER = 1

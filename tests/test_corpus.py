@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_core import corpus as corpus_module
-from sae_core.corpus import (
+from sae_core.errors import SaescopeError
+from sae_core.inputs import corpus as corpus_module
+from sae_core.inputs.corpus import (
     Contexts,
     CorpusError,
     build_contexts,
     default_corpus_files,
     load_documents,
 )
-from sae_core.errors import SaescopeError
 from tests.tiny import TRAIN_TEXT, make_tokenizer
 
 DOCS = [

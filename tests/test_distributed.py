@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_core import distributed
-from sae_core.precompute import PrecomputeConfig, run_precompute
-from sae_core.sae import SAE, SAEConfig
-from sae_core.subject import cache_dir
-from sae_core.train import CHECKPOINT, TensorSource, fit
+from sae_core.inputs import distributed
+from sae_core.inputs.subject import cache_dir
+from sae_core.precompute.run import PrecomputeConfig, run_precompute
+from sae_core.saes.checkpoint import CHECKPOINT
+from sae_core.saes.sae import SAE, SAEConfig
+from sae_core.saes.train_data import TensorSource
+from sae_core.saes.train_loop import fit
 from tests.app.server_process import free_port
 from tests.dist_train_setup import RECIPES, recipe_config, training_data
 from tests.test_precompute import dump

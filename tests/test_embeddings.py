@@ -7,10 +7,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core import embeddings
-from sae_core.label_search import search_labels
-from sae_core.labels import record_label, set_human_label
-from sae_core.store import (
+from sae_core.labels import embeddings
+from sae_core.labels.run import record_label, set_human_label
+from sae_core.labels.search import search_labels
+from sae_core.store.db import (
     FeatureEmbeddingRow,
     FeatureRow,
     LabelRow,

@@ -11,13 +11,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core import labels
 from sae_core.cli import main
-from sae_core.explainer import ExplainerConfig, ExplainerError, parse_explanation
-from sae_core.label_evidence import Example, split_examples
-from sae_core.label_rules import CONTEXT_NAMES, LabelRule, context_masks, parse_label
-from sae_core.label_search import search_labels
-from sae_core.labels import (
+from sae_core.labels import run as labels
+from sae_core.labels.evidence import Example, split_examples
+from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
+from sae_core.labels.rules import CONTEXT_NAMES, LabelRule, context_masks, parse_label
+from sae_core.labels.run import (
     LabelError,
     LabelOptions,
     get_sae,
@@ -26,7 +25,8 @@ from sae_core.labels import (
     score_stored_label,
     set_human_label,
 )
-from sae_core.store import FeatureRow, LabelRow, create_engine_for
+from sae_core.labels.search import search_labels
+from sae_core.store.db import FeatureRow, LabelRow, create_engine_for
 from tests.label_fixtures import (
     AFTER_DEF,
     BOLD,

@@ -1,11 +1,11 @@
-"""sae_core.live: prompt encoding, which features fire, one feature on custom text."""
+"""sae_core.live.probe: prompt encoding, which features fire, one feature on custom text."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sae_core import live
+from sae_core.live import probe as live
 from tests.live_support import random_sae
 
 LAYER = 1

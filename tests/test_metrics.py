@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sae_core.metrics import CEStats, ReconstructionStats, density_histogram, evaluate
-from sae_core.sae import SAE, SAEConfig
+from sae_core.saes.metrics import CEStats, ReconstructionStats, density_histogram, evaluate
+from sae_core.saes.sae import SAE, SAEConfig
 
 
 def test_reconstruction_stats_by_hand():

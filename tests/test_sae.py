@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_core.sae import FORMAT_VERSION, SAE, SAEConfig, SAEError, default_width, load_sae
+from sae_core.saes.sae import FORMAT_VERSION, SAE, SAEConfig, SAEError, default_width, load_sae
 
 
 def random_sae(architecture: str, *, k: int | None = None, seed: int = 0) -> SAE:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_core.sae import SAEError, load_sae
+from sae_core.saes.sae import SAEError, load_sae
 
 D_IN, D_SAE = 8, 24
 

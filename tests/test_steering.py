@@ -1,12 +1,12 @@
-"""sae_core.steering: the intervention's arithmetic and side-by-side generation."""
+"""sae_core.live.steering: the intervention's arithmetic and side-by-side generation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sae_core import live
-from sae_core.steering import Generation, SteerFeature, SteerHook, steer
+from sae_core.live import probe as live
+from sae_core.live.steering import Generation, SteerFeature, SteerHook, steer
 from tests.live_support import random_sae
 
 LAYER = 1

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from sae_core.store import (
+from sae_core.store.db import (
     StoreError,
     alembic_config,
     create_engine_for,
@@ -79,7 +79,7 @@ def test_migrations_postgres(pg_schema):
 
 
 def test_fresh_store_has_every_table_of_the_models(sqlite_url):
-    from sae_core.store import Base
+    from sae_core.store.db import Base
 
     engine = create_engine_for(sqlite_url)
     migrate(engine)

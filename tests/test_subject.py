@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core import subject as subject_module
 from sae_core.errors import SaescopeError
-from sae_core.subject import GGUFSource, SubjectError, load_subject, sha256_file
+from sae_core.inputs import subject as subject_module
+from sae_core.inputs.subject import GGUFSource, SubjectError, load_subject, sha256_file
 
 TEXT = "def add(a, b):\n    return a + b  # Paris is the capital of France."
 

@@ -8,22 +8,13 @@ import json
 import pytest
 import torch
 
-from sae_core.metrics import reconstruction_stats
-from sae_core.sae import load_sae
-from sae_core.train import (
-    CHECKPOINT,
-    TensorSource,
-    TrainConfig,
-    TrainError,
-    codes_at,
-    decode_sparse,
-    fit,
-    fold_scale,
-    init_state,
-    learning_rate,
-    select_batch_topk,
-    select_topk,
-)
+from sae_core.saes.checkpoint import CHECKPOINT
+from sae_core.saes.metrics import reconstruction_stats
+from sae_core.saes.sae import load_sae
+from sae_core.saes.sparse_codes import codes_at, decode_sparse, select_batch_topk, select_topk
+from sae_core.saes.train_config import TrainConfig, TrainError
+from sae_core.saes.train_data import TensorSource
+from sae_core.saes.train_loop import fit, fold_scale, init_state, learning_rate
 
 D, N_FEATURES, ACTIVE = 32, 48, 3
 

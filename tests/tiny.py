@@ -2,7 +2,7 @@
 
 ``make_tokenizer`` trains a byte-level BPE on a little text; ``make_llama`` / ``make_gpt2``
 build random models of a few hundred KB and save them with the tokenizer to a folder that the
-public loader (``sae_core.subject.load_subject``) reads like any user's model folder.
+public loader (``sae_core.inputs.subject.load_subject``) reads like any user's model folder.
 """
 
 from __future__ import annotations

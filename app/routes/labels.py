@@ -26,11 +26,11 @@ from app.errors import NotFoundError, UnknownFeatureError
 from app.queries import get_sae_row
 from app.rendering import render
 from app.settings import Settings
-from sae_core import embeddings
 from sae_core.errors import SaescopeError
-from sae_core.label_search import SearchMode, SearchSort, search_labels
-from sae_core.labels import MAX_LABEL_CHARS, label_history, set_human_label
-from sae_core.store import FeatureEmbeddingRow, FeatureRow, LabelRow, SaeRow
+from sae_core.labels import embeddings
+from sae_core.labels.run import MAX_LABEL_CHARS, label_history, set_human_label
+from sae_core.labels.search import SearchMode, SearchSort, search_labels
+from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, LabelRow, SaeRow
 
 router = APIRouter()
 

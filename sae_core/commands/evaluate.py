@@ -26,11 +26,11 @@ def add_arguments(parser):
 def run(args) -> int:
     from pathlib import Path
 
-    from sae_core.corpus import build_contexts
-    from sae_core.metrics import evaluate, save_metrics
-    from sae_core.sae import SAEError, load_sae
-    from sae_core.subject import DEFAULT_MODEL, load_subject
-    from sae_core.train import held_out_split
+    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.subject import DEFAULT_MODEL, load_subject
+    from sae_core.saes.metrics import evaluate, save_metrics
+    from sae_core.saes.sae import SAEError, load_sae
+    from sae_core.saes.train import held_out_split
 
     probe = load_sae(args.sae)
     model = args.model or probe.cfg.model_name or DEFAULT_MODEL

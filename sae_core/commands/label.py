@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from sae_core.explainer import ExplainerConfig
-from sae_core.labels import LabelOptions, label_sae
-from sae_core.store import create_engine_for, default_db_url, migrate
+from sae_core.labels.explainer import ExplainerConfig
+from sae_core.labels.run import LabelOptions, label_sae
+from sae_core.store.db import create_engine_for, default_db_url, migrate
 
 HELP = "label every alive feature of an SAE in the store and score each label"
 

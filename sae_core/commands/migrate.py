@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sae_core.store import create_engine_for, default_db_url, migrate, schema_revision
+from sae_core.store.db import create_engine_for, default_db_url, migrate, schema_revision
 
 HELP = "create or upgrade the store's schema to the current version"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sae_core.cli import add_corpus_args, add_model_args
-from sae_core.precompute_config import PrecomputeConfig, PrecomputeError  # torch-free
+from sae_core.precompute.config import PrecomputeConfig, PrecomputeError  # torch-free
 
 HELP = "precompute every feature of an SAE (ours, SAELens, sparsify, Gemma Scope) into the store"
 
@@ -76,13 +76,13 @@ def run(args) -> int:
     )
     if args.db:
         cfg.db_url = args.db
-    from sae_core import distributed
-    from sae_core.precompute import run_precompute
+    from sae_core.inputs import distributed
+    from sae_core.precompute.run import run_precompute
 
     result = run_precompute(cfg)
     if args.label and distributed.launched_world().is_main:  # rank 0 of a torchrun job, or a lone process
-        from sae_core.labels import label_sae
-        from sae_core.store import create_engine_for
+        from sae_core.labels.run import label_sae
+        from sae_core.store.db import create_engine_for
 
         engine = create_engine_for(cfg.db_url)
         try:

@@ -3,7 +3,7 @@
 Flags override the ``SAESCOPE_*`` environment; the merged settings are exported back to it, so
 with ``--workers N`` every worker process builds the same app through the
 ``app.main:create_app`` factory. Unless live is off, the model first loads in a process of its
-own (``app.live_remote.ModelProcess``) that every worker talks to: N workers hold one model, and
+own (``app.live.remote.ModelProcess``) that every worker talks to: N workers hold one model, and
 page requests never wait behind a forward pass. The web stack is imported only here, inside
 ``run``.
 """
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from app.live_remote import ModelProcess
+    from app.live.remote import ModelProcess
     from app.main import open_store
     from app.settings import Settings
 

@@ -1,6 +1,6 @@
 """`saescope train`: cache activations, train an SAE, evaluate it, save it with metrics.json.
 
-Options left out take ``sae_core.train.TrainConfig``'s defaults (one place, each explained
+Options left out take ``sae_core.saes.train_config.TrainConfig``'s defaults (one place, each explained
 there); torch is imported only when the command runs, so other commands start fast.
 """
 
@@ -43,9 +43,9 @@ def add_arguments(parser):
 
 
 def config_from_args(args):
-    from sae_core.device import pick_device
-    from sae_core.subject import DEFAULT_MODEL
-    from sae_core.train import TrainConfig
+    from sae_core.inputs.device import pick_device
+    from sae_core.inputs.subject import DEFAULT_MODEL
+    from sae_core.saes.train_config import TrainConfig
 
     given = {field: getattr(args, option) for option, field in CONFIG_OPTIONS.items() if getattr(args, option) is not None}
     return TrainConfig(
@@ -61,8 +61,8 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from sae_core import distributed
-    from sae_core.train import train_sae
+    from sae_core.inputs import distributed
+    from sae_core.saes.train import train_sae
 
     with distributed.session() as world:  # under torchrun: data-parallel over its ranks
         out = train_sae(config_from_args(args), args.out, resume=args.resume)

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from sae_core.store import create_engine_for
+from sae_core.store.db import create_engine_for
 from tests.app.synthetic_store import StoreSpec, SyntheticStore, build_synthetic_store
 from tests.conftest import postgres_schema
 

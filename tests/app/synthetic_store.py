@@ -1,4 +1,4 @@
-"""A synthetic store written through sae_core.store's tables: the browser's tests and benchmark
+"""A synthetic store written through sae_core.store.db's tables: the browser's tests and benchmark
 read it like one that precompute wrote, with known features planted in it.
 
 Planted, whatever the size:
@@ -19,7 +19,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from sae_core.store import (
+from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,

@@ -7,8 +7,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from sae_core.labels import LabelOptions, label_sae
-from sae_core.store import create_engine_for
+from sae_core.labels.run import LabelOptions, label_sae
+from sae_core.store.db import create_engine_for
 from tests.label_fixtures import BOLD, PARIS, write_planted_store
 
 TOKEN = "s3cret-token"

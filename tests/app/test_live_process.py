@@ -15,14 +15,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app import live_remote
-from app.live_remote import ModelProcess, RemoteModel, key_path, serve_host
-from app.live_worker import LiveRefused, LiveUnavailableError
+from app.live import remote as live_remote
+from app.live.remote import ModelProcess, RemoteModel, key_path, serve_host
+from app.live.worker import LiveRefused, LiveUnavailableError
 from app.main import create_app
 from app.settings import Settings
-from sae_core import live
-from sae_core.sae import load_sae
-from sae_core.subject import load_subject
+from sae_core.inputs.subject import load_subject
+from sae_core.live import probe as live
+from sae_core.saes.sae import load_sae
 from tests.app.server_process import server_processes, serving
 from tests.live_support import LIVE_STORE, build_live_store
 

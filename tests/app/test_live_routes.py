@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from sae_core import live
-from sae_core.attribution import Target, attribution
-from sae_core.sae import load_sae
-from sae_core.store import FeatureRow, SaeRow, create_engine_for
-from sae_core.subject import load_subject
+from sae_core.inputs.subject import load_subject
+from sae_core.live import probe as live
+from sae_core.live.attribution import Target, attribution
+from sae_core.saes.sae import load_sae
+from sae_core.store.db import FeatureRow, SaeRow, create_engine_for
 from tests.live_support import LIVE_STORE, build_live_store
 
 SAE = LIVE_STORE.sae_name

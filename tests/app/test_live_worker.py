@@ -1,4 +1,4 @@
-"""app.live_worker: one thread, a bounded queue, refusal when full, time limits, shutdown."""
+"""app.live.worker: one thread, a bounded queue, refusal when full, time limits, shutdown."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from app.live_worker import LiveWorker, WorkerBusy, WorkerStopped, WorkerTimeout
+from app.live.worker import LiveWorker, WorkerBusy, WorkerStopped, WorkerTimeout
 
 
 @pytest.fixture

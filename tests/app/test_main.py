@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app import main
 from app.main import create_app, open_store
 from app.settings import Settings
-from sae_core.store import StoreError
+from sae_core.store.db import StoreError
 
 
 def test_browse_only_server_serves_without_importing_torch(sqlite_store):

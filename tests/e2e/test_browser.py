@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_core.store import create_engine_for
+from sae_core.store.db import create_engine_for
 from tests.app.server_process import serving
 from tests.app.synthetic_store import SCRIPT, StoreSpec, SyntheticStore, build_synthetic_store
 

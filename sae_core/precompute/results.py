@@ -1,0 +1,130 @@
+"""From the first pass's accumulators to what the store shows: intervals, neighbours by
+co-activation, the token index and the density histogram. Vectorised over all features."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from sae_core.precompute.stats import FINE_BINS, Reservoir, StreamingStats, ranks_within_groups
+
+
+class Intervals(NamedTuple):
+    """Per feature, ``bins`` activation intervals over (0, max] and a random sample of each."""
+
+    lo: torch.Tensor  # (F, bins) lower edge (exclusive)
+    hi: torch.Tensor  # (F, bins) upper edge (inclusive)
+    count: torch.Tensor  # (F, bins) nonzero token activations in the interval
+    share: torch.Tensor  # (F, bins) count / all nonzero activations of the feature
+    samples: Reservoir  # groups feature * bins + bin; per slot a context and its max activation
+    n_fine: torch.Tensor  # (F,) fine bins covering (0, max], see fine_bins_to_max
+
+
+def fine_bins_to_max(stats: StreamingStats) -> torch.Tensor:
+    """(F,) number of fine bins covering (0, max]: in [FINE_BINS/2 + 1, FINE_BINS], 0 if never fired."""
+    feats = stats.features
+    ratio = torch.where(feats.scale > 0, feats.max / feats.scale.clamp(min=1e-30), torch.zeros(()))
+    return torch.ceil(ratio * FINE_BINS).long()
+
+
+def final_intervals(stats: StreamingStats, bins: int, per_bin: int) -> Intervals:
+    """Split each feature's (0, max] into ``bins`` runs of fine bins of near-equal length: fine
+    bin g of n goes to interval (g * bins) // n, so edges sit on the fine grid and both the
+    shares and the samples are exact for the edges stored."""
+    feats = stats.features
+    n_fine = fine_bins_to_max(stats)  # (F,)
+    n_safe = n_fine.clamp(min=1).unsqueeze(1)
+    interval_of = (torch.arange(FINE_BINS).unsqueeze(0) * bins // n_safe).clamp(max=bins - 1)  # (F, G)
+    count = torch.zeros(feats.hist.shape[0], bins, dtype=torch.int64).scatter_add_(1, interval_of, feats.hist)
+    share = count / feats.count.clamp(min=1).unsqueeze(1)
+    starts = (torch.arange(bins + 1).unsqueeze(0) * n_safe + bins - 1) // bins  # (F, bins + 1) fine-bin index
+    edges = starts * (feats.scale / FINE_BINS).unsqueeze(1)
+    fine = stats.intervals.reservoir
+    filled = (fine.priority >= 0).nonzero()  # (m, 2) rows: group, slot
+    group, slot = filled[:, 0], filled[:, 1]
+    feature, g = group // FINE_BINS, group % FINE_BINS
+    samples = Reservoir(feats.hist.shape[0] * bins, per_bin)
+    samples.insert(
+        feature * bins + interval_of[feature, g],
+        fine.priority[group, slot],
+        fine.context[group, slot],
+        fine.value[group, slot],
+    )
+    return Intervals(lo=edges[:, :-1], hi=edges[:, 1:], count=count, share=share, samples=samples, n_fine=n_fine)
+
+
+def ordered_samples(samples: Reservoir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(groups, size) contexts and values of each group in descending priority, and a mask of
+    filled slots."""
+    order = samples.priority.argsort(dim=1, descending=True, stable=True)
+    filled = samples.priority.gather(1, order) >= 0
+    return samples.context.gather(1, order), samples.value.gather(1, order), filled
+
+
+class Neighbours(NamedTuple):
+    index: torch.Tensor  # (F, n) neighbour feature, -1 where fewer exist
+    score: torch.Tensor  # (F, n)
+
+
+def coactivation_neighbours(stats: StreamingStats, n: int) -> Neighbours:
+    """Top ``n`` features by Jaccard similarity of their active-token sets,
+    |A ∩ B| / |A ∪ B|: symmetric, in [0, 1], and not dominated by the densest features the way raw
+    counts are."""
+    coact, n_features = stats.coact, stats.n_features
+    coact.pairs.coalesce()
+    keys, both = coact.pairs.keys, coact.pairs.counts
+    a, b = keys // n_features, keys % n_features
+    jaccard = both / (coact.occurrences[a] + coact.occurrences[b] - both)
+    group, other, score = torch.cat([a, b]), torch.cat([b, a]), torch.cat([jaccard, jaccard])
+    return top_per_group(group, other, score, n_groups=n_features, n=n)
+
+
+def top_per_group(group, item, score, *, n_groups: int, n: int) -> Neighbours:
+    """For each group 0..n_groups-1, its ``n`` items of highest score (ties: earlier first)."""
+    perm, rank = ranks_within_groups(group, score)
+    keep = perm[rank < n]
+    index = torch.full((n_groups, n), -1, dtype=torch.int64)
+    values = torch.zeros((n_groups, n), dtype=torch.float64)
+    index[group[keep], rank[rank < n]] = item[keep]
+    values[group[keep], rank[rank < n]] = score[keep].double()
+    return Neighbours(index, values)
+
+
+class TokenFeatures(NamedTuple):
+    """Rows of the token index: for each vocabulary token, the features with the highest mean
+    activation on it (zeros included), best first."""
+
+    token_id: torch.Tensor  # (m,)
+    rank: torch.Tensor  # (m,)
+    feature: torch.Tensor  # (m,)
+    mean_act: torch.Tensor  # (m,) float64
+    count: torch.Tensor  # (m,) firings on the token
+
+
+def token_index(stats: StreamingStats, per_token: int) -> TokenFeatures:
+    tokens, n_features = stats.tokens, stats.n_features
+    tokens.pairs.coalesce()
+    keys = tokens.pairs.keys
+    token_id, feature = keys // n_features, keys % n_features
+    mean = tokens.pairs.sums / tokens.occurrences[token_id]
+    perm, rank = ranks_within_groups(token_id, mean)
+    keep = rank < per_token
+    chosen = perm[keep]
+    return TokenFeatures(token_id[chosen], rank[keep], feature[chosen], mean[chosen], tokens.pairs.counts[chosen])
+
+
+def density_histogram(count: torch.Tensor, n_tokens: int, bins: int = 40) -> dict:
+    """Histogram of log10(firing rate) over features that fired, from log10(1 / n_tokens) to 0;
+    features that never fired are counted as ``dead``."""
+    alive = count > 0
+    low = -torch.log10(torch.tensor(float(max(n_tokens, 2))))
+    edges = torch.linspace(float(low), 0.0, bins + 1)
+    density = torch.log10(count[alive].double() / max(n_tokens, 1)).float()
+    counts = torch.histc(density, bins=bins, min=float(low), max=0.0) if density.numel() else torch.zeros(bins)
+    return {
+        "edges": [round(float(e), 4) for e in edges],
+        "counts": [int(c) for c in counts],
+        "dead": int((~alive).sum()),
+        "measured_over_tokens": int(n_tokens),
+    }

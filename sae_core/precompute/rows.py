@@ -1,0 +1,131 @@
+"""Precompute's results as store rows (dicts for bulk inserts). Small JSON: floats are rounded to
+the precision a page shows, and a histogram keeps only the bins up to the feature's maximum."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+
+from sae_core.precompute.results import Intervals, Neighbours, TokenFeatures
+from sae_core.precompute.spill import PackedActs
+from sae_core.precompute.stats import FINE_BINS, FeatureStats, TopContexts
+from sae_core.precompute.weights import LogitEffects
+from sae_core.precompute.writer import StoreRows
+from sae_core.store.db import pack_tokens
+
+DIGITS = 5  # significant digits kept in JSON: finer than any page or plot resolves
+
+
+class RowInputs(NamedTuple):
+    sae_id: int
+    n_tokens: int
+    bins: int
+    features: FeatureStats
+    top: TopContexts
+    intervals: Intervals
+    sample_context: torch.Tensor  # (F, bins, per_bin) by descending priority
+    sample_value: torch.Tensor  # (F, bins, per_bin) the context's max activation
+    sample_filled: torch.Tensor  # (F, bins, per_bin)
+    packed: dict[int, PackedActs]  # key context * F + feature
+    context_tokens: dict[int, torch.Tensor]  # context id -> (seq,) token ids
+    logits: LogitEffects
+    decoder: Neighbours
+    coact: Neighbours
+    token_features: TokenFeatures
+
+
+def short(x: float) -> float:
+    return float(f"{x:.{DIGITS}g}")
+
+
+def store_rows(r: RowInputs) -> StoreRows:
+    return StoreRows(
+        features=feature_rows(r),
+        examples=example_rows(r),
+        contexts=(
+            {"sae_id": r.sae_id, "id": c, "token_ids": pack_tokens(tokens.numpy())}
+            for c, tokens in sorted(r.context_tokens.items())
+        ),
+        token_features=token_feature_rows(r.sae_id, r.token_features),
+    )
+
+
+def pairs(ids: list, values: list) -> list[list]:
+    return [[int(i), short(v)] for i, v in zip(ids, values, strict=True) if i >= 0]
+
+
+def feature_rows(r: RowInputs) -> Iterator[dict]:
+    f = r.features
+    count, total, max_act, scale = f.count.tolist(), f.sum.tolist(), f.max.tolist(), f.scale.tolist()
+    hist = f.hist.tolist()
+    iv = r.intervals
+    n_fine = iv.n_fine.tolist()
+    iv_lo, iv_hi, iv_count, iv_share = iv.lo.tolist(), iv.hi.tolist(), iv.count.tolist(), iv.share.tolist()
+    lg = r.logits
+    top_ids, top_values = lg.top_ids.tolist(), lg.top_values.tolist()
+    bottom_ids, bottom_values = lg.bottom_ids.tolist(), lg.bottom_values.tolist()
+    lo, hi, logit_counts = lg.hist_lo.tolist(), lg.hist_hi.tolist(), lg.hist_counts.tolist()
+    dec_i, dec_s = r.decoder.index.tolist(), r.decoder.score.tolist()
+    co_i, co_s = r.coact.index.tolist(), r.coact.score.tolist()
+    n_tokens = max(r.n_tokens, 1)
+    for i in range(len(count)):
+        width = scale[i] / FINE_BINS
+        yield {
+            "sae_id": r.sae_id,
+            "idx": i,
+            "count": count[i],
+            "density": count[i] / n_tokens,
+            "max_act": max_act[i],
+            "mean_act": total[i] / count[i] if count[i] else 0.0,
+            "act_hist": {"edges": [short(g * width) for g in range(n_fine[i] + 1)], "counts": hist[i][: n_fine[i]]},
+            "intervals": [
+                {"bin": b, "lo": short(iv_lo[i][b]), "hi": short(iv_hi[i][b]), "share": short(iv_share[i][b]), "count": iv_count[i][b]}
+                for b in range(r.bins)
+            ]
+            if count[i]
+            else [],
+            "logit_top": pairs(top_ids[i], top_values[i]),
+            "logit_bottom": pairs(bottom_ids[i], bottom_values[i]),
+            "logit_hist": {
+                "edges": [short(lo[i] + (hi[i] - lo[i]) * b / len(logit_counts[i])) for b in range(len(logit_counts[i]) + 1)],
+                "counts": logit_counts[i],
+            },
+            "neighbours_cos": pairs(dec_i[i], dec_s[i]),
+            "neighbours_coact": pairs(co_i[i], co_s[i]),
+        }
+
+
+def example_rows(r: RowInputs) -> Iterator[dict]:
+    n_features = r.features.count.numel()
+    top_context, top_value = r.top.context.tolist(), r.top.value.tolist()
+    for i in range(n_features):
+        for rank, (c, v) in enumerate(zip(top_context[i], top_value[i], strict=True)):
+            if c >= 0:
+                yield example_row(r, i, "top", 0, rank, c, v)
+    filled = r.sample_filled.nonzero().tolist()
+    contexts, values = r.sample_context[r.sample_filled].tolist(), r.sample_value[r.sample_filled].tolist()
+    for (i, b, rank), c, v in zip(filled, contexts, values, strict=True):
+        yield example_row(r, i, "interval", b, rank, c, v)
+
+
+def example_row(r: RowInputs, feature: int, kind: str, bin_: int, rank: int, context: int, value: float) -> dict:
+    packed = r.packed[context * r.features.count.numel() + feature]
+    return {
+        "sae_id": r.sae_id,
+        "feature_idx": feature,
+        "kind": kind,
+        "bin": bin_,
+        "rank": rank,
+        "context_id": context,
+        "max_act": value,
+        "max_pos": packed.max_pos,
+        "acts": packed.blob,
+    }
+
+
+def token_feature_rows(sae_id: int, t: TokenFeatures) -> Iterator[dict]:
+    columns = (t.token_id.tolist(), t.rank.tolist(), t.feature.tolist(), t.mean_act.tolist(), t.count.tolist())
+    for token_id, rank, feature, mean_act, count in zip(*columns, strict=True):
+        yield {"sae_id": sae_id, "token_id": token_id, "rank": rank, "feature_idx": feature, "mean_act": mean_act, "count": count}

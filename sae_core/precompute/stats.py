@@ -1,0 +1,417 @@
+"""Streaming accumulators: every statistic precompute keeps about every feature, one batch at a time.
+
+Each accumulator folds in the sparse activations of a batch with a few bincount / scatter / sort
+calls over all features at once (no Python loop over features), and round-trips through
+``state_dict`` so that a killed run resumes bit for bit. All of them merge exactly, which is what
+sharding the corpus over workers needs (sae_core.precompute.merge): counts are integers, sums of
+activations are kept in fixed point (``to_fixed``) so their total does not depend on the order of
+addition, and sample priorities are unique per feature, so no tie depends on arrival order.
+
+Activation bins before the maximum is known. A feature's histogram and its interval samples use
+``FINE_BINS`` equal bins over (0, scale], where ``scale`` is the smallest power of two at or above
+the feature's running maximum. When a batch raises the maximum past the scale, the scale doubles
+d times and every 2^d neighbouring bins merge into one: counts add, and a bin's random-priority
+sample is the top of the union of its parts, so nothing is lost or approximated. At the end the
+maximum lies in (scale/2, scale], so (0, max] spans between FINE_BINS/2 and FINE_BINS fine bins;
+the shown intervals are equal splits of those fine bins (edges snap to the fine grid, so each
+interval's share and sample are exact).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+FINE_BINS = 64  # fine bins over (0, scale]: >= 32 over (0, max], so 5 intervals snap within 1/32 of max
+MASK32 = 0xFFFFFFFF
+# Fraction bits of the fixed-point sums: values are float32, so every activation >= 2^-8 adds
+# exactly and smaller ones lose < 2^-32; one coalesce can add 2^31 values to a slot before the
+# fraction column could overflow.
+FRACTION_BITS = 32
+CONTEXT_BITS = 31  # low bits of a sample priority: the context id, unique up to 2^31 contexts
+
+
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= x, for x > 0 (exact: frexp, no logarithms)."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
+def fine_bin(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Fine bin g of each value: value in (g, g+1] * scale / FINE_BINS (exact: scale is a power of 2)."""
+    return (torch.ceil(value / scale * FINE_BINS).long() - 1).clamp_(0, FINE_BINS - 1)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32-style); int64 arithmetic never overflows with 32-bit inputs."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    return (x >> 16) ^ x
+
+
+def sample_priority(seed: int, context: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Random priority in [0, 2^63) of a (context, feature) pair: a 32-bit hash, so it does not
+    depend on batching, resuming or sharding, only on the seed; the context id in the low bits
+    makes it unique within a feature, so which sample wins never depends on arrival order."""
+    salted = mix32((context + seed * 0x9E3779B9) & MASK32)
+    return (mix32(salted ^ feature) << CONTEXT_BITS) | (context & ((1 << CONTEXT_BITS) - 1))
+
+
+def to_fixed(value: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 -> (n, 2) int64 fixed point: whole part and FRACTION_BITS bits of fraction."""
+    v = value.double()  # exact, as is every step below (scaling by a power of two, floor)
+    whole = torch.floor(v)
+    return torch.stack([whole, torch.floor((v - whole) * 2.0**FRACTION_BITS)], dim=1).long()
+
+
+def add_fixed(total: torch.Tensor, index: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """total (m, 2) += fixed (n, 2) at rows ``index`` (n,), in place, carries normalised. Integer
+    addition, so the result does not depend on the order."""
+    return carry_fixed(total.index_add_(0, index, fixed))
+
+
+def carry_fixed(total: torch.Tensor) -> torch.Tensor:
+    """Move whole units out of the fraction column of (m, 2) fixed-point sums, in place."""
+    total[:, 0] += total[:, 1] >> FRACTION_BITS
+    total[:, 1] &= (1 << FRACTION_BITS) - 1
+    return total
+
+
+def fixed_to_float(total: torch.Tensor) -> torch.Tensor:
+    """(m, 2) fixed-point sums -> (m,) float64, rounded once."""
+    return total[:, 0].double() + total[:, 1].double() * 2.0**-FRACTION_BITS
+
+
+def ranks_within_groups(group: torch.Tensor, order_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort items by (group, order_key descending); return (permutation, rank of each item within
+    its group). Ties keep input order."""
+    by_key = torch.sort(order_key, descending=True, stable=True).indices
+    perm = by_key[torch.sort(group[by_key], stable=True).indices]
+    sorted_group = group[perm]
+    _, counts = torch.unique_consecutive(sorted_group, return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return perm, torch.arange(perm.numel()) - starts
+
+
+class FeatureStats:
+    """Per feature: firing count, sum and max of activations, and the histogram of nonzero
+    activations over FINE_BINS bins of (0, scale]."""
+
+    def __init__(self, n_features: int):
+        self.count = torch.zeros(n_features, dtype=torch.int64)
+        self.fixed_sum = torch.zeros(n_features, 2, dtype=torch.int64)  # to_fixed units
+        self.max = torch.zeros(n_features)
+        self.scale = torch.zeros(n_features)  # power of two >= max; 0 until the feature fires
+        self.hist = torch.zeros(n_features, FINE_BINS, dtype=torch.int64)
+
+    def update(self, feature: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Fold in nonzero activations (n,); returns the doublings of each feature's scale (F,)."""
+        n = self.count.numel()
+        self.count += torch.bincount(feature, minlength=n)
+        add_fixed(self.fixed_sum, feature, to_fixed(value))
+        batch_max = torch.zeros(n).scatter_reduce_(0, feature, value, "amax")
+        self.max = torch.maximum(self.max, batch_max)
+        doublings = self._grow_scale(batch_max)
+        bins = feature * FINE_BINS + fine_bin(value, self.scale[feature])
+        self.hist.view(-1).add_(torch.bincount(bins, minlength=n * FINE_BINS))
+        return doublings
+
+    def _grow_scale(self, batch_max: torch.Tensor) -> torch.Tensor:
+        grown = batch_max > self.scale
+        new_scale = torch.where(grown, pow2_ceil(batch_max.clamp(min=1e-30)), self.scale)
+        doublings = torch.zeros_like(self.count)
+        had = grown & (self.scale > 0)
+        doublings[had] = torch.log2(new_scale[had] / self.scale[had]).round().long()
+        self.scale = new_scale
+        rows = had.nonzero().squeeze(1)
+        if rows.numel():
+            self.hist[rows] = merge_fine_bins(self.hist[rows], doublings[rows])
+        return doublings
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """(F,) float64 sum of each feature's activations."""
+        return fixed_to_float(self.fixed_sum)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{name}": getattr(self, name) for name in ("count", "fixed_sum", "max", "scale", "hist")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        for name in ("count", "fixed_sum", "max", "scale", "hist"):
+            setattr(self, name, state[f"{prefix}.{name}"].clone())
+
+
+def coarser_bin(doublings: torch.Tensor) -> torch.Tensor:
+    """(rows,) doublings -> (rows, FINE_BINS) new fine bin of each old fine bin."""
+    shift = doublings.clamp(max=FINE_BINS.bit_length()).unsqueeze(1)
+    return torch.arange(FINE_BINS).unsqueeze(0) >> shift
+
+
+def merge_fine_bins(hist: torch.Tensor, doublings: torch.Tensor) -> torch.Tensor:
+    """(rows, FINE_BINS) counts over (0, s] -> counts over (0, s * 2^d], per row."""
+    return torch.zeros_like(hist).scatter_add_(1, coarser_bin(doublings), hist)
+
+
+class TopContexts:
+    """Per feature, the K contexts with the largest maximum activation (one entry per context);
+    ties go to the earlier context."""
+
+    def __init__(self, n_features: int, k: int):
+        self.value = torch.zeros(n_features, k)  # descending; 0 = empty slot
+        self.context = torch.full((n_features, k), -1, dtype=torch.int64)
+
+    def update(self, context_max: torch.Tensor, context_ids: torch.Tensor) -> None:
+        """context_max: (B, F) max activation per context and feature; context_ids (B,) ascending,
+        all later than any seen before."""
+        n, k = self.value.shape
+        values = torch.cat([self.value, context_max.T], dim=1)  # (F, k + B)
+        contexts = torch.cat([self.context, context_ids.expand(n, -1)], dim=1)
+        order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+        self.value = values.gather(1, order)
+        self.context = torch.where(self.value > 0, contexts.gather(1, order), -1)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.value": self.value, f"{prefix}.context": self.context}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.value = state[f"{prefix}.value"].clone()
+        self.context = state[f"{prefix}.context"].clone()
+
+
+class Reservoir:
+    """For each of ``n_groups`` groups, the ``size`` items of highest priority seen so far."""
+
+    def __init__(self, n_groups: int, size: int):
+        self.priority = torch.full((n_groups, size), -1, dtype=torch.int64)  # -1 = empty slot
+        self.context = torch.zeros((n_groups, size), dtype=torch.int64)
+        self.value = torch.zeros((n_groups, size))
+
+    def insert(self, group: torch.Tensor, priority: torch.Tensor, context: torch.Tensor, value: torch.Tensor) -> None:
+        """Offer items (n,) to their groups. Only the top ``size`` per group can enter, and those
+        arrive one rank at a time, each replacing its group's lowest slot when it beats it."""
+        size = self.priority.shape[1]
+        perm, rank = ranks_within_groups(group, priority)
+        for r in range(size):  # loops over slots, never over features
+            pick = perm[rank == r]
+            g = group[pick]
+            slot = self.priority[g].argmin(dim=1)
+            wins = priority[pick] > self.priority[g, slot]
+            g, slot, pick = g[wins], slot[wins], pick[wins]
+            self.priority[g, slot] = priority[pick]
+            self.context[g, slot] = context[pick]
+            self.value[g, slot] = value[pick]
+
+    def take(self, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Remove and return the filled items of ``groups`` as (group, priority, context, value)."""
+        filled = self.priority[groups] >= 0
+        slot_group = groups.unsqueeze(1).expand_as(filled)
+        items = (slot_group[filled], self.priority[groups][filled], self.context[groups][filled], self.value[groups][filled])
+        self.priority[groups] = -1
+        return items
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{name}": getattr(self, name) for name in ("priority", "context", "value")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        for name in ("priority", "context", "value"):
+            setattr(self, name, state[f"{prefix}.{name}"].clone())
+
+
+class IntervalSamples:
+    """Per feature and fine bin, ``per_bin`` contexts sampled by random priority among those whose
+    maximum activation falls in the bin. Merges with the histogram when a feature's scale grows."""
+
+    def __init__(self, n_features: int, per_bin: int, seed: int):
+        self.seed = seed
+        self.reservoir = Reservoir(n_features * FINE_BINS, per_bin)
+
+    def rescale(self, doublings: torch.Tensor) -> None:
+        """Merge fine bins of features whose scale grew (doublings > 0) into the coarser grid."""
+        features = (doublings > 0).nonzero().squeeze(1)
+        if features.numel() == 0:
+            return
+        groups = (features.unsqueeze(1) * FINE_BINS + torch.arange(FINE_BINS)).reshape(-1)
+        group, priority, context, value = self.reservoir.take(groups)
+        feature, old_bin = group // FINE_BINS, group % FINE_BINS
+        new_bin = old_bin >> doublings[feature].clamp(max=FINE_BINS.bit_length())
+        self.reservoir.insert(feature * FINE_BINS + new_bin, priority, context, value)
+
+    def update(self, context: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, scale: torch.Tensor) -> None:
+        """Offer (context, feature) pairs (n,) with their max activation value > 0."""
+        group = feature * FINE_BINS + fine_bin(value, scale[feature])
+        self.reservoir.insert(group, sample_priority(self.seed, context, feature), context, value)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return self.reservoir.state_dict(prefix)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.reservoir.load_state_dict(state, prefix)
+
+
+class SparseCounter:
+    """Counts (and optionally sums, in fixed point) over int64 keys too many to hold densely, e.g.
+    (token, feature) or (feature, feature) pairs. New entries buffer and coalesce (sort + unique)
+    once they outnumber the coalesced ones, so the total cost stays O(n log n)."""
+
+    MIN_PENDING = 1 << 22  # entries buffered before the first coalesce: ~4 M, ~100 MB
+
+    def __init__(self, with_sums: bool):
+        self.with_sums = with_sums
+        self.keys = torch.zeros(0, dtype=torch.int64)  # sorted, unique
+        self.counts = torch.zeros(0, dtype=torch.int64)
+        self.fixed_sums = torch.zeros(0, 2, dtype=torch.int64)  # to_fixed units
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._pending_n = 0
+
+    def add(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        self._pending.append((keys, to_fixed(weights) if self.with_sums else None))
+        self._pending_n += keys.numel()
+        if self._pending_n > max(self.MIN_PENDING, self.keys.numel()):
+            self.coalesce()
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """(keys,) float64 sum of the weights added under each key."""
+        return fixed_to_float(self.fixed_sums)
+
+    def coalesce(self) -> None:
+        """Fold buffered entries in. Sums are integers in fixed point, so the result does not
+        depend on when coalescing happens."""
+        if not self._pending:
+            return
+        keys = torch.cat([self.keys, *(k for k, _ in self._pending)])
+        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        counts = torch.cat([self.counts, *(torch.ones_like(k) for k, _ in self._pending)])
+        self.counts = torch.zeros_like(unique).index_add_(0, inverse, counts)
+        if self.with_sums:
+            sums = torch.cat([self.fixed_sums, *(w for _, w in self._pending)])
+            self.fixed_sums = add_fixed(torch.zeros(unique.numel(), 2, dtype=torch.int64), inverse, sums)
+        self.keys = unique
+        self._pending, self._pending_n = [], 0
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        self.coalesce()
+        return {f"{prefix}.keys": self.keys, f"{prefix}.counts": self.counts, f"{prefix}.fixed_sums": self.fixed_sums}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.keys = state[f"{prefix}.keys"].clone()
+        self.counts = state[f"{prefix}.counts"].clone()
+        self.fixed_sums = state[f"{prefix}.fixed_sums"].clone()
+        self._pending, self._pending_n = [], 0
+
+
+class CoActivation:
+    """Pair counts of features active on the same token, over the whole corpus.
+
+    A token's active set is its ``max_active`` largest activations (all of them for a TopK SAE with
+    k <= max_active), so the work per token is bounded by max_active^2 / 2 pairs.
+    ``occurrences`` counts, per feature, the tokens whose active set holds it."""
+
+    def __init__(self, n_features: int, max_active: int):
+        self.n_features = n_features
+        self.max_active = max_active
+        self.occurrences = torch.zeros(n_features, dtype=torch.int64)
+        self.pairs = SparseCounter(with_sums=False)  # key i * F + j, i < j
+
+    def update(self, acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int) -> None:
+        perm, rank = ranks_within_groups(acts_token, value)
+        width = min(self.max_active, int(rank.max()) + 1 if rank.numel() else 0)  # k for a TopK SAE
+        keep = perm[rank < width]
+        active = torch.full((n_tokens, width), -1, dtype=torch.int64)  # (tokens, width)
+        active[acts_token[keep], rank[rank < width]] = feature[keep]
+        self.occurrences += torch.bincount(feature[keep], minlength=self.n_features)
+        first, second = torch.triu_indices(width, width, offset=1)
+        a, b = active[:, first].reshape(-1), active[:, second].reshape(-1)  # (tokens * pairs,)
+        both = (a >= 0) & (b >= 0)
+        a, b = a[both], b[both]
+        self.pairs.add(torch.minimum(a, b) * self.n_features + torch.maximum(a, b))
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.occurrences": self.occurrences, **self.pairs.state_dict(f"{prefix}.pairs")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.occurrences = state[f"{prefix}.occurrences"].clone()
+        self.pairs.load_state_dict(state, f"{prefix}.pairs")
+
+
+class TokenIndex:
+    """Per (vocabulary token, feature): how often and how strongly it fires; and per token how
+    often it occurs (non-special positions only)."""
+
+    def __init__(self, n_features: int, vocab_size: int):
+        self.n_features = n_features
+        self.occurrences = torch.zeros(vocab_size, dtype=torch.int64)
+        self.pairs = SparseCounter(with_sums=True)  # key token_id * F + feature
+
+    def update(self, token_ids: torch.Tensor, acts_token_ids: torch.Tensor, feature: torch.Tensor, value: torch.Tensor) -> None:
+        """token_ids: every counted token of the batch; acts_token_ids: the token id of each entry."""
+        self.occurrences += torch.bincount(token_ids, minlength=self.occurrences.numel())
+        self.pairs.add(acts_token_ids * self.n_features + feature, value)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.occurrences": self.occurrences, **self.pairs.state_dict(f"{prefix}.pairs")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.occurrences = state[f"{prefix}.occurrences"].clone()
+        self.pairs.load_state_dict(state, f"{prefix}.pairs")
+
+
+class BatchActs(NamedTuple):
+    """One batch as the accumulators see it: counted (non-special) tokens and their activations."""
+
+    context_ids: torch.Tensor  # (B,) ascending corpus ids
+    token_context: torch.Tensor  # (N,) row in context_ids of each counted token
+    token_ids: torch.Tensor  # (N,) vocabulary id of each counted token
+    token: torch.Tensor  # (n,) entry -> counted token
+    feature: torch.Tensor  # (n,)
+    value: torch.Tensor  # (n,) > 0
+
+
+class StreamingStats:
+    """All accumulators of the first pass, fed one batch at a time."""
+
+    def __init__(self, n_features: int, vocab_size: int, *, top_k: int, per_bin: int, max_active: int, seed: int):
+        self.n_features = n_features
+        self.n_tokens = torch.zeros((), dtype=torch.int64)
+        self.features = FeatureStats(n_features)
+        self.top = TopContexts(n_features, top_k)
+        self.intervals = IntervalSamples(n_features, per_bin, seed)
+        self.coact = CoActivation(n_features, max_active)
+        self.tokens = TokenIndex(n_features, vocab_size)
+
+    def update(self, batch: BatchActs) -> None:
+        n = self.n_features
+        self.n_tokens += batch.token_ids.numel()
+        doublings = self.features.update(batch.feature, batch.value)
+        self.intervals.rescale(doublings)
+        entry_context = batch.token_context[batch.token]
+        n_contexts = batch.context_ids.numel()
+        context_max = torch.zeros(n_contexts * n).scatter_reduce_(
+            0, entry_context * n + batch.feature, batch.value, "amax"
+        )  # (B * F,)
+        fired = context_max.nonzero().squeeze(1)
+        self.top.update(context_max.view(n_contexts, n), batch.context_ids)
+        self.intervals.update(batch.context_ids[fired // n], fired % n, context_max[fired], self.features.scale)
+        self.coact.update(batch.token, batch.feature, batch.value, batch.token_ids.numel())
+        self.tokens.update(batch.token_ids, batch.token_ids[batch.token], batch.feature, batch.value)
+
+    def parts(self) -> dict[str, object]:
+        return {
+            "features": self.features,
+            "top": self.top,
+            "intervals": self.intervals,
+            "coact": self.coact,
+            "tokens": self.tokens,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"n_tokens": self.n_tokens}
+        for prefix, part in self.parts().items():
+            state.update(part.state_dict(prefix))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.n_tokens = state["n_tokens"].clone()
+        for prefix, part in self.parts().items():
+            part.load_state_dict(state, prefix)

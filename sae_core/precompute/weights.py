@@ -1,0 +1,75 @@
+"""What a feature does by its weights alone: logit effects and nearest decoder directions.
+
+Both are (F, something) products computed in chunks of features so that memory stays within the
+budget (never the F x vocab or F x F matrix at once).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from sae_core.precompute.results import Neighbours
+
+
+class LogitEffects(NamedTuple):
+    top_ids: torch.Tensor  # (F, n) token ids, largest effect first
+    top_values: torch.Tensor  # (F, n)
+    bottom_ids: torch.Tensor  # (F, n) most negative first
+    bottom_values: torch.Tensor  # (F, n)
+    hist_lo: torch.Tensor  # (F,) smallest effect over the vocabulary
+    hist_hi: torch.Tensor  # (F,) largest
+    hist_counts: torch.Tensor  # (F, bins) equal bins over [lo, hi]
+
+
+def rows_per_chunk(row_bytes: int, memory_budget: int) -> int:
+    """Rows of ``row_bytes`` each such that a few such chunks fit ``memory_budget`` bytes."""
+    return max(1, memory_budget // (4 * row_bytes))
+
+
+@torch.no_grad()
+def logit_effects(
+    W_dec: torch.Tensor, norm_scale: torch.Tensor, W_U: torch.Tensor, *, n: int, bins: int, memory_budget: int
+) -> LogitEffects:
+    """Direct effect of each decoder direction on the logits, through the final norm's scale:
+    (W_dec[i] * norm_scale) @ W_U^T. W_dec (F, d), norm_scale (d,), W_U (vocab, d)."""
+    n_features, vocab = W_dec.shape[0], W_U.shape[0]
+    chunk = rows_per_chunk(4 * vocab, memory_budget)
+    parts = []
+    for start in tqdm(range(0, n_features, chunk), desc="logit effects", unit="chunk", leave=False):
+        logits = (W_dec[start : start + chunk] * norm_scale) @ W_U.T  # (chunk, vocab)
+        top = logits.topk(n, dim=1)
+        bottom = logits.topk(n, dim=1, largest=False)
+        lo, hi = logits.amin(dim=1), logits.amax(dim=1)
+        parts.append((top.indices, top.values, bottom.indices, bottom.values, lo, hi, row_histograms(logits, lo, hi, bins)))
+    return LogitEffects(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+
+def row_histograms(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """(rows, m) values -> (rows, bins) counts over equal bins of each row's [lo, hi].
+    Overwrites ``values`` (in-place passes: this runs over F x vocab elements)."""
+    rows = values.shape[0]
+    scale = bins / (hi - lo).clamp(min=1e-12).unsqueeze(1)
+    index = values.sub_(lo.unsqueeze(1)).mul_(scale).clamp_(0, bins - 1)  # (rows, m) in [0, bins - 1]
+    index.add_(torch.arange(rows, dtype=index.dtype).unsqueeze(1) * bins)  # row offsets, exact in float32
+    return torch.bincount(index.view(-1).long(), minlength=rows * bins).view(rows, bins)
+
+
+@torch.no_grad()
+def decoder_neighbours(W_dec: torch.Tensor, *, n: int, memory_budget: int) -> Neighbours:
+    """Top ``n`` other features by cosine similarity of decoder directions, a chunk of rows at a time."""
+    n_features = W_dec.shape[0]
+    unit = torch.nn.functional.normalize(W_dec, dim=1)  # (F, d)
+    chunk = rows_per_chunk(4 * n_features, memory_budget)
+    index, score = [], []
+    n_kept = min(n, n_features - 1)
+    for start in tqdm(range(0, n_features, chunk), desc="decoder neighbours", unit="chunk", leave=False):
+        cos = unit[start : start + chunk] @ unit.T  # (chunk, F)
+        rows = torch.arange(cos.shape[0])
+        cos[rows, rows + start] = -float("inf")  # never its own neighbour
+        top = cos.topk(n_kept, dim=1)
+        index.append(top.indices)
+        score.append(top.values.double())
+    return Neighbours(torch.cat(index), torch.cat(score))

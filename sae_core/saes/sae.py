@@ -1,0 +1,189 @@
+"""The inference SAE: one module for every architecture saescope trains or loads.
+
+    f = act(W_enc (x - b_dec) + b_enc)         (apply_b_dec_to_input, the default)
+    x̂ = W_dec f + b_dec
+
+``act`` is ReLU ("standard", Anthropic's recipe), TopK (keep the k largest pre-activations,
+then ReLU) or JumpReLU (z · [z > θ], Gemma Scope; also what BatchTopK becomes after training).
+
+On disk an SAE is a folder in SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` with
+W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU,
+threshold [d_sae]. Our own cfg.json adds ``saescope`` (format version, training config).
+Loading foreign layouts (sparsify, Gemma Scope) is in ``sae_formats``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sae_core.errors import SaescopeError
+
+FORMAT_VERSION = 1
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+
+
+class SAEError(SaescopeError):
+    """An SAE folder or file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class SAEConfig:
+    d_in: int  # width of the residual stream it reads
+    d_sae: int  # number of latents (features)
+    architecture: str = "topk"  # one of ARCHITECTURES
+    k: int | None = None  # active latents per token, for "topk"
+    apply_b_dec_to_input: bool = True  # subtract b_dec before encoding (Anthropic, OpenAI)
+    model_name: str | None = None  # subject model spec, e.g. "smollm2-135m"
+    hook_name: str | None = None  # e.g. "blocks.15.hook_resid_post"
+    layer: int | None = None  # block index whose output it reads
+    dtype: str = "float32"
+    # Our own metadata (training config, format version). Foreign SAEs leave it empty.
+    saescope: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise SAEError(
+                f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(ARCHITECTURES)}"
+            )
+        if self.architecture == "topk" and not self.k:
+            raise SAEError("a topk SAE needs k > 0 in its config")
+
+
+class SAEOutput(NamedTuple):
+    feature_acts: torch.Tensor  # (..., d_sae) sparse activations f
+    sae_out: torch.Tensor  # (..., d_in) reconstruction x̂
+
+
+class SAE(nn.Module):
+    """Inference SAE. Training-only concerns (losses, schedules) live in ``sae_core.saes.train``."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(d_sae))
+        else:
+            self.threshold = None
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., d_sae) encoder pre-activations."""
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) -> (..., d_sae) feature activations."""
+        z = self.pre_acts(x)
+        arch = self.cfg.architecture
+        if arch == "standard":
+            return torch.relu(z)
+        if arch == "jumprelu":
+            return z * (z > self.threshold)
+        values, indices = self.encode_topk(z)
+        return torch.zeros_like(z).scatter_(-1, indices, values)
+
+    def encode_topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK of pre-activations as (values, indices), each (..., k), values ReLU'd."""
+        values, indices = z.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.relu(values), indices
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """(..., d_sae) -> (..., d_in)."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        f = self.encode(x)
+        return SAEOutput(feature_acts=f, sae_out=self.decode(f))
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, folder: str | Path, *, extra: dict | None = None) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout) atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = saelens_cfg(self.cfg)
+        cfg["saescope"] = {**self.cfg.saescope, **(extra or {}), "format_version": FORMAT_VERSION}
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        _atomic_write(folder / "sae_weights.safetensors", lambda p: save_file(tensors, p))
+        _atomic_write(folder / "cfg.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        return folder
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, torch.Tensor], origin: str) -> SAE:
+        """Build an SAE from named tensors, checking presence, shapes and finiteness."""
+        expected = {
+            "W_enc": (cfg.d_in, cfg.d_sae),
+            "b_enc": (cfg.d_sae,),
+            "W_dec": (cfg.d_sae, cfg.d_in),
+            "b_dec": (cfg.d_in,),
+        }
+        if cfg.architecture == "jumprelu":
+            expected["threshold"] = (cfg.d_sae,)
+        sae = cls(cfg)
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise SAEError(f"{origin}: missing tensor {name!r}")
+            tensor = tensors[name]
+            if tuple(tensor.shape) != shape:
+                raise SAEError(f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+            if not torch.isfinite(tensor).all():
+                raise SAEError(f"{origin}: tensor {name!r} contains NaN or infinite values")
+            getattr(sae, name).data.copy_(tensor.float())
+        return sae
+
+
+def saelens_cfg(cfg: SAEConfig) -> dict:
+    """Our config as SAELens keys (both the flat and the SAELens-6 ``metadata`` spellings)."""
+    out = asdict(cfg)
+    out.pop("saescope")
+    out["normalize_activations"] = "none"  # input scaling is folded into the weights
+    out["metadata"] = {"model_name": cfg.model_name, "hook_name": cfg.hook_name}
+    if cfg.architecture == "topk":
+        out["rescale_acts_by_decoder_norm"] = False
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    tmp.replace(path)
+
+
+def load_sae(path: str | Path, *, d_in: int | None = None) -> SAE:
+    """Load any SAE saescope understands: ours/SAELens, sparsify, or Gemma Scope ``params.npz``.
+
+    ``d_in``, when given, is the subject model's width; a mismatch is refused.
+    """
+    from sae_core.saes.formats import read_any
+
+    sae = read_any(Path(path))
+    if d_in is not None and sae.d_in != d_in:
+        raise SAEError(f"{path}: SAE reads d_in={sae.d_in} but the model's residual stream has d_model={d_in}")
+    return sae.eval()
+
+
+def default_width(d_model: int, expansion: int = 16) -> int:
+    """The power of two nearest ``expansion * d_model`` (8192 for SmolLM2's 576), in REFERENCE's
+    8–16× range; powers of two keep the matmuls aligned."""
+    return 2 ** round(math.log2(expansion * d_model))

@@ -1,0 +1,101 @@
+"""The sparse machinery of TopK-style training: which (token, latent) pairs fire, their
+differentiable values, and decoding them without a dense (batch × width) product.
+
+The TopK encoder's backward and the decoder touch only the selected pairs (a sparse matmul for
+dW_enc, ``embedding_bag`` for the decoder), so a step costs one dense (batch × d_model × width)
+matmul instead of five."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from sae_core.inputs import distributed
+from sae_core.saes.sae import SAE
+
+
+class SparseCodes(NamedTuple):
+    """Active (token, latent) pairs of a batch, rows sorted, as ``embedding_bag`` wants them."""
+
+    rows: torch.Tensor  # (n,) token index in the batch
+    latents: torch.Tensor  # (n,) latent index
+    values: torch.Tensor  # (n,) activation, differentiable
+    offsets: torch.Tensor  # (batch,) start of each token's pairs in rows/latents/values
+
+
+class _PreActsAt(torch.autograd.Function):
+    """Encoder pre-activations (x - b_dec) @ W_enc + b_enc at chosen (row, latent) pairs.
+
+    ``z`` is that dense product, computed once without autograd for the selection; the backward
+    uses only the chosen pairs: a sparse (width × batch) @ (batch × d) matmul for W_enc, and
+    for b_dec the identity Σ_rows ∂/∂b_dec = -W_enc @ (∂/∂b_enc). The data x gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, rows, latents, z):
+        ctx.save_for_backward(x, b_dec, W_enc, rows, latents)
+        return z[rows, latents]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (n,)
+        x, b_dec, W_enc, rows, latents = ctx.saved_tensors
+        batch, width = x.shape[0], W_enc.shape[1]
+        grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, latents, grad)
+        pairs_t = _sparse(latents, rows, grad, (width, batch))
+        grad_w = torch.sparse.mm(pairs_t, x - b_dec).t()  # (d, width)
+        return None, -(W_enc @ grad_b_enc), grad_w, grad_b_enc, None, None, None
+
+
+def _sparse(row, col, values, size) -> torch.Tensor:
+    return torch.sparse_coo_tensor(torch.stack([row, col]), values, size, check_invariants=False)
+
+
+def codes_at(sae: SAE, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor) -> SparseCodes:
+    """ReLU'd, differentiable activations at the selected pairs (rows sorted ascending)."""
+    values = torch.relu(_PreActsAt.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, rows, latents, z))
+    counts = torch.bincount(rows, minlength=x.shape[0])
+    offsets = torch.cumsum(counts, 0) - counts
+    return SparseCodes(rows, latents, values, offsets)
+
+
+def decode_sparse(W_dec: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
+    """Σ over a token's pairs of value · W_dec[latent]: (batch, d), no bias."""
+    return F.embedding_bag(
+        codes.latents, W_dec, codes.offsets, mode="sum", per_sample_weights=codes.values
+    )
+
+
+def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest latents of each row: (rows, latents), each (batch·k,)."""
+    latents = z.topk(k, dim=-1, sorted=False).indices  # (batch, k)
+    rows = torch.arange(z.shape[0], device=z.device).repeat_interleave(k)
+    return rows, latents.flatten()
+
+
+def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k·batch largest positive pre-activations of the whole batch (all ranks' slices):
+    this rank's (rows, latents).
+
+    Fast path: the global threshold among each row's top 4k candidates; exact unless a row has
+    all its candidates above it, in which case the threshold comes from every row's top k·batch.
+    """
+    n = k * z.shape[0] * distributed.world().size
+    width = z.shape[1]
+    candidates = z.topk(min(width, 4 * k), dim=-1, sorted=False).values  # (batch, ≤4k)
+    gathered = distributed.all_gather(candidates.flatten(), step="the BatchTopK threshold")
+    threshold = gathered.kthvalue(gathered.numel() - n + 1).values
+    short = torch.tensor(int(candidates.shape[1] < width and (candidates.amin(dim=-1) >= threshold).any()))
+    if distributed.all_reduce(short, "max", step="the BatchTopK threshold"):
+        best = z.flatten().topk(min(n, z.numel()), sorted=False).values
+        gathered = distributed.all_gather(best, step="the BatchTopK threshold")
+        threshold = gathered.kthvalue(gathered.numel() - n + 1).values
+    rows, latents = ((z >= threshold) & (z > 0)).nonzero(as_tuple=True)
+    return rows, latents
+
+
+def select_dead(z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k_aux largest pre-activations among dead latents of each row: (rows, latents)."""
+    masked = torch.where(dead, z, torch.tensor(-torch.inf, device=z.device))
+    return select_topk(masked, min(k_aux, int(dead.sum())))

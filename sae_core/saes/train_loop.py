@@ -1,0 +1,226 @@
+"""The training loop: initialisation, one optimiser step, the loop with its checkpoints, and
+the inference SAE made from the trained weights (input scale folded in, BatchTopK's threshold
+measured with the final weights).
+
+Across ranks (``torchrun --nproc-per-node N -m sae_core train ...``, sae_core.inputs.distributed):
+each rank takes an equal slice of every batch; whatever depends on the whole batch (its variance,
+the BatchTopK threshold, which latents fired) is all-reduced, and so are the gradients, so every
+rank takes the step one process would take on the whole batch. Rank 0 alone writes files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from sae_core.inputs import distributed
+from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
+from sae_core.saes.losses import batch_variance, forward_relu, forward_sparse
+from sae_core.saes.sae import SAE, SAEConfig
+from sae_core.saes.sparse_codes import select_batch_topk
+from sae_core.saes.train_config import SAVED_ARCHITECTURE, TrainConfig, TrainError
+from sae_core.saes.train_data import (
+    MEDIAN_SAMPLE_TOKENS,
+    TokenSource,
+    batches_from,
+    estimate_scale,
+    geometric_median,
+)
+
+
+class StepStats(NamedTuple):
+    loss: float
+    explained_variance: float  # 1 - FVU of this batch (about the batch mean)
+    l0: float
+    dead_fraction: float  # latents silent for more than the dead window
+
+
+def learning_rate(cfg: TrainConfig, base: float, step: int) -> float:
+    """Linear warm-up (≤ 5% of the run), flat, then linear decay to 0 over the last 20%."""
+    total = cfg.total_steps
+    warmup = max(1, min(cfg.warmup_steps, int(0.05 * total)))
+    decay_start = int((1 - cfg.decay_fraction) * total)
+    factor = min(1.0, (step + 1) / warmup)
+    if step >= decay_start:
+        factor *= (total - step) / max(1, total - decay_start)
+    return base * factor
+
+
+def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: float) -> StepStats:
+    """One optimiser step on a raw batch (batch, d): scale, forward, backward, update, bookkeeping."""
+    sae = state.sae
+    x = x.to(sae.W_enc.device) * state.scale
+    dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
+    if cfg.architecture == "relu":
+        out = forward_relu(sae, x, cfg, state.step)
+    else:
+        out = forward_sparse(sae, x, cfg, dead)
+    state.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    all_reduce_grads(sae)
+    if cfg.architecture != "relu":
+        remove_parallel_grad(sae.W_dec)
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, base_lr, state.step)
+    state.optimizer.step()
+    if cfg.architecture != "relu":
+        normalise_rows(sae.W_dec)
+    fired = distributed.all_reduce(out.fired.to(torch.uint8), "max", step="which latents fired").bool()
+    state.tokens_since_fired += x.shape[0] * distributed.world().size
+    state.tokens_since_fired[fired] = 0
+    state.step += 1
+    with torch.no_grad():
+        error = distributed.all_reduce((out.x_hat - x).pow(2).sum(), step="the batch error")
+        fvu = error / batch_variance(x)
+    return StepStats(float(out.loss.detach()), 1.0 - float(fvu), out.l0, float(dead.float().mean()))
+
+
+@torch.no_grad()
+def all_reduce_grads(sae: SAE) -> None:
+    """Sum every rank's gradients (one flat buffer): each rank's loss is its slice's share of the
+    whole batch's loss, so the sum is the whole batch's gradient."""
+    if distributed.world().size == 1:
+        return
+    params = list(sae.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = distributed.all_reduce(torch.cat([p.grad.reshape(-1) for p in params]), step="the gradient all-reduce")
+    for p, part in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad.copy_(part.view_as(p))
+
+
+@torch.no_grad()
+def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
+    """Keep unit-norm decoder rows on their sphere: drop the gradient along each row."""
+    if W_dec.grad is not None:
+        W_dec.grad -= (W_dec.grad * W_dec).sum(dim=-1, keepdim=True) * W_dec
+
+
+@torch.no_grad()
+def normalise_rows(W_dec: torch.nn.Parameter) -> None:
+    W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def init_state(cfg: TrainConfig, source: TokenSource) -> TrainState:
+    """Scale from the data, decoder rows random (unit norm for TopK, 0.1 for relu), W_enc = W_decᵀ,
+    b_dec the geometric median of a sample."""
+    d_model = source.d_model
+    width = cfg.resolved_width(d_model)
+    torch.manual_seed(cfg.seed)
+    scale = estimate_scale(source, d_model)
+    sae = SAE(SAEConfig(d_in=d_model, d_sae=width, architecture="standard"))
+    with torch.no_grad():
+        directions = torch.randn(width, d_model)
+        directions /= directions.norm(dim=-1, keepdim=True)
+        sae.W_dec.copy_(directions * (0.1 if cfg.architecture == "relu" else 1.0))
+        sae.W_enc.copy_(sae.W_dec.t())
+        sample = next(source.token_batches(min(MEDIAN_SAMPLE_TOKENS, source.n_tokens))) * scale
+        sae.b_dec.copy_(geometric_median(sample))
+    sae.to(cfg.device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(width), betas=(0.9, 0.999), fused=True)
+    return TrainState(
+        sae=sae,
+        optimizer=optimizer,
+        scale=scale,
+        tokens_since_fired=torch.zeros(width, dtype=torch.long, device=cfg.device),
+    )
+
+
+@torch.no_grad()
+def calibrate_threshold(state: TrainState, source: TokenSource, cfg: TrainConfig, rows: range) -> float:
+    """BatchTopK -> JumpReLU θ: the mean over cfg.threshold_batches batches (the first ones, so a
+    resumed run gets the same) of the smallest activation BatchTopK selects, with the final weights."""
+    sae = state.sae
+    batches = batches_from(source, cfg.batch_size, 0, cfg.cache_tokens or cfg.tokens)
+    smallest = []
+    for _ in range(cfg.threshold_batches):
+        x = next(batches)[rows.start : rows.stop].to(sae.W_enc.device) * state.scale
+        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width)
+        selected_rows, selected_latents = select_batch_topk(z, cfg.k)
+        selected = z[selected_rows, selected_latents]
+        local = selected.min() if selected.numel() else torch.tensor(torch.inf, device=z.device)
+        value = float(distributed.all_reduce(local.reshape(1).clone(), "min", step="the BatchTopK threshold"))
+        if math.isfinite(value):
+            smallest.append(value)
+    return sum(smallest) / len(smallest) if smallest else 0.0
+
+
+class FitResult(NamedTuple):
+    sae: SAE  # inference SAE taking raw activations (scale folded in)
+    scale: float  # the input scale used in training
+    steps: int
+    tokens: int  # tokens trained on
+    dead_fraction: float  # latents silent for longer than the dead window at the end
+
+
+def fit(
+    source: TokenSource, cfg: TrainConfig, folder: str | Path, *, resume: bool = False, progress: bool = True
+) -> FitResult:
+    """Train on ``source`` for cfg.tokens tokens, checkpointing into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    me = distributed.world()
+    if cfg.batch_size % me.size:
+        raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {me.size} ranks; use a multiple of {me.size}")
+    rows = distributed.shard_range(cfg.batch_size)  # this rank's slice of every batch
+    has_checkpoint = (folder / CHECKPOINT).is_file()
+    if has_checkpoint and not resume:
+        raise TrainError(f"{folder} holds an unfinished run; pass --resume to continue it, or choose another --out")
+    state = load_checkpoint(folder, cfg, source) if has_checkpoint else init_state(cfg, source)
+    base_lr = cfg.resolved_lr(cfg.resolved_width(source.d_model))
+    total = cfg.total_steps
+    bar = tqdm(
+        total=total * cfg.batch_size,
+        initial=state.step * cfg.batch_size,
+        unit="tok",
+        unit_scale=True,
+        disable=not (progress and me.is_main),
+        desc=f"train {cfg.architecture}",
+    )
+    batches = batches_from(source, cfg.batch_size, state.step, cfg.cache_tokens or cfg.tokens)
+    with bar:
+        while state.step < total:
+            stats = train_step(state, next(batches)[rows.start : rows.stop], cfg, base_lr)
+            bar.update(cfg.batch_size)
+            bar.set_postfix(
+                L0=f"{stats.l0:.1f}", EV=f"{stats.explained_variance:.3f}", dead=f"{stats.dead_fraction:.3f}", refresh=False
+            )
+            if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
+                save_checkpoint(folder, state, cfg)
+    dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
+    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture == "batchtopk" else None
+    return FitResult(
+        sae=fold_scale(state, cfg, threshold),
+        scale=state.scale,
+        steps=state.step,
+        tokens=state.step * cfg.batch_size,
+        dead_fraction=float(dead.float().mean()),
+    )
+
+
+def fold_scale(state: TrainState, cfg: TrainConfig, threshold: float | None = None) -> SAE:
+    """The inference SAE on raw x: f(c·x) = act(c·W_enc (x - b_dec/c) + b_enc), x̂ = (W_dec f + b_dec)/c.
+
+    ``threshold`` is BatchTopK's θ (pre-activations are the same in both units)."""
+    trained, c = state.sae, state.scale
+    saved_arch = SAVED_ARCHITECTURE[cfg.architecture]
+    sae_cfg = SAEConfig(
+        d_in=trained.d_in,
+        d_sae=trained.d_sae,
+        architecture=saved_arch,
+        k=cfg.k if cfg.architecture != "relu" else None,
+    )
+    tensors = {
+        "W_enc": trained.W_enc.detach().cpu() * c,
+        "b_enc": trained.b_enc.detach().cpu(),
+        "W_dec": trained.W_dec.detach().cpu() / c,
+        "b_dec": trained.b_dec.detach().cpu() / c,
+    }
+    if saved_arch == "jumprelu":
+        tensors["threshold"] = torch.full((trained.d_sae,), threshold or 0.0)
+    return SAE.from_tensors(sae_cfg, tensors, origin="training")

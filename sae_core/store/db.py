@@ -1,0 +1,334 @@
+"""The store: the one contract between precompute (writes) and serving (reads).
+
+SQLite is the embedded default, PostgreSQL the self-hosted one; the same tables serve both.
+Arrays that are only ever read whole (token ids of a context, per-token activations) are packed
+into compact binary blobs; small per-feature lists (histograms, logit effects, neighbours) are JSON.
+
+Packed formats (little-endian):
+- context tokens: int32 per token, BOS included;
+- example activations: ``uint16 n`` + ``n × uint16 positions`` + ``n × uint8 levels`` where
+  ``value = level / 255 · max_act`` (max_act is stored exactly in its own column, and the max
+  position always carries level 255).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sae_core.errors import SaescopeError
+
+MIGRATIONS = Path(__file__).with_name("migrations")  # Alembic scripts; versions/ holds one file per revision
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SubjectModelRow(Base):
+    """A subject language model whose vocabulary the store holds."""
+
+    __tablename__ = "subject_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # spec, e.g. "smollm2-135m"
+    source: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(64))
+    d_model: Mapped[int] = mapped_column(Integer)
+    n_layers: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    bos_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VocabRow(Base):
+    """Token id -> display text, so pages render without loading the tokenizer."""
+
+    __tablename__ = "vocab"
+
+    model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)  # decoded text of the single token ("Ġfoo" -> " foo")
+
+
+class SaeRow(Base):
+    """One SAE and the run that precomputed it."""
+
+    __tablename__ = "saes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # url slug, e.g. "smollm2-135m-l15-topk-8192"
+    model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id"))
+    layer: Mapped[int] = mapped_column(Integer)
+    hook_name: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(32))
+    d_in: Mapped[int] = mapped_column(Integer)
+    d_sae: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    l1_coeff: Mapped[float | None] = mapped_column(Float, nullable=True)
+    path: Mapped[str] = mapped_column(Text)  # SAE folder it was loaded from
+    train_cfg: Mapped[dict] = mapped_column(JSON, default=dict)  # training config, tokens seen
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # metrics.json of the SAE folder
+    corpus: Mapped[dict] = mapped_column(JSON, default=dict)  # corpus spec, ctx_len, seed, n_contexts
+    precompute_cfg: Mapped[dict] = mapped_column(JSON, default=dict)  # top_k, bins, tokens, seed
+    n_tokens: Mapped[int] = mapped_column(Integer, default=0)  # non-special tokens precomputed over
+    density_hist: Mapped[dict] = mapped_column(JSON, default=dict)  # {"edges": [...], "counts": [...]} of log10 density
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | complete
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ContextRow(Base):
+    """A token window, stored once and shared by every example that shows it."""
+
+    __tablename__ = "contexts"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # index of the context in the corpus
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 LE, see pack_tokens
+
+
+class FeatureRow(Base):
+    __tablename__ = "features"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)  # tokens where it fired (> 0)
+    density: Mapped[float] = mapped_column(Float, default=0.0)  # count / saes.n_tokens
+    max_act: Mapped[float] = mapped_column(Float, default=0.0)
+    mean_act: Mapped[float] = mapped_column(Float, default=0.0)  # mean over the tokens where it fired
+    act_hist: Mapped[dict] = mapped_column(JSON, default=dict)  # {"edges": [...], "counts": [...]} nonzero acts
+    intervals: Mapped[list] = mapped_column(JSON, default=list)  # [{"bin", "lo", "hi", "share", "count"}]
+    logit_top: Mapped[list] = mapped_column(JSON, default=list)  # [[token_id, value], ...] descending
+    logit_bottom: Mapped[list] = mapped_column(JSON, default=list)  # [[token_id, value], ...] ascending
+    logit_hist: Mapped[dict] = mapped_column(JSON, default=dict)
+    neighbours_cos: Mapped[list] = mapped_column(JSON, default=list)  # [[idx, cosine], ...]
+    neighbours_coact: Mapped[list] = mapped_column(JSON, default=list)  # [[idx, score], ...]
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+    label_source: Mapped[str | None] = mapped_column(String(64), nullable=True)  # auto | llm:<model> | human:<who>
+    label_precision: Mapped[float | None] = mapped_column(Float, nullable=True)
+    label_recall: Mapped[float | None] = mapped_column(Float, nullable=True)
+    label_f1: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        Index("ix_features_density", "sae_id", "density"),
+        Index("ix_features_max_act", "sae_id", "max_act"),
+        Index("ix_features_label_f1", "sae_id", "label_f1"),
+    )
+
+
+class ExampleRow(Base):
+    """A context shown on a feature page: a top example or an interval sample."""
+
+    __tablename__ = "examples"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # "top" | "interval"
+    bin: Mapped[int] = mapped_column(Integer, primary_key=True)  # interval bin; 0 for top
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    context_id: Mapped[int] = mapped_column(Integer)
+    max_act: Mapped[float] = mapped_column(Float)  # exact
+    max_pos: Mapped[int] = mapped_column(Integer)
+    acts: Mapped[bytes] = mapped_column(LargeBinary)  # see pack_acts
+
+
+class TokenFeatureRow(Base):
+    """Which features fire most on a vocabulary token (search by token)."""
+
+    __tablename__ = "token_features"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer)
+    mean_act: Mapped[float] = mapped_column(Float)  # mean activation on this token (zeros included)
+    count: Mapped[int] = mapped_column(Integer)  # firings on this token
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and their search index (labels issue; sae_core.labels.run writes them). Every label a feature
+# was ever given lives in `labels`; `features.label*` holds the current one.
+
+
+class LabelRow(Base):
+    """One label of one feature, machine or human, with how well it predicts the feature firing."""
+
+    __tablename__ = "labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    feature_idx: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(64))  # auto | llm:<model> | human:<who>
+    author: Mapped[str] = mapped_column(String(200))  # person for human edits, else the program
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    precision: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: nothing to score
+    recall: Mapped[float | None] = mapped_column(Float, nullable=True)
+    f1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rule: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # see sae_core.labels.rules
+
+    __table_args__ = (Index("ix_labels_feature", "sae_id", "feature_idx", "id"),)
+
+
+class FeatureEmbeddingRow(Base):
+    """Sentence embedding of a feature's latest label of one kind, for semantic search."""
+
+    __tablename__ = "feature_embeddings"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # auto | llm | human
+    text: Mapped[str] = mapped_column(Text)  # what was embedded; re-embedded when it changes
+    model: Mapped[str] = mapped_column(String(100))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE, unit norm
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PrecomputeStateRow(Base):
+    """The last checkpoint of an unfinished precompute (sae_core.precompute.run); gone once complete."""
+
+    __tablename__ = "precompute_state"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    batches_done: Mapped[int] = mapped_column(Integer)  # corpus batches folded into `state`
+    spill_bytes: Mapped[int] = mapped_column(BigInteger)  # valid length of the activation spill file
+    state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors of the streaming accumulators
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed arrays
+
+
+def pack_tokens(token_ids) -> bytes:
+    return np.asarray(token_ids, dtype="<i4").tobytes()
+
+
+def unpack_tokens(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<i4")
+
+
+def pack_acts(values) -> tuple[bytes, float, int]:
+    """Per-token activations (seq,) -> (blob, max_act exact, max_pos). Zeros are not stored."""
+    values = np.asarray(values, dtype=np.float32)
+    max_pos = int(values.argmax()) if values.size else 0
+    max_act = float(values[max_pos]) if values.size else 0.0
+    positions = np.flatnonzero(values > 0).astype("<u2")
+    if max_act > 0:
+        levels = np.clip(np.rint(values[positions] / max_act * 255), 1, 255).astype("u1")
+    else:
+        levels = np.zeros(0, dtype="u1")
+        positions = positions[:0]
+    header = np.asarray([positions.size], dtype="<u2").tobytes()
+    return header + positions.tobytes() + levels.tobytes(), max_act, max_pos
+
+
+def unpack_acts(blob: bytes, max_act: float, length: int) -> np.ndarray:
+    """Inverse of ``pack_acts``: a dense (length,) float32 array."""
+    n = int(np.frombuffer(blob[:2], dtype="<u2")[0])
+    positions = np.frombuffer(blob[2 : 2 + 2 * n], dtype="<u2")
+    levels = np.frombuffer(blob[2 + 2 * n : 2 + 3 * n], dtype="u1")
+    out = np.zeros(length, dtype=np.float32)
+    out[positions] = levels.astype(np.float32) / 255.0 * max_act
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and schema
+
+
+class StoreError(SaescopeError):
+    """The store cannot be opened or used as asked."""
+
+
+def default_db_url() -> str:
+    """``SAESCOPE_DB_URL`` when set (docker-compose sets it), else ``saescope.db`` in the current folder."""
+    return os.environ.get("SAESCOPE_DB_URL") or "sqlite:///saescope.db"
+
+
+def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
+    """One engine per process. SQLite gets WAL (readers never block the writer) and foreign keys;
+    ``readonly`` opens SQLite read-only so serving can never write by accident."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if readonly:
+            if not Path(path).is_file():
+                raise StoreError(f"no store at {path}; run `saescope precompute` first")
+            engine = sa.create_engine(
+                f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"check_same_thread": False}
+            )
+        else:
+            engine = sa.create_engine(url, connect_args={"check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def alembic_config(connection) -> AlembicConfig:
+    """Alembic configuration that runs the migrations on ``connection`` (no alembic.ini needed)."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the store is at (None for an empty database)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision: creates it on an empty database, upgrades an older
+    one in place, and refuses a store written by a newer saescope (never touching it)."""
+    scripts = ScriptDirectory(str(MIGRATIONS))
+    head = scripts.get_current_head()
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    current = schema_revision(engine)
+    if current is not None and current not in known:
+        raise StoreError(
+            f"the store is at schema revision {current!r}, which this saescope does not know "
+            f"(it knows up to {head!r}); upgrade saescope or use another --db"
+        )
+    if current is None and sa.inspect(engine).has_table("saes"):
+        raise StoreError("the store has saescope tables but no schema revision; move it aside and precompute again")
+    if current == head:
+        return
+    with engine.begin() as conn:
+        alembic_command.upgrade(alembic_config(conn), "head")
