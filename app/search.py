@@ -12,11 +12,12 @@ from typing import NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.queries import SUMMARY_COLUMNS, feature_summary, get_sae_row
+from app.queries import SUMMARY_COLUMNS, feature_summary
 from app.schemas import FeatureSearch, FeaturesPublic
 from app.vocab import get_vocabulary
 from sae_core.store.db import FeatureRow, TokenFeatureRow
 from sae_core.store.label_search import match_labels, query_words
+from sae_core.store.lookup import find_sae
 
 features = FeatureRow.__table__
 token_features = TokenFeatureRow.__table__
@@ -107,7 +108,7 @@ def _matching(
 
 
 def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -> FeaturesPublic:
-    sae = get_sae_row(session=session, sae_name=sae_name)
+    sae = find_sae(session, sae_name)
     dialect = session.get_bind().dialect.name
     token_ids = None
     if search.token:

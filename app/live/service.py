@@ -46,6 +46,7 @@ from sae_core.live.results import (
     Steering,
 )
 from sae_core.store.db import FeatureRow, SaeRow
+from sae_core.store.lookup import find_sae
 
 
 class ModelBackend(Protocol):
@@ -92,7 +93,7 @@ class LiveService:
         """``operation`` on the model side; an unknown SAE is 404 and every refusal an HTTP
         error with its status (and Retry-After when the queue is full)."""
         if not self.is_live(sae_name):
-            queries.get_sae_row(session=session, sae_name=sae_name)  # 404 for an unknown SAE
+            find_sae(session, sae_name)  # 404 for an unknown SAE
             raise HTTPException(
                 503, f"live prompts are off for SAE {sae_name!r}: {self.off_reason(sae_name)}"
             )

@@ -22,15 +22,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from app.deps import SessionDep, SettingsDep
-from app.errors import NotFoundError, UnknownFeatureError
-from app.queries import get_sae_row
+from app.errors import error_answer
 from app.rendering import render
 from app.settings import Settings
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
 from sae_core.labels.run import MAX_LABEL_CHARS, label_history, set_human_label
 from sae_core.labels.search import SearchMode, SearchSort, search_labels
-from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, LabelRow, SaeRow
+from sae_core.store.db import FeatureEmbeddingRow, LabelRow, SaeRow
+from sae_core.store.lookup import find_feature, find_sae
 
 router = APIRouter()
 
@@ -119,9 +119,8 @@ def _record(row: LabelRow) -> LabelRecordPublic:
 
 
 def _feature_sae(session: Session, sae: str, index: int) -> SaeRow:
-    row = get_sae_row(session=session, sae_name=sae)
-    if session.get(FeatureRow, (row.id, index)) is None:
-        raise UnknownFeatureError(sae, index, row.d_sae)
+    row = find_sae(session, sae)
+    find_feature(session, row, index)
     return row
 
 
@@ -181,7 +180,7 @@ def read_label_search(
     sort: SearchSort = "relevance",
     limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
 ) -> LabelSearchPublic:
-    sae_row = get_sae_row(session=session, sae_name=sae)
+    sae_row = find_sae(session, sae)
     result = search_labels(session, sae_id=sae_row.id, query=q, mode=mode, sort=sort, limit=limit)
     hits = [
         SearchHitPublic(
@@ -218,14 +217,7 @@ def put_label_fragment(
         require_write_token(settings, authorization)
         save_human_label(session, sae, index, label=label, author=author)
     except (HTTPException, SaescopeError) as err:
-        status = (
-            err.status_code
-            if isinstance(err, HTTPException)
-            else 404
-            if isinstance(err, NotFoundError)
-            else 422
-        )
-        message = err.detail if isinstance(err, HTTPException) else str(err)
+        status, message, _ = error_answer(err)
         response = render(
             request,
             "_partials/label_edit.html",

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from app import queries
 from app.deps import SessionDep
-from app.errors import NotFoundError
+from app.errors import error_answer
 from app.live.schemas import (
     AttributionPublic,
     AttributionRequest,
@@ -199,12 +199,8 @@ def _fragment(
         return _error_fragment(request, 422, body.message)
     try:
         context["result"] = compute(body)
-    except HTTPException as err:
-        return _error_fragment(request, err.status_code, str(err.detail), err.headers)
-    except NotFoundError as err:
-        return _error_fragment(request, 404, str(err))
-    except SaescopeError as err:
-        return _error_fragment(request, 422, str(err))
+    except (HTTPException, SaescopeError) as err:
+        return _error_fragment(request, *error_answer(err))
     return render(request, template, context)
 
 
