@@ -19,6 +19,17 @@ from sae_core.errors import NotFoundError, SaescopeError
 log = logging.getLogger("saescope.app")
 
 
+class Refused(Exception):
+    """A request the server will not serve as asked, for a reason that is not bad input: no
+    right to write (401, 403), live off or busy (503, with Retry-After), too slow (504)."""
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
 class ErrorAnswer(NamedTuple):
     status: int
     message: str  # one line, for the user
@@ -30,6 +41,8 @@ def error_answer(exc: Exception) -> ErrorAnswer:
     status code, for the handlers below and for fragments that answer errors as a partial."""
     if isinstance(exc, StarletteHTTPException):
         return ErrorAnswer(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    if isinstance(exc, Refused):
+        return ErrorAnswer(exc.status, exc.message, dict(exc.headers))
     if isinstance(exc, RequestValidationError):
         return ErrorAnswer(422, _describe_validation(exc), {})
     if isinstance(exc, NotFoundError):
@@ -70,7 +83,7 @@ def _answer(request: Request, exc: Exception) -> Response:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for handled in (SaescopeError, RequestValidationError, StarletteHTTPException):
+    for handled in (Refused, SaescopeError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(handled, _answer)
 
     @app.exception_handler(Exception)

@@ -5,7 +5,8 @@ The backend is the live model process that ``saescope serve`` starts (``app.live
 shared by every web worker), or, when the settings name none, a ``ModelHost`` loaded inside this
 app (tests, an app embedded in another program). Both answer ``call(operation, sae, **params)``
 with plain results or a ``LiveRefused``; this module imports no torch either way.
-``app.routes.live`` reaches it through ``app.state.live``.
+``app.routes.live`` reaches it through ``app.deps.LiveDep`` (``app.state.live``; None when live
+is switched off).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from fastapi import HTTPException
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import queries
@@ -60,6 +60,26 @@ class ModelBackend(Protocol):
     def close(self) -> None: ...
 
 
+LIVE_OFF = (
+    "live prompts are off on this server; start it with `saescope serve --live` "
+    "(SAESCOPE_LIVE=true) where the SAE's model can be loaded"
+)
+
+
+def require_live(service: LiveService | None) -> LiveService:
+    """The app's live service; LiveRefused (503) when the server runs without one."""
+    if service is None:
+        raise LiveRefused(503, LIVE_OFF)
+    return service
+
+
+def live_off_reason(service: LiveService | None, sae_name: str) -> str | None:
+    """Why live prompts are off for ``sae_name`` on this server, or None when they are on."""
+    if service is None:
+        return LIVE_OFF
+    return None if service.is_live(sae_name) else service.off_reason(sae_name)
+
+
 class LiveService:
     def __init__(self, *, backend: ModelBackend, settings: Settings):
         self.backend = backend
@@ -90,20 +110,14 @@ class LiveService:
         )
 
     def call(self, session: Session, operation: str, sae_name: str, **params) -> Any:
-        """``operation`` on the model side; an unknown SAE is 404 and every refusal an HTTP
-        error with its status (and Retry-After when the queue is full)."""
+        """``operation`` on the model side; an unknown SAE is a NotFoundError and every refusal
+        a LiveRefused with its status (and Retry-After when the queue is full)."""
         if not self.is_live(sae_name):
             find_sae(session, sae_name)  # 404 for an unknown SAE
-            raise HTTPException(
+            raise LiveRefused(
                 503, f"live prompts are off for SAE {sae_name!r}: {self.off_reason(sae_name)}"
             )
-        try:
-            return self.backend.call(operation, sae_name, **params)
-        except LiveRefused as err:
-            headers = (
-                {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-            )
-            raise HTTPException(err.status, err.message, headers=headers) from None
+        return self.backend.call(operation, sae_name, **params)
 
     # -- data functions: one per endpoint, shared by its page fragment ---------------------
 

@@ -7,7 +7,7 @@ keeps latency predictable. When the queue is full a new job is refused at once (
 that times out while still queued is cancelled; one already running finishes and its result is
 dropped (a forward pass cannot be interrupted), which the job-length limits keep short.
 
-Nothing here imports torch or knows HTTP.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple, TypeVar
 
+from app.errors import Refused
 from sae_core.errors import SaescopeError
 
 T = TypeVar("T")
@@ -30,15 +31,14 @@ T = TypeVar("T")
 DURATION_SMOOTHING = 0.2
 
 
-class LiveRefused(Exception):
+class LiveRefused(Refused):
     """A live request the model side will not or cannot serve, with the HTTP status that says
     why (413 prompt too long, 422 bad request, 503 busy or off, 504 too slow). It crosses the
-    process boundary as plain values, and the web side turns it into an HTTP error."""
+    process boundary as plain values; ``app.errors`` answers it, with Retry-After when set."""
 
     def __init__(self, status: int, message: str, *, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        retry = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+        super().__init__(status, message, headers=retry)
         self.retry_after_s = retry_after_s
 
 
