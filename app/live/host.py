@@ -1,7 +1,8 @@
 """The model side of live prompts: the store's SAEs whose model loaded, and one model worker.
 
-``ModelHost.call(op, sae, **params)`` runs one live operation and returns the plain
-``sae_core`` result (lists, floats and named tuples, so it pickles across processes). It runs in
+``ModelHost.call(op)`` runs one live operation, a typed request of ``sae_core.live.requests``
+chosen by its type, and returns the plain ``sae_core`` result (lists, floats and named tuples,
+so it pickles across processes). It runs in
 the live model process that ``saescope serve`` starts (``app.live.remote``), or inside the app
 when no such process is given (tests, an embedded app). Web workers never import this module:
 it imports torch.
@@ -35,7 +36,8 @@ from sae_core.errors import SaescopeError
 from sae_core.inputs.subject import Subject, load_subject
 from sae_core.live import probe as live
 from sae_core.live.attribution import Attribution, Target, attribution
-from sae_core.live.steering import Generation, SteerFeature, Steering, steer
+from sae_core.live.requests import ActivationsOp, AttributionOp, FeatureOnTextOp, LiveOp, SteerOp
+from sae_core.live.steering import Steering, steer
 from sae_core.saes.sae import SAE, load_sae
 from sae_core.store.db import SaeRow, SubjectModelRow
 
@@ -73,11 +75,11 @@ class ModelHost:
         self.worker = LiveWorker(queue_size=settings.live_queue_size).start()
         # Request threads tokenise, and fast tokenizers are not re-entrant.
         self._tokenizer_lock = threading.Lock()
-        self._operations: dict[str, Callable[..., Any]] = {
-            "activations": self._activations,
-            "feature_on_text": self._feature_on_text,
-            "attribution": self._attribution,
-            "steer": self._steer,
+        self._operations: dict[type, Callable[[LiveSae, Any], Any]] = {
+            ActivationsOp: self._activations,
+            FeatureOnTextOp: self._feature_on_text,
+            AttributionOp: self._attribution,
+            SteerOp: self._steer,
         }
 
     @classmethod
@@ -115,14 +117,14 @@ class ModelHost:
     def close(self) -> None:
         self.worker.stop()
 
-    def call(self, operation: str, sae_name: str, **params) -> Any:
-        """Run ``operation`` on ``sae_name``'s model; a LiveRefused says why it cannot."""
-        target = self.saes.get(sae_name)
+    def call(self, op: LiveOp) -> Any:
+        """Run ``op`` on its SAE's model; a LiveRefused says why it cannot."""
+        target = self.saes.get(op.sae)
         if target is None:
-            reason = self.unavailable.get(sae_name, "it is not in the store the model side read")
-            raise LiveRefused(503, f"live prompts are off for SAE {sae_name!r}: {reason}")
+            reason = self.unavailable.get(op.sae, "it is not in the store the model side read")
+            raise LiveRefused(503, f"live prompts are off for SAE {op.sae!r}: {reason}")
         try:
-            return self._operations[operation](target, **params)
+            return self._operations[type(op)](target, op)
         except live.PromptTooLong as err:
             raise LiveRefused(413, f"{err} (max_prompt_tokens)") from None
         except SaescopeError as err:  # a bad feature index, a target that is not one token ...
@@ -168,55 +170,25 @@ class ModelHost:
 
     # -- operations -------------------------------------------------------------------------
 
-    def _activations(
-        self, target: LiveSae, *, text: str, per_token: int, top: int
-    ) -> live.PromptActivations:
-        prompt = self._encode(target, text)
-        return self._run(live.activations, target, prompt, per_token=per_token, top=top)
+    def _activations(self, target: LiveSae, op: ActivationsOp) -> live.PromptActivations:
+        prompt = self._encode(target, op.text)
+        return self._run(live.activations, target, prompt, per_token=op.per_token, top=op.top)
 
-    def _feature_on_text(self, target: LiveSae, *, index: int, text: str) -> live.FeatureOnText:
-        prompt = self._encode(target, text)
-        return self._run(live.feature_activations, target, prompt, index)
+    def _feature_on_text(self, target: LiveSae, op: FeatureOnTextOp) -> live.FeatureOnText:
+        prompt = self._encode(target, op.text)
+        return self._run(live.feature_activations, target, prompt, op.index)
 
-    def _attribution(
-        self,
-        target: LiveSae,
-        *,
-        text: str,
-        position: int | None,
-        token: str | None,
-        token_id: int | None,
-        contrast: str | None,
-        contrast_id: int | None,
-        top: int,
-    ) -> Attribution:
-        prompt = self._encode(target, text)
+    def _attribution(self, target: LiveSae, op: AttributionOp) -> Attribution:
+        prompt = self._encode(target, op.text)
         spec = Target(
-            position=position,
-            token=self._token_id(target, token, token_id),
-            contrast=self._token_id(target, contrast, contrast_id),
+            position=op.position,
+            token=self._token_id(target, op.token, op.token_id),
+            contrast=self._token_id(target, op.contrast, op.contrast_id),
         )
-        return self._run(attribution, target, prompt, spec, top=top)
+        return self._run(attribution, target, prompt, spec, top=op.top)
 
-    def _steer(
-        self,
-        target: LiveSae,
-        *,
-        text: str,
-        chat: bool,
-        features: list[tuple[int, float]],
-        mode: str,
-        max_new_tokens: int,
-        temperature: float,
-        seed: int,
-    ) -> Steering:
-        prompt = self._encode(target, text, chat=chat)
-        generation = Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    def _steer(self, target: LiveSae, op: SteerOp) -> Steering:
+        prompt = self._encode(target, op.text, chat=op.chat)
         return self._run(
-            steer,
-            target,
-            prompt,
-            [SteerFeature(index, strength) for index, strength in features],
-            mode=mode,
-            generation=generation,
+            steer, target, prompt, list(op.features), mode=op.mode, generation=op.generation
         )
