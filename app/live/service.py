@@ -163,9 +163,9 @@ class LiveService:
     def feature_on_text(
         self, *, session: Session, sae_name: str, index: int, text: str
     ) -> FeatureOnTextPublic:
-        summary = queries.get_feature_summary(session=session, sae_name=sae_name, index=index)
         op = FeatureOnTextOp(sae=sae_name, index=index, text=text)
-        result: FeatureOnText = self.call(session, op)
+        result: FeatureOnText = self.call(session, op)  # admission first: no store work before
+        summary = queries.get_feature_summary(session=session, sae_name=sae_name, index=index)
         return FeatureOnTextPublic(
             sae=sae_name,
             index=index,

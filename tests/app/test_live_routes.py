@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from app import queries
 from app.main import create_app
 from app.settings import Settings
 from sae_core.inputs.subject import load_subject
@@ -113,6 +114,31 @@ def test_full_queue_is_503_with_retry_after_at_once_and_browsing_still_works(cli
         assert client.get(f"/saes/{SAE}").status_code == 200
         assert client.get(f"/saes/{SAE}/prompt").status_code == 200
         assert client.get(f"/api/v1/saes/{SAE}/features/1").status_code == 200
+
+
+def test_a_refused_request_is_refused_before_any_work(client, monkeypatch):
+    """Admission comes first: with every place in the queue held, no request is tokenised or
+    reads the store before its 503."""
+    backend = client.app.state.live.backend
+    work = []
+    monkeypatch.setattr(backend, "_encode", lambda *args, **kwargs: work.append("tokenise"))
+    monkeypatch.setattr(
+        queries, "get_feature_summary", lambda **kwargs: work.append("read the store")
+    )
+    requests = [
+        ("activations", {"text": TEXT}),
+        ("features/1/activations", {"text": TEXT}),
+        ("attribution", {"text": TEXT, "token": " Paris"}),
+        ("steer", {"text": TEXT, "features": [{"index": 1, "strength": 4}]}),
+    ]
+    with worker_held(client):
+        for _ in range(4):  # the four places of the queue
+            backend.worker.submit(lambda: None)
+        for path, body in requests:
+            response = client.post(f"/api/v1/saes/{SAE}/{path}", json=body)
+            assert response.status_code == 503, path
+            assert int(response.headers["retry-after"]) >= 1
+    assert work == []
 
 
 def test_a_request_past_its_time_limit_is_504(store_url, llama_dir):
