@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.errors import Refused
+from app.labels.query_embeddings import QueryEmbedder
 from app.labels.schemas import (
     LabelHistoryPublic,
     LabelRecordPublic,
@@ -90,10 +91,19 @@ def search_labels(
     mode: label_search.SearchMode,
     sort: label_search.SearchSort,
     limit: int,
+    embedder: QueryEmbedder | None,
 ) -> LabelSearchPublic:
+    """``embedder`` (the app's queued, cached query embedder) is None where the embedding model
+    is not installed: semantic search then falls back to the label text and says so."""
     sae = find_sae(session, sae_name)
     result = label_search.search_labels(
-        session, sae_id=sae.id, query=query, mode=mode, sort=sort, limit=limit
+        session,
+        sae_id=sae.id,
+        query=query,
+        mode=mode,
+        sort=sort,
+        limit=limit,
+        embed_query=embedder.embed if embedder else embeddings.embed_query,
     )
     hits = [
         SearchHitPublic(

@@ -9,13 +9,18 @@ API answers 503 with Retry-After) instead of piling up, and a caller waits at mo
 that times out while still queued is cancelled; one already running finishes and its result is
 dropped (a forward pass cannot be interrupted), which the job-length limits keep short.
 
+Semantic search embeds its queries on a worker of its own (``app.labels.query_embeddings``),
+with the same queue and refusal.
+
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +71,16 @@ class WorkerTimeout(Exception):
 
 class WorkerStopped(Exception):
     """The worker has shut down (the server is stopping)."""
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Add ``niceness`` to the calling thread's (Linux sets it per thread; threads it starts
+    later, such as a math library's pool, inherit it). Elsewhere, where it would lower the
+    whole process, it does nothing."""
+    if sys.platform == "linux":
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(current + niceness, 19))
 
 
 class _Job(NamedTuple):
@@ -124,9 +139,10 @@ class LiveWorker:
     """Runs submitted callables one at a time on a single daemon thread. At most ``queue_size``
     requests hold a place (admitted, not yet started); more are refused at ``admit``."""
 
-    def __init__(self, *, queue_size: int, name: str = "saescope-live"):
+    def __init__(self, *, queue_size: int, name: str = "saescope-live", niceness: int = 0):
+        self._niceness = niceness
         self._queue: queue.Queue[_Job | None] = queue.Queue()  # admission bounds it
-        self._queue_size = queue_size
+        self.queue_size = queue_size
         self._waiting = 0  # places held: admitted requests whose job has not started
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -153,7 +169,7 @@ class LiveWorker:
         with self._lock:
             if self._stopped.is_set():
                 raise WorkerStopped("the live worker has stopped")
-            if self._waiting >= self._queue_size:
+            if self._waiting >= self.queue_size:
                 raise WorkerBusy(self._retry_after_s(self._waiting))
             self._waiting += 1
         return Place(self)
@@ -179,6 +195,8 @@ class LiveWorker:
         return max(1, math.ceil((waiting + 1) * self._mean_duration_s))
 
     def _serve(self) -> None:
+        if self._niceness:
+            lower_thread_priority(self._niceness)
         while True:
             job = self._queue.get()
             if job is None:

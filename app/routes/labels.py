@@ -13,23 +13,48 @@ form into the header.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Header, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Form, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from app.deps import SessionDep, SettingsDep
+from app.deps import QueryEmbedderDep, SessionDep, SettingsDep
 from app.errors import Refused, error_answer
 from app.labels import service
+from app.labels.query_embeddings import QueryEmbedder
 from app.labels.schemas import LabelEdit, LabelHistoryPublic, LabelRecordPublic, LabelSearchPublic
 from app.rendering import render
 from sae_core.errors import SaescopeError
+from sae_core.labels import embeddings
 from sae_core.labels.search import SearchMode, SearchSort
 
 router = APIRouter()
 
 FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
 MAX_SEARCH_RESULTS = 100  # one page of hits; semantic search ranks all features anyway
+# Labels are a few words; 200 characters (as for the feature list's search) bound the CPU one
+# uncached query costs the embedding model.
+MAX_SEARCH_CHARS = 200
+SEARCH_ERRORS = {
+    503: {"description": "Semantic search's queue is full (see Retry-After)"},
+    504: {"description": "The query was not embedded within search_timeout_s"},
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start semantic search's query embedder where the embedding model is installed."""
+    embedder = None
+    if embeddings.embedder_available():
+        embedder = QueryEmbedder(settings=app.state.settings)
+    app.state.query_embedder = embedder
+    try:
+        yield
+    finally:
+        if embedder is not None:
+            embedder.close()
 
 
 @router.put(
@@ -59,21 +84,29 @@ def read_label_history(sae: str, index: FeatureIndex, session: SessionDep) -> La
 
 
 @router.get(
-    "/api/v1/saes/{sae}/search", tags=["labels"], summary="Find features by what their labels mean"
+    "/api/v1/saes/{sae}/search",
+    tags=["labels"],
+    responses=SEARCH_ERRORS,
+    summary="Find features by what their labels mean",
 )
 def read_label_search(
     sae: str,
     session: SessionDep,
+    embedder: QueryEmbedderDep,
     q: Annotated[
         str,
-        Query(min_length=1, max_length=500, description="What to look for, e.g. 'French cities'."),
+        Query(
+            min_length=1,
+            max_length=MAX_SEARCH_CHARS,
+            description="What to look for, e.g. 'French cities'.",
+        ),
     ],
     mode: SearchMode = "semantic",
     sort: SearchSort = "relevance",
     limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
 ) -> LabelSearchPublic:
     return service.search_labels(
-        session=session, sae_name=sae, query=q, mode=mode, sort=sort, limit=limit
+        session=session, sae_name=sae, query=q, mode=mode, sort=sort, limit=limit, embedder=embedder
     )
 
 

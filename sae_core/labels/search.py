@@ -7,8 +7,10 @@ relevance or by the label's held-out F1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -95,11 +97,14 @@ def search_labels(
     mode: SearchMode = "semantic",
     sort: SearchSort = "relevance",
     limit: int = 20,
+    embed_query: Callable[[str], np.ndarray] = embeddings.embed_query,
 ) -> SearchResult:
-    """The ``limit`` features whose labels best match ``query``."""
+    """The ``limit`` features whose labels best match ``query``. ``embed_query`` gives a query's
+    unit vector: by default the embedding model runs here; the server passes its queued, cached
+    embedder (``app.labels.query_embeddings``)."""
     note = _semantic_unavailable(session, sae_id) if mode == "semantic" else None
     if mode == "semantic" and note is None:
-        vector = embeddings.load_embedder().embed([query])[0]  # (EMBED_DIM,)
+        vector = embed_query(query)  # (EMBED_DIM,)
         hits = _hits(
             session, sae_id, embeddings.embedding_matrix(session, sae_id).nearest(vector, limit)
         )
