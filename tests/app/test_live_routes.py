@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -60,19 +61,24 @@ def direct(store_url, llama_dir):
 
 @contextmanager
 def worker_held(client: TestClient) -> Iterator[None]:
-    """Keep the model worker busy until the block ends."""
+    """Keep the model worker busy until the block ends; the jobs queued meanwhile have left the
+    queue when it returns."""
     started, release = threading.Event(), threading.Event()
 
     def hold():
         started.set()
         release.wait(30)
 
-    client.app.state.live.backend.worker.submit(hold)
+    worker = client.app.state.live.backend.worker
+    worker.submit(hold)
     assert started.wait(10)
     try:
         yield
     finally:
         release.set()
+        deadline = time.monotonic() + 10
+        while worker.queued and time.monotonic() < deadline:  # what the block queued drains
+            time.sleep(0.01)
 
 
 def test_activations_endpoint_equals_the_direct_computation_with_store_labels(client, direct):
