@@ -49,7 +49,9 @@ def _text_matches(
     stmt = sa.select(features.c.idx).select_from(features).where(features.c.sae_id == sae_id)
     dialect = session.get_bind().dialect.name
     stmt, relevance = match_labels(stmt, words, dialect, every_word=False, ranked=True)
-    ranked = stmt.add_columns(relevance).order_by(relevance.desc(), features.c.idx).limit(limit)
+    # Equal ranks keep the index's order, as they always have (an order by feature index would
+    # change which of many equal labels fill the page).
+    ranked = stmt.add_columns(relevance).order_by(relevance.desc()).limit(limit)
     return [(int(idx), float(rank)) for idx, rank in session.execute(ranked)]
 
 
