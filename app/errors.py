@@ -7,29 +7,49 @@ ever shows a traceback: unexpected errors are logged and answered with a generic
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sae_core.errors import SaescopeError
+from sae_core.errors import NotFoundError, SaescopeError
 
 log = logging.getLogger("saescope.app")
 
 
-class NotFoundError(SaescopeError):
-    """Something the URL names does not exist in the store."""
+class Refused(Exception):
+    """A request the server will not serve as asked, for a reason that is not bad input: no
+    right to write (401, 403), live off or busy (503, with Retry-After), too slow (504)."""
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
 
 
-class UnknownSaeError(NotFoundError):
-    def __init__(self, name: str):
-        super().__init__(f"no SAE named {name!r} in this store; see /api/v1/saes for the list")
+class ErrorAnswer(NamedTuple):
+    status: int
+    message: str  # one line, for the user
+    headers: dict[str, str]
 
 
-class UnknownFeatureError(NotFoundError):
-    def __init__(self, sae: str, index: int, d_sae: int):
-        super().__init__(f"SAE {sae!r} has no feature {index}; its features are 0..{d_sae - 1}")
+def error_answer(exc: Exception) -> ErrorAnswer:
+    """The HTTP answer to an error a request ended in: the one place an error type becomes a
+    status code, for the handlers below and for fragments that answer errors as a partial."""
+    if isinstance(exc, StarletteHTTPException):
+        return ErrorAnswer(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    if isinstance(exc, Refused):
+        return ErrorAnswer(exc.status, exc.message, dict(exc.headers))
+    if isinstance(exc, RequestValidationError):
+        return ErrorAnswer(422, _describe_validation(exc), {})
+    if isinstance(exc, NotFoundError):
+        return ErrorAnswer(404, str(exc), {})
+    if isinstance(exc, SaescopeError):
+        return ErrorAnswer(422, str(exc), {})
+    raise TypeError(f"no HTTP answer for {type(exc).__name__}") from exc
 
 
 def _wants_json(request: Request) -> bool:
@@ -55,25 +75,16 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _answer(request: Request, exc: Exception) -> Response:
+    status, message, headers = error_answer(exc)
+    response = _respond(request, status, message)
+    response.headers.update(headers)
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(NotFoundError)
-    def _not_found(request: Request, exc: NotFoundError) -> Response:
-        return _respond(request, 404, str(exc))
-
-    @app.exception_handler(SaescopeError)
-    def _user_error(request: Request, exc: SaescopeError) -> Response:
-        return _respond(request, 422, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return _respond(request, 422, _describe_validation(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        response = _respond(request, exc.status_code, str(exc.detail))
-        for name, value in (exc.headers or {}).items():
-            response.headers[name] = value
-        return response
+    for handled in (Refused, SaescopeError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(handled, _answer)
 
     @app.exception_handler(Exception)
     def _unexpected(request: Request, exc: Exception) -> Response:

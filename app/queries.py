@@ -1,7 +1,8 @@
 """Read functions: store rows -> the pydantic models that pages and ``/api/v1`` both return.
 
 Each function takes keyword arguments only, starting with the session, and raises
-``NotFoundError`` for what the URL names but the store lacks. Search lives in ``app.search``.
+``NotFoundError`` for what the URL names but the store lacks (``sae_core.store.lookup`` finds
+SAEs and features). Search lives in ``app.search``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.errors import UnknownFeatureError, UnknownSaeError
 from app.schemas import (
     ExamplePublic,
     ExamplesPublic,
@@ -29,6 +29,7 @@ from app.schemas import (
     TokenValuePublic,
 )
 from app.vocab import Vocabulary, get_vocabulary
+from sae_core.errors import NotFoundError
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -38,6 +39,7 @@ from sae_core.store.db import (
     unpack_acts,
     unpack_tokens,
 )
+from sae_core.store.lookup import check_feature_index, find_feature, find_sae
 
 # A "dense" feature fires on more than 10% of tokens, as in the SAE literature.
 DENSE_THRESHOLD = 0.1
@@ -123,18 +125,8 @@ def list_saes(*, session: Session) -> SaesPublic:
     return SaesPublic(data=data, count=len(data))
 
 
-def get_sae_row(*, session: Session, sae_name: str) -> SaeRow:
-    """The store row of an SAE (for code that reads more than ``SaePublic`` holds)."""
-    row = session.scalars(
-        sa.select(SaeRow).where(SaeRow.name == sae_name, SaeRow.status == "complete")
-    ).one_or_none()
-    if row is None:
-        raise UnknownSaeError(sae_name)
-    return row
-
-
 def get_sae(*, session: Session, sae_name: str) -> SaePublic:
-    row = get_sae_row(session=session, sae_name=sae_name)
+    row = find_sae(session, sae_name)
     model_name = session.scalar(
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
@@ -221,7 +213,7 @@ def list_examples(
     limit: int = 20,
 ) -> ExamplesPublic:
     """One kind of a feature's examples (one interval bin when ``bin`` is given), paginated."""
-    sae = get_sae_row(session=session, sae_name=sae_name)
+    sae = find_sae(session, sae_name)
     _summary(session, sae, index)  # 404 for a feature the SAE lacks
     rows = [r for r in _example_rows(session, sae.id, index, kind) if bin is None or r.bin == bin]
     return ExamplesPublic(
@@ -231,13 +223,6 @@ def list_examples(
 
 # ---------------------------------------------------------------------------------------------
 # Features
-
-
-def _feature_row(session: Session, sae: SaeRow, index: int) -> FeatureRow:
-    row = session.get(FeatureRow, (sae.id, index)) if 0 <= index < sae.d_sae else None
-    if row is None:
-        raise UnknownFeatureError(sae.name, index, sae.d_sae)
-    return row
 
 
 # The columns a feature list shows: everything but the per-feature JSON, which rows of a list
@@ -270,19 +255,17 @@ def feature_summary(values: Mapping[str, Any]) -> FeatureSummaryPublic:
 
 
 def _summary(session: Session, sae: SaeRow, index: int) -> FeatureSummaryPublic:
-    values = None
-    if 0 <= index < sae.d_sae:
-        values = (
-            session.execute(
-                sa.select(*SUMMARY_COLUMNS).where(
-                    FeatureRow.sae_id == sae.id, FeatureRow.idx == index
-                )
+    values = (
+        session.execute(
+            sa.select(*SUMMARY_COLUMNS).where(
+                FeatureRow.sae_id == sae.id, FeatureRow.idx == check_feature_index(sae, index)
             )
-            .mappings()
-            .first()
         )
+        .mappings()
+        .first()
+    )
     if values is None:
-        raise UnknownFeatureError(sae.name, index, sae.d_sae)
+        raise NotFoundError.feature(sae.name, index, sae.d_sae)
     return feature_summary(values)
 
 
@@ -371,8 +354,8 @@ def get_feature(
 ) -> FeaturePublic:
     """Everything a feature page shows. ``top_limit`` / ``interval_limit`` (per bin) cap the
     examples returned (None: all of them); pages fetch the rest as fragments."""
-    sae = get_sae_row(session=session, sae_name=sae_name)
-    row = _feature_row(session, sae, index)
+    sae = find_sae(session, sae_name)
+    row = find_feature(session, sae, index)
     vocab = get_vocabulary(session, sae.model_id)
     example_rows = _example_rows(session, sae.id, index)
     top_rows = [r for r in example_rows if r.kind == "top"]
@@ -411,12 +394,12 @@ def get_feature(
 
 
 def get_feature_summary(*, session: Session, sae_name: str, index: int) -> FeatureSummaryPublic:
-    sae = get_sae_row(session=session, sae_name=sae_name)
+    sae = find_sae(session, sae_name)
     return _summary(session, sae, index)
 
 
 def get_feature_preview(*, session: Session, sae_name: str, index: int) -> FeaturePreviewPublic:
-    sae = get_sae_row(session=session, sae_name=sae_name)
+    sae = find_sae(session, sae_name)
     summary = _summary(session, sae, index)
     rows = _example_rows(session, sae.id, index, "top", limit=PREVIEW_EXAMPLES)
     return FeaturePreviewPublic(

@@ -1,71 +1,38 @@
 """Feature search: label full text, features that fire on a token, filters, sorting, paging.
 
-Label text goes through the store's full-text index: SQLite FTS5 (``features_fts``, joined on
-rowid) or the Postgres GIN index on ``to_tsvector('simple', coalesce(label, ''))``. The user's
-text is reduced to its words (``\\w+``), each quoted, the last one as a prefix so results follow
-typing; no character of the query can reach the FTS syntax. A query with no word characters
-(e.g. ``(``) falls back to a case-insensitive substring match.
+Label text goes through the store's full-text index (``sae_core.store.label_search``): every
+word must match, the last one as a prefix so results follow typing. A query with no word
+characters (e.g. ``(``) falls back to a case-insensitive substring match.
 """
 
 from __future__ import annotations
 
-import re
 from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.queries import SUMMARY_COLUMNS, feature_summary, get_sae_row
+from app.queries import SUMMARY_COLUMNS, feature_summary
 from app.schemas import FeatureSearch, FeaturesPublic
 from app.vocab import get_vocabulary
 from sae_core.store.db import FeatureRow, TokenFeatureRow
-
-MAX_QUERY_WORDS = 16  # labels are a few words; more terms only slow the index down
+from sae_core.store.label_search import match_labels, query_words
+from sae_core.store.lookup import find_sae
 
 features = FeatureRow.__table__
 token_features = TokenFeatureRow.__table__
-fts5 = sa.table("features_fts", sa.column("rowid"), sa.column("rank"), sa.column("features_fts"))
-POSTGRES_LABEL_TSV = sa.literal_column("to_tsvector('simple', coalesce(features.label, ''))")
-
-
-def query_words(q: str) -> list[str]:
-    return re.findall(r"\w+", q)[:MAX_QUERY_WORDS]
-
-
-def fts5_query(words: list[str]) -> str:
-    """['capital', 'fra'] -> '"capital" "fra"*' (every word required, the last as a prefix)."""
-    return " ".join(f'"{w}"' for w in words) + "*"
-
-
-def tsquery(words: list[str]) -> str:
-    """['capital', 'fra'] -> 'capital & fra:*' (the words are \\w+ only, so nothing to escape)."""
-    return " & ".join(words) + ":*"
 
 
 def _label_match(
     stmt: sa.Select, q: str, dialect: str, *, ranked: bool
 ) -> tuple[sa.Select, sa.ColumnElement | None]:
-    """Restrict ``stmt`` to labels matching ``q``; with ``ranked``, also return a relevance
-    column (higher first). Ranking costs a score per match, so counting goes without it."""
+    """Restrict ``stmt`` to labels holding every word of ``q`` (the last as a prefix, so results
+    follow typing); with ``ranked``, also return a relevance column (higher first)."""
     words = query_words(q)
     if not words:
         contained = sa.func.lower(features.c.label).contains(q.strip().lower(), autoescape=True)
         return stmt.where(contained), None
-    if dialect == "sqlite":
-        # LIMIT -1 keeps SQLite from flattening the subquery into the join: the FTS match then
-        # runs once, first, instead of once per feature of the SAE (~200x slower at 1k features).
-        columns = [fts5.c.rowid.label("rid")] + ([fts5.c.rank.label("rank")] if ranked else [])
-        matches = (
-            sa.select(*columns)
-            .where(fts5.c.features_fts.op("MATCH")(fts5_query(words)))
-            .limit(-1)
-            .subquery("label_matches")
-        )
-        stmt = stmt.join(matches, matches.c.rid == sa.literal_column("features.rowid"))
-        return stmt, -matches.c.rank if ranked else None  # FTS5 rank is bm25, lower is better
-    query = sa.func.to_tsquery(sa.literal_column("'simple'"), tsquery(words))
-    relevance = sa.func.ts_rank(POSTGRES_LABEL_TSV, query) if ranked else None
-    return stmt.where(POSTGRES_LABEL_TSV.op("@@")(query)), relevance
+    return match_labels(stmt, words, dialect, every_word=True, ranked=ranked)
 
 
 def _token_match(
@@ -141,7 +108,7 @@ def _matching(
 
 
 def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -> FeaturesPublic:
-    sae = get_sae_row(session=session, sae_name=sae_name)
+    sae = find_sae(session, sae_name)
     dialect = session.get_bind().dialect.name
     token_ids = None
     if search.token:

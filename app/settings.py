@@ -63,6 +63,19 @@ class Settings(BaseSettings):
         description="Longest a live request waits for its answer (queue included) before a 504; "
         "a full queue of steering jobs on a CPU fits in it.",
     )
+    search_queue_size: int = Field(
+        default=4,
+        ge=1,
+        description="Semantic searches that may wait for the query embedding model; more get 503 "
+        "with Retry-After at once. An uncached query embeds in tens of milliseconds on a CPU; "
+        "repeated queries come from a cache and never wait.",
+    )
+    search_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest a semantic search waits for its query embedding (queue included) "
+        "before a 504; the first search also loads the embedding model (a few seconds).",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface to listen on; loopback by default, so nothing is exposed by accident.",

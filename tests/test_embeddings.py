@@ -41,11 +41,11 @@ def embedder():
     return embeddings.load_embedder()
 
 
-def _write_labelled_store(url: str) -> int:
+def write_labelled_store(url: str) -> int:
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        sae = add_bare_sae(session, "s", len(LABELS), vocab_size=4)
+        sae = add_bare_sae(session, "s", len(LABELS), vocab_size=4, status="complete")
         for idx, (label, f1) in enumerate(LABELS):
             feature = FeatureRow(sae_id=sae.id, idx=idx, count=1)
             session.add(feature)
@@ -65,7 +65,7 @@ def _write_labelled_store(url: str) -> int:
 @pytest.fixture
 def store(tmp_path, embedder):
     url = f"sqlite:///{tmp_path}/store.db"
-    sae_id = _write_labelled_store(url)
+    sae_id = write_labelled_store(url)
     engine = create_engine_for(url)
     with Session(engine) as session:
         assert embeddings.sync_embeddings(session, sae_id, embedder, progress=False) == len(LABELS)
@@ -134,7 +134,7 @@ def test_without_the_model_search_falls_back_to_words(store, monkeypatch):
 
 def test_without_embeddings_in_the_store_search_says_so(tmp_path):
     url = f"sqlite:///{tmp_path}/bare.db"
-    sae_id = _write_labelled_store(url)
+    sae_id = write_labelled_store(url)
     engine = create_engine_for(url)
     with Session(engine) as session:
         result = search_labels(session, sae_id=sae_id, query="Munich", mode="semantic")
@@ -145,7 +145,7 @@ def test_without_embeddings_in_the_store_search_says_so(tmp_path):
 
 @pytest.mark.postgres
 def test_semantic_search_on_postgres(pg_schema, embedder):
-    sae_id = _write_labelled_store(pg_schema)
+    sae_id = write_labelled_store(pg_schema)
     engine = create_engine_for(pg_schema)
     with Session(engine) as session:
         embeddings.sync_embeddings(session, sae_id, embedder, progress=False)

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.cli import main
+from sae_core.errors import NotFoundError
 from sae_core.labels import run as labels
 from sae_core.labels.evidence import Example, split_examples
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
@@ -291,7 +292,7 @@ def test_human_label_is_validated(fresh):
         sae = get_sae(session, store.sae_name)
         with pytest.raises(LabelError, match="author"):
             set_human_label(session, sae=sae, idx=PARIS, label="x", author=" ")
-        with pytest.raises(LabelError, match="no feature 99"):
+        with pytest.raises(NotFoundError, match="no feature 99"):
             set_human_label(session, sae=sae, idx=99, label="x", author="ada")
 
 

@@ -1,13 +1,15 @@
 """The model side of live prompts: the store's SAEs whose model loaded, and one model worker.
 
-``ModelHost.call(op, sae, **params)`` runs one live operation and returns the plain
-``sae_core`` result (lists, floats and named tuples, so it pickles across processes). It runs in
+``ModelHost.call(op)`` runs one live operation, a typed request of ``sae_core.live.requests``
+chosen by its type, and returns the plain ``sae_core`` result (lists, floats and named tuples,
+so it pickles across processes). It runs in
 the live model process that ``saescope serve`` starts (``app.live.remote``), or inside the app
 when no such process is given (tests, an embedded app). Web workers never import this module:
 it imports torch.
 
-Prompts are tokenised on the calling thread, so an overlong one is refused (413) before it takes
-a queue slot; only model work goes to the worker. Every refusal is a ``LiveRefused`` with its
+A request takes its place in the model's queue before anything else, so under overload the 503
+comes at once; it is then tokenised on the calling thread (an overlong prompt is 413) and only
+model work goes to the worker. Every refusal is a ``LiveRefused`` with its
 HTTP status, whatever the transport.
 """
 
@@ -17,12 +19,14 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
 
+from app.errors import error_answer
 from app.live.worker import (
     LiveRefused,
     LiveUnavailableError,
@@ -31,16 +35,18 @@ from app.live.worker import (
     WorkerTimeout,
 )
 from app.settings import Settings
-from sae_core.errors import SaescopeError
+from sae_core.errors import NotFoundError, SaescopeError
 from sae_core.inputs.subject import Subject, load_subject
 from sae_core.live import probe as live
 from sae_core.live.attribution import Attribution, Target, attribution
-from sae_core.live.steering import Generation, SteerFeature, Steering, steer
+from sae_core.live.requests import ActivationsOp, AttributionOp, FeatureOnTextOp, LiveOp, SteerOp
+from sae_core.live.steering import Steering, steer
 from sae_core.saes.sae import SAE, load_sae
 from sae_core.store.db import SaeRow, SubjectModelRow
 
 log = logging.getLogger("saescope.live")
 T = TypeVar("T")
+Job = Callable[[], T]  # a prepared request's model work, run on the worker
 
 
 def sae_sources(session: Session) -> list[tuple[str, int, str, str]]:
@@ -62,6 +68,11 @@ class LiveSae:
     subject: Subject
     sae: SAE
 
+    @property
+    def model(self) -> tuple[Subject, SAE, int]:
+        """What every live computation takes first: ``fn(subject, sae, layer, ...)``."""
+        return self.subject, self.sae, self.layer
+
 
 class ModelHost:
     def __init__(
@@ -73,11 +84,11 @@ class ModelHost:
         self.worker = LiveWorker(queue_size=settings.live_queue_size).start()
         # Request threads tokenise, and fast tokenizers are not re-entrant.
         self._tokenizer_lock = threading.Lock()
-        self._operations: dict[str, Callable[..., Any]] = {
-            "activations": self._activations,
-            "feature_on_text": self._feature_on_text,
-            "attribution": self._attribution,
-            "steer": self._steer,
+        self._operations: dict[type, Callable[[LiveSae, Any], Job]] = {
+            ActivationsOp: self._activations,
+            FeatureOnTextOp: self._feature_on_text,
+            AttributionOp: self._attribution,
+            SteerOp: self._steer,
         }
 
     @classmethod
@@ -115,20 +126,37 @@ class ModelHost:
     def close(self) -> None:
         self.worker.stop()
 
-    def call(self, operation: str, sae_name: str, **params) -> Any:
-        """Run ``operation`` on ``sae_name``'s model; a LiveRefused says why it cannot."""
-        target = self.saes.get(sae_name)
+    def call(self, op: LiveOp) -> Any:
+        """Run ``op`` on its SAE's model; a LiveRefused says why it cannot.
+
+        In three steps: a place in the model's queue first, so a refused request costs no work;
+        then the request is prepared on this thread (tokenised, its feature index checked); then
+        the model work runs on the worker, within the server's time limit."""
+        target = self.saes.get(op.sae)
         if target is None:
-            reason = self.unavailable.get(sae_name, "it is not in the store the model side read")
-            raise LiveRefused(503, f"live prompts are off for SAE {sae_name!r}: {reason}")
+            reason = self.unavailable.get(op.sae, "it is not in the store the model side read")
+            raise LiveRefused(503, f"live prompts are off for SAE {op.sae!r}: {reason}")
         try:
-            return self._operations[operation](target, **params)
+            with self.worker.admit() as place:
+                job = self._operations[type(op)](target, op)
+                return place.run(job, timeout_s=self.settings.live_timeout_s)
+        except WorkerBusy as err:
+            raise LiveRefused(
+                503,
+                f"{err}; the server runs one live request at a time",
+                retry_after_s=err.retry_after_s,
+            ) from None
+        except WorkerTimeout as err:
+            raise LiveRefused(
+                504, f"{err} (live_timeout_s); try a shorter prompt or fewer new tokens"
+            ) from None
         except live.PromptTooLong as err:
             raise LiveRefused(413, f"{err} (max_prompt_tokens)") from None
-        except SaescopeError as err:  # a bad feature index, a target that is not one token ...
-            raise LiveRefused(422, str(err)) from None
+        except SaescopeError as err:  # an unknown feature, a target that is not one token ...
+            status, message, _ = error_answer(err)
+            raise LiveRefused(status, message) from None
 
-    # -- plumbing -------------------------------------------------------------------------
+    # -- preparing a request --------------------------------------------------------------
 
     def _encode(self, target: LiveSae, text: str, *, chat: bool = False) -> live.Prompt:
         with self._tokenizer_lock:
@@ -142,81 +170,31 @@ class ModelHost:
         with self._tokenizer_lock:
             return live.single_token_id(target.subject, text)
 
-    def _run(self, fn: Callable[..., T], target: LiveSae, *args, **kwargs) -> T:
-        """``fn(subject, sae, layer, *args, **kwargs)`` on the model worker, within the
-        server's queue and time limits."""
-        try:
-            return self.worker.run(
-                fn,
-                target.subject,
-                target.sae,
-                target.layer,
-                *args,
-                timeout_s=self.settings.live_timeout_s,
-                **kwargs,
-            )
-        except WorkerBusy as err:
-            raise LiveRefused(
-                503,
-                f"{err}; the server runs one live request at a time",
-                retry_after_s=err.retry_after_s,
-            ) from None
-        except WorkerTimeout as err:
-            raise LiveRefused(
-                504, f"{err} (live_timeout_s); try a shorter prompt or fewer new tokens"
-            ) from None
+    # -- operations: each prepares its request and returns the model work, a call of no arguments
 
-    # -- operations -------------------------------------------------------------------------
-
-    def _activations(
-        self, target: LiveSae, *, text: str, per_token: int, top: int
-    ) -> live.PromptActivations:
-        prompt = self._encode(target, text)
-        return self._run(live.activations, target, prompt, per_token=per_token, top=top)
-
-    def _feature_on_text(self, target: LiveSae, *, index: int, text: str) -> live.FeatureOnText:
-        prompt = self._encode(target, text)
-        return self._run(live.feature_activations, target, prompt, index)
-
-    def _attribution(
-        self,
-        target: LiveSae,
-        *,
-        text: str,
-        position: int | None,
-        token: str | None,
-        token_id: int | None,
-        contrast: str | None,
-        contrast_id: int | None,
-        top: int,
-    ) -> Attribution:
-        prompt = self._encode(target, text)
-        spec = Target(
-            position=position,
-            token=self._token_id(target, token, token_id),
-            contrast=self._token_id(target, contrast, contrast_id),
+    def _activations(self, target: LiveSae, op: ActivationsOp) -> Job[live.PromptActivations]:
+        prompt = self._encode(target, op.text)
+        return partial(
+            live.activations, *target.model, prompt, per_token=op.per_token, top=op.top
         )
-        return self._run(attribution, target, prompt, spec, top=top)
 
-    def _steer(
-        self,
-        target: LiveSae,
-        *,
-        text: str,
-        chat: bool,
-        features: list[tuple[int, float]],
-        mode: str,
-        max_new_tokens: int,
-        temperature: float,
-        seed: int,
-    ) -> Steering:
-        prompt = self._encode(target, text, chat=chat)
-        generation = Generation(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        return self._run(
-            steer,
-            target,
-            prompt,
-            [SteerFeature(index, strength) for index, strength in features],
-            mode=mode,
-            generation=generation,
+    def _feature_on_text(self, target: LiveSae, op: FeatureOnTextOp) -> Job[live.FeatureOnText]:
+        if not 0 <= op.index < target.sae.d_sae:  # before tokenising: a 404 costs nothing
+            raise NotFoundError.feature(op.sae, op.index, target.sae.d_sae)
+        prompt = self._encode(target, op.text)
+        return partial(live.feature_activations, *target.model, prompt, op.index)
+
+    def _attribution(self, target: LiveSae, op: AttributionOp) -> Job[Attribution]:
+        prompt = self._encode(target, op.text)
+        spec = Target(
+            position=op.position,
+            token=self._token_id(target, op.token, op.token_id),
+            contrast=self._token_id(target, op.contrast, op.contrast_id),
+        )
+        return partial(attribution, *target.model, prompt, spec, top=op.top)
+
+    def _steer(self, target: LiveSae, op: SteerOp) -> Job[Steering]:
+        prompt = self._encode(target, op.text, chat=op.chat)
+        return partial(
+            steer, *target.model, prompt, list(op.features), mode=op.mode, generation=op.generation
         )

@@ -7,8 +7,9 @@ Each web worker talks to it through ``RemoteModel``, which has the same ``call``
 (``MODEL_NICENESS``), so on a machine with few cores page traffic is served first while a forward
 pass runs.
 
-One connection carries one request: ``("describe",)`` or ``("call", operation, sae, params)``,
-answered by ``("ok", result)`` or ``("refused", status, message, retry_after_s)``. The queue,
+One connection carries one request: ``("describe",)`` or ``("call", op)``, where ``op`` is the
+typed request of ``sae_core.live.requests`` itself, answered by ``("ok", result)`` or
+``("refused", status, message, retry_after_s)``. The queue,
 its 503 and the 504 time limit are the model process's ``LiveWorker``'s, as in one process.
 Messages are pickles, so the socket lives in a folder only this user can open and every
 connection must prove it knows the key stored next to the socket.
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from app.live.worker import LiveRefused, LiveUnavailableError
 from app.settings import Settings
 from sae_core.errors import SaescopeError
+from sae_core.live.requests import LiveOp
 
 if TYPE_CHECKING:
     from app.live.host import ModelHost
@@ -74,8 +76,8 @@ class RemoteModel:
         self.live_saes: frozenset[str] = frozenset(description["saes"])
         self.unavailable: dict[str, str] = description["unavailable"]
 
-    def call(self, operation: str, sae_name: str, **params) -> Any:
-        return self._ask(("call", operation, sae_name, params))
+    def call(self, op: LiveOp) -> Any:
+        return self._ask(("call", op))
 
     def close(self) -> None:
         """Nothing to release: connections last one request; ``saescope serve`` owns the process."""
@@ -134,13 +136,13 @@ def _answer(host: ModelHost, conn: Connection) -> None:
 def _reply(host: ModelHost, message: tuple) -> tuple:
     if message[0] == "describe":
         return "ok", {"saes": sorted(host.saes), "unavailable": host.unavailable}
-    _, operation, sae_name, params = message
+    _, op = message
     try:
-        return "ok", host.call(operation, sae_name, **params)
+        return "ok", host.call(op)
     except LiveRefused as err:
         return "refused", err.status, err.message, err.retry_after_s
     except Exception as err:  # the request fails; the process and its model live on
-        log.exception("live %s on SAE %s failed", operation, sae_name)
+        log.exception("live %s on SAE %s failed", type(op).__name__, op.sae)
         return (
             "refused",
             500,

@@ -3,9 +3,11 @@
 
 The backend is the live model process that ``saescope serve`` starts (``app.live.remote``,
 shared by every web worker), or, when the settings name none, a ``ModelHost`` loaded inside this
-app (tests, an app embedded in another program). Both answer ``call(operation, sae, **params)``
-with plain results or a ``LiveRefused``; this module imports no torch either way.
-``app.routes.live`` reaches it through ``app.state.live``.
+app (tests, an app embedded in another program). Both answer ``call(op)``, a typed request of
+``sae_core.live.requests``, with plain results or a ``LiveRefused``; this module imports no torch
+either way.
+``app.routes.live`` reaches it through ``app.deps.LiveDep`` (``app.state.live``; None when live
+is switched off).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from fastapi import HTTPException
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import queries
@@ -38,14 +39,18 @@ from app.live.schemas import (
 )
 from app.live.worker import LiveRefused
 from app.settings import Settings
+from sae_core.live.requests import ActivationsOp, AttributionOp, FeatureOnTextOp, LiveOp, SteerOp
 from sae_core.live.results import (
     Attribution,
     FeatureOnText,
+    Generation,
     PromptActivations,
     PromptToken,
+    SteerFeature,
     Steering,
 )
 from sae_core.store.db import FeatureRow, SaeRow
+from sae_core.store.lookup import find_sae
 
 
 class ModelBackend(Protocol):
@@ -54,9 +59,29 @@ class ModelBackend(Protocol):
     live_saes: frozenset[str]
     unavailable: dict[str, str]  # SAE name -> why live is off for it
 
-    def call(self, operation: str, sae_name: str, **params) -> Any: ...
+    def call(self, op: LiveOp) -> Any: ...
 
     def close(self) -> None: ...
+
+
+LIVE_OFF = (
+    "live prompts are off on this server; start it with `saescope serve --live` "
+    "(SAESCOPE_LIVE=true) where the SAE's model can be loaded"
+)
+
+
+def require_live(service: LiveService | None) -> LiveService:
+    """The app's live service; LiveRefused (503) when the server runs without one."""
+    if service is None:
+        raise LiveRefused(503, LIVE_OFF)
+    return service
+
+
+def live_off_reason(service: LiveService | None, sae_name: str) -> str | None:
+    """Why live prompts are off for ``sae_name`` on this server, or None when they are on."""
+    if service is None:
+        return LIVE_OFF
+    return None if service.is_live(sae_name) else service.off_reason(sae_name)
 
 
 class LiveService:
@@ -88,35 +113,25 @@ class LiveService:
             sae_name, "it was added after the server started; restart the server"
         )
 
-    def call(self, session: Session, operation: str, sae_name: str, **params) -> Any:
-        """``operation`` on the model side; an unknown SAE is 404 and every refusal an HTTP
-        error with its status (and Retry-After when the queue is full)."""
-        if not self.is_live(sae_name):
-            queries.get_sae_row(session=session, sae_name=sae_name)  # 404 for an unknown SAE
-            raise HTTPException(
-                503, f"live prompts are off for SAE {sae_name!r}: {self.off_reason(sae_name)}"
+    def call(self, session: Session, op: LiveOp) -> Any:
+        """``op`` on the model side; an unknown SAE is a NotFoundError and every refusal a
+        LiveRefused with its status (and Retry-After when the queue is full)."""
+        if not self.is_live(op.sae):
+            find_sae(session, op.sae)  # 404 for an unknown SAE
+            raise LiveRefused(
+                503, f"live prompts are off for SAE {op.sae!r}: {self.off_reason(op.sae)}"
             )
-        try:
-            return self.backend.call(operation, sae_name, **params)
-        except LiveRefused as err:
-            headers = (
-                {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-            )
-            raise HTTPException(err.status, err.message, headers=headers) from None
+        return self.backend.call(op)
 
     # -- data functions: one per endpoint, shared by its page fragment ---------------------
 
     def activations(
         self, *, session: Session, sae_name: str, request: PromptRequest
     ) -> PromptActivationsPublic:
-        result: PromptActivations = self.call(
-            session,
-            "activations",
-            sae_name,
-            text=request.text,
-            per_token=request.per_token,
-            top=request.top,
+        op = ActivationsOp(
+            sae=sae_name, text=request.text, per_token=request.per_token, top=request.top
         )
+        result: PromptActivations = self.call(session, op)
         indices = [r.feature for r in result.ranked] + [
             fv.feature for row in result.top_per_token for fv in row
         ]
@@ -148,10 +163,9 @@ class LiveService:
     def feature_on_text(
         self, *, session: Session, sae_name: str, index: int, text: str
     ) -> FeatureOnTextPublic:
+        op = FeatureOnTextOp(sae=sae_name, index=index, text=text)
+        result: FeatureOnText = self.call(session, op)  # admission first: no store work before
         summary = queries.get_feature_summary(session=session, sae_name=sae_name, index=index)
-        result: FeatureOnText = self.call(
-            session, "feature_on_text", sae_name, index=index, text=text
-        )
         return FeatureOnTextPublic(
             sae=sae_name,
             index=index,
@@ -168,10 +182,8 @@ class LiveService:
     def attribution(
         self, *, session: Session, sae_name: str, request: AttributionRequest
     ) -> AttributionPublic:
-        result: Attribution = self.call(
-            session,
-            "attribution",
-            sae_name,
+        op = AttributionOp(
+            sae=sae_name,
             text=request.text,
             position=request.position,
             token=request.token,
@@ -180,6 +192,7 @@ class LiveService:
             contrast_id=request.contrast_id,
             top=request.top,
         )
+        result: Attribution = self.call(session, op)
         labels = _labels(
             session,
             sae_name,
@@ -221,18 +234,17 @@ class LiveService:
 
     def steer(self, *, session: Session, sae_name: str, request: SteerRequest) -> SteeringPublic:
         max_new_tokens = min(request.max_new_tokens, self.settings.max_new_tokens)
-        result: Steering = self.call(
-            session,
-            "steer",
-            sae_name,
+        op = SteerOp(
+            sae=sae_name,
             text=request.text,
             chat=request.apply_chat_template,
-            features=[(f.index, f.strength) for f in request.features],
+            features=tuple(SteerFeature(f.index, f.strength) for f in request.features),
             mode=request.mode,
-            max_new_tokens=max_new_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
+            generation=Generation(
+                max_new_tokens=max_new_tokens, temperature=request.temperature, seed=request.seed
+            ),
         )
+        result: Steering = self.call(session, op)
         return SteeringPublic(
             sae=sae_name,
             prompt_text=result.prompt_text,

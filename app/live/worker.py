@@ -2,18 +2,25 @@
 requests end in, shared by the model side and the web side.
 
 A CPU forward pass uses every core, so running two at once only makes both slower; one thread
-keeps latency predictable. When the queue is full a new job is refused at once (the API answers
-503 with Retry-After) instead of piling up, and a caller waits at most its timeout (504). A job
+keeps latency predictable. A request takes its place in the queue first (``admit``), before any
+work on it (tokenising, reading the store): when every place is held it is refused at once (the
+API answers 503 with Retry-After) instead of piling up, and a caller waits at most its timeout
+(504). A job
 that times out while still queued is cancelled; one already running finishes and its result is
 dropped (a forward pass cannot be interrupted), which the job-length limits keep short.
 
-Nothing here imports torch or knows HTTP.
+Semantic search embeds its queries on a worker of its own (``app.labels.query_embeddings``),
+with the same queue and refusal.
+
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +28,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple, TypeVar
 
+from app.errors import Refused
 from sae_core.errors import SaescopeError
 
 T = TypeVar("T")
@@ -30,15 +38,14 @@ T = TypeVar("T")
 DURATION_SMOOTHING = 0.2
 
 
-class LiveRefused(Exception):
+class LiveRefused(Refused):
     """A live request the model side will not or cannot serve, with the HTTP status that says
     why (413 prompt too long, 422 bad request, 503 busy or off, 504 too slow). It crosses the
-    process boundary as plain values, and the web side turns it into an HTTP error."""
+    process boundary as plain values; ``app.errors`` answers it, with Retry-After when set."""
 
     def __init__(self, status: int, message: str, *, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        retry = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+        super().__init__(status, message, headers=retry)
         self.retry_after_s = retry_after_s
 
 
@@ -66,18 +73,78 @@ class WorkerStopped(Exception):
     """The worker has shut down (the server is stopping)."""
 
 
+def lower_thread_priority(niceness: int) -> None:
+    """Add ``niceness`` to the calling thread's (Linux sets it per thread; threads it starts
+    later, such as a math library's pool, inherit it). Elsewhere, where it would lower the
+    whole process, it does nothing."""
+    if sys.platform == "linux":
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(current + niceness, 19))
+
+
 class _Job(NamedTuple):
     fn: Callable[..., Any]
     args: tuple
     kwargs: dict
     future: Future
+    place: Place
+
+
+class Place:
+    """A place in the worker's queue, taken by ``LiveWorker.admit`` before any work is done on a
+    request and held until its job starts (or the request gives it back: ``release``, or leaving
+    the ``with`` block without running a job)."""
+
+    def __init__(self, worker: LiveWorker):
+        self._worker = worker
+        self._held = True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._worker._leave()
+
+    def submit(self, fn: Callable[..., T], /, *args, **kwargs) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)`` in this place."""
+        if self._worker._stopped.is_set():
+            self.release()
+            raise WorkerStopped("the live worker has stopped")
+        future: Future[T] = Future()
+        self._worker._queue.put(_Job(fn, args, kwargs, future, self))
+        return future
+
+    def run(self, fn: Callable[..., T], /, *args, timeout_s: float, **kwargs) -> T:
+        """Queue ``fn`` in this place and wait up to ``timeout_s`` for its result (or its
+        exception); a job still queued at the limit is cancelled and gives its place back."""
+        future = self.submit(fn, *args, **kwargs)
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            if future.cancel():
+                self.release()
+            raise WorkerTimeout(timeout_s) from None
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:  # the request failed before its job was queued
+            self.release()
 
 
 class LiveWorker:
-    """Runs submitted callables one at a time on a single daemon thread."""
+    """Runs submitted callables one at a time on a single daemon thread. At most ``queue_size``
+    requests hold a place (admitted, not yet started); more are refused at ``admit``."""
 
-    def __init__(self, *, queue_size: int, name: str = "saescope-live"):
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+    def __init__(self, *, queue_size: int, name: str = "saescope-live", niceness: int = 0):
+        self._niceness = niceness
+        self._queue: queue.Queue[_Job | None] = queue.Queue()  # admission bounds it
+        self.queue_size = queue_size
+        self._waiting = 0  # places held: admitted requests whose job has not started
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._stopped = threading.Event()
         self._mean_duration_s = 1.0  # until a job has run: a CPU forward of a short prompt
@@ -89,58 +156,55 @@ class LiveWorker:
     def stop(self) -> None:
         """Cancel queued jobs, let the running one finish, and end the thread."""
         self._stopped.set()
-        while True:
-            self._cancel_queued()
-            try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:  # a submit raced the drain
-                continue
+        self._queue.put(None)
         self._thread.join()
-
-    def _cancel_queued(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job.future.cancel()
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._waiting
+
+    def admit(self) -> Place:
+        """A place in the queue, or WorkerBusy at once when every place is held: the first thing
+        a request does, so a refusal costs no work."""
+        with self._lock:
+            if self._stopped.is_set():
+                raise WorkerStopped("the live worker has stopped")
+            if self._waiting >= self.queue_size:
+                raise WorkerBusy(self._retry_after_s(self._waiting))
+            self._waiting += 1
+        return Place(self)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._waiting -= 1
 
     def submit(self, fn: Callable[..., T], /, *args, **kwargs) -> Future[T]:
-        """Queue ``fn(*args, **kwargs)``; raises WorkerBusy at once when the queue is full."""
-        if self._stopped.is_set():
-            raise WorkerStopped("the live worker has stopped")
-        future: Future[T] = Future()
-        try:
-            self._queue.put_nowait(_Job(fn, args, kwargs, future))
-        except queue.Full:
-            raise WorkerBusy(self.retry_after_s()) from None
-        return future
+        """Admit and queue ``fn(*args, **kwargs)``; raises WorkerBusy at once when full."""
+        return self.admit().submit(fn, *args, **kwargs)
 
     def run(self, fn: Callable[..., T], /, *args, timeout_s: float, **kwargs) -> T:
-        """Submit and wait up to ``timeout_s`` for the result (or the job's own exception)."""
-        future = self.submit(fn, *args, **kwargs)
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            future.cancel()
-            raise WorkerTimeout(timeout_s) from None
+        """Admit, queue, and wait up to ``timeout_s`` for the result (or the job's exception)."""
+        return self.admit().run(fn, *args, timeout_s=timeout_s, **kwargs)
 
     def retry_after_s(self) -> int:
-        """Whole seconds until the queue has likely drained by one job: every queued job plus the
-        running one, at the running mean duration."""
-        return max(1, math.ceil((self._queue.qsize() + 1) * self._mean_duration_s))
+        return self._retry_after_s(self._waiting)
+
+    def _retry_after_s(self, waiting: int) -> int:
+        """Whole seconds until the queue has likely drained by one job: every waiting job plus
+        the running one, at the running mean duration."""
+        return max(1, math.ceil((waiting + 1) * self._mean_duration_s))
 
     def _serve(self) -> None:
+        if self._niceness:
+            lower_thread_priority(self._niceness)
         while True:
             job = self._queue.get()
             if job is None:
                 return
+            job.place.release()  # started (or skipped): its place goes to the next request
+            if self._stopped.is_set():
+                job.future.cancel()  # queued before stop; it will never run
+                continue
             if not job.future.set_running_or_notify_cancel():
                 continue  # its caller gave up while it waited
             started = time.perf_counter()

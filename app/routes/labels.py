@@ -5,141 +5,56 @@ is off and every edit answers 403; a request without the right ``Authorization: 
 answers 401 and changes nothing. An edit names its author; the store keeps every label with who
 and when (``labels`` table), and the newest human label becomes the feature's label.
 
-The feature page's edit form (``_partials/label_edit.html``) PUTs to a fragment URL that answers
-the same partial; ``static/labels.js`` moves the token typed in the form into the header.
+Each route calls one data function of ``app.labels.service`` and returns its model
+(``app.labels.schemas``). The feature page's edit form (``_partials/label_edit.html``) PUTs to a
+fragment URL that answers the same partial; ``static/labels.js`` moves the token typed in the
+form into the header.
 """
 
 from __future__ import annotations
 
-import secrets
-from datetime import datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
-import sqlalchemy as sa
-from fastapi import APIRouter, Form, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Form, Header, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
 
-from app.deps import SessionDep, SettingsDep
-from app.errors import NotFoundError, UnknownFeatureError
-from app.queries import get_sae_row
+from app.deps import QueryEmbedderDep, SessionDep, SettingsDep
+from app.errors import Refused, error_answer
+from app.labels import service
+from app.labels.query_embeddings import QueryEmbedder
+from app.labels.schemas import LabelEdit, LabelHistoryPublic, LabelRecordPublic, LabelSearchPublic
 from app.rendering import render
-from app.settings import Settings
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
-from sae_core.labels.run import MAX_LABEL_CHARS, label_history, set_human_label
-from sae_core.labels.search import SearchMode, SearchSort, search_labels
-from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, LabelRow, SaeRow
+from sae_core.labels.search import SearchMode, SearchSort
 
 router = APIRouter()
 
 FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
-UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="saescope labels"'}
 MAX_SEARCH_RESULTS = 100  # one page of hits; semantic search ranks all features anyway
+# Labels are a few words; 200 characters (as for the feature list's search) bound the CPU one
+# uncached query costs the embedding model.
+MAX_SEARCH_CHARS = 200
+SEARCH_ERRORS = {
+    503: {"description": "Semantic search's queue is full (see Retry-After)"},
+    504: {"description": "The query was not embedded within search_timeout_s"},
+}
 
 
-class LabelEdit(BaseModel):
-    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, description="The new label.")
-    author: str = Field(
-        min_length=1, max_length=200, description="Who is editing (kept in the history)."
-    )
-
-
-class LabelRecordPublic(BaseModel):
-    label: str
-    source: str = Field(description="auto | llm:<model> | human:<who>")
-    author: str
-    created_at: datetime
-    precision: float | None = Field(
-        description="Held-out precision of the label's rule; none for free text."
-    )
-    recall: float | None
-    f1: float | None
-    rule: dict | None = Field(
-        description="The machine-applicable rule and the held-out contexts it was scored on."
-    )
-
-
-class LabelHistoryPublic(BaseModel):
-    data: list[LabelRecordPublic] = Field(
-        description="Newest first; the feature's current label is in its own record."
-    )
-    count: int
-
-
-class SearchHitPublic(BaseModel):
-    index: int
-    label: str | None
-    label_source: str | None
-    label_f1: float | None
-    score: float = Field(
-        description="Cosine similarity of query and label (semantic) or full-text rank."
-    )
-    matched: str = Field(
-        description="Which label matched: auto | llm | human, or label for full text."
-    )
-
-
-class LabelSearchPublic(BaseModel):
-    mode: SearchMode = Field(description="The mode that answered (semantic falls back to text).")
-    note: str | None = Field(description="Why semantic search fell back, if it did.")
-    data: list[SearchHitPublic]
-    count: int
-
-
-def require_write_token(settings: Settings, authorization: str | None) -> None:
-    """Raise 403 when editing is off, 401 without the right bearer token."""
-    if not settings.write_token:
-        raise HTTPException(
-            403, "label editing is off on this server; start it with SAESCOPE_WRITE_TOKEN set"
-        )
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        token.strip().encode(), settings.write_token.encode()
-    ):
-        raise HTTPException(
-            401,
-            "send the server's write token as 'Authorization: Bearer <token>'",
-            headers=UNAUTHORIZED,
-        )
-
-
-def _record(row: LabelRow) -> LabelRecordPublic:
-    return LabelRecordPublic(
-        label=row.label,
-        source=row.source,
-        author=row.author,
-        created_at=row.created_at,
-        precision=row.precision,
-        recall=row.recall,
-        f1=row.f1,
-        rule=row.rule,
-    )
-
-
-def _feature_sae(session: Session, sae: str, index: int) -> SaeRow:
-    row = get_sae_row(session=session, sae_name=sae)
-    if session.get(FeatureRow, (row.id, index)) is None:
-        raise UnknownFeatureError(sae, index, row.d_sae)
-    return row
-
-
-def save_human_label(
-    session: Session, sae: str, index: int, *, label: str, author: str
-) -> LabelRow:
-    """Write the edit (and its embedding, when the SAE has embeddings to search)."""
-    sae_row = _feature_sae(session, sae, index)
-    row = set_human_label(session, sae=sae_row, idx=index, label=label, author=author)
-    has_vectors = session.scalar(
-        sa.select(FeatureEmbeddingRow.feature_idx)
-        .where(FeatureEmbeddingRow.sae_id == sae_row.id)
-        .limit(1)
-    )
-    if has_vectors is not None and embeddings.embedder_available():
-        embeddings.embed_one(session, sae_row.id, index, row.source, row.label)
-    session.commit()
-    return row
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start semantic search's query embedder where the embedding model is installed."""
+    embedder = None
+    if embeddings.embedder_available():
+        embedder = QueryEmbedder(settings=app.state.settings)
+    app.state.query_embedder = embedder
+    try:
+        yield
+    finally:
+        if embedder is not None:
+            embedder.close()
 
 
 @router.put(
@@ -153,8 +68,10 @@ def put_label(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> LabelRecordPublic:
-    require_write_token(settings, authorization)
-    return _record(save_human_label(session, sae, index, label=edit.label, author=edit.author))
+    service.require_write_token(settings=settings, authorization=authorization)
+    return service.save_human_label(
+        session=session, sae_name=sae, index=index, label=edit.label, author=edit.author
+    )
 
 
 @router.get(
@@ -163,38 +80,34 @@ def put_label(
     summary="Every label the feature was given",
 )
 def read_label_history(sae: str, index: FeatureIndex, session: SessionDep) -> LabelHistoryPublic:
-    rows = label_history(session, sae=_feature_sae(session, sae, index), idx=index)
-    return LabelHistoryPublic(data=[_record(r) for r in rows], count=len(rows))
+    return service.get_label_history(session=session, sae_name=sae, index=index)
 
 
 @router.get(
-    "/api/v1/saes/{sae}/search", tags=["labels"], summary="Find features by what their labels mean"
+    "/api/v1/saes/{sae}/search",
+    tags=["labels"],
+    responses=SEARCH_ERRORS,
+    summary="Find features by what their labels mean",
 )
 def read_label_search(
     sae: str,
     session: SessionDep,
+    embedder: QueryEmbedderDep,
     q: Annotated[
         str,
-        Query(min_length=1, max_length=500, description="What to look for, e.g. 'French cities'."),
+        Query(
+            min_length=1,
+            max_length=MAX_SEARCH_CHARS,
+            description="What to look for, e.g. 'French cities'.",
+        ),
     ],
     mode: SearchMode = "semantic",
     sort: SearchSort = "relevance",
     limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
 ) -> LabelSearchPublic:
-    sae_row = get_sae_row(session=session, sae_name=sae)
-    result = search_labels(session, sae_id=sae_row.id, query=q, mode=mode, sort=sort, limit=limit)
-    hits = [
-        SearchHitPublic(
-            index=h.idx,
-            label=h.label,
-            label_source=h.label_source,
-            label_f1=h.label_f1,
-            score=h.score,
-            matched=h.matched,
-        )
-        for h in result.hits
-    ]
-    return LabelSearchPublic(mode=result.mode, note=result.note, data=hits, count=len(hits))
+    return service.search_labels(
+        session=session, sae_name=sae, query=q, mode=mode, sort=sort, limit=limit, embedder=embedder
+    )
 
 
 @router.put(
@@ -214,29 +127,19 @@ def put_label_fragment(
 ) -> Response:
     """The edit form's target: the partial again, with what happened; reloads the page on success."""
     edit_view = {"sae": sae, "index": index, "label": label, "author": author}
+    context = {"editable": bool(settings.write_token)}
     try:
-        require_write_token(settings, authorization)
-        save_human_label(session, sae, index, label=label, author=author)
-    except (HTTPException, SaescopeError) as err:
-        status = (
-            err.status_code
-            if isinstance(err, HTTPException)
-            else 404
-            if isinstance(err, NotFoundError)
-            else 422
+        service.require_write_token(settings=settings, authorization=authorization)
+        service.save_human_label(
+            session=session, sae_name=sae, index=index, label=label, author=author
         )
-        message = err.detail if isinstance(err, HTTPException) else str(err)
-        response = render(
-            request,
-            "_partials/label_edit.html",
-            {"label_edit": edit_view | {"message": message, "ok": False}},
-        )
+    except (Refused, SaescopeError) as err:
+        status, message, _ = error_answer(err)
+        context["label_edit"] = edit_view | {"message": message, "ok": False}
+        response = render(request, "_partials/label_edit.html", context)
         response.status_code = status
         return response
-    response = render(
-        request,
-        "_partials/label_edit.html",
-        {"label_edit": edit_view | {"message": "saved", "ok": True}},
-    )
+    context["label_edit"] = edit_view | {"message": "saved", "ok": True}
+    response = render(request, "_partials/label_edit.html", context)
     response.headers["HX-Refresh"] = "true"  # the page header shows the new label and its source
     return response

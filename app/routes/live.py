@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, NamedTuple, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from app import queries
-from app.deps import SessionDep
-from app.errors import NotFoundError
+from app.deps import LiveDep, SessionDep, SettingsDep
+from app.errors import Refused, error_answer
 from app.live.schemas import (
     AttributionPublic,
     AttributionRequest,
@@ -31,7 +31,7 @@ from app.live.schemas import (
     SteerRequest,
     TokenValuePublic,
 )
-from app.live.service import LiveService
+from app.live.service import LiveService, live_off_reason, require_live
 from app.rendering import render, url_segment
 from sae_core.errors import SaescopeError
 
@@ -46,35 +46,21 @@ LIVE_ERRORS = {
     503: {"description": "Live is off for this SAE, or the queue is full (see Retry-After)"},
     504: {"description": "The model did not answer within live_timeout_s"},
 }
-LIVE_OFF = (
-    "live prompts are off on this server; start it with `saescope serve --live` "
-    "(SAESCOPE_LIVE=true) where the SAE's model can be loaded"
-)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Reach the model side unless live is switched off; templates learn which SAEs are live."""
+    """Reach the model side unless live is switched off (routes get it as ``LiveDep``)."""
     settings = app.state.settings
     service = None
     if settings.live is not False:
         service = LiveService.open(sessions=app.state.sessionmaker, settings=settings)
     app.state.live = service
-    app.state.templates.env.globals["live_on"] = lambda sae: (
-        service is not None and service.is_live(sae)
-    )
     try:
         yield
     finally:
         if service is not None:
             service.close()
-
-
-def live_service(request: Request) -> LiveService:
-    service = request.app.state.live
-    if service is None:
-        raise HTTPException(503, LIVE_OFF)
-    return service
 
 
 def _sae_path(sae: str) -> str:
@@ -92,9 +78,9 @@ def _sae_path(sae: str) -> str:
     summary="Which features fire on a prompt",
 )
 def post_activations(
-    sae: str, body: PromptRequest, request: Request, session: SessionDep
+    sae: str, body: PromptRequest, session: SessionDep, live: LiveDep
 ) -> PromptActivationsPublic:
-    return live_service(request).activations(session=session, sae_name=sae, request=body)
+    return require_live(live).activations(session=session, sae_name=sae, request=body)
 
 
 @router.post(
@@ -104,9 +90,9 @@ def post_activations(
     summary="One feature's activation on custom text",
 )
 def post_feature_activations(
-    sae: str, index: FeatureIndex, body: FeatureTextRequest, request: Request, session: SessionDep
+    sae: str, index: FeatureIndex, body: FeatureTextRequest, session: SessionDep, live: LiveDep
 ) -> FeatureOnTextPublic:
-    return live_service(request).feature_on_text(
+    return require_live(live).feature_on_text(
         session=session, sae_name=sae, index=index, text=body.text
     )
 
@@ -118,9 +104,9 @@ def post_feature_activations(
     summary="Attribute a next-token logit (or logit difference) to features and positions",
 )
 def post_attribution(
-    sae: str, body: AttributionRequest, request: Request, session: SessionDep
+    sae: str, body: AttributionRequest, session: SessionDep, live: LiveDep
 ) -> AttributionPublic:
-    return live_service(request).attribution(session=session, sae_name=sae, request=body)
+    return require_live(live).attribution(session=session, sae_name=sae, request=body)
 
 
 @router.post(
@@ -129,10 +115,8 @@ def post_attribution(
     responses=LIVE_ERRORS,
     summary="Generate with and without steering features, same seed, side by side",
 )
-def post_steer(
-    sae: str, body: SteerRequest, request: Request, session: SessionDep
-) -> SteeringPublic:
-    return live_service(request).steer(session=session, sae_name=sae, request=body)
+def post_steer(sae: str, body: SteerRequest, session: SessionDep, live: LiveDep) -> SteeringPublic:
+    return require_live(live).steer(session=session, sae_name=sae, request=body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,23 +128,18 @@ def prompt_page(
     request: Request,
     sae: str,
     session: SessionDep,
+    settings: SettingsDep,
+    live: LiveDep,
     text: Annotated[str, Query(max_length=20_000)] = "",
 ) -> Response:
     """The prompt page (``?text=`` prefills the prompt); it never runs the model itself."""
-    detail = queries.get_sae(session=session, sae_name=sae)
-    service = request.app.state.live
-    if service is None:
-        off_reason = LIVE_OFF
-    elif service.is_live(sae):
-        off_reason = None
-    else:
-        off_reason = service.off_reason(sae)
     context = {
-        "sae": detail,
+        "sae": queries.get_sae(session=session, sae_name=sae),
         "sae_path": _sae_path(sae),
-        "off_reason": off_reason,
+        "off_reason": live_off_reason(live, sae),
         "text": text,
-        "settings": request.app.state.settings,
+        "max_prompt_tokens": settings.max_prompt_tokens,
+        "max_new_tokens": settings.max_new_tokens,
     }
     return render(request, "prompt.html", context)
 
@@ -199,12 +178,8 @@ def _fragment(
         return _error_fragment(request, 422, body.message)
     try:
         context["result"] = compute(body)
-    except HTTPException as err:
-        return _error_fragment(request, err.status_code, str(err.detail), err.headers)
-    except NotFoundError as err:
-        return _error_fragment(request, 404, str(err))
-    except SaescopeError as err:
-        return _error_fragment(request, 422, str(err))
+    except (Refused, SaescopeError) as err:
+        return _error_fragment(request, *error_answer(err))
     return render(request, template, context)
 
 
@@ -231,10 +206,11 @@ def activations_fragment(
     request: Request,
     sae: str,
     session: SessionDep,
+    live: LiveDep,
     body: Annotated[PromptRequest | FormProblem, form_of(PromptRequest)],
 ) -> Response:
     def compute(body: PromptRequest) -> PromptActivationsPublic:
-        return live_service(request).activations(session=session, sae_name=sae, request=body)
+        return require_live(live).activations(session=session, sae_name=sae, request=body)
 
     return _fragment(
         request,
@@ -255,10 +231,11 @@ def attribution_fragment(
     request: Request,
     sae: str,
     session: SessionDep,
+    live: LiveDep,
     body: Annotated[AttributionRequest | FormProblem, form_of(AttributionRequest)],
 ) -> Response:
     def compute(body: AttributionRequest) -> AttributionPublic:
-        return live_service(request).attribution(session=session, sae_name=sae, request=body)
+        return require_live(live).attribution(session=session, sae_name=sae, request=body)
 
     return _fragment(
         request, "_partials/prompt_attribution.html", body, compute, sae_path=_sae_path(sae)
@@ -272,10 +249,11 @@ def steer_fragment(
     request: Request,
     sae: str,
     session: SessionDep,
+    live: LiveDep,
     body: Annotated[SteerRequest | FormProblem, form_of(SteerRequest)],
 ) -> Response:
     def compute(body: SteerRequest) -> SteeringPublic:
-        return live_service(request).steer(session=session, sae_name=sae, request=body)
+        return require_live(live).steer(session=session, sae_name=sae, request=body)
 
     return _fragment(request, "_partials/prompt_steering.html", body, compute)
 
@@ -290,10 +268,11 @@ def feature_try_fragment(
     sae: str,
     index: FeatureIndex,
     session: SessionDep,
+    live: LiveDep,
     body: Annotated[FeatureTextRequest | FormProblem, form_of(FeatureTextRequest)],
 ) -> Response:
     def compute(body: FeatureTextRequest) -> FeatureOnTextPublic:
-        return live_service(request).feature_on_text(
+        return require_live(live).feature_on_text(
             session=session, sae_name=sae, index=index, text=body.text
         )
 

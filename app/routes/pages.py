@@ -15,7 +15,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app import queries
-from app.deps import SessionDep
+from app.deps import LiveDep, SessionDep, SettingsDep
+from app.live.service import LiveService
 from app.rendering import SWAGGER_UI, render, url_segment
 from app.schemas import FeatureSearch
 from app.search import search_features
@@ -59,13 +60,27 @@ def index_page(request: Request, session: SessionDep) -> Response:
     return render(request, "index.html", {"saes": saes}, alternate="/api/v1/saes")
 
 
+def _is_live(live: LiveService | None, sae: str) -> bool:
+    return live is not None and live.is_live(sae)
+
+
 @router.get("/saes/{sae}")
 def sae_page(
-    request: Request, sae: str, search: Annotated[FeatureSearch, Query()], session: SessionDep
+    request: Request,
+    sae: str,
+    search: Annotated[FeatureSearch, Query()],
+    session: SessionDep,
+    live: LiveDep,
 ) -> Response:
     detail = queries.get_sae(session=session, sae_name=sae)
     results = search_features(session=session, sae_name=sae, search=search)
-    context = {"sae": detail, "search": search, "results": results, "search_url": search_url}
+    context = {
+        "sae": detail,
+        "search": search,
+        "results": results,
+        "search_url": search_url,
+        "live": _is_live(live, sae),
+    }
     return render(request, "sae.html", context, alternate=f"/api/v1{_sae_path(sae)}")
 
 
@@ -88,7 +103,14 @@ def jump_to_feature(sae: str, index: Annotated[int, Query(ge=0)]) -> Response:
 
 
 @router.get("/saes/{sae}/features/{index}")
-def feature_page(request: Request, sae: str, index: FeatureIndex, session: SessionDep) -> Response:
+def feature_page(
+    request: Request,
+    sae: str,
+    index: FeatureIndex,
+    session: SessionDep,
+    settings: SettingsDep,
+    live: LiveDep,
+) -> Response:
     feature = queries.get_feature(
         session=session,
         sae_name=sae,
@@ -96,7 +118,12 @@ def feature_page(request: Request, sae: str, index: FeatureIndex, session: Sessi
         top_limit=PAGE_TOP_EXAMPLES,
         interval_limit=PAGE_BIN_EXAMPLES,
     )
-    context = {"feature": feature, "more": MORE_EXAMPLES}
+    context = {
+        "feature": feature,
+        "more": MORE_EXAMPLES,
+        "live": _is_live(live, sae),
+        "editable": bool(settings.write_token),  # the label edit form
+    }
     return render(
         request, "feature.html", context, alternate=f"/api/v1{_sae_path(sae)}/features/{index}"
     )

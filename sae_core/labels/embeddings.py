@@ -79,6 +79,11 @@ def load_embedder() -> Embedder:
     return Embedder()
 
 
+def embed_query(text: str) -> np.ndarray:
+    """(EMBED_DIM,) unit vector of one search query, with this process's model."""
+    return load_embedder().embed([text])[0]
+
+
 def pack_vector(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype="<f4").tobytes()
 

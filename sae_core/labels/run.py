@@ -40,6 +40,7 @@ from sae_core.labels.induction import fit_rule
 from sae_core.labels.rules import LabelRule, parse_label
 from sae_core.labels.scoring import LabelScore, score_rule
 from sae_core.store.db import FeatureRow, LabelRow, SaeRow, utcnow
+from sae_core.store.lookup import find_feature
 
 AUTO_SOURCE = "auto"
 METHOD = "rules-v1"  # recorded with every automatic label; bump when the algorithm changes
@@ -85,15 +86,6 @@ def get_sae(session: Session, name: str) -> SaeRow:
     return sae
 
 
-def get_feature(session: Session, sae: SaeRow, idx: int) -> FeatureRow:
-    feature = session.get(FeatureRow, (sae.id, idx))
-    if feature is None:
-        raise LabelError(
-            f"SAE {sae.name!r} has no feature {idx}; indices run from 0 to {sae.d_sae - 1}"
-        )
-    return feature
-
-
 # ---------------------------------------------------------------------------------------------
 # Recording labels
 
@@ -137,7 +129,7 @@ def set_human_label(
         raise LabelError(f"a label must have 1 to {MAX_LABEL_CHARS} characters")
     if not author or len(author) > 200:
         raise LabelError("say who is editing: an author of 1 to 200 characters")
-    feature = get_feature(session, sae, idx)
+    feature = find_feature(session, sae, idx)
     row = LabelRow(
         sae_id=sae.id,
         feature_idx=idx,
@@ -169,7 +161,7 @@ def _latest_auto_label(session: Session, sae: SaeRow, idx: int) -> LabelRow | No
 
 def label_history(session: Session, *, sae: SaeRow, idx: int) -> list[LabelRow]:
     """Every label the feature was given, newest first."""
-    get_feature(session, sae, idx)
+    find_feature(session, sae, idx)
     return list(
         session.scalars(
             sa.select(LabelRow)

@@ -7,18 +7,20 @@ relevance or by the label's held-out F1.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.labels import embeddings
 from sae_core.store.db import FeatureEmbeddingRow, FeatureRow
+from sae_core.store.label_search import match_labels, query_words
 
 SearchMode = Literal["semantic", "text"]
 SearchSort = Literal["relevance", "f1"]
-MAX_QUERY_WORDS = 16  # full-text queries OR their words; more words only slow the index down
+features = FeatureRow.__table__
 
 
 class SearchHit(NamedTuple):
@@ -36,32 +38,21 @@ class SearchResult(NamedTuple):
     note: str | None  # why semantic search fell back to text, if it did
 
 
-def _query_words(query: str) -> list[str]:
-    return re.findall(r"\w+", query.lower())[:MAX_QUERY_WORDS]
-
-
 def _text_matches(
-    session: Session, sae_id: int, words: list[str], limit: int
+    session: Session, sae_id: int, query: str, limit: int
 ) -> list[tuple[int, float]]:
-    """(feature idx, rank) of features whose current label holds any of the words, best first."""
+    """(feature idx, rank) of features whose current label holds any word of ``query``, best
+    first (the store's full-text index; ``sae_core.store.label_search``)."""
+    words = query_words(query)
     if not words:
         return []
-    if session.get_bind().dialect.name == "sqlite":
-        statement = sa.text(
-            "SELECT f.idx, -bm25(features_fts) FROM features_fts JOIN features f ON f.rowid = features_fts.rowid "
-            "WHERE features_fts MATCH :q AND f.sae_id = :sae ORDER BY bm25(features_fts) LIMIT :n"
-        )
-        query = " OR ".join(f'"{w}"' for w in words)
-    else:
-        statement = sa.text(
-            "SELECT idx, ts_rank(to_tsvector('simple', coalesce(label, '')), q) FROM features, to_tsquery('simple', :q) q "
-            "WHERE sae_id = :sae AND to_tsvector('simple', coalesce(label, '')) @@ q ORDER BY 2 DESC LIMIT :n"
-        )
-        query = " | ".join(words)
-    return [
-        (int(i), float(r))
-        for i, r in session.execute(statement, {"q": query, "sae": sae_id, "n": limit})
-    ]
+    stmt = sa.select(features.c.idx).select_from(features).where(features.c.sae_id == sae_id)
+    dialect = session.get_bind().dialect.name
+    stmt, relevance = match_labels(stmt, words, dialect, every_word=False, ranked=True)
+    # Equal ranks keep the index's order, as they always have (an order by feature index would
+    # change which of many equal labels fill the page).
+    ranked = stmt.add_columns(relevance).order_by(relevance.desc()).limit(limit)
+    return [(int(idx), float(rank)) for idx, rank in session.execute(ranked)]
 
 
 def _hits(session: Session, sae_id: int, matches: list[tuple[int, float, str]]) -> list[SearchHit]:
@@ -108,18 +99,21 @@ def search_labels(
     mode: SearchMode = "semantic",
     sort: SearchSort = "relevance",
     limit: int = 20,
+    embed_query: Callable[[str], np.ndarray] = embeddings.embed_query,
 ) -> SearchResult:
-    """The ``limit`` features whose labels best match ``query``."""
+    """The ``limit`` features whose labels best match ``query``. ``embed_query`` gives a query's
+    unit vector: by default the embedding model runs here; the server passes its queued, cached
+    embedder (``app.labels.query_embeddings``)."""
     note = _semantic_unavailable(session, sae_id) if mode == "semantic" else None
     if mode == "semantic" and note is None:
-        vector = embeddings.load_embedder().embed([query])[0]  # (EMBED_DIM,)
+        vector = embed_query(query)  # (EMBED_DIM,)
         hits = _hits(
             session, sae_id, embeddings.embedding_matrix(session, sae_id).nearest(vector, limit)
         )
         answered: SearchMode = "semantic"
     else:
         matches = _text_matches(
-            session, sae_id, _query_words(query), limit if sort == "relevance" else 50 * limit
+            session, sae_id, query, limit if sort == "relevance" else 50 * limit
         )
         hits = _hits(session, sae_id, [(idx, rank, "label") for idx, rank in matches])
         answered = "text"

@@ -68,6 +68,8 @@ def test_server_without_a_write_token_forbids_edits(store):
 
 
 def test_edit_with_the_token_becomes_current_and_keeps_history(client, store):
+    page = client.get(f"/saes/{store.sae_name}/features/{PARIS}").text
+    assert "data-bearer-token" in page  # the edit form, on a server that takes edits
     response = client.put(
         _label_url(store, PARIS), json=EDIT, headers={"Authorization": f"Bearer {TOKEN}"}
     )

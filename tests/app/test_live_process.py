@@ -22,6 +22,7 @@ from app.main import create_app
 from app.settings import Settings
 from sae_core.inputs.subject import load_subject
 from sae_core.live import probe as live
+from sae_core.live.requests import ActivationsOp, FeatureOnTextOp, LiveOp
 from sae_core.saes.sae import load_sae
 from tests.app.server_process import server_processes, serving
 from tests.live_support import LIVE_STORE, build_live_store
@@ -36,24 +37,28 @@ TEXT = "Paris is the capital of France."
 
 
 class Answer(NamedTuple):
-    operation: str
-    params: dict
+    operation: str  # the type of request the host received
+    op: LiveOp
+
+
+def ask(text: str) -> FeatureOnTextOp:
+    return FeatureOnTextOp(sae="sae-a", index=3, text=text)
 
 
 class StandInHost:
-    """Answers like ``ModelHost``: echoes calls, and misbehaves on request."""
+    """Answers like ``ModelHost``: echoes requests, and misbehaves when the text says so."""
 
     saes = {"sae-a": None}
     unavailable = {"sae-b": "its model is missing"}
 
-    def call(self, operation: str, sae_name: str, **params):
-        if operation == "busy":
+    def call(self, op: LiveOp):
+        if op.text == "busy":
             raise LiveRefused(503, "the model is busy", retry_after_s=3)
-        if operation == "crash":
+        if op.text == "crash":
             raise RuntimeError("boom")
-        if operation == "slow":
-            time.sleep(params["seconds"])
-        return Answer(operation, params)
+        if op.text == "slow":
+            time.sleep(2)
+        return Answer(type(op).__name__, op)
 
 
 @pytest.fixture
@@ -77,14 +82,13 @@ def test_a_remote_model_describes_the_host_and_round_trips_results(socket):
     remote = RemoteModel(socket, timeout_s=5)
     assert remote.live_saes == {"sae-a"}
     assert remote.unavailable == {"sae-b": "its model is missing"}
-    assert remote.call("activations", "sae-a", text="hi", top=3) == Answer(
-        "activations", {"text": "hi", "top": 3}
-    )
+    op = ActivationsOp(sae="sae-a", text="hi", per_token=5, top=3)
+    assert remote.call(op) == Answer("ActivationsOp", op)  # the typed request crossed as it is
 
 
 def test_refusals_cross_with_their_status_and_retry_estimate(socket):
     with pytest.raises(LiveRefused) as refused:
-        RemoteModel(socket, timeout_s=5).call("busy", "sae-a")
+        RemoteModel(socket, timeout_s=5).call(ask("busy"))
     assert (refused.value.status, refused.value.retry_after_s) == (503, 3)
     assert "busy" in refused.value.message
 
@@ -92,15 +96,15 @@ def test_refusals_cross_with_their_status_and_retry_estimate(socket):
 def test_a_crashing_request_is_a_500_and_the_host_answers_the_next(socket):
     remote = RemoteModel(socket, timeout_s=5)
     with pytest.raises(LiveRefused) as refused:
-        remote.call("crash", "sae-a")
+        remote.call(ask("crash"))
     assert refused.value.status == 500 and "RuntimeError" in refused.value.message
-    assert remote.call("activations", "sae-a").operation == "activations"
+    assert remote.call(ask("hi")) == Answer("FeatureOnTextOp", ask("hi"))
 
 
 def test_a_host_that_never_answers_is_a_504(socket, monkeypatch):
     monkeypatch.setattr(live_remote, "ANSWER_GRACE_S", 0.0)
     with pytest.raises(LiveRefused) as refused:
-        RemoteModel(socket, timeout_s=0.2).call("slow", "sae-a", seconds=2)
+        RemoteModel(socket, timeout_s=0.2).call(ask("slow"))
     assert refused.value.status == 504
 
 
@@ -112,7 +116,7 @@ def test_a_wrong_key_or_a_gone_process_is_a_503_in_one_line(socket, listener, tm
     assert wrong_key.value.status == 503
     listener.close()  # as when the process is gone
     with pytest.raises(LiveRefused) as gone:
-        remote.call("activations", "sae-a")
+        remote.call(ask("hi"))
     assert gone.value.status == 503 and "\n" not in gone.value.message
     with pytest.raises(LiveUnavailableError, match="no live model process"):
         RemoteModel(str(tmp_path / "elsewhere.sock"), timeout_s=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from app import queries
 from app.main import create_app
 from app.settings import Settings
 from sae_core.inputs.subject import load_subject
@@ -59,19 +61,24 @@ def direct(store_url, llama_dir):
 
 @contextmanager
 def worker_held(client: TestClient) -> Iterator[None]:
-    """Keep the model worker busy until the block ends."""
+    """Keep the model worker busy until the block ends; the jobs queued meanwhile have left the
+    queue when it returns."""
     started, release = threading.Event(), threading.Event()
 
     def hold():
         started.set()
         release.wait(30)
 
-    client.app.state.live.backend.worker.submit(hold)
+    worker = client.app.state.live.backend.worker
+    worker.submit(hold)
     assert started.wait(10)
     try:
         yield
     finally:
         release.set()
+        deadline = time.monotonic() + 10
+        while worker.queued and time.monotonic() < deadline:  # what the block queued drains
+            time.sleep(0.01)
 
 
 def test_activations_endpoint_equals_the_direct_computation_with_store_labels(client, direct):
@@ -113,6 +120,31 @@ def test_full_queue_is_503_with_retry_after_at_once_and_browsing_still_works(cli
         assert client.get(f"/saes/{SAE}").status_code == 200
         assert client.get(f"/saes/{SAE}/prompt").status_code == 200
         assert client.get(f"/api/v1/saes/{SAE}/features/1").status_code == 200
+
+
+def test_a_refused_request_is_refused_before_any_work(client, monkeypatch):
+    """Admission comes first: with every place in the queue held, no request is tokenised or
+    reads the store before its 503."""
+    backend = client.app.state.live.backend
+    work = []
+    monkeypatch.setattr(backend, "_encode", lambda *args, **kwargs: work.append("tokenise"))
+    monkeypatch.setattr(
+        queries, "get_feature_summary", lambda **kwargs: work.append("read the store")
+    )
+    requests = [
+        ("activations", {"text": TEXT}),
+        ("features/1/activations", {"text": TEXT}),
+        ("attribution", {"text": TEXT, "token": " Paris"}),
+        ("steer", {"text": TEXT, "features": [{"index": 1, "strength": 4}]}),
+    ]
+    with worker_held(client):
+        for _ in range(4):  # the four places of the queue
+            backend.worker.submit(lambda: None)
+        for path, body in requests:
+            response = client.post(f"/api/v1/saes/{SAE}/{path}", json=body)
+            assert response.status_code == 503, path
+            assert int(response.headers["retry-after"]) >= 1
+    assert work == []
 
 
 def test_a_request_past_its_time_limit_is_504(store_url, llama_dir):

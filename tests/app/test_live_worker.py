@@ -52,6 +52,22 @@ def test_a_full_queue_refuses_at_once_with_a_retry_estimate(worker):
     assert queued.result(10) == "queued"
 
 
+def test_a_place_is_taken_before_any_work_and_given_back_when_the_request_fails(worker):
+    release = blocked(worker)
+    with pytest.raises(ValueError), worker.admit():
+        assert worker.queued == 1  # held while the request is prepared (tokenised ...)
+        raise ValueError("the prompt is too long")
+    assert worker.queued == 0
+    place = worker.admit()
+    with pytest.raises(WorkerBusy):
+        worker.admit()  # the one place is held, though no job is queued yet
+    place.release()
+    place.release()  # giving it back twice frees one place only
+    assert worker.queued == 0
+    assert place is not worker.admit()
+    release.set()
+
+
 def test_a_timed_out_queued_job_is_cancelled_and_never_runs(worker):
     release = blocked(worker)
     ran = threading.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.search import fts5_query, query_words, tsquery
+from sae_core.store.label_search import fts5_query, query_words, tsquery
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,5 @@ def test_query_building_quotes_every_word():
     assert query_words('say "hi" (now) AND*') == ["say", "hi", "now", "AND"]
     assert fts5_query(["say", "AND"]) == '"say" "AND"*'
     assert tsquery(["say", "hi"]) == "say & hi:*"
+    assert fts5_query(["say", "AND"], every_word=False) == '"say" OR "AND"'
+    assert tsquery(["say", "hi"], every_word=False) == "say | hi"

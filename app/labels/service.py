@@ -1,0 +1,119 @@
+"""The label endpoints' data functions: the write token, a human edit, a feature's label
+history and label search, each returning the models of ``app.labels.schemas``.
+
+A request without the right to write ends in ``Refused`` (403 when editing is off, 401
+without the right bearer token); ``app.errors`` answers it like every other error.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.errors import Refused
+from app.labels.query_embeddings import QueryEmbedder
+from app.labels.schemas import (
+    LabelHistoryPublic,
+    LabelRecordPublic,
+    LabelSearchPublic,
+    SearchHitPublic,
+)
+from app.settings import Settings
+from sae_core.labels import embeddings
+from sae_core.labels import search as label_search
+from sae_core.labels.run import label_history, set_human_label
+from sae_core.store.db import FeatureEmbeddingRow, LabelRow
+from sae_core.store.lookup import find_feature, find_sae
+
+UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="saescope labels"'}
+
+
+def require_write_token(*, settings: Settings, authorization: str | None) -> None:
+    """Raise Refused when editing is off or ``authorization`` lacks the write token."""
+    if not settings.write_token:
+        raise Refused(
+            403, "label editing is off on this server; start it with SAESCOPE_WRITE_TOKEN set"
+        )
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.strip().encode(), settings.write_token.encode()
+    ):
+        raise Refused(
+            401,
+            "send the server's write token as 'Authorization: Bearer <token>'",
+            headers=UNAUTHORIZED,
+        )
+
+
+def _record(row: LabelRow) -> LabelRecordPublic:
+    return LabelRecordPublic(
+        label=row.label,
+        source=row.source,
+        author=row.author,
+        created_at=row.created_at,
+        precision=row.precision,
+        recall=row.recall,
+        f1=row.f1,
+        rule=row.rule,
+    )
+
+
+def save_human_label(
+    *, session: Session, sae_name: str, index: int, label: str, author: str
+) -> LabelRecordPublic:
+    """Write the edit (and its embedding, when the SAE has embeddings to search)."""
+    sae = find_sae(session, sae_name)
+    find_feature(session, sae, index)
+    row = set_human_label(session, sae=sae, idx=index, label=label, author=author)
+    has_vectors = session.scalar(
+        sa.select(FeatureEmbeddingRow.feature_idx)
+        .where(FeatureEmbeddingRow.sae_id == sae.id)
+        .limit(1)
+    )
+    if has_vectors is not None and embeddings.embedder_available():
+        embeddings.embed_one(session, sae.id, index, row.source, row.label)
+    session.commit()
+    return _record(row)
+
+
+def get_label_history(*, session: Session, sae_name: str, index: int) -> LabelHistoryPublic:
+    rows = label_history(session, sae=find_sae(session, sae_name), idx=index)
+    return LabelHistoryPublic(data=[_record(r) for r in rows], count=len(rows))
+
+
+def search_labels(
+    *,
+    session: Session,
+    sae_name: str,
+    query: str,
+    mode: label_search.SearchMode,
+    sort: label_search.SearchSort,
+    limit: int,
+    embedder: QueryEmbedder | None,
+) -> LabelSearchPublic:
+    """``embedder`` (the app's queued, cached query embedder) is None where the embedding model
+    is not installed: semantic search then falls back to the label text and says so."""
+    sae = find_sae(session, sae_name)
+    result = label_search.search_labels(
+        session,
+        sae_id=sae.id,
+        query=query,
+        mode=mode,
+        sort=sort,
+        limit=limit,
+        embed_query=embedder.embed if embedder else embeddings.embed_query,
+    )
+    hits = [
+        SearchHitPublic(
+            index=h.idx,
+            label=h.label,
+            label_source=h.label_source,
+            label_f1=h.label_f1,
+            score=h.score,
+            matched=h.matched,
+        )
+        for h in result.hits
+    ]
+    return LabelSearchPublic(mode=result.mode, note=result.note, data=hits, count=len(hits))

@@ -1,0 +1,63 @@
+"""What a live operation asks for: one frozen dataclass per operation, plain data like the results
+(``sae_core.live.results``), so the web side builds one, the live model process receives it as is
+(pickled over its socket, ``app.live.remote``) and runs it by its type (``app.live.host``).
+
+Each names its SAE; its other fields are the operation's parameters, after the server's limits.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sae_core.live.results import Generation, SteerFeature
+
+
+@dataclass(frozen=True)
+class ActivationsOp:
+    """Which features fire on a prompt (``sae_core.live.probe.activations``)."""
+
+    sae: str
+    text: str
+    per_token: int  # strongest features listed per token
+    top: int  # features in the ranking
+
+
+@dataclass(frozen=True)
+class FeatureOnTextOp:
+    """One feature's activation at every token of a text (``probe.feature_activations``)."""
+
+    sae: str
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class AttributionOp:
+    """Attribute logit(token) [- logit(contrast)] at ``position`` to features and positions
+    (``sae_core.live.attribution``). Each token is given as text or as an id, not both; None
+    means the default (the last position, the model's top prediction, no contrast)."""
+
+    sae: str
+    text: str
+    position: int | None
+    token: str | None
+    token_id: int | None
+    contrast: str | None
+    contrast_id: int | None
+    top: int  # rows in each ranking
+
+
+@dataclass(frozen=True)
+class SteerOp:
+    """Continue the prompt with and without steering (``sae_core.live.steering``)."""
+
+    sae: str
+    text: str
+    chat: bool  # wrap the prompt in the model's chat template
+    features: tuple[SteerFeature, ...]
+    mode: str  # "add" | "clamp"
+    generation: Generation
+
+
+LiveOp = ActivationsOp | FeatureOnTextOp | AttributionOp | SteerOp
