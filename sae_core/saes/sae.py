@@ -4,7 +4,9 @@
     x̂ = W_dec f + b_dec
 
 ``act`` is ReLU ("standard", Anthropic's recipe), TopK (keep the k largest pre-activations,
-then ReLU) or JumpReLU (z · [z > θ], Gemma Scope; also what BatchTopK becomes after training).
+then ReLU) or JumpReLU (ReLU(z) · [z > θ], as SAELens and Gemma Scope define it; also what
+BatchTopK and Matryoshka become after training). ``SAE.activate`` and ``SAE.encode_topk`` are
+the one definition of each: ``encode`` and the chunked ``sparse_acts.sparse_encode`` both call them.
 
 On disk an SAE is a folder in SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` with
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU,
@@ -95,13 +97,20 @@ class SAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae) feature activations."""
         z = self.pre_acts(x)
+        if self.cfg.architecture == "topk":
+            values, indices = self.encode_topk(z)
+            return torch.zeros_like(z).scatter_(-1, indices, values)
+        return self.activate(z)
+
+    def activate(self, z: torch.Tensor, features: slice = slice(None)) -> torch.Tensor:
+        """The per-latent activation of an elementwise architecture: pre-activations z (..., n) of
+        the latents ``features`` -> their activations. TopK is not elementwise: see encode_topk."""
         arch = self.cfg.architecture
         if arch == "standard":
             return torch.relu(z)
         if arch == "jumprelu":
-            return z * (z > self.threshold)
-        values, indices = self.encode_topk(z)
-        return torch.zeros_like(z).scatter_(-1, indices, values)
+            return torch.relu(z) * (z > self.threshold[features])
+        raise SAEError(f"{arch!r} SAEs have no per-latent activation")
 
     def encode_topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK of pre-activations as (values, indices), each (..., k), values ReLU'd."""
