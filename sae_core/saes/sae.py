@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,6 +117,18 @@ class SAE(nn.Module):
         values, indices = z.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.relu(values), indices
 
+    def nested(self, m: int) -> SAE:
+        """The SAE of the first m latents (a Matryoshka prefix). For an elementwise activation its
+        activations are exactly the first m of the full SAE's."""
+        if self.cfg.architecture == "topk":
+            raise SAEError("a topk SAE has no nested SAEs: its first m latents select among themselves differently")
+        prefixes = [p for p in self.cfg.saescope.get("matryoshka_prefixes", []) if p <= m]
+        cfg = replace(self.cfg, d_sae=m, saescope={**self.cfg.saescope, "matryoshka_prefixes": prefixes})
+        tensors = {"W_enc": self.W_enc[:, :m], "b_enc": self.b_enc[:m], "W_dec": self.W_dec[:m], "b_dec": self.b_dec}
+        if self.threshold is not None:
+            tensors["threshold"] = self.threshold[:m]
+        return SAE.from_tensors(cfg, {name: t.detach() for name, t in tensors.items()}, origin=f"the first {m} latents")
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """(..., d_sae) -> (..., d_in)."""
         return f @ self.W_dec + self.b_dec
@@ -179,16 +191,24 @@ def _atomic_write(path: Path, write) -> None:
     tmp.replace(path)
 
 
-def load_sae(path: str | Path, *, d_in: int | None = None) -> SAE:
+def load_sae(path: str | Path, *, d_in: int | None = None, prefix: int | None = None) -> SAE:
     """Load any SAE saescope understands: ours/SAELens, sparsify, or Gemma Scope ``params.npz``.
 
-    ``d_in``, when given, is the subject model's width; a mismatch is refused.
+    ``d_in``, when given, is the subject model's width; a mismatch is refused. ``prefix`` = m
+    gives a Matryoshka SAE's nested SAE of its first m latents (one of its recorded prefixes).
     """
     from sae_core.saes.formats import read_any
 
     sae = read_any(Path(path))
     if d_in is not None and sae.d_in != d_in:
         raise SAEError(f"{path}: SAE reads d_in={sae.d_in} but the model's residual stream has d_model={d_in}")
+    if prefix is not None:
+        prefixes = sae.cfg.saescope.get("matryoshka_prefixes")
+        if not prefixes:
+            raise SAEError(f"{path}: not a Matryoshka SAE (its cfg.json records no prefixes)")
+        if prefix not in prefixes:
+            raise SAEError(f"{path}: no nested SAE of {prefix} latents; its prefixes are {', '.join(map(str, prefixes))}")
+        sae = sae.nested(prefix)
     return sae.eval()
 
 

@@ -74,28 +74,59 @@ def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, latents.flatten()
 
 
+# BatchTopK's threshold is found from a strided sample of about this many pre-activations: a
+# lower bound on it (a sample value a margin below the expected rank) cuts the batch down to
+# ~1.5·k·batch candidates, among which the exact threshold is a small kthvalue.
+THRESHOLD_SAMPLE = 1 << 18
+
+
 def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k·batch largest positive pre-activations of the whole batch (all ranks' slices):
-    this rank's (rows, latents).
+    this rank's (rows, latents), rows ascending.
 
-    Fast path: the global threshold among each row's top 4k candidates; exact unless a row has
-    all its candidates above it, in which case the threshold comes from every row's top k·batch.
-    """
+    Exact: a lower bound t on the threshold (from a sample, checked by counting, lowered until
+    at least k·batch values reach it) leaves candidates z ≥ t, and the threshold is the k·batch-th
+    largest of every rank's candidates."""
     n = k * z.shape[0] * distributed.world().size
-    width = z.shape[1]
-    candidates = z.topk(min(width, 4 * k), dim=-1, sorted=False).values  # (batch, ≤4k)
-    gathered = distributed.all_gather(candidates.flatten(), step="the BatchTopK threshold")
-    threshold = gathered.kthvalue(gathered.numel() - n + 1).values
-    short = torch.tensor(int(candidates.shape[1] < width and (candidates.amin(dim=-1) >= threshold).any()))
-    if distributed.all_reduce(short, "max", step="the BatchTopK threshold"):
-        best = z.flatten().topk(min(n, z.numel()), sorted=False).values
-        gathered = distributed.all_gather(best, step="the BatchTopK threshold")
-        threshold = gathered.kthvalue(gathered.numel() - n + 1).values
-    rows, latents = ((z >= threshold) & (z > 0)).nonzero(as_tuple=True)
-    return rows, latents
+    lower = _threshold_lower_bound(z, n)
+    rows, latents = (z >= lower).nonzero(as_tuple=True)  # row-major: rows ascending
+    values = z[rows, latents]
+    gathered = _all_gather_padded(values)
+    threshold = gathered.kthvalue(gathered.numel() - n + 1).values if gathered.numel() > n else lower
+    keep = (values >= threshold) & (values > 0)
+    return rows[keep], latents[keep]
+
+
+def _threshold_lower_bound(z: torch.Tensor, n: int) -> torch.Tensor:
+    """A value t with at least n pre-activations ≥ t over all ranks, and not many more."""
+    flat = z.flatten()
+    stride = max(1, flat.numel() // THRESHOLD_SAMPLE) | 1  # odd: a power-of-two width sees every latent
+    sample = distributed.all_gather(flat[::stride], step="the BatchTopK threshold")
+    total = flat.numel() * distributed.world().size
+    expected = n * sample.numel() / total  # sample values above the threshold, on average
+    rank = int(1.5 * expected + 6 * expected**0.5) + 1
+    while rank < sample.numel():
+        lower = sample.kthvalue(sample.numel() - rank + 1).values
+        count = distributed.all_reduce((flat >= lower).sum(), step="the BatchTopK threshold")
+        if count >= n:
+            return lower
+        rank *= 4
+    return torch.tensor(-torch.inf, device=z.device)
+
+
+def _all_gather_padded(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d ``values`` (lengths may differ), padded with -inf to a common length."""
+    if distributed.world().size == 1:
+        return values
+    length = int(distributed.all_reduce(torch.tensor(values.numel(), device=values.device), "max", step="the BatchTopK threshold"))
+    padded = torch.full((length,), -torch.inf, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    return distributed.all_gather(padded, step="the BatchTopK threshold")
 
 
 def select_dead(z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k_aux largest pre-activations among dead latents of each row: (rows, latents)."""
-    masked = torch.where(dead, z, torch.tensor(-torch.inf, device=z.device))
-    return select_topk(masked, min(k_aux, int(dead.sum())))
+    """The k_aux largest pre-activations among dead latents of each row: (rows, latents). Reads
+    only the dead latents' columns of z."""
+    dead_latents = dead.nonzero().squeeze(1)
+    rows, picked = select_topk(z[:, dead_latents], min(k_aux, dead_latents.numel()))
+    return rows, dead_latents[picked]

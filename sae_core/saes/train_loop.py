@@ -21,7 +21,7 @@ from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, sa
 from sae_core.saes.losses import batch_variance, forward_relu, forward_sparse
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.sparse_codes import select_batch_topk
-from sae_core.saes.train_config import SAVED_ARCHITECTURE, TrainConfig, TrainError
+from sae_core.saes.train_config import BATCH_THRESHOLD, SAVED_ARCHITECTURE, TrainConfig, TrainError
 from sae_core.saes.train_data import (
     MEDIAN_SAMPLE_TOKENS,
     TokenSource,
@@ -193,7 +193,7 @@ def fit(
             if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
                 save_checkpoint(folder, state, cfg)
     dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
-    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture == "batchtopk" else None
+    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture in BATCH_THRESHOLD else None
     return FitResult(
         sae=fold_scale(state, cfg, threshold),
         scale=state.scale,
@@ -206,7 +206,8 @@ def fit(
 def fold_scale(state: TrainState, cfg: TrainConfig, threshold: float | None = None) -> SAE:
     """The inference SAE on raw x: f(c·x) = act(c·W_enc (x - b_dec/c) + b_enc), x̂ = (W_dec f + b_dec)/c.
 
-    ``threshold`` is BatchTopK's θ (pre-activations are the same in both units)."""
+    ``threshold`` is BatchTopK's θ (pre-activations are the same in both units). A Matryoshka
+    SAE records its prefixes, for ``load_sae(..., prefix=m)``."""
     trained, c = state.sae, state.scale
     saved_arch = SAVED_ARCHITECTURE[cfg.architecture]
     sae_cfg = SAEConfig(
@@ -214,6 +215,7 @@ def fold_scale(state: TrainState, cfg: TrainConfig, threshold: float | None = No
         d_sae=trained.d_sae,
         architecture=saved_arch,
         k=cfg.k if cfg.architecture != "relu" else None,
+        saescope={"matryoshka_prefixes": list(cfg.prefixes)} if cfg.prefixes else {},
     )
     tensors = {
         "W_enc": trained.W_enc.detach().cpu() * c,
