@@ -40,7 +40,7 @@ class Forward(NamedTuple):
 def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor) -> Forward:
     """TopK, BatchTopK or Matryoshka reconstruction + AuxK loss, normalised by the batch variance."""
     with torch.no_grad():
-        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width): the one dense matmul
+        z = sae.pre_acts(x)  # (batch, width): the one dense matmul
     if cfg.architecture == "topk":
         rows, latents = select_topk(z, cfg.k)
     else:
@@ -107,13 +107,14 @@ def forward_relu(sae: SAE, x: torch.Tensor, cfg: TrainConfig, step: int) -> Forw
 
     The pre-activations are computed once; below SPARSE_RELU_DENSITY active pairs the rest of
     the step touches only the active pairs (``codes_at``, ``decode_sparse``)."""
-    z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width)
+    z = sae.pre_acts(x)  # (batch, width)
     batch = x.shape[0] * distributed.world().size
     l1_scale = min(1.0, (step + 1) / max(1, int(0.05 * cfg.total_steps)))
     decoder_norms = sae.W_dec.norm(dim=-1)  # (width,)
     with torch.no_grad():
         active = z > 0
-        sparse = int(active.sum()) < SPARSE_RELU_DENSITY * z.numel()
+        n_active = int(torch.count_nonzero(active))  # (a bool .sum() is 4x slower on a CPU)
+        sparse = n_active < SPARSE_RELU_DENSITY * z.numel()
     if sparse:
         rows, latents = active.nonzero(as_tuple=True)
         del active
@@ -125,6 +126,6 @@ def forward_relu(sae: SAE, x: torch.Tensor, cfg: TrainConfig, step: int) -> Forw
         f = torch.relu(z)
         x_hat = f @ sae.W_dec + sae.b_dec
         penalty = (f * decoder_norms).sum() / batch
-        fired, l0 = active.any(dim=0), float(active.sum()) / x.shape[0]
+        fired, l0 = active.any(dim=0), n_active / x.shape[0]
     mse = (x_hat - x).pow(2).sum() / batch
     return Forward(x_hat, mse + cfg.l1_coeff * l1_scale * penalty, fired, l0)

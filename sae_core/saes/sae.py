@@ -89,10 +89,12 @@ class SAE(nn.Module):
         return self.cfg.d_sae
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d_in) -> (..., d_sae) encoder pre-activations."""
+        """(..., d_in) -> (..., d_sae) encoder pre-activations, b_enc added inside the matmul
+        (one pass over the (tokens, d_sae) result instead of two)."""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        z = torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc)  # (tokens, d_sae)
+        return z.reshape(*x.shape[:-1], self.d_sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae) feature activations."""

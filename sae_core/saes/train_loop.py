@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from sae_core.inputs import distributed
-from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
+from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, training_sae
 from sae_core.saes.losses import batch_variance, forward_relu, forward_sparse
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.sparse_codes import select_batch_topk
@@ -113,7 +113,7 @@ def init_state(cfg: TrainConfig, source: TokenSource) -> TrainState:
     width = cfg.resolved_width(d_model)
     torch.manual_seed(cfg.seed)
     scale = estimate_scale(source, d_model)
-    sae = SAE(SAEConfig(d_in=d_model, d_sae=width, architecture="standard"))
+    sae = training_sae(d_model, width, "cpu")
     with torch.no_grad():
         directions = torch.randn(width, d_model)
         directions /= directions.norm(dim=-1, keepdim=True)
@@ -140,7 +140,7 @@ def calibrate_threshold(state: TrainState, source: TokenSource, cfg: TrainConfig
     smallest = []
     for _ in range(cfg.threshold_batches):
         x = next(batches)[rows.start : rows.stop].to(sae.W_enc.device) * state.scale
-        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width)
+        z = sae.pre_acts(x)  # (batch, width)
         selected_rows, selected_latents = select_batch_topk(z, cfg.k)
         selected = z[selected_rows, selected_latents]
         local = selected.min() if selected.numel() else torch.tensor(torch.inf, device=z.device)
