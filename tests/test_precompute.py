@@ -18,7 +18,7 @@ from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
 from sae_core.precompute.run import PrecomputeConfig, run_precompute
 from sae_core.precompute.stats import FINE_BINS, StreamingStats, pow2_ceil, sample_priority
-from sae_core.saes.sae import SAE, SAEConfig
+from sae_core.saes.sae import ARCHITECTURES, SAE, SAEConfig
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -205,14 +205,37 @@ def brute_force(llama, corpus, sae_path):
     return contexts, acts
 
 
-@pytest.mark.parametrize("architecture", ["topk", "standard"])
-def test_streaming_statistics_equal_brute_force(llama, llama_dir, corpus, tmp_path, architecture):
+# Every architecture the loader accepts, and the forms our training saves: BatchTopK and
+# Matryoshka as JumpReLU with one global threshold.
+SAE_KINDS = {
+    "topk": "topk",
+    "standard": "standard",
+    "jumprelu": "jumprelu",  # per-latent thresholds, some negative (Gemma Scope allows θ < 0)
+    "batchtopk-export": "jumprelu",
+}
+
+
+def test_sae_kinds_cover_every_architecture():
+    assert set(SAE_KINDS.values()) == set(ARCHITECTURES)
+
+
+def random_sae(kind: str, d_in: int) -> SAE:
     torch.manual_seed(3)
-    sae = SAE(SAEConfig(d_in=llama.d_model, d_sae=D_SAE, architecture=architecture, k=6 if architecture == "topk" else None, layer=LAYER))
+    architecture = SAE_KINDS[kind]
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=D_SAE, architecture=architecture, k=6 if architecture == "topk" else None, layer=LAYER))
     sae.W_enc.data.normal_(std=0.3)
     sae.W_dec.data.normal_()
     sae.b_enc.data.fill_(-0.3)
-    sae.save(tmp_path / "sae")
+    if kind == "jumprelu":
+        sae.threshold.data.uniform_(-0.5, 1.0)
+    elif kind == "batchtopk-export":
+        sae.threshold.data.fill_(0.4)
+    return sae
+
+
+@pytest.mark.parametrize("kind", SAE_KINDS)
+def test_streaming_statistics_equal_brute_force(llama, llama_dir, corpus, tmp_path, kind):
+    random_sae(kind, llama.d_model).save(tmp_path / "sae")
     db = f"sqlite:///{tmp_path / 's.db'}"
     run_precompute(config(tmp_path / "sae", db, corpus, model=str(llama_dir), max_active=D_SAE, memory_budget_mb=1))
     features, examples, token_rows, _, sae_row = features_by_idx(db)

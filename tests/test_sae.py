@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_core.saes.sae import FORMAT_VERSION, SAE, SAEConfig, SAEError, default_width, load_sae
+from sae_core.saes.sae import ARCHITECTURES, FORMAT_VERSION, SAE, SAEConfig, SAEError, default_width, load_sae
+from sae_core.saes.sparse_acts import sparse_encode
 
 
 def random_sae(architecture: str, *, k: int | None = None, seed: int = 0) -> SAE:
@@ -21,7 +22,7 @@ def random_sae(architecture: str, *, k: int | None = None, seed: int = 0) -> SAE
         "b_dec": torch.randn(6, generator=gen),
     }
     if architecture == "jumprelu":
-        tensors["threshold"] = torch.rand(16, generator=gen)
+        tensors["threshold"] = torch.rand(16, generator=gen) * 2 - 1  # some θ < 0, as Gemma Scope allows
     return SAE.from_tensors(cfg, tensors, origin="test")
 
 
@@ -33,6 +34,39 @@ def test_topk_keeps_exactly_the_k_largest():
     assert ((f > 0).sum(dim=-1) <= 3).all()
     kth = z.topk(3, dim=-1).values[:, -1:]
     assert torch.equal(f > 0, (z >= kth) & (z > 0))
+
+
+def test_jumprelu_is_relu_gated_by_the_threshold():
+    """SAELens / Gemma Scope: f = ReLU(z) · [z > θ]; with θ < 0 a negative z above θ gives 0."""
+    sae = random_sae("jumprelu")
+    sae.threshold.data.fill_(-1.0)
+    z = torch.tensor([[-2.0, -0.5, 0.0, 0.7] * 4])
+    torch.testing.assert_close(sae.activate(z), torch.tensor([[0.0, 0.0, 0.0, 0.7] * 4]), rtol=0, atol=0)
+    sae.threshold.data.fill_(0.5)
+    torch.testing.assert_close(sae.activate(z), torch.tensor([[0.0, 0.0, 0.0, 0.7] * 4]), rtol=0, atol=0)
+    sae.threshold.data.fill_(0.8)
+    assert not sae.activate(z).any()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_sparse_encode_equals_encode(architecture, chunk):
+    sae = random_sae(architecture, k=3 if architecture == "topk" else None)
+    x = torch.randn(20, 6) * 2
+    dense = sae.encode(x).detach()
+    sparse = sparse_encode(sae, x, chunk)
+    rebuilt = torch.zeros_like(dense).index_put_((sparse.token, sparse.feature), sparse.value)
+    assert (sparse.value > 0).all() and sparse.token.numel() == int((dense > 0).sum()) > 0
+    torch.testing.assert_close(rebuilt, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_an_architecture_without_an_activation_is_refused_by_both_encoders():
+    sae = random_sae("standard")
+    sae.cfg.architecture = "gated"  # past SAEConfig's check, as a half-added architecture would be
+    with pytest.raises(SAEError, match="'gated'"):
+        sae.encode(torch.randn(2, 6))
+    with pytest.raises(SAEError, match="'gated'"):
+        sparse_encode(sae, torch.randn(2, 6), 4)
 
 
 @pytest.mark.parametrize(("architecture", "k"), [("standard", None), ("topk", 3), ("jumprelu", None)])

@@ -11,7 +11,8 @@ import torch
 from sae_core.saes.checkpoint import CHECKPOINT
 from sae_core.saes.metrics import reconstruction_stats
 from sae_core.saes.sae import load_sae
-from sae_core.saes.sparse_codes import codes_at, decode_sparse, select_batch_topk, select_topk
+from sae_core.saes import losses, sparse_codes
+from sae_core.saes.sparse_codes import codes_at, decode_sparse, select_batch_topk, select_dead, select_topk
 from sae_core.saes.train_config import TrainConfig, TrainError
 from sae_core.saes.train_data import TensorSource
 from sae_core.saes.train_loop import fit, fold_scale, init_state, learning_rate
@@ -89,6 +90,54 @@ def test_batch_topk_selects_the_global_top_k_times_batch():
     expected = set(z.flatten().topk(k * 16).indices.tolist())
     assert {int(r) * 64 + int(c) for r, c in zip(rows, latents, strict=True)} == expected
     assert torch.all(rows[1:] >= rows[:-1])  # sorted rows, as embedding_bag needs
+
+
+@pytest.mark.parametrize("sample", [16, 200, 1 << 18])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_topk_is_exact_whatever_its_sample(monkeypatch, sample, seed):
+    """The sampled lower bound only narrows the candidates: a sample too small, or blind to a
+    row that holds many winners, must still give the exact k·batch largest."""
+    monkeypatch.setattr(sparse_codes, "THRESHOLD_SAMPLE", sample)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(64, 96, generator=gen)
+    z[seed * 7] += 4.0  # one row holds a large share of the winners
+    k = 3
+    rows, latents = select_batch_topk(z, k)
+    expected = set(z.flatten().topk(k * 64).indices.tolist())
+    assert {int(r) * 96 + int(c) for r, c in zip(rows, latents, strict=True)} == expected
+    assert torch.all(rows[1:] >= rows[:-1])
+
+
+def test_select_dead_takes_each_rows_largest_dead_latents():
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(32, 40, generator=gen)
+    dead = torch.rand(40, generator=gen) < 0.3
+    rows, latents = select_dead(z, dead, 5)
+    expected = torch.where(dead, z, -torch.inf).topk(5, dim=-1).indices  # (32, 5)
+    assert torch.equal(rows, torch.arange(32).repeat_interleave(5))
+    assert set(zip(rows.tolist(), latents.tolist(), strict=True)) == {(r, int(c)) for r in range(32) for c in expected[r]}
+
+
+@pytest.mark.parametrize("bias", [-1.5, 0.0])  # few latents active, or half of them
+def test_relu_sparse_step_equals_the_dense_one(monkeypatch, data, bias):
+    x = data[0][:64]
+    cfg = small_config("relu")
+    state = init_state(cfg, TensorSource(data[0][:512]))
+    state.sae.b_enc.data.fill_(bias)
+    results = {}
+    for name, density in (("dense", 0.0), ("sparse", 1.01)):  # forces each path
+        monkeypatch.setattr(losses, "SPARSE_RELU_DENSITY", density)
+        state.sae.zero_grad()
+        out = losses.forward_relu(state.sae, x, cfg, step=3)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in state.sae.named_parameters()}
+        results[name] = (out, grads)
+    (dense, dense_grads), (sparse, sparse_grads) = results["dense"], results["sparse"]
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sparse.fired, dense.fired) and sparse.l0 == dense.l0
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_saved_sae_takes_raw_activations(data):

@@ -6,6 +6,8 @@ there); torch is imported only when the command runs, so other commands start fa
 
 from __future__ import annotations
 
+import argparse
+
 from sae_core.cli import add_corpus_args, add_model_args
 
 HELP = "train a sparse autoencoder on one layer's residual stream (resumable)"
@@ -15,6 +17,7 @@ CONFIG_OPTIONS = {
     "arch": "architecture",
     "width": "width",
     "k": "k",
+    "prefixes": "prefixes",
     "l1": "l1_coeff",
     "tokens": "tokens",
     "cache_tokens": "cache_tokens",
@@ -29,9 +32,17 @@ def add_arguments(parser):
     add_model_args(parser)
     add_corpus_args(parser)
     parser.add_argument("--out", required=True, help="folder for the SAE (SAELens layout), metrics.json and checkpoints")
-    parser.add_argument("--arch", help="topk (default; TopK + AuxK), batchtopk (saved as JumpReLU) or relu (Anthropic)")
+    parser.add_argument(
+        "--arch",
+        help="topk (default; TopK + AuxK), batchtopk (saved as JumpReLU), matryoshka (nested BatchTopK, see --prefixes) or relu (Anthropic)",
+    )
     parser.add_argument("--width", type=int, help="number of latents (default: the power of two nearest 16 x d_model)")
     parser.add_argument("--k", type=int, help="active latents per token for topk/batchtopk (default: 32)")
+    parser.add_argument(
+        "--prefixes",
+        type=int_list,
+        help="for --arch matryoshka: nested dictionary sizes, ascending, the last the whole width (e.g. 1024,4096,16384)",
+    )
     parser.add_argument("--l1", type=float, help="sparsity coefficient of the relu recipe (default: 5)")
     parser.add_argument("--tokens", type=int, help="training tokens (default: 2,000,000)")
     parser.add_argument("--cache-tokens", type=int, help="activations to cache and cycle through (default: --tokens, one epoch)")
@@ -40,6 +51,13 @@ def add_arguments(parser):
     parser.add_argument("--eval-contexts", type=int, help="held-out contexts for the metrics (default: 256)")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 50)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1024,4096,16384, got {text!r}") from None
 
 
 def config_from_args(args):

@@ -28,6 +28,15 @@ class TrainState:
     tokens_since_fired: torch.Tensor | None = None  # (width,) int64
 
 
+def training_sae(d_model: int, width: int, device: str) -> SAE:
+    """A zero SAE as training holds it: W_enc (d_model, width) stored as the transpose of a
+    (width, d_model) matrix, the layout of the sparse encoder gradient (``sparse_codes``), which
+    then lands in .grad without a transposing copy of the whole matrix every step."""
+    sae = SAE(SAEConfig(d_in=d_model, d_sae=width, architecture="standard"))
+    sae.W_enc = torch.nn.Parameter(torch.zeros(width, d_model).t())
+    return sae.to(device)
+
+
 def save_checkpoint(folder: Path, state: TrainState, cfg: TrainConfig) -> None:
     """Write everything needed to continue, atomically (a kill leaves the previous one intact)."""
     payload = {
@@ -54,7 +63,7 @@ def load_checkpoint(folder: Path, cfg: TrainConfig, source: TokenSource) -> Trai
             "resume with the same arguments, or train into a new --out folder"
         )
     width = cfg.resolved_width(source.d_model)
-    sae = SAE(SAEConfig(d_in=source.d_model, d_sae=width, architecture="standard")).to(cfg.device)
+    sae = training_sae(source.d_model, width, cfg.device)
     sae.load_state_dict(payload["sae"])
     optimizer = torch.optim.Adam(sae.parameters(), fused=True)
     optimizer.load_state_dict(payload["optimizer"])

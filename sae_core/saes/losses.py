@@ -1,7 +1,10 @@
 """Each architecture's forward pass and loss on a scaled batch (REFERENCE §1).
 
 - ``topk`` / ``batchtopk``: FVU of the sparse reconstruction + AuxK over dead latents;
-- ``relu``: Anthropic's ||x - x̂||² + λ Σ f_i ||W_dec_i||, λ warmed up over the first 5%."""
+- ``matryoshka``: BatchTopK's selection; the sum over prefixes m of the FVU of the reconstruction
+  by the first m latents alone (Bussmann et al. 2025), + AuxK on the full reconstruction;
+- ``relu``: Anthropic's ||x - x̂||² + λ Σ f_i ||W_dec_i||, λ warmed up over the first 5%; dense
+  while many latents fire, sparse once few do (the same loss and gradients either way)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from sae_core.inputs import distributed
 from sae_core.saes.sae import SAE
 from sae_core.saes.sparse_codes import (
+    SparseCodes,
     codes_at,
     decode_sparse,
     select_batch_topk,
@@ -19,6 +23,11 @@ from sae_core.saes.sparse_codes import (
     select_topk,
 )
 from sae_core.saes.train_config import TrainConfig
+
+# The relu step runs sparse (encoder gather, embedding_bag decoder, sparse backward) when fewer
+# than this fraction of the batch's (token, latent) pairs are active: there the sparse kernels,
+# slower per multiply-add than a dense matmul, already do under a tenth of the dense work.
+SPARSE_RELU_DENSITY = 0.1
 
 
 class Forward(NamedTuple):
@@ -29,17 +38,22 @@ class Forward(NamedTuple):
 
 
 def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor) -> Forward:
-    """TopK or BatchTopK reconstruction + AuxK loss, both normalised by the batch variance."""
+    """TopK, BatchTopK or Matryoshka reconstruction + AuxK loss, normalised by the batch variance."""
     with torch.no_grad():
-        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width): the one dense matmul
+        z = sae.pre_acts(x)  # (batch, width): the one dense matmul
     if cfg.architecture == "topk":
         rows, latents = select_topk(z, cfg.k)
     else:
         rows, latents = select_batch_topk(z, cfg.k)
     codes = codes_at(sae, x, z, rows, latents)
-    x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
     total_variance = batch_variance(x)
-    loss = (x_hat - x).pow(2).sum() / total_variance
+    if cfg.architecture == "matryoshka":
+        prefixes = prefix_reconstructions(sae.W_dec, codes, cfg.prefixes, sae.b_dec)
+        loss = sum((x_hat - x).pow(2).sum() for x_hat in prefixes) / total_variance
+        x_hat = prefixes[-1]
+    else:
+        x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
+        loss = (x_hat - x).pow(2).sum() / total_variance
     n_dead = int(dead.sum())
     if n_dead:
         k_aux = cfg.resolved_aux_k(x.shape[1])
@@ -48,9 +62,37 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
         aux_hat = decode_sparse(sae.W_dec, codes_at(sae, x, z, aux_rows, aux_latents))
         aux_loss = (aux_hat - residual).pow(2).sum() / total_variance
         loss = loss + cfg.aux_coeff * min(n_dead / k_aux, 1.0) * aux_loss
-    fired = torch.zeros(z.shape[1], dtype=torch.bool, device=z.device)
-    fired[latents[codes.values.detach() > 0]] = True
-    return Forward(x_hat, loss, fired, float((codes.values > 0).sum()) / x.shape[0])
+    return Forward(x_hat, loss, *_fired(codes, z.shape[1], x.shape[0]))
+
+
+def prefix_reconstructions(
+    W_dec: torch.Tensor, codes: SparseCodes, prefixes: list[int], b_dec: torch.Tensor
+) -> list[torch.Tensor]:
+    """b_dec + the decoding by the first m latents, for each prefix m: each band of latents
+    [previous m, m) is decoded once and the bands are summed cumulatively, so the work is one
+    full decode whatever the number of prefixes."""
+    x_hat, out, start = b_dec, [], 0
+    for stop in prefixes:
+        band = (codes.latents >= start) & (codes.latents < stop)
+        x_hat = x_hat + decode_sparse(W_dec, _subset(codes, band))
+        out.append(x_hat)
+        start = stop
+    return out
+
+
+def _subset(codes: SparseCodes, keep: torch.Tensor) -> SparseCodes:
+    """The pairs where ``keep``, rows still ascending, with their offsets."""
+    rows = codes.rows[keep]
+    counts = torch.bincount(rows, minlength=codes.offsets.shape[0])
+    return SparseCodes(rows, codes.latents[keep], codes.values[keep], torch.cumsum(counts, 0) - counts)
+
+
+def _fired(codes: SparseCodes, width: int, batch: int) -> tuple[torch.Tensor, float]:
+    """(which latents fired in the batch, mean active latents per token)."""
+    active = codes.values.detach() > 0
+    fired = torch.zeros(width, dtype=torch.bool, device=active.device)
+    fired[codes.latents[active]] = True
+    return fired, float(active.sum()) / batch
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
@@ -61,12 +103,29 @@ def batch_variance(x: torch.Tensor) -> torch.Tensor:
 
 def forward_relu(sae: SAE, x: torch.Tensor, cfg: TrainConfig, step: int) -> Forward:
     """Anthropic's loss: mean ||x - x̂||² + λ_t · mean Σ_i f_i ||W_dec_i||, λ warmed up over 5%
-    (means over the whole batch: this rank's sums over its slice, divided by the batch size)."""
-    f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)  # (batch, width)
-    x_hat = f @ sae.W_dec + sae.b_dec
+    (means over the whole batch: this rank's sums over its slice, divided by the batch size).
+
+    The pre-activations are computed once; below SPARSE_RELU_DENSITY active pairs the rest of
+    the step touches only the active pairs (``codes_at``, ``decode_sparse``)."""
+    z = sae.pre_acts(x)  # (batch, width)
     batch = x.shape[0] * distributed.world().size
-    mse = (x_hat - x).pow(2).sum() / batch
-    penalty = (f * sae.W_dec.norm(dim=-1)).sum() / batch
     l1_scale = min(1.0, (step + 1) / max(1, int(0.05 * cfg.total_steps)))
-    active = (f > 0).detach()
-    return Forward(x_hat, mse + cfg.l1_coeff * l1_scale * penalty, active.any(dim=0), float(active.sum()) / x.shape[0])
+    decoder_norms = sae.W_dec.norm(dim=-1)  # (width,)
+    with torch.no_grad():
+        active = z > 0
+        n_active = int(torch.count_nonzero(active))  # (a bool .sum() is 4x slower on a CPU)
+        sparse = n_active < SPARSE_RELU_DENSITY * z.numel()
+    if sparse:
+        rows, latents = active.nonzero(as_tuple=True)
+        del active
+        codes = codes_at(sae, x, z.detach(), rows, latents)
+        x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
+        penalty = (codes.values * decoder_norms[latents]).sum() / batch
+        fired, l0 = _fired(codes, z.shape[1], x.shape[0])
+    else:
+        f = torch.relu(z)
+        x_hat = f @ sae.W_dec + sae.b_dec
+        penalty = (f * decoder_norms).sum() / batch
+        fired, l0 = active.any(dim=0), n_active / x.shape[0]
+    mse = (x_hat - x).pow(2).sum() / batch
+    return Forward(x_hat, mse + cfg.l1_coeff * l1_scale * penalty, fired, l0)

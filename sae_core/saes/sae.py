@@ -4,7 +4,9 @@
     x̂ = W_dec f + b_dec
 
 ``act`` is ReLU ("standard", Anthropic's recipe), TopK (keep the k largest pre-activations,
-then ReLU) or JumpReLU (z · [z > θ], Gemma Scope; also what BatchTopK becomes after training).
+then ReLU) or JumpReLU (ReLU(z) · [z > θ], as SAELens and Gemma Scope define it; also what
+BatchTopK and Matryoshka become after training). ``SAE.activate`` and ``SAE.encode_topk`` are
+the one definition of each: ``encode`` and the chunked ``sparse_acts.sparse_encode`` both call them.
 
 On disk an SAE is a folder in SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` with
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU,
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,26 +89,47 @@ class SAE(nn.Module):
         return self.cfg.d_sae
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d_in) -> (..., d_sae) encoder pre-activations."""
+        """(..., d_in) -> (..., d_sae) encoder pre-activations, b_enc added inside the matmul
+        (one pass over the (tokens, d_sae) result instead of two)."""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        z = torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc)  # (tokens, d_sae)
+        return z.reshape(*x.shape[:-1], self.d_sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae) feature activations."""
         z = self.pre_acts(x)
+        if self.cfg.architecture == "topk":
+            values, indices = self.encode_topk(z)
+            return torch.zeros_like(z).scatter_(-1, indices, values)
+        return self.activate(z)
+
+    def activate(self, z: torch.Tensor, features: slice = slice(None)) -> torch.Tensor:
+        """The per-latent activation of an elementwise architecture: pre-activations z (..., n) of
+        the latents ``features`` -> their activations. TopK is not elementwise: see encode_topk."""
         arch = self.cfg.architecture
         if arch == "standard":
             return torch.relu(z)
         if arch == "jumprelu":
-            return z * (z > self.threshold)
-        values, indices = self.encode_topk(z)
-        return torch.zeros_like(z).scatter_(-1, indices, values)
+            return torch.relu(z) * (z > self.threshold[features])
+        raise SAEError(f"{arch!r} SAEs have no per-latent activation")
 
     def encode_topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK of pre-activations as (values, indices), each (..., k), values ReLU'd."""
         values, indices = z.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.relu(values), indices
+
+    def nested(self, m: int) -> SAE:
+        """The SAE of the first m latents (a Matryoshka prefix). For an elementwise activation its
+        activations are exactly the first m of the full SAE's."""
+        if self.cfg.architecture == "topk":
+            raise SAEError("a topk SAE has no nested SAEs: its first m latents select among themselves differently")
+        prefixes = [p for p in self.cfg.saescope.get("matryoshka_prefixes", []) if p <= m]
+        cfg = replace(self.cfg, d_sae=m, saescope={**self.cfg.saescope, "matryoshka_prefixes": prefixes})
+        tensors = {"W_enc": self.W_enc[:, :m], "b_enc": self.b_enc[:m], "W_dec": self.W_dec[:m], "b_dec": self.b_dec}
+        if self.threshold is not None:
+            tensors["threshold"] = self.threshold[:m]
+        return SAE.from_tensors(cfg, {name: t.detach() for name, t in tensors.items()}, origin=f"the first {m} latents")
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """(..., d_sae) -> (..., d_in)."""
@@ -170,16 +193,24 @@ def _atomic_write(path: Path, write) -> None:
     tmp.replace(path)
 
 
-def load_sae(path: str | Path, *, d_in: int | None = None) -> SAE:
+def load_sae(path: str | Path, *, d_in: int | None = None, prefix: int | None = None) -> SAE:
     """Load any SAE saescope understands: ours/SAELens, sparsify, or Gemma Scope ``params.npz``.
 
-    ``d_in``, when given, is the subject model's width; a mismatch is refused.
+    ``d_in``, when given, is the subject model's width; a mismatch is refused. ``prefix`` = m
+    gives a Matryoshka SAE's nested SAE of its first m latents (one of its recorded prefixes).
     """
     from sae_core.saes.formats import read_any
 
     sae = read_any(Path(path))
     if d_in is not None and sae.d_in != d_in:
         raise SAEError(f"{path}: SAE reads d_in={sae.d_in} but the model's residual stream has d_model={d_in}")
+    if prefix is not None:
+        prefixes = sae.cfg.saescope.get("matryoshka_prefixes")
+        if not prefixes:
+            raise SAEError(f"{path}: not a Matryoshka SAE (its cfg.json records no prefixes)")
+        if prefix not in prefixes:
+            raise SAEError(f"{path}: no nested SAE of {prefix} latents; its prefixes are {', '.join(map(str, prefixes))}")
+        sae = sae.nested(prefix)
     return sae.eval()
 
 

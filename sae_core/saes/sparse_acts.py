@@ -38,17 +38,15 @@ def sparse_encode(sae: SAE, x: torch.Tensor, chunk: int) -> SparseActs:
     for start in range(0, sae.d_sae, chunk):
         stop = min(start + chunk, sae.d_sae)
         z = x_in @ sae.W_enc[:, start:stop] + sae.b_enc[start:stop]  # (n_tokens, chunk)
-        if sae.cfg.architecture == "jumprelu":
-            f = z * (z > sae.threshold[start:stop])
-        else:
-            f = torch.relu(z)
+        f = sae.activate(z, slice(start, stop))  # raises for an architecture it does not know
         token, local = torch.nonzero(f > 0, as_tuple=True)
         parts.append(SparseActs(token, local + start, f[token, local]))
     return SparseActs(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
 
 def _sparse_topk(sae: SAE, x_in: torch.Tensor, chunk: int) -> SparseActs:
-    """TopK over all features as a running merge of per-chunk TopKs."""
+    """TopK over all features as a running merge of per-chunk TopKs (raw pre-activations), then
+    ``encode_topk``'s ReLU on the k survivors: only the positive ones are kept."""
     k = sae.cfg.k
     best_v = best_i = None  # (n_tokens, k)
     for start in range(0, sae.d_sae, chunk):

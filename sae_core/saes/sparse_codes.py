@@ -1,12 +1,13 @@
 """The sparse machinery of TopK-style training: which (token, latent) pairs fire, their
 differentiable values, and decoding them without a dense (batch × width) product.
 
-The TopK encoder's backward and the decoder touch only the selected pairs (a sparse matmul for
-dW_enc, ``embedding_bag`` for the decoder), so a step costs one dense (batch × d_model × width)
-matmul instead of five."""
+The TopK encoder's backward and the decoder touch only the selected pairs (sparse matmuls for
+dW_enc and dW_dec, ``embedding_bag`` for the decoder's forward), so a step costs one dense
+(batch × d_model × width) matmul instead of five."""
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,7 @@ class _PreActsAt(torch.autograd.Function):
         batch, width = x.shape[0], W_enc.shape[1]
         grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_add_(0, latents, grad)
         pairs_t = _sparse(latents, rows, grad, (width, batch))
-        grad_w = torch.sparse.mm(pairs_t, x - b_dec).t()  # (d, width)
+        grad_w = torch.sparse.mm(pairs_t, x - b_dec).t()  # (d, width), the layout training_sae keeps W_enc in
         return None, -(W_enc @ grad_b_enc), grad_w, grad_b_enc, None, None, None
 
 
@@ -62,9 +63,33 @@ def codes_at(sae: SAE, x: torch.Tensor, z: torch.Tensor, rows: torch.Tensor, lat
 
 def decode_sparse(W_dec: torch.Tensor, codes: SparseCodes) -> torch.Tensor:
     """Σ over a token's pairs of value · W_dec[latent]: (batch, d), no bias."""
-    return F.embedding_bag(
-        codes.latents, W_dec, codes.offsets, mode="sum", per_sample_weights=codes.values
-    )
+    return _DecodeSparse.apply(W_dec, codes.values, codes.latents, codes.rows, codes.offsets)
+
+
+class _DecodeSparse(torch.autograd.Function):
+    """``embedding_bag`` forward; a backward that reads each pair once: dW_dec is a sparse
+    (width × batch) @ (batch × d) matmul, d(values) the product grad · W_decᵀ sampled at the
+    pairs. (embedding_bag's own backward sorts the pairs by latent: 2-3x slower on a CPU.)"""
+
+    @staticmethod
+    def forward(ctx, W_dec, values, latents, rows, offsets):
+        ctx.save_for_backward(W_dec, values, latents, rows, offsets)
+        return F.embedding_bag(latents, W_dec, offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (batch, d)
+        W_dec, values, latents, rows, offsets = ctx.saved_tensors
+        width, batch = W_dec.shape[0], grad.shape[0]
+        grad_w = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.sparse.mm(_sparse(latents, rows, values, (width, batch)), grad)  # (width, d)
+        if ctx.needs_input_grad[1]:
+            crow = torch.cat([offsets, offsets.new_tensor([latents.numel()])])  # rows ascending: CSR
+            with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, latents, torch.zeros_like(values), (batch, width), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad, W_dec.t(), beta=0.0).values()
+        return grad_w, grad_values, None, None, None
 
 
 def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,28 +99,56 @@ def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, latents.flatten()
 
 
+# BatchTopK's threshold is found from a strided sample of about this many pre-activations: a
+# lower bound on it (a sample value a margin below the expected rank) cuts the batch down to
+# ~1.5·k·batch candidates, among which the exact threshold is a small kthvalue.
+THRESHOLD_SAMPLE = 1 << 18
+
+
 def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k·batch largest positive pre-activations of the whole batch (all ranks' slices):
-    this rank's (rows, latents).
+    this rank's (rows, latents), rows ascending.
 
-    Fast path: the global threshold among each row's top 4k candidates; exact unless a row has
-    all its candidates above it, in which case the threshold comes from every row's top k·batch.
-    """
+    Exact: a lower bound t on the threshold (a sample value a margin below the expected rank,
+    lowered until at least k·batch pre-activations reach it on all ranks together) leaves the
+    candidates z ≥ t, and the threshold is the k·batch-th largest of every rank's candidates.
+    One pass over z after the sample, as TopK's per-row topk is."""
     n = k * z.shape[0] * distributed.world().size
-    width = z.shape[1]
-    candidates = z.topk(min(width, 4 * k), dim=-1, sorted=False).values  # (batch, ≤4k)
-    gathered = distributed.all_gather(candidates.flatten(), step="the BatchTopK threshold")
-    threshold = gathered.kthvalue(gathered.numel() - n + 1).values
-    short = torch.tensor(int(candidates.shape[1] < width and (candidates.amin(dim=-1) >= threshold).any()))
-    if distributed.all_reduce(short, "max", step="the BatchTopK threshold"):
-        best = z.flatten().topk(min(n, z.numel()), sorted=False).values
-        gathered = distributed.all_gather(best, step="the BatchTopK threshold")
-        threshold = gathered.kthvalue(gathered.numel() - n + 1).values
-    rows, latents = ((z >= threshold) & (z > 0)).nonzero(as_tuple=True)
-    return rows, latents
+    flat = z.flatten()
+    stride = max(1, flat.numel() // THRESHOLD_SAMPLE) | 1  # odd: a power-of-two width sees every latent
+    sample = distributed.all_gather(flat[::stride], step="the BatchTopK threshold")
+    expected = n * sample.numel() / (flat.numel() * distributed.world().size)  # sample values above it
+    rank = int(1.5 * expected + 6 * expected**0.5) + 1
+    while True:
+        if rank < sample.numel():
+            lower = sample.kthvalue(sample.numel() - rank + 1).values
+        else:
+            lower = torch.tensor(-torch.inf, device=z.device)
+        rows, latents = (z >= lower).nonzero(as_tuple=True)  # row-major: rows ascending
+        found = torch.tensor(rows.numel(), device=z.device)
+        if rank >= sample.numel() or distributed.all_reduce(found, step="the BatchTopK threshold") >= n:
+            break
+        rank *= 4
+    values = z[rows, latents]
+    gathered = _all_gather_padded(values)
+    threshold = gathered.kthvalue(gathered.numel() - n + 1).values if gathered.numel() > n else lower
+    keep = (values >= threshold) & (values > 0)
+    return rows[keep], latents[keep]
+
+
+def _all_gather_padded(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d ``values`` (lengths may differ), padded with -inf to a common length."""
+    if distributed.world().size == 1:
+        return values
+    length = int(distributed.all_reduce(torch.tensor(values.numel(), device=values.device), "max", step="the BatchTopK threshold"))
+    padded = torch.full((length,), -torch.inf, dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    return distributed.all_gather(padded, step="the BatchTopK threshold")
 
 
 def select_dead(z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k_aux largest pre-activations among dead latents of each row: (rows, latents)."""
-    masked = torch.where(dead, z, torch.tensor(-torch.inf, device=z.device))
-    return select_topk(masked, min(k_aux, int(dead.sum())))
+    """The k_aux largest pre-activations among dead latents of each row: (rows, latents). Reads
+    only the dead latents' columns of z."""
+    dead_latents = dead.nonzero().squeeze(1)
+    rows, picked = select_topk(z[:, dead_latents], min(k_aux, dead_latents.numel()))
+    return rows, dead_latents[picked]

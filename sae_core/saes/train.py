@@ -1,12 +1,16 @@
 """Training sparse autoencoders on cached residual-stream activations (REFERENCE §1).
 
-Three recipes, chosen by ``TrainConfig.architecture``:
+Four recipes, chosen by ``TrainConfig.architecture``:
 
 - ``topk`` (default; OpenAI 2024): f = TopK(W_enc (x - b_dec) + b_enc), loss = FVU + AuxK/32,
   unit-norm decoder rows. Saved as SAELens ``topk``.
 - ``batchtopk`` (Bussmann et al. 2024): the k·batch largest pre-activations over the whole batch;
   saved as ``jumprelu`` with one global threshold: the mean over a few batches of the smallest
   selected value, measured with the final weights.
+- ``matryoshka`` (Bussmann et al. 2025; Nabeshima 2024): BatchTopK whose first m latents, for each
+  of ``prefixes``, are trained to reconstruct on their own (the loss sums every prefix's FVU).
+  Saved once, as BatchTopK is, with the prefixes in cfg.json; ``load_sae(folder, prefix=m)``
+  gives the nested SAE of the first m latents.
 - ``relu`` (Anthropic, Scaling Monosemanticity): loss = ||x - x̂||² + λ Σ f_i ||W_dec_i||, λ warmed
   up over the first 5% of steps, decoder unconstrained. Saved as SAELens ``standard``.
 
@@ -103,6 +107,7 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
         hook_name=hook_name(cfg.layer),
         layer=cfg.layer,
         saescope={
+            **result.sae.cfg.saescope,
             "training": asdict(cfg),
             "input_scale": result.scale,
             "tokens_trained": result.tokens,

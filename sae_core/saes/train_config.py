@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from sae_core.errors import SaescopeError
 from sae_core.saes.sae import default_width
 
-ARCHITECTURES = ("topk", "batchtopk", "relu")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "relu")
 
 
-SAVED_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
+SAVED_ARCHITECTURE = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "relu": "standard"}
+
+# Architectures whose selection is a threshold over the whole batch: saved as JumpReLU with one
+# global threshold, measured after training.
+BATCH_THRESHOLD = ("batchtopk", "matryoshka")
 
 
 class TrainError(SaescopeError):
@@ -31,6 +35,9 @@ class TrainConfig:
     architecture: str = "topk"  # TopK needs no sparsity tuning and shows no shrinkage
     width: int | None = None  # None: power of two nearest 16·d_model (8192 for SmolLM2)
     k: int = 32  # REFERENCE sweeps 16–128; 32 balances reconstruction and interpretability
+    # Matryoshka: the nested dictionary sizes, ascending, the last the whole width (e.g.
+    # 1024, 4096, 16384); each prefix of latents is trained to reconstruct on its own.
+    prefixes: list[int] | None = None
     l1_coeff: float = 5.0  # λ of the relu recipe; Anthropic's value for inputs scaled to sqrt(d)
     # -- optimisation -----------------------------------------------------------------------
     tokens: int = 2_000_000  # about 25 minutes of training on two CPU cores
@@ -62,13 +69,29 @@ class TrainConfig:
         for name in ("tokens", "batch_size", "k", "checkpoint_every", "eval_contexts"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        self._check_prefixes()
+
+    def _check_prefixes(self) -> None:
+        if self.architecture != "matryoshka":
+            if self.prefixes is not None:
+                raise TrainError("--prefixes is for --arch matryoshka only")
+            return
+        prefixes = self.prefixes
+        if not prefixes:
+            raise TrainError("--arch matryoshka needs --prefixes, e.g. --prefixes 1024,4096,16384")
+        if prefixes[0] <= 0 or any(b <= a for a, b in zip(prefixes, prefixes[1:])):
+            raise TrainError(f"--prefixes must be positive and ascending, got {','.join(map(str, prefixes))}")
+        if self.width is not None and prefixes[-1] != self.width:
+            raise TrainError(f"the last prefix ({prefixes[-1]}) must be the whole --width ({self.width})")
 
     @property
     def total_steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
     def resolved_width(self, d_model: int) -> int:
-        return self.width or default_width(d_model)
+        if self.width:
+            return self.width
+        return self.prefixes[-1] if self.prefixes else default_width(d_model)
 
     def resolved_lr(self, width: int) -> float:
         if self.lr is not None:

@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from sae_core.inputs import distributed
-from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
+from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, training_sae
 from sae_core.saes.losses import batch_variance, forward_relu, forward_sparse
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.sparse_codes import select_batch_topk
-from sae_core.saes.train_config import SAVED_ARCHITECTURE, TrainConfig, TrainError
+from sae_core.saes.train_config import BATCH_THRESHOLD, SAVED_ARCHITECTURE, TrainConfig, TrainError
 from sae_core.saes.train_data import (
     MEDIAN_SAMPLE_TOKENS,
     TokenSource,
@@ -113,7 +113,7 @@ def init_state(cfg: TrainConfig, source: TokenSource) -> TrainState:
     width = cfg.resolved_width(d_model)
     torch.manual_seed(cfg.seed)
     scale = estimate_scale(source, d_model)
-    sae = SAE(SAEConfig(d_in=d_model, d_sae=width, architecture="standard"))
+    sae = training_sae(d_model, width, "cpu")
     with torch.no_grad():
         directions = torch.randn(width, d_model)
         directions /= directions.norm(dim=-1, keepdim=True)
@@ -140,7 +140,7 @@ def calibrate_threshold(state: TrainState, source: TokenSource, cfg: TrainConfig
     smallest = []
     for _ in range(cfg.threshold_batches):
         x = next(batches)[rows.start : rows.stop].to(sae.W_enc.device) * state.scale
-        z = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # (batch, width)
+        z = sae.pre_acts(x)  # (batch, width)
         selected_rows, selected_latents = select_batch_topk(z, cfg.k)
         selected = z[selected_rows, selected_latents]
         local = selected.min() if selected.numel() else torch.tensor(torch.inf, device=z.device)
@@ -193,7 +193,7 @@ def fit(
             if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
                 save_checkpoint(folder, state, cfg)
     dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
-    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture == "batchtopk" else None
+    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture in BATCH_THRESHOLD else None
     return FitResult(
         sae=fold_scale(state, cfg, threshold),
         scale=state.scale,
@@ -206,7 +206,8 @@ def fit(
 def fold_scale(state: TrainState, cfg: TrainConfig, threshold: float | None = None) -> SAE:
     """The inference SAE on raw x: f(c·x) = act(c·W_enc (x - b_dec/c) + b_enc), x̂ = (W_dec f + b_dec)/c.
 
-    ``threshold`` is BatchTopK's θ (pre-activations are the same in both units)."""
+    ``threshold`` is BatchTopK's θ (pre-activations are the same in both units). A Matryoshka
+    SAE records its prefixes, for ``load_sae(..., prefix=m)``."""
     trained, c = state.sae, state.scale
     saved_arch = SAVED_ARCHITECTURE[cfg.architecture]
     sae_cfg = SAEConfig(
@@ -214,6 +215,7 @@ def fold_scale(state: TrainState, cfg: TrainConfig, threshold: float | None = No
         d_sae=trained.d_sae,
         architecture=saved_arch,
         k=cfg.k if cfg.architecture != "relu" else None,
+        saescope={"matryoshka_prefixes": list(cfg.prefixes)} if cfg.prefixes else {},
     )
     tensors = {
         "W_enc": trained.W_enc.detach().cpu() * c,
