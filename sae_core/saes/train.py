@@ -71,7 +71,14 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
     from sae_core.inputs.activations import ActivationCache
     from sae_core.inputs.corpus import build_contexts
     from sae_core.inputs.subject import hook_name, load_subject
-    from sae_core.saes.metrics import evaluate, save_metrics
+    from sae_core.saes.metrics import metric_lines, save_metrics
+    from sae_core.saes.report_card import (
+        held_out_contexts,
+        other_contexts,
+        other_corpus_for,
+        report_card,
+        split_record,
+    )
 
     out = Path(out)
     if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
@@ -111,14 +118,17 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
             "dead_window_tokens": cfg.resolved_dead_tokens(),
             "cached_tokens": cache.n_tokens,
             "corpus": split.train.describe(),
+            "held_out": split_record(contexts, len(split.train)),  # `evaluate` reads exactly these rows
         },
     )
     sae.save(out)
-    metrics = evaluate(
-        subject, sae, cfg.layer, split.held_out.tokens, split.held_out.special_mask, progress=progress
+    held_out = held_out_contexts(sae, subject.tokenizer, max_contexts=len(split.held_out))  # what `evaluate` reads
+    other = other_contexts(
+        other_corpus_for(cfg.corpus), subject.tokenizer, like=held_out.contexts, text_field=cfg.text_field, training_spec=cfg.corpus
     )
-    save_metrics(out, metrics)
-    for line in metrics.lines():
+    card = report_card(subject, sae, cfg.layer, held_out, other, progress=progress)
+    save_metrics(out, card)
+    for line in metric_lines(card):
         print(line)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return out
