@@ -10,7 +10,6 @@ contexts of the corpus given, and the card says that its training data is unknow
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 from sae_core.inputs.corpus import DEFAULT_CORPUS, DOCS_CORPUS, Contexts, build_contexts
@@ -45,20 +44,11 @@ def split_record(contexts: Contexts, first_held_out: int) -> dict:
     return {**contexts.describe(), "ctx_len": ctx_len(contexts), "first_held_out": first_held_out}
 
 
-def _rows(contexts: Contexts, begin: int, end: int) -> Contexts:
-    return dataclasses.replace(
-        contexts,
-        tokens=contexts.tokens[begin:end],
-        special_mask=contexts.special_mask[begin:end],
-        fingerprint=f"{contexts.fingerprint}-rows{begin}-{end}",
-    )
-
-
 def held_out_contexts(sae: SAE, tokenizer, *, max_contexts: int, fallback: dict | None = None) -> TokenSet:
     """The held-out contexts training recorded (the first ``max_contexts`` of them); for an SAE
     without a record, the last ``max_contexts`` contexts (at most 20%) of the ``fallback`` corpus
     (``spec``, ``text_field``, ``ctx_len``, ``seed``)."""
-    from sae_core.saes.train import held_out_split
+    from sae_core.saes.train import context_rows, held_out_split
 
     recorded = sae.cfg.saescope.get("held_out")
     if not recorded and fallback:
@@ -76,7 +66,7 @@ def held_out_contexts(sae: SAE, tokenizer, *, max_contexts: int, fallback: dict 
             "(its fingerprint differs), so its held-out contexts cannot be found again"
         )
     first = recorded["first_held_out"]
-    return TokenSet(_rows(contexts, first, min(len(contexts), first + max_contexts)), "held out",
+    return TokenSet(context_rows(contexts, first, min(len(contexts), first + max_contexts), "heldout"), "held out",
                     f"contexts {first}+ of the training corpus's {len(contexts)}, which training never read")  # fmt: skip
 
 

@@ -54,16 +54,17 @@ def held_out_split(contexts, n_eval: int) -> Split:
     if n_eval == 0:
         raise TrainError(f"the corpus {contexts.spec!r} has only {len(contexts)} contexts; it needs at least 5")
     n_train = len(contexts) - n_eval
+    return Split(context_rows(contexts, 0, n_train, "train"), context_rows(contexts, n_train, len(contexts), "heldout"))
 
-    def rows(begin, end, tag):
-        return dataclasses.replace(
-            contexts,
-            tokens=contexts.tokens[begin:end],
-            special_mask=contexts.special_mask[begin:end],
-            fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
-        )
 
-    return Split(rows(0, n_train, "train"), rows(n_train, len(contexts), "heldout"))
+def context_rows(contexts, begin: int, end: int, tag: str):
+    """Rows [begin, end) of ``contexts``, fingerprinted as such (activation caches are named by it)."""
+    return dataclasses.replace(
+        contexts,
+        tokens=contexts.tokens[begin:end],
+        special_mask=contexts.special_mask[begin:end],
+        fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
+    )
 
 
 def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
