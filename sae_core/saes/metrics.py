@@ -290,9 +290,9 @@ def metric_lines(card: dict[str, Metrics]) -> list[str]:
         ("tokens", lambda m: f"{m.n_tokens} ({m.n_predictions} pred.)"),
     ]
     width = 22
-    lines = ["".ljust(width) + "".join(name.ljust(width) for name in card)]
+    lines = ["".ljust(width) + "".join(m.corpus.get("role", name).ljust(width) for name, m in card.items())]
     lines += [label.ljust(width) + "".join(cell(m).ljust(width) for m in card.values()) for label, cell in rows]
-    lines.append("corpora: " + "; ".join(f"{name} = {m.corpus.get('spec')}" for name, m in card.items()))
+    lines.append("corpora: " + "; ".join(f"{m.corpus.get('role', name)} = {m.corpus.get('spec')}" for name, m in card.items()))
     return [line.rstrip() for line in lines]
 
 
