@@ -217,10 +217,14 @@ def test_evaluate_never_reads_a_context_training_read(llama_dir, tmp_path, capsy
     tokenizer = load_subject(str(llama_dir)).tokenizer
     contexts = build_contexts(str(corpus), tokenizer, ctx_len=16)
     trained = {tuple(row.tolist()) for row in held_out_split(contexts, 6).train.tokens}
+    sae = load_sae(out)
+    format_1 = load_sae(out)  # what an SAE trained before the split was recorded holds
+    del format_1.cfg.saescope["held_out"]
     for asked in (4, 6, 10_000):  # fewer, as many as, far more than training held out
-        measured = held_out_contexts(load_sae(out), tokenizer, max_contexts=asked).contexts
-        assert len(measured) == min(asked, 6)
-        assert not trained & {tuple(row.tolist()) for row in measured.tokens}
+        for trained_sae in (sae, format_1):
+            measured = held_out_contexts(trained_sae, tokenizer, max_contexts=asked).contexts
+            assert len(measured) == min(asked, 6)
+            assert not trained & {tuple(row.tolist()) for row in measured.tokens}
     assert len(contexts) > 30 and len(trained) > 20  # a real split of a small corpus
 
 

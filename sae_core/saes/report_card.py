@@ -4,8 +4,9 @@ second, different corpus, side by side, so that out-of-distribution loss is visi
 Training records its split in cfg.json (``saescope.held_out``): the corpus it cut (spec, seed,
 window length, fingerprint) and the first held-out row. ``held_out_contexts`` rebuilds exactly
 those rows, and refuses when the corpus has changed since, so a context that training read is
-never evaluated. An SAE without that record (foreign, or older) is evaluated on the last
-contexts of the corpus given, and the card says that its training data is unknown.
+never evaluated (older saescope SAEs record the settings the split follows from). An SAE
+without either (SAELens, sparsify, Gemma Scope) is evaluated on the last contexts of the corpus
+given, and the card says that its training data is unknown.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def held_out_contexts(sae: SAE, tokenizer, *, max_contexts: int, fallback: dict 
     from sae_core.saes.train import context_rows, held_out_split
 
     recorded = sae.cfg.saescope.get("held_out")
+    training = sae.cfg.saescope.get("training")
+    if not recorded and training:  # saescope format 1: the split follows from the recorded settings
+        contexts = build_contexts(training["corpus"], tokenizer, text_field=training["text_field"],
+                                  ctx_len=training["ctx_len"], seed=training["seed"])  # fmt: skip
+        held_out = held_out_split(contexts, training["eval_contexts"]).held_out
+        return TokenSet(context_rows(held_out, 0, min(len(held_out), max_contexts), "first"), "held out",
+                        "the split training made, from the settings it recorded")  # fmt: skip
     if not recorded and fallback:
         contexts = build_contexts(fallback["spec"], tokenizer, text_field=fallback["text_field"],
                                   ctx_len=fallback["ctx_len"], seed=fallback["seed"])  # fmt: skip
