@@ -8,7 +8,8 @@ then ReLU) or JumpReLU (z · [z > θ], Gemma Scope; also what BatchTopK becomes 
 
 On disk an SAE is a folder in SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` with
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU,
-threshold [d_sae]. Our own cfg.json adds ``saescope`` (format version, training config).
+threshold [d_sae]. cfg.json has exactly the keys SAELens 6 writes (the model as its hub id); ours adds
+``saescope``: format version, saescope's model spec and layer, training config, held-out split.
 Loading foreign layouts (sparsify, Gemma Scope) is in ``sae_formats``.
 """
 
