@@ -22,6 +22,7 @@ from app.schemas import (
     HistogramPublic,
     IntervalPublic,
     LabelPublic,
+    MetricsPublic,
     NeighbourPublic,
     SaePublic,
     SaesPublic,
@@ -45,9 +46,10 @@ from sae_core.store.lookup import check_feature_index, find_feature, find_sae
 DENSE_THRESHOLD = 0.1
 # Tokens each side of a neighbour's max token: enough to read, small enough for a table row.
 SNIPPET_RADIUS = 6
-# Metrics read from the SAE's metrics.json (held-out tokens of its training run); the dead and
-# dense fractions are measured here instead, on the precompute tokens the pages describe.
-TRAINING_METRICS = ("explained_variance", "l0", "ce_loss_recovered", "delta_ce")
+# Headline metrics read from the held-out column of the SAE's report card (metrics.json); the dead
+# and dense fractions are measured here instead, on the precompute tokens the pages describe.
+TRAINING_METRICS = ("delta_ce", "kl_div", "ce_loss_recovered", "explained_variance", "l0")
+REPORT_CARD = ("held_out", "other_corpus")  # metrics.json's columns, in order
 PREVIEW_EXAMPLES = 3  # examples in a neighbour preview: a glance, not the feature page
 
 
@@ -84,8 +86,20 @@ def _feature_fractions(session: Session, sae: SaeRow) -> tuple[float, float] | N
     ) / sae.d_sae
 
 
+def _report_card(metrics: dict) -> list[MetricsPublic]:
+    card = []
+    for column in (metrics.get(name) for name in REPORT_CARD):
+        if isinstance(column, dict):
+            corpus = column.get("corpus") or {}
+            card.append(MetricsPublic.model_validate(
+                {**column, "corpus": str(corpus.get("spec")), "role": str(corpus.get("role")), "note": str(corpus.get("note") or "")}
+            ))  # fmt: skip
+    return card
+
+
 def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
     metrics = row.metrics or {}
+    held_out = metrics.get("held_out") or {}
     tokens_trained = (row.train_cfg or {}).get("tokens_trained")  # written by `saescope train`
     return SaePublic(
         name=row.name,
@@ -100,14 +114,15 @@ def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | N
         status=row.status,
         train_tokens=int(tokens_trained) if isinstance(tokens_trained, int | float) else None,
         n_tokens=row.n_tokens,
-        **{name: _optional_float(metrics, name) for name in TRAINING_METRICS},
+        **{name: _optional_float(held_out, name) for name in TRAINING_METRICS},
         dead_fraction=fractions[0] if fractions else None,
         dense_fraction=fractions[1] if fractions else None,
         metrics_how={
             k: v
             for k, v in (metrics.get("how") or {}).items()
-            if k in TRAINING_METRICS and isinstance(v, str)
+            if isinstance(v, str)
         },
+        report_card=_report_card(metrics),
         corpus=row.corpus or {},
         density_hist=_histogram(row.density_hist),
         created_at=row.created_at,

@@ -16,7 +16,7 @@ from markupsafe import Markup
 from starlette.responses import Response
 
 from app.charts import histogram_chart
-from app.schemas import FeaturePublic, LabelPublic, SaePublic, TokensPublic
+from app.schemas import FeaturePublic, LabelPublic, MetricsPublic, SaePublic, TokensPublic
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = ROOT / "templates"
@@ -122,6 +122,7 @@ def make_templates() -> Jinja2Templates:
         histogram_chart=histogram_chart,
         htmx=HTMX,
         sae_hints=_hints(SaePublic),
+        card_hints=_hints(MetricsPublic),
         feature_hints=_hints(FeaturePublic),
         label_hints=_hints(LabelPublic),
     )

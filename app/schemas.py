@@ -18,6 +18,33 @@ class HistogramPublic(BaseModel):
     counts: list[int] = Field(description="Number of values in each bin.")
 
 
+class MetricsPublic(BaseModel):
+    """One column of an SAE's report card: every metric on one token set."""
+
+    corpus: str = Field(description="Corpus spec the tokens come from.")
+    role: str = Field(
+        description="'held out' (contexts of the training corpus training never read), 'last contexts' "
+        "(no training split recorded) or 'other corpus'."
+    )
+    note: str = Field(description="What to know about these tokens, e.g. an overlap with the training corpus.")
+    n_tokens: int = Field(description="Non-special tokens: EV and L0 are measured over these.")
+    n_predictions: int = Field(description="Next-token predictions: the CE numbers are measured over these.")
+    delta_ce: float = Field(description="CE with the SAE spliced in minus clean CE, nats per prediction.")
+    kl_div: float = Field(
+        description="Mean KL(p_clean ‖ p_SAE) per non-special position, the last one included (SAELens' definition)."
+    )
+    ce_loss_recovered: float = Field(description="(CE_zero − CE_SAE) / (CE_zero − CE_clean), zero ablation.")
+    ce_loss_recovered_mean_ablation: float = Field(
+        description="(CE_mean − CE_SAE) / (CE_mean − CE_clean), mean ablation: a harder bar than zeroing."
+    )
+    explained_variance: float = Field(description="1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all tokens.")
+    explained_variance_without_massive: float = Field(
+        description="The same without the massive-activation tokens (norm over 10× the median)."
+    )
+    n_massive_tokens: int = Field(description="Massive-activation tokens left out of the second EV.")
+    l0: float = Field(description="Mean number of active latents per token.")
+
+
 class SaePublic(BaseModel):
     name: str = Field(description="URL id of the SAE.")
     model: str = Field(description="Subject model the SAE reads.")
@@ -36,16 +63,20 @@ class SaePublic(BaseModel):
         description="Non-special corpus tokens the features were precomputed over; densities "
         "and the dead fraction are measured on them."
     )
+    delta_ce: float | None = Field(
+        description="Next-token cross-entropy with the SAE spliced in minus without it (nats), on held-out tokens."
+    )
+    kl_div: float | None = Field(
+        description="Mean KL(p_clean ‖ p_SAE) per position with the SAE spliced in, on held-out tokens."
+    )
     explained_variance: float | None = Field(
-        description="1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖², both sums over every evaluation token."
+        description="1 − Σ‖x − x̂‖² / Σ‖x − mean(x)‖², both sums over every held-out token; flattered by "
+        "a few massive-activation tokens (see report_card)."
     )
     l0: float | None = Field(description="Mean number of active latents per evaluation token.")
     ce_loss_recovered: float | None = Field(
         description="(CE zero-ablation − CE with the SAE spliced in) / (CE zero-ablation − CE clean); "
         "1 is a perfect reconstruction, 0 no better than zeroing the layer."
-    )
-    delta_ce: float | None = Field(
-        description="Next-token cross-entropy with the SAE spliced in minus without it (nats)."
     )
     dead_fraction: float | None = Field(
         description="Share of features that never fired on the precompute tokens."
@@ -54,7 +85,10 @@ class SaePublic(BaseModel):
         description="Share of features that fired on more than 10% of the precompute tokens."
     )
     metrics_how: dict[str, str] = Field(
-        description="How the training run measured explained_variance, l0, ce_loss_recovered and delta_ce, in its own words (metrics.json)."
+        description="How each metric was measured, in metrics.json's own words."
+    )
+    report_card: list[MetricsPublic] = Field(
+        description="The metrics on the held-out tokens of the training corpus and on a second corpus, side by side."
     )
     corpus: dict = Field(
         description="Corpus the features were precomputed on (spec, ctx_len, seed, contexts)."

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sae_core.saes.metrics import CEStats, ReconstructionStats, density_histogram, evaluate
 from sae_core.saes.sae import SAE, SAEConfig
@@ -51,19 +52,49 @@ def test_density_histogram_bins_log10_rates():
 def test_ce_stats_by_hand():
     # one context of 3 tokens, vocab 2; predictions from positions 0 and 1 of tokens 1 and 2
     clean = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [0.0, 0.0]]])  # p(target) 1/2, 3/4
-    spliced = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])  # 1/2, 1/2
+    spliced = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, math.log(3)]]])  # 1/2, 1/2
     zero = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)], [0.0, 0.0]]])  # 3/4, 1/4
+    mean = torch.tensor([[[0.0, 0.0], [0.0, math.log(7)], [0.0, 0.0]]])  # 1/8 for the counted one
     targets = torch.tensor([[1, 0]])
+    special = torch.tensor([[True, False, False]])  # BOS: its prediction is dropped
     stats = CEStats()
-    stats.update(clean, spliced, zero, targets, torch.tensor([[False, True]]))  # drop the BOS prediction
+    stats.update(clean, spliced, zero, targets, special)
+    stats.update_mean_ablation(mean, targets, special)
     s = stats.summary()
     assert s["ce_clean"] == pytest.approx(-math.log(3 / 4))
     assert s["ce_with_sae"] == pytest.approx(-math.log(1 / 2))
     assert s["ce_zero_ablation"] == pytest.approx(-math.log(1 / 4))
+    assert s["ce_mean_ablation"] == pytest.approx(-math.log(1 / 8))
     assert s["ce_loss_recovered"] == pytest.approx((math.log(4) - math.log(2)) / (math.log(4) - math.log(4 / 3)))
+    assert s["ce_loss_recovered_mean_ablation"] == pytest.approx((math.log(8) - math.log(2)) / (math.log(8) - math.log(4 / 3)))
     assert s["delta_ce"] == pytest.approx(math.log(3 / 2))
-    assert s["kl_div"] == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
-    assert s["n_predictions"] == 1
+    # KL over both non-special positions, the last one (no target) included, as SAELens counts it
+    kl_1 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    kl_2 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert s["kl_div"] == pytest.approx((kl_1 + kl_2) / 2)
+    assert (s["n_predictions"], s["n_kl_positions"]) == (1, 2)
+
+
+def test_massive_tokens_are_left_out_of_the_second_explained_variance():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 4, generator=gen)
+    x[[3, 70]] *= 50  # two massive tokens: norm far above 10x the median
+    x_hat = x + 0.5 * torch.randn(200, 4, generator=gen)
+    x_hat[[3, 70]] = x[[3, 70]] * 0.99  # reconstructed well, and they hold most of the variance
+    stats = ReconstructionStats(4, 3)
+    stats.update(x[:120], x_hat[:120], torch.ones(120, 3))
+    stats.update(x[120:], x_hat[120:], torch.ones(80, 3))
+    s = stats.summary()
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[[3, 70]] = False
+
+    def ev(a, b):
+        return 1 - float(((a - b) ** 2).sum() / ((a - a.mean(0)) ** 2).sum())
+
+    assert s["n_massive_tokens"] == 2
+    assert s["explained_variance"] == pytest.approx(ev(x, x_hat), rel=1e-6)
+    assert s["explained_variance_without_massive"] == pytest.approx(ev(x[keep], x_hat[keep]), rel=1e-6)
+    assert s["explained_variance"] > 0.9 > s["explained_variance_without_massive"]
 
 
 def _identity_sae(d: int) -> SAE:
@@ -127,3 +158,54 @@ def test_splice_keeps_bos_clean_and_zero_ablation_zeroes_everything(llama):
     assert ce_sae != pytest.approx(ce_zero, rel=1e-4)  # BOS kept clean makes a difference
     assert m.ce_loss_recovered == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), abs=1e-3)
     assert m.l0 > 0 and m.explained_variance < 0.1
+
+
+@torch.no_grad()
+def test_every_metric_equals_a_textbook_computation_on_the_same_tokens(llama):
+    """Each number against a direct computation, as SAELens' run_evals makes it: the SAE spliced
+    at non-special positions, F.cross_entropy per prediction from a non-special position, KL by
+    F.kl_div summed over the vocabulary at every non-special position, EV from the two sums."""
+    tokens, special = _contexts(llama)
+    gen = torch.Generator().manual_seed(5)
+    d = llama.d_model
+    tensors = {"W_enc": torch.randn(d, 64, generator=gen) / d**0.5, "b_enc": torch.zeros(64),
+               "W_dec": torch.randn(64, d, generator=gen) / 8, "b_dec": torch.randn(d, generator=gen) * 0.1}  # fmt: skip
+    sae = SAE.from_tensors(SAEConfig(d_in=d, d_sae=64, architecture="topk", k=8), tensors, "test")
+    m = evaluate(llama, sae, 1, tokens, special, batch_size=4, progress=False, corpus={"spec": "random"})
+
+    resid = llama.forward_to_layer(tokens, layer=1)  # (B, T, d)
+    x = resid[~special]
+    x_hat = sae(x).sae_out
+    mean = x.double().mean(0).float()
+
+    def logits_with(fn=None):
+        if fn is None:
+            return llama.model(input_ids=tokens).logits
+        with llama.patch_layer(1, fn):
+            return llama.model(input_ids=tokens).logits
+
+    def ce(logits):
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        return float(losses[~special[:, :-1]].mean())
+
+    clean = logits_with()
+    spliced = logits_with(lambda r: torch.where(special[..., None], r, sae(r).sae_out))
+    zero = logits_with(torch.zeros_like)
+    mean_ablated = logits_with(lambda r: torch.where(special[..., None], r, mean))
+    kl = F.kl_div(spliced.log_softmax(-1), clean.softmax(-1), reduction="none").sum(-1)  # SAELens' _kl
+    ce_clean, ce_sae, ce_zero, ce_mean = ce(clean), ce(spliced), ce(zero), ce(mean_ablated)
+
+    for ours, textbook in [(m.ce_clean, ce_clean), (m.ce_with_sae, ce_sae), (m.ce_zero_ablation, ce_zero),
+                           (m.ce_mean_ablation, ce_mean), (m.delta_ce, ce_sae - ce_clean)]:  # fmt: skip
+        assert ours == pytest.approx(textbook, rel=1e-4)
+    assert m.kl_div == pytest.approx(float(kl[~special].mean()), rel=1e-4)
+    # the tiny random model's CE gaps are small, so the ratios carry float32 noise of ~1e-4
+    assert m.ce_loss_recovered == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), abs=1e-3)
+    assert m.ce_loss_recovered_mean_ablation == pytest.approx((ce_mean - ce_sae) / (ce_mean - ce_clean), abs=1e-3)
+    ev = 1 - float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert m.explained_variance == pytest.approx(ev, rel=1e-4)
+    assert m.l0 == pytest.approx(float((sae.encode(x) > 0).sum(-1).float().mean()))
+    assert m.mse == pytest.approx(float(((x - x_hat) ** 2).sum(-1).mean()), rel=1e-4)
+    assert (m.n_tokens, m.n_predictions, m.n_kl_positions) == (int((~special).sum()), int((~special[:, :-1]).sum()),
+                                                                int((~special).sum()))  # fmt: skip
+    assert m.corpus == {"spec": "random"} and m.kl_div > 1e-4  # not a trivially perfect SAE

@@ -77,14 +77,17 @@ def test_save_load_round_trip(tmp_path, architecture, k):
     x = torch.randn(5, 6)
     torch.testing.assert_close(loaded(x).sae_out, sae(x).sae_out, rtol=0, atol=0)
     assert (loaded.cfg.architecture, loaded.cfg.k, loaded.cfg.layer) == (architecture, k, 2)
-    assert loaded.cfg.saescope == {"training": {"tokens": 123}, "format_version": FORMAT_VERSION}
+    assert loaded.cfg.saescope == {"training": {"tokens": 123}, "model": "m", "layer": 2, "format_version": FORMAT_VERSION}
 
 
 def test_saved_folder_follows_the_saelens_layout(tmp_path):
     random_sae("jumprelu").save(tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert cfg["metadata"] == {"model_name": "m", "hook_name": "blocks.2.hook_resid_post"}
-    assert cfg["hook_name"] == "blocks.2.hook_resid_post" and cfg["normalize_activations"] == "none"
+    assert cfg["metadata"] | {"sae_lens_version": None} == {"model_name": "m", "hook_name": "blocks.2.hook_resid_post",
+                                                            "sae_lens_version": None, "sae_lens_training_version": None}
+    assert cfg["normalize_activations"] == "none"
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes["sae_weights.safetensors"] == modes["cfg.json"]  # safetensors alone makes it 0600
     shapes = {name: tuple(t.shape) for name, t in load_file(tmp_path / "sae_weights.safetensors").items()}
     assert shapes == {"W_enc": (6, 16), "b_enc": (16,), "W_dec": (16, 6), "b_dec": (6,), "threshold": (16,)}
     assert not list(tmp_path.glob("*.tmp"))

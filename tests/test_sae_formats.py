@@ -111,12 +111,16 @@ BASE_CFG = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE}
         (BASE_CFG, {k: v for k, v in weights().items() if k != "b_enc"}, r"sae_weights\.safetensors: missing tensor 'b_enc'"),
         (BASE_CFG, weights() | {"W_dec": torch.zeros(D_IN, D_SAE)}, r"sae_weights\.safetensors: tensor 'W_dec' has shape \(8, 24\), expected \(24, 8\)"),
         (BASE_CFG, weights() | {"b_dec": torch.full((D_IN,), float("nan"))}, r"sae_weights\.safetensors: tensor 'b_dec' contains NaN"),
-        (BASE_CFG | {"architecture": "gated"}, weights(), r"cfg\.json: unknown SAE architecture 'gated'"),
+        (BASE_CFG | {"architecture": "gated"}, weights(), r'cfg\.json: architecture = "gated" is not supported'),
         (BASE_CFG | {"architecture": "topk"}, weights(), r"cfg\.json: a topk SAE needs a positive integer 'k'"),
-        (BASE_CFG | {"normalize_activations": "layer_norm"}, weights(), r"cfg\.json: normalize_activations='layer_norm'"),
+        (BASE_CFG | {"normalize_activations": "layer_norm"}, weights(), r'cfg\.json: normalize_activations = "layer_norm" needs a scaling'),
         ({"architecture": "standard", "d_sae": D_SAE}, weights(), r"cfg\.json: 'd_in' must be a positive integer"),
+        (BASE_CFG | {"d_sae": 10**12}, weights(), r"tensor 'W_enc' has shape \(8, 24\), expected \(8, 1000000000000\)"),
+        (BASE_CFG, weights() | {"W_skip": torch.zeros(D_IN, D_IN)}, r"tensor 'W_skip' is not part of a standard SAE"),
+        (BASE_CFG | {"activation_fn_str": "tanh-relu"}, weights(), r'activation_fn_str = "tanh-relu" is not supported'),
     ],
-    ids=["missing", "shape", "nan", "architecture", "topk-without-k", "normalisation", "no-d_in"],
+    ids=["missing", "shape", "nan", "architecture", "topk-without-k", "normalisation", "no-d_in", "huge-d_sae",
+         "extra-tensor", "activation"],
 )
 def test_broken_saelens_folders_are_refused(tmp_path, cfg, tensors, message):
     write_saelens(tmp_path / "sae", cfg, tensors)

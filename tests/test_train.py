@@ -227,10 +227,13 @@ def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, c
     assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.layer) == ("topk", 4, 1)
     assert sae.cfg.hook_name == "blocks.1.hook_resid_post"
     assert sae.cfg.saescope["training"]["tokens"] == 4096
-    metrics = json.loads((out / "metrics.json").read_text())
+    card = json.loads((out / "metrics.json").read_text())
+    metrics = card["held_out"]
     assert metrics["l0"] == pytest.approx(4.0, abs=0.01)
     assert 0 < metrics["explained_variance"] <= 1
-    assert "CE loss recovered" in capsys.readouterr().out
+    assert (metrics["n_contexts"], metrics["corpus"]["role"]) == (8, "held out")
+    assert card["other_corpus"]["corpus"]["spec"] == "stdlib-docs" and card["other_corpus"]["n_contexts"] == 8
+    assert "CE recovered vs zero" in capsys.readouterr().out
 
     before = (out / "sae_weights.safetensors").read_bytes()
     assert main(args) == 0  # the same command again finds the finished SAE and does nothing
@@ -238,9 +241,67 @@ def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, c
     assert (out / "sae_weights.safetensors").read_bytes() == before
     assert main([*args, "--k", "8"]) == 2  # other settings never overwrite it
     assert "trained with other settings" in capsys.readouterr().err
-    assert main(["evaluate", str(out), "--corpus", str(corpus), "--ctx-len", "32", "--tokens", "256"]) == 0
-    again = json.loads((out / "metrics.json").read_text())
+    # evaluate reads the split training recorded, whatever --tokens asks (16384 would once take 20% of 48)
+    assert main(["evaluate", str(out), "--ctx-len", "16"]) == 0
+    again = json.loads((out / "metrics.json").read_text())["held_out"]
     assert again["explained_variance"] == pytest.approx(metrics["explained_variance"], abs=1e-6)
+    assert again["n_contexts"] == 8
+
+
+def test_evaluate_never_reads_a_context_training_read(llama_dir, tmp_path, capsys):
+    """On a small corpus (48 contexts), every context `evaluate` measures is one training never read."""
+    from sae_core.cli import main
+    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.subject import load_subject
+    from sae_core.saes.report_card import held_out_contexts
+    from sae_core.saes.train import held_out_split
+    from tests.tiny import TRAIN_TEXT
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TRAIN_TEXT) * 12)
+    out = tmp_path / "sae"
+    assert main(["train", "--model", str(llama_dir), "--layer", "1", "--corpus", str(corpus), "--ctx-len", "16",
+                 "--out", str(out), "--tokens", "1024", "--batch-size", "128", "--width", "32", "--k", "4",
+                 "--eval-contexts", "6"]) == 0  # fmt: skip
+    tokenizer = load_subject(str(llama_dir)).tokenizer
+    contexts = build_contexts(str(corpus), tokenizer, ctx_len=16)
+    trained = {tuple(row.tolist()) for row in held_out_split(contexts, 6).train.tokens}
+    sae = load_sae(out)
+    format_1 = load_sae(out)  # what an SAE trained before the split was recorded holds
+    del format_1.cfg.saescope["held_out"]
+    for asked in (4, 6, 10_000):  # fewer, as many as, far more than training held out
+        for trained_sae in (sae, format_1):
+            measured = held_out_contexts(trained_sae, tokenizer, max_contexts=asked).contexts
+            assert len(measured) == min(asked, 6)
+            assert not trained & {tuple(row.tolist()) for row in measured.tokens}
+    assert len(contexts) > 30 and len(trained) > 20  # a real split of a small corpus
+
+
+def test_evaluate_writes_only_next_to_our_own_saes(llama_dir, tmp_path, capsys):
+    from sae_core.cli import main
+    from sae_core.saes.sae import SAE, SAEConfig
+    from tests.tiny import TRAIN_TEXT
+
+    foreign = tmp_path / "foreign"
+    gen = torch.Generator().manual_seed(0)
+    cfg = SAEConfig(d_in=32, d_sae=64, architecture="topk", k=4, hook_name="blocks.1.hook_resid_post", layer=1)
+    tensors = {"W_enc": torch.randn(32, 64, generator=gen), "b_enc": torch.zeros(64),
+               "W_dec": torch.randn(64, 32, generator=gen), "b_dec": torch.zeros(32)}  # fmt: skip
+    SAE.from_tensors(cfg, tensors, origin="test").save(foreign)
+    raw = json.loads((foreign / "cfg.json").read_text())
+    del raw["saescope"]  # as SAELens would have written it
+    (foreign / "cfg.json").write_text(json.dumps(raw))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(TRAIN_TEXT) * 20)
+    args = ["evaluate", str(foreign), "--model", str(llama_dir), "--corpus", str(corpus), "--ctx-len", "16", "--tokens", "64"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "ΔCE" in printed and "was not written by saescope" in printed
+    assert sorted(p.name for p in foreign.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert main([*args, "--out", str(tmp_path / "card.json")]) == 0
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["held_out"]["corpus"]["role"] == "last contexts" and "unknown" in card["held_out"]["corpus"]["note"]
+    assert sorted(p.name for p in foreign.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
 
 
 def test_unknown_architecture_is_one_line_error(tmp_path, capsys):

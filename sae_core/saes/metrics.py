@@ -1,15 +1,28 @@
-"""SAE quality metrics, defined exactly as REFERENCE §2, on held-out contexts.
+"""SAE quality metrics, defined exactly as REFERENCE §2 (and SAELens' ``run_evals``), on held-out contexts.
 
-- L0: mean number of active latents per token.
-- Explained variance: 1 - Σ||x - x̂||² / Σ||x - mean(x)||², both sums accumulated separately over
-  the whole eval set (not a per-token average of ratios; variance about the mean, not zero).
-- MSE: SAELens' convention, the mean over tokens of the sum over dimensions.
-- CE loss recovered: (CE_zero - CE_sae) / (CE_zero - CE_clean), with x̂ spliced in for x after
-  block L at non-special positions only (BOS keeps its clean activation) and the zero ablation
-  zeroing every position; predictions made from special positions (BOS -> first token) are not
-  counted. ΔCE = CE_sae - CE_clean; KL = KL(p_clean || p_sae), both over the same positions.
+Headline first: ΔCE and KL say what splicing the SAE in costs the model; EV, L0 and the CE scores
+are ratios that can flatter.
+
+- ΔCE = CE_sae - CE_clean: next-token cross-entropy with x̂ spliced in for x after block L at
+  non-special positions only (BOS keeps its clean activation), over predictions made from
+  non-special positions (BOS -> first token is not counted).
+- KL = KL(p_clean || p_sae) averaged over every non-special position, the last one included, as
+  SAELens' ``get_recons_loss`` counts it (it needs no target token).
+- CE loss recovered, against two baselines: zero ablation (every position zeroed; for SmolLM2 that
+  gives a uniform next-token distribution, CE = ln |V|, an easy bar) and mean ablation (x replaced
+  by the mean of x over the evaluated tokens at the same positions the SAE is spliced):
+  (CE_ablated - CE_sae) / (CE_ablated - CE_clean).
+- Explained variance = 1 - Σ||x - x̂||² / Σ||x - mean(x)||², both sums accumulated separately over
+  the whole eval set (not a per-token average of ratios; variance about the mean, not zero); also
+  without the massive-activation tokens (residual norm over 10× the median norm), whose few
+  tokens can hold most of the variance; how many were excluded is reported.
+- L0: mean number of active latents per token; MSE: SAELens' convention, the mean over tokens of
+  the sum over dimensions.
 - Dead fraction: latents that never fired on the eval tokens; dense fraction: firing on > 10% of
   them; the histogram of log10 firing rates of the latents that fired.
+
+A report card is these metrics on two token sets side by side: the held-out contexts of the
+training corpus, and a second, different corpus.
 """
 
 from __future__ import annotations
@@ -28,47 +41,67 @@ from sae_core.saes.sae import SAE
 
 DENSE_RATE = 0.1  # "dense": fires on more than 10% of tokens (REFERENCE §2)
 HISTOGRAM_BINS = 40  # of log10 firing rate, from -log10(n_tokens) to 0
+# "Massive activations" (Sun et al. 2024): a handful of tokens (BOS-like delimiters, first
+# newlines) whose residual norm is orders of magnitude above the rest. 10× the median separates
+# them in SmolLM2 (4–8 tokens in 8k) and leaves the ordinary tokens' norm spread alone.
+MASSIVE_FACTOR = 10.0
+METRICS_FORMAT = 2  # 2: a report card, {"held_out": Metrics, "other_corpus": Metrics, "how": ...}
+HELD_OUT, OTHER = "held_out", "other_corpus"  # the report card's columns
 
 
 class ReconstructionStats:
-    """Running sums for L0, explained variance, MSE and per-latent firing counts (float64)."""
+    """L0, explained variance (with and without massive tokens), MSE and firing counts.
+
+    Keeps each token's x (float32) and squared error: excluding the massive tokens needs the
+    median norm, known only at the end. 16k tokens of d 576 are 38 MB."""
 
     def __init__(self, d_in: int, d_sae: int):
-        self.n_tokens = 0
-        self.sum_sq_error = 0.0  # Σ ||x - x̂||²
-        self.sum_sq_x = 0.0  # Σ ||x||²
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)  # Σ x
+        self.rows: list[torch.Tensor] = []  # (n, d_in) float32 per batch
+        self.sq_errors: list[torch.Tensor] = []  # (n,) float64 ||x - x̂||² per batch
         self.n_active = 0  # Σ over tokens of active latents
         self.fire_counts = torch.zeros(d_sae, dtype=torch.long)
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
         """x, x_hat: (n, d_in); f: (n, d_sae) feature activations of the same n tokens."""
-        x64 = x.detach().double().cpu()
-        self.n_tokens += x.shape[0]
-        self.sum_sq_error += float((x64 - x_hat.detach().double().cpu()).pow(2).sum())
-        self.sum_sq_x += float(x64.pow(2).sum())
-        self.sum_x += x64.sum(dim=0)
+        x = x.detach().float().cpu()
+        self.rows.append(x)
+        self.sq_errors.append((x.double() - x_hat.detach().double().cpu()).pow(2).sum(dim=-1))
         active = (f.detach() > 0).cpu()
         self.n_active += int(active.sum())
         self.fire_counts += active.sum(dim=0)
 
     @property
-    def total_variance(self) -> float:
-        """Σ ||x - mean(x)||² = Σ ||x||² - n ||mean||²."""
-        mean = self.sum_x / self.n_tokens
-        return self.sum_sq_x - self.n_tokens * float(mean.pow(2).sum())
+    def n_tokens(self) -> int:
+        return sum(row.shape[0] for row in self.rows)
+
+    def mean(self) -> torch.Tensor:
+        """(d_in,) mean of x over the tokens seen: the mean-ablation value."""
+        return torch.cat(self.rows).double().mean(dim=0).float()
 
     def summary(self) -> dict:
-        rates = self.fire_counts.double() / self.n_tokens
+        x = torch.cat(self.rows).double()  # (n, d_in)
+        sq_error = torch.cat(self.sq_errors)  # (n,)
+        norms = x.norm(dim=-1)
+        massive = norms > MASSIVE_FACTOR * norms.median()
+        n = x.shape[0]
+        rates = self.fire_counts.double() / n
         return {
-            "n_tokens": self.n_tokens,
-            "l0": self.n_active / self.n_tokens,
-            "explained_variance": 1.0 - self.sum_sq_error / self.total_variance,
-            "mse": self.sum_sq_error / self.n_tokens,
+            "n_tokens": n,
+            "l0": self.n_active / n,
+            "explained_variance": explained_variance(x, sq_error),
+            "explained_variance_without_massive": explained_variance(x[~massive], sq_error[~massive]),
+            "n_massive_tokens": int(massive.sum()),
+            "massive_norm_threshold": float(MASSIVE_FACTOR * norms.median()),
+            "mse": float(sq_error.sum()) / n,
             "dead_fraction": float((self.fire_counts == 0).double().mean()),
             "dense_fraction": float((rates > DENSE_RATE).double().mean()),
-            "density_histogram": density_histogram(self.fire_counts, self.n_tokens),
+            "density_histogram": density_histogram(self.fire_counts, n),
         }
+
+
+def explained_variance(x: torch.Tensor, sq_error: torch.Tensor) -> float:
+    """1 - Σ||x - x̂||² / Σ||x - mean(x)||² for x (n, d) and its per-token squared errors (n,)."""
+    return 1.0 - float(sq_error.sum()) / float((x - x.mean(dim=0)).pow(2).sum())
 
 
 def density_histogram(fire_counts: torch.Tensor, n_tokens: int, bins: int = HISTOGRAM_BINS) -> dict:
@@ -96,86 +129,97 @@ def reconstruction_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> Reconstru
 
 
 class CEStats:
-    """Running sums of next-token cross-entropy (clean, spliced, zero-ablated) and KL."""
+    """Running sums of next-token cross-entropy (clean, spliced, zero- and mean-ablated) and KL."""
 
     def __init__(self):
-        self.n = 0
-        self.clean = self.sae = self.zero = self.kl = 0.0
+        self.n = self.n_kl = 0
+        self.clean = self.sae = self.zero = self.mean = self.kl = 0.0
 
-    def update(self, clean: torch.Tensor, spliced: torch.Tensor, zero: torch.Tensor, targets, counted) -> None:
-        """Logits (B, T, V) of the three runs; targets (B, T-1); counted (B, T-1) bool."""
-        logp_clean = clean[:, :-1].log_softmax(-1)
-        logp_sae = spliced[:, :-1].log_softmax(-1)
-        logp_zero = zero[:, :-1].log_softmax(-1)
+    @staticmethod
+    def _nll(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
+        """Σ -log p(target) of logits (B, T, V) over the counted (B, T-1) predictions."""
+        logp = logits[:, :-1].log_softmax(-1)
+        return float(-logp.gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
 
-        def total_nll(logp):
-            return float(-logp.gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
-
-        self.clean += total_nll(logp_clean)
-        self.sae += total_nll(logp_sae)
-        self.zero += total_nll(logp_zero)
-        kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)  # (B, T-1)
-        self.kl += float(kl[counted].sum())
+    def update(self, clean, spliced, zero, targets, special) -> None:
+        """Logits (B, T, V) of the three runs; targets (B, T-1); special (B, T) bool."""
+        counted = ~special[:, :-1]  # predictions made from non-special positions
+        self.clean += self._nll(clean, targets, counted)
+        self.sae += self._nll(spliced, targets, counted)
+        self.zero += self._nll(zero, targets, counted)
         self.n += int(counted.sum())
+        logp_clean, logp_sae = clean.log_softmax(-1), spliced.log_softmax(-1)
+        kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)  # (B, T), the last position too
+        self.kl += float(kl[~special].sum())
+        self.n_kl += int((~special).sum())
+
+    def update_mean_ablation(self, ablated, targets, special) -> None:
+        self.mean += self._nll(ablated, targets, ~special[:, :-1])
 
     def summary(self) -> dict:
-        clean, sae, zero = self.clean / self.n, self.sae / self.n, self.zero / self.n
+        clean, sae, zero, mean = (total / self.n for total in (self.clean, self.sae, self.zero, self.mean))
         return {
+            "delta_ce": sae - clean,
+            "kl_div": self.kl / self.n_kl,
             "ce_clean": clean,
             "ce_with_sae": sae,
             "ce_zero_ablation": zero,
+            "ce_mean_ablation": mean,
             "ce_loss_recovered": (zero - sae) / (zero - clean),
-            "delta_ce": sae - clean,
-            "kl_div": self.kl / self.n,
+            "ce_loss_recovered_mean_ablation": (mean - sae) / (mean - clean),
             "n_predictions": self.n,
+            "n_kl_positions": self.n_kl,
         }
 
 
 @dataclass
 class Metrics:
-    """Everything ``metrics.json`` holds; ``how`` says how each number was measured."""
+    """The metrics of one token set; ``corpus`` says which tokens they were measured on."""
 
-    n_tokens: int
+    corpus: dict  # spec, role ("held-out" / "other corpus"), contexts, seq_len, fingerprint, note
     n_contexts: int
-    l0: float
-    explained_variance: float
-    mse: float
+    n_tokens: int  # non-special tokens: EV, L0, MSE, dead and dense are over these
+    n_predictions: int  # next-token predictions: the CE numbers are over these
+    n_kl_positions: int  # positions KL is averaged over (n_predictions + one per context)
+    delta_ce: float
+    kl_div: float
     ce_clean: float
     ce_with_sae: float
     ce_zero_ablation: float
+    ce_mean_ablation: float
     ce_loss_recovered: float
-    delta_ce: float
-    kl_div: float
-    n_predictions: int
+    ce_loss_recovered_mean_ablation: float
+    explained_variance: float
+    explained_variance_without_massive: float
+    n_massive_tokens: int
+    massive_norm_threshold: float
+    l0: float
+    mse: float
     dead_fraction: float
     dense_fraction: float
     density_histogram: dict
-    how: dict
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def lines(self) -> list[str]:
-        return [
-            f"explained variance {self.explained_variance:.4f}   L0 {self.l0:.1f}   MSE {self.mse:.4g}",
-            f"CE clean {self.ce_clean:.4f}   with SAE {self.ce_with_sae:.4f} (ΔCE {self.delta_ce:+.4f}, "
-            f"KL {self.kl_div:.4f})   zero-ablated {self.ce_zero_ablation:.4f}",
-            f"CE loss recovered {self.ce_loss_recovered:.4f}",
-            f"dead {self.dead_fraction:.4f}   dense (>10%) {self.dense_fraction:.4f}   "
-            f"on {self.n_tokens} held-out tokens in {self.n_contexts} contexts",
-        ]
 
-
+# How each number is measured, in metrics.json and on the SAE page.
 HOW = {
-    "explained_variance": "1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over all held-out non-special tokens",
+    "delta_ce": "CE with x_hat spliced in minus clean CE (nats per prediction); x_hat replaces x after the "
+    "layer at non-special positions (BOS keeps its clean activation); predictions made from special "
+    "positions are not counted",
+    "kl_div": "mean KL(p_clean || p_sae) over every non-special position, the last one included "
+    "(SAELens' get_recons_loss definition)",
+    "ce_loss_recovered": "(CE_zero - CE_sae) / (CE_zero - CE_clean); zero ablation zeroes every position",
+    "ce_loss_recovered_mean_ablation": "(CE_mean - CE_sae) / (CE_mean - CE_clean); mean ablation puts the "
+    "mean of x over the evaluated tokens at the positions x_hat is spliced",
+    "explained_variance": "1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over all evaluated non-special tokens",
+    "explained_variance_without_massive": f"the same without the massive-activation tokens: residual norm "
+    f"over {MASSIVE_FACTOR:g}x the median norm (n_massive_tokens says how many)",
     "l0": "mean number of active latents per non-special token",
     "mse": "mean over tokens of the sum over dimensions of (x - x_hat)^2",
-    "ce_loss_recovered": "(CE_zero - CE_sae) / (CE_zero - CE_clean); x_hat spliced after the layer at "
-    "non-special positions (BOS keeps its clean activation), zero-ablation zeroes every position, "
-    "predictions made from special positions not counted",
-    "kl_div": "mean KL(p_clean || p_sae) over the same predictions",
-    "dead_fraction": "latents that never fired on the held-out tokens",
-    "dense_fraction": "latents firing on more than 10% of the held-out tokens",
+    "dead_fraction": "latents that never fired on the evaluated tokens",
+    "dense_fraction": "latents firing on more than 10% of the evaluated tokens",
 }
 
 
@@ -187,17 +231,25 @@ def evaluate(
     tokens: torch.Tensor,
     special_mask: torch.Tensor,
     *,
+    corpus: dict | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> Metrics:
-    """All metrics on contexts ``tokens`` (n, seq) with ``special_mask`` (n, seq), via ``subject``."""
+    """All metrics on contexts ``tokens`` (n, seq) with ``special_mask`` (n, seq), via ``subject``.
+
+    Two passes: clean, spliced and zero-ablated runs (which also give mean(x)), then the
+    mean-ablated run."""
     device = subject.device
     sae = sae.to(device)
     recon = ReconstructionStats(sae.d_in, sae.d_sae)
     ce = CEStats()
-    for begin in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluate", disable=not progress):
-        ids = tokens[begin : begin + batch_size].to(device)  # (B, T)
-        special = special_mask[begin : begin + batch_size].to(device)  # (B, T)
+    starts = range(0, tokens.shape[0], batch_size)
+
+    def batch(begin):
+        return tokens[begin : begin + batch_size].to(device), special_mask[begin : begin + batch_size].to(device)
+
+    for begin in tqdm(starts, desc="evaluate", disable=not progress):
+        ids, special = batch(begin)  # (B, T) each
 
         def splice(resid, special=special):
             out = sae(resid)
@@ -210,15 +262,47 @@ def evaluate(
             spliced = subject.model(input_ids=ids).logits
         with subject.patch_layer(layer, torch.zeros_like):
             zero = subject.model(input_ids=ids).logits
-        ce.update(clean.float(), spliced.float(), zero.float(), ids[:, 1:], ~special[:, :-1])
-    return Metrics(
-        n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary(), how=HOW
-    )
+        ce.update(clean.float(), spliced.float(), zero.float(), ids[:, 1:], special)
+    mean = recon.mean().to(device)
+    for begin in tqdm(starts, desc="evaluate (mean ablation)", disable=not progress):
+        ids, special = batch(begin)
+
+        def ablate(resid, special=special):
+            return torch.where(special[..., None], resid, mean.to(resid.dtype))
+
+        with subject.patch_layer(layer, ablate):
+            ce.update_mean_ablation(subject.model(input_ids=ids).logits.float(), ids[:, 1:], special)
+    return Metrics(corpus=corpus or {}, n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary())
 
 
-def save_metrics(folder, metrics: Metrics) -> None:
-    """Write ``metrics.json`` into the SAE folder atomically."""
-    folder = Path(folder)
-    tmp = folder / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics.to_dict(), indent=2))
-    os.replace(tmp, folder / "metrics.json")
+def metric_lines(card: dict[str, Metrics]) -> list[str]:
+    """A report card (column name -> Metrics) as a text table, headline metrics first."""
+    rows = [
+        ("ΔCE (nats)", lambda m: f"{m.delta_ce:+.4f}"),
+        ("KL", lambda m: f"{m.kl_div:.4f}"),
+        ("CE recovered vs zero", lambda m: f"{m.ce_loss_recovered:.4f}"),
+        ("CE recovered vs mean", lambda m: f"{m.ce_loss_recovered_mean_ablation:.4f}"),
+        ("EV, all tokens", lambda m: f"{m.explained_variance:.4f}"),
+        ("EV, no massive", lambda m: f"{m.explained_variance_without_massive:.4f} ({m.n_massive_tokens} out)"),
+        ("L0", lambda m: f"{m.l0:.1f}"),
+        ("dead", lambda m: f"{m.dead_fraction:.4f}"),
+        ("CE clean/SAE", lambda m: f"{m.ce_clean:.3f}/{m.ce_with_sae:.3f}"),
+        ("tokens", lambda m: f"{m.n_tokens} ({m.n_predictions} pred.)"),
+    ]
+    width = 22
+    lines = ["".ljust(width) + "".join(m.corpus.get("role", name).ljust(width) for name, m in card.items())]
+    lines += [label.ljust(width) + "".join(cell(m).ljust(width) for m in card.values()) for label, cell in rows]
+    lines.append("corpora: " + "; ".join(f"{m.corpus.get('role', name)} = {m.corpus.get('spec')}" for name, m in card.items()))
+    return [line.rstrip() for line in lines]
+
+
+def save_metrics(path, card: dict[str, Metrics]) -> Path:
+    """Write a report card as ``metrics.json`` (``path`` a folder) or to ``path`` itself, atomically."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    payload = {"format_version": METRICS_FORMAT, **{name: m.to_dict() for name, m in card.items()}, "how": HOW}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path

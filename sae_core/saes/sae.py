@@ -10,7 +10,8 @@ the one definition of each: ``encode`` and the chunked ``sparse_acts.sparse_enco
 
 On disk an SAE is a folder in SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors`` with
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU,
-threshold [d_sae]. Our own cfg.json adds ``saescope`` (format version, training config).
+threshold [d_sae]. cfg.json has exactly the keys SAELens 6 writes (the model as its hub id); ours adds
+``saescope``: format version, saescope's model spec and layer, training config, held-out split.
 Loading foreign layouts (sparsify, Gemma Scope) is in ``sae_formats``.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from sae_core.errors import SaescopeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cfg.json has exactly SAELens 6's keys; model spec and layer under "saescope"
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 
@@ -146,7 +148,13 @@ class SAE(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = saelens_cfg(self.cfg)
-        cfg["saescope"] = {**self.cfg.saescope, **(extra or {}), "format_version": FORMAT_VERSION}
+        cfg["saescope"] = {
+            **self.cfg.saescope,
+            **(extra or {}),
+            "model": self.cfg.model_name,  # saescope's spec, e.g. "smollm2-135m"
+            "layer": self.cfg.layer,
+            "format_version": FORMAT_VERSION,
+        }
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
         _atomic_write(folder / "sae_weights.safetensors", lambda p: save_file(tensors, p))
         _atomic_write(folder / "cfg.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
@@ -154,7 +162,8 @@ class SAE(nn.Module):
 
     @classmethod
     def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, torch.Tensor], origin: str) -> SAE:
-        """Build an SAE from named tensors, checking presence, shapes and finiteness."""
+        """Build an SAE from named tensors, checking names, shapes and finiteness before anything
+        is allocated (a config claiming d_sae = 10^12 is refused, not attempted)."""
         expected = {
             "W_enc": (cfg.d_in, cfg.d_sae),
             "b_enc": (cfg.d_sae,),
@@ -163,7 +172,9 @@ class SAE(nn.Module):
         }
         if cfg.architecture == "jumprelu":
             expected["threshold"] = (cfg.d_sae,)
-        sae = cls(cfg)
+        unused = sorted(set(tensors) - set(expected))
+        if unused:  # a tensor the maths below never reads means a variant saescope does not implement
+            raise SAEError(f"{origin}: tensor {unused[0]!r} is not part of a {cfg.architecture} SAE; saescope cannot read this variant")
         for name, shape in expected.items():
             if name not in tensors:
                 raise SAEError(f"{origin}: missing tensor {name!r}")
@@ -172,24 +183,54 @@ class SAE(nn.Module):
                 raise SAEError(f"{origin}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
             if not torch.isfinite(tensor).all():
                 raise SAEError(f"{origin}: tensor {name!r} contains NaN or infinite values")
-            getattr(sae, name).data.copy_(tensor.float())
+        sae = cls(cfg)
+        for name in expected:
+            getattr(sae, name).data.copy_(tensors[name].float())
         return sae
 
 
+# The SAELens config format our cfg.json follows (SAELens reads a config without a version as
+# pre-6 and converts it); we write exactly the keys SAELens 6 writes for the same architecture.
+SAELENS_FORMAT = "6.0.0"
+
+
 def saelens_cfg(cfg: SAEConfig) -> dict:
-    """Our config as SAELens keys (both the flat and the SAELens-6 ``metadata`` spellings)."""
-    out = asdict(cfg)
-    out.pop("saescope")
-    out["normalize_activations"] = "none"  # input scaling is folded into the weights
-    out["metadata"] = {"model_name": cfg.model_name, "hook_name": cfg.hook_name}
+    """Our config as SAELens 6 writes it: the model as its hub id, hook and model under
+    ``metadata``. saescope's own names (model spec, layer) go in the ``saescope`` field."""
+    from sae_core.inputs.subject import hub_id
+
+    out = {
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",  # input scaling is folded into the weights
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT,
+            "sae_lens_training_version": None,  # not trained by SAELens
+            "model_name": hub_id(cfg.model_name) if cfg.model_name else None,
+            "hook_name": cfg.hook_name,
+        },
+        "architecture": cfg.architecture,
+    }
     if cfg.architecture == "topk":
-        out["rescale_acts_by_decoder_norm"] = False
+        out |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     return out
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open`` gives a new file under the current umask (safetensors makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
+    tmp.chmod(_file_mode())
     tmp.replace(path)
 
 

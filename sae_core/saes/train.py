@@ -58,16 +58,17 @@ def held_out_split(contexts, n_eval: int) -> Split:
     if n_eval == 0:
         raise TrainError(f"the corpus {contexts.spec!r} has only {len(contexts)} contexts; it needs at least 5")
     n_train = len(contexts) - n_eval
+    return Split(context_rows(contexts, 0, n_train, "train"), context_rows(contexts, n_train, len(contexts), "heldout"))
 
-    def rows(begin, end, tag):
-        return dataclasses.replace(
-            contexts,
-            tokens=contexts.tokens[begin:end],
-            special_mask=contexts.special_mask[begin:end],
-            fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
-        )
 
-    return Split(rows(0, n_train, "train"), rows(n_train, len(contexts), "heldout"))
+def context_rows(contexts, begin: int, end: int, tag: str):
+    """Rows [begin, end) of ``contexts``, fingerprinted as such (activation caches are named by it)."""
+    return dataclasses.replace(
+        contexts,
+        tokens=contexts.tokens[begin:end],
+        special_mask=contexts.special_mask[begin:end],
+        fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
+    )
 
 
 def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
@@ -75,7 +76,14 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
     from sae_core.inputs.activations import ActivationCache
     from sae_core.inputs.corpus import build_contexts
     from sae_core.inputs.subject import hook_name, load_subject
-    from sae_core.saes.metrics import evaluate, save_metrics
+    from sae_core.saes.metrics import metric_lines, save_metrics
+    from sae_core.saes.report_card import (
+        held_out_contexts,
+        other_contexts,
+        other_corpus_for,
+        report_card,
+        split_record,
+    )
 
     out = Path(out)
     if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
@@ -116,14 +124,17 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
             "dead_window_tokens": cfg.resolved_dead_tokens(),
             "cached_tokens": cache.n_tokens,
             "corpus": split.train.describe(),
+            "held_out": split_record(contexts, len(split.train)),  # `evaluate` reads exactly these rows
         },
     )
     sae.save(out)
-    metrics = evaluate(
-        subject, sae, cfg.layer, split.held_out.tokens, split.held_out.special_mask, progress=progress
+    held_out = held_out_contexts(sae, subject.tokenizer, max_contexts=len(split.held_out))  # what `evaluate` reads
+    other = other_contexts(
+        other_corpus_for(cfg.corpus), subject.tokenizer, like=held_out.contexts, text_field=cfg.text_field, training_spec=cfg.corpus
     )
-    save_metrics(out, metrics)
-    for line in metrics.lines():
+    card = report_card(subject, sae, cfg.layer, held_out, other, progress=progress)
+    save_metrics(out, card)
+    for line in metric_lines(card):
         print(line)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return out

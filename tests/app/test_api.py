@@ -22,6 +22,10 @@ def test_saes_list_reports_metrics_and_fractions_measured_on_the_store(client, s
         len(store.planted.dead_features) / store.spec.n_features
     )
     assert set(sae["metrics_how"]) == {"l0"}
+    assert (sae["delta_ce"], sae["kl_div"]) == (pytest.approx(0.12), pytest.approx(0.2))
+    held_out, other = sae["report_card"]
+    assert (held_out["role"], held_out["corpus"], held_out["explained_variance"]) == ("held out", "synthetic", 0.81)
+    assert (other["role"], other["delta_ce"], other["n_massive_tokens"]) == ("other corpus", 0.4, 5)
     assert sum(sae["density_hist"]["counts"]) == store.spec.n_features - len(
         store.planted.dead_features
     )

@@ -34,6 +34,10 @@ def test_sae_page_has_metrics_histogram_search_and_first_page_of_features(client
         html.count(f'href="/saes/{store.sae}/features/') == store.spec.n_features
     )  # all fit in one page
     assert "explained variance" in html and "0.81" in html
+    assert html.index("ΔCE") < html.index("explained variance")  # the headline comes first
+    card = html[html.index('<table class="report-card">') :]
+    assert "held out" in card and "other corpus" in card and "0.64" in card and "5 left out" in card
+    assert "<script>alert(1)</script>" not in card and "&lt;script&gt;" in card  # a corpus name is escaped
 
 
 def test_sae_page_applies_the_search_in_its_query(client, store):
