@@ -56,7 +56,7 @@ def jobs_from_args(args) -> list:
     """One TrainJob per SAE of the cross product of --layer, --arch, --width and --k."""
     from sae_core.inputs.device import pick_device
     from sae_core.inputs.subject import DEFAULT_MODEL
-    from sae_core.saes.train import TrainJob
+    from sae_core.saes.train import TrainJob, job_folder
     from sae_core.saes.train_config import TrainConfig
 
     given = {field: getattr(args, option) for option, field in CONFIG_OPTIONS.items() if getattr(args, option) is not None}
@@ -74,10 +74,7 @@ def jobs_from_args(args) -> list:
     for layer, arch, width, k in itertools.product(args.layer, args.arch or [None], args.width or [None], ks):
         chosen = {"layer": layer, "architecture": arch, "width": width, "k": None if arch == "relu" else k}
         cfg = TrainConfig(**shared, **{name: value for name, value in chosen.items() if value is not None})
-        name = f"l{layer}-{cfg.architecture}" + (f"-{width}" if width else "")
-        if len(ks) > 1 and cfg.architecture != "relu":
-            name += f"-k{cfg.k}"
-        configs[name] = cfg  # relu ignores --k: one SAE for all of them
+        configs[job_folder(cfg, with_k=len(ks) > 1)] = cfg  # relu ignores --k: one SAE for all of them
     out = Path(args.out)
     if len(configs) == 1:
         return [TrainJob(cfg, out) for cfg in configs.values()]

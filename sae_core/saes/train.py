@@ -75,6 +75,12 @@ class TrainJob(NamedTuple):
     out: Path  # the SAE's folder: weights, cfg.json, metrics.json, checkpoint while training
 
 
+def job_folder(cfg: TrainConfig, *, with_k: bool = False) -> str:
+    """Folder name of one SAE of several trained together: l<layer>-<arch>[-<width>][-k<k>]."""
+    name = f"l{cfg.layer}-{cfg.architecture}" + (f"-{cfg.width}" if cfg.width else "")
+    return name + (f"-k{cfg.k}" if with_k and cfg.architecture != "relu" else "")
+
+
 def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Build (or reuse) the activation cache, train, save the SAE and its metrics.json into ``out``."""
     return train_saes([TrainJob(cfg, Path(out))], resume=resume, progress=progress)[0]
