@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from sae_core.saes.metrics import CEStats, ReconstructionStats, density_histogram, evaluate
+from sae_core.saes.metrics import (
+    CEStats,
+    ReconstructionStats,
+    density_histogram,
+    evaluate,
+    evaluate_many,
+)
 from sae_core.saes.sae import SAE, SAEConfig
 
 
@@ -127,3 +133,17 @@ def test_splice_keeps_bos_clean_and_zero_ablation_zeroes_everything(llama):
     assert ce_sae != pytest.approx(ce_zero, rel=1e-4)  # BOS kept clean makes a difference
     assert m.ce_loss_recovered == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), abs=1e-3)
     assert m.l0 > 0 and m.explained_variance < 0.1
+
+
+@torch.no_grad()
+def test_several_saes_on_one_layer_share_the_clean_and_zero_runs(llama, monkeypatch):
+    tokens, special = _contexts(llama)
+    perfect, silent = _identity_sae(llama.d_model), _identity_sae(llama.d_model)
+    silent.W_dec.data.zero_()
+    alone = [evaluate(llama, sae, 1, tokens, special, batch_size=4, progress=False) for sae in (perfect, silent)]
+    calls = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    together = evaluate_many(llama, [perfect, silent], 1, tokens, special, batch_size=4, progress=False)
+    assert len(calls) == 2 * (2 + 2)  # two batches, each: clean, zero-ablated, one per SAE
+    assert [m.to_dict() for m in together] == [m.to_dict() for m in alone]

@@ -179,7 +179,6 @@ HOW = {
 }
 
 
-@torch.no_grad()
 def evaluate(
     subject,
     sae: SAE,
@@ -191,29 +190,48 @@ def evaluate(
     progress: bool = True,
 ) -> Metrics:
     """All metrics on contexts ``tokens`` (n, seq) with ``special_mask`` (n, seq), via ``subject``."""
+    [metrics] = evaluate_many(subject, [sae], layer, tokens, special_mask, batch_size=batch_size, progress=progress)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_many(
+    subject,
+    saes: list[SAE],
+    layer: int,
+    tokens: torch.Tensor,
+    special_mask: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[Metrics]:
+    """``evaluate`` for several SAEs on one layer: the clean and the zero-ablated runs are shared,
+    so N SAEs cost N + 2 forward passes per batch instead of 3N."""
     device = subject.device
-    sae = sae.to(device)
-    recon = ReconstructionStats(sae.d_in, sae.d_sae)
-    ce = CEStats()
+    saes = [sae.to(device) for sae in saes]
+    recons = [ReconstructionStats(sae.d_in, sae.d_sae) for sae in saes]
+    ces = [CEStats() for _ in saes]
     for begin in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluate", disable=not progress):
         ids = tokens[begin : begin + batch_size].to(device)  # (B, T)
         special = special_mask[begin : begin + batch_size].to(device)  # (B, T)
-
-        def splice(resid, special=special):
-            out = sae(resid)
-            keep = ~special
-            recon.update(resid[keep], out.sae_out[keep], out.feature_acts[keep])
-            return torch.where(special[..., None], resid, out.sae_out.to(resid.dtype))
-
-        clean = subject.model(input_ids=ids).logits
-        with subject.patch_layer(layer, splice):
-            spliced = subject.model(input_ids=ids).logits
+        clean = subject.model(input_ids=ids).logits.float()
         with subject.patch_layer(layer, torch.zeros_like):
-            zero = subject.model(input_ids=ids).logits
-        ce.update(clean.float(), spliced.float(), zero.float(), ids[:, 1:], ~special[:, :-1])
-    return Metrics(
-        n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary(), how=HOW
-    )
+            zero = subject.model(input_ids=ids).logits.float()
+        for sae, recon, ce in zip(saes, recons, ces, strict=True):
+
+            def splice(resid, sae=sae, recon=recon, special=special):
+                out = sae(resid)
+                keep = ~special
+                recon.update(resid[keep], out.sae_out[keep], out.feature_acts[keep])
+                return torch.where(special[..., None], resid, out.sae_out.to(resid.dtype))
+
+            with subject.patch_layer(layer, splice):
+                spliced = subject.model(input_ids=ids).logits
+            ce.update(clean, spliced.float(), zero, ids[:, 1:], ~special[:, :-1])
+    return [
+        Metrics(n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary(), how=HOW)
+        for recon, ce in zip(recons, ces, strict=True)
+    ]
 
 
 def save_metrics(folder, metrics: Metrics) -> None:

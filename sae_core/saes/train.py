@@ -94,6 +94,7 @@ def train_saes(jobs: list[TrainJob], *, resume: bool = False, progress: bool = T
     from sae_core.inputs.activations import ActivationCache
     from sae_core.inputs.corpus import build_contexts
     from sae_core.inputs.subject import load_subject
+    from sae_core.saes.metrics import evaluate_many, save_metrics
 
     todo = [job for job in jobs if not already_trained(job)]
     if not todo:
@@ -122,8 +123,23 @@ def train_saes(jobs: list[TrainJob], *, resume: bool = False, progress: bool = T
         [FitJob(job.cfg, caches[job.cfg.layer], job.out) for job in todo], resume=resume, progress=progress
     )
     if distributed.is_main():
-        for job, result in zip(todo, results, strict=True):
-            save_trained(subject, job, result, caches[job.cfg.layer], split, progress=progress)
+        saved = [save_trained(job, result, caches[job.cfg.layer], split) for job, result in zip(todo, results, strict=True)]
+        for layer in layers:  # one clean and one zero-ablated run per layer, shared by its SAEs
+            on_layer = [(job, sae) for job, sae in zip(todo, saved, strict=True) if job.cfg.layer == layer]
+            metrics = evaluate_many(
+                subject,
+                [sae for _, sae in on_layer],
+                layer,
+                split.held_out.tokens,
+                split.held_out.special_mask,
+                progress=progress,
+            )
+            for (job, _), measured in zip(on_layer, metrics, strict=True):
+                save_metrics(job.out, measured)
+                print(f"saescope: {job.out}")
+                for line in measured.lines():
+                    print(line)
+                (job.out / CHECKPOINT).unlink(missing_ok=True)  # last: a kill before this leaves a resumable run
     return [job.out for job in jobs]
 
 
@@ -138,13 +154,11 @@ def already_trained(job: TrainJob) -> bool:
     return True
 
 
-def save_trained(subject, job: TrainJob, result: FitResult, cache, split: Split, *, progress: bool) -> None:
-    """The trained SAE with its metadata into ``job.out``, then its held-out metrics; the
-    checkpoint goes last, so a kill before that leaves a resumable run."""
+def save_trained(job: TrainJob, result: FitResult, cache, split: Split) -> SAE:
+    """The trained SAE with its metadata, saved into ``job.out``."""
     from sae_core.inputs.subject import hook_name
-    from sae_core.saes.metrics import evaluate, save_metrics
 
-    cfg, out = job.cfg, job.out
+    cfg = job.cfg
     sae = with_metadata(
         result.sae,
         model_name=cfg.model,
@@ -161,12 +175,5 @@ def save_trained(subject, job: TrainJob, result: FitResult, cache, split: Split,
             "corpus": split.train.describe(),
         },
     )
-    sae.save(out)
-    metrics = evaluate(
-        subject, sae, cfg.layer, split.held_out.tokens, split.held_out.special_mask, progress=progress
-    )
-    save_metrics(out, metrics)
-    print(f"saescope: {out}")
-    for line in metrics.lines():
-        print(line)
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    sae.save(job.out)
+    return sae
