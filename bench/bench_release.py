@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=8192, help="precompute tokens for every side")
     parser.add_argument("--train-tokens", type=int, default=40960, help="training tokens per SAE (batches of 4096)")
     parser.add_argument("--batch-size", type=int, default=32, help="contexts per precompute forward pass")
+    parser.add_argument("--only", choices=("precompute", "train"), help="run one half of the benchmark")
     return parser.parse_args()
 
 
@@ -128,32 +129,42 @@ def side_by_side(title: str, target: float, together: Measured, alone: list[Meas
     print(f"  speed-up        : {ratio:.2f}x (target >= {target}x: {verdict}); load {min(loads):.1f}..{max(loads):.1f}")
 
 
+def compare_precompute(tmp: Path, args: argparse.Namespace) -> None:
+    widths = [random_sae(tmp, 15, width) for width in WIDTHS]
+    layers = [random_sae(tmp, layer, 4096) for layer in LAYERS]
+    warm = in_child(precompute, [widths[0]], f"sqlite:///{tmp / 'warm.db'}", args.tokens, args.batch_size)
+    print(f"warm-up (model, corpus cached): {warm.seconds:.1f} s")
+
+    def precompute_sides(paths: list[str], tag: str) -> tuple[Measured, list[Measured]]:
+        together = in_child(precompute, paths, f"sqlite:///{tmp / f'{tag}-one.db'}", args.tokens, args.batch_size)
+        alone = [
+            in_child(precompute, [path], f"sqlite:///{tmp / f'{tag}-{i}.db'}", args.tokens, args.batch_size)
+            for i, path in enumerate(paths)
+        ]
+        return together, alone
+
+    print(f"\nprecompute over {args.tokens} tokens, batches of {args.batch_size} contexts of {CTX_LEN}")
+    side_by_side("three widths (1k, 4k, 16k) on layer 15", 2.5, *precompute_sides(widths, "widths"))
+    side_by_side("four layers (5, 10, 15, 20), 4k wide", 2.5, *precompute_sides(layers, "layers"))
+
+
+def compare_training(tmp: Path, args: argparse.Namespace) -> None:
+    in_child(build_cache, args.train_tokens)
+    print(f"\ntraining {args.train_tokens} tokens per SAE (batches of 4096) from a built cache, evaluation on 32 contexts")
+    together = in_child(train, [str(tmp / f"t-one-{w}") for w in WIDTHS], list(WIDTHS), args.train_tokens)
+    alone = [in_child(train, [str(tmp / f"t-{w}")], [w], args.train_tokens) for w in WIDTHS]
+    side_by_side("three widths (1k, 4k, 16k) on layer 15", 1.3, together, alone)
+
+
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        widths = [random_sae(tmp, 15, width) for width in WIDTHS]
-        layers = [random_sae(tmp, layer, 4096) for layer in LAYERS]
-        warm = in_child(precompute, [widths[0]], f"sqlite:///{tmp / 'warm.db'}", args.tokens, args.batch_size)
-        print(f"warm-up (model, corpus cached): {warm.seconds:.1f} s; {os.cpu_count()} CPUs")
-
-        def precompute_sides(paths: list[str], tag: str) -> tuple[Measured, list[Measured]]:
-            together = in_child(precompute, paths, f"sqlite:///{tmp / f'{tag}-one.db'}", args.tokens, args.batch_size)
-            alone = [
-                in_child(precompute, [path], f"sqlite:///{tmp / f'{tag}-{i}.db'}", args.tokens, args.batch_size)
-                for i, path in enumerate(paths)
-            ]
-            return together, alone
-
-        print(f"\nprecompute over {args.tokens} tokens, batches of {args.batch_size} contexts of {CTX_LEN}")
-        side_by_side("three widths (1k, 4k, 16k) on layer 15", 2.5, *precompute_sides(widths, "widths"))
-        side_by_side("four layers (5, 10, 15, 20), 4k wide", 2.5, *precompute_sides(layers, "layers"))
-
-        in_child(build_cache, args.train_tokens)
-        print(f"\ntraining {args.train_tokens} tokens per SAE (batches of 4096) from a built cache, evaluation on 32 contexts")
-        together = in_child(train, [str(tmp / f"t-one-{w}") for w in WIDTHS], list(WIDTHS), args.train_tokens)
-        alone = [in_child(train, [str(tmp / f"t-{w}")], [w], args.train_tokens) for w in WIDTHS]
-        side_by_side("three widths (1k, 4k, 16k) on layer 15", 1.3, together, alone)
+        print(f"{os.cpu_count()} CPUs")
+        if args.only != "train":
+            compare_precompute(tmp, args)
+        if args.only != "precompute":
+            compare_training(tmp, args)
 
 
 if __name__ == "__main__":
