@@ -24,6 +24,8 @@ from app.schemas import (
     LabelPublic,
     MetricsPublic,
     NeighbourPublic,
+    ReleasePublic,
+    ReleasesPublic,
     SaePublic,
     SaesPublic,
     TokensPublic,
@@ -31,10 +33,12 @@ from app.schemas import (
 )
 from app.vocab import Vocabulary, get_vocabulary
 from sae_core.errors import NotFoundError
+from sae_core.store import releases
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,
+    ReleaseRow,
     SaeRow,
     SubjectModelRow,
     unpack_acts,
@@ -97,13 +101,16 @@ def _report_card(metrics: dict) -> list[MetricsPublic]:
     return card
 
 
-def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
+def _sae_public(
+    row: SaeRow, model_name: str, release: str | None, fractions: tuple[float, float] | None
+) -> SaePublic:
     metrics = row.metrics or {}
     held_out = metrics.get("held_out") or {}
     tokens_trained = (row.train_cfg or {}).get("tokens_trained")  # written by `saescope train`
     return SaePublic(
         name=row.name,
         model=model_name,
+        release=release,
         layer=row.layer,
         hook_name=row.hook_name,
         architecture=row.architecture,
@@ -131,12 +138,16 @@ def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | N
 
 def list_saes(*, session: Session) -> SaesPublic:
     rows = session.execute(
-        sa.select(SaeRow, SubjectModelRow.name)
+        sa.select(SaeRow, SubjectModelRow.name, ReleaseRow.name)
         .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
+        .outerjoin(ReleaseRow, ReleaseRow.id == SaeRow.release_id)
         .where(SaeRow.status == "complete")  # a precompute in progress writes a staging row
         .order_by(SaeRow.created_at, SaeRow.name)
     ).all()
-    data = [_sae_public(sae, model, _feature_fractions(session, sae)) for sae, model in rows]
+    data = [
+        _sae_public(sae, model, release, _feature_fractions(session, sae))
+        for sae, model, release in rows
+    ]
     return SaesPublic(data=data, count=len(data))
 
 
@@ -145,7 +156,42 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
     model_name = session.scalar(
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
-    return _sae_public(row, model_name or "", _feature_fractions(session, row))
+    release = session.scalar(sa.select(ReleaseRow.name).where(ReleaseRow.id == row.release_id))
+    return _sae_public(row, model_name or "", release, _feature_fractions(session, row))
+
+
+# ---------------------------------------------------------------------------------------------
+# Releases
+
+
+def _release_public(session: Session, release: ReleaseRow) -> ReleasePublic:
+    model = session.scalar(
+        sa.select(SubjectModelRow.name).where(SubjectModelRow.id == release.model_id)
+    )
+    saes = [
+        _sae_public(row, model or "", release.name, _feature_fractions(session, row))
+        for row in releases.release_saes(session, release.id)
+    ]
+    return ReleasePublic(
+        name=release.name,
+        model=model or "",
+        layers=sorted({sae.layer for sae in saes}),
+        widths=sorted({sae.d_sae for sae in saes}),
+        saes=saes,
+        created_at=release.created_at,
+    )
+
+
+def list_releases(*, session: Session) -> ReleasesPublic:
+    data = [_release_public(session, row) for row in releases.list_releases(session)]
+    return ReleasesPublic(data=data, count=len(data))
+
+
+def get_release(*, session: Session, release_name: str) -> ReleasePublic:
+    row = releases.get_release(session, release_name)
+    if row is None or not releases.release_saes(session, row.id):
+        raise NotFoundError.release(release_name)
+    return _release_public(session, row)
 
 
 # ---------------------------------------------------------------------------------------------

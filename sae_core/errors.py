@@ -16,5 +16,9 @@ class NotFoundError(SaescopeError):
         return cls(f"no SAE named {name!r} in this store; see /api/v1/saes for the list")
 
     @classmethod
+    def release(cls, name: str) -> NotFoundError:
+        return cls(f"no release named {name!r} in this store; see /api/v1/releases for the list")
+
+    @classmethod
     def feature(cls, sae_name: str, index: int, d_sae: int) -> NotFoundError:
         return cls(f"SAE {sae_name!r} has no feature {index}; its features are 0..{d_sae - 1}")

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_core.saes.metrics import CEStats, ReconstructionStats, density_histogram, evaluate
+from sae_core.saes.metrics import (
+    CEStats,
+    ReconstructionStats,
+    density_histogram,
+    evaluate,
+    evaluate_many,
+)
 from sae_core.saes.sae import SAE, SAEConfig
 
 
@@ -209,3 +215,16 @@ def test_every_metric_equals_a_textbook_computation_on_the_same_tokens(llama):
     assert (m.n_tokens, m.n_predictions, m.n_kl_positions) == (int((~special).sum()), int((~special[:, :-1]).sum()),
                                                                 int((~special).sum()))  # fmt: skip
     assert m.corpus == {"spec": "random"} and m.kl_div > 1e-4  # not a trivially perfect SAE
+
+
+def test_several_saes_on_one_layer_share_the_clean_and_zero_runs(llama, monkeypatch):
+    tokens, special = _contexts(llama)
+    perfect, silent = _identity_sae(llama.d_model), _identity_sae(llama.d_model)
+    silent.W_dec.data.zero_()
+    alone = [evaluate(llama, sae, 1, tokens, special, batch_size=4, progress=False) for sae in (perfect, silent)]
+    calls = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    together = evaluate_many(llama, [perfect, silent], 1, tokens, special, batch_size=4, progress=False)
+    assert len(calls) == 2 * (2 + 2) + 2  # two batches, each: clean, zero-ablated, one per SAE; then mean-ablated
+    assert [m.to_dict() for m in together] == [m.to_dict() for m in alone]

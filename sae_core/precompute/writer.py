@@ -28,6 +28,7 @@ from sae_core.store.db import (
     VocabRow,
     utcnow,
 )
+from sae_core.store.releases import join_release
 
 INSERT_BATCH = 2000  # rows per executemany: large enough to amortise round trips, small in memory
 STAGING_SUFFIX = "~staging"
@@ -46,6 +47,12 @@ def staging_name(name: str) -> str:
 def complete_sae_id(engine: Engine, name: str) -> int | None:
     with engine.connect() as conn:
         return conn.scalar(sa.select(SaeRow.id).where(SaeRow.name == name, SaeRow.status == "complete"))
+
+
+def file_complete(engine: Engine, sae_id: int, release: str) -> None:
+    """File an SAE that is already complete into ``release`` (a precompute that skips it)."""
+    with engine.begin() as conn:
+        join_release(conn, sae_id, release)
 
 
 def batched(rows: Iterable[dict], size: int = INSERT_BATCH) -> Iterator[list[dict]]:
@@ -134,8 +141,9 @@ class StoreRows(NamedTuple):
     token_features: Iterable[dict]
 
 
-def publish(engine: Engine, sae_id: int, name: str, sae_updates: dict, rows: StoreRows) -> None:
-    """Write the results under the staging row and swap it in, all in one transaction."""
+def publish(engine: Engine, sae_id: int, name: str, release: str, sae_updates: dict, rows: StoreRows) -> None:
+    """Write the results under the staging row and swap it in, into the release ``release``, all in
+    one transaction."""
     with engine.begin() as conn:
         for table in (FeatureRow, ExampleRow, ContextRow, TokenFeatureRow):
             conn.execute(sa.delete(table).where(table.sae_id == sae_id))
@@ -150,6 +158,7 @@ def publish(engine: Engine, sae_id: int, name: str, sae_updates: dict, rows: Sto
             .where(SaeRow.id == sae_id)
             .values(name=name, status="complete", completed_at=utcnow(), **sae_updates)
         )
+        join_release(conn, sae_id, release)
     reclaim_space(engine)
 
 

@@ -223,7 +223,6 @@ HOW = {
 }
 
 
-@torch.no_grad()
 def evaluate(
     subject,
     sae: SAE,
@@ -235,14 +234,34 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
 ) -> Metrics:
-    """All metrics on contexts ``tokens`` (n, seq) with ``special_mask`` (n, seq), via ``subject``.
+    """All metrics on contexts ``tokens`` (n, seq) with ``special_mask`` (n, seq), via ``subject``."""
+    [metrics] = evaluate_many(
+        subject, [sae], layer, tokens, special_mask, corpus=corpus, batch_size=batch_size, progress=progress
+    )
+    return metrics
 
-    Two passes: clean, spliced and zero-ablated runs (which also give mean(x)), then the
-    mean-ablated run."""
+
+@torch.no_grad()
+def evaluate_many(
+    subject,
+    saes: list[SAE],
+    layer: int,
+    tokens: torch.Tensor,
+    special_mask: torch.Tensor,
+    *,
+    corpus: dict | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[Metrics]:
+    """``evaluate`` for several SAEs on one layer, sharing every run that does not depend on the
+    SAE: N SAEs cost N + 3 forward passes per batch instead of 4N.
+
+    Two passes: the clean, zero-ablated and (per SAE) spliced runs, which also give mean(x);
+    then the mean-ablated run."""
     device = subject.device
-    sae = sae.to(device)
-    recon = ReconstructionStats(sae.d_in, sae.d_sae)
-    ce = CEStats()
+    saes = [sae.to(device) for sae in saes]
+    recons = [ReconstructionStats(sae.d_in, sae.d_sae) for sae in saes]
+    ces = [CEStats() for _ in saes]
     starts = range(0, tokens.shape[0], batch_size)
 
     def batch(begin):
@@ -250,20 +269,21 @@ def evaluate(
 
     for begin in tqdm(starts, desc="evaluate", disable=not progress):
         ids, special = batch(begin)  # (B, T) each
-
-        def splice(resid, special=special):
-            out = sae(resid)
-            keep = ~special
-            recon.update(resid[keep], out.sae_out[keep], out.feature_acts[keep])
-            return torch.where(special[..., None], resid, out.sae_out.to(resid.dtype))
-
-        clean = subject.model(input_ids=ids).logits
-        with subject.patch_layer(layer, splice):
-            spliced = subject.model(input_ids=ids).logits
+        clean = subject.model(input_ids=ids).logits.float()
         with subject.patch_layer(layer, torch.zeros_like):
-            zero = subject.model(input_ids=ids).logits
-        ce.update(clean.float(), spliced.float(), zero.float(), ids[:, 1:], special)
-    mean = recon.mean().to(device)
+            zero = subject.model(input_ids=ids).logits.float()
+        for sae, recon, ce in zip(saes, recons, ces, strict=True):
+
+            def splice(resid, sae=sae, recon=recon, special=special):
+                out = sae(resid)
+                keep = ~special
+                recon.update(resid[keep], out.sae_out[keep], out.feature_acts[keep])
+                return torch.where(special[..., None], resid, out.sae_out.to(resid.dtype))
+
+            with subject.patch_layer(layer, splice):
+                spliced = subject.model(input_ids=ids).logits
+            ce.update(clean, spliced.float(), zero, ids[:, 1:], special)
+    mean = recons[0].mean().to(device)  # every SAE saw the same x
     for begin in tqdm(starts, desc="evaluate (mean ablation)", disable=not progress):
         ids, special = batch(begin)
 
@@ -271,8 +291,13 @@ def evaluate(
             return torch.where(special[..., None], resid, mean.to(resid.dtype))
 
         with subject.patch_layer(layer, ablate):
-            ce.update_mean_ablation(subject.model(input_ids=ids).logits.float(), ids[:, 1:], special)
-    return Metrics(corpus=corpus or {}, n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary())
+            ablated = subject.model(input_ids=ids).logits.float()
+        for ce in ces:
+            ce.update_mean_ablation(ablated, ids[:, 1:], special)
+    return [
+        Metrics(corpus=corpus or {}, n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary())
+        for recon, ce in zip(recons, ces, strict=True)
+    ]
 
 
 def metric_lines(card: dict[str, Metrics]) -> list[str]:

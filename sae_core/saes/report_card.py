@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from sae_core.inputs.corpus import DEFAULT_CORPUS, DOCS_CORPUS, Contexts, build_contexts
-from sae_core.saes.metrics import HELD_OUT, OTHER, Metrics, evaluate
+from sae_core.saes.metrics import HELD_OUT, OTHER, Metrics, evaluate_many
 from sae_core.saes.sae import SAE, SAEError
 
 
@@ -91,7 +91,14 @@ def other_contexts(spec: str, tokenizer, *, like: Contexts, text_field: str, tra
 
 def report_card(subject, sae: SAE, layer: int, held_out: TokenSet, other: TokenSet, **kwargs) -> dict[str, Metrics]:
     """Every metric on both token sets: {"held_out": Metrics, "other_corpus": Metrics}."""
-    return {
-        name: evaluate(subject, sae, layer, part.contexts.tokens, part.contexts.special_mask, corpus=part.corpus(), **kwargs)
+    [card] = report_cards(subject, [sae], layer, held_out, other, **kwargs)
+    return card
+
+
+def report_cards(subject, saes: list[SAE], layer: int, held_out: TokenSet, other: TokenSet, **kwargs) -> list[dict[str, Metrics]]:
+    """``report_card`` for several SAEs on one layer, sharing the runs that do not depend on the SAE."""
+    columns = {
+        name: evaluate_many(subject, saes, layer, part.contexts.tokens, part.contexts.special_mask, corpus=part.corpus(), **kwargs)
         for name, part in ((HELD_OUT, held_out), (OTHER, other))
     }
+    return [{name: measured[i] for name, measured in columns.items()} for i in range(len(saes))]

@@ -1,0 +1,171 @@
+"""Benchmark: a release in one pass against its SAEs one at a time, side by side in one run.
+
+On SmolLM2-135M (the embedded default) and the default corpus, the same tokens for every side:
+
+- precompute of three TopK SAEs (1,024 / 4,096 / 16,384 latents, k = 32) on layer 15: one
+  ``run_precompute`` with all three vs three runs of one (target >= 2.5x);
+- precompute of four 4,096-wide SAEs on layers 5, 10, 15 and 20: one pass vs four runs
+  (target >= 2.5x; the forward alone caps it at (6 + 11 + 16 + 21) / 21 = 2.57x blocks);
+- training three widths (1,024 / 4,096 / 16,384) on layer 15 from an activation cache built
+  beforehand: one ``train_saes`` (one loop, evaluation shared per layer) vs three ``train_sae``
+  (target >= 1.3x).
+
+Every timed side runs in a fresh process, as separate ``saescope`` commands would (model load
+included), and reports its wall time, its peak resident memory and the 1-minute load average at
+its start and end. The SAEs are random-init (the cost does not depend on what they learned).
+
+    python bench/bench_release.py [--tokens 8192] [--train-tokens 40960]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+MODEL, CTX_LEN = "smollm2-135m", 64
+WIDTHS = (1024, 4096, 16384)
+LAYERS = (5, 10, 15, 20)
+
+
+class Measured(NamedTuple):
+    seconds: float
+    peak_mb: float  # peak resident memory of the process (model included)
+    load: tuple[float, float]  # 1-minute load average at start and end
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="precompute tokens for every side")
+    parser.add_argument("--train-tokens", type=int, default=40960, help="training tokens per SAE (batches of 4096)")
+    parser.add_argument("--batch-size", type=int, default=32, help="contexts per precompute forward pass")
+    parser.add_argument("--only", choices=("precompute", "train"), help="run one half of the benchmark")
+    return parser.parse_args()
+
+
+def in_child(work, *args) -> Measured:
+    """Run ``work(*args)`` in a fresh process; time it there, where imports are already done."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_timed, (work, *args))
+
+
+def _timed(work, *args) -> Measured:
+    import torch  # noqa: F401  (imported before the clock starts, as a command has it)
+
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    work(*args)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Measured(seconds, peak, (load, os.getloadavg()[0]))
+
+
+def random_sae(folder: Path, layer: int, width: int) -> str:
+    """Anthropic/OpenAI init: unit decoder rows, W_enc = W_dec^T."""
+    import torch
+
+    from sae_core.saes.sae import SAE, SAEConfig
+
+    torch.manual_seed(width + layer)
+    sae = SAE(SAEConfig(d_in=576, d_sae=width, architecture="topk", k=32, model_name=MODEL, layer=layer))
+    sae.W_dec.data = torch.nn.functional.normalize(torch.randn(width, 576), dim=1)
+    sae.W_enc.data = sae.W_dec.data.T.clone()
+    return str(sae.save(folder / f"l{layer}-{width}"))
+
+
+def precompute(paths: list[str], db: str, tokens: int, batch_size: int) -> None:
+    from sae_core.precompute.run import PrecomputeConfig, run_precompute
+
+    cfg = PrecomputeConfig(
+        sae_paths=paths, db_url=db, model=MODEL, tokens=tokens, batch_size=batch_size, ctx_len=CTX_LEN, progress=False
+    )
+    run_precompute(cfg)
+
+
+def train_configs(tokens: int) -> list:
+    from sae_core.saes.train_config import TrainConfig
+
+    return [
+        TrainConfig(layer=15, width=width, k=32, tokens=tokens, cache_tokens=tokens, eval_contexts=32, checkpoint_every=1000)
+        for width in WIDTHS
+    ]
+
+
+def build_cache(tokens: int) -> None:
+    """The layer-15 cache both training sides read (built here, untimed)."""
+    from sae_core.inputs.activations import ActivationCache
+    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.subject import load_subject
+    from sae_core.saes.train import held_out_split
+
+    cfg = train_configs(tokens)[0]
+    subject = load_subject(MODEL)
+    contexts = build_contexts(cfg.corpus, subject.tokenizer, ctx_len=cfg.ctx_len, seed=cfg.seed)
+    train = held_out_split(contexts, cfg.eval_contexts).train
+    ActivationCache.build(subject, 15, train, ActivationCache.default_folder(subject, 15, train), max_tokens=tokens, progress=False)
+
+
+def train(outs: list[str], widths: list[int], tokens: int) -> None:
+    from sae_core.saes.train import TrainJob, train_saes
+
+    configs = {cfg.width: cfg for cfg in train_configs(tokens)}
+    train_saes([TrainJob(configs[width], Path(out)) for out, width in zip(outs, widths, strict=True)], progress=False)
+
+
+def side_by_side(title: str, target: float, together: Measured, alone: list[Measured]) -> None:
+    separate = sum(m.seconds for m in alone)
+    ratio = separate / together.seconds
+    loads = [load for m in (together, *alone) for load in m.load]
+    print(f"\n{title}")
+    print(f"  one pass / loop : {together.seconds:7.1f} s   peak {together.peak_mb:6.0f} MB")
+    print(f"  one at a time   : {separate:7.1f} s   peak {max(m.peak_mb for m in alone):6.0f} MB  "
+          f"({' + '.join(f'{m.seconds:.1f}' for m in alone)})")  # fmt: skip
+    verdict = "met" if ratio >= target else "NOT met"
+    print(f"  speed-up        : {ratio:.2f}x (target >= {target}x: {verdict}); load {min(loads):.1f}..{max(loads):.1f}")
+
+
+def compare_precompute(tmp: Path, args: argparse.Namespace) -> None:
+    widths = [random_sae(tmp, 15, width) for width in WIDTHS]
+    layers = [random_sae(tmp, layer, 4096) for layer in LAYERS]
+    warm = in_child(precompute, [widths[0]], f"sqlite:///{tmp / 'warm.db'}", args.tokens, args.batch_size)
+    print(f"warm-up (model, corpus cached): {warm.seconds:.1f} s")
+
+    def precompute_sides(paths: list[str], tag: str) -> tuple[Measured, list[Measured]]:
+        together = in_child(precompute, paths, f"sqlite:///{tmp / f'{tag}-one.db'}", args.tokens, args.batch_size)
+        alone = [
+            in_child(precompute, [path], f"sqlite:///{tmp / f'{tag}-{i}.db'}", args.tokens, args.batch_size)
+            for i, path in enumerate(paths)
+        ]
+        return together, alone
+
+    print(f"\nprecompute over {args.tokens} tokens, batches of {args.batch_size} contexts of {CTX_LEN}")
+    side_by_side("three widths (1k, 4k, 16k) on layer 15", 2.5, *precompute_sides(widths, "widths"))
+    side_by_side("four layers (5, 10, 15, 20), 4k wide", 2.5, *precompute_sides(layers, "layers"))
+
+
+def compare_training(tmp: Path, args: argparse.Namespace) -> None:
+    in_child(build_cache, args.train_tokens)
+    print(f"\ntraining {args.train_tokens} tokens per SAE (batches of 4096) from a built cache, evaluation on 32 contexts")
+    together = in_child(train, [str(tmp / f"t-one-{w}") for w in WIDTHS], list(WIDTHS), args.train_tokens)
+    alone = [in_child(train, [str(tmp / f"t-{w}")], [w], args.train_tokens) for w in WIDTHS]
+    side_by_side("three widths (1k, 4k, 16k) on layer 15", 1.3, together, alone)
+
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print(f"{os.cpu_count()} CPUs")
+        if args.only != "train":
+            compare_precompute(tmp, args)
+        if args.only != "precompute":
+            compare_training(tmp, args)
+
+
+if __name__ == "__main__":
+    main()
