@@ -26,8 +26,10 @@ from sae_core.labels import embeddings
 
 # Query vectors kept: 1,024 x 384 float32 is 1.5 MB, and covers what a crowd types repeatedly.
 QUERY_CACHE_SIZE = 1024
-# Added to the embedding thread's niceness: pages first, as for the live model (MODEL_NICENESS).
-SEARCH_NICENESS = 10
+# Added to the embedding thread's niceness, as to the live model process's (MODEL_NICENESS):
+# page threads are served first, and embedding still gets about a quarter of a contended core
+# (at +10 it got so little on a machine at load 28 that queries timed out).
+SEARCH_NICENESS = 5
 
 
 class QueryEmbedder:

@@ -77,6 +77,11 @@ def require_live(service: LiveService | None) -> LiveService:
     return service
 
 
+def live_on(service: LiveService | None, sae_name: str) -> bool:
+    """Whether pages offer live prompts for ``sae_name`` on this server."""
+    return service is not None and service.is_live(sae_name)
+
+
 def live_off_reason(service: LiveService | None, sae_name: str) -> str | None:
     """Why live prompts are off for ``sae_name`` on this server, or None when they are on."""
     if service is None:

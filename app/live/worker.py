@@ -186,9 +186,6 @@ class LiveWorker:
         """Admit, queue, and wait up to ``timeout_s`` for the result (or the job's exception)."""
         return self.admit().run(fn, *args, timeout_s=timeout_s, **kwargs)
 
-    def retry_after_s(self) -> int:
-        return self._retry_after_s(self._waiting)
-
     def _retry_after_s(self, waiting: int) -> int:
         """Whole seconds until the queue has likely drained by one job: every waiting job plus
         the running one, at the running mean duration."""

@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app import queries
 from app.deps import LiveDep, SessionDep, SettingsDep
-from app.live.service import LiveService
+from app.live.service import live_on
 from app.rendering import SWAGGER_UI, render, url_segment
 from app.schemas import FeatureSearch
 from app.search import search_features
@@ -62,10 +62,6 @@ def index_page(request: Request, session: SessionDep) -> Response:
     return render(request, "index.html", context, alternate="/api/v1/saes")
 
 
-def _is_live(live: LiveService | None, sae: str) -> bool:
-    return live is not None and live.is_live(sae)
-
-
 @router.get("/saes/{sae}")
 def sae_page(
     request: Request,
@@ -81,7 +77,7 @@ def sae_page(
         "search": search,
         "results": results,
         "search_url": search_url,
-        "live": _is_live(live, sae),
+        "live": live_on(live, sae),
     }
     return render(request, "sae.html", context, alternate=f"/api/v1{_sae_path(sae)}")
 
@@ -123,7 +119,7 @@ def feature_page(
     context = {
         "feature": feature,
         "more": MORE_EXAMPLES,
-        "live": _is_live(live, sae),
+        "live": live_on(live, sae),
         "editable": bool(settings.write_token),  # the label edit form
     }
     return render(
