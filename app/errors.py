@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sae_core.errors import SaescopeError
@@ -32,11 +33,18 @@ class UnknownFeatureError(NotFoundError):
         super().__init__(f"SAE {sae!r} has no feature {index}; its features are 0..{d_sae - 1}")
 
 
+class ErrorPublic(BaseModel):
+    """The body of every error answer of ``/api``."""
+
+    detail: str = Field(description="What was wrong and what to do, in one line.")
+
+
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def _respond(request: Request, status: int, message: str) -> Response:
+def respond(request: Request, status: int, message: str) -> Response:
+    """``message`` as the answer ``request`` expects: JSON for the API, the error page otherwise."""
     if _wants_json(request):
         return JSONResponse({"detail": message}, status_code=status)
     templates = request.app.state.templates
@@ -58,19 +66,19 @@ def _describe_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     def _not_found(request: Request, exc: NotFoundError) -> Response:
-        return _respond(request, 404, str(exc))
+        return respond(request, 404, str(exc))
 
     @app.exception_handler(SaescopeError)
     def _user_error(request: Request, exc: SaescopeError) -> Response:
-        return _respond(request, 422, str(exc))
+        return respond(request, 422, str(exc))
 
     @app.exception_handler(RequestValidationError)
     def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return _respond(request, 422, _describe_validation(exc))
+        return respond(request, 422, _describe_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
     def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        response = _respond(request, exc.status_code, str(exc.detail))
+        response = respond(request, exc.status_code, str(exc.detail))
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
@@ -78,4 +86,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _respond(request, 500, "internal error; the server log has the details")
+        return respond(request, 500, "internal error; the server log has the details")

@@ -17,6 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from app.errors import install_error_handlers
+from app.guards import RequestGuard
+from app.openapi import install_openapi
 from app.rendering import STATIC_DIR, make_templates
 from app.routes import api, labels, live, pages
 from app.settings import Settings
@@ -79,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.templates = make_templates()
     app.state.extensions = EXTENSIONS
     install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(RequestGuard)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
     for module in app.state.extensions:

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Longest a live request waits for its answer (queue included) before a 504; "
         "a full queue of steering jobs on a CPU fits in it.",
     )
+    max_body_bytes: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Largest request body in bytes; a larger one is answered 413 before it is "
+        "read. 1 MB holds the longest prompt and label many times over.",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface to listen on; loopback by default, so nothing is exposed by accident.",

@@ -11,38 +11,43 @@ the same partial; ``static/labels.js`` moves the token typed in the form into th
 
 from __future__ import annotations
 
-import secrets
 from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Form, Header, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Form, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from app.deps import SessionDep, SettingsDep
 from app.errors import NotFoundError, UnknownFeatureError
+from app.guards import require_write_token
+from app.params import FeatureIndex, StoreText
 from app.queries import get_sae_row
 from app.rendering import render
-from app.settings import Settings
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
-from sae_core.labels.run import MAX_LABEL_CHARS, label_history, set_human_label
+from sae_core.labels.run import (
+    MAX_AUTHOR_CHARS,
+    MAX_LABEL_CHARS,
+    label_history,
+    set_human_label,
+)
 from sae_core.labels.search import SearchMode, SearchSort, search_labels
 from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, LabelRow, SaeRow
 
 router = APIRouter()
 
-FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
-UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="saescope labels"'}
 MAX_SEARCH_RESULTS = 100  # one page of hits; semantic search ranks all features anyway
 
 
 class LabelEdit(BaseModel):
-    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, description="The new label.")
-    author: str = Field(
-        min_length=1, max_length=200, description="Who is editing (kept in the history)."
+    label: StoreText = Field(min_length=1, max_length=MAX_LABEL_CHARS, description="The new label.")
+    author: StoreText = Field(
+        min_length=1,
+        max_length=MAX_AUTHOR_CHARS,
+        description="Who is editing (kept in the history).",
     )
 
 
@@ -86,23 +91,6 @@ class LabelSearchPublic(BaseModel):
     note: str | None = Field(description="Why semantic search fell back, if it did.")
     data: list[SearchHitPublic]
     count: int
-
-
-def require_write_token(settings: Settings, authorization: str | None) -> None:
-    """Raise 403 when editing is off, 401 without the right bearer token."""
-    if not settings.write_token:
-        raise HTTPException(
-            403, "label editing is off on this server; start it with SAESCOPE_WRITE_TOKEN set"
-        )
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        token.strip().encode(), settings.write_token.encode()
-    ):
-        raise HTTPException(
-            401,
-            "send the server's write token as 'Authorization: Bearer <token>'",
-            headers=UNAUTHORIZED,
-        )
 
 
 def _record(row: LabelRow) -> LabelRecordPublic:
@@ -208,8 +196,8 @@ def put_label_fragment(
     index: FeatureIndex,
     session: SessionDep,
     settings: SettingsDep,
-    label: Annotated[str, Form()],
-    author: Annotated[str, Form()],
+    label: Annotated[StoreText, Form()],
+    author: Annotated[StoreText, Form()],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The edit form's target: the partial again, with what happened; reloads the page on success."""

@@ -43,8 +43,24 @@ from sae_core.errors import SaescopeError
 MIGRATIONS = Path(__file__).with_name("migrations")  # Alembic scripts; versions/ holds one file per revision
 
 
+# The widest integer every column holds on both backends (Integer is 32-bit on PostgreSQL):
+# anything that reaches a query as a number is bounded by it first.
+INT_MAX = 2**31 - 1
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UtcDateTime(sa.types.TypeDecorator):
+    """``DateTime(timezone=True)`` that reads back aware on SQLite too (which stores no zone):
+    every timestamp the store writes is UTC, so a naive one read back is UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -64,7 +80,7 @@ class SubjectModelRow(Base):
     n_layers: Mapped[int] = mapped_column(Integer)
     vocab_size: Mapped[int] = mapped_column(Integer)
     bos_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class VocabRow(Base):
@@ -100,8 +116,8 @@ class SaeRow(Base):
     n_tokens: Mapped[int] = mapped_column(Integer, default=0)  # non-special tokens precomputed over
     density_hist: Mapped[dict] = mapped_column(JSON, default=dict)  # {"edges": [...], "counts": [...]} of log10 density
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | complete
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class ContextRow(Base):
@@ -188,7 +204,7 @@ class LabelRow(Base):
     label: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(64))  # auto | llm:<model> | human:<who>
     author: Mapped[str] = mapped_column(String(200))  # person for human edits, else the program
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     precision: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: nothing to score
     recall: Mapped[float | None] = mapped_column(Float, nullable=True)
     f1: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -208,7 +224,7 @@ class FeatureEmbeddingRow(Base):
     text: Mapped[str] = mapped_column(Text)  # what was embedded; re-embedded when it changes
     model: Mapped[str] = mapped_column(String(100))
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE, unit norm
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class PrecomputeStateRow(Base):
@@ -220,7 +236,7 @@ class PrecomputeStateRow(Base):
     batches_done: Mapped[int] = mapped_column(Integer)  # corpus batches folded into `state`
     spill_bytes: Mapped[int] = mapped_column(BigInteger)  # valid length of the activation spill file
     state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors of the streaming accumulators
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 # ---------------------------------------------------------------------------------------------
