@@ -23,7 +23,7 @@ from app.rendering import STATIC_DIR, make_templates
 from app.routes import api, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
-from sae_core.store.db import StoreError, create_engine_for
+from sae_core.store.db import StoreError, check_store_url, create_engine_for
 
 # Routers with work at start-up and shutdown: each module has ``router`` and may have
 # ``lifespan(app)``, an async context manager entered after the store is open (live loads the
@@ -33,6 +33,7 @@ EXTENSIONS = (live, labels)
 
 def open_store(settings: Settings) -> Engine:
     """The engine for ``settings.db_url``, checked to hold a saescope store."""
+    check_store_url(settings.db_url, create=False)
     engine = create_engine_for(settings.db_url, readonly=settings.write_token is None)
     shown = engine.url.render_as_string(hide_password=True)
     try:

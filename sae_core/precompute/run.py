@@ -57,7 +57,7 @@ from sae_core.precompute.writer import (
 )
 from sae_core.saes.sae import SAE, load_sae
 from sae_core.saes.sparse_acts import feature_chunk, sparse_encode
-from sae_core.store.db import create_engine_for, migrate
+from sae_core.store.db import create_engine_for, migrate, writer_lock
 
 
 class PrecomputeResult(NamedTuple):
@@ -96,21 +96,30 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             return run_sharded(cfg)
     inputs = resolve_inputs(cfg)
     engine = create_engine_for(cfg.db_url)
+    try:
+        return precompute_into(engine, cfg, inputs)
+    finally:
+        engine.dispose()
+
+
+def precompute_into(engine: Engine, cfg: PrecomputeConfig, inputs: Inputs) -> PrecomputeResult:
+    """The single-process run, on an open engine: skip, resume or start, then publish."""
     migrate(engine)
     if complete_sae_id(engine, inputs.name) is not None and not cfg.force:
         say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
         return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
-    run, checkpoint = start_run(cfg, inputs, engine)
-    stats = new_stats(cfg, run.sae, run.subject)
-    if checkpoint is not None:
-        stats.load_state_dict(checkpoint.state)
-        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
-    first_pass(run, stats, checkpoint)
-    rows = store_rows(collect_results(run, stats))
-    n_tokens = int(stats.n_tokens)
-    summary = {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)}
-    publish(engine, run.sae_id, inputs.name, summary, rows)
-    run.spill_path.unlink(missing_ok=True)
+    with writer_lock(engine, inputs.name):  # a second identical run refuses, in one line
+        run, checkpoint = start_run(cfg, inputs, engine)
+        stats = new_stats(cfg, run.sae, run.subject)
+        if checkpoint is not None:
+            stats.load_state_dict(checkpoint.state)
+            say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
+        first_pass(run, stats, checkpoint)
+        rows = store_rows(collect_results(run, stats))
+        n_tokens = int(stats.n_tokens)
+        summary = {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)}
+        publish(engine, run.sae_id, inputs.name, summary, rows)
+        run.spill_path.unlink(missing_ok=True)
     say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens written to {cfg.db_url}")
     return PrecomputeResult(inputs.name, n_tokens, run.sae.d_sae, False, checkpoint.batches_done if checkpoint else 0)
 
@@ -169,8 +178,10 @@ def resolve_inputs(cfg: PrecomputeConfig) -> Inputs:
     if layer is None:
         raise PrecomputeError(f"cannot tell which layer {cfg.sae_path} reads; pass --layer")
     name = cfg.name or default_name(model, layer, sae)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,150}", name):
-        raise PrecomputeError(f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-' (it is a URL id)")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,150}", name) or not name.strip("."):
+        raise PrecomputeError(
+            f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-', not only dots (it is a URL id)"
+        )
     return Inputs(sae, model, layer, name)
 
 

@@ -74,6 +74,8 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
     from sae_core.saes.metrics import evaluate, save_metrics
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; name a folder (new or holding this run)")
     if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
         if trained_with(out) == comparable(cfg):
             print(f"saescope: {out} already holds this SAE, trained with the same settings; nothing to do")

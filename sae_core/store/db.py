@@ -13,7 +13,10 @@ Packed formats (little-endian):
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -287,6 +290,90 @@ class StoreError(SaescopeError):
 def default_db_url() -> str:
     """``SAESCOPE_DB_URL`` when set (docker-compose sets it), else ``saescope.db`` in the current folder."""
     return os.environ.get("SAESCOPE_DB_URL") or "sqlite:///saescope.db"
+
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+def check_store_url(url: str, *, create: bool) -> None:
+    """Refuse, in one line, a store URL no command can use: not a URL, a backend other than SQLite
+    or PostgreSQL, a SQLite file that is missing (``create=False``: commands that read a store)
+    or that could not be created or written, a PostgreSQL server that does not answer or has no
+    such database. Creates nothing."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError(
+            f"--db {url!r} is not a database URL; e.g. sqlite:///saescope.db or "
+            "postgresql+psycopg://user@host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in BACKENDS:
+        raise StoreError(f"--db {url!r}: saescope stores live in SQLite or PostgreSQL, not {backend}")
+    if backend == "sqlite":
+        _check_sqlite_path(parsed.database or "", create=create)
+        return
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as err:
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        shown = parsed.render_as_string(hide_password=True)
+        raise StoreError(f"cannot open the store at {shown}: {reason}") from None
+    except ModuleNotFoundError as err:
+        raise StoreError(f"--db {url!r} needs the driver {err.name!r}; pip install it") from None
+    finally:
+        engine.dispose()
+
+
+def _check_sqlite_path(database: str, *, create: bool) -> None:
+    if database in ("", ":memory:"):
+        raise StoreError("--db names no SQLite file; e.g. sqlite:///saescope.db")
+    path = Path(database)
+    if path.is_dir():
+        raise StoreError(f"--db {path} is a folder, not a SQLite file")
+    if not path.exists():
+        if not create:
+            raise StoreError(f"no store at {path}; run `saescope precompute --db ...` first")
+        if not path.parent.is_dir():
+            raise StoreError(f"--db {path}: the folder {path.parent} does not exist; create it first")
+        if not os.access(path.parent, os.W_OK | os.X_OK, effective_ids=True):
+            raise StoreError(f"--db {path}: cannot create a file in {path.parent} (permission denied)")
+        return
+    if not os.access(path, os.R_OK, effective_ids=True):
+        raise StoreError(f"--db {path}: cannot read the file (permission denied)")
+    if create and not os.access(path, os.W_OK, effective_ids=True):
+        raise StoreError(f"--db {path} is read-only; make it writable or use another --db")
+
+
+@contextmanager
+def writer_lock(engine: Engine, name: str) -> Iterator[None]:
+    """Hold the store's lock for writing SAE ``name``, or refuse at once if another process holds
+    it: PostgreSQL's advisory lock on the name (released with its connection, so a killed run
+    leaves none), on SQLite an exclusive flock of the database file (SQLite has one writer)."""
+    held = StoreError(
+        f"another precompute of {name} is writing into this store; wait for it to finish, "
+        "or stop it, and run again (it resumes)"
+    )
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            key = conn.scalar(sa.text("select hashtext(:name)"), {"name": f"saescope:{name}"})
+            if not conn.scalar(sa.text("select pg_try_advisory_lock(:key)"), {"key": key}):
+                raise held
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+        return
+    with open(engine.url.database, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise held from None
+        yield  # closing the file releases the lock
 
 
 def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
