@@ -23,7 +23,13 @@ from app.rendering import STATIC_DIR, make_templates
 from app.routes import api, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
-from sae_core.store.db import StoreError, check_store_url, create_engine_for
+from sae_core.store.db import (
+    StoreError,
+    check_store_url,
+    create_engine_for,
+    head_revision,
+    schema_revision,
+)
 
 # Routers with work at start-up and shutdown: each module has ``router`` and may have
 # ``lifespan(app)``, an async context manager entered after the store is open (live loads the
@@ -49,6 +55,13 @@ def open_store(settings: Settings) -> Engine:
         engine.dispose()
         raise StoreError(
             f"{shown} holds no saescope store; run `saescope precompute --db ...` into it first"
+        )
+    current, head = schema_revision(engine), head_revision()
+    if current != head:
+        engine.dispose()
+        raise StoreError(
+            f"{shown} is at schema revision {current}, this saescope reads {head}; "
+            "run `saescope migrate --db ...` first"
         )
     return engine
 

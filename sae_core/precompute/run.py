@@ -35,6 +35,7 @@ from sae_core.inputs.activations import ActivationBatch, iter_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
 from sae_core.inputs.device import pick_device
 from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
+from sae_core.inputs.token_bytes import is_partial, token_bytes
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError
 from sae_core.precompute.results import (
     coactivation_neighbours,
@@ -150,7 +151,7 @@ def load_run_inputs(cfg: PrecomputeConfig, inputs: Inputs) -> Loaded:
 def start_run(cfg: PrecomputeConfig, inputs: Inputs, engine: Engine) -> tuple[Run, Checkpoint | None]:
     """Load model and corpus, and open (or reopen) the staging row with its last checkpoint."""
     subject, sae, contexts = load_run_inputs(cfg, inputs)
-    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
+    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     sae_id, checkpoint = open_staging(engine, inputs.name, sae_row_values(cfg, inputs, sae, model_id, contexts))
     key = hashlib.sha256(f"{cfg.db_url}|{sae_id}".encode()).hexdigest()[:20]
     spill_path = cache_dir() / "precompute" / f"{key}.spill"
@@ -250,11 +251,17 @@ def read_metrics(sae_path: Path) -> dict:
         raise PrecomputeError(f"{path} is not valid JSON ({err.msg}); fix or remove it") from err
 
 
-def vocab_strings(subject: Subject) -> list[str]:
-    """Display text of every token id (each decoded alone, e.g. 'Ġfoo' -> ' foo'). NUL, which
-    PostgreSQL text cannot hold, shows as its control picture '␀'."""
-    texts = subject.tokenizer.batch_decode([[i] for i in range(subject.vocab_size)])
-    return [text.replace("\x00", "\u2400") for text in texts]
+def vocab_rows(subject: Subject) -> list[dict]:
+    """Every token id's display text (decoded alone, e.g. 'Ġfoo' -> ' foo'; NUL, which PostgreSQL
+    text cannot hold, as its control picture '␀') and, for a token that is part of a character,
+    its bytes."""
+    ids = list(range(subject.vocab_size))
+    texts = subject.tokenizer.batch_decode([[i] for i in ids])
+    pieces = token_bytes(subject.tokenizer, ids)
+    return [
+        {"token_id": i, "text": text.replace("\x00", "\u2400"), "raw": piece if is_partial(piece) else None}
+        for i, text, piece in zip(ids, texts, pieces, strict=True)
+    ]
 
 
 def new_stats(cfg: PrecomputeConfig, sae: SAE, subject: Subject) -> StreamingStats:

@@ -52,7 +52,7 @@ from sae_core.precompute.run import (
     run_identity,
     sae_row_values,
     say,
-    vocab_strings,
+    vocab_rows,
 )
 from sae_core.precompute.spill import PackedActs, example_activations
 from sae_core.precompute.stats import StreamingStats
@@ -165,7 +165,7 @@ def open_staging_row(cfg: PrecomputeConfig, inputs: Inputs, engine, loaded) -> i
     """Rank 0: the subject's rows and the staging SAE row (its single-process checkpoint, if
     any, is not used: the ranks keep their own)."""
     subject = loaded.subject
-    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
+    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     sae_id, _ = open_staging(engine, inputs.name, sae_row_values(cfg, inputs, loaded.sae, model_id, loaded.contexts))
     return sae_id
 

@@ -94,6 +94,9 @@ class VocabRow(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id", ondelete="CASCADE"), primary_key=True)
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)  # decoded text of the single token ("Ġfoo" -> " foo")
+    # The token's bytes when they are not text alone (part of a character split across tokens);
+    # pages join a run of them before decoding (sae_core.inputs.token_bytes).
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class SaeRow(Base):
@@ -415,6 +418,11 @@ def schema_revision(engine: Engine) -> str | None:
     """The Alembic revision the store is at (None for an empty database)."""
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    """The schema revision this saescope writes and reads."""
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
 def migrate(engine: Engine) -> None:
