@@ -116,6 +116,7 @@ class LoadResult:
     latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
     errors: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # kind -> 503s (a full queue)
+    failures: dict[str, int] = field(default_factory=dict)  # "kind status" -> errors, to say which
     server_cpu: float = 0.0  # seconds of CPU the server processes spent during the run
     load: float = 0.0  # the machine's 1-minute load average when the run started
 
@@ -157,14 +158,15 @@ async def one_client(
         request = next_request(rng, sae)
         start = time.perf_counter()
         try:
-            response = await client.get(request.path)
-            ok = response.status_code == 200
+            status = (await client.get(request.path)).status_code
         except httpx.HTTPError:
-            ok = False
-        if ok:
+            status = None
+        if status == 200:
             result.latencies.setdefault(request.kind, []).append(time.perf_counter() - start)
         else:
             result.errors += 1
+            failure = f"{request.kind} {status or 'no answer'}"
+            result.failures[failure] = result.failures.get(failure, 0) + 1
 
 
 async def run_load(
@@ -219,6 +221,8 @@ async def pressing_client(
             await asyncio.sleep(0.2)
         else:
             result.errors += 1
+            failure = f"{kind} {status or 'no answer'}"
+            result.failures[failure] = result.failures.get(failure, 0) + 1
 
 
 async def run_mixed(
@@ -336,6 +340,8 @@ def print_mixed(results: dict[str, dict[str, LoadResult]], args: argparse.Namesp
         }
         for name, cell in rows.items():
             print(f"  {name:30}" + "".join(f"{cell(r):>18}" for r in runs.values()))
+        for failure, count in sorted(mixed.failures.items()):
+            print(f"  error: {failure} x{count}")
         ratio = percentile(mixed.page_latencies, 99) / percentile(alone.page_latencies, 99)
         verdict = "within" if ratio <= 2 and mixed.errors == 0 else "NOT within"
         print(

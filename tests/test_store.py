@@ -20,7 +20,7 @@ from sae_core.store.db import (
     unpack_tokens,
 )
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def seed_rows(conn) -> None:
@@ -59,6 +59,7 @@ def check_migrations(url: str) -> None:
     migrate(engine)  # the older store is upgraded in place, its rows kept
     assert schema_revision(engine) == HEAD
     assert sa.inspect(engine).has_table("precompute_state")
+    assert "raw" in {column["name"] for column in sa.inspect(engine).get_columns("vocab")}
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     migrate(engine)  # at head: nothing to do

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,7 +64,7 @@ from sae_core.precompute.writer import (
     open_staging,
     publish,
 )
-from sae_core.store.db import create_engine_for, migrate
+from sae_core.store.db import create_engine_for, migrate, writer_lock
 
 
 class RankFiles(NamedTuple):
@@ -113,20 +114,22 @@ def run_sharded(cfg: PrecomputeConfig) -> PrecomputeResult:
         if me.is_main:
             say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
         return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
-    loaded = load_run_inputs(cfg, inputs)  # ranks building the corpus cache at once is safe (atomic rename)
-    sae_id = open_staging_row(cfg, inputs, engine, loaded) if me.is_main else None
-    sae_id = distributed.broadcast_object(sae_id, step="opening the staging row")
-    files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, loaded.contexts), me)
-    run = Run(cfg, engine, sae_id, loaded.subject, loaded.sae, inputs.layer, loaded.contexts, files.spill)
-    stats, recovered = stream_block(run, files, me)
-    resumed = int(distributed.all_reduce(torch.tensor(recovered), step="counting resumed batches"))
-    merged = reduce_stats(stats)  # every rank holds the merged token count; rank 0 everything
-    if me.is_main:
-        write_store(run, merged, inputs.name, files)
-    else:
-        serve_examples(files.spill, run.sae.d_sae)
-    distributed.barrier("rank 0 writing the store")  # until then a rerun still needs these files
-    files.remove()
+    # Rank 0 holds the store's lock for the run: a second identical job refuses in one line.
+    with writer_lock(engine, inputs.name) if me.is_main else nullcontext():
+        loaded = load_run_inputs(cfg, inputs)  # ranks building the corpus cache at once is safe (atomic rename)
+        sae_id = open_staging_row(cfg, inputs, engine, loaded) if me.is_main else None
+        sae_id = distributed.broadcast_object(sae_id, step="opening the staging row")
+        files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, loaded.contexts), me)
+        run = Run(cfg, engine, sae_id, loaded.subject, loaded.sae, inputs.layer, loaded.contexts, files.spill)
+        stats, recovered = stream_block(run, files, me)
+        resumed = int(distributed.all_reduce(torch.tensor(recovered), step="counting resumed batches"))
+        merged = reduce_stats(stats)  # every rank holds the merged token count; rank 0 everything
+        if me.is_main:
+            write_store(run, merged, inputs.name, files)
+        else:
+            serve_examples(files.spill, run.sae.d_sae)
+        distributed.barrier("rank 0 writing the store")  # until then a rerun still needs these files
+        files.remove()
     n_tokens = int(stats.n_tokens)
     if me.is_main:
         say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens from {me.size} ranks written to {cfg.db_url}")
