@@ -36,7 +36,7 @@ def store_url(request, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_answer_is_the_documented_one(store_url, llama_dir):
+def test_every_answer_is_the_documented_one(store_url, llama_dir, tmp_path):
     settings = Settings(
         db_url=store_url,
         model=str(llama_dir),
@@ -64,6 +64,7 @@ def test_every_answer_is_the_documented_one(store_url, llama_dir):
             capture_output=True,
             text=True,
             timeout=300,
+            cwd=tmp_path,  # where schemathesis keeps its cache
         )
     summary = run.stdout[-6000:]
     assert run.returncode == 0, summary
