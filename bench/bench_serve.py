@@ -159,13 +159,13 @@ async def one_client(
         start = time.perf_counter()
         try:
             status = (await client.get(request.path)).status_code
-        except httpx.HTTPError:
-            status = None
+        except httpx.HTTPError as err:
+            status = type(err).__name__
         if status == 200:
             result.latencies.setdefault(request.kind, []).append(time.perf_counter() - start)
         else:
             result.errors += 1
-            failure = f"{request.kind} {status or 'no answer'}"
+            failure = f"{request.kind} {status}"
             result.failures[failure] = result.failures.get(failure, 0) + 1
 
 
@@ -212,8 +212,8 @@ async def pressing_client(
             else:
                 response = await client.get(path, params={"q": SEMANTIC_QUERY})
             status = response.status_code
-        except httpx.HTTPError:
-            status = None
+        except httpx.HTTPError as err:
+            status = type(err).__name__
         if status == 200:
             result.latencies.setdefault(kind, []).append(time.perf_counter() - start)
         elif status == 503:
@@ -221,7 +221,7 @@ async def pressing_client(
             await asyncio.sleep(0.2)
         else:
             result.errors += 1
-            failure = f"{kind} {status or 'no answer'}"
+            failure = f"{kind} {status}"
             result.failures[failure] = result.failures.get(failure, 0) + 1
 
 

@@ -47,6 +47,7 @@ CASES = [
     # One store check, shared by precompute, label, migrate and serve.
     Case("db-not-a-url", "precompute --sae {sae} --db notaurl", "not a database URL"),
     Case("db-unknown-dialect", "label --sae x --db mysql://u@h/db", "SQLite or PostgreSQL, not mysql"),
+    Case("db-not-a-url-demo", "demo --db notaurl", "not a database URL"),
     Case("db-missing-folder", "migrate --db sqlite:///{ws}/missing/store.db", "does not exist"),
     Case("db-missing-folder-serve", "serve --db sqlite:///{ws}/missing/store.db --no-live", "no store at"),
     Case("db-read-only", "precompute --sae {sae} --model {model} --layer 1 --db sqlite:///{ws}/readonly.db", "read-only", True),
