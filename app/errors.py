@@ -12,6 +12,7 @@ from typing import NamedTuple
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sae_core.errors import NotFoundError, SaescopeError
@@ -52,11 +53,18 @@ def error_answer(exc: Exception) -> ErrorAnswer:
     raise TypeError(f"no HTTP answer for {type(exc).__name__}") from exc
 
 
+class ErrorPublic(BaseModel):
+    """The body of every error answer of ``/api``."""
+
+    detail: str = Field(description="What was wrong and what to do, in one line.")
+
+
 def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def _respond(request: Request, status: int, message: str) -> Response:
+def respond(request: Request, status: int, message: str) -> Response:
+    """``message`` as the answer ``request`` expects: JSON for the API, the error page otherwise."""
     if _wants_json(request):
         return JSONResponse({"detail": message}, status_code=status)
     templates = request.app.state.templates
@@ -77,7 +85,7 @@ def _describe_validation(exc: RequestValidationError) -> str:
 
 def _answer(request: Request, exc: Exception) -> Response:
     status, message, headers = error_answer(exc)
-    response = _respond(request, status, message)
+    response = respond(request, status, message)
     response.headers.update(headers)
     return response
 
@@ -89,4 +97,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     def _unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _respond(request, 500, "internal error; the server log has the details")
+        return respond(request, 500, "internal error; the server log has the details")

@@ -17,11 +17,19 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from app.errors import install_error_handlers
+from app.guards import RequestGuard
+from app.openapi import install_openapi
 from app.rendering import STATIC_DIR, make_templates
 from app.routes import api, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
-from sae_core.store.db import StoreError, create_engine_for
+from sae_core.store.db import (
+    StoreError,
+    check_store_url,
+    create_engine_for,
+    head_revision,
+    schema_revision,
+)
 
 # Routers with work at start-up and shutdown: each module has ``router`` and may have
 # ``lifespan(app)``, an async context manager entered after the store is open (live loads the
@@ -31,6 +39,7 @@ EXTENSIONS = (live, labels)
 
 def open_store(settings: Settings) -> Engine:
     """The engine for ``settings.db_url``, checked to hold a saescope store."""
+    check_store_url(settings.db_url, create=False)
     engine = create_engine_for(settings.db_url, readonly=settings.write_token is None)
     shown = engine.url.render_as_string(hide_password=True)
     try:
@@ -46,6 +55,13 @@ def open_store(settings: Settings) -> Engine:
         engine.dispose()
         raise StoreError(
             f"{shown} holds no saescope store; run `saescope precompute --db ...` into it first"
+        )
+    current, head = schema_revision(engine), head_revision()
+    if current != head:
+        engine.dispose()
+        raise StoreError(
+            f"{shown} is at schema revision {current}, this saescope reads {head}; "
+            "run `saescope migrate --db ...` first"
         )
     return engine
 
@@ -79,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.templates = make_templates()
     app.state.extensions = EXTENSIONS
     install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(RequestGuard)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
     for module in app.state.extensions:

@@ -24,8 +24,14 @@ STATIC_DIR = ROOT / "static"
 HTMX = "htmx-2.0.4.min.js"  # vendored from the npm package htmx.org@2.0.4 (BSD-0)
 SWAGGER_UI = "swagger-ui-5.35.0"  # swagger-ui-dist@5.35.0's bundle and css (Apache-2.0), for /docs
 
-# Newlines and tabs are tokens too; show them rather than let them reflow the heatmap.
-_VISIBLE_WHITESPACE = str.maketrans({"\n": "↵", "\t": "⇥", "\r": "␍"})
+# Newlines and tabs are tokens too; show them rather than let them reflow the heatmap. Every
+# other C0 control character and DEL shows as its control picture (ESC ␛, BEL ␇, DEL ␡): raw, it
+# would be invisible, or act on a terminal the page is copied into.
+_VISIBLE_WHITESPACE = str.maketrans(
+    {code: 0x2400 + code for code in range(0x20)}
+    | {0x7F: 0x2421}
+    | {"\n": "↵", "\t": "⇥", "\r": "␍"}
+)
 
 
 def number(value: float | int | None, digits: int = 3) -> str:
@@ -66,15 +72,19 @@ def _quiet_span(text: str) -> str:
     return f'<span class="t" data-act="0" title="{shown} · 0">{shown}</span>'
 
 
-def _span(text: str, value: float, max_value: float, marked: bool) -> str:
+def _span(text: str, values: list[float], max_value: float, marked: bool) -> str:
+    """One token's span, or a character split across tokens: shaded by the strongest of their
+    ``values``, each of which the title lists."""
     shown = _shown_token(text)
     css = "t max" if marked else "t"
+    value = max(values)
+    each = " / ".join(f"{v:.3g}" if v > 0 else "0" for v in values)
     if value > 0:
         return (
             f'<span class="{css}" data-act="{value:.4g}" style="--a:{shade(value, max_value)}"'
-            f' title="{shown} · {value:.3g}">{shown}</span>'
+            f' title="{shown} · {each}">{shown}</span>'
         )
-    return f'<span class="{css}" data-act="0" title="{shown} · 0">{shown}</span>'
+    return f'<span class="{css}" data-act="0" title="{shown} · {each}">{shown}</span>'
 
 
 def heatmap(
@@ -84,7 +94,8 @@ def heatmap(
     of tokens: one span per token, shaded by ``--a`` = value / max_value, its activation in
     ``data-act`` and, with its text, in ``title``; the token at ``max_pos`` is marked.
     ``tokens`` is a ``TokensPublic`` (parallel lists), or items or mappings with ``text`` and
-    ``value``; their text is escaped."""
+    ``value``; their text is escaped. A token with no text of its own continues the character
+    before it (``Vocabulary.texts_of``): the two share one span."""
     if isinstance(tokens, TokensPublic):
         texts, values = tokens.tokens, tokens.values
     else:
@@ -96,8 +107,23 @@ def heatmap(
     spans = list(map(_quiet_span, texts))
     for position, value in enumerate(values):
         if value > 0 or position == max_pos:
-            spans[position] = _span(texts[position], value, max_value, position == max_pos)
+            spans[position] = _span(texts[position], [value], max_value, position == max_pos)
+    for start, end in _split_characters(texts):
+        spans[start:end] = [
+            _span(texts[start], values[start:end], max_value, max_pos in range(start, end))
+        ] + [""] * (end - start - 1)
     return Markup('<span class="hm">' + "".join(spans) + "</span>")
+
+
+def _split_characters(texts: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of each run of a token and the text-less tokens that continue it."""
+    runs = []
+    for position in (p for p, text in enumerate(texts) if not text and p > 0):
+        if runs and runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], position + 1)
+        else:
+            runs.append((position - 1, position + 1))
+    return runs
 
 
 def url_segment(value: Any) -> str:

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from app.params import StoreInt
+
 
 class HistogramPublic(BaseModel):
     edges: list[float] = Field(description="Bin edges, one more than counts.")
@@ -287,7 +289,7 @@ class FeatureSearch(BaseModel):
     order: Annotated[Literal["asc", "desc"] | None, BeforeValidator(_blank_to_none)] = Field(
         default=None, description="Default: asc for index, desc for the others."
     )
-    offset: int = Field(default=0, ge=0)
+    offset: StoreInt = 0
     # 50 rows fill a laptop screen twice; 500 bounds one response to a few hundred KB.
     limit: int = Field(default=50, ge=1, le=500)
 

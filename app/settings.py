@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         description="Longest a semantic search waits for its query embedding (queue included) "
         "before a 504; the first search also loads the embedding model (a few seconds).",
     )
+    max_body_bytes: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Largest request body in bytes; a larger one is answered 413 before it is "
+        "read. 1 MB holds the longest prompt and label many times over.",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface to listen on; loopback by default, so nothing is exposed by accident.",

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from sae_core.inputs.token_bytes import joined_texts
 from sae_core.store.db import VocabRow
 
 
@@ -21,19 +22,26 @@ from sae_core.store.db import VocabRow
 class Vocabulary:
     texts: dict[int, str]  # token id -> display text
     ids_by_text: dict[str, list[int]]  # display text -> token ids (several ids may decode alike)
+    raw: dict[int, bytes] = field(default_factory=dict)  # bytes of tokens that are part of a character
 
     @classmethod
-    def from_texts(cls, texts: dict[int, str]) -> Vocabulary:
+    def from_texts(cls, texts: dict[int, str], raw: dict[int, bytes] | None = None) -> Vocabulary:
         ids_by_text: dict[str, list[int]] = {}
         for token_id, text in texts.items():
             ids_by_text.setdefault(text, []).append(token_id)
-        return cls(texts=texts, ids_by_text=ids_by_text)
+        return cls(texts=texts, ids_by_text=ids_by_text, raw=raw or {})
 
     def text(self, token_id: int) -> str:
         return self.texts.get(token_id, f"<{token_id}>")
 
     def texts_of(self, token_ids: list[int]) -> list[str]:
-        """``text`` of each id; pages render thousands of tokens, so without a call per token."""
+        """Each token's share of the run's text (``joined_texts``: a character split across
+        tokens is whole on its first token); pages render thousands of tokens, so the common
+        run, with no split character, costs no call per token."""
+        if self.raw and any(map(self.raw.__contains__, token_ids)):
+            return joined_texts(
+                [self.raw.get(t) or self.text(t).encode("utf-8") for t in token_ids]
+            )
         try:
             return list(map(self.texts.__getitem__, token_ids))
         except KeyError:  # an id outside the stored vocabulary: rare, so the slow path is fine
@@ -58,9 +66,14 @@ def get_vocabulary(session: Session, model_id: int) -> Vocabulary:
     if cached is not None:
         return cached
     rows = session.execute(
-        sa.select(VocabRow.token_id, VocabRow.text).where(VocabRow.model_id == model_id)
+        sa.select(VocabRow.token_id, VocabRow.text, VocabRow.raw).where(
+            VocabRow.model_id == model_id
+        )
+    ).all()
+    vocabulary = Vocabulary.from_texts(
+        {token_id: text for token_id, text, _ in rows},
+        {token_id: raw for token_id, _, raw in rows if raw is not None},
     )
-    vocabulary = Vocabulary.from_texts({token_id: text for token_id, text in rows})
     if vocabulary.texts:  # an empty vocabulary may still be being written: read it again next time
         with _lock:
             _cache.setdefault(engine, {})[model_id] = vocabulary

@@ -10,11 +10,17 @@ as-you-type fragments, example and preview fragments, SAE pages) for a bounded t
   i.e. 32 researchers clicking fast; this is the latency a user sees (target p99 <= 50 ms);
 - saturated: no think time, to find the throughput ceiling (latency then is queueing).
 
+--mixed adds the run that asks whether anything can stall the pages: the same paced page
+clients, first alone, then while live prompts (SmolLM2-135M, a 16k-latent random SAE on layer
+15) and 450-character semantic searches arrive as fast as the server takes them, each from a
+few more clients than its queue holds. A 503 is a refusal (the queue was full, as designed),
+counted apart from errors. It reports page p99 mixed / pages-only (target <= 2x, 0 errors).
+
 Server CPU is read from /proc (the server's processes only). Per kind it is measured with one
 request at a time, so it is what each kind costs, free of queueing and of the other processes;
 the 1-minute load average at the start of each run says how busy the shared machine was.
 
-Run from the repository root:  python bench/bench_serve.py [--duration 20] [--workers 2]
+Run from the repository root:  python bench/bench_serve.py [--duration 20] [--workers 2] [--mixed]
 """
 
 from __future__ import annotations
@@ -109,12 +115,18 @@ class LoadResult:
     seconds: float
     latencies: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds
     errors: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # kind -> 503s (a full queue)
+    failures: dict[str, int] = field(default_factory=dict)  # "kind status" -> errors, to say which
     server_cpu: float = 0.0  # seconds of CPU the server processes spent during the run
     load: float = 0.0  # the machine's 1-minute load average when the run started
 
     @property
     def all_latencies(self) -> list[float]:
         return [t for times in self.latencies.values() for t in times]
+
+    @property
+    def page_latencies(self) -> list[float]:
+        return [t for kind in MIX for t in self.latencies.get(kind, [])]
 
     @property
     def requests(self) -> int:
@@ -146,14 +158,15 @@ async def one_client(
         request = next_request(rng, sae)
         start = time.perf_counter()
         try:
-            response = await client.get(request.path)
-            ok = response.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
+            status = (await client.get(request.path)).status_code
+        except httpx.HTTPError as err:
+            status = type(err).__name__
+        if status == 200:
             result.latencies.setdefault(request.kind, []).append(time.perf_counter() - start)
         else:
             result.errors += 1
+            failure = f"{request.kind} {status}"
+            result.failures[failure] = result.failures.get(failure, 0) + 1
 
 
 async def run_load(
@@ -170,6 +183,170 @@ async def run_load(
             )
         )
     return result
+
+
+# The mixed run's pressure: what a live prompt and a semantic search send.
+LIVE_TEXT = (
+    'def read_config(path):\n    """Read the settings file at path and return them as a '
+    'dictionary, with defaults for every key the file leaves out."""\n    with open(path) as '
+    "handle:\n        return {**DEFAULTS, **json.load(handle)}\n"
+)
+SEMANTIC_QUERY = (
+    "features that fire on the names of capital cities and on the countries they belong to, "
+    "in English prose and in code comments, for example Paris and France, Berlin and Germany, "
+    "or Madrid and Spain, and also on the word capital itself when it means a seat of government "
+    "rather than an upper-case letter or money invested in a company, plus the punctuation that "
+    "follows such names in lists of places"
+)  # 450 characters, as in issue 19
+
+
+async def pressing_client(
+    client: httpx.AsyncClient, kind: str, path: str, deadline: float, result: LoadResult
+) -> None:
+    """Send ``kind`` back to back until ``deadline``; a 503 (queue full) waits a moment."""
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        try:
+            if kind == "live prompt":
+                response = await client.post(path, json={"text": LIVE_TEXT})
+            else:
+                response = await client.get(path, params={"q": SEMANTIC_QUERY})
+            status = response.status_code
+        except httpx.HTTPError as err:
+            status = type(err).__name__
+        if status == 200:
+            result.latencies.setdefault(kind, []).append(time.perf_counter() - start)
+        elif status == 503:
+            result.refused[kind] = result.refused.get(kind, 0) + 1
+            await asyncio.sleep(0.2)
+        else:
+            result.errors += 1
+            failure = f"{kind} {status}"
+            result.failures[failure] = result.failures.get(failure, 0) + 1
+
+
+async def run_mixed(
+    base: str, *, clients: int, seconds: float, think: float, seed: int, live: int, semantic: int
+) -> LoadResult:
+    """``run_load``'s page clients, with ``live`` clients pressing live prompts and ``semantic``
+    pressing semantic searches, over the same ``seconds``."""
+    sae = SPEC.sae_name
+    total = clients + live + semantic
+    limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+        result = LoadResult(seconds)
+        deadline = time.monotonic() + seconds
+        pressure = [("live prompt", f"/api/v1/saes/{sae}/activations")] * live + [
+            ("semantic search", f"/api/v1/saes/{sae}/search")
+        ] * semantic
+        await asyncio.gather(
+            *(
+                one_client(client, seed * 1000 + i, sae, deadline, think, result)
+                for i in range(clients)
+            ),
+            *(pressing_client(client, kind, path, deadline, result) for kind, path in pressure),
+        )
+    return result
+
+
+def make_live(url: str, folder: Path) -> None:
+    """Point the store's SAE at a random 16k-latent TopK SAE for SmolLM2-135M's layer 15, and give
+    every feature a label embedding, so live prompts and semantic search do real work."""
+    import numpy as np
+
+    from sae_core.labels.embeddings import EMBED_DIM, EMBED_MODEL, pack_vector
+    from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, SaeRow
+    from tests.live_support import random_sae
+
+    random_sae(576, d_sae=SPEC.n_features, architecture="topk", k=32, layer=15).save(folder / "sae")
+    rng = np.random.default_rng(0)
+    engine = create_engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(SaeRow).values(
+                path=str(folder / "sae"), layer=15, d_in=576, hook_name="model.layers.15"
+            )
+        )
+        sae_id = conn.scalar(sa.select(SaeRow.id))
+        labels = conn.execute(sa.select(FeatureRow.idx, FeatureRow.label)).all()
+        vectors = rng.standard_normal((len(labels), EMBED_DIM)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        conn.execute(
+            sa.insert(FeatureEmbeddingRow),
+            [
+                dict(
+                    sae_id=sae_id,
+                    feature_idx=idx,
+                    kind="auto",
+                    text=label or f"feature {idx}",
+                    model=EMBED_MODEL,
+                    vector=pack_vector(vector),
+                )
+                for (idx, label), vector in zip(labels, vectors, strict=True)
+            ],
+        )
+    engine.dispose()
+
+
+def measure_mixed(url: str, args: argparse.Namespace) -> dict[str, LoadResult]:
+    """Pages alone, then pages under live and semantic pressure, on one live server."""
+    load = {"clients": args.clients, "seconds": args.duration, "think": args.think}
+    flags = ("--workers", str(args.workers), "--live", "--model", "smollm2-135m")
+    with serving(url, *flags, timeout=300) as base:
+        asyncio.run(run_load(base, clients=args.clients, seconds=3, think=0, seed=99))
+        asyncio.run(run_mixed(base, **load, seed=98, live=1, semantic=1))  # load both models
+        return {
+            "pages only": asyncio.run(measured_load(base, **load, seed=1)),
+            "mixed": asyncio.run(
+                measured_mixed(
+                    base, **load, seed=1, live=args.live_clients, semantic=args.semantic_clients
+                )
+            ),
+        }
+
+
+async def measured_mixed(base: str, **load) -> LoadResult:
+    started_at = os.getloadavg()[0]
+    result = await run_mixed(base, **load)
+    result.load = started_at
+    return result
+
+
+def print_mixed(results: dict[str, dict[str, LoadResult]], args: argparse.Namespace) -> None:
+    print(
+        f"\nmixed: {args.clients} paced page clients (think ~ exp, mean {args.think} s), "
+        f"{args.duration:.0f} s per run; with {args.live_clients} live-prompt and "
+        f"{args.semantic_clients} semantic-search clients pressing; latency in ms"
+    )
+    for backend, runs in results.items():
+        alone, mixed = runs["pages only"], runs["mixed"]
+        print(f"\n{backend}" + "".join(f"{name:>18}" for name in runs))
+        rows = {
+            "load average at start": lambda r: f"{r.load:.2f}",
+            "page requests": lambda r: f"{len(r.page_latencies)}",
+            "page p50": lambda r: f"{percentile(r.page_latencies, 50) * 1e3:.1f}",
+            "page p99": lambda r: f"{percentile(r.page_latencies, 99) * 1e3:.1f}",
+            "errors": lambda r: f"{r.errors}",
+            "live prompts answered": lambda r: f"{len(r.latencies.get('live prompt', []))}",
+            "live prompts refused (503)": lambda r: f"{r.refused.get('live prompt', 0)}",
+            "live prompt p50": lambda r: (
+                f"{percentile(r.latencies.get('live prompt', []), 50) * 1e3:.0f}"
+            ),
+            "semantic answered": lambda r: f"{len(r.latencies.get('semantic search', []))}",
+            "semantic refused (503)": lambda r: f"{r.refused.get('semantic search', 0)}",
+            "semantic p50": lambda r: (
+                f"{percentile(r.latencies.get('semantic search', []), 50) * 1e3:.0f}"
+            ),
+        }
+        for name, cell in rows.items():
+            print(f"  {name:30}" + "".join(f"{cell(r):>18}" for r in runs.values()))
+        for failure, count in sorted(mixed.failures.items()):
+            print(f"  error: {failure} x{count}")
+        ratio = percentile(mixed.page_latencies, 99) / percentile(alone.page_latencies, 99)
+        verdict = "within" if ratio <= 2 and mixed.errors == 0 else "NOT within"
+        print(
+            f"  page p99 mixed / pages only: {ratio:.2f}x ({verdict} the 2x target, {mixed.errors} errors)"
+        )
 
 
 def server_cpu_seconds(port: int) -> float:
@@ -332,7 +509,18 @@ def main() -> int:
         "--per-kind", type=int, default=50, help="requests of each kind for the CPU-by-kind table"
     )
     parser.add_argument("--pg", default=PG_URL, help="PostgreSQL URL ('' to skip Postgres)")
+    parser.add_argument(
+        "--mixed", action="store_true", help="only the mixed run: pages alone, then under pressure"
+    )
+    parser.add_argument(
+        "--live-clients", type=int, default=6, help="live prompts pressing (queue of 4 + 1 running)"
+    )
+    parser.add_argument(
+        "--semantic-clients", type=int, default=6, help="semantic searches pressing"
+    )
     args = parser.parse_args()
+    if args.mixed:
+        return run_mixed_bench(args)
 
     results: dict[str, BackendResult] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
@@ -350,6 +538,24 @@ def main() -> int:
         finally:
             drop_postgres(args.pg, schema)
     print_report(results, args)
+    return 0
+
+
+def run_mixed_bench(args: argparse.Namespace) -> int:
+    results: dict[str, dict[str, LoadResult]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
+        url = build_sqlite(Path(folder))
+        make_live(url, Path(folder))
+        results["SQLite"] = measure_mixed(url, args)
+        if args.pg:
+            schema = f"bench_serve_{uuid.uuid4().hex[:8]}"
+            try:
+                pg_url = build_postgres(args.pg, schema)
+                make_live(pg_url, Path(folder))
+                results["Postgres"] = measure_mixed(pg_url, args)
+            finally:
+                drop_postgres(args.pg, schema)
+    print_mixed(results, args)
     return 0
 
 

@@ -1,7 +1,8 @@
 """``saescope``: one command, one subcommand per job.
 
 Each subcommand lives in ``sae_core.commands.<name>`` as ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. Errors a user can cause (``SaescopeError``) end as one line and exit 2.
+``run(args) -> int``. Errors a user can cause end as one line on stderr and exit 2: bad options
+(``Parser.error``) and everything a command refuses (``SaescopeError``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import sys
 from sae_core.errors import SaescopeError
 
 COMMANDS = ("train", "evaluate", "precompute", "label", "serve", "demo", "migrate")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its refusals in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def int_list(text: str) -> list[int]:
@@ -62,7 +70,7 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="saescope",
         description="Train or load sparse autoencoders, precompute their features, and browse them.",
     )

@@ -34,12 +34,13 @@ def random_sae(
     return SAE.from_tensors(cfg, tensors, origin="random_sae").eval()
 
 
-def build_live_store(folder: Path) -> str:
-    """A synthetic store in ``folder`` whose SAE row points at a saved random TopK SAE for the
-    tiny Llama (serve it with ``Settings(model=<tiny llama folder>)``); returns its URL."""
+def build_live_store(folder: Path, url: str | None = None) -> str:
+    """A synthetic store at ``url`` (default: a SQLite file in ``folder``) whose SAE row points at
+    a random TopK SAE for the tiny Llama saved in ``folder`` (serve it with
+    ``Settings(model=<tiny llama folder>)``); returns its URL."""
     spec = LIVE_STORE
     random_sae(32, d_sae=spec.n_features, architecture="topk", k=8, layer=2).save(folder / "sae")
-    url = f"sqlite:///{folder / 'store.db'}"
+    url = url or f"sqlite:///{folder / 'store.db'}"
     engine = create_engine_for(url)
     build_synthetic_store(engine, spec)
     with engine.begin() as conn:

@@ -6,14 +6,17 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from sae_core.labels.run import MAX_LABEL_CHARS
+from app.params import StoreText
+from sae_core.labels.run import MAX_AUTHOR_CHARS, MAX_LABEL_CHARS
 from sae_core.labels.search import SearchMode
 
 
 class LabelEdit(BaseModel):
-    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, description="The new label.")
-    author: str = Field(
-        min_length=1, max_length=200, description="Who is editing (kept in the history)."
+    label: StoreText = Field(min_length=1, max_length=MAX_LABEL_CHARS, description="The new label.")
+    author: StoreText = Field(
+        min_length=1,
+        max_length=MAX_AUTHOR_CHARS,
+        description="Who is editing (kept in the history).",
     )
 
 

@@ -7,12 +7,9 @@ without the right bearer token); ``app.errors`` answers it like every other erro
 
 from __future__ import annotations
 
-import secrets
-
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.errors import Refused
 from app.labels.query_embeddings import QueryEmbedder
 from app.labels.schemas import (
     LabelHistoryPublic,
@@ -20,31 +17,11 @@ from app.labels.schemas import (
     LabelSearchPublic,
     SearchHitPublic,
 )
-from app.settings import Settings
 from sae_core.labels import embeddings
 from sae_core.labels import search as label_search
 from sae_core.labels.run import label_history, set_human_label
 from sae_core.store.db import FeatureEmbeddingRow, LabelRow
 from sae_core.store.lookup import find_feature, find_sae
-
-UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="saescope labels"'}
-
-
-def require_write_token(*, settings: Settings, authorization: str | None) -> None:
-    """Raise Refused when editing is off or ``authorization`` lacks the write token."""
-    if not settings.write_token:
-        raise Refused(
-            403, "label editing is off on this server; start it with SAESCOPE_WRITE_TOKEN set"
-        )
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        token.strip().encode(), settings.write_token.encode()
-    ):
-        raise Refused(
-            401,
-            "send the server's write token as 'Authorization: Bearer <token>'",
-            headers=UNAUTHORIZED,
-        )
 
 
 def _record(row: LabelRow) -> LabelRecordPublic:

@@ -1,6 +1,8 @@
 """Pydantic models of the live endpoints: what a request asks and what pages and ``/api/v1`` get.
 
 Requests arrive as JSON (API) or as form fields (the page's htmx forms); one model serves both.
+JSON is validated strictly, as the OpenAPI document types it (no "5" for 5, no 0 for false); a
+form's fields are all text, so ``app.routes.live.form_of`` converts them (``strict=False``).
 Field descriptions say how each number is computed; the page shows them as hints.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from app.params import StoreInt
 
 # A prompt's characters, bounded before tokenising; the token limit is the setting
 # max_prompt_tokens. 20,000 characters is far above any token limit a CPU server would set.
@@ -20,7 +24,7 @@ def _blank_to_none(value):
     return None if isinstance(value, str) and not value.strip() else value
 
 
-OptionalInt = Annotated[int | None, BeforeValidator(_blank_to_none)]
+OptionalInt = Annotated[StoreInt | None, BeforeValidator(_blank_to_none)]
 OptionalText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 
 
@@ -29,19 +33,19 @@ OptionalText = Annotated[str | None, BeforeValidator(_blank_to_none)]
 
 
 class PromptRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: PromptText
     # Five per token fit one table cell and cover a TopK SAE's strongest latents.
-    per_token: int = Field(
+    per_token: StoreInt = Field(
         default=5, ge=1, le=50, description="Strongest features listed per token."
     )
     # Fifty fill a screen; the JSON can ask for more.
-    top: int = Field(default=50, ge=1, le=1000, description="Features in the ranking.")
+    top: StoreInt = Field(default=50, ge=1, le=1000, description="Features in the ranking.")
 
 
 class FeatureTextRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: PromptText
 
@@ -49,7 +53,7 @@ class FeatureTextRequest(BaseModel):
 class AttributionRequest(BaseModel):
     """The target: logit(token) at ``position`` (minus logit(contrast) when one is given)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: PromptText
     position: OptionalInt = Field(
@@ -76,7 +80,7 @@ class AttributionRequest(BaseModel):
         default=None, ge=0, description="Second token id (instead of contrast)."
     )
     # Thirty rows show the handful that matter and the tail that does not.
-    top: int = Field(default=30, ge=1, le=1000, description="Rows in each ranking.")
+    top: StoreInt = Field(default=30, ge=1, le=1000, description="Rows in each ranking.")
 
     @model_validator(mode="after")
     def _one_spelling_each(self):
@@ -87,7 +91,9 @@ class AttributionRequest(BaseModel):
 
 
 class SteerFeaturePublic(BaseModel):
-    index: int = Field(ge=0, description="Feature to steer.")
+    model_config = ConfigDict(strict=True)
+
+    index: StoreInt = Field(description="Feature to steer.")
     strength: float = Field(
         ge=-1e4,
         le=1e4,
@@ -112,7 +118,7 @@ def _parse_features(value):
 
 
 class SteerRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: PromptText
     features: Annotated[list[SteerFeaturePublic], BeforeValidator(_parse_features)] = Field(
@@ -127,11 +133,11 @@ class SteerRequest(BaseModel):
     )
     # Defaults match sae_core.live.steering.Generation: 32 tokens show a change of topic within a
     # second or two on a CPU; the server caps the count at its max_new_tokens setting.
-    max_new_tokens: int = Field(
+    max_new_tokens: StoreInt = Field(
         default=32, ge=1, description="Tokens to generate (capped by the server)."
     )
     temperature: float = Field(default=0.7, ge=0, le=5, description="0 is greedy decoding.")
-    seed: int = Field(default=0, ge=0, description="Both continuations sample with this seed.")
+    seed: StoreInt = Field(default=0, description="Both continuations sample with this seed.")
     apply_chat_template: bool = Field(
         default=False,
         description="Wrap the prompt as a user turn of the model's chat template (instruct models).",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 
 from app import queries
 from app.deps import SessionDep
+from app.params import Bin, FeatureIndex, Offset
 from app.schemas import (
     ExamplesPublic,
     FeaturePreviewPublic,
@@ -20,11 +21,11 @@ from app.schemas import (
     SaesPublic,
 )
 from app.search import search_features
+from sae_core.store.db import INT_MAX
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 
 NOT_FOUND = {404: {"description": "Unknown SAE, feature or release", "content": {"application/json": {}}}}
-FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
 # Every stored example fits (precompute keeps tens per feature); a cap keeps one response small.
 ExampleLimit = Annotated[int, Query(ge=1, le=200)]
 
@@ -64,11 +65,16 @@ def read_feature(
     index: FeatureIndex,
     session: SessionDep,
     top_limit: Annotated[
-        int | None, Query(ge=0, description="At most this many top examples (default: all).")
+        int | None,
+        Query(ge=0, le=INT_MAX, description="At most this many top examples (default: all)."),
     ] = None,
     interval_limit: Annotated[
         int | None,
-        Query(ge=0, description="At most this many samples per interval bin (default: all)."),
+        Query(
+            ge=0,
+            le=INT_MAX,
+            description="At most this many samples per interval bin (default: all).",
+        ),
     ] = None,
 ) -> FeaturePublic:
     return queries.get_feature(
@@ -90,8 +96,8 @@ def read_examples(
     index: FeatureIndex,
     session: SessionDep,
     kind: Literal["top", "interval"] = "top",
-    bin: Annotated[int | None, Query(ge=0, description="Only this interval bin.")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    bin: Bin = None,
+    offset: Offset = 0,
     limit: ExampleLimit = 20,
 ) -> ExamplesPublic:
     return queries.list_examples(

@@ -17,14 +17,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Form, Header, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Form, Header, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from app.deps import QueryEmbedderDep, SessionDep, SettingsDep
 from app.errors import Refused, error_answer
+from app.guards import require_write_token
 from app.labels import service
 from app.labels.query_embeddings import QueryEmbedder
 from app.labels.schemas import LabelEdit, LabelHistoryPublic, LabelRecordPublic, LabelSearchPublic
+from app.params import FeatureIndex, StoreText
 from app.rendering import render
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
@@ -32,7 +34,6 @@ from sae_core.labels.search import SearchMode, SearchSort
 
 router = APIRouter()
 
-FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
 MAX_SEARCH_RESULTS = 100  # one page of hits; semantic search ranks all features anyway
 # Labels are a few words; 200 characters (as for the feature list's search) bound the CPU one
 # uncached query costs the embedding model.
@@ -68,7 +69,7 @@ def put_label(
     settings: SettingsDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> LabelRecordPublic:
-    service.require_write_token(settings=settings, authorization=authorization)
+    require_write_token(settings=settings, authorization=authorization)
     return service.save_human_label(
         session=session, sae_name=sae, index=index, label=edit.label, author=edit.author
     )
@@ -121,15 +122,15 @@ def put_label_fragment(
     index: FeatureIndex,
     session: SessionDep,
     settings: SettingsDep,
-    label: Annotated[str, Form()],
-    author: Annotated[str, Form()],
+    label: Annotated[StoreText, Form()],
+    author: Annotated[StoreText, Form()],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The edit form's target: the partial again, with what happened; reloads the page on success."""
     edit_view = {"sae": sae, "index": index, "label": label, "author": author}
     context = {"editable": bool(settings.write_token)}
     try:
-        service.require_write_token(settings=settings, authorization=authorization)
+        require_write_token(settings=settings, authorization=authorization)
         service.save_human_label(
             session=session, sae_name=sae, index=index, label=label, author=author
         )

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, NamedTuple, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -32,13 +32,13 @@ from app.live.schemas import (
     TokenValuePublic,
 )
 from app.live.service import LiveService, live_off_reason, require_live
+from app.params import FeatureIndex
 from app.rendering import render, url_segment
 from sae_core.errors import SaescopeError
 
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
 
-FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
 LIVE_ERRORS = {
     404: {"description": "Unknown SAE or feature"},
     413: {"description": "The prompt has more tokens than max_prompt_tokens"},
@@ -155,7 +155,7 @@ def form_of(model: type[M]):
 
     async def parse(request: Request) -> M | FormProblem:
         try:
-            return model.model_validate(dict(await request.form()))
+            return model.model_validate(dict(await request.form()), strict=False)
         except ValidationError as err:
             problems = (
                 f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in err.errors()

@@ -10,16 +10,18 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app import queries
 from app.deps import LiveDep, SessionDep, SettingsDep
 from app.live.service import live_on
+from app.params import Bin, FeatureIndex, Offset
 from app.rendering import SWAGGER_UI, render, url_segment
 from app.schemas import FeatureSearch
 from app.search import search_features
+from sae_core.store.db import INT_MAX
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 
@@ -28,7 +30,6 @@ PAGE_TOP_EXAMPLES = (
 )
 PAGE_BIN_EXAMPLES = 3  # per interval bin: enough to see what weak activations look like
 MORE_EXAMPLES = 20  # examples per "more" click
-FeatureIndex = Annotated[int, Path(ge=0)]
 
 
 def search_url(path: str, search: FeatureSearch, **changes) -> str:
@@ -96,7 +97,7 @@ def feature_rows_fragment(
 
 
 @router.get("/saes/{sae}/jump")
-def jump_to_feature(sae: str, index: Annotated[int, Query(ge=0)]) -> Response:
+def jump_to_feature(sae: str, index: Annotated[int, Query(ge=0, le=INT_MAX)]) -> Response:
     return RedirectResponse(f"{_sae_path(sae)}/features/{index}", status_code=303)
 
 
@@ -134,8 +135,8 @@ def examples_fragment(
     index: FeatureIndex,
     session: SessionDep,
     kind: Literal["top", "interval"] = "top",
-    bin: Annotated[int | None, Query(ge=0)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    bin: Bin = None,
+    offset: Offset = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = MORE_EXAMPLES,
 ) -> Response:
     examples = queries.list_examples(

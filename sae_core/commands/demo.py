@@ -90,12 +90,13 @@ def run(args: argparse.Namespace) -> int:
     from sae_core.saes.checkpoint import CHECKPOINT
     from sae_core.saes.train import TrainJob, job_folder, train_saes
     from sae_core.saes.train_config import TrainConfig
-    from sae_core.store.db import create_engine_for, default_db_url
+    from sae_core.store.db import check_store_url, create_engine_for, default_db_url
 
     budget_name = "quick" if args.quick else args.budget
     budget = BUDGETS[budget_name]
     model = args.model or DEFAULT_MODEL
     db_url = args.db or default_db_url()
+    check_store_url(db_url, create=True)  # before the model and the training, not after
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.monotonic()
 

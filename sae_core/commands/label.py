@@ -7,7 +7,7 @@ import argparse
 
 from sae_core.labels.explainer import ExplainerConfig
 from sae_core.labels.run import LabelOptions, label_sae
-from sae_core.store.db import create_engine_for, default_db_url, migrate
+from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
 
 HELP = "label every alive feature of an SAE in the store and score each label"
 
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     explainer = ExplainerConfig.from_env(
         url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env
     )
-    engine = create_engine_for(args.db or default_db_url())
+    url = args.db or default_db_url()
+    check_store_url(url, create=False)  # labels go into a store precompute wrote
+    engine = create_engine_for(url)
     migrate(engine)
     summary = label_sae(
         engine,

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sae_core.store.db import create_engine_for, default_db_url, migrate, schema_revision
+from sae_core.store.db import (
+    check_store_url,
+    create_engine_for,
+    default_db_url,
+    migrate,
+    schema_revision,
+)
 
 HELP = "create or upgrade the store's schema to the current version"
 
@@ -13,6 +19,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     url = args.db or default_db_url()
+    check_store_url(url, create=True)
     engine = create_engine_for(url)
     try:
         before = schema_revision(engine)

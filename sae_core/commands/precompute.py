@@ -7,6 +7,7 @@ import argparse
 
 from sae_core.cli import add_corpus_args, add_model_args
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError  # torch-free
+from sae_core.store.db import check_store_url
 
 HELP = "precompute every feature of one SAE or a release of several (ours, SAELens, sparsify, Gemma Scope) into the store"
 
@@ -93,6 +94,7 @@ def run(args) -> int:
     )
     if args.db:
         cfg.db_url = args.db
+    check_store_url(cfg.db_url, create=True)
     from sae_core.inputs import distributed
     from sae_core.precompute.run import run_precompute
 

@@ -23,12 +23,19 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db", default=None, help="store URL (default: $SAESCOPE_DB_URL or sqlite:///saescope.db)"
     )
     parser.add_argument("--host", default=None, help="interface to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="TCP port (default: 8000)")
+    parser.add_argument("--port", type=port, default=None, help="TCP port (default: 8000)")
     parser.add_argument(
         "--workers",
         type=_at_least_one,

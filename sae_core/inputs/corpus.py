@@ -182,11 +182,18 @@ def _text_files(spec: str) -> list[Path]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise CorpusError(
             f"{path} is not UTF-8 text (byte {err.start}); remove it or pass a glob that matches only text files"
         ) from err
+    except OSError as err:
+        raise CorpusError(f"cannot read the corpus file {path}: {err.strerror}") from err
+    if "\x00" in text:  # valid UTF-8, but no text holds NUL: a binary file
+        raise CorpusError(
+            f"{path} holds NUL bytes, so it is not text; remove it or pass a glob that matches only text files"
+        )
+    return text
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:

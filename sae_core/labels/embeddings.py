@@ -10,6 +10,7 @@ the hub. Vectors are stored per (feature, label kind) as float32 blobs in ``feat
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from functools import lru_cache
 from typing import NamedTuple
@@ -73,9 +74,20 @@ class Embedder:
         return np.concatenate(out) if out else np.zeros((0, EMBED_DIM), np.float32)
 
 
-@lru_cache(maxsize=1)
+_loading = threading.Lock()
+
+
 def load_embedder() -> Embedder:
-    """One model per process (loading takes a few seconds)."""
+    """One model per process (loading takes a few seconds). Loaded under a lock: lru_cache alone
+    lets concurrent first searches each load one, and transformers' lazy imports fail when two
+    threads run them at once (ImportError: cannot import name 'AutoModel'; 11 of 12 concurrent
+    first searches answered 500)."""
+    with _loading:
+        return _embedder()
+
+
+@lru_cache(maxsize=1)
+def _embedder() -> Embedder:
     return Embedder()
 
 

@@ -53,6 +53,8 @@ EXPLAINER_EXAMPLES = (
     12  # examples shown to an explainer: enough variety, short enough for small models
 )
 MAX_LABEL_CHARS = 500  # a human label longer than a paragraph is a note, not a label
+# A human label's source is "human:<author>", in the store's 64-character source column.
+MAX_AUTHOR_CHARS = 64 - len("human:")
 
 
 class LabelError(SaescopeError):
@@ -127,8 +129,8 @@ def set_human_label(
     label, author = label.strip(), author.strip()
     if not label or len(label) > MAX_LABEL_CHARS:
         raise LabelError(f"a label must have 1 to {MAX_LABEL_CHARS} characters")
-    if not author or len(author) > 200:
-        raise LabelError("say who is editing: an author of 1 to 200 characters")
+    if not author or len(author) > MAX_AUTHOR_CHARS:
+        raise LabelError(f"say who is editing: an author of 1 to {MAX_AUTHOR_CHARS} characters")
     feature = find_feature(session, sae, idx)
     row = LabelRow(
         sae_id=sae.id,

@@ -16,6 +16,7 @@ import torch
 
 from sae_core.errors import SaescopeError
 from sae_core.inputs.subject import Subject
+from sae_core.inputs.token_bytes import joined_texts, token_bytes
 from sae_core.live.results import (
     FeatureOnText,
     FeatureValue,
@@ -85,11 +86,10 @@ def encode_prompt(
     if max_tokens is not None and len(ids) > max_tokens:
         raise PromptTooLong(len(ids), max_tokens)
     special = set(subject.special_ids)
+    texts = joined_texts(token_bytes(tokenizer, ids))  # an emoji split over tokens stays one
     tokens = [
-        PromptToken(
-            position=pos, token_id=tid, text=tokenizer.decode([tid]), special=tid in special
-        )
-        for pos, tid in enumerate(ids)
+        PromptToken(position=pos, token_id=tid, text=text, special=tid in special)
+        for pos, (tid, text) in enumerate(zip(ids, texts, strict=True))
     ]
     return Prompt(
         ids=torch.tensor(ids, dtype=torch.long, device=subject.device),

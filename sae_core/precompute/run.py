@@ -37,6 +37,7 @@ from sae_core.inputs.activations import ActivationBatch, iter_layer_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
 from sae_core.inputs.device import pick_device
 from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
+from sae_core.inputs.token_bytes import is_partial, token_bytes
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError
 from sae_core.precompute.results import (
     coactivation_neighbours,
@@ -61,7 +62,7 @@ from sae_core.precompute.writer import (
 from sae_core.saes.formats import find_saes
 from sae_core.saes.sae import SAE, load_sae
 from sae_core.saes.sparse_acts import feature_chunk, sparse_encode
-from sae_core.store.db import create_engine_for, migrate
+from sae_core.store.db import create_engine_for, migrate, writer_lock
 from sae_core.store.releases import claim_release
 
 URL_ID = re.compile(r"[A-Za-z0-9._-]{1,150}")  # SAE and release names are URL path segments
@@ -138,13 +139,22 @@ def run_precompute(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
     subject = load_checked_subject(cfg, release.model, release.saes)
     engine = create_engine_for(cfg.db_url)
     migrate(engine)
+    try:
+        with writer_lock(engine, release.name):  # a second identical run refuses, in one line
+            return precompute_into(engine, cfg, release, subject)
+    finally:
+        engine.dispose()
+
+
+def precompute_into(engine: Engine, cfg: PrecomputeConfig, release: Release, subject: Subject) -> list[PrecomputeResult]:
+    """The single-process run on an open, migrated engine: skip, resume or start, then publish."""
     todo = [inputs for inputs in release.saes if cfg.force or complete_sae_id(engine, inputs.name) is None]
     claim(engine, cfg, release)
     file_skipped(engine, cfg, release, todo)
     if not todo:
         return in_given_order(release, [])
     run = Run(cfg, engine, subject, load_contexts(cfg, subject))
-    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
+    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     streams = [open_stream(run, inputs, model_id) for inputs in todo]
     first_pass(run, streams)
     results = [finish(run, stream.target, stream.stats, release.name, stream.batches_done or 0) for stream in streams]
@@ -225,8 +235,8 @@ def resolve_release(cfg: PrecomputeConfig) -> Release:
             raise PrecomputeError(f"{names[inputs.name]} and {inputs.path} would both be stored as {inputs.name}")
         names[inputs.name] = inputs.path
     name = cfg.release or (first.name if len(saes) == 1 else default_release_name(saes))
-    if not URL_ID.fullmatch(name):
-        raise PrecomputeError(f"--release {name!r} must be 1-150 letters, digits, '.', '_' or '-' (it is a URL id)")
+    if not URL_ID.fullmatch(name) or not name.strip("."):
+        raise PrecomputeError(f"--release {name!r} must be 1-150 letters, digits, '.', '_' or '-', not only dots (it is a URL id)")
     return Release(saes, first.model, name)
 
 
@@ -240,8 +250,8 @@ def resolve_inputs(cfg: PrecomputeConfig, path: Path) -> Inputs:
     if layer is None:
         raise PrecomputeError(f"cannot tell which layer {path} reads; pass --layer")
     name = cfg.name or default_name(model, layer, sae)
-    if not URL_ID.fullmatch(name):
-        raise PrecomputeError(f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-' (it is a URL id)")
+    if not URL_ID.fullmatch(name) or not name.strip("."):
+        raise PrecomputeError(f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-', not only dots (it is a URL id)")
     return Inputs(sae, model, layer, name, path)
 
 
@@ -360,11 +370,17 @@ def read_metrics(sae_path: Path) -> dict:
         raise PrecomputeError(f"{path} is not valid JSON ({err.msg}); fix or remove it") from err
 
 
-def vocab_strings(subject: Subject) -> list[str]:
-    """Display text of every token id (each decoded alone, e.g. 'Ġfoo' -> ' foo'). NUL, which
-    PostgreSQL text cannot hold, shows as its control picture '␀'."""
-    texts = subject.tokenizer.batch_decode([[i] for i in range(subject.vocab_size)])
-    return [text.replace("\x00", "\u2400") for text in texts]
+def vocab_rows(subject: Subject) -> list[dict]:
+    """Every token id's display text (decoded alone, e.g. 'Ġfoo' -> ' foo'; NUL, which PostgreSQL
+    text cannot hold, as its control picture '␀') and, for a token that is part of a character,
+    its bytes."""
+    ids = list(range(subject.vocab_size))
+    texts = subject.tokenizer.batch_decode([[i] for i in ids])
+    pieces = token_bytes(subject.tokenizer, ids)
+    return [
+        {"token_id": i, "text": text.replace("\x00", "\u2400"), "raw": piece if is_partial(piece) else None}
+        for i, text, piece in zip(ids, texts, pieces, strict=True)
+    ]
 
 
 def new_stats(cfg: PrecomputeConfig, sae: SAE, subject: Subject) -> StreamingStats:

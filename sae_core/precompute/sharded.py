@@ -20,6 +20,7 @@ not looked at, and that run starts over.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -43,6 +44,7 @@ from sae_core.precompute.run import (
     Inputs,
     PrecomputeConfig,
     PrecomputeResult,
+    Release,
     Run,
     Stream,
     Target,
@@ -58,7 +60,7 @@ from sae_core.precompute.run import (
     run_identity,
     sae_row_values,
     say,
-    vocab_strings,
+    vocab_rows,
 )
 from sae_core.precompute.spill import PackedActs, example_activations
 from sae_core.precompute.stats import StreamingStats
@@ -69,7 +71,7 @@ from sae_core.precompute.writer import (
     open_staging,
     publish,
 )
-from sae_core.store.db import StoreError, create_engine_for, migrate
+from sae_core.store.db import StoreError, create_engine_for, migrate, writer_lock
 
 
 class RankFiles(NamedTuple):
@@ -118,14 +120,24 @@ def run_sharded(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
     done = [me.is_main and not cfg.force and complete_sae_id(engine, i.name) is not None for i in release.saes]
     done = distributed.broadcast_object(done, step="checking the store")
     todo = [inputs for inputs, complete in zip(release.saes, done, strict=True) if not complete]
-    refusal = None
+    refusal, lock = None, contextlib.ExitStack()
     if me.is_main:
-        try:
+        try:  # rank 0 holds the store's lock for the job: a second identical job refuses in one line
+            lock.enter_context(writer_lock(engine, release.name))
             claim(engine, cfg, release)
         except StoreError as err:
+            lock.close()
             refusal = str(err)
     if (refusal := distributed.broadcast_object(refusal, step="claiming the release")) is not None:
         raise StoreError(refusal)  # on every rank, so none waits for the others
+    with lock:
+        return precompute_shards(cfg, engine, release, subject, todo, me)
+
+
+def precompute_shards(
+    cfg: PrecomputeConfig, engine, release: Release, subject, todo: list[Inputs], me: distributed.World
+) -> list[PrecomputeResult]:
+    """This rank's part of the pass over the SAEs still to do; rank 0 writes them."""
     if me.is_main:
         file_skipped(engine, cfg, release, todo)
     if not todo:
@@ -194,7 +206,7 @@ def open_staging_rows(run: Run, saes: list[Inputs]) -> list[int]:
     """Rank 0: the subject's rows and a staging row per SAE (their single-process checkpoints,
     if any, are not used: the ranks keep their own)."""
     subject = run.subject
-    model_id = ensure_model(run.engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
+    model_id = ensure_model(run.engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     return [
         open_staging(run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts))[0]
         for inputs in saes

@@ -71,9 +71,9 @@ def insert_rows(conn: Connection, table, rows: Iterable[dict]) -> None:
         conn.execute(sa.insert(table), chunk)
 
 
-def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Callable[[], list[str]]) -> int:
-    """The subject model's row, created with its vocabulary strings (``vocab()``, decoded only
-    then) the first time it is seen."""
+def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Callable[[], list[dict]]) -> int:
+    """The subject model's row, created with its vocabulary rows (``vocab()``: token_id, text and
+    raw, decoded only then) the first time it is seen."""
     with engine.begin() as conn:
         model_id = conn.scalar(sa.select(SubjectModelRow.id).where(SubjectModelRow.name == info["name"]))
         if model_id is not None:
@@ -92,7 +92,7 @@ def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Ca
             )
             .returning(SubjectModelRow.id)
         )
-        insert_rows(conn, VocabRow, ({"model_id": model_id, "token_id": i, "text": t} for i, t in enumerate(vocab())))
+        insert_rows(conn, VocabRow, ({"model_id": model_id, **row} for row in vocab()))
         return model_id
 
 

@@ -20,6 +20,7 @@ Every refusal raises ``SAEError`` naming the file and the problem.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def read_any(path: Path) -> SAE:
     path = Path(path)
     if not path.exists():
         raise SAEError(f"{path}: no such SAE file or folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0), effective_ids=True):
+        raise SAEError(f"{path}: cannot read it (permission denied)")
     if path.is_file():
         if path.name == GEMMA_SCOPE_PARAMS or path.suffix == ".npz":
             return read_gemma_scope(path)
@@ -86,6 +89,8 @@ def _read_json(path: Path) -> dict:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SAEError(f"{path}: not valid JSON ({err})") from err
+    except OSError as err:
+        raise SAEError(f"{path}: cannot read it ({err.strerror})") from err
     if not isinstance(cfg, dict):
         raise SAEError(f"{path}: expected a JSON object")
     return cfg
@@ -95,6 +100,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        path.open("rb").close()  # safetensors says "No such file" for any error opening it
+    except OSError as err:
+        raise SAEError(f"{path}: cannot read it ({err.strerror})") from err
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

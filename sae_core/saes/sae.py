@@ -59,6 +59,8 @@ class SAEConfig:
             )
         if self.architecture == "topk" and not self.k:
             raise SAEError("a topk SAE needs k > 0 in its config")
+        if self.k is not None and self.k > self.d_sae:
+            raise SAEError(f"k={self.k} in its config is more than the SAE's {self.d_sae} latents")
 
 
 class SAEOutput(NamedTuple):

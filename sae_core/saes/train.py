@@ -108,6 +108,9 @@ def train_saes(jobs: list[TrainJob], *, resume: bool = False, progress: bool = T
         split_record,
     )
 
+    for job in jobs:
+        if job.out.exists() and not job.out.is_dir():
+            raise TrainError(f"--out {job.out} is a file; name a folder (new or holding this run)")
     todo = [job for job in jobs if not already_trained(job)]
     if not todo:
         return [job.out for job in jobs]

@@ -70,6 +70,14 @@ class TrainConfig:
         for name in ("tokens", "batch_size", "k", "checkpoint_every", "eval_contexts"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.width is not None and self.width <= 0:
+            raise TrainError(f"--width must be positive, got {self.width} (leave it out for the default)")
+        if self.width is not None and self.architecture != "relu" and self.k > self.width:
+            raise TrainError(f"--k {self.k} is more latents than the SAE has (--width {self.width})")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.l1_coeff) and self.l1_coeff >= 0):
+            raise TrainError(f"--l1 must be a number of at least 0, got {self.l1_coeff}")
         self._check_prefixes()
 
     def _check_prefixes(self) -> None:

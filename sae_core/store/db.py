@@ -13,7 +13,10 @@ Packed formats (little-endian):
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,8 +46,24 @@ from sae_core.errors import SaescopeError
 MIGRATIONS = Path(__file__).with_name("migrations")  # Alembic scripts; versions/ holds one file per revision
 
 
+# The widest integer every column holds on both backends (Integer is 32-bit on PostgreSQL):
+# anything that reaches a query as a number is bounded by it first.
+INT_MAX = 2**31 - 1
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UtcDateTime(sa.types.TypeDecorator):
+    """``DateTime(timezone=True)`` that reads back aware on SQLite too (which stores no zone):
+    every timestamp the store writes is UTC, so a naive one read back is UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
@@ -64,7 +83,7 @@ class SubjectModelRow(Base):
     n_layers: Mapped[int] = mapped_column(Integer)
     vocab_size: Mapped[int] = mapped_column(Integer)
     bos_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class VocabRow(Base):
@@ -75,6 +94,9 @@ class VocabRow(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id", ondelete="CASCADE"), primary_key=True)
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)  # decoded text of the single token ("Ġfoo" -> " foo")
+    # The token's bytes when they are not text alone (part of a character split across tokens);
+    # pages join a run of them before decoding (sae_core.inputs.token_bytes).
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class ReleaseRow(Base):
@@ -116,8 +138,8 @@ class SaeRow(Base):
     n_tokens: Mapped[int] = mapped_column(Integer, default=0)  # non-special tokens precomputed over
     density_hist: Mapped[dict] = mapped_column(JSON, default=dict)  # {"edges": [...], "counts": [...]} of log10 density
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | complete
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class ContextRow(Base):
@@ -204,7 +226,7 @@ class LabelRow(Base):
     label: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(64))  # auto | llm:<model> | human:<who>
     author: Mapped[str] = mapped_column(String(200))  # person for human edits, else the program
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     precision: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: nothing to score
     recall: Mapped[float | None] = mapped_column(Float, nullable=True)
     f1: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -224,7 +246,7 @@ class FeatureEmbeddingRow(Base):
     text: Mapped[str] = mapped_column(Text)  # what was embedded; re-embedded when it changes
     model: Mapped[str] = mapped_column(String(100))
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE, unit norm
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class PrecomputeStateRow(Base):
@@ -236,7 +258,7 @@ class PrecomputeStateRow(Base):
     batches_done: Mapped[int] = mapped_column(Integer)  # corpus batches folded into `state`
     spill_bytes: Mapped[int] = mapped_column(BigInteger)  # valid length of the activation spill file
     state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors of the streaming accumulators
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +311,90 @@ def default_db_url() -> str:
     return os.environ.get("SAESCOPE_DB_URL") or "sqlite:///saescope.db"
 
 
+BACKENDS = ("sqlite", "postgresql")
+
+
+def check_store_url(url: str, *, create: bool) -> None:
+    """Refuse, in one line, a store URL no command can use: not a URL, a backend other than SQLite
+    or PostgreSQL, a SQLite file that is missing (``create=False``: commands that read a store)
+    or that could not be created or written, a PostgreSQL server that does not answer or has no
+    such database. Creates nothing."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError(
+            f"--db {url!r} is not a database URL; e.g. sqlite:///saescope.db or "
+            "postgresql+psycopg://user@host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in BACKENDS:
+        raise StoreError(f"--db {url!r}: saescope stores live in SQLite or PostgreSQL, not {backend}")
+    if backend == "sqlite":
+        _check_sqlite_path(parsed.database or "", create=create)
+        return
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as err:
+        reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+        shown = parsed.render_as_string(hide_password=True)
+        raise StoreError(f"cannot open the store at {shown}: {reason}") from None
+    except ModuleNotFoundError as err:
+        raise StoreError(f"--db {url!r} needs the driver {err.name!r}; pip install it") from None
+    finally:
+        engine.dispose()
+
+
+def _check_sqlite_path(database: str, *, create: bool) -> None:
+    if database in ("", ":memory:"):
+        raise StoreError("--db names no SQLite file; e.g. sqlite:///saescope.db")
+    path = Path(database)
+    if path.is_dir():
+        raise StoreError(f"--db {path} is a folder, not a SQLite file")
+    if not path.exists():
+        if not create:
+            raise StoreError(f"no store at {path}; run `saescope precompute --db ...` first")
+        if not path.parent.is_dir():
+            raise StoreError(f"--db {path}: the folder {path.parent} does not exist; create it first")
+        if not os.access(path.parent, os.W_OK | os.X_OK, effective_ids=True):
+            raise StoreError(f"--db {path}: cannot create a file in {path.parent} (permission denied)")
+        return
+    if not os.access(path, os.R_OK, effective_ids=True):
+        raise StoreError(f"--db {path}: cannot read the file (permission denied)")
+    if create and not os.access(path, os.W_OK, effective_ids=True):
+        raise StoreError(f"--db {path} is read-only; make it writable or use another --db")
+
+
+@contextmanager
+def writer_lock(engine: Engine, name: str) -> Iterator[None]:
+    """Hold the store's lock for writing SAE ``name``, or refuse at once if another process holds
+    it: PostgreSQL's advisory lock on the name (released with its connection, so a killed run
+    leaves none), on SQLite an exclusive flock of the database file (SQLite has one writer)."""
+    held = StoreError(
+        f"another precompute of {name} is writing into this store; wait for it to finish, "
+        "or stop it, and run again (it resumes)"
+    )
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            key = conn.scalar(sa.text("select hashtext(:name)"), {"name": f"saescope:{name}"})
+            if not conn.scalar(sa.text("select pg_try_advisory_lock(:key)"), {"key": key}):
+                raise held
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("select pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+        return
+    with open(engine.url.database, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise held from None
+        yield  # closing the file releases the lock
+
+
 def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
     """One engine per process. SQLite gets WAL (readers never block the writer) and foreign keys;
     ``readonly`` opens SQLite read-only so serving can never write by accident."""
@@ -328,6 +434,11 @@ def schema_revision(engine: Engine) -> str | None:
     """The Alembic revision the store is at (None for an empty database)."""
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    """The schema revision this saescope writes and reads."""
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
 def migrate(engine: Engine) -> None:

@@ -1,0 +1,23 @@
+"""The bytes of tokens that are part of a character (byte-level BPE splits emoji and accented
+letters across tokens), so pages join them into the text people wrote.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-30
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("vocab", sa.Column("raw", sa.LargeBinary, nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("vocab", "raw")
