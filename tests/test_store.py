@@ -28,7 +28,7 @@ from sae_core.store.releases import (
     release_saes,
 )
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 def seed_rows(conn) -> None:

@@ -1,16 +1,16 @@
 """The bytes of tokens that are part of a character (byte-level BPE splits emoji and accented
 letters across tokens), so pages join them into the text people wrote.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-11-30
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
