@@ -37,11 +37,7 @@ RAW_INPUT = (None, "none")
 
 def read_any(path: Path) -> SAE:
     """Recognise the layout at ``path`` (a folder or one of its files) and read it."""
-    path = Path(path)
-    if not path.exists():
-        raise SAEError(f"{path}: no such SAE file or folder")
-    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0), effective_ids=True):
-        raise SAEError(f"{path}: cannot read it (permission denied)")
+    path = _readable(Path(path))
     if path.is_file():
         if path.name == GEMMA_SCOPE_PARAMS or path.suffix == ".npz":
             return read_gemma_scope(path)
@@ -67,15 +63,22 @@ def find_saes(path: Path) -> list[Path]:
     """The SAEs at ``path``: itself when it is one (a file, or a folder holding an SAE's weights),
     else every folder below it that holds one, in path order (a release: a SAELens repository
     with a folder per hook, sparsify's folder per hook point, Gemma Scope's layer/width/L0 tree)."""
-    path = Path(path)
-    if not path.exists():
-        raise SAEError(f"{path}: no such SAE file or folder")
+    path = _readable(Path(path))
     if path.is_file() or _holds_weights(path):
         return [path]
     found = sorted(folder for folder in path.rglob("*") if folder.is_dir() and _holds_weights(folder))
     if not found:
         read_any(path)  # raises the message that says which layouts were looked for
     return found
+
+
+def _readable(path: Path) -> Path:
+    """``path``, once it is known to exist and to be readable (a folder: listable too)."""
+    if not path.exists():
+        raise SAEError(f"{path}: no such SAE file or folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0), effective_ids=True):
+        raise SAEError(f"{path}: cannot read it (permission denied)")
+    return path
 
 
 def _holds_weights(folder: Path) -> bool:
