@@ -301,6 +301,17 @@ class SparseCounter:
         self._pending, self._pending_n = [], 0
 
 
+def active_sets(acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int, max_active: int) -> torch.Tensor:
+    """Sparse entries (n,) -> (n_tokens, width) each token's ``max_active`` largest active features
+    (all of them for a TopK SAE with k <= max_active), largest first, padded with -1."""
+    perm, rank = ranks_within_groups(acts_token, value)
+    width = min(max_active, int(rank.max()) + 1 if rank.numel() else 0)  # k for a TopK SAE
+    keep = perm[rank < width]
+    active = torch.full((n_tokens, width), -1, dtype=torch.int64)
+    active[acts_token[keep], rank[rank < width]] = feature[keep]
+    return active
+
+
 class CoActivation:
     """Pair counts of features active on the same token, over the whole corpus.
 
@@ -315,12 +326,9 @@ class CoActivation:
         self.pairs = SparseCounter(with_sums=False)  # key i * F + j, i < j
 
     def update(self, acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int) -> None:
-        perm, rank = ranks_within_groups(acts_token, value)
-        width = min(self.max_active, int(rank.max()) + 1 if rank.numel() else 0)  # k for a TopK SAE
-        keep = perm[rank < width]
-        active = torch.full((n_tokens, width), -1, dtype=torch.int64)  # (tokens, width)
-        active[acts_token[keep], rank[rank < width]] = feature[keep]
-        self.occurrences += torch.bincount(feature[keep], minlength=self.n_features)
+        active = active_sets(acts_token, feature, value, n_tokens, self.max_active)  # (tokens, width)
+        width = active.shape[1]
+        self.occurrences += torch.bincount(active[active >= 0], minlength=self.n_features)
         first, second = torch.triu_indices(width, width, offset=1)
         a, b = active[:, first].reshape(-1), active[:, second].reshape(-1)  # (tokens * pairs,)
         both = (a >= 0) & (b >= 0)

@@ -1,0 +1,75 @@
+"""Feature families: co-firing counts equal counting by hand, cosine links equal brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_core.families.cofiring import CoFiring, SparseActs
+from sae_core.families.links import pair_links, unit_directions
+
+
+def random_acts(generator, n_tokens: int, width: int, k: int) -> SparseActs:
+    """k distinct active features per token (a TopK SAE), random values."""
+    feature = torch.stack([torch.randperm(width, generator=generator)[:k] for _ in range(n_tokens)])
+    token = torch.arange(n_tokens).repeat_interleave(k)
+    return SparseActs(token, feature.reshape(-1), torch.rand(n_tokens * k, generator=generator) + 0.1)
+
+
+def token_sets(batches: list[SparseActs], width: int) -> list[set[int]]:
+    """Feature -> the global token numbers it fired on, counted one entry at a time."""
+    sets = [set() for _ in range(width)]
+    offset = 0
+    for acts in batches:
+        for t, f in zip(acts.token.tolist(), acts.feature.tolist(), strict=True):
+            sets[f].add(offset + t)
+        offset += int(acts.token.max()) + 1
+    return sets
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["dense", "sparse"])
+def test_cofiring_counts_equal_counting_by_hand(budget):
+    generator = torch.Generator().manual_seed(0)
+    widths, ks, n_tokens = (6, 10, 14), (2, 3, 3), 40
+    batches = [[random_acts(generator, n_tokens, w, k) for w, k in zip(widths, ks, strict=True)] for _ in range(3)]
+    cofiring = CoFiring(widths, max_active=8, memory_budget=budget)
+    assert all((counts.dense is not None) == (budget > 0) for counts in cofiring.pairs.values())
+    cofiring.update(batches[0], n_tokens)
+    restored = CoFiring(widths, max_active=8, memory_budget=budget)  # a resumed run
+    restored.load_state_dict(cofiring.state_dict("co"), "co")
+    for batch in batches[1:]:
+        restored.update(batch, n_tokens)
+    assert restored.n_tokens == 3 * n_tokens
+    sets = [token_sets([b[s] for b in batches], w) for s, w in enumerate(widths)]
+    for s, w in enumerate(widths):
+        assert restored.occurrences[s].tolist() == [len(sets[s][i]) for i in range(w)]
+    for a, b in [(0, 1), (1, 2), (2, 0)]:  # (2, 0): the stored (0, 2) table read the other way
+        keys, both = restored.pair(a, b)
+        counted = {i * widths[b] + j: len(sets[a][i] & sets[b][j]) for i in range(widths[a]) for j in range(widths[b])}
+        assert dict(zip(keys.tolist(), both.tolist(), strict=True)) == {k: v for k, v in counted.items() if v}
+        assert keys.tolist() == sorted(keys.tolist())
+
+
+def test_links_equal_brute_force():
+    generator = torch.Generator().manual_seed(1)
+    W_a, W_b = torch.randn(12, 8, generator=generator), torch.randn(30, 8, generator=generator)
+    acts_a, acts_b = random_acts(generator, 50, 12, 2), random_acts(generator, 50, 30, 3)
+    cofiring = CoFiring([12, 30], max_active=8, memory_budget=1 << 20)
+    cofiring.update([acts_a, acts_b], 50)
+    keys, both = cofiring.pair(0, 1)
+    links = pair_links(
+        unit_directions(W_a), unit_directions(W_b), *cofiring.occurrences, keys, both, n=5, memory_budget=2 * 16 * 30
+    )  # 2 rows per chunk (weights.rows_per_chunk): the chunking is exercised
+    cos = torch.nn.functional.cosine_similarity(W_a.unsqueeze(1), W_b.unsqueeze(0), dim=2).double()  # (12, 30)
+    sets_a, sets_b = token_sets([acts_a], 12), token_sets([acts_b], 30)
+    jac = torch.tensor([[len(x & y) / len(x | y) if x | y else 0.0 for y in sets_b] for x in sets_a], dtype=torch.float64)
+    got = {(s, t) for s, t in zip(links.source.tolist(), links.target.tolist(), strict=True)}
+    for i in range(12):
+        top_cos = set(cos[i].topk(5).indices.tolist())
+        positive = [j for j in range(30) if jac[i, j] > 0]
+        top_jac = set(sorted(positive, key=lambda j: -jac[i, j].item())[:5])
+        assert {t for s, t in got if s == i} == top_cos | top_jac
+    assert torch.allclose(links.cosine, cos[links.source, links.target], atol=1e-6)
+    assert torch.allclose(links.jaccard, jac[links.source, links.target])
+    assert links.n_source.tolist() == [len(sets_a[i]) for i in links.source.tolist()]
+    assert links.n_both.tolist() == [len(sets_a[i] & sets_b[j]) for i, j in sorted(got)]
