@@ -302,7 +302,7 @@ def _logit_tokens(pairs: list, vocab: Vocabulary) -> list[TokenValuePublic]:
     return [TokenValuePublic(token_id=t, text=vocab.text(t), value=v) for t, v in pairs]
 
 
-def _neighbours(
+def neighbour_previews(
     session: Session, sae: SaeRow, lists: Sequence[list]
 ) -> list[list[NeighbourPublic]]:
     """Each [[idx, score], ...] list -> neighbours with label, density and a snippet of their top
@@ -318,7 +318,7 @@ def _neighbours(
         ExampleRow.rank == 0,
     )
     rows = session.execute(
-        sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.density, *EXAMPLE_COLUMNS)
+        sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density, *EXAMPLE_COLUMNS)
         .outerjoin(ExampleRow, is_top)
         .outerjoin(ContextRow, _WITH_CONTEXT)
         .where(FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted))
@@ -336,6 +336,7 @@ def _neighbours(
             density=row.density if row else None,
             snippet=_snippet(row, vocab) if has_example else None,
             snippet_max=row.max_act if has_example else 0.0,
+            label_f1=row.label_f1 if row else None,
         )
 
     return [[neighbour(int(i), float(s)) for i, s in pairs] for pairs in lists]
@@ -371,6 +372,8 @@ def get_feature(
 ) -> FeaturePublic:
     """Everything a feature page shows. ``top_limit`` / ``interval_limit`` (per bin) cap the
     examples returned (None: all of them); pages fetch the rest as fragments."""
+    from app.families.panel import family_panel  # the panel reads features through this module
+
     sae = get_sae_row(session=session, sae_name=sae_name)
     row = _feature_row(session, sae, index)
     vocab = get_vocabulary(session, sae.model_id)
@@ -385,7 +388,7 @@ def get_feature(
             shown_intervals.append(r)
     shown = top_rows[:top_limit] + shown_intervals
     examples = _examples(session, sae, shown)
-    cos, coact = _neighbours(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
+    cos, coact = neighbour_previews(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
     return FeaturePublic(
         sae=sae.name,
         index=index,
@@ -407,6 +410,7 @@ def get_feature(
         intervals=_intervals(row, [e for e in examples if e.kind == "interval"], bin_counts),
         prev_index=index - 1 if index > 0 else None,
         next_index=index + 1 if index + 1 < sae.d_sae else None,
+        family=family_panel(session=session, sae=sae, index=index),
     )
 
 

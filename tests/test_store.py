@@ -23,7 +23,7 @@ from sae_core.store.db import (
 )
 from sae_core.store.releases import claim_release, get_release, join_release, list_releases, release_saes
 
-HEAD = "0003"
+HEAD = "0005_families"
 
 
 def seed_rows(conn) -> None:
@@ -62,6 +62,7 @@ def check_migrations(url: str) -> None:
     migrate(engine)  # the older store is upgraded in place, its rows kept
     assert schema_revision(engine) == HEAD
     assert sa.inspect(engine).has_table("precompute_state")
+    assert sa.inspect(engine).has_table("feature_links") and sa.inspect(engine).has_table("feature_map")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     with Session(engine) as session:  # the SAE of the older store is now a release of one
