@@ -31,6 +31,8 @@ def measure(link: FeatureLinkRow, by: Measure) -> float:
 
 
 def links_from(session: Session, nodes: set[Node]) -> list[FeatureLinkRow]:
+    if not nodes:
+        return []
     by_sae = defaultdict(list)
     for sae_id, index in nodes:
         by_sae[sae_id].append(index)
