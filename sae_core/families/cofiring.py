@@ -76,12 +76,13 @@ class CoFiring:
         self.max_active = max_active
         self.n_tokens = 0
         self.occurrences = [torch.zeros(w, dtype=torch.int64) for w in self.widths]
-        pairs = list(combinations(range(len(self.widths)), 2))
-        share = memory_budget // (4 * max(1, len(pairs)))  # a quarter of the budget for all tables
-        self.pairs = {
-            (a, b): PairCounts(self.widths[a], self.widths[b], dense=4 * self.widths[a] * self.widths[b] <= share)
-            for a, b in pairs
-        }
+        pairs = sorted(combinations(range(len(self.widths)), 2), key=lambda ab: self.widths[ab[0]] * self.widths[ab[1]])
+        room = memory_budget // 2  # dense tables, smallest first, while they fit half the budget
+        self.pairs = {}
+        for a, b in pairs:
+            size = 4 * self.widths[a] * self.widths[b]
+            self.pairs[a, b] = PairCounts(self.widths[a], self.widths[b], dense=size <= room)
+            room -= size if size <= room else 0
 
     def update(self, acts: Sequence[SparseActs], n_tokens: int) -> None:
         """One batch: each SAE's activations over the same ``n_tokens`` counted tokens."""
