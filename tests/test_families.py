@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_core.families.cofiring import CoFiring, SparseActs
-from sae_core.families.links import pair_links, unit_directions
+from sae_core.families.links import links_both_ways, unit_directions
 
 
 def random_acts(generator, n_tokens: int, width: int, k: int) -> SparseActs:
@@ -50,26 +50,37 @@ def test_cofiring_counts_equal_counting_by_hand(budget):
         assert keys.tolist() == sorted(keys.tolist())
 
 
-def test_links_equal_brute_force():
-    generator = torch.Generator().manual_seed(1)
-    W_a, W_b = torch.randn(12, 8, generator=generator), torch.randn(30, 8, generator=generator)
-    acts_a, acts_b = random_acts(generator, 50, 12, 2), random_acts(generator, 50, 30, 3)
-    cofiring = CoFiring([12, 30], max_active=8, memory_budget=1 << 20)
-    cofiring.update([acts_a, acts_b], 50)
-    keys, both = cofiring.pair(0, 1)
-    links = pair_links(
-        unit_directions(W_a), unit_directions(W_b), *cofiring.occurrences, keys, both, n=5, memory_budget=2 * 16 * 30
-    )  # 2 rows per chunk (weights.rows_per_chunk): the chunking is exercised
-    cos = torch.nn.functional.cosine_similarity(W_a.unsqueeze(1), W_b.unsqueeze(0), dim=2).double()  # (12, 30)
-    sets_a, sets_b = token_sets([acts_a], 12), token_sets([acts_b], 30)
+def brute_force_links(W_a, W_b, acts_a, acts_b):
+    """Cosine and Jaccard of every pair, counted one token set at a time."""
+    cos = torch.nn.functional.cosine_similarity(W_a.unsqueeze(1), W_b.unsqueeze(0), dim=2).double()
+    sets_a, sets_b = token_sets([acts_a], W_a.shape[0]), token_sets([acts_b], W_b.shape[0])
     jac = torch.tensor([[len(x & y) / len(x | y) if x | y else 0.0 for y in sets_b] for x in sets_a], dtype=torch.float64)
+    return cos, jac, sets_a, sets_b
+
+
+def check_against_brute_force(links, W_a, W_b, acts_a, acts_b):
+    cos, jac, sets_a, sets_b = brute_force_links(W_a, W_b, acts_a, acts_b)
     got = {(s, t) for s, t in zip(links.source.tolist(), links.target.tolist(), strict=True)}
-    for i in range(12):
+    for i in range(W_a.shape[0]):
         top_cos = set(cos[i].topk(5).indices.tolist())
-        positive = [j for j in range(30) if jac[i, j] > 0]
+        positive = [j for j in range(W_b.shape[0]) if jac[i, j] > 0]
         top_jac = set(sorted(positive, key=lambda j: -jac[i, j].item())[:5])
         assert {t for s, t in got if s == i} == top_cos | top_jac
     assert torch.allclose(links.cosine, cos[links.source, links.target], atol=1e-6)
     assert torch.allclose(links.jaccard, jac[links.source, links.target])
     assert links.n_source.tolist() == [len(sets_a[i]) for i in links.source.tolist()]
+    assert links.n_target.tolist() == [len(sets_b[j]) for j in links.target.tolist()]
     assert links.n_both.tolist() == [len(sets_a[i] & sets_b[j]) for i, j in sorted(got)]
+
+
+def test_links_both_ways_equal_brute_force():
+    generator = torch.Generator().manual_seed(1)
+    W_a, W_b = torch.randn(12, 8, generator=generator), torch.randn(30, 8, generator=generator)
+    acts_a, acts_b = random_acts(generator, 50, 12, 2), random_acts(generator, 50, 30, 3)
+    cofiring = CoFiring([12, 30], max_active=8, memory_budget=1 << 20)
+    cofiring.update([acts_a, acts_b], 50)
+    forward, backward = links_both_ways(
+        unit_directions(W_a), unit_directions(W_b), cofiring, 0, 1, n=5, memory_budget=2 * 16 * 30
+    )  # 2 rows of a per chunk (weights.rows_per_chunk): b's running top 5 merges 6 chunks
+    check_against_brute_force(forward, W_a, W_b, acts_a, acts_b)
+    check_against_brute_force(backward, W_b, W_a, acts_b, acts_a)

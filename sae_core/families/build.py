@@ -4,7 +4,7 @@ counts of the precompute pass, and written to the store in one transaction."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from itertools import permutations
+from itertools import combinations
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from sae_core.families.cofiring import CoFiring
 from sae_core.families.layout import feature_layout
-from sae_core.families.links import TOP_N, Links, pair_links, unit_directions
+from sae_core.families.links import TOP_N, Links, links_both_ways, unit_directions
 from sae_core.store.families import FeatureLinkRow, FeatureMapRow
 
 INSERT_BATCH = 5000  # rows per executemany
@@ -31,12 +31,12 @@ class FamiliesResult(NamedTuple):
 
 
 def all_links(saes: Sequence[FamilySae], cofiring: CoFiring, *, memory_budget: int) -> Iterator[tuple[int, int, Links]]:
-    """(a, b, links a -> b) for every ordered pair of SAEs in the set."""
+    """(a, b, links a -> b) for every ordered pair of SAEs in the set (positions in ``saes``)."""
     units = [unit_directions(s.W_dec) for s in saes]
-    for a, b in permutations(range(len(saes)), 2):
-        keys, both = cofiring.pair(a, b)
-        occ = cofiring.occurrences
-        yield a, b, pair_links(units[a], units[b], occ[a], occ[b], keys, both, n=TOP_N, memory_budget=memory_budget)
+    for a, b in combinations(range(len(saes)), 2):
+        forward, backward = links_both_ways(units[a], units[b], cofiring, a, b, n=TOP_N, memory_budget=memory_budget)
+        yield a, b, forward
+        yield b, a, backward
 
 
 def link_rows(sae_id: int, other_id: int, links: Links) -> Iterator[dict]:

@@ -60,24 +60,16 @@ def row_histograms(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bin
 @torch.no_grad()
 def decoder_neighbours(W_dec: torch.Tensor, *, n: int, memory_budget: int) -> Neighbours:
     """Top ``n`` other features by cosine similarity of decoder directions, a chunk of rows at a time."""
+    n_features = W_dec.shape[0]
     unit = torch.nn.functional.normalize(W_dec, dim=1)  # (F, d)
-    return nearest_rows(unit, unit, n=min(n, W_dec.shape[0] - 1), memory_budget=memory_budget, skip_self=True)
-
-
-@torch.no_grad()
-def nearest_rows(queries: torch.Tensor, keys: torch.Tensor, *, n: int, memory_budget: int, skip_self: bool = False) -> Neighbours:
-    """For each row of ``queries`` (Q, d), the ``n`` rows of ``keys`` (K, d) with the largest dot
-    product (cosine for unit rows), exactly, a chunk of queries at a time (never Q x K at once).
-    ``skip_self``: queries are keys, and row i is never its own neighbour."""
-    n_keys = keys.shape[0]
-    chunk = rows_per_chunk(4 * n_keys, memory_budget)
+    chunk = rows_per_chunk(4 * n_features, memory_budget)
     index, score = [], []
-    for start in tqdm(range(0, queries.shape[0], chunk), desc="decoder neighbours", unit="chunk", leave=False):
-        cos = queries[start : start + chunk] @ keys.T  # (chunk, K)
-        if skip_self:
-            rows = torch.arange(cos.shape[0])
-            cos[rows, rows + start] = -float("inf")
-        top = cos.topk(min(n, n_keys), dim=1)
+    n_kept = min(n, n_features - 1)
+    for start in tqdm(range(0, n_features, chunk), desc="decoder neighbours", unit="chunk", leave=False):
+        cos = unit[start : start + chunk] @ unit.T  # (chunk, F)
+        rows = torch.arange(cos.shape[0])
+        cos[rows, rows + start] = -float("inf")  # never its own neighbour
+        top = cos.topk(n_kept, dim=1)
         index.append(top.indices)
         score.append(top.values.double())
     return Neighbours(torch.cat(index), torch.cat(score))
