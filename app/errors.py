@@ -27,6 +27,11 @@ class UnknownSaeError(NotFoundError):
         super().__init__(f"no SAE named {name!r} in this store; see /api/v1/saes for the list")
 
 
+class UnknownReleaseError(NotFoundError):
+    def __init__(self, name: str):
+        super().__init__(f"no release named {name!r} in this store; see /api/v1/releases for the list")
+
+
 class UnknownFeatureError(NotFoundError):
     def __init__(self, sae: str, index: int, d_sae: int):
         super().__init__(f"SAE {sae!r} has no feature {index}; its features are 0..{d_sae - 1}")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.errors import UnknownFeatureError, UnknownSaeError
+from app.errors import UnknownFeatureError, UnknownReleaseError, UnknownSaeError
 from app.schemas import (
     ExamplePublic,
     ExamplesPublic,
@@ -23,16 +23,20 @@ from app.schemas import (
     IntervalPublic,
     LabelPublic,
     NeighbourPublic,
+    ReleasePublic,
+    ReleasesPublic,
     SaePublic,
     SaesPublic,
     TokensPublic,
     TokenValuePublic,
 )
 from app.vocab import Vocabulary, get_vocabulary
+from sae_core.store import releases
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,
+    ReleaseRow,
     SaeRow,
     SubjectModelRow,
     unpack_acts,
@@ -82,12 +86,15 @@ def _feature_fractions(session: Session, sae: SaeRow) -> tuple[float, float] | N
     ) / sae.d_sae
 
 
-def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
+def _sae_public(
+    row: SaeRow, model_name: str, release: str | None, fractions: tuple[float, float] | None
+) -> SaePublic:
     metrics = row.metrics or {}
     tokens_trained = (row.train_cfg or {}).get("tokens_trained")  # written by `saescope train`
     return SaePublic(
         name=row.name,
         model=model_name,
+        release=release,
         layer=row.layer,
         hook_name=row.hook_name,
         architecture=row.architecture,
@@ -114,12 +121,16 @@ def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | N
 
 def list_saes(*, session: Session) -> SaesPublic:
     rows = session.execute(
-        sa.select(SaeRow, SubjectModelRow.name)
+        sa.select(SaeRow, SubjectModelRow.name, ReleaseRow.name)
         .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
+        .outerjoin(ReleaseRow, ReleaseRow.id == SaeRow.release_id)
         .where(SaeRow.status == "complete")  # a precompute in progress writes a staging row
         .order_by(SaeRow.created_at, SaeRow.name)
     ).all()
-    data = [_sae_public(sae, model, _feature_fractions(session, sae)) for sae, model in rows]
+    data = [
+        _sae_public(sae, model, release, _feature_fractions(session, sae))
+        for sae, model, release in rows
+    ]
     return SaesPublic(data=data, count=len(data))
 
 
@@ -138,7 +149,42 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
     model_name = session.scalar(
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
-    return _sae_public(row, model_name or "", _feature_fractions(session, row))
+    release = session.scalar(sa.select(ReleaseRow.name).where(ReleaseRow.id == row.release_id))
+    return _sae_public(row, model_name or "", release, _feature_fractions(session, row))
+
+
+# ---------------------------------------------------------------------------------------------
+# Releases
+
+
+def _release_public(session: Session, release: ReleaseRow) -> ReleasePublic:
+    model = session.scalar(
+        sa.select(SubjectModelRow.name).where(SubjectModelRow.id == release.model_id)
+    )
+    saes = [
+        _sae_public(row, model or "", release.name, _feature_fractions(session, row))
+        for row in releases.release_saes(session, release.id)
+    ]
+    return ReleasePublic(
+        name=release.name,
+        model=model or "",
+        layers=sorted({sae.layer for sae in saes}),
+        widths=sorted({sae.d_sae for sae in saes}),
+        saes=saes,
+        created_at=release.created_at,
+    )
+
+
+def list_releases(*, session: Session) -> ReleasesPublic:
+    data = [_release_public(session, row) for row in releases.list_releases(session)]
+    return ReleasesPublic(data=data, count=len(data))
+
+
+def get_release(*, session: Session, release_name: str) -> ReleasePublic:
+    row = releases.get_release(session, release_name)
+    if row is None or not releases.release_saes(session, row.id):
+        raise UnknownReleaseError(release_name)
+    return _release_public(session, row)
 
 
 # ---------------------------------------------------------------------------------------------

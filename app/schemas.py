@@ -26,6 +26,9 @@ class SaePublic(BaseModel):
     architecture: str = Field(
         description="SAE architecture (standard ReLU + L1, topk, batchtopk, jumprelu)."
     )
+    release: str | None = Field(
+        description="Release (the set of SAEs precomputed together) the SAE belongs to; see /api/v1/releases."
+    )
     d_in: int = Field(description="Width of the residual stream the SAE reads.")
     d_sae: int = Field(description="Number of latents (features) in the SAE.")
     k: int | None = Field(description="Active latents per token of a TopK SAE.")
@@ -67,6 +70,22 @@ class SaePublic(BaseModel):
 
 class SaesPublic(BaseModel):
     data: list[SaePublic]
+    count: int
+
+
+class ReleasePublic(BaseModel):
+    """A set of SAEs on one model, precomputed together: a grid of layers by widths."""
+
+    name: str = Field(description="URL id of the release.")
+    model: str = Field(description="Subject model every SAE of the release reads.")
+    layers: list[int] = Field(description="Layers its SAEs read, ascending: the rows of its grid.")
+    widths: list[int] = Field(description="Widths (d_sae) of its SAEs, ascending: the columns of its grid.")
+    saes: list[SaePublic] = Field(description="Its complete SAEs, by layer, then width.")
+    created_at: datetime
+
+
+class ReleasesPublic(BaseModel):
+    data: list[ReleasePublic]
     count: int
 
 

@@ -153,7 +153,7 @@ def main() -> None:
         timer = PhaseTimer()
         db_path = tmp / "store.db"
         cfg = PrecomputeConfig(
-            sae_path=str(sae_path), db_url=f"sqlite:///{db_path}", model=MODEL, layer=LAYER, tokens=args.tokens,
+            sae_paths=[str(sae_path)], db_url=f"sqlite:///{db_path}", model=MODEL, layer=LAYER, tokens=args.tokens,
             batch_size=args.batch_size, progress=False,
         )
         with (
@@ -162,7 +162,7 @@ def main() -> None:
             timer.wrap(precompute, "publish"),
         ):
             start = time.perf_counter()
-            result = run_precompute(cfg)
+            [result] = run_precompute(cfg)
             total = time.perf_counter() - start
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         bare_after = bare_forward(subject, contexts, args.batch_size)  # the machine's load drifts

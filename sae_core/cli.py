@@ -15,13 +15,37 @@ from sae_core.errors import SaescopeError
 COMMANDS = ("train", "evaluate", "precompute", "families", "label", "serve", "demo", "migrate")
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, default_layer: int | None = 15) -> None:
+def int_list(text: str) -> list[int]:
+    """argparse type of options that take one number or several: '5,10,15' -> [5, 10, 15]."""
+    try:
+        return list(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, not {text!r}") from None
+
+
+def name_list(text: str) -> list[str]:
+    """argparse type of options that take one name or several: 'topk,relu' -> ['topk', 'relu']."""
+    return list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+def add_model_args(
+    parser: argparse.ArgumentParser, *, default_layer: int | None = 15, several_layers: bool = False
+) -> None:
+    """--model, --layer (a list such as 5,10,15 with ``several_layers``) and --device."""
     parser.add_argument(
         "--model",
         default=None,
         help="subject model: 'smollm2-135m' (default, offline), a .gguf file, a transformers folder or a hub id",
     )
-    parser.add_argument("--layer", type=int, default=default_layer, help="read the residual stream after this block")
+    if several_layers:
+        parser.add_argument(
+            "--layer",
+            type=int_list,
+            default=[default_layer],
+            help=f"read the residual stream after this block, or each of several: 5,10,15 (default {default_layer})",
+        )
+    else:
+        parser.add_argument("--layer", type=int, default=default_layer, help="read the residual stream after this block")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 

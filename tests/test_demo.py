@@ -12,7 +12,9 @@ from sae_core.cli import main
 from sae_core.commands import demo
 
 # The quick budget, shrunk further so the tiny model's run takes seconds.
-TINY = demo.Budget(train_tokens=8_192, cache_tokens=8_192, width=128, k=8, precompute_tokens=4_096, eval_contexts=16)
+TINY = demo.Budget(
+    train_tokens=8_192, cache_tokens=8_192, widths=(64, 128), side_width=32, k=8, precompute_tokens=4_096, eval_contexts=16
+)
 
 
 @pytest.fixture
@@ -28,11 +30,14 @@ def run_demo(db_url: str, model_dir, corpus, tmp_path) -> None:
 
 def check_pages(db_url: str) -> None:
     with TestClient(create_app(Settings(db_url=db_url, live=False))) as client:
-        saes = client.get("/api/v1/saes").json()
-        assert saes["count"] == 1
-        sae = saes["data"][0]
-        assert sae["d_sae"] == TINY.width
-        assert client.get("/").status_code == 200
+        releases = client.get("/api/v1/releases").json()
+        assert releases["count"] == 1  # one release: two widths on layer 1, small SAEs on 0 and 2
+        [release] = releases["data"]
+        assert (release["layers"], release["widths"]) == ([0, 1, 2], [32, 64, 128])
+        cells = [(sae["layer"], sae["d_sae"]) for sae in release["saes"]]
+        assert cells == [(0, 32), (1, 64), (1, 128), (2, 32)]
+        sae = release["saes"][2]
+        assert 'class="saes release"' in client.get("/").text
         page = client.get(f"/saes/{sae['name']}")
         assert page.status_code == 200 and "feature" in page.text.lower()
         alive = client.get(f"/api/v1/saes/{sae['name']}/features", params={"alive": "true", "sort": "density", "order": "desc"}).json()

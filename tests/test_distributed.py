@@ -69,7 +69,7 @@ def single_process_store(sae_path, llama_dir, corpus, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAESCOPE_CACHE", str(tmp_path_factory.mktemp("single-cache")))
         cfg = PrecomputeConfig(
-            sae_path=str(sae_path), db_url=db, model=str(llama_dir), corpus=corpus, ctx_len=CTX_LEN, tokens=None,
+            sae_paths=[str(sae_path)], db_url=db, model=str(llama_dir), corpus=corpus, ctx_len=CTX_LEN, tokens=None,
             batch_size=3, top_k=5, per_bin=3, progress=False,
         )  # fmt: skip
         run_precompute(cfg)

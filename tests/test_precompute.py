@@ -3,6 +3,7 @@ resume after a kill on SQLite and PostgreSQL, skip when complete, atomic --force
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -109,7 +110,7 @@ def planted(llama, corpus, tmp_path_factory):
 
 def config(sae_path, db_url, corpus, **overrides) -> PrecomputeConfig:
     base = {
-        "sae_path": str(sae_path),
+        "sae_paths": [str(sae_path)],
         "db_url": db_url,
         "model": None,
         "corpus": corpus,
@@ -127,21 +128,24 @@ def config(sae_path, db_url, corpus, **overrides) -> PrecomputeConfig:
 @pytest.fixture
 def run_on(llama_dir, corpus, planted):
     def run(db_url, **overrides):
-        return run_precompute(config(planted[0], db_url, corpus, model=str(llama_dir), **overrides))
+        [result] = run_precompute(config(planted[0], db_url, corpus, model=str(llama_dir), **overrides))
+        return result
 
     return run
 
 
-def dump(db_url: str) -> dict[str, list]:
-    """Every precomputed row, without ids and timestamps: what "the same store" means."""
+def dump(db_url: str, sae_id: int | None = None) -> dict[str, list]:
+    """Every precomputed row (of one SAE, given ``sae_id``), without ids and timestamps: what
+    "the same store" means."""
     engine = create_engine_for(db_url)
+    where = "" if sae_id is None else f" where sae_id = {int(sae_id)}"
     queries = {
         "saes": "select name, status, layer, hook_name, architecture, d_sae, k, n_tokens, density_hist, corpus, precompute_cfg from saes order by name",
-        "features": "select idx, count, density, max_act, mean_act, act_hist, intervals, logit_top, logit_bottom, logit_hist, neighbours_cos, neighbours_coact from features order by idx",
-        "examples": "select feature_idx, kind, bin, rank, context_id, max_act, max_pos, acts from examples order by feature_idx, kind, bin, rank",
-        "contexts": "select id, token_ids from contexts order by id",
-        "token_features": "select token_id, rank, feature_idx, mean_act, count from token_features order by token_id, rank",
-        "state": "select count(*) from precompute_state",
+        "features": f"select idx, count, density, max_act, mean_act, act_hist, intervals, logit_top, logit_bottom, logit_hist, neighbours_cos, neighbours_coact from features{where} order by idx",
+        "examples": f"select feature_idx, kind, bin, rank, context_id, max_act, max_pos, acts from examples{where} order by feature_idx, kind, bin, rank",
+        "contexts": f"select id, token_ids from contexts{where} order by id",
+        "token_features": f"select token_id, rank, feature_idx, mean_act, count from token_features{where} order by token_id, rank",
+        "state": f"select count(*) from precompute_state{where}",
     }
     with engine.connect() as conn:
         out = {name: [tuple(r) for r in conn.exec_driver_sql(q)] for name, q in queries.items()}
@@ -425,3 +429,182 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["precompute", "--sae", str(tmp_path / "anonymous"), "--top-k", "0", "--db", db]) == 2
     assert capsys.readouterr().err.strip() == "saescope: error: --top-k must be at least 1, not 0"
     assert not (tmp_path / "s.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several SAEs in one pass (a release)
+
+
+@pytest.fixture(scope="module")
+def release_folder(llama, planted, tmp_path_factory):
+    """A folder of three SAE folders on layers 0, 1 (the planted one) and 2, of three widths."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("release")
+    shutil.copytree(planted[0], folder / "b-planted")
+    for name, layer, width in (("a-first", 0, 32), ("c-last", 2, 64)):
+        gen = torch.Generator().manual_seed(layer)
+        sae = SAE(SAEConfig(d_in=llama.d_model, d_sae=width, architecture="topk", k=3, model_name="tiny", layer=layer))
+        sae.W_enc.data = torch.randn(llama.d_model, width, generator=gen) * 0.3
+        sae.W_dec.data = torch.randn(width, llama.d_model, generator=gen)
+        sae.save(folder / name)
+    return folder
+
+
+def dump_sae(db_url: str, name: str) -> dict[str, list]:
+    """``dump`` of one SAE of a store holding several, JSON parsed (SQLite returns it as text,
+    PostgreSQL parsed), so stores on either compare."""
+    engine = create_engine_for(db_url)
+    with engine.connect() as conn:
+        sae_id = conn.execute(sa.select(SaeRow.id).where(SaeRow.name == name)).scalar_one()
+    engine.dispose()
+    tables = dump(db_url, sae_id)
+    tables["saes"] = [row for row in tables["saes"] if row[0] == name]
+
+    def parsed(value):
+        return json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+
+    return {table: [tuple(parsed(v) for v in row) for row in rows] for table, rows in tables.items()}
+
+
+def release_of(db_url: str) -> dict[str, str]:
+    engine = create_engine_for(db_url)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "select saes.name, releases.name from saes left join releases on releases.id = saes.release_id"
+        ).all()
+    engine.dispose()
+    return dict(rows)
+
+
+@pytest.fixture(scope="module")
+def alone_store(llama_dir, corpus, release_folder, tmp_path_factory):
+    """The three SAEs precomputed one by one, each alone."""
+    db = f"sqlite:///{tmp_path_factory.mktemp('alone') / 's.db'}"
+    for folder in sorted(release_folder.iterdir()):
+        run_precompute(config(folder, db, corpus, model=str(llama_dir)))
+    return db
+
+
+@pytest.fixture
+def names(llama_dir) -> list[str]:
+    from sae_core.precompute.run import model_slug
+
+    return [f"{model_slug(str(llama_dir))}-{suffix}" for suffix in ("l0-topk-32", "l1-topk-48", "l2-topk-64")]
+
+
+def run_release(llama_dir, corpus, release_folder, db, **overrides):
+    return run_precompute(config(release_folder, db, corpus, model=str(llama_dir), **overrides))
+
+
+def test_one_pass_over_a_release_equals_each_sae_alone(
+    llama_dir, corpus, release_folder, alone_store, names, tmp_path, monkeypatch
+):
+    from sae_core.inputs.subject import Subject
+
+    forwards = []
+    original = Subject.forward_to_layers
+    monkeypatch.setattr(Subject, "forward_to_layers", lambda self, ids, layers, *a: forwards.append(sorted(layers)) or original(self, ids, layers, *a))
+    db = f"sqlite:///{tmp_path / 'together.db'}"
+    results = run_release(llama_dir, corpus, release_folder, db, release="tiny-release")
+    n_batches = -(-len(contexts_for_dir(llama_dir, corpus)) // 4)
+    assert forwards == [[0, 1, 2]] * n_batches  # one forward per batch, to the deepest layer
+    assert [r.name for r in results] == names and not any(r.skipped for r in results)
+    for name in names:
+        assert dump_sae(db, name) == dump_sae(alone_store, name)
+    assert release_of(db) == dict.fromkeys(names, "tiny-release")
+    assert set(release_of(alone_store).items()) == {(name, name) for name in names}  # releases of one
+
+    forwards.clear()  # again: every SAE is complete, nothing is run
+    assert all(r.skipped for r in run_release(llama_dir, corpus, release_folder, db, release="tiny-release"))
+    assert forwards == []
+
+
+def contexts_for_dir(llama_dir, corpus):
+    from sae_core.inputs.subject import load_subject
+
+    return contexts_for(load_subject(str(llama_dir)), corpus)
+
+
+def kill_during_nth_write(monkeypatch, n: int) -> None:
+    """Die while writing the examples of the n-th SAE published."""
+    import sae_core.precompute.writer as precompute_store
+
+    original, seen = precompute_store.insert_rows, {"examples": 0}
+
+    def insert_rows(conn, table, rows):
+        if table.__tablename__ == "examples":
+            seen["examples"] += 1
+            if seen["examples"] == n:
+                raise Killed
+        original(conn, table, rows)
+
+    monkeypatch.setattr(precompute_store, "insert_rows", insert_rows)
+
+
+def release_resumes_after_kills(llama_dir, corpus, release_folder, alone_store, names, db, monkeypatch):
+    with monkeypatch.context() as mp:
+        kill_after_batches(mp, 3 * 7 + 1)  # mid-batch 8, past the checkpoints at 6 batches
+        with pytest.raises(Killed):
+            run_release(llama_dir, corpus, release_folder, db)
+    engine = create_engine_for(db)
+    with engine.begin() as conn:  # one SAE lost its checkpoint: it starts over, the others resume
+        conn.exec_driver_sql(
+            f"delete from precompute_state where sae_id = (select id from saes where name = '{names[1]}~staging')"
+        )
+    engine.dispose()
+    with monkeypatch.context() as mp:
+        kill_during_nth_write(mp, 2)  # the first SAE is published, the second dies writing
+        with pytest.raises(Killed):
+            run_release(llama_dir, corpus, release_folder, db)
+    statuses = dict(row[:2] for row in dump(db)["saes"])
+    assert statuses == {names[0]: "complete", f"{names[1]}~staging": "running", f"{names[2]}~staging": "running"}
+    results = run_release(llama_dir, corpus, release_folder, db)
+    assert [r.skipped for r in results] == [True, False, False] and results[2].resumed_from_batch > 0
+    for name in names:
+        assert dump_sae(db, name) == dump_sae(alone_store, name)
+    assert set(release_of(db).values()) == {names[0].replace("l0-topk-32", "l0-1-2-w32-48-64")}
+
+
+def test_release_resumes_after_kills_sqlite(llama_dir, corpus, release_folder, alone_store, names, tmp_path, monkeypatch):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    release_resumes_after_kills(llama_dir, corpus, release_folder, alone_store, names, db, monkeypatch)
+
+
+@pytest.mark.postgres
+def test_release_resumes_after_kills_postgres(llama_dir, corpus, release_folder, alone_store, names, make_pg_schema, monkeypatch):
+    db = make_pg_schema("rel")
+    release_resumes_after_kills(llama_dir, corpus, release_folder, alone_store, names, db, monkeypatch)
+
+
+def test_release_errors_are_one_line_naming_the_sae(llama_dir, corpus, release_folder, names, tmp_path, capsys):
+    from sae_core.cli import main
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    base = ["precompute", "--db", db, "--corpus", corpus, "--ctx-len", str(CTX_LEN), "--tokens", "0", "--no-label"]
+    other = SAE(SAEConfig(d_in=32, d_sae=8, architecture="topk", k=2, model_name="gpt2", layer=0))
+    other.save(tmp_path / "gpt2-sae")
+    assert main([*base, "--sae", str(release_folder / "a-first"), "--sae", str(tmp_path / "gpt2-sae")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"saescope: error: {tmp_path / 'gpt2-sae'} is an SAE of gpt2, not tiny like {release_folder / 'a-first'}; "
+        "precompute the SAEs of one model per call"
+    )
+    deep = SAE(SAEConfig(d_in=32, d_sae=8, architecture="topk", k=2, model_name="tiny", layer=9))
+    deep.save(tmp_path / "deep")
+    model = ["--model", str(llama_dir)]
+    assert main([*base, *model, "--sae", str(release_folder), "--sae", str(tmp_path / "deep")]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert last_line == f"saescope: error: {tmp_path / 'deep'} reads layer 9, but {llama_dir} has layers 0..3"
+    assert main([*base, *model, "--sae", str(release_folder), "--name", "x"]) == 2
+    assert "--name applies to one SAE, and 3 are given" in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists()  # refused before any work
+
+    one = [*base, *model, "--sae", str(release_folder / "a-first"), "--release", "mine"]
+    assert main(one) == 0
+    two = [*base, *model, "--sae", str(release_folder / "c-last"), "--release", "mine"]
+    assert main(two) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"release 'mine' already holds {names[0]}; pass --force to take the name, or choose another --release"
+    )
+    assert main([*two, "--force"]) == 0
+    assert release_of(db) == {names[0]: names[0], names[2]: "mine"}

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic import command
-
 from sqlalchemy.orm import Session
 
 from sae_core.store.db import (
@@ -21,7 +20,13 @@ from sae_core.store.db import (
     unpack_acts,
     unpack_tokens,
 )
-from sae_core.store.releases import claim_release, get_release, join_release, list_releases, release_saes
+from sae_core.store.releases import (
+    claim_release,
+    get_release,
+    join_release,
+    list_releases,
+    release_saes,
+)
 
 HEAD = "0005_families"
 

@@ -14,7 +14,7 @@ from sae_core.saes.sae import load_sae
 from sae_core.saes.sparse_codes import codes_at, decode_sparse, select_batch_topk, select_topk
 from sae_core.saes.train_config import TrainConfig, TrainError
 from sae_core.saes.train_data import TensorSource
-from sae_core.saes.train_loop import fit, fold_scale, init_state, learning_rate
+from sae_core.saes.train_loop import FitJob, fit, fit_all, fold_scale, init_state, learning_rate
 
 D, N_FEATURES, ACTIVE = 32, 48, 3
 
@@ -146,6 +146,54 @@ def test_killed_run_resumes_to_the_same_weights(architecture, data, tmp_path):
     assert resumed.dead_fraction == whole.dead_fraction
 
 
+class _CountingSource(TensorSource):
+    def __init__(self, data):
+        super().__init__(data)
+        self.batches = 0
+
+    def token_batches(self, batch_size, *, start=0, stop=None):
+        for batch in super().token_batches(batch_size, start=start, stop=stop):
+            self.batches += 1
+            yield batch
+
+
+def test_several_saes_in_one_loop_equal_separate_runs(data, tmp_path):
+    x = data[0][:3000]
+    configs = [
+        small_config("topk", tokens=256 * 20, checkpoint_every=4, width=64),
+        small_config("batchtopk", tokens=256 * 20, checkpoint_every=4, width=128, seed=1),
+        small_config("relu", tokens=256 * 20, checkpoint_every=4, width=96),
+    ]
+    alone = [fit(TensorSource(x), cfg, tmp_path / f"alone{i}", progress=False) for i, cfg in enumerate(configs)]
+    source = _CountingSource(x)
+    jobs = [FitJob(cfg, source, tmp_path / f"together{i}") for i, cfg in enumerate(configs)]
+    together = fit_all(jobs, progress=False)
+    # three inits (scale and median: 2 batches each), 20 steps read once, 16 threshold batches
+    assert source.batches == 3 * 2 + 20 + 16
+    for one, other in zip(alone, together, strict=True):
+        assert one.sae.cfg == other.sae.cfg and one.dead_fraction == other.dead_fraction
+        for name, tensor in one.sae.named_parameters():
+            assert torch.equal(dict(other.sae.named_parameters())[name], tensor), name
+
+    # killed mid-run, the same call with resume=True finishes every SAE as if never stopped
+    with pytest.raises(KeyboardInterrupt):
+        fit_all([job._replace(source=_KilledSource(x, batches=3 * 2 + 10), folder=tmp_path / f"k{i}")
+                 for i, job in enumerate(jobs)], progress=False)  # fmt: skip
+    (tmp_path / "k1" / CHECKPOINT).unlink()  # one SAE lost its checkpoint: it starts over, alone
+    resumed = fit_all([job._replace(folder=tmp_path / f"k{i}") for i, job in enumerate(jobs)], resume=True,
+                      progress=False)  # fmt: skip
+    for one, other in zip(alone, resumed, strict=True):
+        for name, tensor in one.sae.named_parameters():
+            assert torch.equal(dict(other.sae.named_parameters())[name], tensor), name
+
+
+def test_saes_in_one_loop_share_their_batches(data, tmp_path):
+    jobs = [FitJob(small_config("topk"), TensorSource(data[0]), tmp_path / "a"),
+            FitJob(small_config("topk", batch_size=128), TensorSource(data[0]), tmp_path / "b")]  # fmt: skip
+    with pytest.raises(TrainError, match="must share batch_size"):
+        fit_all(jobs, progress=False)
+
+
 def test_resume_with_other_settings_is_refused(data, tmp_path):
     x = data[0][:3000]
     cfg = small_config("topk", tokens=256 * 4, checkpoint_every=2)
@@ -192,6 +240,30 @@ def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, c
     assert main(["evaluate", str(out), "--corpus", str(corpus), "--ctx-len", "32", "--tokens", "256"]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["explained_variance"] == pytest.approx(metrics["explained_variance"], abs=1e-6)
+
+
+def test_train_command_takes_lists_of_layers_and_widths(llama_dir, tmp_path, capsys):
+    from sae_core.cli import main
+    from tests.tiny import TRAIN_TEXT
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": " ".join(TRAIN_TEXT) * 2}) for _ in range(24)))
+    out = tmp_path / "release"
+    args = ["train", "--model", str(llama_dir), "--layer", "1,2", "--width", "32,64", "--corpus", str(corpus),
+            "--ctx-len", "32", "--out", str(out), "--tokens", "2048", "--batch-size", "256", "--k", "4",
+            "--eval-contexts", "8"]  # fmt: skip
+    assert main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["l1-topk-32", "l1-topk-64", "l2-topk-32", "l2-topk-64"]
+    for name in names:
+        sae = load_sae(out / name, d_in=32)
+        assert f"l{sae.cfg.layer}-topk-{sae.d_sae}" == name
+        assert (out / name / "metrics.json").is_file() and not (out / name / CHECKPOINT).exists()
+    capsys.readouterr()
+    assert main(args) == 0  # every SAE is finished: nothing is trained again
+    assert capsys.readouterr().out.count("nothing to do") == 4
+    assert main([*args[:-2], "--eval-contexts", "4"]) == 2  # other settings never overwrite them
+    assert "l1-topk-32 already holds an SAE trained with other settings" in capsys.readouterr().err
 
 
 def test_unknown_architecture_is_one_line_error(tmp_path, capsys):

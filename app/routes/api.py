@@ -14,6 +14,8 @@ from app.schemas import (
     FeaturePublic,
     FeatureSearch,
     FeaturesPublic,
+    ReleasePublic,
+    ReleasesPublic,
     SaePublic,
     SaesPublic,
 )
@@ -21,7 +23,7 @@ from app.search import search_features
 
 router = APIRouter(prefix="/api/v1", tags=["api"])
 
-NOT_FOUND = {404: {"description": "Unknown SAE or feature", "content": {"application/json": {}}}}
+NOT_FOUND = {404: {"description": "Unknown SAE, feature or release", "content": {"application/json": {}}}}
 FeatureIndex = Annotated[int, Path(ge=0, description="Feature index within the SAE.")]
 # Every stored example fits (precompute keeps tens per feature); a cap keeps one response small.
 ExampleLimit = Annotated[int, Query(ge=1, le=200)]
@@ -30,6 +32,16 @@ ExampleLimit = Annotated[int, Query(ge=1, le=200)]
 @router.get("/saes", summary="The SAEs in the store, with their metrics")
 def read_saes(session: SessionDep) -> SaesPublic:
     return queries.list_saes(session=session)
+
+
+@router.get("/releases", summary="The releases (sets of SAEs precomputed together) in the store")
+def read_releases(session: SessionDep) -> ReleasesPublic:
+    return queries.list_releases(session=session)
+
+
+@router.get("/releases/{release}", responses=NOT_FOUND, summary="One release: its SAEs by layer and width")
+def read_release(release: str, session: SessionDep) -> ReleasePublic:
+    return queries.get_release(session=session, release_name=release)
 
 
 @router.get("/saes/{sae}", responses=NOT_FOUND, summary="One SAE, with its density histogram")

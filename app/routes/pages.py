@@ -56,7 +56,9 @@ def api_docs(request: Request) -> Response:
 @router.get("/")
 def index_page(request: Request, session: SessionDep) -> Response:
     saes = queries.list_saes(session=session)
-    return render(request, "index.html", {"saes": saes}, alternate="/api/v1/saes")
+    releases = queries.list_releases(session=session)
+    context = {"saes": saes, "releases": releases}
+    return render(request, "index.html", context, alternate="/api/v1/saes")
 
 
 @router.get("/saes/{sae}")

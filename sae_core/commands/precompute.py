@@ -1,4 +1,5 @@
-"""`saescope precompute`: run a corpus through model + SAE once and store every feature."""
+"""`saescope precompute`: run a corpus through the model once and every SAE given (a release),
+and store every feature of each."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import argparse
 from sae_core.cli import add_corpus_args, add_model_args
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError  # torch-free
 
-HELP = "precompute every feature of an SAE (ours, SAELens, sparsify, Gemma Scope) into the store"
+HELP = "precompute every feature of one SAE or a release of several (ours, SAELens, sparsify, Gemma Scope) into the store"
 
-DEFAULTS = PrecomputeConfig(sae_path="")
+DEFAULTS = PrecomputeConfig(sae_paths=[])
 
 
 def add_arguments(parser):
-    parser.add_argument("--sae", required=True, help="SAE folder or file (ours, SAELens, sparsify, Gemma Scope params.npz)")
+    parser.add_argument(
+        "--sae",
+        action="append",
+        required=True,
+        help="SAE folder or file (ours, SAELens, sparsify, Gemma Scope params.npz), or a folder of several; "
+        "repeat for more: all are precomputed in one pass over the corpus",
+    )
     parser.add_argument("--db", default=None, help="SQLAlchemy URL of the store (default: $SAESCOPE_DB_URL or sqlite:///saescope.db)")
     add_model_args(parser, default_layer=None)
     add_corpus_args(parser)
@@ -23,8 +30,17 @@ def add_arguments(parser):
     parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="top examples per feature")
     parser.add_argument("--bins", type=int, default=DEFAULTS.bins, help="activation intervals per feature")
     parser.add_argument("--per-bin", type=int, default=DEFAULTS.per_bin, help="random examples per interval")
-    parser.add_argument("--name", default=None, help="URL id of the SAE in the store (default <model>-l<layer>-<arch>-<width>)")
-    parser.add_argument("--force", action="store_true", help="replace a complete SAE of the same name")
+    parser.add_argument(
+        "--name", default=None, help="URL id of the SAE in the store, with one SAE (default <model>-l<layer>-<arch>-<width>)"
+    )
+    parser.add_argument(
+        "--release",
+        default=None,
+        help="URL id of the set of SAEs in the store (default: the SAE's name for one, else <model>-l<layers>-w<widths>)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace complete SAEs of the same names; take a release name that holds other SAEs"
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="contexts per forward pass")
     parser.add_argument(
         "--memory-budget", type=int, default=DEFAULTS.memory_budget_mb, help="MiB for feature chunks (encoding, logits, neighbours)"
@@ -56,7 +72,7 @@ def run(args) -> int:
     if args.tokens < 0:
         raise PrecomputeError(f"--tokens must be 0 (the whole corpus) or more, not {args.tokens}")
     cfg = PrecomputeConfig(
-        sae_path=args.sae,
+        sae_paths=args.sae,
         model=args.model,
         layer=args.layer,
         device=args.device,
@@ -69,6 +85,7 @@ def run(args) -> int:
         bins=args.bins,
         per_bin=args.per_bin,
         name=args.name,
+        release=args.release,
         force=args.force,
         batch_size=args.batch_size,
         memory_budget_mb=args.memory_budget,
@@ -79,15 +96,16 @@ def run(args) -> int:
     from sae_core.inputs import distributed
     from sae_core.precompute.run import run_precompute
 
-    result = run_precompute(cfg)
+    results = run_precompute(cfg)
     if args.label and distributed.launched_world().is_main:  # rank 0 of a torchrun job, or a lone process
         from sae_core.labels.run import label_sae
         from sae_core.store.db import create_engine_for
 
         engine = create_engine_for(cfg.db_url)
         try:
-            summary = label_sae(engine, result.name)
+            for result in results:
+                summary = label_sae(engine, result.name)
+                print(f"saescope: labelled {summary.n_labelled} features of {result.name}")
         finally:
             engine.dispose()
-        print(f"saescope: labelled {summary.n_labelled} features of {result.name}")
     return 0

@@ -15,10 +15,12 @@ class PrecomputeError(SaescopeError):
 
 @dataclass
 class PrecomputeConfig:
-    sae_path: str  # anything sae_core.saes.sae.load_sae reads (ours, SAELens, sparsify, Gemma Scope)
+    # SAEs to precompute in one corpus pass: anything sae_core.saes.sae.load_sae reads (ours,
+    # SAELens, sparsify, Gemma Scope), or a folder of such SAEs (a release)
+    sae_paths: list[str]
     db_url: str = field(default_factory=default_db_url)  # SQLAlchemy URL; SAESCOPE_DB_URL or ./saescope.db
     model: str | None = None  # subject model; None: the one the SAE's config names
-    layer: int | None = None  # block whose output the SAE reads; None: from the SAE's config
+    layer: int | None = None  # block whose output the SAE reads (one SAE only); None: from its config
     corpus: str = "default"  # corpus spec, as every command takes it
     text_field: str = "text"  # JSONL / datasets field with the text
     ctx_len: int = 64  # tokens per context, the length SAEs here are trained on
@@ -27,8 +29,9 @@ class PrecomputeConfig:
     bins: int = 5  # activation intervals per feature
     per_bin: int = 5  # random examples per interval: 5 x 5 = 25, enough to see weak activations
     seed: int = 0  # corpus shuffle and interval sampling
-    name: str | None = None  # URL id of the SAE in the store; None: <model>-l<layer>-<arch>-<width>
-    force: bool = False  # replace a complete SAE of the same name
+    name: str | None = None  # URL id of the SAE in the store (one SAE only); None: <model>-l<layer>-<arch>-<width>
+    release: str | None = None  # URL id of the set in the store; None: the SAE's name for one, else derived
+    force: bool = False  # replace complete SAEs of the same names; take a release name held by others
     batch_size: int = 32  # contexts per forward pass: ~2k tokens, where CPU throughput levels off
     memory_budget_mb: int = 1024  # bounds the feature chunks of encoding, logit effects and neighbours
     device: str | None = None  # None: cuda when available, else cpu

@@ -1,18 +1,20 @@
-"""Precompute every feature of an SAE into the store.
+"""Precompute every feature of a set of SAEs (a release) into the store, in one corpus pass.
 
-    pass 1   corpus -> subject (to layer L) -> SAE, sparse -> streaming accumulators (all features
-             at once; sae_core.precompute.stats) + the sparse activations appended to a spill file;
-             a checkpoint every ``checkpoint_every`` batches
-    results  intervals, co-activation neighbours, token index (precompute_results); logit effects
-             and decoder neighbours from the weights (precompute_weights)
-    pass 2   the spill streamed once for the per-token activations of the chosen examples
-    write    one transaction: rows under the staging SAE, then the swap (precompute_store)
+    pass 1   corpus -> subject (once per batch, to the deepest layer any SAE reads) -> every SAE
+             on its layer, sparse -> its streaming accumulators (all features at once;
+             sae_core.precompute.stats) + its sparse activations appended to its spill file;
+             a checkpoint of every SAE every ``checkpoint_every`` batches
+    results  per SAE: intervals, co-activation neighbours, token index (precompute_results);
+             logit effects and decoder neighbours from the weights (precompute_weights)
+    pass 2   per SAE: its spill streamed once for the per-token activations of the chosen examples
+    write    per SAE, one transaction: rows under its staging row, then the swap into its release
+             (sae_core.precompute.writer)
 
 ``run_precompute(PrecomputeConfig(...))`` is the whole job; ``saescope precompute`` and
-``saescope demo`` call it. Killed at any moment, the same call resumes from the last checkpoint and
-produces the same store as an uninterrupted run. Under ``torchrun --nproc-per-node N -m sae_core
-precompute ...`` each rank streams a block of the corpus and rank 0 writes the same store
-(sae_core.precompute.sharded).
+``saescope demo`` call it. Each SAE is skipped when complete, resumed from its own last checkpoint,
+or replaced with ``force``, exactly as when it is precomputed alone, and its store rows are the
+same. Under ``torchrun --nproc-per-node N -m sae_core precompute ...`` each rank streams a block of
+the corpus and rank 0 writes the same store (sae_core.precompute.sharded).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from sqlalchemy.engine import Engine
 
 from sae_core.inputs import distributed
-from sae_core.inputs.activations import ActivationBatch, iter_activations
+from sae_core.inputs.activations import ActivationBatch, iter_layer_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
 from sae_core.inputs.device import pick_device
 from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
@@ -51,13 +53,18 @@ from sae_core.precompute.writer import (
     Checkpoint,
     complete_sae_id,
     ensure_model,
+    file_complete,
     open_staging,
     publish,
     save_checkpoint,
 )
+from sae_core.saes.formats import find_saes
 from sae_core.saes.sae import SAE, load_sae
 from sae_core.saes.sparse_acts import feature_chunk, sparse_encode
 from sae_core.store.db import create_engine_for, migrate
+from sae_core.store.releases import claim_release
+
+URL_ID = re.compile(r"[A-Za-z0-9._-]{1,150}")  # SAE and release names are URL path segments
 
 
 class PrecomputeResult(NamedTuple):
@@ -69,86 +76,122 @@ class PrecomputeResult(NamedTuple):
 
 
 class Inputs(NamedTuple):
+    """One SAE of a precompute call, and the model, layer and store name it is precomputed under."""
+
     sae: SAE
     model: str
     layer: int
     name: str
+    path: Path  # what it was loaded from
+
+
+class Release(NamedTuple):
+    """What one precompute call is asked to do: its SAEs, all of one model, and their release."""
+
+    saes: list[Inputs]
+    model: str
+    name: str
 
 
 class Run(NamedTuple):
-    """One precompute in progress: what it reads and where it writes."""
+    """A precompute in progress: what it reads and where it writes."""
 
     cfg: PrecomputeConfig
     engine: Engine
-    sae_id: int  # the staging row
     subject: Subject
-    sae: SAE
-    layer: int
     contexts: Contexts
+
+
+class Target(NamedTuple):
+    """One SAE being precomputed: its inputs (SAE on the subject's device), staging row and spill."""
+
+    inputs: Inputs
+    sae_id: int
     spill_path: Path
 
+    @property
+    def sae(self) -> SAE:
+        return self.inputs.sae
 
-def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
+
+class Stream(NamedTuple):
+    """One SAE's side of pass 1: its accumulators, its last checkpoint, where checkpoints go."""
+
+    target: Target
+    stats: StreamingStats
+    checkpoint: Checkpoint | None
+    save: Callable[[Checkpoint], None]
+
+    @property
+    def batches_done(self) -> int | None:
+        return self.checkpoint.batches_done if self.checkpoint else None
+
+
+def run_precompute(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
+    """Every SAE of ``cfg`` precomputed into the store (or skipped when complete), in order."""
     if distributed.launched_world().size > 1:  # a rank of a torchrun job
         from sae_core.precompute.sharded import run_sharded
 
         with distributed.session():
             return run_sharded(cfg)
-    inputs = resolve_inputs(cfg)
+    release = resolve_release(cfg)
+    subject = load_checked_subject(cfg, release.model, release.saes)
     engine = create_engine_for(cfg.db_url)
     migrate(engine)
-    if complete_sae_id(engine, inputs.name) is not None and not cfg.force:
-        say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
-        return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
-    run, checkpoint = start_run(cfg, inputs, engine)
-    stats = new_stats(cfg, run.sae, run.subject)
-    if checkpoint is not None:
-        stats.load_state_dict(checkpoint.state)
-        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
-    first_pass(run, stats, checkpoint)
-    rows = store_rows(collect_results(run, stats))
+    todo = [inputs for inputs in release.saes if cfg.force or complete_sae_id(engine, inputs.name) is None]
+    claim(engine, cfg, release)
+    file_skipped(engine, cfg, release, todo)
+    if not todo:
+        return in_given_order(release, [])
+    run = Run(cfg, engine, subject, load_contexts(cfg, subject))
+    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
+    streams = [open_stream(run, inputs, model_id) for inputs in todo]
+    first_pass(run, streams)
+    results = [finish(run, stream.target, stream.stats, release.name, stream.batches_done or 0) for stream in streams]
+    return in_given_order(release, results)
+
+
+def finish(run: Run, target: Target, stats: StreamingStats, release: str, resumed: int) -> PrecomputeResult:
+    """Results and pass 2 of one SAE, published into its release; its spill goes."""
+    rows = store_rows(collect_results(run, target, stats))
     n_tokens = int(stats.n_tokens)
     summary = {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)}
-    publish(engine, run.sae_id, inputs.name, inputs.name, summary, rows)
-    run.spill_path.unlink(missing_ok=True)
-    say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens written to {cfg.db_url}")
-    return PrecomputeResult(inputs.name, n_tokens, run.sae.d_sae, False, checkpoint.batches_done if checkpoint else 0)
+    publish(run.engine, target.sae_id, target.inputs.name, release, summary, rows)
+    target.spill_path.unlink(missing_ok=True)
+    say(f"{target.inputs.name}: {target.sae.d_sae} features over {n_tokens} tokens written to {run.cfg.db_url}")
+    return PrecomputeResult(target.inputs.name, n_tokens, target.sae.d_sae, False, resumed)
 
 
-class Loaded(NamedTuple):
-    subject: Subject
-    sae: SAE  # on the subject's device
-    contexts: Contexts
+def in_given_order(release: Release, results: list[PrecomputeResult]) -> list[PrecomputeResult]:
+    """A result per SAE, in the order given; those without one were skipped as complete."""
+    by_name = {result.name: result for result in results}
+    skipped = {inputs.name: PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0) for inputs in release.saes}
+    return [by_name.get(inputs.name, skipped[inputs.name]) for inputs in release.saes]
 
 
-def load_run_inputs(cfg: PrecomputeConfig, inputs: Inputs) -> Loaded:
-    """The subject model, the SAE beside it, and the corpus contexts (nothing touches the store)."""
-    device = pick_device(cfg.device)
-    subject = load_subject(inputs.model, device=device)
-    if subject.d_model != inputs.sae.d_in:
-        raise PrecomputeError(
-            f"the SAE reads d_in={inputs.sae.d_in} but {inputs.model} has d_model={subject.d_model}; pass the right --model"
-        )
-    subject.check_layer(inputs.layer)
-    sae = inputs.sae.to(device)
-    max_contexts = None if cfg.tokens is None else max(1, math.ceil(cfg.tokens / cfg.ctx_len))
-    contexts = build_contexts(
-        cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed, max_contexts=max_contexts
+def open_stream(run: Run, inputs: Inputs, model_id: int) -> Stream:
+    """Open (or reopen) the SAE's staging row with its last checkpoint, and its spill."""
+    sae = inputs.sae.to(run.subject.device)
+    inputs = inputs._replace(sae=sae)
+    sae_id, checkpoint = open_staging(
+        run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts)
     )
-    return Loaded(subject, sae, contexts)
-
-
-def start_run(cfg: PrecomputeConfig, inputs: Inputs, engine: Engine) -> tuple[Run, Checkpoint | None]:
-    """Load model and corpus, and open (or reopen) the staging row with its last checkpoint."""
-    subject, sae, contexts = load_run_inputs(cfg, inputs)
-    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
-    sae_id, checkpoint = open_staging(engine, inputs.name, sae_row_values(cfg, inputs, sae, model_id, contexts))
-    key = hashlib.sha256(f"{cfg.db_url}|{sae_id}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{run.cfg.db_url}|{sae_id}".encode()).hexdigest()[:20]
     spill_path = cache_dir() / "precompute" / f"{key}.spill"
     if checkpoint is not None and (not spill_path.is_file() or spill_path.stat().st_size < checkpoint.spill_bytes):
         say(f"the activation spill {spill_path} is missing or short; starting {inputs.name} again")
         checkpoint = None
-    return Run(cfg, engine, sae_id, subject, sae, inputs.layer, contexts, spill_path), checkpoint
+    stats = new_stats(run.cfg, sae, run.subject)
+    if checkpoint is not None:
+        stats.load_state_dict(checkpoint.state)
+        checkpoint = checkpoint._replace(state={})  # held by the accumulators now
+        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
+    return Stream(
+        Target(inputs, sae_id, spill_path),
+        stats,
+        checkpoint,
+        lambda saved: save_checkpoint(run.engine, sae_id, saved),
+    )
 
 
 def say(message: str) -> None:
@@ -156,27 +199,104 @@ def say(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
+# Inputs: everything a user can get wrong is refused here, before any work
 
 
-def resolve_inputs(cfg: PrecomputeConfig) -> Inputs:
-    """The SAE, and the model, layer and store name it is precomputed under."""
-    sae = load_sae(cfg.sae_path)
+def resolve_release(cfg: PrecomputeConfig) -> Release:
+    """The SAEs (folders of several expanded), each with its model, layer and store name, and the
+    release they go into; SAEs of different models, or two under one name, are refused."""
+    paths = [found for given in cfg.sae_paths for found in find_saes(Path(given))]
+    if not paths:
+        raise PrecomputeError("no SAE given; pass --sae")
+    for flag, value in (("--name", cfg.name), ("--layer", cfg.layer)):
+        if value is not None and len(paths) > 1:
+            raise PrecomputeError(f"{flag} applies to one SAE, and {len(paths)} are given; leave it out")
+    saes = [resolve_inputs(cfg, path) for path in paths]
+    first = saes[0]
+    for inputs in saes[1:]:
+        if inputs.model != first.model:
+            raise PrecomputeError(
+                f"{inputs.path} is an SAE of {inputs.model}, not {first.model} like {first.path}; "
+                "precompute the SAEs of one model per call"
+            )
+    names: dict[str, Path] = {}
+    for inputs in saes:
+        if inputs.name in names:
+            raise PrecomputeError(f"{names[inputs.name]} and {inputs.path} would both be stored as {inputs.name}")
+        names[inputs.name] = inputs.path
+    name = cfg.release or (first.name if len(saes) == 1 else default_release_name(saes))
+    if not URL_ID.fullmatch(name):
+        raise PrecomputeError(f"--release {name!r} must be 1-150 letters, digits, '.', '_' or '-' (it is a URL id)")
+    return Release(saes, first.model, name)
+
+
+def resolve_inputs(cfg: PrecomputeConfig, path: Path) -> Inputs:
+    """The SAE at ``path``, and the model, layer and store name it is precomputed under."""
+    sae = load_sae(path)
     model = cfg.model or sae.cfg.model_name
     if not model:
-        raise PrecomputeError(f"{cfg.sae_path} does not name its model; pass --model")
+        raise PrecomputeError(f"{path} does not name its model; pass --model")
     layer = cfg.layer if cfg.layer is not None else sae.cfg.layer  # read from cfg or hook name
     if layer is None:
-        raise PrecomputeError(f"cannot tell which layer {cfg.sae_path} reads; pass --layer")
+        raise PrecomputeError(f"cannot tell which layer {path} reads; pass --layer")
     name = cfg.name or default_name(model, layer, sae)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,150}", name):
+    if not URL_ID.fullmatch(name):
         raise PrecomputeError(f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-' (it is a URL id)")
-    return Inputs(sae, model, layer, name)
+    return Inputs(sae, model, layer, name, path)
+
+
+def model_slug(model: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", Path(model).name.lower().removesuffix(".gguf")).strip("-")
 
 
 def default_name(model: str, layer: int, sae: SAE) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", Path(model).name.lower().removesuffix(".gguf")).strip("-")
-    return f"{slug}-l{layer}-{sae.cfg.architecture}-{sae.d_sae}"
+    return f"{model_slug(model)}-l{layer}-{sae.cfg.architecture}-{sae.d_sae}"
+
+
+def default_release_name(saes: list[Inputs]) -> str:
+    """<model>-l<layers>-w<widths>, e.g. smollm2-135m-l15-w1024-4096-16384; hashed when too long."""
+    layers = "-".join(str(layer) for layer in sorted({inputs.layer for inputs in saes}))
+    widths = "-".join(str(width) for width in sorted({inputs.sae.d_sae for inputs in saes}))
+    name = f"{model_slug(saes[0].model)}-l{layers}-w{widths}"
+    if len(name) > 150:
+        name = f"{name[:130]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def load_checked_subject(cfg: PrecomputeConfig, model: str, saes: list[Inputs]) -> Subject:
+    """The subject model, once every SAE is checked against it (width, layer)."""
+    subject = load_subject(model, device=pick_device(cfg.device))
+    for inputs in saes:
+        if subject.d_model != inputs.sae.d_in:
+            raise PrecomputeError(
+                f"{inputs.path} reads d_in={inputs.sae.d_in} but {model} has d_model={subject.d_model}; "
+                "pass the right --model"
+            )
+        if not 0 <= inputs.layer < subject.n_layers:
+            raise PrecomputeError(f"{inputs.path} reads layer {inputs.layer}, but {model} has layers 0..{subject.n_layers - 1}")
+    return subject
+
+
+def claim(engine: Engine, cfg: PrecomputeConfig, release: Release) -> None:
+    """Refuse a release name held by other SAEs (unless --force) or by another model."""
+    with engine.begin() as conn:
+        claim_release(conn, release.name, release.model, [inputs.name for inputs in release.saes], force=cfg.force)
+
+
+def file_skipped(engine: Engine, cfg: PrecomputeConfig, release: Release, todo: list[Inputs]) -> None:
+    """The SAEs already complete (kept, unless --force) are filed into the release as they are."""
+    for inputs in release.saes:
+        if any(inputs.name == other.name for other in todo):
+            continue
+        file_complete(engine, complete_sae_id(engine, inputs.name), release.name)
+        say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
+
+
+def load_contexts(cfg: PrecomputeConfig, subject: Subject) -> Contexts:
+    max_contexts = None if cfg.tokens is None else max(1, math.ceil(cfg.tokens / cfg.ctx_len))
+    return build_contexts(
+        cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed, max_contexts=max_contexts
+    )
 
 
 def sae_fingerprint(sae: SAE) -> str:
@@ -208,7 +328,8 @@ def run_identity(cfg: PrecomputeConfig, inputs: Inputs, contexts: Contexts) -> d
     }
 
 
-def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, sae: SAE, model_id: int, contexts: Contexts) -> dict:
+def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, model_id: int, contexts: Contexts) -> dict:
+    sae = inputs.sae
     meta = dict(sae.cfg.saescope)
     return {
         "model_id": model_id,
@@ -219,9 +340,9 @@ def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, sae: SAE, model_id: in
         "d_sae": sae.d_sae,
         "k": sae.cfg.k,
         "l1_coeff": meta.get("train", {}).get("l1_coeff") if isinstance(meta.get("train"), dict) else None,
-        "path": str(Path(cfg.sae_path).resolve()),
+        "path": str(inputs.path.resolve()),
         "train_cfg": meta,
-        "metrics": read_metrics(Path(cfg.sae_path)),
+        "metrics": read_metrics(inputs.path),
         "corpus": contexts.describe(),
         "precompute_cfg": run_identity(cfg, inputs, contexts),
         "n_tokens": 0,
@@ -286,45 +407,48 @@ def encode_batch(sae: SAE, batch: ActivationBatch, memory_budget: int) -> Encode
     return EncodedBatch(acts, counted[token])
 
 
-def first_pass(
-    run: Run,
-    stats: StreamingStats,
-    checkpoint: Checkpoint | None,
-    *,
-    block: range | None = None,
-    save: Callable[[Checkpoint], None] | None = None,
-) -> None:
-    """Stream the corpus through model and SAE into ``stats`` and the spill, checkpointing.
+def first_pass(run: Run, streams: list[Stream], *, block: range | None = None) -> None:
+    """Stream the corpus through the model once, and every batch through each SAE into its
+    accumulators and spill, checkpointing each. A stream resumes after its own checkpoint: the
+    pass starts at the earliest, and a stream joins when the pass reaches its first batch.
 
-    ``block``: the batch indices to stream (default all; a rank streams its block of them);
-    ``save``: where checkpoints go (default the store's staging row)."""
+    ``block``: the batch indices to stream (default all; a rank streams its block of them)."""
     cfg = run.cfg
     block = block if block is not None else range(math.ceil(len(run.contexts) / cfg.batch_size))
-    save = save or (lambda checkpoint: save_checkpoint(run.engine, run.sae_id, checkpoint))
-    done = checkpoint.batches_done if checkpoint else block.start
-    n_batches = block.stop
-    if done >= n_batches:
+    first = [block.start if stream.batches_done is None else stream.batches_done for stream in streams]
+    live = [i for i, start in enumerate(first) if start < block.stop]
+    if not live:
         return
-    spill = SpillWriter(run.spill_path, checkpoint.spill_bytes if checkpoint else 0)
+    start = min(first[i] for i in live)
+    layers = sorted({streams[i].target.inputs.layer for i in live})
     seq = run.contexts.tokens.shape[1]
+    spills = {
+        i: SpillWriter(streams[i].target.spill_path, streams[i].checkpoint.spill_bytes if streams[i].checkpoint else 0)
+        for i in live
+    }
     try:
-        batches = iter_activations(
+        batches = iter_layer_activations(
             run.subject,
-            run.layer,
+            layers,
             run.contexts,
             batch_size=cfg.batch_size,
-            start=done * cfg.batch_size,
-            stop=n_batches * cfg.batch_size,
+            start=start * cfg.batch_size,
+            stop=block.stop * cfg.batch_size,
             progress=cfg.progress,
         )
-        for index, batch in enumerate(batches, start=done):
-            encoded = encode_batch(run.sae, batch, cfg.memory_budget)
-            stats.update(encoded.acts)
-            spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)
-            if (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == n_batches:
-                save(Checkpoint(index + 1, spill.sync(), stats.state_dict()))
+        for index, by_layer in enumerate(batches, start=start):
+            for i, spill in spills.items():
+                if index < first[i]:
+                    continue
+                stream = streams[i]
+                encoded = encode_batch(stream.target.sae, by_layer[stream.target.inputs.layer], cfg.memory_budget)
+                stream.stats.update(encoded.acts)
+                spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)
+                if (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == block.stop:
+                    stream.save(Checkpoint(index + 1, spill.sync(), stream.stats.state_dict()))
     finally:
-        spill.close()
+        for spill in spills.values():
+            spill.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,12 +456,15 @@ def first_pass(
 
 
 def collect_results(
-    run: Run, stats: StreamingStats, examples: Callable[[np.ndarray], dict[int, PackedActs]] | None = None
+    run: Run,
+    target: Target,
+    stats: StreamingStats,
+    examples: Callable[[np.ndarray], dict[int, PackedActs]] | None = None,
 ) -> RowInputs:
     """Finish the statistics, read the chosen examples' per-token activations from the spill
     (``examples``: from keys to activations; default this process's spill), and compute the
     weight-based effects."""
-    cfg, sae, subject = run.cfg, run.sae, run.subject
+    cfg, sae, subject = run.cfg, target.sae, run.subject
     intervals = final_intervals(stats, cfg.bins, cfg.per_bin)
     sample_context, sample_value, sample_filled = ordered_samples(intervals.samples)
     n_features = sae.d_sae
@@ -352,7 +479,7 @@ def collect_results(
     )
     W_dec = sae.W_dec.detach().float()
     return RowInputs(
-        sae_id=run.sae_id,
+        sae_id=target.sae_id,
         n_tokens=int(stats.n_tokens),
         bins=cfg.bins,
         features=stats.features,
@@ -361,7 +488,7 @@ def collect_results(
         sample_context=sample_context.view(n_features, cfg.bins, -1),
         sample_value=sample_value.view(n_features, cfg.bins, -1),
         sample_filled=sample_filled.view(n_features, cfg.bins, -1),
-        packed=examples(wanted) if examples else example_activations(run.spill_path, wanted, n_features),
+        packed=examples(wanted) if examples else example_activations(target.spill_path, wanted, n_features),
         context_tokens={int(c): run.contexts.tokens[int(c)] for c in np.unique(wanted // n_features)},
         logits=logit_effects(
             W_dec,

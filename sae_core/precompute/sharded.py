@@ -1,14 +1,14 @@
 """Precompute over several ranks: ``torchrun --nproc-per-node N -m sae_core precompute ...``.
 
-    every rank   loads model, SAE and corpus
-    every rank   streams its contiguous block of batches (sae_core.inputs.distributed.shard_range) into
-                 its own accumulators and spill file, checkpointing both next to each other on
-                 its local disk
-    merge        sae_core.precompute.merge.reduce_stats: exact, into rank 0
-    pass 2       rank 0 chooses the examples and broadcasts their keys; every rank reads its own
-                 spill for the ones that fell in its block and sends them to rank 0
-    write        rank 0 alone touches the store: the staging row at the start, one transaction
-                 at the end (sae_core.precompute.writer), exactly as a single process does
+    every rank   loads model, SAEs and corpus
+    every rank   streams its contiguous block of batches (sae_core.inputs.distributed.shard_range)
+                 through the model once and every SAE, into each SAE's own accumulators and spill
+                 file, checkpointing both next to each other on its local disk
+    per SAE      merge: sae_core.precompute.merge.reduce_stats, exact, into rank 0;
+                 pass 2: rank 0 chooses the examples and broadcasts their keys; every rank reads
+                 its own spill for the ones that fell in its block and sends them to rank 0;
+                 write: rank 0 alone touches the store: the staging rows at the start, one
+                 transaction per SAE at the end (sae_core.precompute.writer), as a single process
 
 The batches, and so everything computed from them, are those of a single-process run with the
 same settings, and every statistic merges exactly, so the store is row for row the one a single
@@ -44,11 +44,17 @@ from sae_core.precompute.run import (
     PrecomputeConfig,
     PrecomputeResult,
     Run,
+    Stream,
+    Target,
+    claim,
     collect_results,
+    file_skipped,
     first_pass,
-    load_run_inputs,
+    in_given_order,
+    load_checked_subject,
+    load_contexts,
     new_stats,
-    resolve_inputs,
+    resolve_release,
     run_identity,
     sae_row_values,
     say,
@@ -63,7 +69,7 @@ from sae_core.precompute.writer import (
     open_staging,
     publish,
 )
-from sae_core.store.db import create_engine_for, migrate
+from sae_core.store.db import StoreError, create_engine_for, migrate
 
 
 class RankFiles(NamedTuple):
@@ -102,35 +108,42 @@ class RankFiles(NamedTuple):
         self.checkpoint.unlink(missing_ok=True)
 
 
-def run_sharded(cfg: PrecomputeConfig) -> PrecomputeResult:
+def run_sharded(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
     """``run_precompute`` for this rank of a torchrun job (see the module docstring)."""
     me = distributed.world()
     cfg = dataclasses.replace(cfg, progress=cfg.progress and me.is_main)
-    inputs = resolve_inputs(cfg)
+    release = resolve_release(cfg)
+    subject = load_checked_subject(cfg, release.model, release.saes)
     engine = open_store(cfg) if me.is_main else None
-    skip = me.is_main and complete_sae_id(engine, inputs.name) is not None and not cfg.force
-    if distributed.broadcast_object(skip, step="checking the store"):
-        if me.is_main:
-            say(f"{inputs.name} is already complete in {cfg.db_url}; pass --force to recompute it")
-        return PrecomputeResult(inputs.name, 0, inputs.sae.d_sae, True, 0)
-    loaded = load_run_inputs(cfg, inputs)  # ranks building the corpus cache at once is safe (atomic rename)
-    sae_id = open_staging_row(cfg, inputs, engine, loaded) if me.is_main else None
-    sae_id = distributed.broadcast_object(sae_id, step="opening the staging row")
-    files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, loaded.contexts), me)
-    run = Run(cfg, engine, sae_id, loaded.subject, loaded.sae, inputs.layer, loaded.contexts, files.spill)
-    stats, recovered = stream_block(run, files, me)
-    resumed = int(distributed.all_reduce(torch.tensor(recovered), step="counting resumed batches"))
-    merged = reduce_stats(stats)  # every rank holds the merged token count; rank 0 everything
+    done = [me.is_main and not cfg.force and complete_sae_id(engine, i.name) is not None for i in release.saes]
+    done = distributed.broadcast_object(done, step="checking the store")
+    todo = [inputs for inputs, complete in zip(release.saes, done, strict=True) if not complete]
+    refusal = None
     if me.is_main:
-        write_store(run, merged, inputs.name, files)
-    else:
-        serve_examples(files.spill, run.sae.d_sae)
-    distributed.barrier("rank 0 writing the store")  # until then a rerun still needs these files
-    files.remove()
-    n_tokens = int(stats.n_tokens)
+        try:
+            claim(engine, cfg, release)
+        except StoreError as err:
+            refusal = str(err)
+    if (refusal := distributed.broadcast_object(refusal, step="claiming the release")) is not None:
+        raise StoreError(refusal)  # on every rank, so none waits for the others
     if me.is_main:
-        say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens from {me.size} ranks written to {cfg.db_url}")
-    return PrecomputeResult(inputs.name, n_tokens, run.sae.d_sae, False, resumed)
+        file_skipped(engine, cfg, release, todo)
+    if not todo:
+        return in_given_order(release, [])
+    contexts = load_contexts(cfg, subject)  # ranks building the corpus cache at once is safe (atomic rename)
+    run = Run(cfg, engine, subject, contexts)
+    sae_ids = open_staging_rows(run, todo) if me.is_main else None
+    sae_ids = distributed.broadcast_object(sae_ids, step="opening the staging rows")
+    block = distributed.shard_range(math.ceil(len(contexts) / cfg.batch_size), me)
+    streams, files = [], []
+    for inputs, sae_id in zip(todo, sae_ids, strict=True):
+        inputs = inputs._replace(sae=inputs.sae.to(subject.device))
+        rank_files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, contexts), me)
+        streams.append(open_rank_stream(run, Target(inputs, sae_id, rank_files.spill), rank_files, block, me))
+        files.append(rank_files)
+    first_pass(run, streams, block=block)
+    results = [finish_sae(run, stream, rank_files, block, release.name, me) for stream, rank_files in zip(streams, files, strict=True)]
+    return in_given_order(release, results)
 
 
 def open_store(cfg: PrecomputeConfig):
@@ -140,34 +153,52 @@ def open_store(cfg: PrecomputeConfig):
     return engine
 
 
-def stream_block(run: Run, files: RankFiles, me: distributed.World) -> tuple[StreamingStats, int]:
-    """Pass 1 over this rank's block of batches, from its last checkpoint; returns the
-    accumulators and how many batches the checkpoint saved from being redone."""
-    stats, checkpoint = new_stats(run.cfg, run.sae, run.subject), files.load()
-    block = distributed.shard_range(math.ceil(len(run.contexts) / run.cfg.batch_size), me)
+def open_rank_stream(run: Run, target: Target, files: RankFiles, block: range, me: distributed.World) -> Stream:
+    """This rank's side of pass 1 for one SAE, from its last checkpoint on the local disk."""
+    stats, checkpoint = new_stats(run.cfg, target.sae, run.subject), files.load()
     if checkpoint is not None:
         stats.load_state_dict(checkpoint.state)
-        say(f"rank {me.rank}: resuming after batch {checkpoint.batches_done} of {block.start}..{block.stop - 1}")
-    first_pass(run, stats, checkpoint, block=block, save=files.save)
-    return stats, checkpoint.batches_done - block.start if checkpoint else 0
+        checkpoint = checkpoint._replace(state={})
+        say(f"rank {me.rank}: resuming {target.inputs.name} after batch {checkpoint.batches_done} of {block.start}..{block.stop - 1}")
+    return Stream(target, stats, checkpoint, files.save)
 
 
-def write_store(run: Run, merged: StreamingStats, name: str, files: RankFiles) -> None:
+def finish_sae(run: Run, stream: Stream, files: RankFiles, block: range, release: str, me: distributed.World) -> PrecomputeResult:
+    """Merge one SAE's accumulators into rank 0, which writes it (examples from every rank's spill)."""
+    target = stream.target
+    resumed = stream.batches_done - block.start if stream.batches_done is not None else 0
+    resumed = int(distributed.all_reduce(torch.tensor(resumed), step="counting resumed batches"))
+    merged = reduce_stats(stream.stats)  # every rank holds the merged token count; rank 0 everything
+    if me.is_main:
+        write_store(run, target, merged, files, release)
+    else:
+        serve_examples(files.spill, target.sae.d_sae)
+    distributed.barrier("rank 0 writing the store")  # until then a rerun still needs these files
+    files.remove()
+    n_tokens = int(stream.stats.n_tokens)
+    if me.is_main:
+        say(f"{target.inputs.name}: {target.sae.d_sae} features over {n_tokens} tokens from {me.size} ranks written to {run.cfg.db_url}")
+    return PrecomputeResult(target.inputs.name, n_tokens, target.sae.d_sae, False, resumed)
+
+
+def write_store(run: Run, target: Target, merged: StreamingStats, files: RankFiles, release: str) -> None:
     """Rank 0: the results (examples read from every rank's spill) in one transaction."""
-    examples = functools.partial(gather_examples, files.spill, n_features=run.sae.d_sae)
-    rows = store_rows(collect_results(run, merged, examples=examples))
+    examples = functools.partial(gather_examples, files.spill, n_features=target.sae.d_sae)
+    rows = store_rows(collect_results(run, target, merged, examples=examples))
     n_tokens = int(merged.n_tokens)
     summary = {"n_tokens": n_tokens, "density_hist": density_histogram(merged.features.count, n_tokens)}
-    publish(run.engine, run.sae_id, name, name, summary, rows)
+    publish(run.engine, target.sae_id, target.inputs.name, release, summary, rows)
 
 
-def open_staging_row(cfg: PrecomputeConfig, inputs: Inputs, engine, loaded) -> int:
-    """Rank 0: the subject's rows and the staging SAE row (its single-process checkpoint, if
-    any, is not used: the ranks keep their own)."""
-    subject = loaded.subject
-    model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
-    sae_id, _ = open_staging(engine, inputs.name, sae_row_values(cfg, inputs, loaded.sae, model_id, loaded.contexts))
-    return sae_id
+def open_staging_rows(run: Run, saes: list[Inputs]) -> list[int]:
+    """Rank 0: the subject's rows and a staging row per SAE (their single-process checkpoints,
+    if any, are not used: the ranks keep their own)."""
+    subject = run.subject
+    model_id = ensure_model(run.engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
+    return [
+        open_staging(run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts))[0]
+        for inputs in saes
+    ]
 
 
 def gather_examples(spill: Path, wanted: np.ndarray, n_features: int) -> dict[int, PackedActs]:

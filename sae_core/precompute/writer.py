@@ -49,6 +49,12 @@ def complete_sae_id(engine: Engine, name: str) -> int | None:
         return conn.scalar(sa.select(SaeRow.id).where(SaeRow.name == name, SaeRow.status == "complete"))
 
 
+def file_complete(engine: Engine, sae_id: int, release: str) -> None:
+    """File an SAE that is already complete into ``release`` (a precompute that skips it)."""
+    with engine.begin() as conn:
+        join_release(conn, sae_id, release)
+
+
 def batched(rows: Iterable[dict], size: int = INSERT_BATCH) -> Iterator[list[dict]]:
     chunk: list[dict] = []
     for row in rows:

@@ -56,6 +56,25 @@ def read_any(path: Path) -> SAE:
     )
 
 
+def find_saes(path: Path) -> list[Path]:
+    """The SAEs at ``path``: itself when it is one (a file, or a folder holding an SAE's weights),
+    else every folder below it that holds one, in path order (a release: a SAELens repository
+    with a folder per hook, sparsify's folder per hook point, Gemma Scope's layer/width/L0 tree)."""
+    path = Path(path)
+    if not path.exists():
+        raise SAEError(f"{path}: no such SAE file or folder")
+    if path.is_file() or _holds_weights(path):
+        return [path]
+    found = sorted(folder for folder in path.rglob("*") if folder.is_dir() and _holds_weights(folder))
+    if not found:
+        read_any(path)  # raises the message that says which layouts were looked for
+    return found
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, GEMMA_SCOPE_PARAMS))
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise SAEError(f"{path}: missing (the SAE's config)")

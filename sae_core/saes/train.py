@@ -34,7 +34,7 @@ from sae_core.inputs import distributed
 from sae_core.saes.checkpoint import CHECKPOINT, comparable, trained_with
 from sae_core.saes.sae import SAE
 from sae_core.saes.train_config import TrainConfig, TrainError, memory_estimate
-from sae_core.saes.train_loop import fit
+from sae_core.saes.train_loop import FitJob, FitResult, fit_all
 
 
 def with_metadata(sae: SAE, **fields) -> SAE:
@@ -66,37 +66,85 @@ def held_out_split(contexts, n_eval: int) -> Split:
     return Split(rows(0, n_train, "train"), rows(n_train, len(contexts), "heldout"))
 
 
+# Settings every SAE of one `saescope train` call shares: one subject, corpus and held-out split.
+RUN_SETTINGS = ("model", "corpus", "text_field", "ctx_len", "seed", "eval_contexts", "device")
+
+
+class TrainJob(NamedTuple):
+    cfg: TrainConfig
+    out: Path  # the SAE's folder: weights, cfg.json, metrics.json, checkpoint while training
+
+
+def job_folder(cfg: TrainConfig, *, with_k: bool = False) -> str:
+    """Folder name of one SAE of several trained together: l<layer>-<arch>[-<width>][-k<k>]."""
+    name = f"l{cfg.layer}-{cfg.architecture}" + (f"-{cfg.width}" if cfg.width else "")
+    return name + (f"-k{cfg.k}" if with_k and cfg.architecture != "relu" else "")
+
+
 def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
     """Build (or reuse) the activation cache, train, save the SAE and its metrics.json into ``out``."""
+    return train_saes([TrainJob(cfg, Path(out))], resume=resume, progress=progress)[0]
+
+
+def train_saes(jobs: list[TrainJob], *, resume: bool = False, progress: bool = True) -> list[Path]:
+    """Train several SAEs of one subject and corpus (any layers, widths, architectures) in one
+    loop: the caches of all their layers built in one pass, every batch read once for all of them
+    (sae_core.saes.train_loop.fit_all), each saved and evaluated into its own folder. SAEs already
+    finished with the same settings are left as they are."""
     from sae_core.inputs.activations import ActivationCache
     from sae_core.inputs.corpus import build_contexts
-    from sae_core.inputs.subject import hook_name, load_subject
-    from sae_core.saes.metrics import evaluate, save_metrics
+    from sae_core.inputs.subject import load_subject
 
-    out = Path(out)
-    if (out / "metrics.json").is_file() and not (out / CHECKPOINT).is_file():
-        if trained_with(out) == comparable(cfg):
-            print(f"saescope: {out} already holds this SAE, trained with the same settings; nothing to do")
-            return out
-        raise TrainError(f"{out} already holds an SAE trained with other settings; choose another --out")
+    todo = [job for job in jobs if not already_trained(job)]
+    if not todo:
+        return [job.out for job in jobs]
+    cfg = todo[0].cfg
+    for job in todo[1:]:
+        differ = [name for name in RUN_SETTINGS if getattr(job.cfg, name) != getattr(cfg, name)]
+        if differ:
+            raise TrainError(f"SAEs trained together must share {', '.join(differ)}")
     subject = load_subject(cfg.model, device=cfg.device)
-    subject.check_layer(cfg.layer)
+    layers = sorted({subject.check_layer(job.cfg.layer) for job in todo})
     with distributed.main_first("building the corpus and activation caches"):  # rank 0 builds, the rest reuse
         contexts = build_contexts(
             cfg.corpus, subject.tokenizer, text_field=cfg.text_field, ctx_len=cfg.ctx_len, seed=cfg.seed
         )
         split = held_out_split(contexts, cfg.eval_contexts)
-        cache = ActivationCache.build(
+        caches = ActivationCache.build_layers(
             subject,
-            cfg.layer,
+            {layer: ActivationCache.default_folder(subject, layer, split.train) for layer in layers},
             split.train,
-            ActivationCache.default_folder(subject, cfg.layer, split.train),
             max_tokens=cfg.cache_tokens or cfg.tokens,
         )
-    print(f"saescope: training needs about {memory_estimate(cfg, subject.d_model) / 2**20:.0f} MiB")
-    result = fit(cache, cfg, out, resume=resume, progress=progress)
-    if not distributed.is_main():
-        return out
+    need = sum(memory_estimate(job.cfg, subject.d_model) for job in todo)
+    print(f"saescope: training {len(todo)} SAE{'s' * (len(todo) > 1)} needs about {need / 2**20:.0f} MiB")
+    results = fit_all(
+        [FitJob(job.cfg, caches[job.cfg.layer], job.out) for job in todo], resume=resume, progress=progress
+    )
+    if distributed.is_main():
+        for job, result in zip(todo, results, strict=True):
+            save_trained(subject, job, result, caches[job.cfg.layer], split, progress=progress)
+    return [job.out for job in jobs]
+
+
+def already_trained(job: TrainJob) -> bool:
+    """True when ``job.out`` holds this SAE, finished with the same settings; refuses other settings."""
+    out = job.out
+    if not (out / "metrics.json").is_file() or (out / CHECKPOINT).is_file():
+        return False
+    if trained_with(out) != comparable(job.cfg):
+        raise TrainError(f"{out} already holds an SAE trained with other settings; choose another --out")
+    print(f"saescope: {out} already holds this SAE, trained with the same settings; nothing to do")
+    return True
+
+
+def save_trained(subject, job: TrainJob, result: FitResult, cache, split: Split, *, progress: bool) -> None:
+    """The trained SAE with its metadata into ``job.out``, then its held-out metrics; the
+    checkpoint goes last, so a kill before that leaves a resumable run."""
+    from sae_core.inputs.subject import hook_name
+    from sae_core.saes.metrics import evaluate, save_metrics
+
+    cfg, out = job.cfg, job.out
     sae = with_metadata(
         result.sae,
         model_name=cfg.model,
@@ -118,7 +166,7 @@ def train_sae(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progre
         subject, sae, cfg.layer, split.held_out.tokens, split.held_out.special_mask, progress=progress
     )
     save_metrics(out, metrics)
+    print(f"saescope: {out}")
     for line in metrics.lines():
         print(line)
     (out / CHECKPOINT).unlink(missing_ok=True)
-    return out

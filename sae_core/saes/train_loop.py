@@ -158,42 +158,82 @@ class FitResult(NamedTuple):
     dead_fraction: float  # latents silent for longer than the dead window at the end
 
 
+class FitJob(NamedTuple):
+    """One SAE of a training loop: its settings, what it reads, where it checkpoints."""
+
+    cfg: TrainConfig
+    source: TokenSource  # jobs that share a source (one layer's cache) share its batches
+    folder: Path
+
+
+# Settings every SAE of one loop shares: they decide which batch each step reads.
+SHARED_SETTINGS = ("tokens", "batch_size", "cache_tokens", "checkpoint_every")
+
+
 def fit(
     source: TokenSource, cfg: TrainConfig, folder: str | Path, *, resume: bool = False, progress: bool = True
 ) -> FitResult:
     """Train on ``source`` for cfg.tokens tokens, checkpointing into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    return fit_all([FitJob(cfg, source, Path(folder))], resume=resume, progress=progress)[0]
+
+
+def fit_all(jobs: list[FitJob], *, resume: bool = False, progress: bool = True) -> list[FitResult]:
+    """Train several SAEs in one loop: each step reads one batch per source and feeds it to every
+    SAE on that source, each with its own optimiser and checkpoint. The same as fitting them one
+    by one (same seeds, same batches), with the batches read once."""
+    cfg = jobs[0].cfg
+    for job in jobs[1:]:
+        differ = [name for name in SHARED_SETTINGS if getattr(job.cfg, name) != getattr(cfg, name)]
+        if differ:
+            raise TrainError(f"SAEs trained in one loop must share {', '.join(differ)}")
     me = distributed.world()
     if cfg.batch_size % me.size:
         raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over {me.size} ranks; use a multiple of {me.size}")
     rows = distributed.shard_range(cfg.batch_size)  # this rank's slice of every batch
-    has_checkpoint = (folder / CHECKPOINT).is_file()
-    if has_checkpoint and not resume:
-        raise TrainError(f"{folder} holds an unfinished run; pass --resume to continue it, or choose another --out")
-    state = load_checkpoint(folder, cfg, source) if has_checkpoint else init_state(cfg, source)
-    base_lr = cfg.resolved_lr(cfg.resolved_width(source.d_model))
-    total = cfg.total_steps
+    states = [start_state(job, resume) for job in jobs]
+    base_lrs = [job.cfg.resolved_lr(job.cfg.resolved_width(job.source.d_model)) for job in jobs]
+    first, total = min(state.step for state in states), cfg.total_steps
+    sources = {id(job.source): job.source for job in jobs}
+    batches = {key: batches_from(source, cfg.batch_size, first, cfg.cache_tokens or cfg.tokens) for key, source in sources.items()}
     bar = tqdm(
         total=total * cfg.batch_size,
-        initial=state.step * cfg.batch_size,
+        initial=first * cfg.batch_size,
         unit="tok",
         unit_scale=True,
         disable=not (progress and me.is_main),
-        desc=f"train {cfg.architecture}",
+        desc=f"train {', '.join(sorted({job.cfg.architecture for job in jobs}))} x{len(jobs)}",
     )
-    batches = batches_from(source, cfg.batch_size, state.step, cfg.cache_tokens or cfg.tokens)
     with bar:
-        while state.step < total:
-            stats = train_step(state, next(batches)[rows.start : rows.stop], cfg, base_lr)
+        for step in range(first, total):
+            batch = {key: next(source)[rows.start : rows.stop] for key, source in batches.items()}
+            for job, state, base_lr in zip(jobs, states, base_lrs, strict=True):
+                if state.step != step:  # its checkpoint is ahead (a kill between two saves)
+                    continue
+                stats = train_step(state, batch[id(job.source)], job.cfg, base_lr)
+                if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
+                    save_checkpoint(job.folder, state, job.cfg)
             bar.update(cfg.batch_size)
-            bar.set_postfix(
-                L0=f"{stats.l0:.1f}", EV=f"{stats.explained_variance:.3f}", dead=f"{stats.dead_fraction:.3f}", refresh=False
-            )
-            if me.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == total):
-                save_checkpoint(folder, state, cfg)
+            if len(jobs) == 1:
+                bar.set_postfix(
+                    L0=f"{stats.l0:.1f}", EV=f"{stats.explained_variance:.3f}", dead=f"{stats.dead_fraction:.3f}", refresh=False
+                )
+    return [finish(job, state, rows) for job, state in zip(jobs, states, strict=True)]
+
+
+def start_state(job: FitJob, resume: bool) -> TrainState:
+    """A fresh state, or the one the job's checkpoint holds (with ``resume``)."""
+    job.folder.mkdir(parents=True, exist_ok=True)
+    if not (job.folder / CHECKPOINT).is_file():
+        return init_state(job.cfg, job.source)
+    if not resume:
+        raise TrainError(f"{job.folder} holds an unfinished run; pass --resume to continue it, or choose another --out")
+    return load_checkpoint(job.folder, job.cfg, job.source)
+
+
+def finish(job: FitJob, state: TrainState, rows: range) -> FitResult:
+    cfg = job.cfg
     dead = state.tokens_since_fired > cfg.resolved_dead_tokens()
-    threshold = calibrate_threshold(state, source, cfg, rows) if cfg.architecture == "batchtopk" else None
+    threshold = calibrate_threshold(state, job.source, cfg, rows) if cfg.architecture == "batchtopk" else None
     return FitResult(
         sae=fold_scale(state, cfg, threshold),
         scale=state.scale,

@@ -21,7 +21,9 @@ def list_releases(session: Session) -> list[ReleaseRow]:
     holding = sa.select(SaeRow.release_id).where(SaeRow.status == "complete")
     return list(
         session.scalars(
-            sa.select(ReleaseRow).where(ReleaseRow.id.in_(holding)).order_by(ReleaseRow.created_at, ReleaseRow.name)
+            sa.select(ReleaseRow)
+            .where(ReleaseRow.id.in_(holding))
+            .order_by(ReleaseRow.created_at, ReleaseRow.name)
         )
     )
 
@@ -41,7 +43,9 @@ def release_saes(session: Session, release_id: int) -> list[SaeRow]:
     )
 
 
-def claim_release(conn: Connection, name: str, model: str, sae_names: Collection[str], *, force: bool) -> None:
+def claim_release(
+    conn: Connection, name: str, model: str, sae_names: Collection[str], *, force: bool
+) -> None:
     """Check, before any work, that ``name`` can hold the SAEs ``sae_names`` of subject ``model``:
     a release of another model is refused, and so is one that holds other SAEs unless ``force``;
     then those SAEs leave it, each for a release of its own name."""
@@ -53,7 +57,9 @@ def claim_release(conn: Connection, name: str, model: str, sae_names: Collection
     if release is None:
         return
     if release.model != model:
-        raise StoreError(f"release {name!r} holds SAEs of {release.model}, not {model}; choose another --release")
+        raise StoreError(
+            f"release {name!r} holds SAEs of {release.model}, not {model}; choose another --release"
+        )
     others = conn.execute(
         sa.select(SaeRow.id, SaeRow.name, SaeRow.model_id)
         .where(SaeRow.release_id == release.id, SaeRow.name.not_in(list(sae_names)))
@@ -66,7 +72,9 @@ def claim_release(conn: Connection, name: str, model: str, sae_names: Collection
         )
     for other in others:
         if conn.scalar(sa.select(ReleaseRow.id).where(ReleaseRow.name == other.name)) is not None:
-            raise StoreError(f"{other.name} cannot leave release {name!r} for one of its own name; choose another --release")
+            raise StoreError(
+                f"{other.name} cannot leave release {name!r} for one of its own name; choose another --release"
+            )
         own = _create(conn, other.name, other.model_id)
         conn.execute(sa.update(SaeRow).where(SaeRow.id == other.id).values(release_id=own))
 
@@ -86,5 +94,7 @@ def join_release(conn: Connection, sae_id: int, name: str) -> int:
 
 def _create(conn: Connection, name: str, model_id: int) -> int:
     return conn.scalar(
-        sa.insert(ReleaseRow).values(name=name, model_id=model_id, created_at=utcnow()).returning(ReleaseRow.id)
+        sa.insert(ReleaseRow)
+        .values(name=name, model_id=model_id, created_at=utcnow())
+        .returning(ReleaseRow.id)
     )

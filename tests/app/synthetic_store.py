@@ -345,3 +345,26 @@ def build_synthetic_store(
             .values(density_hist={"edges": edges.round(4).tolist(), "counts": counts.tolist()})
         )
     return store
+
+
+def add_release(engine: Engine, spec: StoreSpec, name: str, cells: list[tuple[int, int]]) -> list[str]:
+    """File the synthetic SAE and one copy of its row per (layer, width) in ``cells`` (metrics
+    only, no features) into the release ``name``; returns the SAE names by layer, then width."""
+    from sae_core.store.releases import join_release
+
+    names = []
+    with engine.begin() as conn:
+        original = conn.execute(sa.select(SaeRow.__table__).where(SaeRow.name == spec.sae_name)).mappings().one()
+        join_release(conn, original["id"], name)
+        for layer, width in cells:
+            values = {key: value for key, value in original.items() if key not in ("id", "release_id")}
+            values.update(
+                name=f"{spec.sae_name}-l{layer}-w{width}",
+                layer=layer,
+                d_sae=width,
+                metrics={**original["metrics"], "explained_variance": 0.5 + layer / 10 + width / 1000},
+            )
+            sae_id = conn.execute(sa.insert(SaeRow).values(**values).returning(SaeRow.id)).scalar_one()
+            join_release(conn, sae_id, name)
+            names.append(values["name"])
+    return names

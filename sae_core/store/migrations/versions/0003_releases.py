@@ -26,11 +26,18 @@ def upgrade() -> None:
     # SQLite: a plain ADD COLUMN with an inline REFERENCES (Alembic would want batch mode, which
     # rebuilds `saes`; dropping it with foreign keys on would cascade into every feature row).
     if op.get_bind().dialect.name == "sqlite":
-        op.execute("ALTER TABLE saes ADD COLUMN release_id INTEGER REFERENCES releases (id) ON DELETE SET NULL")
+        op.execute(
+            "ALTER TABLE saes ADD COLUMN release_id INTEGER REFERENCES releases (id) ON DELETE SET NULL"
+        )
     else:
         op.add_column(
             "saes",
-            sa.Column("release_id", sa.Integer, sa.ForeignKey("releases.id", ondelete="SET NULL"), nullable=True),
+            sa.Column(
+                "release_id",
+                sa.Integer,
+                sa.ForeignKey("releases.id", ondelete="SET NULL"),
+                nullable=True,
+            ),
         )
     # Staging rows of an unfinished precompute get their release when they are published.
     op.execute(
