@@ -1,4 +1,4 @@
-"""Planted families on a tiny Llama, through precompute and ``saescope families``, on SQLite and
+"""Planted families on a tiny Llama, through the one-pass precompute of a release (and ``saescope families``), on SQLite and
 PostgreSQL: a parent direction in a 16- and a 24-latent SAE, and two children in a 40-latent SAE
 that each fire on half of the parent's tokens. The links (both directions, counts checked by
 hand), the family graph and the map come out of the store."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from typing import NamedTuple
+from unittest.mock import patch
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +21,6 @@ from sae_core.precompute.run import run_precompute
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import SaeRow, create_engine_for
 from sae_core.store.families import FeatureLinkRow, FeatureMapRow
-from sae_core.store.releases import claim_release, join_release
 from tests.test_precompute import LAYER, config, contexts_for, corpus, residuals  # noqa: F401 (corpus: a fixture)
 
 RELEASE = "tiny-family"
@@ -95,15 +95,17 @@ def db_url(request, tmp_path):
     return request.getfixturevalue("pg_schema")
 
 
-def precompute_release(db_url, planted, llama_dir, corpus) -> None:
-    for name, folder in planted.folders.items():
-        run_precompute(config(folder, db_url, corpus, model=str(llama_dir), name=f"tiny-{name}", top_k=8))
-    engine = create_engine_for(db_url)
-    with engine.begin() as conn:  # the three SAEs as one release, as a multi-SAE precompute files them
-        claim_release(conn, RELEASE, str(llama_dir), [f"tiny-{n}" for n in WIDTHS], force=False)
-        for name in WIDTHS:
-            join_release(conn, conn.scalar(sa.select(SaeRow.id).where(SaeRow.name == f"tiny-{name}")), RELEASE)
-    engine.dispose()
+def precompute_release(db_url, folders, llama_dir, corpus, **overrides):
+    folders = list(folders)
+    return run_precompute(
+        config(folders[0], db_url, corpus, model=str(llama_dir), sae_paths=list(folders), release=RELEASE, top_k=8, **overrides)
+    )
+
+
+def names_by_width(session: Session) -> dict[str, str]:
+    """'small' / 'medium' / 'large' -> the SAE's name in the store."""
+    width_of = {width: name for name, width in WIDTHS.items()}
+    return {width_of[row.d_sae]: row.name for row in session.scalars(sa.select(SaeRow).where(SaeRow.status == "complete"))}
 
 
 def links_of(session: Session, sae: str, index: int) -> dict[tuple[str, int], FeatureLinkRow]:
@@ -113,41 +115,45 @@ def links_of(session: Session, sae: str, index: int) -> dict[tuple[str, int], Fe
     return {(ids[r.other_sae_id], r.other_idx): r for r in rows}
 
 
-def test_planted_family_links_graph_and_map(db_url, planted, llama_dir, corpus):
+def check_planted_links(session: Session, planted: Planted) -> dict[str, str]:
+    name = names_by_width(session)
+    down = links_of(session, name["small"], PARENT["small"])
+    for child, n_child in zip(CHILDREN, planted.child_tokens, strict=True):
+        link = down[(name["large"], child)]  # parent -> child ...
+        assert link.cosine == pytest.approx(CHILD_COSINE, abs=1e-5)
+        assert (link.n_both, link.n_self, link.n_other) == (n_child, planted.parent_tokens, n_child)
+        up = links_of(session, name["large"], child)[(name["small"], PARENT["small"])]  # ... and back
+        assert (up.cosine, up.n_both, up.n_self, up.n_other) == pytest.approx((link.cosine, n_child, n_child, planted.parent_tokens))
+    twin = down[(name["medium"], PARENT["medium"])]
+    assert twin.cosine == pytest.approx(1.0) and twin.n_both == twin.n_self == planted.parent_tokens
+    family = {(name["large"], c) for c in CHILDREN} | {(name["medium"], PARENT["medium"])}
+    others = [r for k, r in down.items() if k not in family]  # fillers: cosine 0, never fire
+    assert others and all(abs(r.cosine) < 1e-5 and r.n_both == 0 for r in others)
+    return name
+
+
+def test_planted_family_in_the_one_pass(db_url, planted, llama_dir, corpus):
+    """Links, graph and map straight out of one multi-SAE precompute (no second pass)."""
     assert 0 not in planted.child_tokens
-    precompute_release(db_url, planted, llama_dir, corpus)
-    (result,) = run_families(FamiliesConfig(db_url=db_url, release=RELEASE, progress=False))
-    assert result.n_points == sum(WIDTHS.values())
+    with patch("sae_core.precompute.run.run_families") as second_pass:
+        precompute_release(db_url, planted.folders.values(), llama_dir, corpus)
+    second_pass.assert_not_called()
     engine = create_engine_for(db_url)
     with Session(engine) as session:
-        down = links_of(session, "tiny-small", PARENT["small"])
-        for child, n_child in zip(CHILDREN, planted.child_tokens, strict=True):
-            link = down[("tiny-large", child)]  # parent -> child ...
-            assert link.cosine == pytest.approx(CHILD_COSINE, abs=1e-5)
-            assert (link.n_both, link.n_self, link.n_other) == (n_child, planted.parent_tokens, n_child)
-            up = links_of(session, "tiny-large", child)[("tiny-small", PARENT["small"])]  # ... and back
-            assert (up.cosine, up.n_both, up.n_self, up.n_other) == pytest.approx(
-                (link.cosine, n_child, n_child, planted.parent_tokens)
-            )
-        twin = down[("tiny-medium", PARENT["medium"])]
-        assert twin.cosine == pytest.approx(1.0) and twin.n_both == twin.n_self == planted.parent_tokens
-        # every other link of the parent is a filler at cosine 0 that never fires
-        others = {k: r for k, r in down.items() if k not in {("tiny-large", c) for c in CHILDREN} | {("tiny-medium", 7)}}
-        assert others and all(abs(r.cosine) < 1e-5 and r.n_both == 0 for r in others.values())
-
-        graph = family_graph(session=session, sae_name="tiny-medium", index=PARENT["medium"], threshold=0.8)
+        name = check_planted_links(session, planted)
+        graph = family_graph(session=session, sae_name=name["medium"], index=PARENT["medium"], threshold=0.8)
         nodes = [(n.sae, n.index) for n in graph.nodes]
-        assert nodes == [("tiny-small", 3), ("tiny-medium", 7), ("tiny-large", 11), ("tiny-large", 29)]
+        assert nodes == [(name["small"], 3), (name["medium"], 7), (name["large"], 11), (name["large"], 29)]
         assert [n.focus for n in graph.nodes] == [False, True, False, False]
-        assert [r[0] for r in graph.rows] == ["tiny-small", "tiny-medium", "tiny-large"]  # smallest on top
+        assert [r[0] for r in graph.rows] == [name["small"], name["medium"], name["large"]]  # smallest on top
         assert [n.y for n in graph.nodes] == sorted(n.y for n in graph.nodes)
         edges = {(e.source, e.target): e for e in graph.edges}
         assert set(edges) == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)}  # children have two parents
         assert edges[1, 2].jaccard == pytest.approx(planted.child_tokens[0] / planted.parent_tokens)
         assert {s.child for s in graph.splits} == {1, 2, 3}
-        # a higher threshold than the children's cosine leaves the parents alone
-        high = family_graph(session=session, sae_name="tiny-medium", index=PARENT["medium"], threshold=0.95)
-        assert [(n.sae, n.index) for n in high.nodes] == [("tiny-small", 3), ("tiny-medium", 7)]
+        # a threshold above the children's cosine leaves the parents alone
+        high = family_graph(session=session, sae_name=name["medium"], index=PARENT["medium"], threshold=0.95)
+        assert [(n.sae, n.index) for n in high.nodes] == [(name["small"], 3), (name["medium"], 7)]
 
         points = get_feature_map(session=session, release_name=RELEASE)
         assert [s.d_sae for s in points.saes] == sorted(WIDTHS.values())
@@ -157,9 +163,25 @@ def test_planted_family_links_graph_and_map(db_url, planted, llama_dir, corpus):
     engine.dispose()
 
 
+def test_an_sae_already_complete_gets_its_links_from_a_pass_of_their_own(tmp_path, planted, llama_dir, corpus):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    small, medium, large = planted.folders.values()
+    run_precompute(config(small, url, corpus, model=str(llama_dir), release=RELEASE, top_k=8))
+    results = precompute_release(url, [small, medium, large], llama_dir, corpus)
+    assert [r.skipped for r in results] == [True, False, False]
+    engine = create_engine_for(url)
+    with Session(engine) as session:
+        check_planted_links(session, planted)
+    engine.dispose()
+
+
 def test_families_refuses_a_release_without_two_saes_on_a_layer(tmp_path, planted, llama_dir, corpus):
     url = f"sqlite:///{tmp_path / 'one.db'}"
     run_precompute(config(planted.folders["small"], url, corpus, model=str(llama_dir), name="alone"))
+    engine = create_engine_for(url)
+    with engine.connect() as conn:  # a release of one: no links, no map, and no error
+        assert conn.scalar(sa.select(sa.func.count()).select_from(FeatureLinkRow)) == 0
+    engine.dispose()
     with pytest.raises(FamiliesError, match="no two SAEs on one layer"):
         run_families(FamiliesConfig(db_url=url, release="alone", progress=False))
     with pytest.raises(FamiliesError, match="no release named 'nope'"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Collection
 from typing import NamedTuple
 
 from sqlalchemy.orm import Session
@@ -58,13 +59,14 @@ def layer_groups(session: Session, release: str) -> dict[int, list[SaeRow]]:
     return groups
 
 
-def run_families(cfg: FamiliesConfig) -> list[FamiliesResult]:
+def run_families(cfg: FamiliesConfig, layers: Collection[int] | None = None) -> list[FamiliesResult]:
+    """Links and map of every layer of the release with two or more SAEs (or of ``layers``)."""
     engine = create_engine_for(cfg.db_url)
     try:
         migrate(engine)
         with Session(engine) as session:
             groups = layer_groups(session, cfg.release)
-        return [families_of_layer(engine, cfg, layer, saes) for layer, saes in sorted(groups.items())]
+        return [families_of_layer(engine, cfg, layer, saes) for layer, saes in sorted(groups.items()) if layers is None or layer in layers]
     finally:
         engine.dispose()
 
