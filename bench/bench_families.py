@@ -32,7 +32,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-from sae_core.families.build import all_links, insert_all, link_rows
+from sae_core.families.build import FamilySae, all_links, insert_all, link_rows
 from sae_core.families.cofiring import CoFiring
 from sae_core.families.layout import feature_layout
 from sae_core.families.links import unit_directions
@@ -129,7 +129,7 @@ def main() -> None:
             engine = create_engine_for(f"sqlite:///{Path(tmp) / 'links.db'}")
             migrate(engine)
             start = time.perf_counter()
-            found = list(all_links([_family(i, s) for i, s in enumerate(saes)], cofiring, memory_budget=BUDGET))
+            found = list(all_links([FamilySae(i, s.W_dec.detach()) for i, s in enumerate(saes)], cofiring, memory_budget=BUDGET))
             clock.add("links (cosine + jaccard top 5)", start)
             start = time.perf_counter()
             with engine.begin() as conn:  # the SAE ids need no rows here: foreign keys are off for this write
@@ -157,12 +157,6 @@ def main() -> None:
     feature_layout(units)
     n = sum(u.shape[0] for u in units)
     print(f"UMAP of {n} points: {time.perf_counter() - start:.1f} s wall, {cpu_seconds() - cpu:.1f} s CPU ({load()}); target <= 60 s")
-
-
-def _family(position: int, sae: SAE):
-    from sae_core.families.build import FamilySae
-
-    return FamilySae(position, sae.W_dec.detach())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
 
+import tests.test_precompute as precompute_tests
 from app.families.graph import family_graph
 from app.families.map import get_feature_map
 from sae_core.families.run import FamiliesConfig, FamiliesError, run_families
@@ -21,7 +22,9 @@ from sae_core.precompute.run import run_precompute
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import SaeRow, create_engine_for
 from sae_core.store.families import FeatureLinkRow, FeatureMapRow
-from tests.test_precompute import LAYER, config, contexts_for, corpus, residuals  # noqa: F401 (corpus: a fixture)
+from tests.test_precompute import LAYER, config, contexts_for, residuals
+
+corpus = precompute_tests.corpus  # the same fixture: a folder of the tiny tokenizer's texts
 
 RELEASE = "tiny-family"
 WIDTHS = {"small": 16, "medium": 24, "large": 40}

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.families.schemas import FamilyEdgePublic, FamilyGraphPublic, FamilyNodePublic, Measure
 from app.families.splits import splits_of
 from app.queries import get_feature_summary, get_sae_row
-from sae_core.store.db import FeatureRow, ReleaseRow, SaeRow
+from sae_core.store.db import FeatureRow, ReleaseRow
 from sae_core.store.families import FeatureLinkRow, jaccard
 from sae_core.store.releases import release_saes
 
