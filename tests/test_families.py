@@ -7,6 +7,7 @@ import torch
 
 from sae_core.families.cofiring import CoFiring, SparseActs
 from sae_core.families.links import links_both_ways, unit_directions
+from sae_core.precompute.stats import active_sets
 
 
 def random_acts(generator, n_tokens: int, width: int, k: int) -> SparseActs:
@@ -84,3 +85,16 @@ def test_links_both_ways_equal_brute_force():
     )  # 2 rows of a per chunk (weights.rows_per_chunk): b's running top 5 merges 6 chunks
     check_against_brute_force(forward, W_a, W_b, acts_a, acts_b)
     check_against_brute_force(backward, W_b, W_a, acts_b, acts_a)
+
+
+@pytest.mark.parametrize("max_active", [8, 2], ids=["all", "top-2"])
+def test_active_sets_are_each_tokens_largest_whatever_the_entry_order(max_active):
+    generator = torch.Generator().manual_seed(2)
+    acts = random_acts(generator, 30, 20, 4)
+    order = torch.randperm(acts.token.numel(), generator=generator)
+    for token, feature, value in [acts, (acts.token[order], acts.feature[order], acts.value[order])]:
+        active = active_sets(token, feature, value, 30, max_active)
+        for t in range(30):
+            mine = [(v, f) for tt, f, v in zip(token.tolist(), feature.tolist(), value.tolist(), strict=True) if tt == t]
+            expected = {f for _, f in sorted(mine, reverse=True)[:max_active]}
+            assert set(active[t].tolist()) - {-1} == expected

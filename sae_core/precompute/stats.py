@@ -302,13 +302,21 @@ class SparseCounter:
 
 
 def active_sets(acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int, max_active: int) -> torch.Tensor:
-    """Sparse entries (n,) -> (n_tokens, width) each token's ``max_active`` largest active features
-    (all of them for a TopK SAE with k <= max_active), largest first, padded with -1."""
-    perm, rank = ranks_within_groups(acts_token, value)
-    width = min(max_active, int(rank.max()) + 1 if rank.numel() else 0)  # k for a TopK SAE
-    keep = perm[rank < width]
+    """Sparse entries (n,) -> (n_tokens, width) each token's active features, padded with -1: its
+    ``max_active`` largest (all of them for a TopK SAE with k <= max_active). Only the sets
+    matter to callers, not the order within a row."""
+    per_token = torch.bincount(acts_token, minlength=n_tokens)
+    width = int(per_token.max()) if acts_token.numel() else 0
+    if width <= max_active and bool((acts_token[1:] >= acts_token[:-1]).all()):
+        # entries grouped by token (as sparse_encode gives them), none to drop: no sort needed
+        rank = torch.arange(acts_token.numel()) - (torch.cumsum(per_token, 0) - per_token)[acts_token]
+        keep = torch.arange(acts_token.numel())
+    else:
+        perm, rank = ranks_within_groups(acts_token, value)
+        width = min(max_active, width)
+        keep, rank = perm[rank < width], rank[rank < width]
     active = torch.full((n_tokens, width), -1, dtype=torch.int64)
-    active[acts_token[keep], rank[rank < width]] = feature[keep]
+    active[acts_token[keep], rank] = feature[keep]
     return active
 
 
