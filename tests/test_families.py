@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from sae_core.families.cofiring import CoFiring, SparseActs
+from sae_core.families.feed import open_feeds
 from sae_core.families.links import links_both_ways, unit_directions
 from sae_core.precompute.stats import active_sets
 
@@ -98,3 +101,33 @@ def test_active_sets_are_each_tokens_largest_whatever_the_entry_order(max_active
             mine = [(v, f) for tt, f, v in zip(token.tolist(), feature.tolist(), value.tolist(), strict=True) if tt == t]
             expected = {f for _, f in sorted(mine, reverse=True)[:max_active]}
             assert set(active[t].tolist()) - {-1} == expected
+
+
+def fake_streams(layers, widths, done):
+    """What open_feeds reads of precompute's streams."""
+    return [
+        SimpleNamespace(target=SimpleNamespace(inputs=SimpleNamespace(layer=layer), sae=SimpleNamespace(d_sae=width), sae_id=i + 1), batches_done=d)
+        for i, (layer, width, d) in enumerate(zip(layers, widths, done, strict=True))
+    ]
+
+
+def test_feeds_open_fresh_resume_or_leave_a_layer_to_a_pass_of_its_own():
+    generator = torch.Generator().manual_seed(4)
+    layers, widths = [1, 1, 2, 1], [30, 10, 10, 20]
+    budget = dict(max_active=8, memory_budget=1 << 20)
+    feeds, unfed = open_feeds("sqlite:///x.db", fake_streams(layers, widths, [None] * 4), set(), **budget)
+    assert unfed == [] and [(f.layer, f.members) for f in feeds] == [(1, [1, 3, 0])]  # smallest width first
+    (feed,) = feeds
+    codes = {i: random_acts(generator, 16, widths[i], 2) for i in (0, 1, 3)}  # as BatchActs carry them:
+    feed.update({i: SimpleNamespace(**acts._asdict(), token_ids=torch.zeros(16)) for i, acts in codes.items()})
+    assert feed.cofiring.n_tokens == 16
+    feed.save(3)
+    resumed, unfed = open_feeds("sqlite:///x.db", fake_streams(layers, widths, [3, 3, None, 3]), set(), **budget)
+    assert unfed == [] and resumed[0].cofiring.state_dict("c").keys() == feed.cofiring.state_dict("c").keys()
+    for key, value in feed.cofiring.state_dict("c").items():
+        assert torch.equal(resumed[0].cofiring.state_dict("c")[key], value)
+    assert open_feeds("sqlite:///x.db", fake_streams(layers, widths, [5, 5, None, 5]), set(), **budget) == ([], [1])  # none saved at 5
+    assert open_feeds("sqlite:///x.db", fake_streams(layers, widths, [3, 5, None, 3]), set(), **budget) == ([], [1])  # joins differ
+    assert open_feeds("sqlite:///x.db", fake_streams(layers, widths, [None] * 4), {1}, **budget) == ([], [1])  # one kept as it was
+    feeds, unfed = open_feeds("sqlite:///x.db", fake_streams([1, 2], [10, 10], [None, None]), {2}, **budget)
+    assert feeds == [] and unfed == [2]  # layer 2: one computed now, one kept
