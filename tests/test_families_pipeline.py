@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 import tests.test_precompute as precompute_tests
 from app.families.graph import family_graph
 from app.families.map import get_feature_map
+from sae_core.cli import main
 from sae_core.families.run import FamiliesConfig, FamiliesError, run_families
 from sae_core.precompute.run import run_precompute
 from sae_core.saes.sae import SAE, SAEConfig
@@ -178,7 +179,7 @@ def test_an_sae_already_complete_gets_its_links_from_a_pass_of_their_own(tmp_pat
     engine.dispose()
 
 
-def test_families_refuses_a_release_without_two_saes_on_a_layer(tmp_path, planted, llama_dir, corpus):
+def test_families_refuses_a_release_without_two_saes_on_a_layer(tmp_path, planted, llama_dir, corpus, capsys):
     url = f"sqlite:///{tmp_path / 'one.db'}"
     run_precompute(config(planted.folders["small"], url, corpus, model=str(llama_dir), name="alone"))
     engine = create_engine_for(url)
@@ -189,3 +190,8 @@ def test_families_refuses_a_release_without_two_saes_on_a_layer(tmp_path, plante
         run_families(FamiliesConfig(db_url=url, release="alone", progress=False))
     with pytest.raises(FamiliesError, match="no release named 'nope'"):
         run_families(FamiliesConfig(db_url=url, release="nope", progress=False))
+    capsys.readouterr()  # the precompute's progress
+    assert main(["families", "--release", "alone", "--db", url]) == 2  # one line, exit 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "saescope: error: release 'alone' has no two SAEs on one layer; links need at least two"
+    ]
