@@ -1,6 +1,7 @@
-"""``saescope families``: links and map for a release whose SAEs were precomputed without them
-(each alone, or by an older saescope). One pass over the same tokens as their precompute, every
-batch through the subject once (to the layer) and through every SAE of that layer."""
+"""Links and map for a release whose SAEs were not all in one precompute pass (each alone, by an
+older saescope, or some already complete when the others were precomputed): ``saescope
+families``, and precompute's fallback for such layers. One pass over the same tokens as their
+precompute, every batch through the subject once (to the layer) and through every SAE there."""
 
 from __future__ import annotations
 
