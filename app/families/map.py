@@ -1,4 +1,5 @@
-"""The feature map of a release: its features on one hook, where UMAP placed them at precompute."""
+"""A release as a whole: the feature map of one of its hooks (where UMAP placed the features at
+precompute), and a feature search over all of its SAEs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.errors import NotFoundError
-from app.families.schemas import FeatureMapPublic, MapSaePublic
+from app.families.schemas import (
+    FeatureMapPublic,
+    MapSaePublic,
+    ReleaseResultsPublic,
+    SaeResultsPublic,
+)
+from app.schemas import FeatureSearch
+from app.search import search_features
 from sae_core.store.db import FeatureRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.releases import get_release, release_saes
@@ -23,11 +31,29 @@ class NoMapError(NotFoundError):
         super().__init__(f"release {name!r} has no feature map{where} (maps need two or more SAEs on one layer)")
 
 
+def get_release_row(session: Session, name: str):
+    release = get_release(session, name)
+    if release is None:
+        raise UnknownReleaseError(name)
+    return release
+
+
+def search_release(*, session: Session, release_name: str, search: FeatureSearch) -> ReleaseResultsPublic:
+    """The label / token search of every SAE of the release, each SAE's results apart (its scores
+    are its own), by layer then width."""
+    release = get_release_row(session, release_name)
+    return ReleaseResultsPublic(
+        release=release.name,
+        saes=[
+            SaeResultsPublic(sae=s.name, layer=s.layer, d_sae=s.d_sae, results=search_features(session=session, sae_name=s.name, search=search))
+            for s in release_saes(session, release.id)
+        ],
+    )
+
+
 def get_feature_map(*, session: Session, release_name: str, layer: int | None = None) -> FeatureMapPublic:
     """The map of ``layer`` (default: the first layer of the release that has one)."""
-    release = get_release(session, release_name)
-    if release is None:
-        raise UnknownReleaseError(release_name)
+    release = get_release_row(session, release_name)
     saes = release_saes(session, release.id)
     mapped = set(
         session.scalars(sa.select(FeatureMapRow.sae_id).where(FeatureMapRow.sae_id.in_([s.id for s in saes])).distinct())

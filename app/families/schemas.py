@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.schemas import FeaturesPublic
+
 Measure = Literal["cosine", "jaccard"]
 
 
@@ -78,3 +80,17 @@ class FeatureMapPublic(BaseModel):
     y: list[float]
     density: list[float]
     label: list[str | None]
+
+
+class SaeResultsPublic(BaseModel):
+    sae: str
+    layer: int
+    d_sae: int
+    results: FeaturesPublic = Field(description="This SAE's matches: its page of them and their count.")
+
+
+class ReleaseResultsPublic(BaseModel):
+    """A feature search run over every SAE of a release, by layer then width."""
+
+    release: str
+    saes: list[SaeResultsPublic]

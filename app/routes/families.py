@@ -11,9 +11,10 @@ from markupsafe import Markup
 
 from app.deps import SessionDep
 from app.families.graph import family_graph
-from app.families.map import get_feature_map
-from app.families.schemas import FamilyGraphPublic, FeatureMapPublic, Measure
+from app.families.map import get_feature_map, search_release
+from app.families.schemas import FamilyGraphPublic, FeatureMapPublic, Measure, ReleaseResultsPublic
 from app.rendering import render, url_segment
+from app.schemas import FeatureSearch
 
 router = APIRouter()
 pages = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -47,6 +48,16 @@ def read_family(
 )
 def read_map(name: str, session: SessionDep, layer: Layer = None) -> FeatureMapPublic:
     return get_feature_map(session=session, release_name=name, layer=layer)
+
+
+@router.get(
+    "/api/v1/releases/{name}/features",
+    tags=["api"],
+    responses=NOT_FOUND,
+    summary="Search the features of every SAE of a release (label words, token, filters)",
+)
+def read_release_features(name: str, search: Annotated[FeatureSearch, Query()], session: SessionDep) -> ReleaseResultsPublic:
+    return search_release(session=session, release_name=name, search=search)
 
 
 @pages.get("/saes/{sae}/features/{index}/family")

@@ -146,3 +146,14 @@ def test_the_map_page_embeds_its_points_escaped(client):
     data = page[page.index('id="map-data">') + len('id="map-data">') : page.index("</script>", page.index('id="map-data">'))]
     assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e tags" in data
     assert len(json.loads(data)["index"]) == 48 + 96 + 192
+
+
+def test_a_search_over_the_release_names_each_sae(client):
+    found = client.get(f"/api/v1/releases/{FAMILY.release}/features", params={"q": "capital cit", "limit": 5}).json()
+    assert [s["sae"] for s in found["saes"]] == ["tiny-48", "tiny-96", "tiny-192"]
+    for sae in found["saes"]:
+        one = client.get(f"/api/v1/saes/{sae['sae']}/features", params={"q": "capital cit", "limit": 5}).json()
+        assert sae["results"] == one and one["count"] > 0  # the same as searching that SAE alone
+    by_token = client.get(f"/api/v1/releases/{FAMILY.release}/features", params={"token": "Paris"}).json()
+    assert all([f["index"] for f in s["results"]["data"]] == [3, 1, 2] for s in by_token["saes"])
+    assert client.get("/api/v1/releases/nope/features", params={"q": "x"}).status_code == 404
