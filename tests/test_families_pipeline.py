@@ -195,3 +195,15 @@ def test_families_refuses_a_release_without_two_saes_on_a_layer(tmp_path, plante
     assert capsys.readouterr().err.strip().splitlines() == [
         "saescope: error: release 'alone' has no two SAEs on one layer; links need at least two"
     ]
+
+
+def test_no_families_leaves_the_release_unlinked(tmp_path, planted, llama_dir, corpus):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with patch("sae_core.precompute.run.run_families") as second_pass:
+        precompute_release(url, [planted.folders["small"], planted.folders["medium"]], llama_dir, corpus, families=False)
+    second_pass.assert_not_called()
+    engine = create_engine_for(url)
+    with engine.connect() as conn:
+        for table in (FeatureLinkRow, FeatureMapRow):
+            assert conn.scalar(sa.select(sa.func.count()).select_from(table)) == 0
+    engine.dispose()

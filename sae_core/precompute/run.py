@@ -149,7 +149,9 @@ def run_precompute(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
     model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_strings(subject))
     streams = [open_stream(run, inputs, model_id) for inputs in todo]
     kept = {inputs.layer for inputs in release.saes if inputs.name not in {other.name for other in todo}}
-    feeds, unfed = open_feeds(cfg.db_url, streams, kept, max_active=cfg.max_active, memory_budget=cfg.memory_budget)
+    feeds, unfed = (
+        open_feeds(cfg.db_url, streams, kept, max_active=cfg.max_active, memory_budget=cfg.memory_budget) if cfg.families else ([], [])
+    )
     first_pass(run, streams, feeds=feeds)
     results = [finish(run, stream.target, stream.stats, release.name, stream.batches_done or 0) for stream in streams]
     publish_feeds(engine, streams, feeds, memory_budget=cfg.memory_budget, seed=cfg.seed)
