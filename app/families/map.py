@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.errors import NotFoundError
+from app.errors import NotFoundError, UnknownReleaseError
 from app.families.schemas import (
     FeatureMapPublic,
     MapSaePublic,
@@ -18,11 +18,6 @@ from app.search import search_features
 from sae_core.store.db import FeatureRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.releases import get_release, release_saes
-
-
-class UnknownReleaseError(NotFoundError):
-    def __init__(self, name: str):
-        super().__init__(f"no release named {name!r}; see /api/v1/releases")
 
 
 class NoMapError(NotFoundError):
