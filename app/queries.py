@@ -13,6 +13,8 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app.families.panel import family_panel
+from app.previews import EXAMPLE_COLUMNS, WITH_CONTEXT, neighbour_previews
 from app.schemas import (
     ExamplePublic,
     ExamplesPublic,
@@ -23,12 +25,10 @@ from app.schemas import (
     IntervalPublic,
     LabelPublic,
     MetricsPublic,
-    NeighbourPublic,
     ReleasePublic,
     ReleasesPublic,
     SaePublic,
     SaesPublic,
-    TokensPublic,
     TokenValuePublic,
 )
 from app.vocab import Vocabulary, get_vocabulary
@@ -48,8 +48,6 @@ from sae_core.store.lookup import check_feature_index, find_feature, find_sae
 
 # A "dense" feature fires on more than 10% of tokens, as in the SAE literature.
 DENSE_THRESHOLD = 0.1
-# Tokens each side of a neighbour's max token: enough to read, small enough for a table row.
-SNIPPET_RADIUS = 6
 # Headline metrics read from the held-out column of the SAE's report card (metrics.json); the dead
 # and dense fractions are measured here instead, on the precompute tokens the pages describe.
 TRAINING_METRICS = ("delta_ce", "kl_div", "ce_loss_recovered", "explained_variance", "l0")
@@ -197,30 +195,13 @@ def get_release(*, session: Session, release_name: str) -> ReleasePublic:
 # ---------------------------------------------------------------------------------------------
 # Examples
 
-# An example's columns and its context's tokens: one joined query reads both.
-EXAMPLE_COLUMNS = (
-    ExampleRow.feature_idx,
-    ExampleRow.context_id,
-    ExampleRow.kind,
-    ExampleRow.bin,
-    ExampleRow.rank,
-    ExampleRow.max_act,
-    ExampleRow.max_pos,
-    ExampleRow.acts,
-    ContextRow.token_ids,
-)
-_WITH_CONTEXT = sa.and_(
-    ContextRow.sae_id == ExampleRow.sae_id, ContextRow.id == ExampleRow.context_id
-)
-
-
 def _example_rows(
     session: Session, sae_id: int, index: int, kind: str | None = None, limit: int | None = None
 ) -> list[sa.Row]:
     """A feature's examples (``EXAMPLE_COLUMNS``): each kind by bin, then rank."""
     stmt = (
         sa.select(*EXAMPLE_COLUMNS)
-        .join(ContextRow, _WITH_CONTEXT)
+        .join(ContextRow, WITH_CONTEXT)
         .where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx == index)
     )
     if kind is not None:
@@ -250,17 +231,6 @@ def _example(row: sa.Row, vocab: Vocabulary) -> ExamplePublic:
 def _examples(session: Session, sae: SaeRow, rows: Sequence[sa.Row]) -> list[ExamplePublic]:
     vocab = get_vocabulary(session, sae.model_id)
     return [_example(r, vocab) for r in rows]
-
-
-def _snippet(row: sa.Row, vocab: Vocabulary) -> TokensPublic:
-    """The tokens of an example (a row of ``EXAMPLE_COLUMNS``) around its max activation."""
-    token_ids = unpack_tokens(row.token_ids)
-    values = unpack_acts(row.acts, row.max_act, len(token_ids)).round(4)
-    window = slice(max(0, row.max_pos - SNIPPET_RADIUS), row.max_pos + SNIPPET_RADIUS + 1)
-    ids = token_ids[window].tolist()
-    return TokensPublic.model_construct(
-        tokens=vocab.texts_of(ids), token_ids=ids, values=values[window].tolist()
-    )
 
 
 def list_examples(
@@ -346,45 +316,6 @@ def _logit_tokens(pairs: list, vocab: Vocabulary) -> list[TokenValuePublic]:
     return [TokenValuePublic(token_id=t, text=vocab.text(t), value=v) for t, v in pairs]
 
 
-def _neighbours(
-    session: Session, sae: SaeRow, lists: Sequence[list]
-) -> list[list[NeighbourPublic]]:
-    """Each [[idx, score], ...] list -> neighbours with label, density and a snippet of their top
-    example: one query reads the features with their top example and its context."""
-    wanted = sorted({int(i) for pairs in lists for i, _ in pairs})
-    if not wanted:
-        return [[] for _ in lists]
-    is_top = sa.and_(
-        ExampleRow.sae_id == FeatureRow.sae_id,
-        ExampleRow.feature_idx == FeatureRow.idx,
-        ExampleRow.kind == "top",
-        ExampleRow.bin == 0,
-        ExampleRow.rank == 0,
-    )
-    rows = session.execute(
-        sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.density, *EXAMPLE_COLUMNS)
-        .outerjoin(ExampleRow, is_top)
-        .outerjoin(ContextRow, _WITH_CONTEXT)
-        .where(FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted))
-    )
-    known = {row.idx: row for row in rows}
-    vocab = get_vocabulary(session, sae.model_id)
-
-    def neighbour(idx: int, score: float) -> NeighbourPublic:
-        row = known.get(idx)
-        has_example = row is not None and row.token_ids is not None  # dead: no examples
-        return NeighbourPublic(
-            index=idx,
-            score=score,
-            label=row.label if row else None,
-            density=row.density if row else None,
-            snippet=_snippet(row, vocab) if has_example else None,
-            snippet_max=row.max_act if has_example else 0.0,
-        )
-
-    return [[neighbour(int(i), float(s)) for i, s in pairs] for pairs in lists]
-
-
 def _intervals(
     row: FeatureRow, samples: list[ExamplePublic], counts: dict[int, int]
 ) -> list[IntervalPublic]:
@@ -429,7 +360,7 @@ def get_feature(
             shown_intervals.append(r)
     shown = top_rows[:top_limit] + shown_intervals
     examples = _examples(session, sae, shown)
-    cos, coact = _neighbours(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
+    cos, coact = neighbour_previews(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
     return FeaturePublic(
         sae=sae.name,
         index=index,
@@ -451,6 +382,7 @@ def get_feature(
         intervals=_intervals(row, [e for e in examples if e.kind == "interval"], bin_counts),
         prev_index=index - 1 if index > 0 else None,
         next_index=index + 1 if index + 1 < sae.d_sae else None,
+        family=family_panel(session=session, sae=sae, index=index),
     )
 
 

@@ -192,6 +192,35 @@ class NeighbourPublic(BaseModel):
     snippet_max: float = Field(
         description="The neighbour's max activation, which shades the snippet."
     )
+    label_f1: float | None = Field(
+        default=None, description="F1 of the label on held-out tokens (see LabelPublic)."
+    )
+
+
+class FamilyLinkPublic(BaseModel):
+    """A feature of another SAE of the release on the same hook, near this one."""
+
+    sae: str = Field(description="The other SAE.")
+    d_sae: int = Field(description="Its width.")
+    cosine: float = Field(description="Cosine of the two decoder directions.")
+    jaccard: float = Field(
+        description="Precompute tokens where both fire / tokens where either fires: "
+        "n_both / (n_self + n_other - n_both)."
+    )
+    n_both: int = Field(description="Precompute tokens where both fire.")
+    n_self: int = Field(description="Tokens where this feature fires.")
+    n_other: int = Field(description="Tokens where the other feature fires.")
+    feature: NeighbourPublic = Field(description="The other feature (score: the cosine).")
+
+
+class FamilyPublic(BaseModel):
+    """A feature's parents and children: its nearest features in the smaller and larger SAEs of
+    its release on the same hook (top 5 by decoder cosine and top 5 by co-firing per SAE)."""
+
+    release: str
+    parents: list[FamilyLinkPublic] = Field(description="In smaller SAEs; by width, then cosine.")
+    children: list[FamilyLinkPublic] = Field(description="In larger SAEs; by width, then cosine.")
+    peers: list[FamilyLinkPublic] = Field(description="In other SAEs of the same width.")
 
 
 class FeatureSummaryPublic(BaseModel):
@@ -243,6 +272,9 @@ class FeaturePublic(BaseModel):
     intervals: list[IntervalPublic]
     prev_index: int | None
     next_index: int | None
+    family: FamilyPublic | None = Field(
+        default=None, description="Parents and children in the release; None without linked SAEs."
+    )
 
 
 class FeaturePreviewPublic(BaseModel):

@@ -53,6 +53,12 @@ def add_arguments(parser):
         help="label every alive feature at the end, as `saescope label` does (default: on)",
     )
     parser.add_argument(
+        "--families",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.families,
+        help="link the features of SAEs on one layer across them and map them with UMAP (default: on)",
+    )
+    parser.add_argument(
         "--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, help="batches between resumable checkpoints"
     )
 
@@ -91,6 +97,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         memory_budget_mb=args.memory_budget,
         checkpoint_every=args.checkpoint_every,
+        families=args.families,
     )
     if args.db:
         cfg.db_url = args.db

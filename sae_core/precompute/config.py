@@ -41,6 +41,7 @@ class PrecomputeConfig:
     logit_tokens: int = 10  # top and bottom tokens of the logit effects
     hist_bins: int = 32  # bins of the logit-effect histogram
     token_index_size: int = 20  # features kept per vocabulary token for search by token
+    families: bool = True  # links across SAEs of one layer and the feature map (sae_core.families)
     progress: bool = True  # tqdm bars on stderr
 
     @property

@@ -24,7 +24,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from sqlalchemy.engine import Engine
 
+from sae_core.families.feed import Feed, open_feeds, publish_feeds
+from sae_core.families.run import FamiliesConfig, run_families
 from sae_core.inputs import distributed
 from sae_core.inputs.activations import ActivationBatch, iter_layer_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
@@ -156,8 +158,19 @@ def precompute_into(engine: Engine, cfg: PrecomputeConfig, release: Release, sub
     run = Run(cfg, engine, subject, load_contexts(cfg, subject))
     model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     streams = [open_stream(run, inputs, model_id) for inputs in todo]
-    first_pass(run, streams)
+    kept = {inputs.layer for inputs in release.saes if inputs.name not in {other.name for other in todo}}
+    feeds, unfed = (
+        open_feeds(cfg.db_url, streams, kept, max_active=cfg.max_active, memory_budget=cfg.memory_budget) if cfg.families else ([], [])
+    )
+    first_pass(run, streams, feeds=feeds)
     results = [finish(run, stream.target, stream.stats, release.name, stream.batches_done or 0) for stream in streams]
+    publish_feeds(engine, streams, feeds, memory_budget=cfg.memory_budget, seed=cfg.seed)
+    if unfed:  # links need co-firing over the same tokens: a pass of their own for these layers
+        say(f"layers {', '.join(map(str, unfed))}: counting co-firing in a pass of its own (some SAEs were not in this one)")
+        families = FamiliesConfig(
+            cfg.db_url, release.name, memory_budget_mb=cfg.memory_budget_mb, max_active=cfg.max_active, device=cfg.device, progress=cfg.progress
+        )
+        run_families(families, unfed)
     return in_given_order(release, results)
 
 
@@ -423,12 +436,13 @@ def encode_batch(sae: SAE, batch: ActivationBatch, memory_budget: int) -> Encode
     return EncodedBatch(acts, counted[token])
 
 
-def first_pass(run: Run, streams: list[Stream], *, block: range | None = None) -> None:
+def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, feeds: Sequence[Feed] = ()) -> None:
     """Stream the corpus through the model once, and every batch through each SAE into its
     accumulators and spill, checkpointing each. A stream resumes after its own checkpoint: the
     pass starts at the earliest, and a stream joins when the pass reaches its first batch.
 
-    ``block``: the batch indices to stream (default all; a rank streams its block of them)."""
+    ``block``: the batch indices to stream (default all; a rank streams its block of them);
+    ``feeds``: co-firing of SAEs on one layer, fed their codes of every batch (feature families)."""
     cfg = run.cfg
     block = block if block is not None else range(math.ceil(len(run.contexts) / cfg.batch_size))
     first = [block.start if stream.batches_done is None else stream.batches_done for stream in streams]
@@ -453,15 +467,22 @@ def first_pass(run: Run, streams: list[Stream], *, block: range | None = None) -
             progress=cfg.progress,
         )
         for index, by_layer in enumerate(batches, start=start):
+            checkpoint = (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == block.stop
+            codes = {}
             for i, spill in spills.items():
                 if index < first[i]:
                     continue
                 stream = streams[i]
                 encoded = encode_batch(stream.target.sae, by_layer[stream.target.inputs.layer], cfg.memory_budget)
+                codes[i] = encoded.acts
                 stream.stats.update(encoded.acts)
                 spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)
-                if (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == block.stop:
+                if checkpoint:
                     stream.save(Checkpoint(index + 1, spill.sync(), stream.stats.state_dict()))
+            for feed in feeds:
+                feed.update(codes)
+                if checkpoint:
+                    feed.save(index + 1)
     finally:
         for spill in spills.values():
             spill.close()

@@ -155,6 +155,9 @@ def precompute_shards(
         files.append(rank_files)
     first_pass(run, streams, block=block)
     results = [finish_sae(run, stream, rank_files, block, release.name, me) for stream, rank_files in zip(streams, files, strict=True)]
+    layers = [inputs.layer for inputs in release.saes]
+    if me.is_main and cfg.families and len(set(layers)) < len(layers):  # co-firing is not sharded yet
+        say(f"for the links and map of {release.name}, run `saescope families --release {release.name}`")
     return in_given_order(release, results)
 
 

@@ -301,6 +301,25 @@ class SparseCounter:
         self._pending, self._pending_n = [], 0
 
 
+def active_sets(acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int, max_active: int) -> torch.Tensor:
+    """Sparse entries (n,) -> (n_tokens, width) each token's active features, padded with -1: its
+    ``max_active`` largest (all of them for a TopK SAE with k <= max_active). Only the sets
+    matter to callers, not the order within a row."""
+    per_token = torch.bincount(acts_token, minlength=n_tokens)
+    width = int(per_token.max()) if acts_token.numel() else 0
+    if width <= max_active and bool((acts_token[1:] >= acts_token[:-1]).all()):
+        # entries grouped by token (as sparse_encode gives them), none to drop: no sort needed
+        rank = torch.arange(acts_token.numel()) - (torch.cumsum(per_token, 0) - per_token)[acts_token]
+        keep = torch.arange(acts_token.numel())
+    else:
+        perm, rank = ranks_within_groups(acts_token, value)
+        width = min(max_active, width)
+        keep, rank = perm[rank < width], rank[rank < width]
+    active = torch.full((n_tokens, width), -1, dtype=torch.int64)
+    active[acts_token[keep], rank] = feature[keep]
+    return active
+
+
 class CoActivation:
     """Pair counts of features active on the same token, over the whole corpus.
 
@@ -315,12 +334,9 @@ class CoActivation:
         self.pairs = SparseCounter(with_sums=False)  # key i * F + j, i < j
 
     def update(self, acts_token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, n_tokens: int) -> None:
-        perm, rank = ranks_within_groups(acts_token, value)
-        width = min(self.max_active, int(rank.max()) + 1 if rank.numel() else 0)  # k for a TopK SAE
-        keep = perm[rank < width]
-        active = torch.full((n_tokens, width), -1, dtype=torch.int64)  # (tokens, width)
-        active[acts_token[keep], rank[rank < width]] = feature[keep]
-        self.occurrences += torch.bincount(feature[keep], minlength=self.n_features)
+        active = active_sets(acts_token, feature, value, n_tokens, self.max_active)  # (tokens, width)
+        width = active.shape[1]
+        self.occurrences += torch.bincount(active[active >= 0], minlength=self.n_features)
         first, second = torch.triu_indices(width, width, offset=1)
         a, b = active[:, first].reshape(-1), active[:, second].reshape(-1)  # (tokens * pairs,)
         both = (a >= 0) & (b >= 0)

@@ -256,35 +256,41 @@ def _insert(conn, table, rows: list[dict], chunk: int = 5000) -> None:
         conn.execute(sa.insert(table), rows[start : start + chunk])
 
 
-def build_synthetic_store(engine: Engine, spec: StoreSpec = StoreSpec()) -> SyntheticStore:
-    """Create the schema on ``engine`` and write one model and one SAE with ``spec``'s sizes."""
+def _insert_model(conn, spec: StoreSpec, vocab: list[str]) -> int:
+    model_id = conn.execute(
+        sa.insert(SubjectModelRow)
+        .values(
+            name=spec.model_name,
+            source="synthetic",
+            architecture="llama",
+            d_model=32,
+            n_layers=4,
+            vocab_size=len(vocab) + 1,
+            bos_token_id=len(vocab),
+        )
+        .returning(SubjectModelRow.id)
+    ).scalar_one()
+    _insert(
+        conn,
+        VocabRow.__table__,
+        [dict(model_id=model_id, token_id=i, text=t) for i, t in enumerate(vocab + ["<|bos|>"])],
+    )
+    return model_id
+
+
+def build_synthetic_store(
+    engine: Engine, spec: StoreSpec = StoreSpec(), *, model_id: int | None = None
+) -> SyntheticStore:
+    """Create the schema on ``engine`` and write one model and one SAE with ``spec``'s sizes
+    (``model_id``: add the SAE to a model written before, with the same vocabulary)."""
     migrate(engine)
     store = SyntheticStore(spec=spec)
     rng = np.random.default_rng(spec.seed)
     n_tokens = spec.n_contexts * (spec.ctx_len - 1)
     vocab = _vocab(spec)
     with engine.begin() as conn:
-        model_id = conn.execute(
-            sa.insert(SubjectModelRow)
-            .values(
-                name=spec.model_name,
-                source="synthetic",
-                architecture="llama",
-                d_model=32,
-                n_layers=4,
-                vocab_size=len(vocab) + 1,
-                bos_token_id=len(vocab),
-            )
-            .returning(SubjectModelRow.id)
-        ).scalar_one()
-        _insert(
-            conn,
-            VocabRow.__table__,
-            [
-                dict(model_id=model_id, token_id=i, text=t)
-                for i, t in enumerate(vocab + ["<|bos|>"])
-            ],
-        )
+        if model_id is None:
+            model_id = _insert_model(conn, spec, vocab)
         densities = []  # filled below, for the SAE's density histogram
         sae_id = conn.execute(
             sa.insert(SaeRow)

@@ -1,0 +1,168 @@
+"""The family page's graph: a feature's relatives across all widths of its release on its hook,
+found by following stored links at or above the threshold, and laid out in rows by width
+(smallest on top), each row ordered by where its nodes' links land in the rows above."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.families.schemas import FamilyEdgePublic, FamilyGraphPublic, FamilyNodePublic, Measure
+from app.families.splits import splits_of
+from app.queries import get_feature_summary
+from sae_core.store.db import FeatureRow, ReleaseRow
+from sae_core.store.families import FeatureLinkRow, jaccard
+from sae_core.store.lookup import find_sae
+from sae_core.store.releases import release_saes
+
+DEFAULT_THRESHOLD = {"cosine": 0.4, "jaccard": 0.1}  # a link a reader would call a relative
+HOPS = 2  # parents of children (a child's second parent) and children of parents
+PER_ROW = 12  # strongest nodes kept per SAE: a drawing stays readable
+WIDTH, ROW_GAP, MARGIN = 960.0, 120.0, 60.0  # SVG user units
+MIN_R, MAX_R = 5.0, 20.0
+
+Node = tuple[int, int]  # (sae_id, feature index)
+
+
+def measure(link: FeatureLinkRow, by: Measure) -> float:
+    return link.cosine if by == "cosine" else jaccard(link.n_both, link.n_self, link.n_other)
+
+
+def links_from(session: Session, nodes: set[Node]) -> list[FeatureLinkRow]:
+    if not nodes:
+        return []
+    by_sae = defaultdict(list)
+    for sae_id, index in nodes:
+        by_sae[sae_id].append(index)
+    condition = sa.or_(
+        *(sa.and_(FeatureLinkRow.sae_id == s, FeatureLinkRow.feature_idx.in_(ix)) for s, ix in by_sae.items())
+    )
+    return list(session.scalars(sa.select(FeatureLinkRow).where(condition)))
+
+
+def grow(session: Session, focus: Node, family: set[int], by: Measure, threshold: float) -> set[Node]:
+    """The focus and what links reach from it in ``HOPS`` steps at or above the threshold,
+    keeping the ``PER_ROW`` strongest reached per SAE."""
+    nodes, frontier = {focus}, {focus}
+    for _ in range(HOPS):
+        best: dict[Node, float] = {}
+        for link in links_from(session, frontier):
+            target = (link.other_sae_id, link.other_idx)
+            weight = measure(link, by)
+            if link.other_sae_id in family and weight >= threshold and target not in nodes:
+                best[target] = max(best.get(target, 0.0), weight)
+        per_sae = defaultdict(list)
+        for node, weight in best.items():
+            per_sae[node[0]].append((weight, node))
+        kept = set()
+        for sae_id, ranked in per_sae.items():
+            room = PER_ROW - sum(1 for n in nodes if n[0] == sae_id)
+            kept |= {node for _, node in sorted(ranked, reverse=True)[: max(room, 0)]}
+        nodes |= kept
+        frontier = kept
+    return nodes
+
+
+def family_graph(
+    *, session: Session, sae_name: str, index: int, by: Measure = "cosine", threshold: float | None = None
+) -> FamilyGraphPublic:
+    sae = find_sae(session, sae_name)
+    get_feature_summary(session=session, sae_name=sae_name, index=index)  # 404 for an unknown feature
+    threshold = DEFAULT_THRESHOLD[by] if threshold is None else threshold
+    saes = [s for s in release_saes(session, sae.release_id) if s.layer == sae.layer] if sae.release_id else [sae]
+    saes.sort(key=lambda s: (s.d_sae, s.name))
+    order = {s.id: row for row, s in enumerate(saes)}
+    nodes = sorted(grow(session, (sae.id, index), set(order), by, threshold), key=lambda n: (order[n[0]], n[1]))
+    position = {node: i for i, node in enumerate(nodes)}
+    edges = graph_edges(session, nodes, position, order, by, threshold)
+    rows = [s for s in saes if any(n[0] == s.id for n in nodes)]
+    places = layout(nodes, edges, [s.id for s in rows])
+    features = node_features(session, nodes)
+    densest = max([features[n].density for n in nodes] + [1e-12])
+    public = [
+        FamilyNodePublic(
+            sae=saes[order[n[0]]].name,
+            d_sae=saes[order[n[0]]].d_sae,
+            index=n[1],
+            label=features[n].label,
+            label_f1=features[n].label_f1,
+            density=features[n].density,
+            focus=n == (sae.id, index),
+            x=places[n][0],
+            y=places[n][1],
+            r=round(MIN_R + (MAX_R - MIN_R) * math.sqrt(features[n].density / densest), 2),
+        )
+        for n in nodes
+    ]
+    return FamilyGraphPublic(
+        sae=sae.name,
+        index=index,
+        release=session.scalar(sa.select(ReleaseRow.name).where(ReleaseRow.id == sae.release_id)) or sae.name,
+        by=by,
+        threshold=threshold,
+        width=WIDTH,
+        height=2 * MARGIN + ROW_GAP * max(len(rows) - 1, 0),
+        rows=[(s.name, s.d_sae, MARGIN + ROW_GAP * r) for r, s in enumerate(rows)],
+        nodes=public,
+        edges=edges,
+        splits=splits_of(session, nodes, edges, {s.id: s for s in saes}),
+    )
+
+
+def graph_edges(session, nodes, position, order, by, threshold) -> list[FamilyEdgePublic]:
+    """Links between drawn nodes at or above the threshold, one edge per pair (the stronger of
+    the two directions' rows), from the smaller SAE to the larger."""
+    best: dict[tuple[int, int], FeatureLinkRow] = {}
+    for link in links_from(session, set(nodes)):
+        a, b = (link.sae_id, link.feature_idx), (link.other_sae_id, link.other_idx)
+        if b not in position or measure(link, by) < threshold:
+            continue
+        key = tuple(sorted((position[a], position[b]), key=lambda p: (order[nodes[p][0]], p)))
+        if key not in best or measure(link, by) > measure(best[key], by):
+            best[key] = link
+    return [
+        FamilyEdgePublic(
+            source=s,
+            target=t,
+            cosine=link.cosine,
+            jaccard=jaccard(link.n_both, link.n_self, link.n_other),
+            weight=measure(link, by),
+        )
+        for (s, t), link in sorted(best.items())
+    ]
+
+
+def layout(nodes: list[Node], edges: list[FamilyEdgePublic], rows: list[int]) -> dict[Node, tuple[float, float]]:
+    """Row r at y = MARGIN + r * ROW_GAP; in each row, nodes spread evenly, ordered by the mean x
+    of their neighbours in the rows above (a one-pass barycentre), then by index."""
+    neighbours = defaultdict(list)
+    for edge in edges:
+        neighbours[edge.source].append(edge.target)
+        neighbours[edge.target].append(edge.source)
+    places: dict[Node, tuple[float, float]] = {}
+    for r, sae_id in enumerate(rows):
+        members = [i for i, n in enumerate(nodes) if n[0] == sae_id]
+
+        def anchor(i: int) -> float:
+            xs = [places[nodes[j]][0] for j in neighbours[i] if nodes[j] in places]
+            return sum(xs) / len(xs) if xs else WIDTH / 2
+
+        members.sort(key=lambda i: (anchor(i), nodes[i][1]))
+        step = (WIDTH - 2 * MARGIN) / len(members)
+        for slot, i in enumerate(members):
+            places[nodes[i]] = (round(MARGIN + step * (slot + 0.5), 1), MARGIN + ROW_GAP * r)
+    return places
+
+
+def node_features(session: Session, nodes: list[Node]) -> dict[Node, sa.Row]:
+    by_sae = defaultdict(list)
+    for sae_id, index in nodes:
+        by_sae[sae_id].append(index)
+    condition = sa.or_(*(sa.and_(FeatureRow.sae_id == s, FeatureRow.idx.in_(ix)) for s, ix in by_sae.items()))
+    rows = session.execute(
+        sa.select(FeatureRow.sae_id, FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density).where(condition)
+    )
+    return {(row.sae_id, row.idx): row for row in rows}

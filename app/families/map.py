@@ -1,0 +1,79 @@
+"""A release as a whole: the feature map of one of its hooks (where UMAP placed the features at
+precompute), and a feature search over all of its SAEs."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.families.schemas import (
+    FeatureMapPublic,
+    MapSaePublic,
+    ReleaseResultsPublic,
+    SaeResultsPublic,
+)
+from app.schemas import FeatureSearch
+from app.search import search_features
+from sae_core.errors import NotFoundError
+from sae_core.store.db import FeatureRow
+from sae_core.store.families import FeatureMapRow
+from sae_core.store.releases import get_release, release_saes
+
+
+class NoMapError(NotFoundError):
+    def __init__(self, name: str, layer: int | None):
+        where = f" at layer {layer}" if layer is not None else ""
+        super().__init__(f"release {name!r} has no feature map{where} (maps need two or more SAEs on one layer)")
+
+
+def get_release_row(session: Session, name: str):
+    release = get_release(session, name)
+    if release is None:
+        raise NotFoundError.release(name)
+    return release
+
+
+def search_release(*, session: Session, release_name: str, search: FeatureSearch) -> ReleaseResultsPublic:
+    """The label / token search of every SAE of the release, each SAE's results apart (its scores
+    are its own), by layer then width."""
+    release = get_release_row(session, release_name)
+    return ReleaseResultsPublic(
+        release=release.name,
+        saes=[
+            SaeResultsPublic(sae=s.name, layer=s.layer, d_sae=s.d_sae, results=search_features(session=session, sae_name=s.name, search=search))
+            for s in release_saes(session, release.id)
+        ],
+    )
+
+
+def get_feature_map(*, session: Session, release_name: str, layer: int | None = None) -> FeatureMapPublic:
+    """The map of ``layer`` (default: the first layer of the release that has one)."""
+    release = get_release_row(session, release_name)
+    saes = release_saes(session, release.id)
+    mapped = set(
+        session.scalars(sa.select(FeatureMapRow.sae_id).where(FeatureMapRow.sae_id.in_([s.id for s in saes])).distinct())
+    )
+    layers = sorted({s.layer for s in saes if s.id in mapped})
+    if not layers or (layer is not None and layer not in layers):
+        raise NoMapError(release_name, layer)
+    layer = layers[0] if layer is None else layer
+    on_map = sorted((s for s in saes if s.layer == layer and s.id in mapped), key=lambda s: (s.d_sae, s.name))
+    rows = session.execute(
+        sa.select(FeatureMapRow.sae_id, FeatureMapRow.feature_idx, FeatureMapRow.x, FeatureMapRow.y, FeatureRow.density, FeatureRow.label)
+        .join(FeatureRow, sa.and_(FeatureRow.sae_id == FeatureMapRow.sae_id, FeatureRow.idx == FeatureMapRow.feature_idx))
+        .where(FeatureMapRow.sae_id.in_([s.id for s in on_map]))
+        .order_by(FeatureMapRow.sae_id, FeatureMapRow.feature_idx)
+    ).all()
+    position = {s.id: i for i, s in enumerate(on_map)}
+    return FeatureMapPublic.model_construct(  # built from typed columns: skip validating 30k points
+        release=release.name,
+        layer=layer,
+        layers=layers,
+        saes=[MapSaePublic(name=s.name, d_sae=s.d_sae) for s in on_map],
+        sae=[position[r.sae_id] for r in rows],
+        index=[r.feature_idx for r in rows],
+        x=[round(r.x, 4) for r in rows],
+        y=[round(r.y, 4) for r in rows],
+        density=[r.density for r in rows],
+        label=[r.label for r in rows],
+    )
