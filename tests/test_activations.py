@@ -16,6 +16,7 @@ from sae_core.inputs.activations import (
     ActivationCache,
     ActivationCacheError,
     iter_activations,
+    iter_layer_activations,
 )
 from sae_core.inputs.corpus import build_contexts
 from sae_core.inputs.subject import SubjectError
@@ -74,7 +75,7 @@ def all_rows(cache: ActivationCache) -> np.ndarray:
 
 
 class CountingForward:
-    """Stands in for Subject.forward_to_layer: counts calls and can fail on the n-th one."""
+    """Stands in for Subject.forward_to_layers: counts calls and can fail on the n-th one."""
 
     def __init__(self, forward, fail_on: int | None = None):
         self.forward = forward
@@ -107,6 +108,21 @@ def test_iter_activations_streams_contexts_in_order(llama, contexts):
     torch.testing.assert_close(
         batch.acts, llama.forward_to_layer(contexts.tokens[10:17], LAYER), rtol=0, atol=0
     )
+
+
+def test_iter_layer_activations_runs_once_per_batch_for_every_layer(llama, contexts, monkeypatch):
+    forward = CountingForward(llama.forward_to_layers)
+    monkeypatch.setattr(llama, "forward_to_layers", forward)
+    together = list(
+        iter_layer_activations(llama, [LAYER, 0], contexts, batch_size=7, stop=20, progress=False)
+    )
+    assert forward.calls == 3
+    for layer in (0, LAYER):
+        alone = list(iter_activations(llama, layer, contexts, batch_size=7, stop=20, progress=False))
+        for a, b in zip((batches[layer] for batches in together), alone, strict=True):
+            assert torch.equal(a.context_ids, b.context_ids)
+            assert torch.equal(a.special_mask, b.special_mask)
+            torch.testing.assert_close(a.acts, b.acts, rtol=0, atol=1e-6)
 
 
 def test_iter_activations_checks_the_layer(llama, contexts):
@@ -158,8 +174,8 @@ def test_interrupted_build_resumes_to_identical_contents(llama, contexts, tmp_pa
     whole = build(llama, contexts, tmp_path / "whole")
     n_batches = -(-CONTEXTS_PER_SHARD // 16)  # forward calls per shard
 
-    interrupted = CountingForward(llama.forward_to_layer, fail_on=3 * n_batches + 2)
-    monkeypatch.setattr(llama, "forward_to_layer", interrupted)
+    interrupted = CountingForward(llama.forward_to_layers, fail_on=3 * n_batches + 2)
+    monkeypatch.setattr(llama, "forward_to_layers", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(llama, contexts, tmp_path / "resumed")
     meta = json.loads((tmp_path / "resumed" / "meta.json").read_text())
@@ -168,7 +184,7 @@ def test_interrupted_build_resumes_to_identical_contents(llama, contexts, tmp_pa
         ActivationCache.open(tmp_path / "resumed")
 
     resumed_forward = CountingForward(interrupted.forward)
-    monkeypatch.setattr(llama, "forward_to_layer", resumed_forward)
+    monkeypatch.setattr(llama, "forward_to_layers", resumed_forward)
     resumed = build(llama, contexts, tmp_path / "resumed")
     remaining = range(
         3 * CONTEXTS_PER_SHARD, len(contexts), CONTEXTS_PER_SHARD
@@ -185,8 +201,8 @@ def test_interrupted_build_resumes_to_identical_contents(llama, contexts, tmp_pa
 def test_finished_cache_is_reused_and_a_small_one_extended(llama, contexts, tmp_path, monkeypatch):
     small = build(llama, contexts, tmp_path / "cache", max_tokens=1000)
     assert 1000 <= small.n_tokens < 1000 + CTX_LEN + 1
-    forward = CountingForward(llama.forward_to_layer)
-    monkeypatch.setattr(llama, "forward_to_layer", forward)
+    forward = CountingForward(llama.forward_to_layers)
+    monkeypatch.setattr(llama, "forward_to_layers", forward)
     assert build(llama, contexts, tmp_path / "cache", max_tokens=500).n_tokens == small.n_tokens
     assert forward.calls == 0
 
@@ -234,3 +250,57 @@ def test_default_folder_names_model_layer_and_corpus(llama, contexts):
         ActivationCache.default_folder(llama, LAYER + 1, contexts),
     }
     assert folder not in others and len(others) == 2
+
+
+def build_layers(llama, contexts, folders, **kwargs) -> dict[int, ActivationCache]:
+    return ActivationCache.build_layers(
+        llama,
+        folders,
+        contexts,
+        batch_size=16,
+        shard_bytes=shard_bytes(llama, contexts),
+        progress=False,
+        **kwargs,
+    )
+
+
+def test_caches_of_several_layers_fill_from_one_pass(llama, contexts, tmp_path, monkeypatch):
+    singles = {
+        layer: build_layers(llama, contexts, {layer: tmp_path / f"single{layer}"}, max_tokens=1500)[layer]
+        for layer in (0, 1, LAYER)
+    }
+    forward = CountingForward(llama.forward_to_layers)
+    monkeypatch.setattr(llama, "forward_to_layers", forward)
+    # layer 1's cache is already there and complete: it is reused, the other two are built together
+    folders = {0: tmp_path / "l0", 1: tmp_path / "single1", LAYER: tmp_path / f"l{LAYER}"}
+    together = build_layers(llama, contexts, folders, max_tokens=1500)
+    n_contexts = together[0].meta["n_contexts"]
+    shards = range(0, n_contexts, CONTEXTS_PER_SHARD)
+    assert forward.calls == sum(-(-(min(s + CONTEXTS_PER_SHARD, n_contexts) - s) // 16) for s in shards)
+    for layer, cache in together.items():
+        assert cache.meta["layer"] == layer and cache.meta["complete"]
+        np.testing.assert_array_equal(all_rows(cache), all_rows(singles[layer]))
+    assert not np.array_equal(all_rows(together[0]), all_rows(together[LAYER]))
+
+    # killed part-way, the same call resumes each layer where it stopped
+    interrupted = CountingForward(forward.forward, fail_on=n_batches_per_shard() + 1)
+    monkeypatch.setattr(llama, "forward_to_layers", interrupted)
+    folders = {0: tmp_path / "r0", LAYER: tmp_path / f"r{LAYER}"}
+    with pytest.raises(KeyboardInterrupt):
+        build_layers(llama, contexts, folders, max_tokens=1500)
+    assert [len(json.loads((f / "meta.json").read_text())["shards"]) for f in folders.values()] == [1, 1]
+    monkeypatch.setattr(llama, "forward_to_layers", forward.forward)
+    resumed = build_layers(llama, contexts, folders, max_tokens=1500)
+    for layer in folders:
+        np.testing.assert_array_equal(all_rows(resumed[layer]), all_rows(together[layer]))
+
+
+def test_several_layers_refuse_a_foreign_cache_before_building(llama, contexts, tmp_path):
+    build(llama, contexts, tmp_path / "cache", max_tokens=200)  # a layer-2 cache
+    with pytest.raises(ActivationCacheError, match=r"blocks\.2\.hook_resid_post .*, not .* blocks\.1"):
+        build_layers(llama, contexts, {0: tmp_path / "l0", 1: tmp_path / "cache"})
+    assert not (tmp_path / "l0" / "meta.json").exists()
+
+
+def n_batches_per_shard() -> int:
+    return -(-CONTEXTS_PER_SHARD // 16)

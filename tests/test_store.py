@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from sqlalchemy.orm import Session
 
 from sae_core.store.db import (
     StoreError,
@@ -19,8 +20,15 @@ from sae_core.store.db import (
     unpack_acts,
     unpack_tokens,
 )
+from sae_core.store.releases import (
+    claim_release,
+    get_release,
+    join_release,
+    list_releases,
+    release_saes,
+)
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def seed_rows(conn) -> None:
@@ -61,6 +69,11 @@ def check_migrations(url: str) -> None:
     assert sa.inspect(engine).has_table("precompute_state")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
+    with Session(engine) as session:  # the SAE of the older store is now a release of one
+        release = get_release(session, "sae")
+        assert release is not None and release.model_id == 1
+        assert [sae.name for sae in release_saes(session, release.id)] == ["sae"]
+        assert [r.name for r in list_releases(session)] == ["sae"]
     migrate(engine)  # at head: nothing to do
     with engine.begin() as conn:
         conn.exec_driver_sql("update alembic_version set version_num = '9999'")
@@ -130,3 +143,52 @@ def test_packed_arrays_round_trip():
     assert back[3] == 2.0 and back[0] == back[2] == 0.0
     assert np.allclose(back, values, atol=max_act / 255 / 2)
 
+
+
+def add_sae(conn, sae_id: int, name: str, layer: int, d_sae: int, model_id: int = 1) -> None:
+    conn.exec_driver_sql(
+        "insert into saes (id, name, model_id, layer, hook_name, architecture, d_in, d_sae, path, train_cfg, metrics, "
+        "corpus, precompute_cfg, n_tokens, density_hist, status, created_at) values "
+        f"({sae_id}, '{name}', {model_id}, {layer}, 'h', 'topk', 8, {d_sae}, 'p', '{{}}', '{{}}', '{{}}', '{{}}', 0, "
+        "'{}', 'complete', CURRENT_TIMESTAMP)"
+    )
+
+
+def check_releases(url: str) -> None:
+    engine = create_engine_for(url)
+    migrate(engine)
+    with engine.begin() as conn:
+        seed_rows(conn)  # SAE 1 "sae", layer 0, width 4, no release yet
+        add_sae(conn, 2, "wide", layer=0, d_sae=16)
+        add_sae(conn, 3, "deep", layer=1, d_sae=4)
+        for sae_id in (3, 2, 1):
+            join_release(conn, sae_id, "rel")
+    with Session(engine) as session:
+        release = get_release(session, "rel")
+        assert [s.name for s in release_saes(session, release.id)] == ["sae", "wide", "deep"]  # layer, then width
+        assert get_release(session, "nope") is None
+    with engine.begin() as conn:
+        claim_release(conn, "rel", "m", ["sae", "wide", "deep"], force=False)  # the same SAEs: fine
+        with pytest.raises(StoreError, match="'rel' already holds deep, wide; pass --force"):
+            claim_release(conn, "rel", "m", ["sae"], force=False)
+        with pytest.raises(StoreError, match="holds SAEs of m, not other"):
+            claim_release(conn, "rel", "other", ["sae"], force=True)
+        claim_release(conn, "rel", "m", ["sae"], force=True)  # the others leave, each to its own release
+    with Session(engine) as session:
+        assert [s.name for s in release_saes(session, get_release(session, "rel").id)] == ["sae"]
+        assert [s.name for s in release_saes(session, get_release(session, "wide").id)] == ["wide"]
+    with engine.begin() as conn:
+        join_release(conn, 1, "sae")  # "rel" is left empty and goes
+    with Session(engine) as session:
+        assert get_release(session, "rel") is None
+        assert sorted(r.name for r in list_releases(session)) == ["deep", "sae", "wide"]
+    engine.dispose()
+
+
+def test_releases_sqlite(sqlite_url):
+    check_releases(sqlite_url)
+
+
+@pytest.mark.postgres
+def test_releases_postgres(pg_schema):
+    check_releases(pg_schema)

@@ -161,6 +161,28 @@ def test_forward_to_layer_stops_after_the_hooked_block(llama):
         handle.remove()
 
 
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_one_forward_to_several_layers_equals_separate_forwards(which, llama, gpt2):
+    subject = {"llama": llama, "gpt2": gpt2}[which]
+    ids = _ids(subject)
+    layers = [subject.n_layers - 1, 0, 1]  # any order; the pass stops after the deepest
+    hooks = _hooks(subject)
+    together = subject.forward_to_layers(ids, layers)
+    assert sorted(together) == sorted(layers)
+    for layer in layers:
+        torch.testing.assert_close(together[layer], subject.forward_to_layer(ids, layer), rtol=0, atol=1e-6)
+    assert _hooks(subject) == hooks
+    ran = []
+    handle = subject.blocks[2].register_forward_hook(lambda *_: ran.append(True))
+    try:
+        subject.forward_to_layers(ids, [0, 1])  # nothing past block 1 runs
+        assert not ran
+    finally:
+        handle.remove()
+    with pytest.raises(SubjectError, match=f"layer {subject.n_layers} is outside"):
+        subject.forward_to_layers(ids, [0, subject.n_layers])
+
+
 def test_run_to_layer_keeps_the_graph_for_attribution(llama):
     delta = torch.zeros(llama.d_model, requires_grad=True)  # a gradient probe on block 0's output
     with llama.patch_layer(0, lambda resid: resid + delta):

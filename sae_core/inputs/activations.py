@@ -2,11 +2,14 @@
 
 ``iter_activations`` streams (context ids, tokens, activations, special mask) batches in context
 order, running the subject only up to the hooked block; precompute and evaluation use it.
+``iter_layer_activations`` does the same for several layers from one forward per batch.
 
 ``ActivationCache`` is what training reads: the non-special tokens' activations of one
 (model, layer, corpus) as fp16 ``.npy`` shards, memory-mapped when read. A shard holds the tokens
 of a run of consecutive contexts (already in the corpus' shuffled order), permuted within the
 shard, so reading the cache front to back gives batches that mix thousands of contexts.
+``ActivationCache.build_layers`` fills the caches of several layers (each its own folder, reused
+or refused on its own) from one forward per batch, to the deepest layer still missing.
 
 Building is resumable: each shard is written to a temporary file and renamed, and only then is
 ``meta.json`` (also written atomically) told about it, so a killed build loses at most the shard
@@ -24,7 +27,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,7 +69,27 @@ def iter_activations(
     progress: bool = True,
 ) -> Iterator[ActivationBatch]:
     """Residual-stream activations of contexts[start:stop], in order, ``batch_size`` contexts at a time."""
-    subject.check_layer(layer)
+    for batches in iter_layer_activations(
+        subject, [layer], contexts, batch_size=batch_size, start=start, stop=stop, progress=progress
+    ):
+        yield batches[layer]
+
+
+def iter_layer_activations(
+    subject: Subject,
+    layers: Sequence[int],
+    contexts: Contexts,
+    *,
+    batch_size: int = 32,
+    start: int = 0,
+    stop: int | None = None,
+    progress: bool = True,
+) -> Iterator[dict[int, ActivationBatch]]:
+    """Like ``iter_activations`` for several layers at once: each batch runs the subject once, to
+    the deepest of ``layers``, and comes back as one ``ActivationBatch`` per layer (sharing ids,
+    tokens and mask)."""
+    for layer in layers:
+        subject.check_layer(layer)
     stop = len(contexts) if stop is None else min(stop, len(contexts))
     seq = contexts.tokens.shape[1]
     device = subject.device
@@ -74,17 +97,16 @@ def iter_activations(
         total=max(stop - start, 0) * seq,
         unit="tok",
         unit_scale=True,
-        desc=f"activations {hook_name(layer)}",
+        desc=f"activations {', '.join(hook_name(layer) for layer in sorted(set(layers)))}",
         disable=not progress,
     ) as bar:
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             tokens = contexts.tokens[lo:hi].to(device)  # (batch, seq)
-            acts = subject.forward_to_layer(tokens, layer).float()  # (batch, seq, d_model)
+            resid = subject.forward_to_layers(tokens, layers)  # {layer: (batch, seq, d_model)}
             context_ids = torch.arange(lo, hi, device=device)
-            yield ActivationBatch(
-                context_ids, tokens, acts, contexts.special_mask[lo:hi].to(device)
-            )
+            special = contexts.special_mask[lo:hi].to(device)
+            yield {layer: ActivationBatch(context_ids, tokens, acts, special) for layer, acts in resid.items()}
             bar.update((hi - lo) * seq)
 
 
@@ -167,21 +189,53 @@ class ActivationCache:
         Resumes an unfinished build in ``folder`` and extends a finished smaller one; a finished
         cache that is large enough is reused as it is. ``shard_bytes`` applies to a new cache only.
         """
-        subject.check_layer(layer)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with _exclusive(folder):
-            meta = _read_meta(folder)
-            if meta is None:
-                meta = _new_meta(subject, layer, contexts, shard_bytes)
-            else:
-                _check_same_source(folder, meta, _new_meta(subject, layer, contexts, shard_bytes))
-            target = _contexts_for(contexts, max_tokens)
-            shards = [_Shard(*entry) for entry in meta["shards"]]
-            if not (meta["complete"] and shards and shards[-1].stop >= target):
-                builder = _Builder(subject, layer, contexts, folder, meta, batch_size, progress)
-                builder.run(shards, target)
-        return cls.open(folder)
+        caches = cls.build_layers(
+            subject,
+            {layer: folder},
+            contexts,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            shard_bytes=shard_bytes,
+            progress=progress,
+        )
+        return caches[layer]
+
+    @classmethod
+    def build_layers(
+        cls,
+        subject: Subject,
+        folders: Mapping[int, str | Path],
+        contexts: Contexts,
+        *,
+        max_tokens: int | None = None,
+        batch_size: int = 32,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        progress: bool = True,
+    ) -> dict[int, ActivationCache]:
+        """The caches of several layers of one model and corpus (``folders``: layer -> its folder),
+        each resumed, extended, reused or refused as ``build`` does, with the missing shards of all
+        of them written from one forward per batch, to the deepest layer still missing."""
+        for layer in folders:
+            subject.check_layer(layer)
+        target = _contexts_for(contexts, max_tokens)
+        with contextlib.ExitStack() as locks:
+            pending = []
+            for layer, folder in folders.items():
+                folder = Path(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                locks.enter_context(_exclusive(folder))
+                wanted = _new_meta(subject, layer, contexts, shard_bytes)
+                meta = _read_meta(folder)
+                if meta is None:
+                    meta = wanted
+                else:
+                    _check_same_source(folder, meta, wanted)
+                shards = [_Shard(*entry) for entry in meta["shards"]]
+                if not (meta["complete"] and shards and shards[-1].stop >= target):
+                    pending.append(_LayerCache(layer, folder, meta, shards))
+            if pending:
+                _Builder(subject, contexts, batch_size, progress).run(pending, target)
+        return {layer: cls.open(folder) for layer, folder in folders.items()}
 
     def token_batches(
         self, batch_size: int, *, start: int = 0, stop: int | None = None
@@ -212,86 +266,99 @@ class ActivationCache:
         return torch.from_numpy(np.concatenate(parts).astype(np.float32))
 
 
-class _Builder:
-    """Writes the missing shards of a cache, one atomic shard and meta update at a time."""
+class _LayerCache:
+    """One layer's cache while it is built: its folder, meta.json and the shards it keeps."""
 
-    def __init__(
-        self,
-        subject: Subject,
-        layer: int,
-        contexts: Contexts,
-        folder: Path,
-        meta: dict,
-        batch_size: int,
-        progress: bool,
-    ):
-        self.subject = subject
+    def __init__(self, layer: int, folder: Path, meta: dict, stored: list[_Shard]):
         self.layer = layer
-        self.contexts = contexts
         self.folder = folder
         self.meta = meta
+        self.stored = stored
+        self.shards: list[_Shard] = []
+
+    def keep_plan(self, plan: list[tuple[int, int]]) -> None:
+        """Keep the stored shards the plan starts with; forget the rest, then delete them."""
+        self.shards = _matching_prefix(self.stored, plan)
+        self.save(complete=False)  # forget stale shards before deleting them
+        for stale in self.stored[len(self.shards) :]:
+            (self.folder / stale.file).unlink(missing_ok=True)
+
+    def add(self, index: int, start: int, stop: int, rows: np.ndarray) -> None:
+        """Shuffle the rows of contexts [start, stop), write them as shard ``index``, record it."""
+        if not np.isfinite(rows).all():
+            raise ActivationCacheError(
+                f"activations of {hook_name(self.layer)} overflow fp16 in contexts {start}..{stop - 1}; "
+                "this layer cannot be cached in fp16"
+            )
+        rows = rows[np.random.default_rng(index).permutation(len(rows))]
+        shard = _Shard(f"shard_{index:05d}.npy", start, stop, len(rows))
+        staging = self.folder / f"{shard.file}.tmp"
+        with open(staging, "wb") as fh:
+            np.save(fh, rows)
+        os.replace(staging, self.folder / shard.file)
+        self.shards.append(shard)
+        self.save(complete=False)
+
+    def save(self, *, complete: bool) -> None:
+        self.meta["shards"] = [list(shard) for shard in self.shards]
+        self.meta["n_tokens"] = sum(shard.n_tokens for shard in self.shards)
+        self.meta["n_contexts"] = self.shards[-1].stop if self.shards else 0
+        self.meta["complete"] = complete
+        _write_meta(self.folder, self.meta)
+
+
+class _Builder:
+    """Writes the missing shards of several layers' caches, one atomic shard and meta update at a
+    time, all the layers that miss a shard filled from the same forward passes."""
+
+    def __init__(self, subject: Subject, contexts: Contexts, batch_size: int, progress: bool):
+        self.subject = subject
+        self.contexts = contexts
         self.batch_size = batch_size
         self.progress = progress
         self.counts = (~contexts.special_mask).sum(dim=1)  # (n_contexts,) non-special tokens
 
-    def run(self, stored: list[_Shard], target: int) -> None:
-        plan = _plan(target, self.meta["contexts_per_shard"])
-        kept = _matching_prefix(stored, plan)
-        self._save(kept, complete=False)  # forget stale shards before deleting them
-        for stale in stored[len(kept) :]:
-            (self.folder / stale.file).unlink(missing_ok=True)
-        done = sum(shard.n_tokens for shard in kept)
-        total = int(self.counts[:target].sum())
+    def run(self, caches: list[_LayerCache], target: int) -> None:
+        # Caches made with other shard sizes have other plans; each plan is its own pass.
+        plans: dict[int, list[_LayerCache]] = {}
+        for cache in caches:
+            cache.keep_plan(_plan(target, cache.meta["contexts_per_shard"]))
+            plans.setdefault(cache.meta["contexts_per_shard"], []).append(cache)
+        total = int(self.counts[:target].sum()) * len(caches)
+        done = sum(cache.meta["n_tokens"] for cache in caches)
+        names = ", ".join(cache.folder.name for cache in caches)
         with tqdm(
-            total=total,
-            initial=done,
-            unit="tok",
-            unit_scale=True,
-            desc=f"caching {self.folder.name}",
-            disable=not self.progress,
+            total=total, initial=done, unit="tok", unit_scale=True, desc=f"caching {names}", disable=not self.progress
         ) as bar:
-            for index in range(len(kept), len(plan)):
-                kept.append(self._write_shard(index, *plan[index], bar))
-                self._save(kept, complete=False)
-        self._save(kept, complete=True)
+            for per_shard, group in plans.items():
+                plan = _plan(target, per_shard)
+                for index in range(min(len(cache.shards) for cache in group), len(plan)):
+                    missing = [cache for cache in group if len(cache.shards) == index]
+                    self._write_shard(index, *plan[index], missing, bar)
+        for cache in caches:
+            cache.save(complete=True)
 
-    def _write_shard(self, index: int, start: int, stop: int, bar: tqdm) -> _Shard:
+    def _write_shard(self, index: int, start: int, stop: int, caches: list[_LayerCache], bar: tqdm) -> None:
         n_tokens = int(self.counts[start:stop].sum())
-        rows = np.empty((n_tokens, self.meta["d_model"]), dtype=np.float16)
+        d_model = self.subject.d_model
+        rows = {cache.layer: np.empty((n_tokens, d_model), dtype=np.float16) for cache in caches}
         filled = 0
-        for batch in iter_activations(
+        for batches in iter_layer_activations(
             self.subject,
-            self.layer,
+            list(rows),
             self.contexts,
             batch_size=self.batch_size,
             start=start,
             stop=stop,
             progress=False,
         ):
-            keep = batch.acts[~batch.special_mask].to("cpu", torch.float16)  # (kept, d_model)
-            keep = keep.numpy()
-            rows[filled : filled + len(keep)] = keep
+            for layer, batch in batches.items():
+                keep = batch.acts[~batch.special_mask].to("cpu", torch.float16).numpy()  # (kept, d_model)
+                rows[layer][filled : filled + len(keep)] = keep
             filled += len(keep)
-            bar.update(len(keep))
-        if not np.isfinite(rows).all():
-            raise ActivationCacheError(
-                f"activations of {hook_name(self.layer)} overflow fp16 in contexts {start}..{stop - 1}; "
-                "this layer cannot be cached in fp16"
-            )
-        rows = rows[np.random.default_rng(index).permutation(n_tokens)]
-        shard = _Shard(f"shard_{index:05d}.npy", start, stop, n_tokens)
-        staging = self.folder / f"{shard.file}.tmp"
-        with open(staging, "wb") as fh:
-            np.save(fh, rows)
-        os.replace(staging, self.folder / shard.file)
-        return shard
-
-    def _save(self, shards: list[_Shard], *, complete: bool) -> None:
-        self.meta["shards"] = [list(shard) for shard in shards]
-        self.meta["n_tokens"] = sum(shard.n_tokens for shard in shards)
-        self.meta["n_contexts"] = shards[-1].stop if shards else 0
-        self.meta["complete"] = complete
-        _write_meta(self.folder, self.meta)
+            bar.update(len(keep) * len(batches))
+        for cache in caches:
+            cache.add(index, start, stop, rows[cache.layer])
 
 
 def _plan(target: int, per_shard: int) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +72,7 @@ def hook_name(layer: int) -> str:
 
 
 class _StopForward(Exception):
-    """Raised from a hook to end the forward pass once the hooked block has run."""
-
-    def __init__(self, output: torch.Tensor):
-        self.output = output
+    """Raised from a hook to end the forward pass once the deepest hooked block has run."""
 
 
 def _hidden(output) -> torch.Tensor:
@@ -170,24 +167,49 @@ class Subject:
         Runs the embedding and blocks 0..layer only; a hook on block ``layer`` stops the pass.
         On a GPU it runs under bf16 autocast (sae_core.inputs.device); the result is float32 everywhere.
         """
+        return self.forward_to_layers(input_ids, [layer], attention_mask)[layer]
+
+    @torch.no_grad()
+    def forward_to_layers(
+        self,
+        input_ids: torch.Tensor,
+        layers: Sequence[int],
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Residual stream after each block in ``layers``, from one pass that stops after the
+        deepest: {layer: (batch, seq, d_model) float32}."""
         with model_autocast(self.device):
-            return self.run_to_layer(input_ids, layer, attention_mask).float()
+            resid = self.run_to_layers(input_ids, layers, attention_mask)
+        return {layer: acts.float() for layer, acts in resid.items()}
 
     def run_to_layer(self, input_ids, layer, attention_mask=None) -> torch.Tensor:
         """Like ``forward_to_layer`` but keeps the autograd graph (for attribution)."""
-        self.check_layer(layer)
+        return self.run_to_layers(input_ids, [layer], attention_mask)[layer]
 
-        def stop(_module, _inputs, output):
-            raise _StopForward(_hidden(output))
+    def run_to_layers(self, input_ids, layers: Sequence[int], attention_mask=None) -> dict[int, torch.Tensor]:
+        """Like ``forward_to_layers`` but keeps the autograd graph (for attribution)."""
+        if not layers:
+            raise SubjectError("no layers requested")
+        wanted = sorted({self.check_layer(layer) for layer in layers})
+        seen: dict[int, torch.Tensor] = {}
 
-        handle = self.blocks[layer].register_forward_hook(stop)
+        def keep(layer: int):
+            def hook(_module, _inputs, output):
+                seen[layer] = _hidden(output)
+                if layer == wanted[-1]:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.blocks[layer].register_forward_hook(keep(layer)) for layer in wanted]
         try:
             self._body()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward as stopped:
-            return stopped.output
+        except _StopForward:
+            return seen
         finally:
-            handle.remove()
-        raise RuntimeError(f"block {layer} never ran")  # pragma: no cover
+            for handle in handles:
+                handle.remove()
+        raise RuntimeError(f"block {wanted[-1]} never ran")  # pragma: no cover
 
     def _body(self) -> nn.Module:
         """The base model without the LM head (so stopping early never computes logits)."""

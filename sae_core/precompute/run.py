@@ -109,7 +109,7 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     rows = store_rows(collect_results(run, stats))
     n_tokens = int(stats.n_tokens)
     summary = {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)}
-    publish(engine, run.sae_id, inputs.name, summary, rows)
+    publish(engine, run.sae_id, inputs.name, inputs.name, summary, rows)
     run.spill_path.unlink(missing_ok=True)
     say(f"{inputs.name}: {run.sae.d_sae} features over {n_tokens} tokens written to {cfg.db_url}")
     return PrecomputeResult(inputs.name, n_tokens, run.sae.d_sae, False, checkpoint.batches_done if checkpoint else 0)

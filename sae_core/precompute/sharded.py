@@ -158,7 +158,7 @@ def write_store(run: Run, merged: StreamingStats, name: str, files: RankFiles) -
     rows = store_rows(collect_results(run, merged, examples=examples))
     n_tokens = int(merged.n_tokens)
     summary = {"n_tokens": n_tokens, "density_hist": density_histogram(merged.features.count, n_tokens)}
-    publish(run.engine, run.sae_id, name, summary, rows)
+    publish(run.engine, run.sae_id, name, name, summary, rows)
 
 
 def open_staging_row(cfg: PrecomputeConfig, inputs: Inputs, engine, loaded) -> int:

@@ -28,6 +28,7 @@ from sae_core.store.db import (
     VocabRow,
     utcnow,
 )
+from sae_core.store.releases import join_release
 
 INSERT_BATCH = 2000  # rows per executemany: large enough to amortise round trips, small in memory
 STAGING_SUFFIX = "~staging"
@@ -134,8 +135,9 @@ class StoreRows(NamedTuple):
     token_features: Iterable[dict]
 
 
-def publish(engine: Engine, sae_id: int, name: str, sae_updates: dict, rows: StoreRows) -> None:
-    """Write the results under the staging row and swap it in, all in one transaction."""
+def publish(engine: Engine, sae_id: int, name: str, release: str, sae_updates: dict, rows: StoreRows) -> None:
+    """Write the results under the staging row and swap it in, into the release ``release``, all in
+    one transaction."""
     with engine.begin() as conn:
         for table in (FeatureRow, ExampleRow, ContextRow, TokenFeatureRow):
             conn.execute(sa.delete(table).where(table.sae_id == sae_id))
@@ -150,6 +152,7 @@ def publish(engine: Engine, sae_id: int, name: str, sae_updates: dict, rows: Sto
             .where(SaeRow.id == sae_id)
             .values(name=name, status="complete", completed_at=utcnow(), **sae_updates)
         )
+        join_release(conn, sae_id, release)
     reclaim_space(engine)
 
 

@@ -77,6 +77,18 @@ class VocabRow(Base):
     text: Mapped[str] = mapped_column(Text)  # decoded text of the single token ("Ġfoo" -> " foo")
 
 
+class ReleaseRow(Base):
+    """A named set of SAEs on one subject model (layers x widths), precomputed together.
+    An SAE precomputed alone is a release of one, named after the SAE."""
+
+    __tablename__ = "releases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # url slug, e.g. "smollm2-135m-demo"
+    model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class SaeRow(Base):
     """One SAE and the run that precomputed it."""
 
@@ -85,6 +97,10 @@ class SaeRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)  # url slug, e.g. "smollm2-135m-l15-topk-8192"
     model_id: Mapped[int] = mapped_column(ForeignKey("subject_models.id"))
+    # None only while a precompute is unfinished: publishing puts every SAE in a release
+    release_id: Mapped[int | None] = mapped_column(
+        ForeignKey("releases.id", ondelete="SET NULL"), nullable=True
+    )
     layer: Mapped[int] = mapped_column(Integer)
     hook_name: Mapped[str] = mapped_column(String(200))
     architecture: Mapped[str] = mapped_column(String(32))
