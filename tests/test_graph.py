@@ -3,6 +3,8 @@ replacement model, batching, the node cap, and the errors a user can cause."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ from sae_core.live.graph import (
     predicted_change,
     replacement_model,
 )
+from sae_core.live.graph_json import GRAPH_SCHEMA, dumps, graph_document, loads
+from sae_core.live.graph_prune import Pruning, influence, normalised, prune
 from sae_core.saes.sae import SAE, SAEConfig
 from tests.live_support import random_sae
 
@@ -145,3 +149,132 @@ def test_errors_a_user_can_cause(llama64, topk_saes, gpt2_dir):
     gpt2 = load_subject(str(gpt2_dir))
     with pytest.raises(GraphError, match="Llama-family"):
         build_graph(gpt2, [GraphSae(0, random_sae(gpt2.d_model, layer=0))], TEXT)
+
+
+# -- pruning, scores and JSON ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def topk_graph(llama64, topk_saes):
+    return build_graph(llama64, topk_saes, live.encode_prompt(llama64, TEXT))
+
+
+@pytest.mark.parametrize("node_share, edge_share", [(0.8, 0.98), (0.5, 0.9)])
+def test_pruning_keeps_the_required_influence_share(topk_graph, node_share, edge_share):
+    graph = topk_graph
+    pruned = prune(graph, Pruning(node_share, edge_share))
+    prunable = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    prunable[: graph.embedding_start] = True
+    total = pruned.influence[prunable].sum()
+    kept = pruned.influence[prunable & pruned.by_influence].sum()
+    assert kept >= node_share * total
+    # ... and not much more: dropping the least influential kept node falls below the share
+    least = pruned.influence[prunable & pruned.by_influence].min()
+    assert kept - least < node_share * total
+    assert bool(pruned.nodes[graph.embedding_start :].all())
+    assert not bool((pruned.nodes & ~pruned.by_influence).any())
+    # every kept edge joins kept nodes; every kept feature has an edge in and one out
+    dst, src = pruned.edges.nonzero(as_tuple=True)
+    assert bool(pruned.nodes[dst].all() and pruned.nodes[src].all())
+    for i in pruned.nodes[: graph.n_features].nonzero()[:, 0].tolist():
+        assert pruned.edges[i].any() and pruned.edges[:, i].any()
+    assert 0 < pruned.replacement_score < 1 and 0 < pruned.completeness < 1
+    assert pruned.nodes.sum() < graph.n_nodes
+
+
+def test_influence_is_the_sum_over_paths(topk_graph):
+    """Against a direct sum over every path, on the normalised matrix."""
+    shares = normalised(topk_graph.adjacency)
+    start = torch.zeros(topk_graph.n_nodes, dtype=torch.float64)
+    start[-1] = 1.0
+    by_paths = torch.zeros_like(start)
+    power = start
+    for _ in range(len(LAYERS) + 1):  # embeddings -> 3 SAE layers -> target: at most 4 hops
+        power = power @ shares
+        by_paths += power
+    torch.testing.assert_close(influence(shares, start), by_paths)
+    assert float(
+        by_paths[topk_graph.embedding_start : -1].sum()
+        + by_paths[topk_graph.error_start : topk_graph.embedding_start].sum()
+    ) == pytest.approx(1.0)
+
+
+def test_exact_saes_replace_everything(llama64, exact_saes):
+    graph = build_graph(llama64, exact_saes, TEXT, limits=GraphLimits(max_features=10_000))
+    pruned = prune(graph)
+    assert pruned.replacement_score == pytest.approx(1.0)
+    assert pruned.completeness == pytest.approx(1.0)
+
+
+def document_of(graph, labels=None):
+    pruning = Pruning()
+    return graph_document(
+        graph,
+        prune(graph, pruning),
+        slug="tiny-fox",
+        release="tiny-release",
+        sae_names=[f"sae-l{layer}" for layer in graph.layers],
+        prompt=TEXT,
+        n_model_layers=4,
+        pruning=pruning,
+        limits=GraphLimits(),
+        labels=labels,
+    )
+
+
+def test_json_validates_against_the_schema_and_round_trips_byte_for_byte(topk_graph):
+    jsonschema = pytest.importorskip("jsonschema")
+    slot, pos, feature = topk_graph.features[0].tolist()
+    labels = {(layer, f): f"<script>alert({f})</script>" for layer in LAYERS for f in range(96)}
+    document = document_of(topk_graph, labels)
+    document.qParams.pinnedIds = [document.nodes[0].node_id]
+    document.qParams.supernodes = [
+        ["a group", document.nodes[0].node_id, document.nodes[1].node_id]
+    ]
+    text = dumps(document)
+    jsonschema.validate(json.loads(text), GRAPH_SCHEMA)
+    assert dumps(loads(text)) == text
+    assert dumps(loads(dumps(loads(text)))) == text
+    data = json.loads(text)
+    assert data["metadata"]["prompt_tokens"][0] == "<|bos|>"
+    assert len(data["metadata"]["prompt_tokens"]) == topk_graph.n_positions
+    assert {n["feature_type"] for n in data["nodes"]} >= {
+        "embedding",
+        "logit",
+        "cross layer transcoder",
+    }
+    assert any(n["clerp"].startswith("<script>") for n in data["nodes"])
+    ids = {n["node_id"] for n in data["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in data["links"])
+    meta = data["metadata"]["saescope"]
+    assert meta["nodes_after"] == len(data["nodes"]) and meta["edges_after"] == len(data["links"])
+
+
+def test_a_circuit_tracer_document_imports_and_keeps_unknown_keys(topk_graph):
+    foreign = json.loads(dumps(document_of(topk_graph)))
+    foreign["metadata"] = {
+        k: foreign["metadata"][k]
+        for k in ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold")
+    }
+    foreign["metadata"]["from_neuronpedia"] = {"x": 1}
+    imported = loads(json.dumps(foreign))
+    again = dumps(imported)
+    assert json.loads(again)["metadata"]["from_neuronpedia"] == {"x": 1}
+    assert dumps(loads(again)) == again
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{", "not a graph JSON file"),
+        ('{"nodes": []}', "metadata"),
+        (
+            '{"metadata": {"slug": "s", "scan": "x", "prompt_tokens": [], "prompt": ""}, "nodes": [],'
+            ' "links": [{"source": "a", "target": "b", "weight": 1}]}',
+            "unknown node",
+        ),
+    ],
+)
+def test_bad_json_is_one_clear_error(text, message):
+    with pytest.raises(GraphError, match=message):
+        loads(text)
