@@ -12,7 +12,7 @@ import sys
 
 from sae_core.errors import SaescopeError
 
-COMMANDS = ("train", "evaluate", "precompute", "label", "serve", "demo", "migrate")
+COMMANDS = ("train", "evaluate", "precompute", "label", "serve", "demo", "migrate", "graph")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, default_layer: int | None = 15) -> None:

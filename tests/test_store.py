@@ -28,7 +28,7 @@ from sae_core.store.releases import (
     release_saes,
 )
 
-HEAD = "0003"
+HEAD = "0004_graphs"
 
 
 def seed_rows(conn) -> None:
@@ -67,6 +67,7 @@ def check_migrations(url: str) -> None:
     migrate(engine)  # the older store is upgraded in place, its rows kept
     assert schema_revision(engine) == HEAD
     assert sa.inspect(engine).has_table("precompute_state")
+    assert sa.inspect(engine).has_table("graphs")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     with Session(engine) as session:  # the SAE of the older store is now a release of one
