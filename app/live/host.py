@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
 
+from app.live.jobs import GRAPH_OPERATIONS, GraphJobs
 from app.live.worker import (
     LiveRefused,
     LiveUnavailableError,
@@ -73,6 +74,7 @@ class ModelHost:
         self.worker = LiveWorker(queue_size=settings.live_queue_size).start()
         # Request threads tokenise, and fast tokenizers are not re-entrant.
         self._tokenizer_lock = threading.Lock()
+        self.graphs = GraphJobs(saes=saes, settings=settings, tokenizer_lock=self._tokenizer_lock)
         self._operations: dict[str, Callable[..., Any]] = {
             "activations": self._activations,
             "feature_on_text": self._feature_on_text,
@@ -114,14 +116,18 @@ class ModelHost:
 
     def close(self) -> None:
         self.worker.stop()
+        self.graphs.close()
 
     def call(self, operation: str, sae_name: str, **params) -> Any:
-        """Run ``operation`` on ``sae_name``'s model; a LiveRefused says why it cannot."""
+        """Run ``operation`` on ``sae_name``'s model (graph operations: on a release's, named
+        by ``sae_name``); a LiveRefused says why it cannot."""
         target = self.saes.get(sae_name)
-        if target is None:
+        if target is None and operation not in GRAPH_OPERATIONS:
             reason = self.unavailable.get(sae_name, "it is not in the store the model side read")
             raise LiveRefused(503, f"live prompts are off for SAE {sae_name!r}: {reason}")
         try:
+            if operation in GRAPH_OPERATIONS:
+                return self.graphs.call(operation, sae_name, **params)
             return self._operations[operation](target, **params)
         except live.PromptTooLong as err:
             raise LiveRefused(413, f"{err} (max_prompt_tokens)") from None

@@ -14,9 +14,9 @@ each upstream node sends it (``sae_core.live.graph``). It is the "local linear v
 Anthropic's circuit-tracing work with residual SAEs instead of transcoders, so the MLPs between
 two SAE layers are linearised by their gates rather than replaced.
 
-``Freezer.record()`` runs the prompt once and stores those values; under ``Freezer.replay()`` the
-hooks return them (broadcast over a batch of copies of the prompt), and autograd sees the linear
-model. ``blocks_from`` runs a stretch of blocks directly, with the keyword arguments (rotary
+``Freezer.record()`` runs the prompt once and stores those values; under ``Freezer.replay()``
+those modules' forwards return them (broadcast over a batch of copies of the prompt) without
+computing the projections they replace, and autograd sees the linear model. ``blocks_from`` runs a stretch of blocks directly, with the keyword arguments (rotary
 embeddings, causal mask) the model passed them on the prompt.
 """
 
@@ -41,21 +41,36 @@ def _is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and hasattr(module, "weight")
 
 
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(dotted)
+    except AttributeError:
+        return None
+
+
 class Freezer:
     """Record the prompt's attention inputs, norm scales and gates; replay them as constants."""
 
     def __init__(self, subject: Subject):
         self.subject = subject
-        self.mode = "off"  # "record" on the prompt, "replay" for the linear model, "off" between
+        self.mode = "off"  # "record" while the prompt runs
         self.values: dict[str, torch.Tensor] = {}
         self.block_inputs: list[torch.Tensor] = []  # (1, seq, d) input of every block
         self.block_outputs: list[torch.Tensor] = []  # (1, seq, d) output of every block
         self.block_kwargs: list[dict[str, Any]] = []
         self.final_input: torch.Tensor | None = None  # (1, seq, d) input of the final norm
-        self._held, self._norms = self._find_modules()
+        self._held, self._gates, self._norms = self._find_modules()
 
-    def _find_modules(self) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    def _find_modules(
+        self,
+    ) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, nn.Module]]:
+        """(held: q/k projections and MLP activations, their gate projections, RMSNorms)."""
         held: dict[str, nn.Module] = {}
+        gates: dict[str, nn.Module] = {}
         norms: dict[str, nn.Module] = {}
         for b, block in enumerate(self.subject.blocks):
             found = {"q_proj": 0, "k_proj": 0, "act_fn": 0}
@@ -64,9 +79,20 @@ class Freezer:
                 if last in found:
                     held[f"{b}.{name}"] = module
                     found[last] += 1
+                    if last == "act_fn":
+                        gate = _get(
+                            block,
+                            name.rsplit(".", 1)[0] + ".gate_proj" if "." in name else "gate_proj",
+                        )
+                        if gate is not None:
+                            gates[f"{b}.{name}"] = gate
                 elif _is_rms_norm(module):
                     norms[f"{b}.{name}"] = module
-            if not all(found.values()) or not any(k.startswith(f"{b}.") for k in norms):
+            if (
+                not all(found.values())
+                or not any(k.startswith(f"{b}.") for k in norms)
+                or not any(k.startswith(f"{b}.") for k in gates)
+            ):
                 raise GraphError(
                     f"attribution graphs need a Llama-family model (RMSNorm, q/k projections, "
                     f"gated MLP); block {b} of {self.subject.name} "
@@ -76,35 +102,58 @@ class Freezer:
         if not _is_rms_norm(final):
             raise GraphError(f"the final norm of {self.subject.name} is not an RMSNorm")
         norms["final"] = final
-        return held, norms
+        return held, gates, norms
 
-    # -- hooks --------------------------------------------------------------------------------
+    # -- recording ----------------------------------------------------------------------------
 
-    def _hold(self, key: str):
+    def _record_output(self, key: str):
         def hook(_module, _inputs, output):
             if self.mode == "record":
                 self.values[key] = output.detach()
-            elif self.mode == "replay":
-                stored = self.values[key]
-                return stored.expand(output.shape[0], *stored.shape[1:]).contiguous()
-            return None
 
         return hook
 
-    def _norm(self, key: str, module: nn.Module):
-        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+    def _record_scale(self, key: str, module: nn.Module):
+        eps = _eps(module)
 
-        def hook(_module, inputs, output):
-            x = inputs[0]
+        def hook(_module, inputs, _output):
             if self.mode == "record":
-                xf = x.detach().to(torch.promote_types(x.dtype, torch.float32))
-                self.values[key] = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            elif self.mode == "replay":
-                scale = self.values[key]  # (1, seq, 1): broadcasts over a batch of copies
-                return module.weight * (x.to(scale.dtype) * scale).to(x.dtype)
-            return None
+                x = inputs[0].detach()
+                x = x.to(torch.promote_types(x.dtype, torch.float32))
+                self.values[key] = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (1, seq, 1)
 
         return hook
+
+    # -- replaying: module forwards swapped for constants and frozen scales -------------------
+
+    def _constant(self, key: str):
+        def forward(x, *_args, **_kwargs):  # the prompt's value, for every copy in the batch
+            stored = self.values[key]
+            return stored.expand(x.shape[0], *stored.shape[1:]).contiguous()
+
+        return forward
+
+    def _frozen_norm(self, key: str, module: nn.Module):
+        def forward(x):
+            scale = self.values[key]  # (1, seq, 1): broadcasts over a batch of copies
+            return module.weight * (x.to(scale.dtype) * scale).to(x.dtype)
+
+        return forward
+
+    def _replay_forwards(self) -> dict[nn.Module, object]:
+        """Instance ``forward`` overrides: q/k projections return the prompt's values; a gate
+        projection returns the prompt's *activated* gate and its activation passes it on (so
+        neither is computed); norms scale by the prompt's 1/σ."""
+        forwards: dict[nn.Module, object] = {}
+        for key, module in self._held.items():
+            if key in self._gates:
+                forwards[self._gates[key]] = self._constant(key)
+                forwards[module] = lambda x: x
+            else:
+                forwards[module] = self._constant(key)
+        for key, module in self._norms.items():
+            forwards[module] = self._frozen_norm(key, module)
+        return forwards
 
     def _block_pre(self, b: int):
         def hook(_module, args, kwargs):
@@ -128,9 +177,9 @@ class Freezer:
         handles = []
         try:
             for key, module in self._held.items():
-                handles.append(module.register_forward_hook(self._hold(key)))
+                handles.append(module.register_forward_hook(self._record_output(key)))
             for key, module in self._norms.items():
-                handles.append(module.register_forward_hook(self._norm(key, module)))
+                handles.append(module.register_forward_hook(self._record_scale(key, module)))
             for b, block in enumerate(self.subject.blocks):
                 handles.append(
                     block.register_forward_pre_hook(self._block_pre(b), with_kwargs=True)
@@ -162,11 +211,15 @@ class Freezer:
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        self.mode = "replay"
+        """While active, the model is the linear model of the recorded prompt."""
+        forwards = self._replay_forwards()
         try:
+            for module, forward in forwards.items():
+                module.forward = forward
             yield
         finally:
-            self.mode = "off"
+            for module in forwards:
+                module.__dict__.pop("forward", None)
 
     def blocks_from(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Run blocks ``first..last`` (inclusive) on ``x`` (batch, seq, d) with the prompt's
