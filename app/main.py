@@ -18,7 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from app.errors import install_error_handlers
 from app.rendering import STATIC_DIR, make_templates
-from app.routes import api, labels, live, pages
+from app.routes import api, graphs, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
 from sae_core.store.db import StoreError, create_engine_for
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(api.router)
+    app.include_router(graphs.router)
     for module in app.state.extensions:
         app.include_router(module.router)
     app.include_router(pages.router)

@@ -9,7 +9,8 @@ capped at ``--max-features``, not on what the features mean).
 
 Runs, in order: 16 tokens over 4 SAE layers, 32 tokens over 4 layers, 32 tokens over 2 layers
 (how time scales with tokens and with SAE layers). For each: seconds to the unpruned graph and
-to the pruned one, peak resident memory so far, nodes and edges before and after pruning,
+to the pruned one, the process's CPU seconds (all threads; on a busy machine a steadier figure
+than wall time), peak resident memory so far, nodes and edges before and after pruning,
 replacement score and completeness, and the 1-minute load average during the run (the machine
 is shared).
 
@@ -43,7 +44,12 @@ def random_topk_sae(d_in: int, layer: int, *, d_sae: int = 4096, k: int = 32) ->
     generator = torch.Generator().manual_seed(layer)
     w_dec = torch.randn(d_sae, d_in, generator=generator)
     w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
-    tensors = {"W_dec": w_dec, "W_enc": w_dec.T.clone(), "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}
+    tensors = {
+        "W_dec": w_dec,
+        "W_enc": w_dec.T.clone(),
+        "b_enc": torch.zeros(d_sae),
+        "b_dec": torch.zeros(d_in),
+    }
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k, layer=layer)
     return SAE.from_tensors(cfg, tensors, origin=f"random layer {layer}").eval()
 
@@ -72,19 +78,23 @@ def main() -> None:
         print("layers 5, 10, 15, 20: random-init TopK 4096, k=32 (no trained SAE found)")
     runs = [(16, (5, 10, 15, 20)), (32, (5, 10, 15, 20)), (32, (10, 15))]
     limits = GraphLimits(max_features=args.max_features)
-    print("tokens layers  graph_s  pruned_s  peak_MiB  nodes  edges  ->  nodes  edges  replacement  completeness  load1")
+    print(
+        "tokens layers  graph_s  pruned_s  cpu_s  peak_MiB  nodes   edges  ->  nodes  edges"
+        "  replacement  completeness  load1"
+    )
     for n_tokens, layers in runs:
         prompt = prompt_of(subject, n_tokens)
         graph_saes = [GraphSae(layer, saes[layer]) for layer in layers]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         graph = build_graph(subject, graph_saes, prompt, limits=limits)
         built = time.perf_counter() - start
         pruned = prune(graph)
         total = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         load = os.getloadavg()[0]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
-            f"{len(prompt):6d} {len(layers):6d} {built:8.1f} {total:9.1f} {peak:9.0f} "
+            f"{len(prompt):6d} {len(layers):6d} {built:8.1f} {total:9.1f} {cpu:6.1f} {peak:9.0f} "
             f"{graph.n_nodes:6d} {int((graph.adjacency != 0).sum()):6d}  -> "
             f"{int(pruned.nodes.sum()):5d} {int(pruned.edges.sum()):6d} "
             f"{pruned.replacement_score:12.3f} {pruned.completeness:13.3f} {load:6.2f}"

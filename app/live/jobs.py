@@ -54,11 +54,15 @@ class GraphTimeLimit(SaescopeError):
 
 
 class GraphJobs:
-    def __init__(self, *, saes: dict[str, LiveSae], settings: Settings, tokenizer_lock: threading.Lock):
+    def __init__(
+        self, *, saes: dict[str, LiveSae], settings: Settings, tokenizer_lock: threading.Lock
+    ):
         self.saes = saes
         self.settings = settings
         self.tokenizer_lock = tokenizer_lock
-        self.worker = LiveWorker(queue_size=settings.graph_queue_size, name="saescope-graphs").start()
+        self.worker = LiveWorker(
+            queue_size=settings.graph_queue_size, name="saescope-graphs"
+        ).start()
         self._jobs: OrderedDict[str, GraphJobStatus] = OrderedDict()
         self._lock = threading.Lock()
         self._sessions = None
@@ -98,7 +102,9 @@ class GraphJobs:
             _, _, layers = release_layers(session, release)
         missing = [layer.name for layer in layers if layer.name not in self.saes]
         if missing:
-            raise LiveRefused(503, f"live prompts are off for SAE {missing[0]!r} of release {release!r}")
+            raise LiveRefused(
+                503, f"live prompts are off for SAE {missing[0]!r} of release {release!r}"
+            )
         return layers, layers[0].name
 
     # -- operations ---------------------------------------------------------------------------
@@ -138,7 +144,9 @@ class GraphJobs:
             limits=GraphLimits(max_features=self.settings.graph_max_features),
             max_prompt_tokens=self.settings.graph_max_prompt_tokens,
         )
-        job = GraphJobStatus(uuid.uuid4().hex[:16], release, "queued", "waiting", 0, 0, None, None, 0.0)
+        job = GraphJobStatus(
+            uuid.uuid4().hex[:16], release, "queued", "waiting", 0, 0, None, None, 0.0
+        )
         with self.sessions()() as session:
             saved = find_graph(session, request.key())
         if saved is not None:
@@ -161,7 +169,9 @@ class GraphJobs:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None or job.release != release:
-            raise LiveRefused(404, f"no graph job {job_id!r} (jobs are forgotten when the server restarts)")
+            raise LiveRefused(
+                404, f"no graph job {job_id!r} (jobs are forgotten when the server restarts)"
+            )
         return job
 
     def _graph_import(self, release: str, *, text: str) -> str:
@@ -185,7 +195,9 @@ class GraphJobs:
                     f"the graph took longer than {limit:g} s (graph_timeout_s) and was stopped "
                     f"while {stage}; try a shorter prompt"
                 )
-            self._update(job_id, state="running", stage=stage, done=done, total=total, elapsed_s=elapsed)
+            self._update(
+                job_id, state="running", stage=stage, done=done, total=total, elapsed_s=elapsed
+            )
 
         def load(_model: str, _layers):
             subject = self.saes[layers[0].name].subject
@@ -202,7 +214,11 @@ class GraphJobs:
             self._update(job_id, state="failed", error=message, elapsed_s=time.monotonic() - start)
         else:
             self._update(
-                job_id, state="done", stage="done", slug=row.slug, elapsed_s=time.monotonic() - start
+                job_id,
+                state="done",
+                stage="done",
+                slug=row.slug,
+                elapsed_s=time.monotonic() - start,
             )
 
     def _remember(self, job: GraphJobStatus) -> None:

@@ -45,6 +45,21 @@ def _eps(norm: nn.Module) -> float:
     return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
 
 
+def _prefix(name: str, value, length: int):
+    """A block's keyword argument cut to the first ``length`` positions."""
+    if value is None or name not in _POSITIONAL:
+        return value
+    if name == "position_embeddings":  # (cos, sin), each (1, seq, head_dim)
+        return tuple(t[..., :length, :] for t in value)
+    if name == "attention_mask" and value.dim() == 4:  # (1, 1, seq, seq)
+        return value[..., :length, :length]
+    return value[..., :length]  # position_ids (1, seq), cache_position (seq,), a (1, seq) mask
+
+
+# Keyword arguments of a decoder block that run along the sequence (transformers 4.5x-5.x).
+_POSITIONAL = ("position_embeddings", "attention_mask", "position_ids", "cache_position")
+
+
 def _get(module: nn.Module, dotted: str) -> nn.Module | None:
     try:
         return module.get_submodule(dotted)
@@ -128,14 +143,14 @@ class Freezer:
 
     def _constant(self, key: str):
         def forward(x, *_args, **_kwargs):  # the prompt's value, for every copy in the batch
-            stored = self.values[key]
+            stored = self.values[key][:, : x.shape[1]]  # a prefix of the prompt reads a prefix
             return stored.expand(x.shape[0], *stored.shape[1:]).contiguous()
 
         return forward
 
     def _frozen_norm(self, key: str, module: nn.Module):
         def forward(x):
-            scale = self.values[key]  # (1, seq, 1): broadcasts over a batch of copies
+            scale = self.values[key][:, : x.shape[1]]  # (1, seq, 1): broadcasts over copies
             return module.weight * (x.to(scale.dtype) * scale).to(x.dtype)
 
         return forward
@@ -222,10 +237,14 @@ class Freezer:
                 module.__dict__.pop("forward", None)
 
     def blocks_from(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Run blocks ``first..last`` (inclusive) on ``x`` (batch, seq, d) with the prompt's
-        keyword arguments; call under ``replay()`` for the linear model."""
+        """Run blocks ``first..last`` (inclusive) on ``x`` (batch, length, d) with the prompt's
+        keyword arguments; call under ``replay()`` for the linear model. ``x`` may be the first
+        ``length`` positions of the prompt only: the model is causal, so they do not depend on
+        the rest, and a batch of early target nodes runs on a short sequence."""
+        length = x.shape[1]
         for b in range(first, last + 1):
-            x = _hidden(self.subject.blocks[b](x, **self.block_kwargs[b]))
+            kwargs = {k: _prefix(k, v, length) for k, v in self.block_kwargs[b].items()}
+            x = _hidden(self.subject.blocks[b](x, **kwargs))
         return x
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:

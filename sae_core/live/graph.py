@@ -248,13 +248,14 @@ class ReplacementModel:
 
     def _gradients(self, source: torch.Tensor, first: int, last: int, readout) -> torch.Tensor:
         """(n, seq, d): gradient of each of ``readout``'s n outputs at the input of blocks
-        first..last, in the linear model, for one batch of n copies of the prompt."""
-        n = readout.n
-        x = source[None].expand(n, -1, -1).clone().requires_grad_(True)
+        first..last, in the linear model, for one batch of n copies of the prompt (cut after
+        the batch's last read position: later positions cannot reach it)."""
+        n, length = readout.n, readout.last + 1
+        x = source[None, :length].expand(n, -1, -1).clone().requires_grad_(True)
         with self.freezer.replay(), torch.enable_grad():
             out = self.freezer.blocks_from(x, first, last)
             (grad,) = torch.autograd.grad(readout(out).sum(), x)
-        return grad
+        return torch.nn.functional.pad(grad, (0, 0, 0, source.shape[0] - length))
 
     def graph(self, limits: GraphLimits = GraphLimits(), progress: Progress | None = None) -> Graph:
         n_folded = self._fold(limits.max_features, progress)
@@ -371,6 +372,7 @@ class _FeatureReadout:
 
     def __init__(self, sae: SAE, pos: torch.Tensor, idx: torch.Tensor):
         self.sae, self.pos, self.idx, self.n = sae, pos, idx, len(pos)
+        self.last = int(pos.max())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (n, seq, d) -> (n,)
         rows = torch.arange(self.n, device=x.device)
@@ -385,6 +387,7 @@ class _MetricReadout:
 
     def __init__(self, freezer: Freezer, position: int, direction: torch.Tensor):
         self.freezer, self.position, self.direction = freezer, position, direction
+        self.last = position
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.freezer.final_norm(x)[:, self.position] @ self.direction  # the norm's
