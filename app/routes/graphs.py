@@ -132,8 +132,15 @@ def _document(session: Session, slug: str) -> GraphDocument:
 def _view(
     session: Session, slug: str, pin: list[str], group: list[str]
 ) -> tuple[GraphDocument, GraphView]:
+    """The graph laid out with the URL's pins and groups, or the document's own when the URL
+    names none (an imported view, or a plain link)."""
     document = _document(session, slug)
-    return document, layout(document, slug, pinned=pin, groups=parse_groups(group))
+    if pin or group:
+        pinned, groups = pin, parse_groups(group)
+    else:
+        pinned = document.qParams.pinnedIds
+        groups = [(g[0], g[1:]) for g in document.qParams.supernodes if len(g) > 1]
+    return document, layout(document, slug, pinned=pinned, groups=groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +184,10 @@ def get_graph_json(
     group: Annotated[list[str], Query()] = [],  # noqa: B006
 ) -> Response:
     document, view = _view(session, slug, pin, group)
+    if pin or group:
+        document = with_view(document, view)
     return Response(
-        dumps(with_view(document, view)),
+        dumps(document),
         media_type="application/json",
         headers={"Content-Disposition": f'attachment; filename="{slug}.json"'},
     )
