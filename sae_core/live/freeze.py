@@ -144,7 +144,7 @@ class Freezer:
     def _constant(self, key: str):
         def forward(x, *_args, **_kwargs):  # the prompt's value, for every copy in the batch
             stored = self.values[key][:, : x.shape[1]]  # a prefix of the prompt reads a prefix
-            return stored.expand(x.shape[0], *stored.shape[1:]).contiguous()
+            return stored.expand(x.shape[0], *stored.shape[1:])  # no copy: views split its last dim
 
         return forward
 
