@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from sae_core.inputs.subject import Subject
-from sae_core.live.attribution import Target, _check_token
+from sae_core.live.attribution import Target, check_token
 from sae_core.live.freeze import Freezer, GraphError
 from sae_core.live.probe import Prompt, as_prompt
 from sae_core.live.results import Prediction, PromptToken
@@ -168,9 +168,9 @@ class ReplacementModel:
         logits = self.freezer.record(self.prompt.ids[None])  # (seq, vocab)
         self.logits = logits[self.position]
         token = self.target.token
-        token = int(self.logits.argmax()) if token is None else _check_token(self.subject, token)
+        token = int(self.logits.argmax()) if token is None else check_token(self.subject, token)
         contrast = self.target.contrast
-        contrast = None if contrast is None else _check_token(self.subject, contrast)
+        contrast = None if contrast is None else check_token(self.subject, contrast)
         self.token, self.contrast = token, contrast
         unembed = self.subject.unembed.detach()
         self.direction = unembed[token] - (unembed[contrast] if contrast is not None else 0.0)
