@@ -129,6 +129,55 @@ class _LayerCode(NamedTuple):
     folded: torch.Tensor  # (seq, d_sae) bool: active features past the cap, held in ``error``
 
 
+class _Nodes(NamedTuple):
+    """Which node is which, by index: features (by slot, position, index), error nodes (by
+    slot, non-special position), embeddings (by position), the target last."""
+
+    active: list[torch.Tensor]  # per slot (n, 2): position, feature of each active feature
+    features: torch.Tensor  # (n_features, 3) long: slot, position, feature
+    activations: torch.Tensor  # (n_features,)
+    errors: torch.Tensor  # (n_errors, 2) long: slot, position
+    keep_positions: torch.Tensor  # (n_keep,) non-special positions, which have error nodes
+    f_start: list[int]  # first feature row of each slot, and the total
+    seq: int
+
+    @classmethod
+    def of(cls, codes: list[_LayerCode], keep: torch.Tensor) -> _Nodes:
+        active = [code.f.nonzero() for code in codes]  # row-major: sorted by position
+        features = torch.cat(
+            [torch.cat([torch.full((len(a), 1), s), a.cpu()], dim=1) for s, a in enumerate(active)]
+        ).long()
+        activations = torch.cat(
+            [code.f[a[:, 0], a[:, 1]] for code, a in zip(codes, active, strict=True)]
+        ).cpu()
+        kept = keep.nonzero()[:, 0].cpu()
+        errors = torch.cat(
+            [torch.stack([torch.full_like(kept, s), kept], 1) for s in range(len(codes))]
+        ).long()
+        f_start = [0]
+        for a in active:
+            f_start.append(f_start[-1] + len(a))
+        return cls(active, features, activations, errors, kept, f_start, len(keep))
+
+    @property
+    def n(self) -> int:
+        return len(self.features) + len(self.errors) + self.seq + 1
+
+    def feature_rows(self, slot: int) -> torch.Tensor:
+        return torch.arange(self.f_start[slot], self.f_start[slot + 1])
+
+    def feature_cols(self, slot: int) -> slice:
+        return slice(self.f_start[slot], self.f_start[slot + 1])
+
+    def error_cols(self, slot: int) -> slice:
+        start = len(self.features) + slot * len(self.keep_positions)
+        return slice(start, start + len(self.keep_positions))
+
+    def embedding_cols(self) -> slice:
+        start = len(self.features) + len(self.errors)
+        return slice(start, start + self.seq)
+
+
 class ReplacementModel:
     """The subject with SAEs spliced in and the prompt's nonlinearities frozen (see module doc).
     Made by ``replacement_model``, valid inside its ``with`` block."""
@@ -259,98 +308,32 @@ class ReplacementModel:
 
     def graph(self, limits: GraphLimits = GraphLimits(), progress: Progress | None = None) -> Graph:
         n_folded = self._fold(limits.max_features, progress)
-        seq = len(self.prompt)
-        active = [code.f.nonzero() for code in self.codes]  # per slot (n, 2): position, feature
-        features = torch.cat(
-            [torch.cat([torch.full((len(a), 1), s), a.cpu()], dim=1) for s, a in enumerate(active)]
-        ).long()
-        activations = torch.cat(
-            [code.f[a[:, 0], a[:, 1]] for code, a in zip(self.codes, active, strict=True)]
-        )
-        keep_positions = self.keep.nonzero()[:, 0].cpu()
-        errors = torch.cat(
-            [
-                torch.stack([torch.full_like(keep_positions, s), keep_positions], 1)
-                for s in range(len(self.codes))
-            ]
-        ).long()
-        n_f, n_e = len(features), len(errors)
-        n = n_f + n_e + seq + 1
+        nodes = _Nodes.of(self.codes, self.keep)
         dtype = self.codes[0].x.dtype  # float32, or float64 for checks to many digits
-        A = torch.zeros(n, n, dtype=dtype)
-        bias = torch.zeros(n, dtype=dtype)
-        inputs = torch.zeros(n, dtype=dtype)
-        f_start = [0]  # first feature row of each slot
-        for a in active:
-            f_start.append(f_start[-1] + len(a))
-        n_keep = len(keep_positions)
-        device = self.prompt.ids.device
-
-        def residual(slot: int) -> torch.Tensor:
-            """(seq, d) what slot ``slot`` (-1: the embeddings) sends on."""
-            if slot < 0:
-                return self.freezer.block_inputs[0][0]
-            code = self.codes[slot]
-            r = self.saes[slot].sae.decode(code.f) + code.error
-            return (r * self.keep[:, None] + code.held).detach()
-
-        def fill(rows: torch.Tensor, grad: torch.Tensor, slot: int) -> None:
-            """Edges into node ``rows`` (n,) from slot ``slot``'s nodes, given the (n, seq, d)
-            gradients at that slot's residual; the constant part into ``bias``."""
-            if slot < 0:
-                emb = self.freezer.block_inputs[0][0]  # (seq, d)
-                A[rows, n_f + n_e : n_f + n_e + seq] = (grad * emb).sum(-1).cpu()
-                return
-            code, sae = self.codes[slot], self.saes[slot].sae
-            pos, idx = active[slot][:, 0], active[slot][:, 1]
-            proj = grad @ sae.W_dec.detach()[idx].T  # (n, seq, n_src)
-            cols = torch.arange(len(idx), device=proj.device)
-            A[rows, f_start[slot] : f_start[slot + 1]] = (
-                proj[:, pos, cols] * code.f[pos, idx]
-            ).cpu()
-            kp = keep_positions.to(device)
-            A[rows, n_f + slot * n_keep : n_f + (slot + 1) * n_keep] = (
-                (grad[:, kp] * code.error[kp]).sum(-1).cpu()
-            )
-            constant = sae.b_dec.detach() * self.keep[:, None] + code.held  # (seq, d)
-            bias[rows] += (grad * constant).sum((1, 2)).cpu()
-
-        n_slots = len(self.saes)
-        for slot in range(n_slots):
-            layer, sae = self.saes[slot]
-            first = self.layers[slot - 1] + 1 if slot else 0
-            source = residual(slot - 1)
-            rows_all = torch.arange(f_start[slot], f_start[slot + 1])
-            pos_all, idx_all = active[slot][:, 0], active[slot][:, 1]
-            with torch.no_grad():
-                z = sae.pre_acts(self.codes[slot].x)  # (seq, d_sae)
-                inputs[rows_all] = z[pos_all, idx_all].cpu()
-                bias[rows_all] = sae.pre_acts(torch.zeros_like(sae.b_dec))[idx_all].cpu()
-            for b in range(0, len(rows_all), limits.batch_size):
-                if progress:
-                    progress(f"edges into layer {layer}", b, len(rows_all))
-                pos, idx = pos_all[b : b + limits.batch_size], idx_all[b : b + limits.batch_size]
-                readout = _FeatureReadout(sae, pos, idx)
-                grad = self._gradients(source, first, layer, readout)
-                fill(rows_all[b : b + limits.batch_size], grad, slot - 1)
+        A = torch.zeros(nodes.n, nodes.n, dtype=dtype)
+        bias = torch.zeros(nodes.n, dtype=dtype)
+        inputs = torch.zeros(nodes.n, dtype=dtype)
+        for slot in range(len(self.saes)):
+            self._edges_into_layer(slot, nodes, A, bias, inputs, limits.batch_size, progress)
         if progress:
             progress("edges into the target", 0, 1)
-        source = residual(n_slots - 1)
         readout = _MetricReadout(self.freezer, self.position, self.direction)
-        grad = self._gradients(source, self.layers[-1] + 1, self.subject.n_layers - 1, readout)
-        target_row = torch.tensor([n - 1])
-        fill(target_row, grad, n_slots - 1)
+        last = len(self.saes) - 1
+        grad = self._gradients(
+            self._residual(last), self.layers[-1] + 1, self.subject.n_layers - 1, readout
+        )
+        self._send(nodes, A, bias, torch.tensor([nodes.n - 1]), grad, last)
         logits = self.logits
         metric = float(
             logits[self.token] - (logits[self.contrast] if self.contrast is not None else 0.0)
         )
-        inputs[n - 1] = metric
+        inputs[nodes.n - 1] = metric
         return Graph(
             tokens=self.prompt.tokens,
             layers=self.layers,
-            features=features,
-            activations=activations.cpu(),
-            errors=errors,
+            features=nodes.features,
+            activations=nodes.activations,
+            errors=nodes.errors,
             position=self.position,
             target=self._prediction(self.token),
             contrast=None if self.contrast is None else self._prediction(self.contrast),
@@ -360,6 +343,50 @@ class ReplacementModel:
             inputs=inputs,
             n_folded=n_folded,
         )
+
+    def _residual(self, slot: int) -> torch.Tensor:
+        """(seq, d) what slot ``slot`` (-1: the embeddings) sends on."""
+        if slot < 0:
+            return self.freezer.block_inputs[0][0]
+        code = self.codes[slot]
+        r = self.saes[slot].sae.decode(code.f) + code.error
+        return (r * self.keep[:, None] + code.held).detach()
+
+    def _edges_into_layer(self, slot, nodes: _Nodes, A, bias, inputs, batch_size, progress) -> None:
+        """Every feature node of ``slot``: its input, its bias, its edges from the slot below
+        (the embeddings below the first), one backward pass per ``batch_size`` of them."""
+        layer, sae = self.saes[slot]
+        first = self.layers[slot - 1] + 1 if slot else 0
+        source = self._residual(slot - 1)
+        rows = nodes.feature_rows(slot)
+        pos, idx = nodes.active[slot][:, 0], nodes.active[slot][:, 1]
+        with torch.no_grad():
+            inputs[rows] = sae.pre_acts(self.codes[slot].x)[pos, idx].cpu()  # (seq, d_sae) -> (n,)
+            bias[rows] = sae.pre_acts(torch.zeros_like(sae.b_dec))[idx].cpu()
+        for b in range(0, len(rows), batch_size):
+            if progress:
+                progress(f"edges into layer {layer}", b, len(rows))
+            batch = slice(b, b + batch_size)
+            readout = _FeatureReadout(sae, pos[batch], idx[batch])
+            grad = self._gradients(source, first, layer, readout)
+            self._send(nodes, A, bias, rows[batch], grad, slot - 1)
+
+    def _send(self, nodes: _Nodes, A, bias, rows: torch.Tensor, grad: torch.Tensor, slot: int):
+        """Edges into nodes ``rows`` (n,) from slot ``slot``'s nodes (-1: the embeddings), given
+        the (n, seq, d) gradients at that slot's residual; its constant part into ``bias``."""
+        if slot < 0:
+            emb = self.freezer.block_inputs[0][0]  # (seq, d)
+            A[rows, nodes.embedding_cols()] = (grad * emb).sum(-1).cpu()
+            return
+        code, sae = self.codes[slot], self.saes[slot].sae
+        pos, idx = nodes.active[slot][:, 0], nodes.active[slot][:, 1]
+        proj = grad @ sae.W_dec.detach()[idx].T  # (n, seq, n_src)
+        cols = torch.arange(len(idx), device=proj.device)
+        A[rows, nodes.feature_cols(slot)] = (proj[:, pos, cols] * code.f[pos, idx]).cpu()
+        kept = nodes.keep_positions.to(grad.device)
+        A[rows, nodes.error_cols(slot)] = (grad[:, kept] * code.error[kept]).sum(-1).cpu()
+        constant = sae.b_dec.detach() * self.keep[:, None] + code.held  # (seq, d)
+        bias[rows] += (grad * constant).sum((1, 2)).cpu()
 
     def _prediction(self, token_id: int) -> Prediction:
         probs = self.logits.softmax(-1)
