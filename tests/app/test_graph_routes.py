@@ -180,3 +180,22 @@ def test_labels_are_escaped_on_the_page_and_in_the_panel(client, slug):
 def test_import_refuses_what_is_not_a_graph(client):
     response = client.post(f"/api/v1/releases/{RELEASE}/graphs/import", json={"nodes": []})
     assert response.status_code == 422 and "not a graph JSON file" in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_a_graph_job_runs_in_the_live_model_process_of_serve(tmp_path, llama_dir):
+    """As `saescope serve` runs it: the job in the model process, which saves the graph; the
+    web worker (its store read-only) polls the job over the socket and reads the graph."""
+    from app.live.remote import ModelProcess
+
+    url = build_graph_store(tmp_path)
+    settings = Settings(db_url=url, model=str(llama_dir), live=True)
+    with ModelProcess.start(settings) as model:
+        web = Settings(db_url=url, live=True, live_socket=model.socket)
+        with TestClient(create_app(web), raise_server_exceptions=False) as remote:
+            response = remote.post(f"/api/v1/releases/{RELEASE}/graphs", json={"prompt": PROMPT})
+            assert response.status_code == 202, response.text
+            job = wait(remote, response.json())
+            assert job["state"] == "done", job
+            page = remote.get(job["graph_url"])
+            assert page.status_code == 200 and "<svg" in page.text
