@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from sae_core.inputs.subject import load_subject
-from sae_core.live.graph import GraphLimits, GraphSae, build_graph
+from sae_core.live.graph import GraphSae, build_graph
 from sae_core.live.graph_prune import prune
+from sae_core.live.graph_settings import GraphLimits
 from sae_core.live.probe import encode_prompt
 from sae_core.saes.sae import SAE, SAEConfig, load_sae
 

@@ -11,16 +11,15 @@ import torch
 from sae_core.inputs.subject import load_subject
 from sae_core.live import probe as live
 from sae_core.live.attribution import Target
-from sae_core.live.freeze import GraphError
 from sae_core.live.graph import (
-    GraphLimits,
     GraphSae,
     build_graph,
     predicted_change,
     replacement_model,
 )
 from sae_core.live.graph_json import GRAPH_SCHEMA, dumps, graph_document, loads
-from sae_core.live.graph_prune import Pruning, influence, normalised, prune
+from sae_core.live.graph_prune import influence, normalised, prune
+from sae_core.live.graph_settings import GraphError, GraphLimits, Pruning
 from sae_core.saes.sae import SAE, SAEConfig
 from tests.live_support import random_sae
 

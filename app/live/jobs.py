@@ -119,9 +119,8 @@ class GraphJobs:
         node_share: float,
         edge_share: float,
     ) -> GraphJobStatus:
-        from sae_core.live.graph import GraphLimits
-        from sae_core.live.graph_prune import Pruning
         from sae_core.live.graph_run import GraphRequest
+        from sae_core.live.graph_settings import GraphLimits, Pruning
         from sae_core.live.probe import PromptTooLong, encode_prompt, single_token_id
         from sae_core.store.graphs import find_graph
 

@@ -29,7 +29,7 @@ from app.live.jobs import GraphJobStatus
 from app.live.worker import LiveRefused
 from app.rendering import render, url_segment
 from sae_core.live.graph_json import GraphDocument, dumps, loads
-from sae_core.live.graph_prune import Pruning
+from sae_core.live.graph_settings import Pruning
 from sae_core.store.graphs import get_graph, list_graphs
 from sae_core.store.releases import get_release, release_saes
 

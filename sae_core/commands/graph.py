@@ -10,8 +10,7 @@ HELP = "attribution graph of a prompt over a release's SAEs, written as Neuronpe
 
 
 def add_arguments(parser):
-    from sae_core.live.graph import GraphLimits
-    from sae_core.live.graph_prune import Pruning
+    from sae_core.live.graph_settings import GraphLimits, Pruning
 
     parser.add_argument("--db", required=True, help="the store's URL, e.g. sqlite:///saescope.db")
     parser.add_argument(
@@ -60,10 +59,8 @@ def add_arguments(parser):
 def run(args) -> int:
     from sqlalchemy.orm import sessionmaker
 
-    from sae_core.live.freeze import GraphError
-    from sae_core.live.graph import GraphLimits
-    from sae_core.live.graph_prune import Pruning
     from sae_core.live.graph_run import GraphRequest, load_from_disk, run_request
+    from sae_core.live.graph_settings import GraphError, GraphLimits, Pruning
     from sae_core.store.db import create_engine_for, migrate
 
     for name in ("node_share", "edge_share"):

@@ -94,9 +94,7 @@ def attribution(
             input_ids=prompt.ids[None], use_cache=False, logits_to_keep=keep_logits
         ).logits
         logits = logits[0, 0]  # (vocab,)
-        token = (
-            int(logits.argmax()) if target.token is None else check_token(subject, target.token)
-        )
+        token = int(logits.argmax()) if target.token is None else check_token(subject, target.token)
         contrast = None if target.contrast is None else check_token(subject, target.contrast)
         metric = logits[token] - (logits[contrast] if contrast is not None else 0.0)
         grad_f, grad_x = torch.autograd.grad(metric, [splice.f, splice.x_hat])  # (1, seq, ·)

@@ -29,12 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sae_core.errors import SaescopeError
 from sae_core.inputs.subject import Subject, _hidden
-
-
-class GraphError(SaescopeError):
-    """An attribution graph that cannot be built as asked (model family, layers, target ...)."""
+from sae_core.live.graph_settings import GraphError
 
 
 def _is_rms_norm(module: nn.Module) -> bool:

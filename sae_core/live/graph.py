@@ -37,7 +37,8 @@ import torch
 
 from sae_core.inputs.subject import Subject
 from sae_core.live.attribution import Target, check_token
-from sae_core.live.freeze import Freezer, GraphError
+from sae_core.live.freeze import Freezer
+from sae_core.live.graph_settings import DEFAULT_LIMITS, GraphError, GraphLimits
 from sae_core.live.probe import Prompt, as_prompt
 from sae_core.live.results import Prediction, PromptToken
 from sae_core.saes.sae import SAE
@@ -48,17 +49,6 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class GraphSae(NamedTuple):
     layer: int  # block whose output the SAE reads
     sae: SAE
-
-
-@dataclass(frozen=True)
-class GraphLimits:
-    # Feature nodes before pruning. Neuronpedia's graphs keep a few thousand; 1,000 keeps the
-    # dense adjacency small (~5 MB) and a 32-token graph of SmolLM2-135M well under a minute on
-    # two cores. Features past it (least |activation × gradient| first) fold into error nodes.
-    max_features: int = 1000
-    # Target nodes per backward pass: 64 copies of a 64-token prompt through a stretch of blocks
-    # fit in a few hundred MB and amortise the per-pass overhead.
-    batch_size: int = 64
 
 
 @dataclass
@@ -306,7 +296,7 @@ class ReplacementModel:
             (grad,) = torch.autograd.grad(readout(out).sum(), x)
         return torch.nn.functional.pad(grad, (0, 0, 0, source.shape[0] - length))
 
-    def graph(self, limits: GraphLimits = GraphLimits(), progress: Progress | None = None) -> Graph:
+    def graph(self, limits: GraphLimits = DEFAULT_LIMITS, progress: Progress | None = None) -> Graph:
         n_folded = self._fold(limits.max_features, progress)
         nodes = _Nodes.of(self.codes, self.keep)
         dtype = self.codes[0].x.dtype  # float32, or float64 for checks to many digits
@@ -442,7 +432,7 @@ def build_graph(
     prompt: str | Prompt,
     target: Target | None = None,
     *,
-    limits: GraphLimits = GraphLimits(),
+    limits: GraphLimits = DEFAULT_LIMITS,
     progress: Progress | None = None,
 ) -> Graph:
     """The attribution graph of ``target`` on ``prompt`` (see the module doc)."""

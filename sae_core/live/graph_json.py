@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sae_core.live.freeze import GraphError
-from sae_core.live.graph import Graph, GraphLimits
-from sae_core.live.graph_prune import PrunedGraph, Pruning
+from sae_core.live.graph_settings import GraphError, GraphLimits, Pruning
+
+if TYPE_CHECKING:  # the page reads documents without torch; only export builds them from tensors
+    from sae_core.live.graph import Graph
+    from sae_core.live.graph_prune import PrunedGraph
 
 SCHEMA_VERSION = 1
 FEATURE = "cross layer transcoder"

@@ -20,18 +20,12 @@ ends after as many terms as the graph has layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from sae_core.live.graph import Graph
-
-
-@dataclass(frozen=True)
-class Pruning:
-    node_share: float = 0.8  # circuit-tracer's and Neuronpedia's default node threshold
-    edge_share: float = 0.98  # ... and edge threshold
+from sae_core.live.graph_settings import DEFAULT_PRUNING, Pruning
 
 
 class PrunedGraph(NamedTuple):
@@ -75,7 +69,7 @@ def share_threshold(scores: torch.Tensor, share: float) -> float:
     return float(ordered[index])
 
 
-def prune(graph: Graph, pruning: Pruning = Pruning()) -> PrunedGraph:
+def prune(graph: Graph, pruning: Pruning = DEFAULT_PRUNING) -> PrunedGraph:
     n = graph.n_nodes
     target = graph.target_index
     sources = torch.zeros(n, dtype=torch.bool)  # embeddings and the target are always kept

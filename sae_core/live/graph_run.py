@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sae_core.inputs.subject import Subject, load_subject
 from sae_core.live.attribution import Target
-from sae_core.live.freeze import GraphError
-from sae_core.live.graph import GraphLimits, GraphSae, Progress, build_graph
+from sae_core.live.graph import GraphSae, Progress, build_graph
 from sae_core.live.graph_json import GraphDocument, dumps, graph_document, loads
-from sae_core.live.graph_prune import Pruning, prune
+from sae_core.live.graph_prune import prune
+from sae_core.live.graph_settings import GraphError, GraphLimits, Pruning
 from sae_core.live.probe import PromptTooLong, encode_prompt, single_token_id
 from sae_core.saes.sae import load_sae
 from sae_core.store.db import (
