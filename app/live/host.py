@@ -74,7 +74,15 @@ class ModelHost:
         self.worker = LiveWorker(queue_size=settings.live_queue_size).start()
         # Request threads tokenise, and fast tokenizers are not re-entrant.
         self._tokenizer_lock = threading.Lock()
-        self.graphs = GraphJobs(saes=saes, settings=settings, tokenizer_lock=self._tokenizer_lock)
+        # Graph jobs run on a thread of their own; hooks on the shared model are seen by every
+        # thread, so a live request and a graph batch never run at once (app.live.jobs).
+        self._model_lock = threading.Lock()
+        self.graphs = GraphJobs(
+            saes=saes,
+            settings=settings,
+            tokenizer_lock=self._tokenizer_lock,
+            model_lock=self._model_lock,
+        )
         self._operations: dict[str, Callable[..., Any]] = {
             "activations": self._activations,
             "feature_on_text": self._feature_on_text,
@@ -153,7 +161,7 @@ class ModelHost:
         server's queue and time limits."""
         try:
             return self.worker.run(
-                fn,
+                _holding(self._model_lock, fn),
                 target.subject,
                 target.sae,
                 target.layer,
@@ -226,3 +234,11 @@ class ModelHost:
             mode=mode,
             generation=generation,
         )
+
+
+def _holding(lock: threading.Lock, fn: Callable[..., T]) -> Callable[..., T]:
+    def run(*args, **kwargs) -> T:
+        with lock:
+            return fn(*args, **kwargs)
+
+    return run

@@ -4,7 +4,9 @@ A graph takes tens of seconds on a CPU, too long for a request: ``graph_submit``
 request (release loaded, prompt within ``graph_max_prompt_tokens``, targets one token each),
 answers at once with a job, and one thread of its own (a ``LiveWorker`` with a bounded queue:
 503 + Retry-After when full) computes it, so live prompts on the other worker are not held up
-behind it. ``graph_job`` reports the job's stage; a job past ``graph_timeout_s`` stops at its next
+behind it: a live request and a graph batch never run at once (hooks on the shared model are
+seen by every thread), so the job holds the host's model lock and lets it go between batches,
+and a live request waits one batch at most. ``graph_job`` reports the job's stage; a job past ``graph_timeout_s`` stops at its next
 stage or batch and fails with that reason. A finished graph is saved in the store (the live model
 process is the one writer of graphs) and a request asked before is answered from there, with no
 job. ``graph_import`` saves an uploaded graph JSON.
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("saescope.live")
 GRAPH_OPERATIONS = ("graph_submit", "graph_job", "graph_import")
 KEPT_JOBS = 200  # finished jobs remembered for polling; older ones are forgotten
+YIELD_S = 0.005  # the model lock is let go this long between batches: a waiting request takes it
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,17 @@ class GraphTimeLimit(SaescopeError):
 
 class GraphJobs:
     def __init__(
-        self, *, saes: dict[str, LiveSae], settings: Settings, tokenizer_lock: threading.Lock
+        self,
+        *,
+        saes: dict[str, LiveSae],
+        settings: Settings,
+        tokenizer_lock: threading.Lock,
+        model_lock: threading.Lock,
     ):
         self.saes = saes
         self.settings = settings
         self.tokenizer_lock = tokenizer_lock
+        self.model_lock = model_lock
         self.worker = LiveWorker(
             queue_size=settings.graph_queue_size, name="saescope-graphs"
         ).start()
@@ -197,11 +206,15 @@ class GraphJobs:
             self._update(
                 job_id, state="running", stage=stage, done=done, total=total, elapsed_s=elapsed
             )
+            self.model_lock.release()  # between batches: a waiting live request runs now
+            time.sleep(YIELD_S)
+            self.model_lock.acquire()
 
         def load(_model: str, _layers):
             subject = self.saes[layers[0].name].subject
             return subject, [GraphSae(layer.layer, self.saes[layer.name].sae) for layer in layers]
 
+        self.model_lock.acquire()
         try:
             progress("starting", 0, 1)
             row = run_request(self.sessions(), request, load=load, progress=progress)
@@ -219,6 +232,8 @@ class GraphJobs:
                 slug=row.slug,
                 elapsed_s=time.monotonic() - start,
             )
+        finally:
+            self.model_lock.release()
 
     def _remember(self, job: GraphJobStatus) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.graph_support import RELEASE, build_graph_store
+from tests.live_support import LIVE_STORE
 
 PROMPT = "The quick brown fox"
 
@@ -199,3 +200,23 @@ def test_a_graph_job_runs_in_the_live_model_process_of_serve(tmp_path, llama_dir
             assert job["state"] == "done", job
             page = remote.get(job["graph_url"])
             assert page.status_code == 200 and "<svg" in page.text
+
+
+def test_live_requests_during_a_graph_job_answer_as_without_it(client):
+    """The graph job's hooks and frozen forwards never leak into a live request on the other
+    worker: the job yields the model between batches, and requests see the plain model."""
+    sae = LIVE_STORE.sae_name  # the release's layer-2 SAE
+    body = {"text": "Paris is the capital of France.", "top": 10}
+    baseline = client.post(f"/api/v1/saes/{sae}/activations", json=body)
+    assert baseline.status_code == 200, baseline.text
+    job = client.post(
+        f"/api/v1/releases/{RELEASE}/graphs",
+        json={"prompt": "Lyon and Marseille are French cities; Berlin and Munich are"},
+    ).json()
+    during = 0
+    while job["state"] in ("queued", "running"):
+        response = client.post(f"/api/v1/saes/{sae}/activations", json=body)
+        assert response.json() == baseline.json()
+        during += job["state"] == "running"
+        job = client.get(job["url"]).json()
+    assert job["state"] == "done" and during >= 1
