@@ -14,6 +14,7 @@ reads the store.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
@@ -207,8 +208,6 @@ def import_graph(
     document: Annotated[dict, Body(description="The graph JSON")],
 ) -> JSONResponse:
     _release_or_404(session, release)
-    import json
-
     slug = _backend_call(request, "graph_import", release, text=json.dumps(document))
     return JSONResponse(
         {"slug": slug, "url": f"/graphs/{slug}"},
