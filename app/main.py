@@ -20,7 +20,7 @@ from app.errors import install_error_handlers
 from app.guards import RequestGuard
 from app.openapi import install_openapi
 from app.rendering import STATIC_DIR, make_templates
-from app.routes import api, families, labels, live, pages
+from app.routes import api, families, graphs, labels, live, pages
 from app.settings import Settings
 from sae_core import __version__
 from sae_core.store.db import (
@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(families.router)
     app.include_router(families.pages)
+    app.include_router(graphs.router)
     for module in app.state.extensions:
         app.include_router(module.router)
     app.include_router(pages.router)

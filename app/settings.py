@@ -82,6 +82,30 @@ class Settings(BaseSettings):
         description="Largest request body in bytes; a larger one is answered 413 before it is "
         "read. 1 MB holds the longest prompt and label many times over.",
     )
+    graph_max_prompt_tokens: int = Field(
+        default=64,
+        ge=2,
+        description="Longest prompt an attribution graph accepts, BOS included (Neuronpedia's cap "
+        "too); a 32-token graph over four SAE layers takes tens of seconds on two cores.",
+    )
+    graph_max_features: int = Field(
+        default=1000,
+        ge=1,
+        description="Feature nodes of a graph before pruning; the rest fold into error nodes. "
+        "Time and memory grow with it.",
+    )
+    graph_queue_size: int = Field(
+        default=2,
+        ge=1,
+        description="Graph jobs that may wait; more get 503 with Retry-After. Graphs run one at a "
+        "time on a thread of their own, beside live prompts.",
+    )
+    graph_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest a graph job may run; past it the job stops at its next batch and "
+        "fails with that reason.",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface to listen on; loopback by default, so nothing is exposed by accident.",

@@ -13,7 +13,7 @@ import sys
 
 from sae_core.errors import SaescopeError
 
-COMMANDS = ("train", "evaluate", "precompute", "families", "label", "serve", "demo", "migrate")
+COMMANDS = ("train", "evaluate", "precompute", "families", "label", "serve", "demo", "migrate", "graph")
 
 
 class Parser(argparse.ArgumentParser):

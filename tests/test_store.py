@@ -28,7 +28,7 @@ from sae_core.store.releases import (
     release_saes,
 )
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 def seed_rows(conn) -> None:
@@ -69,6 +69,7 @@ def check_migrations(url: str) -> None:
     assert sa.inspect(engine).has_table("precompute_state")
     assert "raw" in {column["name"] for column in sa.inspect(engine).get_columns("vocab")}
     assert sa.inspect(engine).has_table("feature_links") and sa.inspect(engine).has_table("feature_map")
+    assert sa.inspect(engine).has_table("graphs")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     with Session(engine) as session:  # the SAE of the older store is now a release of one

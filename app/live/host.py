@@ -27,6 +27,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from app.errors import error_answer
+from app.live.jobs import GraphJobs
 from app.live.worker import (
     LiveRefused,
     LiveUnavailableError,
@@ -39,7 +40,17 @@ from sae_core.errors import NotFoundError, SaescopeError
 from sae_core.inputs.subject import Subject, load_subject
 from sae_core.live import probe as live
 from sae_core.live.attribution import Attribution, Target, attribution
-from sae_core.live.requests import ActivationsOp, AttributionOp, FeatureOnTextOp, LiveOp, SteerOp
+from sae_core.live.requests import (
+    ActivationsOp,
+    AttributionOp,
+    FeatureOnTextOp,
+    GraphImportOp,
+    GraphJobOp,
+    GraphOp,
+    GraphSubmitOp,
+    LiveOp,
+    SteerOp,
+)
 from sae_core.live.steering import Steering, steer
 from sae_core.saes.sae import SAE, load_sae
 from sae_core.store.db import SaeRow, SubjectModelRow
@@ -84,6 +95,15 @@ class ModelHost:
         self.worker = LiveWorker(queue_size=settings.live_queue_size).start()
         # Request threads tokenise, and fast tokenizers are not re-entrant.
         self._tokenizer_lock = threading.Lock()
+        # Graph jobs run on a thread of their own; hooks on the shared model are seen by every
+        # thread, so a live request and a graph batch never run at once (app.live.jobs).
+        self._model_lock = threading.Lock()
+        self.graphs = GraphJobs(
+            saes=saes,
+            settings=settings,
+            tokenizer_lock=self._tokenizer_lock,
+            model_lock=self._model_lock,
+        )
         self._operations: dict[type, Callable[[LiveSae, Any], Job]] = {
             ActivationsOp: self._activations,
             FeatureOnTextOp: self._feature_on_text,
@@ -125,21 +145,33 @@ class ModelHost:
 
     def close(self) -> None:
         self.worker.stop()
+        self.graphs.close()
 
-    def call(self, op: LiveOp) -> Any:
+    def call(self, op: LiveOp | GraphOp) -> Any:
         """Run ``op`` on its SAE's model; a LiveRefused says why it cannot.
 
         In three steps: a place in the model's queue first, so a refused request costs no work;
         then the request is prepared on this thread (tokenised, its feature index checked); then
-        the model work runs on the worker, within the server's time limit."""
+        the model work runs on the worker, within the server's time limit. Graph operations go
+        to the graph jobs (their own queue and thread)."""
+        if isinstance(op, GraphSubmitOp | GraphJobOp | GraphImportOp):
+            return self._refusing(self.graphs.call, op)
         target = self.saes.get(op.sae)
         if target is None:
             reason = self.unavailable.get(op.sae, "it is not in the store the model side read")
             raise LiveRefused(503, f"live prompts are off for SAE {op.sae!r}: {reason}")
+        return self._refusing(self._run, target, op)
+
+    def _run(self, target: LiveSae, op: LiveOp) -> Any:
+        with self.worker.admit() as place:
+            job = self._operations[type(op)](target, op)
+            return place.run(_holding(self._model_lock, job), timeout_s=self.settings.live_timeout_s)
+
+    @staticmethod
+    def _refusing(fn: Callable[..., T], *args) -> T:
+        """``fn(*args)``, each way it can refuse as a LiveRefused with its HTTP status."""
         try:
-            with self.worker.admit() as place:
-                job = self._operations[type(op)](target, op)
-                return place.run(job, timeout_s=self.settings.live_timeout_s)
+            return fn(*args)
         except WorkerBusy as err:
             raise LiveRefused(
                 503,
@@ -198,3 +230,13 @@ class ModelHost:
         return partial(
             steer, *target.model, prompt, list(op.features), mode=op.mode, generation=op.generation
         )
+
+
+def _holding(lock: threading.Lock, job: Job[T]) -> Job[T]:
+    """``job``, run while holding ``lock``."""
+
+    def run() -> T:
+        with lock:
+            return job()
+
+    return run

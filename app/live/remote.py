@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from app.live.worker import LiveRefused, LiveUnavailableError
 from app.settings import Settings
 from sae_core.errors import SaescopeError
-from sae_core.live.requests import LiveOp
+from sae_core.live.requests import GraphOp, LiveOp
 
 if TYPE_CHECKING:
     from app.live.host import ModelHost
@@ -76,7 +76,7 @@ class RemoteModel:
         self.live_saes: frozenset[str] = frozenset(description["saes"])
         self.unavailable: dict[str, str] = description["unavailable"]
 
-    def call(self, op: LiveOp) -> Any:
+    def call(self, op: LiveOp | GraphOp) -> Any:
         return self._ask(("call", op))
 
     def close(self) -> None:

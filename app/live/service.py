@@ -39,7 +39,14 @@ from app.live.schemas import (
 )
 from app.live.worker import LiveRefused
 from app.settings import Settings
-from sae_core.live.requests import ActivationsOp, AttributionOp, FeatureOnTextOp, LiveOp, SteerOp
+from sae_core.live.requests import (
+    ActivationsOp,
+    AttributionOp,
+    FeatureOnTextOp,
+    GraphOp,
+    LiveOp,
+    SteerOp,
+)
 from sae_core.live.results import (
     Attribution,
     FeatureOnText,
@@ -59,7 +66,7 @@ class ModelBackend(Protocol):
     live_saes: frozenset[str]
     unavailable: dict[str, str]  # SAE name -> why live is off for it
 
-    def call(self, op: LiveOp) -> Any: ...
+    def call(self, op: LiveOp | GraphOp) -> Any: ...
 
     def close(self) -> None: ...
 

@@ -94,10 +94,8 @@ def attribution(
             input_ids=prompt.ids[None], use_cache=False, logits_to_keep=keep_logits
         ).logits
         logits = logits[0, 0]  # (vocab,)
-        token = (
-            int(logits.argmax()) if target.token is None else _check_token(subject, target.token)
-        )
-        contrast = None if target.contrast is None else _check_token(subject, target.contrast)
+        token = int(logits.argmax()) if target.token is None else check_token(subject, target.token)
+        contrast = None if target.contrast is None else check_token(subject, target.contrast)
         metric = logits[token] - (logits[contrast] if contrast is not None else 0.0)
         grad_f, grad_x = torch.autograd.grad(metric, [splice.f, splice.x_hat])  # (1, seq, ·)
     f = splice.f.detach()[0]  # (seq, d_sae)
@@ -131,7 +129,7 @@ def attribution(
     )
 
 
-def _check_token(subject: Subject, token_id: int) -> int:
+def check_token(subject: Subject, token_id: int) -> int:
     if not 0 <= token_id < subject.vocab_size:
         raise LiveError(
             f"token id {token_id} is outside the vocabulary 0..{subject.vocab_size - 1}"

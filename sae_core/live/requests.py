@@ -61,3 +61,36 @@ class SteerOp:
 
 
 LiveOp = ActivationsOp | FeatureOnTextOp | AttributionOp | SteerOp
+
+
+@dataclass(frozen=True)
+class GraphSubmitOp:
+    """Start an attribution graph of ``prompt`` over the release's SAEs, as a background job
+    (``sae_core.live.graph``); answers the job's status. A target or contrast of None means the
+    model's top prediction and no contrast."""
+
+    release: str
+    prompt: str
+    target: str | None
+    contrast: str | None
+    node_share: float  # share of the target's influence the kept nodes carry
+    edge_share: float  # share of edge influence the kept edges carry
+
+
+@dataclass(frozen=True)
+class GraphJobOp:
+    """The status of a graph job of the release."""
+
+    release: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class GraphImportOp:
+    """Save a graph document (circuit-tracer / Neuronpedia JSON) under the release."""
+
+    release: str
+    text: str
+
+
+GraphOp = GraphSubmitOp | GraphJobOp | GraphImportOp

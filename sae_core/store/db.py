@@ -261,6 +261,25 @@ class PrecomputeStateRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
+class GraphRow(Base):
+    """A finished attribution graph of a release (``sae_core.store.graphs``)."""
+
+    __tablename__ = "graphs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True)  # its shareable URL: /graphs/<slug>
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
+    # sha256 of what was asked (release, prompt, target, thresholds, limits): the same request
+    # reuses the graph. None for an imported graph.
+    request_key: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))  # "computed" | "imported"
+    document: Mapped[str] = mapped_column(Text)  # the graph JSON (sae_core.live.graph_json)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_graphs_release", "release_id", "created_at"),)
+
+
 # ---------------------------------------------------------------------------------------------
 # Packed arrays
 
