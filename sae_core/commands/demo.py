@@ -45,8 +45,8 @@ BUDGETS = {
     ),
     # The default: within 15 minutes on 2 idle cores (stage times in the README).
     "default": Budget(
-        train_tokens=614_400, cache_tokens=204_800, widths=(1024, 4096, 16384), side_width=1024, k=32,
-        precompute_tokens=102_400, eval_contexts=64,
+        train_tokens=409_600, cache_tokens=163_840, widths=(1024, 4096, 16384), side_width=1024, k=32,
+        precompute_tokens=81_920, eval_contexts=64,
     ),
     # Better features: an hour or more on a CPU, minutes on a GPU (used when torch sees one).
     "large": Budget(
