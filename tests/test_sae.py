@@ -8,7 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_core.saes.sae import ARCHITECTURES, FORMAT_VERSION, SAE, SAEConfig, SAEError, default_width, load_sae
+from sae_core.saes.sae import (
+    ARCHITECTURES,
+    FORMAT_VERSION,
+    SAE,
+    SAEConfig,
+    SAEError,
+    default_width,
+    load_sae,
+)
 from sae_core.saes.sparse_acts import sparse_encode
 
 

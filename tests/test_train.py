@@ -8,11 +8,17 @@ import json
 import pytest
 import torch
 
+from sae_core.saes import losses, sparse_codes
 from sae_core.saes.checkpoint import CHECKPOINT
 from sae_core.saes.metrics import reconstruction_stats
 from sae_core.saes.sae import load_sae
-from sae_core.saes import losses, sparse_codes
-from sae_core.saes.sparse_codes import codes_at, decode_sparse, select_batch_topk, select_dead, select_topk
+from sae_core.saes.sparse_codes import (
+    codes_at,
+    decode_sparse,
+    select_batch_topk,
+    select_dead,
+    select_topk,
+)
 from sae_core.saes.train_config import TrainConfig, TrainError
 from sae_core.saes.train_data import TensorSource
 from sae_core.saes.train_loop import fit, fold_scale, init_state, learning_rate

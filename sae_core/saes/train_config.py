@@ -3,6 +3,7 @@ architectures it knows, with the SAELens architecture each is saved as."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class TrainConfig:
         prefixes = self.prefixes
         if not prefixes:
             raise TrainError("--arch matryoshka needs --prefixes, e.g. --prefixes 1024,4096,16384")
-        if prefixes[0] <= 0 or any(b <= a for a, b in zip(prefixes, prefixes[1:])):
+        if prefixes[0] <= 0 or any(b <= a for a, b in itertools.pairwise(prefixes)):
             raise TrainError(f"--prefixes must be positive and ascending, got {','.join(map(str, prefixes))}")
         if self.width is not None and prefixes[-1] != self.width:
             raise TrainError(f"the last prefix ({prefixes[-1]}) must be the whole --width ({self.width})")

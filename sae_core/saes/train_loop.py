@@ -17,7 +17,13 @@ import torch
 from tqdm import tqdm
 
 from sae_core.inputs import distributed
-from sae_core.saes.checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint, training_sae
+from sae_core.saes.checkpoint import (
+    CHECKPOINT,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+    training_sae,
+)
 from sae_core.saes.losses import batch_variance, forward_relu, forward_sparse
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.sparse_codes import select_batch_topk
