@@ -13,7 +13,7 @@ from sae_core.saes.sae import SAEError, load_sae
 from sae_core.saes.train_config import TrainConfig, TrainError
 from sae_core.saes.train_data import TensorSource
 from sae_core.saes.train_loop import fit, init_state, train_step
-from tests.test_train import synthetic
+from tests.test_train import command_corpus, synthetic
 from tests.test_train_reference import dense_acts
 
 PREFIXES = [8, 32, 128]
@@ -118,12 +118,8 @@ def test_width_defaults_to_the_last_prefix():
 
 def test_train_command_trains_a_matryoshka_sae(llama_dir, tmp_path):
     from sae_core.cli import main
-    from tests.tiny import TRAIN_TEXT
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(24):
-        (corpus / f"{i}.txt").write_text(" ".join(TRAIN_TEXT[i % 8 :] + TRAIN_TEXT[: i % 8]) * 2)
+    corpus = command_corpus(tmp_path)
     out = tmp_path / "sae"
     args = ["train", "--model", str(llama_dir), "--layer", "1", "--corpus", str(corpus), "--ctx-len", "32",
             "--out", str(out), "--tokens", "2048", "--batch-size", "256", "--arch", "matryoshka",
