@@ -4,6 +4,7 @@ checkpoints resume exactly, the scale is folded into the saved weights, the pipe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,14 +263,21 @@ def test_too_little_data_for_one_batch_is_refused(tmp_path):
         fit(TensorSource(torch.randn(100, D)), small_config("topk"), tmp_path, progress=False)
 
 
-def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, capsys):
-    from sae_core.cli import main
+def command_corpus(folder) -> Path:
+    """A folder of 24 small text files for `saescope train` on the tiny model."""
     from tests.tiny import TRAIN_TEXT
 
-    corpus = tmp_path / "corpus"
+    corpus = folder / "corpus"
     corpus.mkdir()
     for i in range(24):
         (corpus / f"{i}.txt").write_text(" ".join(TRAIN_TEXT[i % 8 :] + TRAIN_TEXT[: i % 8]) * 2)
+    return corpus
+
+
+def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, capsys):
+    from sae_core.cli import main
+
+    corpus = command_corpus(tmp_path)
     out = tmp_path / "sae"
     args = ["train", "--model", str(llama_dir), "--layer", "1", "--corpus", str(corpus), "--ctx-len", "32",
             "--out", str(out), "--tokens", "4096", "--batch-size", "256", "--width", "64", "--k", "4",

@@ -68,23 +68,22 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
 def prefix_reconstructions(
     W_dec: torch.Tensor, codes: SparseCodes, prefixes: list[int], b_dec: torch.Tensor
 ) -> list[torch.Tensor]:
-    """b_dec + the decoding by the first m latents, for each prefix m: each band of latents
-    [previous m, m) is decoded once and the bands are summed cumulatively, so the work is one
-    full decode whatever the number of prefixes."""
-    x_hat, out, start = b_dec, [], 0
-    for stop in prefixes:
-        band = (codes.latents >= start) & (codes.latents < stop)
-        x_hat = x_hat + decode_sparse(W_dec, _subset(codes, band))
+    """b_dec + the decoding by the first m latents, for each prefix m. The bands of latents
+    [previous m, m) are decoded in one call, as if each band's pairs were tokens of their own
+    (row band·batch + token), and summed cumulatively: the work is one full decode whatever the
+    number of prefixes."""
+    batch, starts = codes.offsets.shape[0], [0, *prefixes[:-1]]
+    # pairs by (band, token), rows ascending within each band, as embedding_bag wants them
+    order = torch.cat([((codes.latents >= a) & (codes.latents < b)).nonzero().squeeze(1) for a, b in zip(starts, prefixes, strict=True)])
+    band = torch.bucketize(codes.latents[order], torch.tensor(prefixes, device=order.device), right=True)
+    rows = band * batch + codes.rows[order]
+    counts = torch.bincount(rows, minlength=len(prefixes) * batch)
+    banded = SparseCodes(rows, codes.latents[order], codes.values[order], torch.cumsum(counts, 0) - counts)
+    x_hat, out = b_dec, []
+    for part in decode_sparse(W_dec, banded).view(len(prefixes), batch, -1):  # (batch, d) per band
+        x_hat = x_hat + part
         out.append(x_hat)
-        start = stop
     return out
-
-
-def _subset(codes: SparseCodes, keep: torch.Tensor) -> SparseCodes:
-    """The pairs where ``keep``, rows still ascending, with their offsets."""
-    rows = codes.rows[keep]
-    counts = torch.bincount(rows, minlength=codes.offsets.shape[0])
-    return SparseCodes(rows, codes.latents[keep], codes.values[keep], torch.cumsum(counts, 0) - counts)
 
 
 def _fired(codes: SparseCodes, width: int, batch: int) -> tuple[torch.Tensor, float]:
