@@ -29,6 +29,7 @@ from app.schemas import (
     TokenValuePublic,
 )
 from app.vocab import Vocabulary, get_vocabulary
+from sae_core.labels.report import label_report
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -82,7 +83,12 @@ def _feature_fractions(session: Session, sae: SaeRow) -> tuple[float, float] | N
     ) / sae.d_sae
 
 
-def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | None) -> SaePublic:
+def _sae_public(
+    row: SaeRow,
+    model_name: str,
+    fractions: tuple[float, float] | None,
+    label_f1_hist: HistogramPublic | None = None,
+) -> SaePublic:
     metrics = row.metrics or {}
     tokens_trained = (row.train_cfg or {}).get("tokens_trained")  # written by `saescope train`
     return SaePublic(
@@ -108,6 +114,7 @@ def _sae_public(row: SaeRow, model_name: str, fractions: tuple[float, float] | N
         },
         corpus=row.corpus or {},
         density_hist=_histogram(row.density_hist),
+        label_f1_hist=label_f1_hist,
         created_at=row.created_at,
     )
 
@@ -138,7 +145,9 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
     model_name = session.scalar(
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
-    return _sae_public(row, model_name or "", _feature_fractions(session, row))
+    report = label_report(session, row)
+    f1_hist = _histogram({"edges": report.edges, "counts": report.counts} if report.n_scored else None)
+    return _sae_public(row, model_name or "", _feature_fractions(session, row), f1_hist)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from sae_core.cli import main
 from sae_core.labels import run as labels
 from sae_core.labels.evidence import Example, split_examples
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
-from sae_core.labels.rules import CONTEXT_NAMES, LabelRule, context_masks, parse_label
+from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
+from sae_core.labels.rules import LabelRule, Term, parse_label
 from sae_core.labels.run import (
     LabelError,
     LabelOptions,
@@ -109,24 +110,44 @@ def test_context_masks_follow_python_lexing():
     assert prose[CONTEXT_NAMES.index("prose")].all()
 
 
-def test_rule_describes_itself_and_round_trips():
-    rule = LabelRule((" Paris", " Lyon"), (), "prose")
-    assert rule.describe() == '" Paris" / " Lyon" (in English prose)'
-    assert LabelRule((), ("def",)).describe() == 'after "def"'
-    assert LabelRule(context="comment").describe() == "any token in comments"
-    assert LabelRule(("\n",)).describe() == '"\\n"'
-    assert LabelRule.from_json(json.loads(json.dumps(rule.to_json()))) == rule
+def test_rule_describes_itself_as_a_phrase_and_round_trips():
+    rule = LabelRule.of(Term((" Paris", " Lyon"), contexts=("prose",)))
+    assert rule.describe() == "`Paris`/`Lyon` in English prose"
+    assert LabelRule.of(Term(previous=("def",))).describe() == "any token right after `def`"
+    assert LabelRule.of(Term(contexts=("comment",))).describe() == "any token in a comment"
+    assert LabelRule.of(Term(("\n",))).describe() == '"\\n"'
+    assert (
+        LabelRule.of(Term((" if", " elif", " while"), contexts=("line_start",))).describe()
+        == "`if`/`elif`/`while` at the start of a line"
+    )
+    assert (
+        LabelRule.of(Term(window=(" Returns",), contexts=("docstring",))).describe()
+        == "any token in a docstring a few tokens after `Returns`"
+    )
+    assert LabelRule.of(Term(contexts=("number", "string"))).describe() == "a number in a string"
+    two = LabelRule.of(Term(following=(")",)), Term(("x",), unless=("comment",)))
+    assert two.describe() == "any token before `)`; or `x` except in a comment"
+    for each in (rule, two):
+        assert LabelRule.from_json(json.loads(json.dumps(each.to_json()))) == each
+    # rules stored by the first version (one term, one context) still read
+    assert LabelRule.from_json({"tokens": ["a"], "previous": [], "context": "comment"}) == (
+        LabelRule.of(Term(("a",), contexts=("comment",)))
+    )
     with pytest.raises(ValueError, match="unknown context"):
-        LabelRule(context="poetry")
+        Term(contexts=("poetry",))
 
 
 @pytest.mark.parametrize(
     "rule",
     [
-        LabelRule((" Paris", " Lyon"), (), "prose"),
-        LabelRule((), ("def",)),
-        LabelRule(context="comment"),
-        LabelRule(("\n", '"x\\'), ("a",), "string"),
+        LabelRule.of(Term(("Paris", " Paris"), contexts=("prose",))),
+        LabelRule.of(Term(previous=("def", " def"))),
+        LabelRule.of(Term(contexts=("comment",))),
+        LabelRule.of(Term(("\n", '"x\\'), ("a", " a"), contexts=("string",))),
+        LabelRule.of(
+            Term(contexts=("number", "call_args")),
+            Term(following=(")", " )"), window=("Returns", " Returns"), unless=("comment", "heading")),
+        ),
     ],
 )
 def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
@@ -134,16 +155,17 @@ def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
 
 
 @pytest.mark.parametrize(
-    "text", ["the French capital", '" Paris" (in the sky)', '"x" and more', "any token"]
+    "text",
+    ["the French capital", "`Paris` in the sky", '"x" and more', "any token", "`a`; or nothing"],
 )
 def test_free_text_is_not_a_rule(text):
     assert parse_label(text) is None
 
 
 def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
-    acts = np.ones(4, np.float32)
-    examples = [Example("top", 0, r, c, acts) for r, c in enumerate([1, 2, 3])] + [
-        Example("interval", b, r, c, acts)
+    at, acts = np.arange(4), np.ones(4, np.float32)
+    examples = [Example("top", 0, r, c, at, acts) for r, c in enumerate([1, 2, 3])] + [
+        Example("interval", b, r, c, at, acts)
         for b, r, c in [(0, 0, 10), (0, 1, 11), (1, 0, 3), (1, 1, 12)]
     ]
     train, heldout = split_examples(examples)
@@ -162,15 +184,15 @@ def test_token_feature_gets_its_token_with_high_f1(labelled):
     store, engine, summary = labelled
     assert summary.n_labelled == 5  # every alive feature; the dead one has no examples
     feature = _feature(engine, store.sae_name, PARIS)
-    assert feature.label == '" Paris"'
+    assert feature.label == "`Paris`"
     assert feature.label_source == "auto"
     assert feature.label_f1 > 0.8 and feature.label_recall > 0.9
 
 
 def test_context_and_previous_token_features_get_those_rules(labelled):
     store, engine, _ = labelled
-    assert _auto_rule(engine, store.sae_name, AFTER_DEF) == LabelRule((), ("def",), None)
-    assert _auto_rule(engine, store.sae_name, IN_COMMENT).context == "comment"
+    assert _auto_rule(engine, store.sae_name, AFTER_DEF) == LabelRule.of(Term(previous=("def",)))
+    assert _auto_rule(engine, store.sae_name, IN_COMMENT) == LabelRule.of(Term(contexts=("comment",)))
     assert _feature(engine, store.sae_name, AFTER_DEF).label_f1 > 0.6
     assert _feature(engine, store.sae_name, IN_COMMENT).label_f1 > 0.7
 
@@ -225,7 +247,7 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
 
     monkeypatch.setattr(labels, "fit_rule", fit_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        label_sae(engine, store.sae_name, NO_EMBED)
+        label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, workers=1))
     monkeypatch.setattr(labels, "fit_rule", real_fit)
     assert [_feature(engine, store.sae_name, i).label is not None for i in range(4)] == [
         True,
@@ -236,6 +258,28 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
     assert (
         label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 3
     )  # the rest, not the first chunk again
+
+
+def test_forked_workers_write_the_same_labels_as_one_process(fresh, tmp_path, monkeypatch):
+    store, engine = fresh
+    monkeypatch.setattr(labels, "FEATURES_PER_CHUNK", 2)  # three chunks, so both workers get some
+    other = write_planted_store(f"sqlite:///{tmp_path}/other.db")
+    other_engine = create_engine_for(other.url)
+    label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, workers=1))
+    label_sae(other_engine, other.sae_name, LabelOptions(embed=False, progress=False, workers=2))
+
+    def labels_of(e, name):
+        with Session(e) as session:
+            sae = get_sae(session, name)
+            return [
+                (h.feature_idx, h.label, h.f1, h.rule)
+                for i in range(6)
+                for h in label_history(session, sae=sae, idx=i)
+            ]
+
+    assert labels_of(engine, store.sae_name) == labels_of(other_engine, other.sae_name)
+    assert len(labels_of(engine, store.sae_name)) == 5
+    other_engine.dispose()
 
 
 def test_unfinished_precompute_is_refused(fresh):
@@ -263,7 +307,7 @@ def test_human_label_stays_current_and_history_keeps_all(fresh):
     )
     with Session(engine) as session:
         history = label_history(session, sae=get_sae(session, store.sae_name), idx=BOLD)
-    assert [(h.source, h.label) for h in history] == [("auto", '"<b>"'), ("human:ada", "bold tag")]
+    assert [(h.source, h.label) for h in history] == [("auto", "`<b>`"), ("human:ada", "bold tag")]
 
 
 def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(fresh):
@@ -273,7 +317,7 @@ def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(
         sae = get_sae(session, store.sae_name)
         auto = session.get(FeatureRow, (sae.id, PARIS)).label_f1
         broader = set_human_label(
-            session, sae=sae, idx=PARIS, label='" Paris" / " city"', author="ada"
+            session, sae=sae, idx=PARIS, label="`Paris`/`city`", author="ada"
         )
         free = set_human_label(session, sae=sae, idx=BOLD, label="bold tags", author="ada")
         session.commit()
@@ -349,7 +393,7 @@ def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat
         history = label_history(session, sae=get_sae(session, store.sae_name), idx=PARIS)
     explained = next(h for h in history if h.source == "llm:fake-7b")
     assert explained.label == "the word Paris"
-    assert explained.rule["rule"]["tokens"] == [" Paris"]  # the leading space the model dropped
+    assert explained.rule["rule"]["terms"][0]["tokens"] == [" Paris"]  # the space the model dropped
     assert explained.f1 > 0.8
     assert (
         _feature(engine, store.sae_name, RANDOM).label_source == "auto"
@@ -403,7 +447,7 @@ def test_labels_and_text_search_on_postgres(pg_schema):
     store = write_planted_store(pg_schema)
     engine = create_engine_for(pg_schema)
     label_sae(engine, store.sae_name, NO_EMBED)
-    assert _feature(engine, store.sae_name, PARIS).label == '" Paris"'
+    assert _feature(engine, store.sae_name, PARIS).label == "`Paris`"
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
         result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
