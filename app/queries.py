@@ -146,7 +146,9 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
     report = label_report(session, row)
-    f1_hist = _histogram({"edges": report.edges, "counts": report.counts} if report.n_scored else None)
+    f1_hist = _histogram(
+        {"edges": report.edges, "counts": report.counts} if report.n_scored else None
+    )
     return _sae_public(row, model_name or "", _feature_fractions(session, row), f1_hist)
 
 

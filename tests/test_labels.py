@@ -30,9 +30,12 @@ from sae_core.labels.search import search_labels
 from sae_core.store.db import FeatureRow, LabelRow, create_engine_for
 from tests.label_fixtures import (
     AFTER_DEF,
+    BEFORE_CLOSE,
     BOLD,
+    D_SAE,
     DEAD,
     IN_COMMENT,
+    IN_DOCSTRING,
     PARIS,
     RANDOM,
     write_planted_store,
@@ -146,7 +149,9 @@ def test_rule_describes_itself_as_a_phrase_and_round_trips():
         LabelRule.of(Term(("\n", '"x\\'), ("a", " a"), contexts=("string",))),
         LabelRule.of(
             Term(contexts=("number", "call_args")),
-            Term(following=(")", " )"), window=("Returns", " Returns"), unless=("comment", "heading")),
+            Term(
+                following=(")", " )"), window=("Returns", " Returns"), unless=("comment", "heading")
+            ),
         ),
     ],
 )
@@ -182,7 +187,7 @@ def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
 
 def test_token_feature_gets_its_token_with_high_f1(labelled):
     store, engine, summary = labelled
-    assert summary.n_labelled == 5  # every alive feature; the dead one has no examples
+    assert summary.n_labelled == 7  # every alive feature; the dead one has no examples
     feature = _feature(engine, store.sae_name, PARIS)
     assert feature.label == "`Paris`"
     assert feature.label_source == "auto"
@@ -192,9 +197,23 @@ def test_token_feature_gets_its_token_with_high_f1(labelled):
 def test_context_and_previous_token_features_get_those_rules(labelled):
     store, engine, _ = labelled
     assert _auto_rule(engine, store.sae_name, AFTER_DEF) == LabelRule.of(Term(previous=("def",)))
-    assert _auto_rule(engine, store.sae_name, IN_COMMENT) == LabelRule.of(Term(contexts=("comment",)))
+    assert _auto_rule(engine, store.sae_name, IN_COMMENT) == LabelRule.of(
+        Term(contexts=("comment",))
+    )
     assert _feature(engine, store.sae_name, AFTER_DEF).label_f1 > 0.6
     assert _feature(engine, store.sae_name, IN_COMMENT).label_f1 > 0.7
+
+
+def test_docstring_and_before_bracket_features_get_those_rules(labelled):
+    store, engine, _ = labelled
+    assert _auto_rule(engine, store.sae_name, IN_DOCSTRING) == LabelRule.of(
+        Term(contexts=("docstring",))
+    )
+    assert _feature(engine, store.sae_name, IN_DOCSTRING).label == "any token in a docstring"
+    assert _auto_rule(engine, store.sae_name, BEFORE_CLOSE) == LabelRule.of(Term(following=(")",)))
+    assert _feature(engine, store.sae_name, BEFORE_CLOSE).label == "any token before `)`"
+    assert _feature(engine, store.sae_name, IN_DOCSTRING).label_f1 > 0.7
+    assert _feature(engine, store.sae_name, BEFORE_CLOSE).label_f1 > 0.8
 
 
 def test_random_feature_scores_low(labelled):
@@ -223,13 +242,13 @@ def test_stored_rule_reproduces_the_score(labelled):
 
 def test_rerun_resumes_and_force_relabels(fresh):
     store, engine = fresh
-    assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 5
+    assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 7
     assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 0
     assert (
         label_sae(
             engine, store.sae_name, LabelOptions(embed=False, progress=False, force=True)
         ).n_labelled
-        == 5
+        == 7
     )
 
 
@@ -256,7 +275,7 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
         False,
     ]
     assert (
-        label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 3
+        label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 5
     )  # the rest, not the first chunk again
 
 
@@ -273,12 +292,12 @@ def test_forked_workers_write_the_same_labels_as_one_process(fresh, tmp_path, mo
             sae = get_sae(session, name)
             return [
                 (h.feature_idx, h.label, h.f1, h.rule)
-                for i in range(6)
+                for i in range(D_SAE)
                 for h in label_history(session, sae=sae, idx=i)
             ]
 
     assert labels_of(engine, store.sae_name) == labels_of(other_engine, other.sae_name)
-    assert len(labels_of(engine, store.sae_name)) == 5
+    assert len(labels_of(engine, store.sae_name)) == 7
     other_engine.dispose()
 
 
@@ -316,9 +335,7 @@ def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
         auto = session.get(FeatureRow, (sae.id, PARIS)).label_f1
-        broader = set_human_label(
-            session, sae=sae, idx=PARIS, label="`Paris`/`city`", author="ada"
-        )
+        broader = set_human_label(session, sae=sae, idx=PARIS, label="`Paris`/`city`", author="ada")
         free = set_human_label(session, sae=sae, idx=BOLD, label="bold tags", author="ada")
         session.commit()
         assert (
@@ -385,7 +402,7 @@ def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat
     summary = label_sae(
         engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config)
     )
-    assert summary.n_explained == 5
+    assert summary.n_explained == 7
     request = _FakeChat.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
     assert "[[" in request["body"]["messages"][1]["content"]  # firing tokens are marked
@@ -437,7 +454,7 @@ def test_unusable_replies_are_skipped():
 def test_cli_labels_and_reports(fresh, capsys):
     store, engine = fresh
     assert main(["label", "--db", store.url, "--sae", store.sae_name, "--no-embed"]) == 0
-    assert "labelled 5 features" in capsys.readouterr().out
+    assert "labelled 7 features" in capsys.readouterr().out
     assert main(["label", "--db", store.url, "--sae", "nope", "--no-embed"]) == 2
     assert "no SAE named 'nope'" in capsys.readouterr().err
 
@@ -451,6 +468,6 @@ def test_labels_and_text_search_on_postgres(pg_schema):
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
         result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
-        assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 5
+        assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 7
     assert [h.idx for h in result.hits] == [PARIS]
     engine.dispose()

@@ -94,7 +94,9 @@ class ContextLibrary:
         for r, t in enumerate(token_ids.values()):
             tokens[r, : len(t)] = t
         self.token_ids = tokens
-        self.lengths = np.fromiter(map(len, token_ids.values()), dtype=np.int64, count=len(self.ids))
+        self.lengths = np.fromiter(
+            map(len, token_ids.values()), dtype=np.int64, count=len(self.ids)
+        )
         missing = len(vocab.texts)  # a text id no rule names (padding, and beyond the window)
         text = np.where(tokens >= 0, vocab.text_id[np.maximum(tokens, 0)], missing).astype(np.int32)
         self.keep = tokens >= 0
@@ -106,7 +108,9 @@ class ContextLibrary:
         self.next = np.full_like(self.text, -1)
         self.next[:, :-1] = shifted[:, WINDOW + 1 :]
         # window[:, t, j] = text id j + 1 tokens before t
-        self.window = np.stack([shifted[:, WINDOW - j - 1 : WINDOW - j - 1 + seq] for j in range(WINDOW)], axis=-1)
+        self.window = np.stack(
+            [shifted[:, WINDOW - j - 1 : WINDOW - j - 1 + seq] for j in range(WINDOW)], axis=-1
+        )
         self.prev = self.window[:, :, 0].copy()
         self.contexts = np.zeros((len(self.ids), seq, len(CONTEXT_NAMES)), dtype=bool)
         for r, t in enumerate(token_ids.values()):

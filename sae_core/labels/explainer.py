@@ -77,7 +77,9 @@ class Explanation(NamedTuple):
             return tuple(dict.fromkeys(both))
 
         contexts = (self.context,) if self.context else ()
-        return LabelRule.of(Term(texts(self.tokens), following=texts(self.before), contexts=contexts))
+        return LabelRule.of(
+            Term(texts(self.tokens), following=texts(self.before), contexts=contexts)
+        )
 
 
 SYSTEM_PROMPT = (
@@ -168,7 +170,10 @@ def explain(config: ExplainerConfig, examples: list[str]) -> Explanation | None:
     return parse_explanation(
         _chat(
             config,
-            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": examples_text}],
+            [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": examples_text},
+            ],
         )
     )
 

@@ -84,11 +84,14 @@ def _shrunk(gained):
     return np.maximum(gained - SHRINK * np.sqrt(gained), 0)
 
 
-def _objective(step: "_Step", gained, picked, n_firing: int, penalty):
+def _objective(step: _Step, gained, picked, n_firing: int, penalty):
     """The penalised F1 of the list once a candidate adds ``gained`` firing tokens out of
     ``picked``; the gain is shrunk by its own noise (``SHRINK`` standard deviations of a count),
     so a handful of firings found by searching many keys does not pass for a pattern."""
-    return 2 * (step.true_positives + _shrunk(gained)) / (step.n_predicted + picked + n_firing) - penalty
+    return (
+        2 * (step.true_positives + _shrunk(gained)) / (step.n_predicted + picked + n_firing)
+        - penalty
+    )
 
 
 class _Step(NamedTuple):
@@ -135,7 +138,9 @@ def _key_candidate(search: _Search, step: _Step, kind: str) -> _Candidate | None
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=1)
     joins = column * (width + 1) + rank[column[:, None], local].min(axis=1)
     size = n_columns * (width + 1)
-    gained = np.bincount(joins[fired], minlength=size).reshape(n_columns, -1)[:, :width].cumsum(axis=1)
+    gained = (
+        np.bincount(joins[fired], minlength=size).reshape(n_columns, -1)[:, :width].cumsum(axis=1)
+    )
     picked = np.bincount(joins, minlength=size).reshape(n_columns, -1)[:, :width].cumsum(axis=1)
     parts = 1 + (np.arange(n_columns) != anywhere)[:, None] + (step.base != Term())
     penalty = step.base_penalty + KEY_PENALTY * np.arange(width) + PART_PENALTY * (parts - 1)
@@ -190,14 +195,21 @@ def _context_candidate(search: _Search, step: _Step) -> _Candidate | None:
         excepted[:] = -np.inf
     best_required, best_excepted = int(required.argmax()), int(excepted.argmax())
     options = [
-        (required[best_required], {"contexts": step.base.contexts + (CONTEXT_NAMES[best_required],)}),
+        (
+            required[best_required],
+            {"contexts": step.base.contexts + (CONTEXT_NAMES[best_required],)},
+        ),
         (excepted[best_excepted], {"unless": step.base.unless + (CONTEXT_NAMES[best_excepted],)}),
     ]
     if fresh:  # pairs among the contexts that hold the most firings
         top = search.tokens.contexts[:, search.columns[:PAIRED_CONTEXTS]]  # (n, c)
         pair_positives = _pair_sums(top, firing)
         pairs = _objective(
-            step, pair_positives, _pair_sums(top, step.within), search.n_firing, penalty + PART_PENALTY
+            step,
+            pair_positives,
+            _pair_sums(top, step.within),
+            search.n_firing,
+            penalty + PART_PENALTY,
         )
         pairs[np.tril_indices(top.shape[1])] = -np.inf
         pairs[pair_positives == 0] = -np.inf

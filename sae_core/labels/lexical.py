@@ -179,7 +179,10 @@ def _bracket_kinds(text: str, states: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _line_kinds(text: str) -> dict[str, np.ndarray]:
     """Per character (len(text),) bool: on a decorator, import, list-item or heading line. The
     window's first line is cut, so it is of no kind."""
-    out = {name: np.zeros(len(text), dtype=bool) for name in ("decorator", "import_line", "list_item", "heading")}
+    out = {
+        name: np.zeros(len(text), dtype=bool)
+        for name in ("decorator", "import_line", "list_item", "heading")
+    }
     lines = [(m.start(), m.group()) for m in _LINES.finditer(text) if m.group()]
     for i, (start, line) in enumerate(lines):
         if i == 0:

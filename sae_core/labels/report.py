@@ -31,7 +31,9 @@ class LabelReport(NamedTuple):
     def lines(self) -> list[str]:
         """The report as a person reads it on a terminal."""
         if not self.n_scored:
-            return [f"{self.n_alive:,} alive features; none has a scored label yet (run `saescope label`)"]
+            return [
+                f"{self.n_alive:,} alive features; none has a scored label yet (run `saescope label`)"
+            ]
         share = lambda value: f"{value:.0%}"  # noqa: E731
         out = [
             f"{self.n_scored:,} of {self.n_alive:,} alive features have a scored label; "

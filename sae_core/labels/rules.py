@@ -47,9 +47,11 @@ class Term:
 
     @property
     def n_parts(self) -> int:
-        return sum(map(bool, (self.tokens, self.previous, self.following, self.window))) + len(
-            self.contexts
-        ) + len(self.unless)
+        return (
+            sum(map(bool, (self.tokens, self.previous, self.following, self.window)))
+            + len(self.contexts)
+            + len(self.unless)
+        )
 
     @property
     def n_keys(self) -> int:
@@ -82,7 +84,9 @@ class Term:
             subject = token_list(self.tokens, max_shown)
             where = [TOKEN_CLASSES[c] for c in classes] + where  # rare: tokens and a class
         elif classes:
-            subject = " ".join([TOKEN_CLASSES[classes[0]]] + [f"({TOKEN_CLASSES[c]})" for c in classes[1:]])
+            subject = " ".join(
+                [TOKEN_CLASSES[classes[0]]] + [f"({TOKEN_CLASSES[c]})" for c in classes[1:]]
+            )
         else:
             subject = "any token"
         parts = [subject] + where
@@ -165,7 +169,9 @@ def _parse_tokens(text: str) -> tuple[str, ...]:
         if token.startswith("`"):
             out += [token[1:-1], " " + token[1:-1]]
         else:
-            out.append(re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), token[1:-1]))
+            out.append(
+                re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), token[1:-1])
+            )
     return tuple(dict.fromkeys(out))
 
 
@@ -205,7 +211,7 @@ def _parse_term(text: str) -> Term | None:
         if part is None:
             return None
         found = {k: v for k, v in part.groupdict().items() if v is not None}
-        (key, value), = found.items()
+        ((key, value),) = found.items()
         if key == "location":
             parts["contexts"] += (_LOCATION_BY_PHRASE[value],)
         elif key in ("cls", "cls_bare"):

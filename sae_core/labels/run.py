@@ -53,7 +53,9 @@ AUTO_SOURCE = "auto"
 METHOD = "rules-v2"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
-WEAK_RULE = 0.3  # below this search objective the rule explains little: the label adds logit effects
+WEAK_RULE = (
+    0.3  # below this search objective the rule explains little: the label adds logit effects
+)
 DENSE_DENSITY = 0.1  # a feature firing on more tokens than this is dense (as the SAE page counts)
 EXPLAINER_EXAMPLES = (
     12  # examples shown to an explainer: enough variety, short enough for small models
@@ -110,7 +112,9 @@ def _is_human(source: str | None) -> bool:
     return bool(source) and source.startswith("human:")
 
 
-def _replaces(current: tuple[str | None, str | None, float | None], source: str, f1: float | None) -> bool:
+def _replaces(
+    current: tuple[str | None, str | None, float | None], source: str, f1: float | None
+) -> bool:
     """Whether a new label (``source``, ``f1``) becomes current over the feature's current
     (label, source, f1): a human label always, a machine one unless a human's is current, when
     it renews its own source or scores at least as well."""
@@ -246,9 +250,7 @@ class _Labeller(NamedTuple):
     library: ContextLibrary
     options: LabelOptions
 
-    def evidence_by_feature(
-        self, chunk: list[int]
-    ) -> Iterator[tuple[int, FeatureEvidence | None]]:
+    def evidence_by_feature(self, chunk: list[int]) -> Iterator[tuple[int, FeatureEvidence | None]]:
         examples = load_examples(self.session, self.sae.id, chunk[0], chunk[-1] + 1)
         for idx in chunk:
             evidence = build_evidence(
@@ -290,13 +292,17 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def auto_label_text(rule: LabelRule, strength: float, density: float, promoted: list[str]) -> str:
-    """The label of a fitted rule: its phrase; for a dense feature, how dense first; for a weak
-    rule, what the feature promotes too (its top logit effects)."""
+    """The label of a fitted rule: its phrase. A dense feature says so first, and so does one whose
+    best rule is weak (``strength``, the search's objective, below ``WEAK_RULE``), which then
+    also names the tokens it promotes (its top logit effects) instead of passing the rule off
+    as an explanation."""
     text = rule.describe()
     if density >= DENSE_DENSITY:
-        text = f"dense, fires on {density:.0%} of tokens: {text}"
-    if strength < WEAK_RULE and promoted:
-        text += f"; promotes {token_list(tuple(promoted), 3)}"
+        return f"dense: fires on {density:.0%} of tokens; {text}"
+    if strength < WEAK_RULE:
+        text = f"unclear: fires on {density:.1%} of tokens; {text}"
+        if promoted:
+            text += f"; promotes {token_list(tuple(promoted), 3)}"
     return text
 
 
@@ -315,7 +321,9 @@ class _AutoPass(NamedTuple):
     n_unscorable: int
 
 
-def _label_row(sae: SaeRow, idx: int, made: _MachineLabel, score: LabelScore, held: HeldOut, **extra) -> dict:
+def _label_row(
+    sae: SaeRow, idx: int, made: _MachineLabel, score: LabelScore, held: HeldOut, **extra
+) -> dict:
     return {
         "sae_id": sae.id,
         "feature_idx": idx,
@@ -394,13 +402,19 @@ def _n_workers(options: LabelOptions, n_chunks: int) -> int:
     if options.workers is not None:
         wanted = options.workers
     else:
-        wanted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        wanted = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
     forkable = "fork" in multiprocessing.get_all_start_methods()
     return max(1, min(wanted, n_chunks)) if forkable else 1
 
 
 @contextmanager
-def _chunk_results(labeller: _Labeller, chunks: list[list[int]]) -> Iterator[Iterator[_ChunkLabels]]:
+def _chunk_results(
+    labeller: _Labeller, chunks: list[list[int]]
+) -> Iterator[Iterator[_ChunkLabels]]:
     """Each chunk's labels in order: computed here, or by forked workers that share the decoded
     contexts copy-on-write."""
     global _FORKED
@@ -451,10 +465,11 @@ def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig)
             if evidence is None:
                 continue
             library = labeller.library
-            examples = [
-                render_example(library.texts(e.context_id), e.acts(len(library.texts(e.context_id))).tolist())
+            windows = [
+                (library.texts(e.context_id), e)
                 for e in evidence.train_examples[:EXPLAINER_EXAMPLES]
             ]
+            examples = [render_example(texts, e.acts(len(texts)).tolist()) for texts, e in windows]
             explanation = explain(config, examples)
             if explanation is None:
                 continue
