@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -453,8 +454,17 @@ def test_unusable_replies_are_skipped():
 
 def test_cli_labels_and_reports(fresh, capsys):
     store, engine = fresh
+    assert main(["label", "--db", store.url, "--sae", store.sae_name, "--report"]) == 0
+    assert "none has a scored label yet" in capsys.readouterr().out
     assert main(["label", "--db", store.url, "--sae", store.sae_name, "--no-embed"]) == 0
     assert "labelled 7 features" in capsys.readouterr().out
+    assert main(["label", "--db", store.url, "--sae", store.sae_name, "--report"]) == 0
+    report = capsys.readouterr().out
+    with Session(engine) as session:
+        f1 = sorted(session.scalars(sa.select(FeatureRow.label_f1).where(FeatureRow.count > 0)))
+    assert f"7 of 7 alive features have a scored label; held-out F1 median {f1[3]:.2f}" in report
+    assert f"F1 = 0: {sum(f == 0 for f in f1) / 7:.0%}" in report
+    assert len(re.findall(r"^  \d\.\d-\d\.\d ", report, flags=re.M)) == 10  # the histogram
     assert main(["label", "--db", store.url, "--sae", "nope", "--no-embed"]) == 2
     assert "no SAE named 'nope'" in capsys.readouterr().err
 

@@ -64,13 +64,18 @@ class _Search(NamedTuple):
     n_firing: int
 
 
-def _keys(values: np.ndarray, fires: np.ndarray, n_texts: int) -> _Keys:
-    """``values`` (n, slots) text ids, -1 for none."""
+def _keys(
+    values: np.ndarray, fires: np.ndarray, n_texts: int, also: np.ndarray | None = None
+) -> _Keys:
+    """``values`` (n, slots) text ids, -1 for none; the keys seen firing most often, and ``also``
+    (text ids) when they are seen firing at all."""
     firing = values[fires].ravel()
     counts = np.bincount(firing[firing >= 0], minlength=n_texts)
     texts = np.flatnonzero(counts >= MIN_KEY_FIRINGS)
     if len(texts) > MAX_CANDIDATE_KEYS:
         texts = texts[np.argsort(-counts[texts], kind="stable")[:MAX_CANDIDATE_KEYS]]
+    if also is not None and also.size:
+        texts = np.union1d(texts, also[counts[also] > 0])
     lookup = np.full(n_texts + 1, len(texts), dtype=np.int64)  # the last entry: key -1
     lookup[texts] = np.arange(len(texts))
     local = lookup[values]
@@ -235,8 +240,10 @@ def _penalty(term: Term) -> float:
     return PART_PENALTY * max(term.n_parts - 1, 0) + KEY_PENALTY * n_keys
 
 
-def fit_rule(train: TokenSet, vocab: Vocab) -> FittedRule:
-    """The best decision list on ``train``; "any token" when the feature never fires there."""
+def fit_rule(train: TokenSet, vocab: Vocab, promoted: tuple[str, ...] = ()) -> FittedRule:
+    """The best decision list on ``train``; "any token" when the feature never fires there.
+    ``promoted``: the tokens the feature's decoder direction promotes most (its top logit
+    effects), tried as what comes next even when seen after only one firing."""
     fires = train.fires
     n_firing = int(fires.sum())
     if not n_firing:
@@ -254,7 +261,7 @@ def fit_rule(train: TokenSet, vocab: Vocab) -> FittedRule:
         {
             "tokens": _keys(train.text_ids[:, None], fires, n_texts),
             "previous": _keys(train.prev_ids[:, None], fires, n_texts),
-            "following": _keys(train.next_ids[:, None], fires, n_texts),
+            "following": _keys(train.next_ids[:, None], fires, n_texts, vocab.ids_of(promoted)),
             "window": _keys(train.window_ids, fires, n_texts),
         },
         n_firing,

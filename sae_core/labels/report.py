@@ -53,8 +53,10 @@ def label_report(session: Session, sae: SaeRow) -> LabelReport:
         sa.select(FeatureRow.label_f1).where(FeatureRow.sae_id == sae.id, FeatureRow.count > 0)
     ).all()
     f1 = np.array([r.label_f1 for r in rows if r.label_f1 is not None], dtype=np.float64)
-    edges = np.linspace(0, 1, F1_BINS + 1)
-    counts = np.histogram(f1, bins=edges)[0] if f1.size else np.zeros(F1_BINS, dtype=np.int64)
+    # bin i holds [i/10, (i+1)/10), the last one 1.0 too; the 1e-9 keeps an F1 of exactly 0.3
+    # (0.3 * 10 = 2.9999999999999996) in the bin that starts at 0.3
+    bins = np.minimum((f1 * F1_BINS + 1e-9).astype(np.int64), F1_BINS - 1)
+    counts = np.bincount(bins, minlength=F1_BINS)
 
     def share(mask: np.ndarray) -> float | None:
         return float(mask.mean()) if f1.size else None
@@ -68,6 +70,6 @@ def label_report(session: Session, sae: SaeRow) -> LabelReport:
         share_below_02=share(f1 < 0.2),
         share_at_least_05=share(f1 >= 0.5),
         share_at_least_08=share(f1 >= 0.8),
-        edges=[round(float(e), 2) for e in edges],
+        edges=[i / F1_BINS for i in range(F1_BINS + 1)],
         counts=[int(c) for c in counts],
     )

@@ -60,6 +60,7 @@ DENSE_DENSITY = 0.1  # a feature firing on more tokens than this is dense (as th
 EXPLAINER_EXAMPLES = (
     12  # examples shown to an explainer: enough variety, short enough for small models
 )
+PROMOTED = 10  # top logit effects tried as "before" keys: what the feature predicts comes next
 MAX_LABEL_CHARS = 500  # a human label longer than a paragraph is a note, not a label
 
 
@@ -302,7 +303,7 @@ def auto_label_text(rule: LabelRule, strength: float, density: float, promoted: 
     if strength < WEAK_RULE:
         text = f"unclear: fires on {density:.1%} of tokens; {text}"
         if promoted:
-            text += f"; promotes {token_list(tuple(promoted), 3)}"
+            text += f"; promotes {token_list(tuple(promoted[:3]))}"
     return text
 
 
@@ -373,10 +374,10 @@ def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
         if evidence is None:
             n_unscorable += 1
             continue
-        fitted = fit_rule(evidence.train, labeller.vocab)
-        score = score_rule(fitted.rule, evidence.heldout, labeller.vocab)
         feature = current[idx]
-        promoted = [labeller.token_text(int(t)) for t, _ in (feature.logit_top or [])[:3]]
+        promoted = [labeller.token_text(int(t)) for t, _ in (feature.logit_top or [])[:PROMOTED]]
+        fitted = fit_rule(evidence.train, labeller.vocab, tuple(promoted))
+        score = score_rule(fitted.rule, evidence.heldout, labeller.vocab)
         text = auto_label_text(fitted.rule, fitted.objective, feature.density or 0.0, promoted)
         made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fitted.rule)
         rows.append(_label_row(labeller.sae, idx, made, score, evidence.heldout_contexts))
