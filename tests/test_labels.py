@@ -28,7 +28,7 @@ from sae_core.labels.run import (
     set_human_label,
 )
 from sae_core.labels.search import search_labels
-from sae_core.store.db import FeatureRow, LabelRow, create_engine_for
+from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts
 from tests.label_fixtures import (
     AFTER_DEF,
     BEFORE_CLOSE,
@@ -169,9 +169,9 @@ def test_free_text_is_not_a_rule(text):
 
 
 def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
-    at, acts = np.arange(4), np.ones(4, np.float32)
-    examples = [Example("top", 0, r, c, at, acts) for r, c in enumerate([1, 2, 3])] + [
-        Example("interval", b, r, c, at, acts)
+    blob, max_act, _ = pack_acts(np.ones(4, np.float32))
+    examples = [Example("top", 0, r, c, max_act, blob) for r, c in enumerate([1, 2, 3])] + [
+        Example("interval", b, r, c, max_act, blob)
         for b, r, c in [(0, 0, 10), (0, 1, 11), (1, 0, 3), (1, 1, 12)]
     ]
     train, heldout = split_examples(examples)

@@ -27,6 +27,7 @@ from sae_core.store.db import (
     SaeRow,
     SubjectModelRow,
     VocabRow,
+    unpack_acts,
     unpack_tokens,
 )
 
@@ -154,14 +155,18 @@ class Example(NamedTuple):
     bin: int
     rank: int
     context_id: int
-    positions: np.ndarray  # (n,) positions in the window where the feature fires
-    values: np.ndarray  # (n,) float32 its activation there
+    max_act: float
+    acts_blob: bytes  # the feature's activations in the window, as ``pack_acts`` stores them
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Where in the window the feature fires. (n,) uint16."""
+        blob = self.acts_blob
+        return np.frombuffer(blob, dtype="<u2", count=blob[0] | blob[1] << 8, offset=2)
 
     def acts(self, length: int) -> np.ndarray:
         """The feature's activation at every token of the window. (length,) float32."""
-        out = np.zeros(length, dtype=np.float32)
-        out[self.positions] = self.values
-        return out
+        return unpack_acts(self.acts_blob, self.max_act, length)
 
 
 def load_examples(
@@ -183,15 +188,8 @@ def load_examples(
         query.order_by(ExampleRow.feature_idx, ExampleRow.kind, ExampleRow.bin, ExampleRow.rank)
     )
     out: dict[int, list[Example]] = {}
-    for feature_idx, kind, bin_, rank, context_id, max_act, blob in rows:
-        # the layout of ``sae_core.store.db.pack_acts``: count, positions, 8-bit levels
-        n = blob[0] | blob[1] << 8
-        positions = np.frombuffer(blob, dtype="<u2", count=n, offset=2)
-        levels = np.frombuffer(blob, dtype="u1", count=n, offset=2 + 2 * n)
-        values = levels.astype(np.float32) * np.float32(max_act / 255.0)
-        out.setdefault(feature_idx, []).append(
-            Example(kind, bin_, rank, context_id, positions, values)
-        )
+    for feature_idx, *example in rows:
+        out.setdefault(feature_idx, []).append(Example(*example))
     return out
 
 
@@ -256,10 +254,10 @@ def _windows(library: ContextLibrary, examples: list[Example], negatives: list[i
     )
     fires = np.zeros((len(rows), library.text.shape[1]), dtype=bool)
     if examples:
-        counts = [len(e.positions) for e in examples]
+        positions = [e.positions for e in examples]
         fires[
-            np.repeat(np.arange(len(examples)), counts),
-            np.concatenate([e.positions for e in examples]).astype(np.int64),
+            np.repeat(np.arange(len(examples)), [len(p) for p in positions]),
+            np.concatenate(positions).astype(np.int64),
         ] = True
     return library.tokens(rows, fires)
 

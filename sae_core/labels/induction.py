@@ -50,7 +50,9 @@ class _Keys(NamedTuple):
     """One kind of key, renumbered to the keys seen where the feature fires."""
 
     texts: np.ndarray  # (k,) text ids of those keys
-    local: np.ndarray  # (n, slots) int: index into texts, k for any other key
+    local: np.ndarray  # (n, slots) int: index into texts, k for any other key (a key may
+    # repeat within a token's window: the ranking counts it twice, the prefix sums once)
+    present: np.ndarray  # (n,) bool: the token has one of the keys
 
 
 class _Search(NamedTuple):
@@ -79,10 +81,7 @@ def _keys(
     lookup = np.full(n_texts + 1, len(texts), dtype=np.int64)  # the last entry: key -1
     lookup[texts] = np.arange(len(texts))
     local = lookup[values]
-    if values.shape[1] > 1:  # a key twice in one window counts once
-        local = np.sort(local, axis=1)
-        local[:, 1:][local[:, 1:] == local[:, :-1]] = len(texts)
-    return _Keys(texts, local)
+    return _Keys(texts, local, (local < len(texts)).any(axis=1))
 
 
 def _shrunk(gained):
@@ -122,7 +121,7 @@ def _key_candidate(search: _Search, step: _Step, kind: str) -> _Candidate | None
     k = len(keys.texts)
     if not k or getattr(step.base, kind):
         return None
-    rows = np.flatnonzero(step.within & (keys.local < k).any(axis=1))
+    rows = np.flatnonzero(step.within & keys.present)
     if not rows.size:
         return None
     token, column = np.nonzero(search.within_columns[rows])  # (m,) pairs
