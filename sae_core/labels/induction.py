@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sae_core.labels.evidence import TokenSet, Vocab
-from sae_core.labels.lexical import CONTEXT_NAMES
+from sae_core.labels.lexical import CONTEXT_NAMES, TOKEN_CLASSES
 from sae_core.labels.rules import LabelRule, Term
 from sae_core.labels.scoring import f1_score, term_mask
 
@@ -38,6 +38,7 @@ PART_PENALTY = 0.03  # F1 each part beyond a term's first must add: shorter labe
 KEY_PENALTY = 0.005  # F1 each extra key must add, so one-off tokens don't pad the label
 TERM_PENALTY = 0.04  # F1 a second or third term must add
 KINDS = ("tokens", "previous", "following", "window")  # Term fields that hold keys
+_IS_CLASS = np.array([name in TOKEN_CLASSES for name in CONTEXT_NAMES])  # (C,)
 
 
 class FittedRule(NamedTuple):
@@ -153,6 +154,8 @@ def _key_candidate(search: _Search, step: _Step, kind: str) -> _Candidate | None
     for name in step.base.contexts:  # a context the term already has
         at = np.flatnonzero(search.columns == CONTEXT_NAMES.index(name))
         objective[at] = -np.inf
+    if kind == "tokens":  # a token's class follows from its text: nothing to add
+        objective[:anywhere][_IS_CLASS[search.columns]] = -np.inf
     column, n_keys = np.unravel_index(int(objective.argmax()), objective.shape)
     if not np.isfinite(objective[column, n_keys]):
         return None
@@ -195,6 +198,8 @@ def _context_candidate(search: _Search, step: _Step) -> _Candidate | None:
     required[positives == 0] = -np.inf
     used = [CONTEXT_NAMES.index(c) for c in step.base.contexts + step.base.unless]
     required[used] = excepted[used] = -np.inf
+    if step.base.tokens:  # a token's class follows from its text: nothing to add
+        required[_IS_CLASS] = excepted[_IS_CLASS] = -np.inf
     if fresh:
         excepted[:] = -np.inf
     best_required, best_excepted = int(required.argmax()), int(excepted.argmax())
