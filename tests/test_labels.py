@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from sae_core.cli import main
 from sae_core.labels import run as labels
-from sae_core.labels.evidence import Example, split_examples
+from sae_core.labels.evidence import ContextLibrary, Example, Vocab, split_examples
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
+from sae_core.labels.induction import fit_rule
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
 from sae_core.labels.rules import LabelRule, Term, parse_label
 from sae_core.labels.run import (
@@ -481,3 +482,74 @@ def test_labels_and_text_search_on_postgres(pg_schema):
         assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 7
     assert [h.idx for h in result.hits] == [PARIS]
     engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule search on hand-made windows: one planted feature per rule family
+
+
+def _fit_planted(windows: list[list[str]], fires) -> LabelRule:
+    """The rule fitted to windows of token texts where ``fires(texts, i)`` says the feature fires
+    on token i."""
+    texts = sorted({t for w in windows for t in w})
+    vocab = Vocab(
+        texts, np.arange(len(texts), dtype=np.int32), {t: i for i, t in enumerate(texts)}, None
+    )
+    library = ContextLibrary(
+        vocab, {c: np.array([vocab.index[t] for t in w]) for c, w in enumerate(windows)}
+    )
+    firing = np.zeros((len(windows), max(map(len, windows))), dtype=bool)
+    for c, w in enumerate(windows):
+        firing[c, : len(w)] = [fires(w, i) for i in range(len(w))]
+    return fit_rule(library.tokens(np.arange(len(windows)), firing), vocab).rule
+
+
+def _code_windows(rng: np.random.Generator, n: int = 40) -> list[list[str]]:
+    names = [" a", " b", " total", " count", " value"]
+    out = []
+    for _ in range(n):
+        window: list[str] = []
+        while len(window) < 40:
+            number = str(rng.integers(0, 10_000))
+            call = [" f", "(", str(rng.choice(names)), ",", " " + number, ")"]
+            window += [
+                "\n",
+                str(rng.choice(names)),
+                " =",
+                " " + str(rng.integers(0, 10_000)),
+                " +",
+            ] + call
+        out.append(window)
+    return out
+
+
+def test_search_finds_a_token_class():
+    windows = _code_windows(np.random.default_rng(0))
+    rule = _fit_planted(windows, lambda w, i: w[i].strip().isdigit())
+    assert rule == LabelRule.of(Term(contexts=("number",)))
+
+
+def test_search_finds_a_context_with_an_exception():
+    windows = _code_windows(np.random.default_rng(1))
+    masks = {id(w): dict(zip(CONTEXT_NAMES, context_masks(w), strict=True)) for w in windows}
+    rule = _fit_planted(
+        windows,
+        lambda w, i: masks[id(w)]["call_args"][i] and not w[i].strip().isdigit(),
+    )
+    assert rule == LabelRule.of(Term(contexts=("call_args",), unless=("number",)))
+
+
+def test_search_finds_a_window_before_the_token():
+    rng = np.random.default_rng(2)
+    words = [" the", " list", " of", " items", " in", " order", " and", " a", " value"]
+    windows = []
+    for _ in range(40):
+        window = [str(w) for w in rng.choice(words, 30)]
+        window[rng.integers(0, 20)] = " Returns"
+        windows.append(window)
+
+    def after_returns(w: list[str], i: int) -> bool:
+        return w[i] != " Returns" and " Returns" in w[max(0, i - 3) : i]
+
+    rule = _fit_planted(windows, after_returns)
+    assert rule.terms[0].window == (" Returns",)

@@ -178,10 +178,11 @@ def _column_sums(search: _Search, mask: np.ndarray) -> np.ndarray:
     return search.column_totals - search.tokens.contexts[search.tokens.keep & ~mask].sum(axis=0)
 
 
-def _pair_sums(contexts: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Tokens in ``mask`` per pair of the columns of ``contexts`` (n, c) bool. (c, c)."""
-    inside = contexts[mask].astype(np.float32)
-    return inside.T @ inside
+def _pair_sums(contexts: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Tokens in ``mask`` in each pair of one of the contexts ``rows`` (r,) and any context.
+    (r, C)."""
+    inside = contexts[mask]
+    return inside[:, rows].T.astype(np.float32) @ inside.astype(np.float32)
 
 
 def _context_candidate(search: _Search, step: _Step) -> _Candidate | None:
@@ -210,22 +211,31 @@ def _context_candidate(search: _Search, step: _Step) -> _Candidate | None:
         ),
         (excepted[best_excepted], {"unless": step.base.unless + (CONTEXT_NAMES[best_excepted],)}),
     ]
-    if fresh:  # pairs among the contexts that hold the most firings
-        top = search.tokens.contexts[:, search.columns[:PAIRED_CONTEXTS]]  # (n, c)
-        pair_positives = _pair_sums(top, firing)
+    if fresh:  # pairs: one of the contexts that hold the most firings, and or but not any other
+        top = search.columns[:PAIRED_CONTEXTS]
+        everywhere = search.tokens.contexts  # (n, C)
+        both_positives = _pair_sums(everywhere, firing, top)  # (c, C)
+        both_totals = _pair_sums(everywhere, step.within, top)
         pairs = _objective(
+            step, both_positives, both_totals, search.n_firing, penalty + PART_PENALTY
+        )
+        pairs[both_positives == 0] = -np.inf
+        pairs[np.arange(len(top)), top] = -np.inf
+        excepting = _objective(
             step,
-            pair_positives,
-            _pair_sums(top, step.within),
+            positives[top, None] - both_positives,
+            totals[top, None] - both_totals,
             search.n_firing,
             penalty + PART_PENALTY,
         )
-        pairs[np.tril_indices(top.shape[1])] = -np.inf
-        pairs[pair_positives == 0] = -np.inf
-        if pairs.size:
+        excepting[np.arange(len(top)), top] = -np.inf
+        if len(top):
             i, j = np.unravel_index(int(pairs.argmax()), pairs.shape)
-            names = (CONTEXT_NAMES[search.columns[i]], CONTEXT_NAMES[search.columns[j]])
+            names = (CONTEXT_NAMES[top[i]], CONTEXT_NAMES[j])
             options.append((pairs[i, j], {"contexts": names}))
+            i, j = np.unravel_index(int(excepting.argmax()), excepting.shape)
+            fields = {"contexts": (CONTEXT_NAMES[top[i]],), "unless": (CONTEXT_NAMES[j],)}
+            options.append((excepting[i, j], fields))
     objective, fields = max(options, key=lambda o: o[0])
     if not np.isfinite(objective):
         return None
