@@ -22,6 +22,7 @@ from sae_core.labels.rules import LabelRule, Term, parse_label
 from sae_core.labels.run import (
     LabelError,
     LabelOptions,
+    auto_label_text,
     get_sae,
     label_history,
     label_sae,
@@ -553,3 +554,15 @@ def test_search_finds_a_window_before_the_token():
 
     rule = _fit_planted(windows, after_returns)
     assert rule.terms[0].window == (" Returns",)
+
+
+def test_dense_and_unclear_features_say_so_before_their_rule():
+    rule = LabelRule.of(Term(contexts=("code",)))
+    assert (
+        auto_label_text(rule, 0.6, 0.12, [" x"])
+        == "dense: fires on 12% of tokens; any token in Python code"
+    )
+    assert auto_label_text(rule, 0.1, 0.004, [" x", "y", " z", " w"]) == (
+        "unclear: fires on 0.4% of tokens; any token in Python code; promotes `x`/`y`/`z`"
+    )
+    assert auto_label_text(rule, 0.6, 0.004, [" x"]) == "any token in Python code"
