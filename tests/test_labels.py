@@ -199,7 +199,10 @@ def test_token_feature_gets_its_token_with_high_f1(labelled):
 
 def test_context_and_previous_token_features_get_those_rules(labelled):
     store, engine, _ = labelled
-    assert _auto_rule(engine, store.sae_name, AFTER_DEF) == LabelRule.of(Term(previous=("def",)))
+    (after_def,) = _auto_rule(engine, store.sae_name, AFTER_DEF).terms
+    # right after `def`; the search may also list the names seen there (the held-out score says
+    # whether that costs anything)
+    assert after_def.previous == ("def",) and not after_def.contexts and not after_def.window
     assert _auto_rule(engine, store.sae_name, IN_COMMENT) == LabelRule.of(
         Term(contexts=("comment",))
     )
@@ -481,7 +484,8 @@ def test_labels_and_text_search_on_postgres(pg_schema):
         sae = get_sae(session, store.sae_name)
         result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
         assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 7
-    assert [h.idx for h in result.hits] == [PARIS]
+    assert PARIS in [h.idx for h in result.hits]
+    assert all("Paris" in h.label for h in result.hits)  # and only labels that say Paris
     engine.dispose()
 
 
