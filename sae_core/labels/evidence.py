@@ -75,7 +75,7 @@ class TokenSet(NamedTuple):
     """Tokens of several windows laid end to end, with whether the feature fires on each."""
 
     text_ids: np.ndarray  # (n,) int32
-    prev_ids: np.ndarray  # (n,) int32, text id of the previous token, -1 where there is none
+    prev_ids: np.ndarray  # (n,) int32, text id of the previous token (BOS included), -1: none
     next_ids: np.ndarray  # (n,) int32, text id of the next token, -1 where there is none
     window_ids: np.ndarray  # (n, WINDOW) int32, text ids of the tokens before, -1 where none
     contexts: np.ndarray  # (n, len(CONTEXT_NAMES)) bool
@@ -104,7 +104,7 @@ class ContextLibrary:
         if vocab.bos_token_id is not None:
             self.keep &= tokens != vocab.bos_token_id
         shifted = np.full((len(self.ids), seq + WINDOW), -1, dtype=np.int32)
-        shifted[:, WINDOW:] = np.where(self.keep, text, -1)
+        shifted[:, WINDOW:] = np.where(tokens >= 0, text, -1)  # BOS is a neighbour, padding none
         self.text = np.where(self.keep, text, missing)
         self.next = np.full_like(self.text, -1)
         self.next[:, :-1] = shifted[:, WINDOW + 1 :]
