@@ -33,6 +33,7 @@ from app.schemas import (
 )
 from app.vocab import Vocabulary, get_vocabulary
 from sae_core.errors import NotFoundError
+from sae_core.labels.report import label_report
 from sae_core.store import releases
 from sae_core.store.db import (
     ContextRow,
@@ -100,7 +101,11 @@ def _report_card(metrics: dict) -> list[MetricsPublic]:
 
 
 def _sae_public(
-    row: SaeRow, model_name: str, release: str | None, fractions: tuple[float, float] | None
+    row: SaeRow,
+    model_name: str,
+    release: str | None,
+    fractions: tuple[float, float] | None,
+    label_f1_hist: HistogramPublic | None = None,
 ) -> SaePublic:
     metrics = row.metrics or {}
     held_out = metrics.get("held_out") or {}
@@ -130,6 +135,7 @@ def _sae_public(
         report_card=_report_card(metrics),
         corpus=row.corpus or {},
         density_hist=_histogram(row.density_hist),
+        label_f1_hist=label_f1_hist,
         created_at=row.created_at,
     )
 
@@ -155,7 +161,11 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
         sa.select(SubjectModelRow.name).where(SubjectModelRow.id == row.model_id)
     )
     release = session.scalar(sa.select(ReleaseRow.name).where(ReleaseRow.id == row.release_id))
-    return _sae_public(row, model_name or "", release, _feature_fractions(session, row))
+    report = label_report(session, row)
+    f1_hist = _histogram(
+        {"edges": report.edges, "counts": report.counts} if report.n_scored else None
+    )
+    return _sae_public(row, model_name or "", release, _feature_fractions(session, row), f1_hist)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,6 +101,12 @@ class SaePublic(BaseModel):
     density_hist: HistogramPublic | None = Field(
         description="Histogram of log10(density) over the features that fired."
     )
+    label_f1_hist: HistogramPublic | None = Field(
+        default=None,
+        description="Histogram of the held-out F1 of the alive features' current labels "
+        "(each label's rule scored as a classifier of where the feature fires); "
+        "on the SAE's own page, absent from lists.",
+    )
     created_at: datetime
 
 

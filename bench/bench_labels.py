@@ -1,15 +1,24 @@
-"""Automatic labelling speed and quality on a synthetic store, planted and random features side by side.
+"""Automatic labelling speed and quality, on a synthetic store or a copy of a real one.
 
-Half of the features fire on a small set of tokens (1-3, with 10% noise firings elsewhere), half
-fire at random; the store keeps what precompute keeps (top examples, interval samples per bin,
-their contexts). Prints labelling throughput and the held-out F1 of both halves.
+Synthetic: half of the features fire on a small set of tokens (1-3, with 10% noise firings
+elsewhere), half fire at random; the store keeps what precompute keeps (top examples, interval
+samples per bin, their contexts). Prints labelling throughput and the held-out F1 of both halves.
+``--store``: label a copy of that store's SAE (``--sae``) instead and print its F1 report.
 
-    python bench/bench_labels.py [--features 2048] [--contexts 20000]
+Each run is timed with one process and with ``--workers`` side by side, and prints the 1-minute
+load average around it: on a shared machine the wall-clock rate is the contended one, and the CPU
+seconds per feature (this process and its workers) say what the code costs.
+
+    python bench/bench_labels.py [--features 2048] [--contexts 20000] [--workers 2]
+    python bench/bench_labels.py --store saescope.db --sae smollm2-135m-l15-topk-4096
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +30,8 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core.labels.run import LabelOptions, label_sae  # noqa: E402
+from sae_core.labels.report import label_report  # noqa: E402
+from sae_core.labels.run import LabelOptions, get_sae, label_sae  # noqa: E402
 from sae_core.store.db import FeatureRow, VocabRow, create_engine_for, migrate  # noqa: E402
 from tests.label_fixtures import add_bare_sae, add_contexts, add_examples  # noqa: E402
 
@@ -79,27 +89,62 @@ def write_store(url: str, n_features: int, n_contexts: int, rng: np.random.Gener
     engine.dispose()
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds used by this process and its finished children (the forked workers)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_label(source: str, sae: str, folder: str, workers: int) -> dict:
+    """Label a fresh copy of the store at path ``source``; time it."""
+    copy = f"{folder}/run-{workers}.db"
+    shutil.copy(source, copy)
+    engine = create_engine_for(f"sqlite:///{copy}")
+    load_before, cpu, start = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
+    summary = label_sae(
+        engine, sae, LabelOptions(embed=False, progress=False, force=True, workers=workers)
+    )
+    elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    with Session(engine) as session:
+        report = label_report(session, get_sae(session, sae))
+        f1 = dict(session.execute(sa.select(FeatureRow.idx, FeatureRow.label_f1)).all())
+    engine.dispose()
+    n = summary.n_labelled
+    print(
+        f"workers={workers}: {n:,} features in {elapsed:.1f} s = {n / elapsed:,.0f} features/s; "
+        f"{1000 * cpu / n:.2f} CPU-ms per feature ({n / cpu:,.0f} features per CPU-second); "
+        f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    return {"report": report, "f1": f1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--features", type=int, default=2048)
     parser.add_argument("--contexts", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2, help="workers of the second run")
+    parser.add_argument(
+        "--store", help="an SQLite store to label a copy of, instead of a synthetic one"
+    )
+    parser.add_argument("--sae", default="bench", help="the SAE of --store to label")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        url = f"sqlite:///{folder}/bench.db"
-        write_store(url, args.features, args.contexts, np.random.default_rng(0))
-        engine = create_engine_for(url)
-        start = time.perf_counter()
-        summary = label_sae(engine, "bench", LabelOptions(embed=False, progress=False))
-        elapsed = time.perf_counter() - start
-        with engine.connect() as conn:
-            f1 = dict(conn.execute(sa.select(FeatureRow.idx, FeatureRow.label_f1)).all())
-        engine.dispose()
+        source = args.store
+        if source is None:
+            source = f"{folder}/bench.db"
+            write_store(
+                f"sqlite:///{source}", args.features, args.contexts, np.random.default_rng(0)
+            )
+        runs = [timed_label(source, args.sae, folder, w) for w in dict.fromkeys([1, args.workers])]
+    print("\n".join(runs[-1]["report"].lines()))
+    if args.store is not None:
+        return
+    f1 = runs[-1]["f1"]
     planted = [v for k, v in f1.items() if k % 2 == 0 and v is not None]
     random = [v for k, v in f1.items() if k % 2 == 1 and v is not None]
-    print(
-        f"{summary.n_labelled:,} features labelled in {elapsed:.1f} s: {summary.n_labelled / elapsed:,.0f} features/s "
-        f"({args.contexts:,} contexts of {SEQ} tokens; {summary.n_unscorable} unscorable)"
-    )
     print(
         f"held-out F1, planted token features: mean {np.mean(planted):.3f}, median {np.median(planted):.3f}"
     )

@@ -46,8 +46,9 @@ PROSE = [
 ]
 NAMES = [" f", " g", " add", " run", " make"]
 COMMENT = [" note", " fix", " this", " later", " slow"]
-CODE = ["def", "(", "x", "):", "\n", "    ", "return", " x", " #", " +", " 1", "<b>"]
-TEXTS = [BOS] + PROSE + NAMES + COMMENT + CODE
+CODE = ["def", "(", "x", "):", "\n", "    ", "return", " x", " #", " +", " 1", "<b>", ",", ")"]
+DOCSTRING = [' """', "Return", " the", " value", ".", '"""']
+TEXTS = [BOS] + PROSE + NAMES + COMMENT + CODE + [t for t in DOCSTRING if t not in PROSE]
 ID = {t: i for i, t in enumerate(TEXTS)}
 SEQ = 24  # tokens per context after BOS
 N_CONTEXTS = 160
@@ -56,8 +57,8 @@ N_BINS = 3  # interval bins
 PER_BIN = 4  # interval samples per bin
 
 # Planted features, by index.
-PARIS, AFTER_DEF, IN_COMMENT, RANDOM, BOLD, DEAD = range(6)
-D_SAE = 6
+PARIS, AFTER_DEF, IN_COMMENT, RANDOM, BOLD, DEAD, IN_DOCSTRING, BEFORE_CLOSE = range(8)
+D_SAE = 8
 
 
 def _prose(rng: np.random.Generator) -> list[int]:
@@ -71,19 +72,14 @@ def _prose(rng: np.random.Generator) -> list[int]:
 def _code(rng: np.random.Generator) -> list[int]:
     out: list[str] = []
     while len(out) < SEQ:
-        out += [
-            "def",
-            str(rng.choice(NAMES)),
-            "(",
-            "x",
-            "):",
-            "\n",
-            "    ",
-            "return",
-            " x",
-            " +",
-            " 1",
-        ]
+        out += ["def", str(rng.choice(NAMES)), "(", "x", "):", "\n", "    "]
+        if rng.random() < 0.4:
+            out += DOCSTRING + ["\n", "    "]
+        if rng.random() < 0.4:
+            arguments = ["x", ",", " 1"] if rng.random() < 0.5 else ["x"]
+            out += ["return", str(rng.choice(NAMES)), "("] + arguments + [")"]
+        else:
+            out += ["return", " x", " +", " 1"]
         if rng.random() < 0.6:
             out += [" #"] + list(rng.choice(COMMENT, size=rng.integers(1, 4)))
         if rng.random() < 0.2:
@@ -112,6 +108,10 @@ def planted_acts(tokens: np.ndarray, seed: int = 0) -> np.ndarray:
     acts[RANDOM] = np.where(rng.random(tokens.shape) < 0.05, strength, 0)
     acts[RANDOM][:, 0] = 0
     acts[BOLD] = np.where(tokens == ID["<b>"], strength, 0)
+    acts[IN_DOCSTRING] = np.where(_in_docstring(tokens), strength, 0)
+    before_close = np.zeros_like(tokens, dtype=bool)
+    before_close[:, :-1] = tokens[:, 1:] == ID[")"]
+    acts[BEFORE_CLOSE] = np.where(before_close, strength, 0)
     return acts
 
 
@@ -125,6 +125,18 @@ def _in_comment(tokens: np.ndarray) -> np.ndarray:
             elif t == ID["\n"]:
                 inside = False
             out[r, c] = inside
+    return out
+
+
+def _in_docstring(tokens: np.ndarray) -> np.ndarray:
+    """From the opening quotes to the closing ones, both included."""
+    out = np.zeros(tokens.shape, dtype=bool)
+    for r, row in enumerate(tokens):
+        inside = False
+        for c, t in enumerate(row):
+            opens = t == ID[' """']
+            out[r, c] = inside or opens
+            inside = (inside or opens) and t != ID['"""']
     return out
 
 

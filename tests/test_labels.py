@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -14,12 +15,15 @@ from sqlalchemy.orm import Session
 from sae_core.cli import main
 from sae_core.errors import NotFoundError
 from sae_core.labels import run as labels
-from sae_core.labels.evidence import Example, split_examples
+from sae_core.labels.evidence import ContextLibrary, Example, Vocab, split_examples
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
-from sae_core.labels.rules import CONTEXT_NAMES, LabelRule, context_masks, parse_label
+from sae_core.labels.induction import fit_rule
+from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
+from sae_core.labels.rules import LabelRule, Term, parse_label
 from sae_core.labels.run import (
     LabelError,
     LabelOptions,
+    auto_label_text,
     get_sae,
     label_history,
     label_sae,
@@ -27,12 +31,15 @@ from sae_core.labels.run import (
     set_human_label,
 )
 from sae_core.labels.search import search_labels
-from sae_core.store.db import FeatureRow, LabelRow, create_engine_for
+from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts
 from tests.label_fixtures import (
     AFTER_DEF,
+    BEFORE_CLOSE,
     BOLD,
+    D_SAE,
     DEAD,
     IN_COMMENT,
+    IN_DOCSTRING,
     PARIS,
     RANDOM,
     write_planted_store,
@@ -110,24 +117,46 @@ def test_context_masks_follow_python_lexing():
     assert prose[CONTEXT_NAMES.index("prose")].all()
 
 
-def test_rule_describes_itself_and_round_trips():
-    rule = LabelRule((" Paris", " Lyon"), (), "prose")
-    assert rule.describe() == '" Paris" / " Lyon" (in English prose)'
-    assert LabelRule((), ("def",)).describe() == 'after "def"'
-    assert LabelRule(context="comment").describe() == "any token in comments"
-    assert LabelRule(("\n",)).describe() == '"\\n"'
-    assert LabelRule.from_json(json.loads(json.dumps(rule.to_json()))) == rule
+def test_rule_describes_itself_as_a_phrase_and_round_trips():
+    rule = LabelRule.of(Term((" Paris", " Lyon"), contexts=("prose",)))
+    assert rule.describe() == "`Paris`/`Lyon` in English prose"
+    assert LabelRule.of(Term(previous=("def",))).describe() == "any token right after `def`"
+    assert LabelRule.of(Term(contexts=("comment",))).describe() == "any token in a comment"
+    assert LabelRule.of(Term(("\n",))).describe() == '"\\n"'
+    assert (
+        LabelRule.of(Term((" if", " elif", " while"), contexts=("line_start",))).describe()
+        == "`if`/`elif`/`while` at the start of a line"
+    )
+    assert (
+        LabelRule.of(Term(window=(" Returns",), contexts=("docstring",))).describe()
+        == "any token in a docstring a few tokens after `Returns`"
+    )
+    assert LabelRule.of(Term(contexts=("number", "string"))).describe() == "a number in a string"
+    two = LabelRule.of(Term(following=(")",)), Term(("x",), unless=("comment",)))
+    assert two.describe() == "any token before `)`; or `x` except in a comment"
+    for each in (rule, two):
+        assert LabelRule.from_json(json.loads(json.dumps(each.to_json()))) == each
+    # rules stored by the first version (one term, one context) still read
+    assert LabelRule.from_json({"tokens": ["a"], "previous": [], "context": "comment"}) == (
+        LabelRule.of(Term(("a",), contexts=("comment",)))
+    )
     with pytest.raises(ValueError, match="unknown context"):
-        LabelRule(context="poetry")
+        Term(contexts=("poetry",))
 
 
 @pytest.mark.parametrize(
     "rule",
     [
-        LabelRule((" Paris", " Lyon"), (), "prose"),
-        LabelRule((), ("def",)),
-        LabelRule(context="comment"),
-        LabelRule(("\n", '"x\\'), ("a",), "string"),
+        LabelRule.of(Term(("Paris", " Paris"), contexts=("prose",))),
+        LabelRule.of(Term(previous=("def", " def"))),
+        LabelRule.of(Term(contexts=("comment",))),
+        LabelRule.of(Term(("\n", '"x\\'), ("a", " a"), contexts=("string",))),
+        LabelRule.of(
+            Term(contexts=("number", "call_args")),
+            Term(
+                following=(")", " )"), window=("Returns", " Returns"), unless=("comment", "heading")
+            ),
+        ),
     ],
 )
 def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
@@ -135,16 +164,17 @@ def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
 
 
 @pytest.mark.parametrize(
-    "text", ["the French capital", '" Paris" (in the sky)', '"x" and more', "any token"]
+    "text",
+    ["the French capital", "`Paris` in the sky", '"x" and more', "any token", "`a`; or nothing"],
 )
 def test_free_text_is_not_a_rule(text):
     assert parse_label(text) is None
 
 
 def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
-    acts = np.ones(4, np.float32)
-    examples = [Example("top", 0, r, c, acts) for r, c in enumerate([1, 2, 3])] + [
-        Example("interval", b, r, c, acts)
+    blob, max_act, _ = pack_acts(np.ones(4, np.float32))
+    examples = [Example("top", 0, r, c, max_act, blob) for r, c in enumerate([1, 2, 3])] + [
+        Example("interval", b, r, c, max_act, blob)
         for b, r, c in [(0, 0, 10), (0, 1, 11), (1, 0, 3), (1, 1, 12)]
     ]
     train, heldout = split_examples(examples)
@@ -161,19 +191,36 @@ def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
 
 def test_token_feature_gets_its_token_with_high_f1(labelled):
     store, engine, summary = labelled
-    assert summary.n_labelled == 5  # every alive feature; the dead one has no examples
+    assert summary.n_labelled == 7  # every alive feature; the dead one has no examples
     feature = _feature(engine, store.sae_name, PARIS)
-    assert feature.label == '" Paris"'
+    assert feature.label == "`Paris`"
     assert feature.label_source == "auto"
     assert feature.label_f1 > 0.8 and feature.label_recall > 0.9
 
 
 def test_context_and_previous_token_features_get_those_rules(labelled):
     store, engine, _ = labelled
-    assert _auto_rule(engine, store.sae_name, AFTER_DEF) == LabelRule((), ("def",), None)
-    assert _auto_rule(engine, store.sae_name, IN_COMMENT).context == "comment"
+    (after_def,) = _auto_rule(engine, store.sae_name, AFTER_DEF).terms
+    # right after `def`; the search may also list the names seen there (the held-out score says
+    # whether that costs anything)
+    assert after_def.previous == ("def",) and not after_def.contexts and not after_def.window
+    assert _auto_rule(engine, store.sae_name, IN_COMMENT) == LabelRule.of(
+        Term(contexts=("comment",))
+    )
     assert _feature(engine, store.sae_name, AFTER_DEF).label_f1 > 0.6
     assert _feature(engine, store.sae_name, IN_COMMENT).label_f1 > 0.7
+
+
+def test_docstring_and_before_bracket_features_get_those_rules(labelled):
+    store, engine, _ = labelled
+    assert _auto_rule(engine, store.sae_name, IN_DOCSTRING) == LabelRule.of(
+        Term(contexts=("docstring",))
+    )
+    assert _feature(engine, store.sae_name, IN_DOCSTRING).label == "any token in a docstring"
+    assert _auto_rule(engine, store.sae_name, BEFORE_CLOSE) == LabelRule.of(Term(following=(")",)))
+    assert _feature(engine, store.sae_name, BEFORE_CLOSE).label == "any token before `)`"
+    assert _feature(engine, store.sae_name, IN_DOCSTRING).label_f1 > 0.7
+    assert _feature(engine, store.sae_name, BEFORE_CLOSE).label_f1 > 0.8
 
 
 def test_random_feature_scores_low(labelled):
@@ -202,13 +249,13 @@ def test_stored_rule_reproduces_the_score(labelled):
 
 def test_rerun_resumes_and_force_relabels(fresh):
     store, engine = fresh
-    assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 5
+    assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 7
     assert label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 0
     assert (
         label_sae(
             engine, store.sae_name, LabelOptions(embed=False, progress=False, force=True)
         ).n_labelled
-        == 5
+        == 7
     )
 
 
@@ -226,7 +273,7 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
 
     monkeypatch.setattr(labels, "fit_rule", fit_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        label_sae(engine, store.sae_name, NO_EMBED)
+        label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, workers=1))
     monkeypatch.setattr(labels, "fit_rule", real_fit)
     assert [_feature(engine, store.sae_name, i).label is not None for i in range(4)] == [
         True,
@@ -235,8 +282,30 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
         False,
     ]
     assert (
-        label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 3
+        label_sae(engine, store.sae_name, NO_EMBED).n_labelled == 5
     )  # the rest, not the first chunk again
+
+
+def test_forked_workers_write_the_same_labels_as_one_process(fresh, tmp_path, monkeypatch):
+    store, engine = fresh
+    monkeypatch.setattr(labels, "FEATURES_PER_CHUNK", 2)  # three chunks, so both workers get some
+    other = write_planted_store(f"sqlite:///{tmp_path}/other.db")
+    other_engine = create_engine_for(other.url)
+    label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, workers=1))
+    label_sae(other_engine, other.sae_name, LabelOptions(embed=False, progress=False, workers=2))
+
+    def labels_of(e, name):
+        with Session(e) as session:
+            sae = get_sae(session, name)
+            return [
+                (h.feature_idx, h.label, h.f1, h.rule)
+                for i in range(D_SAE)
+                for h in label_history(session, sae=sae, idx=i)
+            ]
+
+    assert labels_of(engine, store.sae_name) == labels_of(other_engine, other.sae_name)
+    assert len(labels_of(engine, store.sae_name)) == 7
+    other_engine.dispose()
 
 
 def test_unfinished_precompute_is_refused(fresh):
@@ -264,7 +333,7 @@ def test_human_label_stays_current_and_history_keeps_all(fresh):
     )
     with Session(engine) as session:
         history = label_history(session, sae=get_sae(session, store.sae_name), idx=BOLD)
-    assert [(h.source, h.label) for h in history] == [("auto", '"<b>"'), ("human:ada", "bold tag")]
+    assert [(h.source, h.label) for h in history] == [("auto", "`<b>`"), ("human:ada", "bold tag")]
 
 
 def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(fresh):
@@ -273,9 +342,7 @@ def test_human_label_in_the_rule_language_is_scored_on_the_same_held_out_tokens(
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
         auto = session.get(FeatureRow, (sae.id, PARIS)).label_f1
-        broader = set_human_label(
-            session, sae=sae, idx=PARIS, label='" Paris" / " city"', author="ada"
-        )
+        broader = set_human_label(session, sae=sae, idx=PARIS, label="`Paris`/`city`", author="ada")
         free = set_human_label(session, sae=sae, idx=BOLD, label="bold tags", author="ada")
         session.commit()
         assert (
@@ -342,7 +409,7 @@ def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat
     summary = label_sae(
         engine, store.sae_name, LabelOptions(embed=False, progress=False, explainer=config)
     )
-    assert summary.n_explained == 5
+    assert summary.n_explained == 7
     request = _FakeChat.requests[0]
     assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer sk-test"
     assert "[[" in request["body"]["messages"][1]["content"]  # firing tokens are marked
@@ -350,7 +417,7 @@ def test_explainer_label_is_scored_and_kept_beside_the_automatic_one(fresh, chat
         history = label_history(session, sae=get_sae(session, store.sae_name), idx=PARIS)
     explained = next(h for h in history if h.source == "llm:fake-7b")
     assert explained.label == "the word Paris"
-    assert explained.rule["rule"]["tokens"] == [" Paris"]  # the leading space the model dropped
+    assert explained.rule["rule"]["terms"][0]["tokens"] == [" Paris"]  # the space the model dropped
     assert explained.f1 > 0.8
     assert (
         _feature(engine, store.sae_name, RANDOM).label_source == "auto"
@@ -393,8 +460,17 @@ def test_unusable_replies_are_skipped():
 
 def test_cli_labels_and_reports(fresh, capsys):
     store, engine = fresh
+    assert main(["label", "--db", store.url, "--sae", store.sae_name, "--report"]) == 0
+    assert "none has a scored label yet" in capsys.readouterr().out
     assert main(["label", "--db", store.url, "--sae", store.sae_name, "--no-embed"]) == 0
-    assert "labelled 5 features" in capsys.readouterr().out
+    assert "labelled 7 features" in capsys.readouterr().out
+    assert main(["label", "--db", store.url, "--sae", store.sae_name, "--report"]) == 0
+    report = capsys.readouterr().out
+    with Session(engine) as session:
+        f1 = sorted(session.scalars(sa.select(FeatureRow.label_f1).where(FeatureRow.count > 0)))
+    assert f"7 of 7 alive features have a scored label; held-out F1 median {f1[3]:.2f}" in report
+    assert f"F1 = 0: {sum(f == 0 for f in f1) / 7:.0%}" in report
+    assert len(re.findall(r"^  \d\.\d-\d\.\d ", report, flags=re.M)) == 10  # the histogram
     assert main(["label", "--db", store.url, "--sae", "nope", "--no-embed"]) == 2
     assert "no SAE named 'nope'" in capsys.readouterr().err
 
@@ -404,10 +480,94 @@ def test_labels_and_text_search_on_postgres(pg_schema):
     store = write_planted_store(pg_schema)
     engine = create_engine_for(pg_schema)
     label_sae(engine, store.sae_name, NO_EMBED)
-    assert _feature(engine, store.sae_name, PARIS).label == '" Paris"'
+    assert _feature(engine, store.sae_name, PARIS).label == "`Paris`"
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
         result = search_labels(session, sae_id=sae.id, query="paris", mode="text")
-        assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 5
-    assert [h.idx for h in result.hits] == [PARIS]
+        assert session.scalar(sa.select(sa.func.count()).select_from(LabelRow)) == 7
+    assert PARIS in [h.idx for h in result.hits]
+    assert all("Paris" in h.label for h in result.hits)  # and only labels that say Paris
     engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The rule search on hand-made windows: one planted feature per rule family
+
+
+def _fit_planted(windows: list[list[str]], fires) -> LabelRule:
+    """The rule fitted to windows of token texts where ``fires(texts, i)`` says the feature fires
+    on token i."""
+    texts = sorted({t for w in windows for t in w})
+    vocab = Vocab(
+        texts, np.arange(len(texts), dtype=np.int32), {t: i for i, t in enumerate(texts)}, None
+    )
+    library = ContextLibrary(
+        vocab, {c: np.array([vocab.index[t] for t in w]) for c, w in enumerate(windows)}
+    )
+    firing = np.zeros((len(windows), max(map(len, windows))), dtype=bool)
+    for c, w in enumerate(windows):
+        firing[c, : len(w)] = [fires(w, i) for i in range(len(w))]
+    return fit_rule(library.tokens(np.arange(len(windows)), firing), vocab).rule
+
+
+def _code_windows(rng: np.random.Generator, n: int = 40) -> list[list[str]]:
+    names = [" a", " b", " total", " count", " value"]
+    out = []
+    for _ in range(n):
+        window: list[str] = []
+        while len(window) < 40:
+            number = str(rng.integers(0, 10_000))
+            call = [" f", "(", str(rng.choice(names)), ",", " " + number, ")"]
+            window += [
+                "\n",
+                str(rng.choice(names)),
+                " =",
+                " " + str(rng.integers(0, 10_000)),
+                " +",
+            ] + call
+        out.append(window)
+    return out
+
+
+def test_search_finds_a_token_class():
+    windows = _code_windows(np.random.default_rng(0))
+    rule = _fit_planted(windows, lambda w, i: w[i].strip().isdigit())
+    assert rule == LabelRule.of(Term(contexts=("number",)))
+
+
+def test_search_finds_a_context_with_an_exception():
+    windows = _code_windows(np.random.default_rng(1))
+    masks = {id(w): dict(zip(CONTEXT_NAMES, context_masks(w), strict=True)) for w in windows}
+    rule = _fit_planted(
+        windows,
+        lambda w, i: masks[id(w)]["call_args"][i] and not w[i].strip().isdigit(),
+    )
+    assert rule == LabelRule.of(Term(contexts=("call_args",), unless=("number",)))
+
+
+def test_search_finds_a_window_before_the_token():
+    rng = np.random.default_rng(2)
+    words = [" the", " list", " of", " items", " in", " order", " and", " a", " value"]
+    windows = []
+    for _ in range(40):
+        window = [str(w) for w in rng.choice(words, 30)]
+        window[rng.integers(0, 20)] = " Returns"
+        windows.append(window)
+
+    def after_returns(w: list[str], i: int) -> bool:
+        return w[i] != " Returns" and " Returns" in w[max(0, i - 3) : i]
+
+    rule = _fit_planted(windows, after_returns)
+    assert rule.terms[0].window == (" Returns",)
+
+
+def test_dense_and_unclear_features_say_so_before_their_rule():
+    rule = LabelRule.of(Term(contexts=("code",)))
+    assert (
+        auto_label_text(rule, 0.6, 0.12, [" x"])
+        == "dense: fires on 12% of tokens; any token in Python code"
+    )
+    assert auto_label_text(rule, 0.1, 0.004, [" x", "y", " z", " w"]) == (
+        "unclear: fires on 0.4% of tokens; any token in Python code; promotes `x`/`y`/`z`"
+    )
+    assert auto_label_text(rule, 0.6, 0.004, [" x"]) == "any token in Python code"

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from sqlalchemy.orm import Session
+
 from sae_core.labels.explainer import ExplainerConfig
-from sae_core.labels.run import LabelOptions, label_sae
+from sae_core.labels.report import label_report
+from sae_core.labels.run import LabelOptions, get_sae, label_sae
 from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
 
 HELP = "label every alive feature of an SAE in the store and score each label"
@@ -22,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed that picks held-out negatives")
     parser.add_argument(
         "--force", action="store_true", help="relabel features that already have labels"
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="print the held-out F1 distribution of the SAE's current labels and stop (labels nothing)",
     )
     parser.add_argument(
         "--explainer-url",
@@ -46,14 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _print_report(engine, sae_name: str) -> None:
+    with Session(engine) as session:
+        sae = get_sae(session, sae_name)
+        print(f"labels of {sae.name}:")
+        print("\n".join(label_report(session, sae).lines()))
+
+
 def run(args: argparse.Namespace) -> int:
-    explainer = ExplainerConfig.from_env(
-        url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env
-    )
     url = args.db or default_db_url()
     check_store_url(url, create=False)  # labels go into a store precompute wrote
     engine = create_engine_for(url)
     migrate(engine)
+    if args.report:
+        _print_report(engine, args.sae)
+        return 0
+    explainer = ExplainerConfig.from_env(
+        url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env
+    )
     summary = label_sae(
         engine,
         args.sae,
@@ -65,4 +83,5 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.n_unscorable} had too few examples to score; "
         f"{summary.n_explained} explained; {summary.n_embedded} labels embedded"
     )
+    _print_report(engine, args.sae)
     return 0

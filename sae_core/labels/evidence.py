@@ -6,18 +6,21 @@ half of the interval samples (every activation bin, alternating ranks) plus as m
 contexts from other features' examples score it. The feature's activation is known at every token
 of its own examples; on the random contexts it is taken as zero (they were not among its examples,
 and a feature fires on a small fraction of tokens, so few of those tokens are mislabelled).
+
+Every stored window is decoded and lexed once (``ContextLibrary``), into arrays that a feature's
+evidence gathers rows from: no per-feature Python work per token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core.labels.rules import context_masks
+from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
+from sae_core.labels.rules import WINDOW
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -60,47 +63,60 @@ class Vocab(NamedTuple):
         """Text ids of the given token texts; texts not in the vocabulary are dropped."""
         return np.array([self.index[t] for t in texts if t in self.index], dtype=np.int32)
 
-
-class ContextTokens(NamedTuple):
-    """One stored window, ready for labelling (BOS dropped; seq = tokens kept)."""
-
-    text_ids: np.ndarray  # (seq,) int32
-    prev_ids: np.ndarray  # (seq,) int32, text id of the previous token, -1 where there is none
-    contexts: np.ndarray  # (len(CONTEXT_NAMES), seq) bool
-    keep: np.ndarray  # (full_seq,) bool: which positions of the stored window these are
+    def lookup(self, texts) -> np.ndarray:
+        """(len(self.texts) + 1,) bool: True at the text ids of ``texts``; the last entry, where
+        the missing neighbour (-1) lands, is False."""
+        out = np.zeros(len(self.texts) + 1, dtype=bool)
+        out[self.ids_of(texts)] = True
+        return out
 
 
 class TokenSet(NamedTuple):
     """Tokens of several windows laid end to end, with whether the feature fires on each."""
 
     text_ids: np.ndarray  # (n,) int32
-    prev_ids: np.ndarray  # (n,) int32
-    contexts: np.ndarray  # (len(CONTEXT_NAMES), n) bool
+    prev_ids: np.ndarray  # (n,) int32, text id of the previous token (BOS included), -1: none
+    next_ids: np.ndarray  # (n,) int32, text id of the next token, -1 where there is none
+    window_ids: np.ndarray  # (n, WINDOW) int32, text ids of the tokens before, -1 where none
+    contexts: np.ndarray  # (n, len(CONTEXT_NAMES)) bool
     fires: np.ndarray  # (n,) bool
-
-    @classmethod
-    def join(cls, windows: list[tuple[ContextTokens, np.ndarray]]) -> TokenSet:
-        """``windows``: (context, fires (seq,) bool) pairs."""
-        return cls(
-            np.concatenate([c.text_ids for c, _ in windows]),
-            np.concatenate([c.prev_ids for c, _ in windows]),
-            np.concatenate([c.contexts for c, _ in windows], axis=1),
-            np.concatenate([f for _, f in windows]),
-        )
+    keep: np.ndarray  # (n,) bool: a real token (not padding or BOS), which rules may pick
 
 
-@dataclass
 class ContextLibrary:
-    """Every stored window of one SAE, decoded and lexed once on first use."""
+    """Every stored window of one SAE, decoded and lexed once, as (n_contexts, seq) arrays."""
 
-    vocab: Vocab
-    token_ids: dict[int, np.ndarray]  # context id -> (full_seq,) int32
-    _decoded: dict[int, ContextTokens] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.ids = np.fromiter(
-            self.token_ids, dtype=np.int64, count=len(self.token_ids)
-        )  # (n_contexts,)
+    def __init__(self, vocab: Vocab, token_ids: dict[int, np.ndarray]):
+        self.vocab = vocab
+        self.ids = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))  # (n_contexts,)
+        self.row = {cid: r for r, cid in enumerate(token_ids)}
+        seq = max((len(t) for t in token_ids.values()), default=0)
+        tokens = np.full((len(self.ids), seq), -1, dtype=np.int64)  # (n_contexts, seq)
+        for r, t in enumerate(token_ids.values()):
+            tokens[r, : len(t)] = t
+        self.token_ids = tokens
+        self.lengths = np.fromiter(
+            map(len, token_ids.values()), dtype=np.int64, count=len(self.ids)
+        )
+        missing = len(vocab.texts)  # a text id no rule names (padding, and beyond the window)
+        text = np.where(tokens >= 0, vocab.text_id[np.maximum(tokens, 0)], missing).astype(np.int32)
+        self.keep = tokens >= 0
+        if vocab.bos_token_id is not None:
+            self.keep &= tokens != vocab.bos_token_id
+        shifted = np.full((len(self.ids), seq + WINDOW), -1, dtype=np.int32)
+        shifted[:, WINDOW:] = np.where(tokens >= 0, text, -1)  # BOS is a neighbour, padding none
+        self.text = np.where(self.keep, text, missing)
+        self.next = np.full_like(self.text, -1)
+        self.next[:, :-1] = shifted[:, WINDOW + 1 :]
+        # window[:, t, j] = text id j + 1 tokens before t
+        self.window = np.stack(
+            [shifted[:, WINDOW - j - 1 : WINDOW - j - 1 + seq] for j in range(WINDOW)], axis=-1
+        )
+        self.prev = self.window[:, :, 0].copy()
+        self.contexts = np.zeros((len(self.ids), seq, len(CONTEXT_NAMES)), dtype=bool)
+        for r, t in enumerate(token_ids.values()):
+            texts = [vocab.texts[i] for i in text[r, : len(t)]]
+            self.contexts[r, : len(t)] = context_masks(texts).T
 
     @classmethod
     def load(
@@ -113,32 +129,25 @@ class ContextLibrary:
         rows = session.execute(query)
         return cls(vocab, {cid: unpack_tokens(blob) for cid, blob in rows})
 
-    def get(self, context_id: int) -> ContextTokens:
-        if context_id not in self._decoded:
-            self._decoded[context_id] = self._decode(self.token_ids[context_id])
-        return self._decoded[context_id]
+    def texts(self, context_id: int) -> list[str]:
+        """The decoded tokens of a window, BOS included."""
+        r = self.row[context_id]
+        ids = self.vocab.text_id[self.token_ids[r, : self.lengths[r]]]
+        return [self.vocab.texts[i] for i in ids]
 
-    def _decode(self, token_ids: np.ndarray) -> ContextTokens:
-        keep = (
-            token_ids != self.vocab.bos_token_id
-            if self.vocab.bos_token_id is not None
-            else np.ones(len(token_ids), bool)
+    def tokens(self, rows: np.ndarray, fires: np.ndarray) -> TokenSet:
+        """The tokens of windows ``rows`` (m,), laid end to end (n = m * seq); ``fires`` (m, seq)
+        bool."""
+        keep = self.keep[rows].ravel()
+        return TokenSet(
+            self.text[rows].ravel(),
+            self.prev[rows].ravel(),
+            self.next[rows].ravel(),
+            self.window[rows].reshape(-1, WINDOW),
+            self.contexts[rows].reshape(-1, len(CONTEXT_NAMES)),
+            fires.ravel() & keep,
+            keep,
         )
-        text_ids = self.vocab.text_id[token_ids]  # (full_seq,)
-        prev_ids = np.concatenate([[-1], text_ids[:-1]]).astype(np.int32)
-        texts = [self.vocab.texts[i] for i in text_ids]
-        masks = context_masks(texts)  # (C, full_seq)
-        return ContextTokens(text_ids[keep], prev_ids[keep], masks[:, keep], keep)
-
-    def window(self, context_id: int, acts: np.ndarray | None) -> tuple[ContextTokens, np.ndarray]:
-        """A window with where the feature fires; ``acts`` None means a negative (fires nowhere)."""
-        tokens = self.get(context_id)
-        fires = (
-            acts[tokens.keep] > 0
-            if acts is not None
-            else np.zeros(len(tokens.text_ids), dtype=bool)
-        )
-        return tokens, fires
 
 
 class Example(NamedTuple):
@@ -146,34 +155,41 @@ class Example(NamedTuple):
     bin: int
     rank: int
     context_id: int
-    acts: np.ndarray  # (full_seq,) float32, the feature's activation at each token
+    max_act: float
+    acts_blob: bytes  # the feature's activations in the window, as ``pack_acts`` stores them
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Where in the window the feature fires. (n,) uint16."""
+        blob = self.acts_blob
+        return np.frombuffer(blob, dtype="<u2", count=blob[0] | blob[1] << 8, offset=2)
+
+    def acts(self, length: int) -> np.ndarray:
+        """The feature's activation at every token of the window. (length,) float32."""
+        return unpack_acts(self.acts_blob, self.max_act, length)
 
 
 def load_examples(
-    session: Session,
-    sae_id: int,
-    lo: int,
-    hi: int,
-    seq_len: dict[int, int],
-    *,
-    contexts: list[int] | None = None,
+    session: Session, sae_id: int, lo: int, hi: int, *, contexts: list[int] | None = None
 ) -> dict[int, list[Example]]:
-    """Examples of features lo..hi-1 (only those in ``contexts`` if given), by feature.
-    ``seq_len``: context id -> stored length."""
-    query = sa.select(ExampleRow).where(
-        ExampleRow.sae_id == sae_id, ExampleRow.feature_idx >= lo, ExampleRow.feature_idx < hi
-    )
+    """Examples of features lo..hi-1 (only those in ``contexts`` if given), by feature."""
+    query = sa.select(
+        ExampleRow.feature_idx,
+        ExampleRow.kind,
+        ExampleRow.bin,
+        ExampleRow.rank,
+        ExampleRow.context_id,
+        ExampleRow.max_act,
+        ExampleRow.acts,
+    ).where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx >= lo, ExampleRow.feature_idx < hi)
     if contexts is not None:
         query = query.where(ExampleRow.context_id.in_(contexts))
     rows = session.execute(
         query.order_by(ExampleRow.feature_idx, ExampleRow.kind, ExampleRow.bin, ExampleRow.rank)
-    ).scalars()
+    )
     out: dict[int, list[Example]] = {}
-    for row in rows:
-        acts = unpack_acts(row.acts, row.max_act, seq_len[row.context_id])
-        out.setdefault(row.feature_idx, []).append(
-            Example(row.kind, row.bin, row.rank, row.context_id, acts)
-        )
+    for feature_idx, *example in rows:
+        out.setdefault(feature_idx, []).append(Example(*example))
     return out
 
 
@@ -229,6 +245,23 @@ def sample_negatives(
     return out
 
 
+def _windows(library: ContextLibrary, examples: list[Example], negatives: list[int]) -> TokenSet:
+    """The tokens of the examples' windows (firing where they fire) and of ``negatives``."""
+    rows = np.fromiter(
+        (library.row[c] for c in [e.context_id for e in examples] + negatives),
+        dtype=np.int64,
+        count=len(examples) + len(negatives),
+    )
+    fires = np.zeros((len(rows), library.text.shape[1]), dtype=bool)
+    if examples:
+        positions = [e.positions for e in examples]
+        fires[
+            np.repeat(np.arange(len(examples)), [len(p) for p in positions]),
+            np.concatenate(positions).astype(np.int64),
+        ] = True
+    return library.tokens(rows, fires)
+
+
 def build_evidence(
     library: ContextLibrary, feature_idx: int, examples: list[Example], *, seed: int
 ) -> FeatureEvidence | None:
@@ -242,17 +275,19 @@ def build_evidence(
     n_heldout_neg = max(len(heldout), MIN_NEGATIVE_CONTEXTS)
     negatives = sample_negatives(library.ids, own, n_train_neg + n_heldout_neg, rng)
     held = HeldOut([e.context_id for e in heldout], negatives[n_train_neg:])
-    train_set = TokenSet.join(
-        [library.window(e.context_id, e.acts) for e in train]
-        + [library.window(c, None) for c in negatives[:n_train_neg]]
+    return FeatureEvidence(
+        _windows(library, train, negatives[:n_train_neg]),
+        heldout_tokens(library, examples, held),
+        held,
+        train,
     )
-    return FeatureEvidence(train_set, heldout_tokens(library, examples, held), held, train)
 
 
 def heldout_tokens(library: ContextLibrary, examples: list[Example], held: HeldOut) -> TokenSet:
     """The held-out tokens of a feature, from the stored contexts and its own examples' activations."""
-    acts = {e.context_id: e.acts for e in examples}
-    return TokenSet.join(
-        [library.window(c, acts[c]) for c in held.positives if c in acts]
-        + [library.window(c, None) for c in held.negatives if c in library.token_ids]
+    by_context = {e.context_id: e for e in examples}
+    return _windows(
+        library,
+        [by_context[c] for c in held.positives if c in by_context],
+        [c for c in held.negatives if c in library.row],
     )

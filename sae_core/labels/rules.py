@@ -1,119 +1,137 @@
-"""The language of labels: a rule a machine can apply to every token, and its human-readable text.
+"""The language of labels: a rule a machine can apply to every token, and the phrase it reads as.
 
-A rule says "the feature fires on this token" when all of its parts hold:
+A rule is a short decision list: it says "the feature fires on this token" when any of its terms
+holds. A term holds when all of its parts do:
 - ``tokens``: the token's text is one of these (empty: any token);
-- ``previous``: the text of the token before it is one of these (empty: any);
-- ``context``: the token sits in a context of this kind (see ``CONTEXTS``; None: anywhere).
+- ``previous``: the token right before it is one of these;
+- ``following``: the token right after it is one of these (what the feature predicts comes next);
+- ``window``: one of these occurs among the ``WINDOW`` tokens before it;
+- ``contexts``: the token sits in each of these contexts or is of these classes
+  (``sae_core.labels.lexical.CONTEXTS``: in a docstring, inside call arguments, a number...);
+- ``unless``: ...and it is in none of these contexts (an exception).
 
-Token contexts come from the decoded text of the window alone, with a small lexer: Python string
-literals, docstrings and comments, the first token of a line, and whether the window reads as
-English prose or as code. Windows start mid-file, so the lexer assumes each starts outside any
-string; the rule's score measures how much that matters.
+``describe`` renders a rule as a phrase, e.g. ``` `if`/`elif` at the start of a line ``` or
+``any token in a docstring, a few tokens after `Returns` ``, and ``parse_label`` reads such a
+phrase back, so a researcher can write a label in the same language and have it scored. In a
+phrase, ``` `x` ``` stands for the token ``x`` with or without its leading space (as a person
+writes it); a token that is only whitespace is written quoted, as ``"\\n"``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
-import numpy as np
+from sae_core.labels.lexical import CONTEXTS, LOCATIONS, TOKEN_CLASSES
 
-# name -> how a label says it. Order is the row order of ``context_masks``.
-CONTEXTS: dict[str, str] = {
-    "string": "in string literals",
-    "docstring": "in docstrings",
-    "comment": "in comments",
-    "line_start": "at line start",
-    "prose": "in English prose",
-    "code": "in Python code",
-}
-CONTEXT_NAMES = tuple(CONTEXTS)
+WINDOW = 6  # tokens before a token that a window part looks at: about a short clause
 
-# Lexer states per character.
-_CODE, _STRING, _DOCSTRING, _COMMENT = 0, 1, 2, 3
-_LEXEMES = re.compile(r'"""|\'\'\'|"|\'|#|\n|\\.')
-# Characters that mark code; prose is a window where they are rare.
-_LETTERS = re.compile(r"[^\W\d_]")
-_CODE_CHARS = re.compile(r"[()\[\]{}=_:#<>*/@\\|`]")
-PROSE_MAX_CODE_CHAR_SHARE = (
-    0.02  # English text has ~1% of these (a parenthesis, a colon); code 8-15%
-)
+
+def _check_contexts(names: tuple[str, ...]) -> None:
+    for name in names:
+        if name not in CONTEXTS:
+            raise ValueError(f"unknown context {name!r}; one of {', '.join(CONTEXTS)}")
 
 
 @dataclass(frozen=True)
-class LabelRule:
+class Term:
     tokens: tuple[str, ...] = ()
     previous: tuple[str, ...] = ()
-    context: str | None = None
+    following: tuple[str, ...] = ()
+    window: tuple[str, ...] = ()
+    contexts: tuple[str, ...] = ()
+    unless: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.context is not None and self.context not in CONTEXTS:
-            raise ValueError(f"unknown context {self.context!r}; one of {', '.join(CONTEXTS)}")
+        _check_contexts(self.contexts + self.unless)
 
     @property
     def n_parts(self) -> int:
-        return bool(self.tokens) + bool(self.previous) + (self.context is not None)
+        return (
+            sum(map(bool, (self.tokens, self.previous, self.following, self.window)))
+            + len(self.contexts)
+            + len(self.unless)
+        )
+
+    @property
+    def n_keys(self) -> int:
+        return len(self.tokens) + len(self.previous) + len(self.following) + len(self.window)
 
     def to_json(self) -> dict:
         return {
             "tokens": list(self.tokens),
             "previous": list(self.previous),
-            "context": self.context,
+            "following": list(self.following),
+            "window": list(self.window),
+            "contexts": list(self.contexts),
+            "unless": list(self.unless),
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> LabelRule:
+    def from_json(cls, data: dict) -> Term:
+        """Also reads the single-term rules of earlier versions (one ``context`` or none)."""
+        contexts = data.get("contexts") or ([data["context"]] if data.get("context") else [])
         return cls(
-            tuple(data.get("tokens", ())), tuple(data.get("previous", ())), data.get("context")
+            *(tuple(data.get(key) or ()) for key in ("tokens", "previous", "following", "window")),
+            tuple(contexts),
+            tuple(data.get("unless") or ()),
         )
 
-    def describe(self, *, max_shown: int = 4) -> str:
-        """The label: e.g. ``" Paris" / " Lyon" (in English prose)`` or ``after " def"``."""
-        parts = []
+    def describe(self, max_shown: int) -> str:
+        classes = [c for c in self.contexts if c in TOKEN_CLASSES]
+        where = [LOCATIONS[c] for c in self.contexts if c in LOCATIONS]
         if self.tokens:
-            parts.append(_token_list(self.tokens, max_shown))
+            subject = token_list(self.tokens, max_shown)
+            where = [TOKEN_CLASSES[c] for c in classes] + where  # rare: tokens and a class
+        elif classes:
+            subject = " ".join(
+                [TOKEN_CLASSES[classes[0]]] + [f"({TOKEN_CLASSES[c]})" for c in classes[1:]]
+            )
+        else:
+            subject = "any token"
+        parts = [subject] + where
         if self.previous:
-            parts.append(f"after {_token_list(self.previous, max_shown)}")
-        if self.context is not None:
-            where = CONTEXTS[self.context]
-            parts.append(f"({where})" if parts else f"any token {where}")
-        return " ".join(parts) if parts else "any token"
+            parts.append(f"right after {token_list(self.previous, max_shown)}")
+        if self.following:
+            parts.append(f"before {token_list(self.following, max_shown)}")
+        if self.window:
+            parts.append(f"a few tokens after {token_list(self.window, max_shown)}")
+        if self.unless:
+            parts.append("except " + " or ".join(CONTEXTS[c] for c in self.unless))
+        return " ".join(parts)
 
 
-_QUOTED = r'"(?:[^"\\]|\\.)*"'
-_QUOTED_LIST = rf"{_QUOTED}(?:\s*/\s*{_QUOTED})*"
-_LABEL_GRAMMAR = re.compile(
-    rf"(?P<tokens>{_QUOTED_LIST})?\s*(?:after\s+(?P<previous>{_QUOTED_LIST}))?\s*"
-    rf"(?:\((?P<context>[^)]+)\)|any token (?P<only_context>.+))?"
-)
-_CONTEXT_BY_PHRASE = {phrase: name for name, phrase in CONTEXTS.items()}
-_UNESCAPE = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+@dataclass(frozen=True)
+class LabelRule:
+    terms: tuple[Term, ...] = field(default_factory=lambda: (Term(),))
+
+    @classmethod
+    def of(cls, *terms: Term) -> LabelRule:
+        return cls(tuple(terms))
+
+    @property
+    def n_parts(self) -> int:
+        return sum(t.n_parts for t in self.terms)
+
+    def to_json(self) -> dict:
+        return {"terms": [t.to_json() for t in self.terms]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LabelRule:
+        if "terms" in data:
+            return cls(tuple(Term.from_json(t) for t in data["terms"]))
+        return cls((Term.from_json(data),))
+
+    def describe(self, *, max_shown: int = 4) -> str:
+        """The label, e.g. ``` `if`/`elif`/`while` at the start of a line ``` or
+        ``` `)` in a def signature; or any token right after `def` ```."""
+        if not self.terms:
+            return "no token"
+        return "; or ".join(t.describe(max_shown) for t in self.terms)
 
 
-def _unquote_list(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    return tuple(
-        re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), q[1:-1])
-        for q in re.findall(_QUOTED, text)
-    )
-
-
-def parse_label(text: str) -> LabelRule | None:
-    """The rule a label written in the rule language states (``describe``'s output, all tokens
-    listed), e.g. ``" Paris" / " Lyon" (in English prose)``; None for free text."""
-    match = _LABEL_GRAMMAR.fullmatch(text.strip())
-    if not match or not any(match.groupdict().values()):
-        return None
-    phrase = match.group("context") or match.group("only_context")
-    if phrase is not None and phrase.strip() not in _CONTEXT_BY_PHRASE:
-        return None
-    context = _CONTEXT_BY_PHRASE[phrase.strip()] if phrase else None
-    return LabelRule(
-        _unquote_list(match.group("tokens")), _unquote_list(match.group("previous")), context
-    )
+# ---------------------------------------------------------------------------------------------
+# Token lists in phrases
 
 
 def _quote(text: str) -> str:
@@ -124,100 +142,92 @@ def _quote(text: str) -> str:
     )
 
 
-def _token_list(texts: tuple[str, ...], max_shown: int) -> str:
-    shown = " / ".join(_quote(t) for t in texts[:max_shown])
-    more = len(texts) - max_shown
-    return f"{shown} / +{more} more" if more > 0 else shown
+def _shown(text: str) -> str:
+    """```x``` for a token with visible text (with or without its leading space), else quoted."""
+    word = text.lstrip(" ")
+    if word and word.strip() == word and "`" not in word and "\\" not in word:
+        return f"`{word}`"
+    return _quote(text)
 
 
-# ---------------------------------------------------------------------------------------------
-# Token contexts
+def token_list(texts: tuple[str, ...], max_shown: int = 4) -> str:
+    """Tokens as a phrase writes them: ```if`/`elif` and 3 more``."""
+    shown = list(dict.fromkeys(_shown(t) for t in texts))
+    more = len(shown) - max_shown
+    listed = "/".join(shown[:max_shown])
+    return f"{listed} and {more} more" if more > 0 else listed
 
 
-def _char_states(text: str) -> np.ndarray:
-    """Lexer state of every character: code, string, docstring or comment. (len(text),) int8."""
-    states = np.zeros(len(text), dtype=np.int8)
-    state, opener, start = _CODE, "", 0
-    for match in _LEXEMES.finditer(text):
-        lexeme, pos = match.group(), match.start()
-        if state == _CODE:
-            if lexeme in ('"""', "'''", '"', "'", "#"):
-                state = {"#": _COMMENT}.get(lexeme, _DOCSTRING if len(lexeme) == 3 else _STRING)
-                opener, start = lexeme, pos
-        elif state == _COMMENT and lexeme == "\n":
-            states[start:pos] = _COMMENT
-            state = _CODE
-        elif state == _STRING and lexeme in (opener, "\n"):
-            states[start : match.end()] = _STRING
-            state = _CODE
-        elif state == _DOCSTRING and lexeme == opener:
-            states[start : match.end()] = _DOCSTRING
-            state = _CODE
-    if state != _CODE:
-        states[start:] = state
-    return states
+_TOKEN = r'`[^`]+`|"(?:[^"\\]|\\.)*"'
+_TOKEN_LIST = rf"(?:{_TOKEN})(?:/(?:{_TOKEN}))*"
+_UNESCAPE = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
 
 
-def _is_prose(text: str) -> bool:
-    if len(_LETTERS.findall(text)) < len(text) / 2:
-        return False
-    return len(_CODE_CHARS.findall(text)) <= PROSE_MAX_CODE_CHAR_SHARE * len(text)
+def _parse_tokens(text: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for token in re.findall(_TOKEN, text):
+        if token.startswith("`"):
+            out += [token[1:-1], " " + token[1:-1]]
+        else:
+            out.append(
+                re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(1)), token[1:-1])
+            )
+    return tuple(dict.fromkeys(out))
 
 
-class _TokenShape(NamedTuple):
-    lead: int  # characters of leading whitespace (the whole token when it has no visible one)
-    visible: bool  # holds a non-whitespace character
-    newline_in_lead: bool  # a line break before its first visible character
-    ends_line: bool  # its visible part is followed by a line break and only whitespace after
+def _alternation(phrases) -> str:
+    return "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
 
 
-@lru_cache(maxsize=1 << 17)  # one entry per distinct token text: a vocabulary fits
-def _shape(text: str) -> _TokenShape:
-    visible = text.lstrip()
-    lead = len(text) - len(visible)
-    ends_line = "\n" in visible and not visible[visible.rindex("\n") + 1 :].strip()
-    return _TokenShape(lead, bool(visible), "\n" in text[:lead], ends_line)
+_CLASS_BY_PHRASE = {phrase: name for name, phrase in TOKEN_CLASSES.items()}
+_LOCATION_BY_PHRASE = {phrase: name for name, phrase in LOCATIONS.items()}
+_CONTEXT_BY_PHRASE = {phrase: name for name, phrase in CONTEXTS.items()}
+_SUBJECT = re.compile(
+    rf"\s*(?:(?P<tokens>{_TOKEN_LIST})|(?P<any>any token)|(?P<cls>{_alternation(_CLASS_BY_PHRASE)}))"
+)
+_PART = re.compile(
+    rf"\s+(?:(?P<location>{_alternation(_LOCATION_BY_PHRASE)})"
+    rf"|\((?P<cls>{_alternation(_CLASS_BY_PHRASE)})\)"
+    rf"|(?P<cls_bare>{_alternation(_CLASS_BY_PHRASE)})"
+    rf"|right after (?P<previous>{_TOKEN_LIST})"
+    rf"|before (?P<following>{_TOKEN_LIST})"
+    rf"|a few tokens after (?P<window>{_TOKEN_LIST})"
+    rf"|except (?P<unless>(?:{_alternation(_CONTEXT_BY_PHRASE)})(?: or (?:{_alternation(_CONTEXT_BY_PHRASE)}))*))"
+)
 
 
-def _line_starts(shapes: list[_TokenShape]) -> np.ndarray:
-    """True at the first visible token of each line. (seq,) bool; the window's first line is
-    assumed to start before the window, since windows are cut mid-line."""
-    out = np.zeros(len(shapes), dtype=bool)
-    at_line_start = False
-    for i, shape in enumerate(shapes):
-        if not shape.visible:
-            at_line_start = at_line_start or shape.newline_in_lead
-            continue
-        out[i] = at_line_start or shape.newline_in_lead
-        at_line_start = shape.ends_line
-    return out
+def _parse_term(text: str) -> Term | None:
+    match = _SUBJECT.match(text)
+    if match is None:
+        return None
+    parts: dict[str, tuple[str, ...]] = {"contexts": ()}
+    if match.group("tokens"):
+        parts["tokens"] = _parse_tokens(match.group("tokens"))
+    elif match.group("cls"):
+        parts["contexts"] = (_CLASS_BY_PHRASE[match.group("cls")],)
+    pos = match.end()
+    while pos < len(text.rstrip()):
+        part = _PART.match(text, pos)
+        if part is None:
+            return None
+        found = {k: v for k, v in part.groupdict().items() if v is not None}
+        ((key, value),) = found.items()
+        if key == "location":
+            parts["contexts"] += (_LOCATION_BY_PHRASE[value],)
+        elif key in ("cls", "cls_bare"):
+            parts["contexts"] += (_CLASS_BY_PHRASE[value],)
+        elif key == "unless":
+            parts["unless"] = tuple(_CONTEXT_BY_PHRASE[p] for p in value.split(" or "))
+        else:
+            parts[key] = _parse_tokens(value)
+        pos = part.end()
+    return Term(**parts)
 
 
-def context_masks(texts: list[str]) -> np.ndarray:
-    """Which contexts hold at each token of a window, from the tokens' decoded texts.
-
-    Returns (len(CONTEXT_NAMES), seq) bool, rows in ``CONTEXT_NAMES`` order.
-    """
-    text = "".join(texts)
-    shapes = [_shape(t) for t in texts]
-    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))  # (seq,)
-    starts = np.cumsum(lengths) - lengths
-    # A token's state is that of its first visible character (a leading space belongs to code).
-    leads = np.fromiter(
-        (sh.lead if sh.visible else 0 for sh in shapes), dtype=np.int64, count=len(texts)
-    )
-    firsts = starts + leads
-    states = _char_states(text)
-    token_state = (
-        states[np.minimum(firsts, max(len(text) - 1, 0))] if text else np.zeros(len(texts), np.int8)
-    )
-    line_start = _line_starts(shapes)
-    prose = _is_prose(text)
-    masks = np.zeros((len(CONTEXT_NAMES), len(texts)), dtype=bool)
-    masks[CONTEXT_NAMES.index("string")] = token_state == _STRING
-    masks[CONTEXT_NAMES.index("docstring")] = token_state == _DOCSTRING
-    masks[CONTEXT_NAMES.index("comment")] = token_state == _COMMENT
-    masks[CONTEXT_NAMES.index("line_start")] = line_start
-    masks[CONTEXT_NAMES.index("prose")] = prose
-    masks[CONTEXT_NAMES.index("code")] = not prose
-    return masks
+def parse_label(text: str) -> LabelRule | None:
+    """The rule a label written in the rule language states (``describe``'s output with every
+    token listed, e.g. ``` `Paris`/`Lyon` in English prose ```); None for free text."""
+    terms = [_parse_term(t) for t in text.strip().split("; or ")]
+    if not terms or any(t is None or t == Term() for t in terms):
+        return None
+    return LabelRule(tuple(terms))

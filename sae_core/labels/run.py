@@ -14,7 +14,10 @@ human label if any, else the machine label with the best held-out F1.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,23 +38,30 @@ from sae_core.labels.evidence import (
     heldout_tokens,
     load_examples,
 )
-from sae_core.labels.explainer import ExplainerConfig, explain, render_example
+from sae_core.labels.explainer import (
+    ExplainerConfig,
+    detection_score,
+    explain,
+    render_example,
+)
 from sae_core.labels.induction import fit_rule
-from sae_core.labels.rules import LabelRule, parse_label
+from sae_core.labels.rules import LabelRule, parse_label, token_list
 from sae_core.labels.scoring import LabelScore, score_rule
-from sae_core.store.db import FeatureRow, LabelRow, SaeRow, utcnow
+from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, utcnow
 from sae_core.store.lookup import find_feature
 
 AUTO_SOURCE = "auto"
-METHOD = "rules-v1"  # recorded with every automatic label; bump when the algorithm changes
+METHOD = "rules-v2"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
-WEAK_RULE_F1 = (
-    0.3  # below this training F1 the rule explains little, so the label adds logit effects
+WEAK_RULE = (
+    0.3  # below this search objective the rule explains little: the label adds logit effects
 )
+DENSE_DENSITY = 0.1  # a feature firing on more tokens than this is dense (as the SAE page counts)
 EXPLAINER_EXAMPLES = (
     12  # examples shown to an explainer: enough variety, short enough for small models
 )
+PROMOTED = 10  # top logit effects tried as "before" keys: what the feature predicts comes next
 MAX_LABEL_CHARS = 500  # a human label longer than a paragraph is a note, not a label
 # A human label's source is "human:<author>", in the store's 64-character source column.
 MAX_AUTHOR_CHARS = 64 - len("human:")
@@ -68,6 +78,7 @@ class LabelOptions:
     explainer: ExplainerConfig | None = None  # None: no LLM explanations
     embed: bool | None = None  # None: embed when the embedding model is installed
     progress: bool = True
+    workers: int | None = None  # processes fitting rules; None: one per CPU core this may use
 
 
 class LabelSummary(NamedTuple):
@@ -96,22 +107,24 @@ def _is_human(source: str | None) -> bool:
     return bool(source) and source.startswith("human:")
 
 
-def _should_replace(feature: FeatureRow, label: LabelRow) -> bool:
-    if _is_human(label.source):
+def _replaces(
+    current: tuple[str | None, str | None, float | None], source: str, f1: float | None
+) -> bool:
+    """Whether a new label (``source``, ``f1``) becomes current over the feature's current
+    (label, source, f1): a human label always, a machine one unless a human's is current, when
+    it renews its own source or scores at least as well."""
+    label, current_source, current_f1 = current
+    if _is_human(source):
         return True
-    if _is_human(feature.label_source):
+    if _is_human(current_source):
         return False
-    return (
-        feature.label is None
-        or feature.label_source == label.source
-        or (label.f1 or 0.0) >= (feature.label_f1 or 0.0)
-    )
+    return label is None or current_source == source or (f1 or 0.0) >= (current_f1 or 0.0)
 
 
 def record_label(session: Session, feature: FeatureRow, label: LabelRow) -> None:
     """Add ``label`` to the history and make it the feature's current label if it ranks first."""
     session.add(label)
-    if _should_replace(feature, label):
+    if _replaces((feature.label, feature.label_source, feature.label_f1), label.source, label.f1):
         feature.label, feature.label_source = label.label, label.source
         feature.label_precision, feature.label_recall, feature.label_f1 = (
             label.precision,
@@ -190,33 +203,13 @@ class _MachineLabel(NamedTuple):
     rule: LabelRule
 
 
-def _machine_label(
-    sae: SaeRow, idx: int, made: _MachineLabel, score: LabelScore, evidence: FeatureEvidence
-) -> LabelRow:
-    return LabelRow(
-        sae_id=sae.id,
-        feature_idx=idx,
-        label=made.text,
-        source=made.source,
-        author=made.author,
-        created_at=utcnow(),
-        precision=score.precision,
-        recall=score.recall,
-        f1=score.f1,
-        rule=_rule_json(made.rule, evidence.heldout_contexts, score),
-    )
-
-
 def score_on_heldout(
     session: Session, sae: SaeRow, idx: int, rule: LabelRule, held: HeldOut
 ) -> LabelScore:
     """Score ``rule`` for feature ``idx`` on the given held-out contexts (read from the store)."""
     vocab = Vocab.load(session, sae)
     library = ContextLibrary.load(session, sae, vocab, held.positives + held.negatives)
-    seq_len = {cid: len(tokens) for cid, tokens in library.token_ids.items()}
-    positives = load_examples(session, sae.id, idx, idx + 1, seq_len, contexts=held.positives).get(
-        idx, []
-    )
+    positives = load_examples(session, sae.id, idx, idx + 1, contexts=held.positives).get(idx, [])
     return score_rule(rule, heldout_tokens(library, positives, held), vocab)
 
 
@@ -234,27 +227,31 @@ def score_stored_label(session: Session, sae: SaeRow, label: LabelRow) -> LabelS
 # The passes
 
 
+class _Current(NamedTuple):
+    """What the auto pass needs of a feature row."""
+
+    idx: int
+    label: str | None
+    label_source: str | None
+    label_f1: float | None
+    density: float
+    logit_top: list
+
+
 class _Labeller(NamedTuple):
     session: Session
     sae: SaeRow
     vocab: Vocab
     library: ContextLibrary
-    seq_len: dict[int, int]  # context id -> stored length
     options: LabelOptions
 
-    def evidence_by_feature(
-        self, chunk: list[int]
-    ) -> Iterator[tuple[FeatureRow, FeatureEvidence | None]]:
-        examples = load_examples(self.session, self.sae.id, chunk[0], chunk[-1] + 1, self.seq_len)
-        rows = self.session.scalars(
-            sa.select(FeatureRow).where(FeatureRow.sae_id == self.sae.id, FeatureRow.idx.in_(chunk))
-        )
-        features = {f.idx: f for f in rows}
+    def evidence_by_feature(self, chunk: list[int]) -> Iterator[tuple[int, FeatureEvidence | None]]:
+        examples = load_examples(self.session, self.sae.id, chunk[0], chunk[-1] + 1)
         for idx in chunk:
             evidence = build_evidence(
                 self.library, idx, examples.get(idx, []), seed=self.options.seed
             )
-            yield features[idx], evidence
+            yield idx, evidence
 
     def labelled(self, source: str) -> set[int]:
         if self.options.force:
@@ -270,19 +267,37 @@ class _Labeller(NamedTuple):
     def token_text(self, token_id: int) -> str:
         return self.vocab.texts[self.vocab.text_id[token_id]]
 
+    def current(self, chunk: list[int]) -> dict[int, _Current]:
+        rows = self.session.execute(
+            sa.select(
+                FeatureRow.idx,
+                FeatureRow.label,
+                FeatureRow.label_source,
+                FeatureRow.label_f1,
+                FeatureRow.density,
+                FeatureRow.logit_top,
+            ).where(FeatureRow.sae_id == self.sae.id, FeatureRow.idx.in_(chunk))
+        )
+        return {row.idx: _Current(*row) for row in rows}
+
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _auto_label_text(
-    labeller: _Labeller, rule: LabelRule, train_f1: float, feature: FeatureRow
-) -> str:
+def auto_label_text(rule: LabelRule, strength: float, density: float, promoted: list[str]) -> str:
+    """The label of a fitted rule: its phrase. A dense feature says so first, and so does one whose
+    best rule is weak (``strength``, the search's objective, below ``WEAK_RULE``), which then
+    also names the tokens it promotes (its top logit effects) instead of passing the rule off
+    as an explanation."""
     text = rule.describe()
-    if train_f1 < WEAK_RULE_F1 and feature.logit_top:
-        promoted = LabelRule(tuple(labeller.token_text(int(t)) for t, _ in feature.logit_top[:3]))
-        text += f"; promotes {promoted.describe()}"
+    if density >= DENSE_DENSITY:
+        return f"dense: fires on {density:.0%} of tokens; {text}"
+    if strength < WEAK_RULE:
+        text = f"unclear: fires on {density:.1%} of tokens; {text}"
+        if promoted:
+            text += f"; promotes {token_list(tuple(promoted[:3]))}"
     return text
 
 
@@ -301,6 +316,115 @@ class _AutoPass(NamedTuple):
     n_unscorable: int
 
 
+def _label_row(
+    sae: SaeRow, idx: int, made: _MachineLabel, score: LabelScore, held: HeldOut, **extra
+) -> dict:
+    return {
+        "sae_id": sae.id,
+        "feature_idx": idx,
+        "label": made.text,
+        "source": made.source,
+        "author": made.author,
+        "created_at": utcnow(),
+        "precision": score.precision,
+        "recall": score.recall,
+        "f1": score.f1,
+        "rule": _rule_json(made.rule, held, score) | extra,
+    }
+
+
+def _write_labels(session: Session, current: dict[int, _Current], rows: list[dict]) -> None:
+    """Insert label rows in one statement and make each current where it ranks first."""
+    if not rows:
+        return
+    session.execute(sa.insert(LabelRow), rows)
+    updates = [
+        {
+            "sae_id": row["sae_id"],
+            "idx": row["feature_idx"],
+            "label": row["label"],
+            "label_source": row["source"],
+            "label_precision": row["precision"],
+            "label_recall": row["recall"],
+            "label_f1": row["f1"],
+        }
+        for row in rows
+        if _replaces(current[row["feature_idx"]][1:4], row["source"], row["f1"])
+    ]
+    if updates:
+        session.execute(sa.update(FeatureRow), updates)
+
+
+class _ChunkLabels(NamedTuple):
+    rows: list[dict]  # label rows, ready to insert
+    n_unscorable: int
+
+
+def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
+    """Fit, score and word the automatic labels of a chunk of features (reads, never writes)."""
+    current = labeller.current(chunk)
+    rows, n_unscorable = [], 0
+    for idx, evidence in labeller.evidence_by_feature(chunk):
+        if evidence is None:
+            n_unscorable += 1
+            continue
+        feature = current[idx]
+        promoted = [labeller.token_text(int(t)) for t, _ in (feature.logit_top or [])[:PROMOTED]]
+        fitted = fit_rule(evidence.train, labeller.vocab, tuple(promoted))
+        score = score_rule(fitted.rule, evidence.heldout, labeller.vocab)
+        text = auto_label_text(fitted.rule, fitted.objective, feature.density or 0.0, promoted)
+        made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fitted.rule)
+        rows.append(_label_row(labeller.sae, idx, made, score, evidence.heldout_contexts))
+    return _ChunkLabels(rows, n_unscorable)
+
+
+# A forked worker's labeller: set in the parent just before the pool forks, then given its own
+# database connection in each worker (connections must not cross a fork).
+_FORKED: tuple[_Labeller, str] | None = None
+
+
+def _start_worker() -> None:
+    global _FORKED
+    labeller, url = _FORKED
+    _FORKED = (labeller._replace(session=Session(create_engine_for(url))), url)
+
+
+def _worker_chunk(chunk: list[int]) -> _ChunkLabels:
+    return _label_chunk(_FORKED[0], chunk)
+
+
+def _n_workers(options: LabelOptions, n_chunks: int) -> int:
+    if options.workers is not None:
+        wanted = options.workers
+    else:
+        wanted = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+    forkable = "fork" in multiprocessing.get_all_start_methods()
+    return max(1, min(wanted, n_chunks)) if forkable else 1
+
+
+@contextmanager
+def _chunk_results(
+    labeller: _Labeller, chunks: list[list[int]]
+) -> Iterator[Iterator[_ChunkLabels]]:
+    """Each chunk's labels in order: computed here, or by forked workers that share the decoded
+    contexts copy-on-write."""
+    global _FORKED
+    n_workers = _n_workers(labeller.options, len(chunks))
+    if n_workers == 1:
+        yield (_label_chunk(labeller, chunk) for chunk in chunks)
+        return
+    _FORKED = (labeller, labeller.session.get_bind().url.render_as_string(hide_password=False))
+    try:
+        with multiprocessing.get_context("fork").Pool(n_workers, initializer=_start_worker) as pool:
+            yield pool.imap(_worker_chunk, chunks)
+    finally:
+        _FORKED = None
+
+
 def _auto_pass(labeller: _Labeller, todo: list[int]) -> _AutoPass:
     n_unscorable, f1s = 0, []
     bar = tqdm(
@@ -309,31 +433,16 @@ def _auto_pass(labeller: _Labeller, todo: list[int]) -> _AutoPass:
         unit="feature",
         disable=not labeller.options.progress,
     )
-    for chunk in _chunks(todo, FEATURES_PER_CHUNK):
-        for feature, evidence in labeller.evidence_by_feature(chunk):
-            if evidence is None:
-                n_unscorable += 1
-                continue
-            fitted = fit_rule(evidence.train, labeller.vocab)
-            score = score_rule(fitted.rule, evidence.heldout, labeller.vocab)
-            text = _auto_label_text(labeller, fitted.rule, fitted.train_f1, feature)
-            made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fitted.rule)
-            record_label(
-                labeller.session,
-                feature,
-                _machine_label(labeller.sae, feature.idx, made, score, evidence),
-            )
-            f1s.append(score.f1)
-        labeller.session.commit()
-        bar.update(len(chunk))
+    chunks = list(_chunks(todo, FEATURES_PER_CHUNK))
+    with _chunk_results(labeller, chunks) as results:
+        for chunk, result in zip(chunks, results, strict=True):
+            _write_labels(labeller.session, labeller.current(chunk), result.rows)
+            labeller.session.commit()
+            f1s += [row["f1"] for row in result.rows]
+            n_unscorable += result.n_unscorable
+            bar.update(len(chunk))
     bar.close()
     return _AutoPass(f1s, n_unscorable)
-
-
-def explainer_rule(vocab: Vocab, tokens: list[str], context: str | None) -> LabelRule:
-    """The explainer's tokens as vocabulary texts (models often drop the leading space: try both)."""
-    texts = [v for t in tokens for v in dict.fromkeys((t, " " + t.lstrip())) if v in vocab.index]
-    return LabelRule(tuple(dict.fromkeys(texts)), (), context)
 
 
 def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig) -> int:
@@ -345,28 +454,33 @@ def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig)
         disable=not labeller.options.progress,
     )
     for chunk in _chunks(todo, EXPLAINED_PER_CHUNK):
-        for feature, evidence in labeller.evidence_by_feature(chunk):
+        current = labeller.current(chunk)
+        rows = []
+        for idx, evidence in labeller.evidence_by_feature(chunk):
             if evidence is None:
                 continue
-            examples = [
-                render_example(
-                    [labeller.token_text(int(t)) for t in labeller.library.token_ids[e.context_id]],
-                    e.acts.tolist(),
-                )
+            library = labeller.library
+            windows = [
+                (library.texts(e.context_id), e)
                 for e in evidence.train_examples[:EXPLAINER_EXAMPLES]
             ]
+            examples = [render_example(texts, e.acts(len(texts)).tolist()) for texts, e in windows]
             explanation = explain(config, examples)
             if explanation is None:
                 continue
-            rule = explainer_rule(labeller.vocab, explanation.tokens, explanation.context)
+            rule = explanation.rule(labeller.vocab)
             score = score_rule(rule, evidence.heldout, labeller.vocab)
-            made = _MachineLabel(explanation.text, config.source, config.url, rule)
-            record_label(
-                labeller.session,
-                feature,
-                _machine_label(labeller.sae, feature.idx, made, score, evidence),
+            held = evidence.heldout_contexts
+            detection = detection_score(
+                config,
+                explanation.text,
+                [library.texts(c) for c in held.positives + held.negatives],
+                [True] * len(held.positives) + [False] * len(held.negatives),
             )
+            made = _MachineLabel(explanation.text, config.source, config.url, rule)
+            rows.append(_label_row(labeller.sae, idx, made, score, held, detection=detection))
             n_explained += 1
+        _write_labels(labeller.session, current, rows)
         labeller.session.commit()
         bar.update(len(chunk))
     bar.close()
@@ -392,8 +506,7 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
             )
         vocab = Vocab.load(session, sae)
         library = ContextLibrary.load(session, sae, vocab)
-        seq_len = {cid: len(tokens) for cid, tokens in library.token_ids.items()}
-        labeller = _Labeller(session, sae, vocab, library, seq_len, options)
+        labeller = _Labeller(session, sae, vocab, library, options)
         alive = _alive_features(session, sae)
         done = labeller.labelled(AUTO_SOURCE)
         auto = _auto_pass(labeller, [i for i in alive if i not in done])

@@ -7,7 +7,10 @@ from typing import NamedTuple
 import numpy as np
 
 from sae_core.labels.evidence import TokenSet, Vocab
-from sae_core.labels.rules import CONTEXT_NAMES, LabelRule
+from sae_core.labels.lexical import CONTEXT_NAMES
+from sae_core.labels.rules import LabelRule, Term
+
+_COLUMN = {name: i for i, name in enumerate(CONTEXT_NAMES)}
 
 
 class LabelScore(NamedTuple):
@@ -22,15 +25,29 @@ def f1_score(true_positives: int, n_predicted: int, n_firing: int) -> float:
     return 2 * true_positives / (n_predicted + n_firing) if n_predicted + n_firing else 0.0
 
 
+def term_mask(term: Term, tokens: TokenSet, vocab: Vocab) -> np.ndarray:
+    """Where one term of a rule holds. (n,) bool."""
+    mask = tokens.keep.copy()
+    if term.tokens:
+        mask &= vocab.lookup(term.tokens)[tokens.text_ids]
+    if term.previous:
+        mask &= vocab.lookup(term.previous)[tokens.prev_ids]
+    if term.following:
+        mask &= vocab.lookup(term.following)[tokens.next_ids]
+    if term.window:
+        mask &= vocab.lookup(term.window)[tokens.window_ids].any(axis=1)
+    for name in term.contexts:
+        mask &= tokens.contexts[:, _COLUMN[name]]
+    for name in term.unless:
+        mask &= ~tokens.contexts[:, _COLUMN[name]]
+    return mask
+
+
 def rule_mask(rule: LabelRule, tokens: TokenSet, vocab: Vocab) -> np.ndarray:
-    """Where the rule says the feature fires. (n,) bool."""
-    mask = np.ones(len(tokens.fires), dtype=bool)
-    if rule.tokens:
-        mask &= np.isin(tokens.text_ids, vocab.ids_of(rule.tokens))
-    if rule.previous:
-        mask &= np.isin(tokens.prev_ids, vocab.ids_of(rule.previous))
-    if rule.context is not None:
-        mask &= tokens.contexts[CONTEXT_NAMES.index(rule.context)]
+    """Where the rule says the feature fires: where any of its terms holds. (n,) bool."""
+    mask = np.zeros(len(tokens.fires), dtype=bool)
+    for term in rule.terms:
+        mask |= term_mask(term, tokens, vocab)
     return mask
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import sqlalchemy as sa
 
+from sae_core.store.db import FeatureRow, create_engine_for
 from tests.app.synthetic_store import SCRIPT
 
 
@@ -32,7 +34,18 @@ def test_saes_list_reports_metrics_and_fractions_measured_on_the_store(client, s
 
 
 def test_one_sae_and_unknown_sae(client, store):
-    assert client.get(f"/api/v1/saes/{store.sae}").json()["name"] == store.sae
+    sae = client.get(f"/api/v1/saes/{store.sae}").json()
+    assert sae["name"] == store.sae
+    with create_engine_for(store.url).connect() as conn:
+        f1s = conn.scalars(
+            sa.select(FeatureRow.label_f1).where(
+                FeatureRow.count > 0, FeatureRow.label_f1.is_not(None)
+            )
+        ).all()
+    hist = sae["label_f1_hist"]
+    assert sum(hist["counts"]) == len(f1s) > 0 and hist["edges"][0] == 0 and hist["edges"][-1] == 1
+    assert hist["counts"][3] == sum(0.3 <= f < 0.4 for f in f1s)
+    assert client.get("/api/v1/saes").json()["data"][0]["label_f1_hist"] is None  # page only
     response = client.get("/api/v1/saes/no-such-sae")
     assert response.status_code == 404
     assert "no SAE named 'no-such-sae'" in response.json()["detail"]

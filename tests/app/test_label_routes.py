@@ -51,7 +51,7 @@ def test_edit_without_the_token_is_refused_and_changes_nothing(client, store, au
     response = client.put(_label_url(store, PARIS), json=EDIT, headers=headers)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert _current_label(client, store, PARIS)["text"] == '" Paris"'
+    assert _current_label(client, store, PARIS)["text"] == "`Paris`"
     history = client.get(f"/api/v1/saes/{store.sae_name}/features/{PARIS}/labels").json()
     assert [h["source"] for h in history["data"]] == ["auto"]
 
@@ -85,10 +85,10 @@ def test_edit_with_the_token_becomes_current_and_keeps_history(client, store):
     history = client.get(f"/api/v1/saes/{store.sae_name}/features/{PARIS}/labels").json()
     assert [(h["source"], h["author"]) for h in history["data"]] == [
         ("human:ada", "ada"),
-        ("auto", "saescope rules-v1"),
+        ("auto", "saescope rules-v2"),
     ]
     assert history["data"][0]["created_at"] >= history["data"][1]["created_at"]
-    assert history["data"][1]["rule"]["rule"]["tokens"] == [" Paris"]
+    assert history["data"][1]["rule"]["rule"]["terms"][0]["tokens"] == [" Paris"]
 
 
 def test_bad_edits_are_one_clear_message(client, store):
@@ -109,8 +109,8 @@ def test_labels_with_html_are_escaped_on_the_page(client, store):
     page = client.get(f"/saes/{store.sae_name}/features/{PARIS}").text
     assert SCRIPT not in page and "<i>eve" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    bold = client.get(f"/saes/{store.sae_name}/features/{BOLD}").text  # automatic label '"<b>"'
-    assert "&#34;&lt;b&gt;&#34;" in bold
+    bold = client.get(f"/saes/{store.sae_name}/features/{BOLD}").text  # automatic label "`<b>`"
+    assert "`&lt;b&gt;`" in bold
 
 
 def test_edit_form_fragment(client, store):

@@ -28,7 +28,11 @@ def test_sae_page_has_metrics_histogram_search_and_first_page_of_features(client
     assert response.status_code == 200
     html = response.text
     assert twin(response) == f"/api/v1/saes/{store.sae}"
-    assert "<svg" in html and html.count("<rect") == 20  # the density histogram's bins
+    assert "<svg" in html and html.count("<rect") == 20 + 10  # density and label-F1 histograms
+    assert (
+        "held-out F1 of the features&#39; labels" in html
+        or "held-out F1 of the features' labels" in html
+    )
     assert 'hx-get="/saes/tiny-l1-topk/-/fragments/features"' in html
     assert (
         html.count(f'href="/saes/{store.sae}/features/') == store.spec.n_features

@@ -46,7 +46,7 @@ def test_wrong_token_is_refused_in_place(page, server):
     _submit(page, "nope", "wrong")
     page.locator("#label-edit p.error").wait_for()
     assert "write token" in page.locator("#label-edit p.error").inner_text()
-    assert page.locator(".feature-label").inner_text().startswith('" Paris"')
+    assert page.locator(".feature-label").inner_text().startswith("`Paris`")
 
 
 def test_right_token_saves_and_the_page_shows_the_label_as_text(page, server):
