@@ -46,10 +46,11 @@ from sae_core.families.links import unit_directions
 from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
 from sae_core.inputs.subject import load_subject
-from sae_core.precompute.run import encode_batch
+from sae_core.precompute.encode import encode_batch
 from sae_core.precompute.stats import StreamingStats
 from sae_core.precompute.weights import decoder_neighbours, logit_effects
-from sae_core.saes.sae import SAE, SAEConfig, load_sae
+from sae_core.saes.formats import load_sae
+from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import create_engine_for, migrate
 from sae_core.store.families import FeatureLinkRow
 

@@ -32,7 +32,8 @@ from sae_core.live.graph import GraphSae, build_graph
 from sae_core.live.graph_prune import prune
 from sae_core.live.graph_settings import GraphLimits
 from sae_core.live.probe import encode_prompt
-from sae_core.saes.sae import SAE, SAEConfig, load_sae
+from sae_core.saes.formats import load_sae
+from sae_core.saes.sae import SAE, SAEConfig
 
 TEXT = (
     "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"

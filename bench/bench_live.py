@@ -32,7 +32,8 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from sae_core.inputs.subject import hook_name, load_subject
-from sae_core.saes.sae import SAE, SAEConfig, default_width, load_sae
+from sae_core.saes.formats import load_sae
+from sae_core.saes.sae import SAE, SAEConfig, default_width
 from sae_core.store.db import SaeRow, SubjectModelRow, create_engine_for, migrate
 
 PROMPT_TOKENS = 64

@@ -33,7 +33,8 @@ import sae_core.precompute.run as precompute
 from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
 from sae_core.inputs.subject import load_subject
-from sae_core.precompute.run import PrecomputeConfig, run_precompute
+from sae_core.precompute.config import PrecomputeConfig
+from sae_core.precompute.job import run_precompute
 from sae_core.precompute.writer import insert_rows
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import (

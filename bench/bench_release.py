@@ -79,7 +79,8 @@ def random_sae(folder: Path, layer: int, width: int) -> str:
 
 
 def precompute(paths: list[str], db: str, tokens: int, batch_size: int) -> None:
-    from sae_core.precompute.run import PrecomputeConfig, run_precompute
+    from sae_core.precompute.config import PrecomputeConfig
+    from sae_core.precompute.job import run_precompute
 
     cfg = PrecomputeConfig(
         sae_paths=paths, db_url=db, model=MODEL, tokens=tokens, batch_size=batch_size, ctx_len=CTX_LEN, progress=False
@@ -99,9 +100,8 @@ def train_configs(tokens: int) -> list:
 def build_cache(tokens: int) -> None:
     """The layer-15 cache both training sides read (built here, untimed)."""
     from sae_core.inputs.activations import ActivationCache
-    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.corpus import build_contexts, held_out_split
     from sae_core.inputs.subject import load_subject
-    from sae_core.saes.train import held_out_split
 
     cfg = train_configs(tokens)[0]
     subject = load_subject(MODEL)

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_subject": "sae_core.inputs.subject",
     "Subject": "sae_core.inputs.subject",
-    "load_sae": "sae_core.saes.sae",
+    "load_sae": "sae_core.saes.formats",
     "SAE": "sae_core.saes.sae",
     "SAEConfig": "sae_core.saes.sae",
     "SaescopeError": "sae_core.errors",

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from sae_core.inputs import distributed
 from sae_core.inputs.subject import cache_dir
-from sae_core.precompute.run import PrecomputeConfig, run_precompute
+from sae_core.precompute.config import PrecomputeConfig
+from sae_core.precompute.job import run_precompute
 from sae_core.saes.checkpoint import CHECKPOINT
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.train_data import TensorSource

@@ -19,7 +19,7 @@ from app.families.graph import family_graph
 from app.families.map import get_feature_map
 from sae_core.cli import main
 from sae_core.families.run import FamiliesConfig, FamiliesError, run_families
-from sae_core.precompute.run import run_precompute
+from sae_core.precompute.job import run_precompute
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import SaeRow, create_engine_for
 from sae_core.store.families import FeatureLinkRow, FeatureMapRow

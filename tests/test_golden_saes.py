@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sae_core.saes.sae import SAE, SAEConfig, SAEError, load_sae
+from sae_core.saes.formats import load_sae
+from sae_core.saes.sae import SAE, SAEConfig, SAEError
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from sae_core.saes.sae import SAEError, load_sae
+from sae_core.saes.formats import load_sae
+from sae_core.saes.sae import SAEError
 from sae_core.saes.train_config import TrainConfig, TrainError
 from sae_core.saes.train_data import TensorSource
 from sae_core.saes.train_loop import fit, init_state, train_step

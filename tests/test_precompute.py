@@ -17,7 +17,8 @@ import torch
 
 from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
-from sae_core.precompute.run import PrecomputeConfig, run_precompute
+from sae_core.precompute.config import PrecomputeConfig
+from sae_core.precompute.job import run_precompute
 from sae_core.precompute.stats import FINE_BINS, StreamingStats, pow2_ceil, sample_priority
 from sae_core.saes.sae import ARCHITECTURES, SAE, SAEConfig
 from sae_core.store.db import (
@@ -201,7 +202,7 @@ def test_planted_feature_is_found_exactly(llama, corpus, planted, run_on, tmp_pa
 
 def brute_force(llama, corpus, sae_path):
     """Every statistic computed densely from scratch: (n_contexts, seq, F) activations."""
-    from sae_core.saes.sae import load_sae
+    from sae_core.saes.formats import load_sae
 
     contexts = contexts_for(llama, corpus)
     acts = load_sae(sae_path).encode(residuals(llama, contexts)).detach()
@@ -315,7 +316,7 @@ def check_token_index(token_rows, flat, contexts):
 
 
 def test_weight_statistics_equal_brute_force(llama, planted, run_on, tmp_path):
-    from sae_core.saes.sae import load_sae
+    from sae_core.saes.formats import load_sae
 
     db = f"sqlite:///{tmp_path / 's.db'}"
     run_on(db)

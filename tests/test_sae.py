@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sae_core.saes.formats import load_sae
 from sae_core.saes.sae import (
     ARCHITECTURES,
     FORMAT_VERSION,
@@ -15,7 +16,6 @@ from sae_core.saes.sae import (
     SAEConfig,
     SAEError,
     default_width,
-    load_sae,
 )
 from sae_core.saes.sparse_acts import sparse_encode
 

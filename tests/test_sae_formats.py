@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_core.saes.sae import SAEError, load_sae
+from sae_core.saes.formats import load_sae
+from sae_core.saes.sae import SAEError
 
 D_IN, D_SAE = 8, 24
 

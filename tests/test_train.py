@@ -11,8 +11,8 @@ import torch
 
 from sae_core.saes import losses, sparse_codes
 from sae_core.saes.checkpoint import CHECKPOINT
+from sae_core.saes.formats import load_sae
 from sae_core.saes.metrics import reconstruction_stats
-from sae_core.saes.sae import load_sae
 from sae_core.saes.sparse_codes import (
     codes_at,
     decode_sparse,
@@ -313,10 +313,9 @@ def test_train_command_writes_a_loadable_sae_with_metrics(llama_dir, tmp_path, c
 def test_evaluate_never_reads_a_context_training_read(llama_dir, tmp_path, capsys):
     """On a small corpus (48 contexts), every context `evaluate` measures is one training never read."""
     from sae_core.cli import main
-    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.corpus import build_contexts, held_out_split
     from sae_core.inputs.subject import load_subject
     from sae_core.saes.report_card import held_out_contexts
-    from sae_core.saes.train import held_out_split
     from tests.tiny import TRAIN_TEXT
 
     corpus = tmp_path / "corpus.txt"

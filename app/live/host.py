@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import error_answer
 from app.live.jobs import GraphJobs
+from app.live.loaded import LiveSae
 from app.live.worker import (
     LiveRefused,
     LiveUnavailableError,
@@ -52,7 +52,7 @@ from sae_core.live.requests import (
     SteerOp,
 )
 from sae_core.live.steering import Steering, steer
-from sae_core.saes.sae import SAE, load_sae
+from sae_core.saes.formats import load_sae
 from sae_core.store.db import SaeRow, SubjectModelRow
 
 log = logging.getLogger("saescope.live")
@@ -68,21 +68,6 @@ def sae_sources(session: Session) -> list[tuple[str, int, str, str]]:
         .order_by(SaeRow.name)
     )
     return [tuple(row) for row in rows]
-
-
-@dataclass(frozen=True)
-class LiveSae:
-    """One SAE ready for live prompts: its subject model (shared by SAEs of the same model)."""
-
-    name: str
-    layer: int
-    subject: Subject
-    sae: SAE
-
-    @property
-    def model(self) -> tuple[Subject, SAE, int]:
-        """What every live computation takes first: ``fn(subject, sae, layer, ...)``."""
-        return self.subject, self.sae, self.layer
 
 
 class ModelHost:

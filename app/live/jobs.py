@@ -31,7 +31,7 @@ from sae_core.errors import SaescopeError
 from sae_core.live.requests import GraphImportOp, GraphJobOp, GraphOp, GraphSubmitOp
 
 if TYPE_CHECKING:
-    from app.live.host import LiveSae
+    from app.live.loaded import LiveSae
     from sae_core.live.graph_run import GraphRequest, ReleaseLayer
 
 log = logging.getLogger("saescope.live")

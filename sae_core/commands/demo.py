@@ -7,7 +7,7 @@ interrupted first run picks up where it stopped:
 2. a small release of SAEs trained in one loop (``sae_core.saes.train.train_saes``; each resumes
    from its checkpoint): several widths on the middle layer (a family to compare) and a small SAE
    on a few more layers (for attribution graphs), all read from one caching pass over the corpus,
-3. precompute of the whole release in one corpus pass (``sae_core.precompute.run.run_precompute``;
+3. precompute of the whole release in one corpus pass (``sae_core.precompute.job.run_precompute``;
    resumes, skips what is done),
 4. automatic labels (``sae_core.labels.run.label_sae``; skips labelled features),
 5. ``saescope serve`` with live prompts on.
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     from sae_core.inputs.subject import DEFAULT_MODEL, cache_dir, load_subject
     from sae_core.labels.run import LabelOptions, label_sae
-    from sae_core.precompute.run import PrecomputeConfig, run_precompute
+    from sae_core.precompute.config import PrecomputeConfig
+    from sae_core.precompute.job import run_precompute
     from sae_core.saes.checkpoint import CHECKPOINT
     from sae_core.saes.train import TrainJob, job_folder, train_saes
     from sae_core.saes.train_config import TrainConfig

@@ -41,6 +41,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from sae_core.inputs.subject import DEFAULT_MODEL, load_subject
+    from sae_core.saes.formats import load_sae
     from sae_core.saes.metrics import metric_lines, save_metrics
     from sae_core.saes.report_card import (
         held_out_contexts,
@@ -48,7 +49,7 @@ def run(args) -> int:
         other_corpus_for,
         report_card,
     )
-    from sae_core.saes.sae import SAEError, load_sae
+    from sae_core.saes.sae import SAEError
 
     if args.tokens <= 0:
         raise SAEError(f"--tokens must be positive, got {args.tokens}")

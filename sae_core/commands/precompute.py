@@ -103,7 +103,7 @@ def run(args) -> int:
         cfg.db_url = args.db
     check_store_url(cfg.db_url, create=True)
     from sae_core.inputs import distributed
-    from sae_core.precompute.run import run_precompute
+    from sae_core.precompute.job import run_precompute
 
     results = run_precompute(cfg)
     if args.label and distributed.launched_world().is_main:  # rank 0 of a torchrun job, or a lone process

@@ -79,8 +79,8 @@ def families_of_layer(engine, cfg: FamiliesConfig, layer: int, rows: list[SaeRow
     from sae_core.inputs.corpus import build_contexts
     from sae_core.inputs.device import pick_device
     from sae_core.inputs.subject import load_subject
-    from sae_core.precompute.run import encode_batch, sae_fingerprint
-    from sae_core.saes.sae import load_sae
+    from sae_core.precompute.encode import encode_batch, sae_fingerprint
+    from sae_core.saes.formats import load_sae
 
     precompute = rows[0].precompute_cfg
     subject = load_subject(precompute["model"], device=pick_device(cfg.device))

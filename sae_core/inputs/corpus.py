@@ -21,6 +21,7 @@ keeps the first rows of that shuffled order, so a smaller corpus is a prefix of 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -389,3 +390,31 @@ def _source_signature(spec: str) -> list:
 
 def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training's split: the contexts it may read, and those held out for evaluation
+
+
+class Split(NamedTuple):
+    train: Contexts  # the contexts training may read
+    held_out: Contexts  # the last contexts of the corpus, never trained on
+
+
+def held_out_split(contexts: Contexts, n_eval: int) -> Split:
+    """The last min(n_eval, 20%) contexts are held out; training and `evaluate` agree on them."""
+    n_eval = min(n_eval, len(contexts) // 5)
+    if n_eval == 0:
+        raise CorpusError(f"the corpus {contexts.spec!r} has only {len(contexts)} contexts; it needs at least 5")
+    n_train = len(contexts) - n_eval
+    return Split(context_rows(contexts, 0, n_train, "train"), context_rows(contexts, n_train, len(contexts), "heldout"))
+
+
+def context_rows(contexts: Contexts, begin: int, end: int, tag: str) -> Contexts:
+    """Rows [begin, end) of ``contexts``, fingerprinted as such (activation caches are named by it)."""
+    return dataclasses.replace(
+        contexts,
+        tokens=contexts.tokens[begin:end],
+        special_mask=contexts.special_mask[begin:end],
+        fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
+    )

@@ -19,7 +19,7 @@ from sae_core.live.graph_json import GraphDocument, dumps, graph_document, loads
 from sae_core.live.graph_prune import prune
 from sae_core.live.graph_settings import GraphError, GraphLimits, Pruning
 from sae_core.live.probe import PromptTooLong, encode_prompt, single_token_id
-from sae_core.saes.sae import load_sae
+from sae_core.saes.formats import load_sae
 from sae_core.store.db import (
     GraphRow,
     ReleaseRow,

@@ -15,7 +15,7 @@ class PrecomputeError(SaescopeError):
 
 @dataclass
 class PrecomputeConfig:
-    # SAEs to precompute in one corpus pass: anything sae_core.saes.sae.load_sae reads (ours,
+    # SAEs to precompute in one corpus pass: anything sae_core.saes.formats.load_sae reads (ours,
     # SAELens, sparsify, Gemma Scope), or a folder of such SAEs (a release)
     sae_paths: list[str]
     db_url: str = field(default_factory=default_db_url)  # SQLAlchemy URL; SAESCOPE_DB_URL or ./saescope.db

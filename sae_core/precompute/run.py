@@ -10,7 +10,7 @@
     write    per SAE, one transaction: rows under its staging row, then the swap into its release
              (sae_core.precompute.writer)
 
-``run_precompute(PrecomputeConfig(...))`` is the whole job; ``saescope precompute`` and
+``run_precompute(PrecomputeConfig(...))`` (sae_core.precompute.job) is the whole job; ``saescope precompute`` and
 ``saescope demo`` call it. Each SAE is skipped when complete, resumed from its own last checkpoint,
 or replaced with ``force``, exactly as when it is precomputed alone, and its store rows are the
 same. Under ``torchrun --nproc-per-node N -m sae_core precompute ...`` each rank streams a block of
@@ -34,13 +34,13 @@ from sqlalchemy.engine import Engine
 
 from sae_core.families.feed import Feed, open_feeds, publish_feeds
 from sae_core.families.run import FamiliesConfig, run_families
-from sae_core.inputs import distributed
-from sae_core.inputs.activations import ActivationBatch, iter_layer_activations
+from sae_core.inputs.activations import iter_layer_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
 from sae_core.inputs.device import pick_device
 from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
 from sae_core.inputs.token_bytes import is_partial, token_bytes
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError
+from sae_core.precompute.encode import encode_batch, sae_fingerprint
 from sae_core.precompute.results import (
     coactivation_neighbours,
     density_histogram,
@@ -50,7 +50,7 @@ from sae_core.precompute.results import (
 )
 from sae_core.precompute.rows import RowInputs, store_rows
 from sae_core.precompute.spill import PackedActs, SpillWriter, example_activations
-from sae_core.precompute.stats import BatchActs, StreamingStats
+from sae_core.precompute.stats import StreamingStats
 from sae_core.precompute.weights import decoder_neighbours, logit_effects
 from sae_core.precompute.writer import (
     Checkpoint,
@@ -61,9 +61,8 @@ from sae_core.precompute.writer import (
     publish,
     save_checkpoint,
 )
-from sae_core.saes.formats import find_saes
-from sae_core.saes.sae import SAE, load_sae
-from sae_core.saes.sparse_acts import feature_chunk, sparse_encode
+from sae_core.saes.formats import find_saes, load_sae
+from sae_core.saes.sae import SAE
 from sae_core.store.db import create_engine_for, migrate, writer_lock
 from sae_core.store.releases import claim_release
 
@@ -130,13 +129,9 @@ class Stream(NamedTuple):
         return self.checkpoint.batches_done if self.checkpoint else None
 
 
-def run_precompute(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
-    """Every SAE of ``cfg`` precomputed into the store (or skipped when complete), in order."""
-    if distributed.launched_world().size > 1:  # a rank of a torchrun job
-        from sae_core.precompute.sharded import run_sharded
-
-        with distributed.session():
-            return run_sharded(cfg)
+def run_in_process(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
+    """Every SAE of ``cfg`` precomputed into the store by this process alone (or skipped when
+    complete), in order."""
     release = resolve_release(cfg)
     subject = load_checked_subject(cfg, release.model, release.saes)
     engine = create_engine_for(cfg.db_url)
@@ -322,14 +317,6 @@ def load_contexts(cfg: PrecomputeConfig, subject: Subject) -> Contexts:
     )
 
 
-def sae_fingerprint(sae: SAE) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(sae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def run_identity(cfg: PrecomputeConfig, inputs: Inputs, contexts: Contexts) -> dict:
     """Everything the result depends on; a staging run with a different identity starts over."""
     return {
@@ -409,31 +396,6 @@ def new_stats(cfg: PrecomputeConfig, sae: SAE, subject: Subject) -> StreamingSta
 
 # ---------------------------------------------------------------------------------------------
 # Pass 1
-
-
-class EncodedBatch(NamedTuple):
-    acts: BatchActs  # on the CPU, what the accumulators take
-    grid: torch.Tensor  # (n,) position of each entry in the batch's (B * seq) token grid
-
-
-@torch.no_grad()
-def encode_batch(sae: SAE, batch: ActivationBatch, memory_budget: int) -> EncodedBatch:
-    """Non-special tokens of a batch through the SAE, as sparse entries."""
-    n_contexts, seq, d_model = batch.acts.shape
-    counted = (~batch.special_mask).reshape(-1).nonzero().squeeze(1)  # (N,) grid positions
-    x = batch.acts.reshape(-1, d_model)[counted]  # (N, d_model)
-    sparse = sparse_encode(sae, x, feature_chunk(counted.numel(), memory_budget))
-    counted = counted.cpu()
-    token = sparse.token.cpu()
-    acts = BatchActs(
-        context_ids=batch.context_ids.cpu(),
-        token_context=counted // seq,
-        token_ids=batch.tokens.reshape(-1)[counted.to(batch.tokens.device)].cpu(),
-        token=token,
-        feature=sparse.feature.cpu(),
-        value=sparse.value.float().cpu(),
-    )
-    return EncodedBatch(acts, counted[token])
 
 
 def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, feeds: Sequence[Feed] = ()) -> None:

@@ -35,6 +35,25 @@ GEMMA_SCOPE_PARAMS = "params.npz"
 RAW_INPUT = (None, "none")
 
 
+def load_sae(path: str | Path, *, d_in: int | None = None, prefix: int | None = None) -> SAE:
+    """Load any SAE saescope understands: ours/SAELens, sparsify, or Gemma Scope ``params.npz``.
+
+    ``d_in``, when given, is the subject model's width; a mismatch is refused. ``prefix`` = m
+    gives a Matryoshka SAE's nested SAE of its first m latents (one of its recorded prefixes).
+    """
+    sae = read_any(Path(path))
+    if d_in is not None and sae.d_in != d_in:
+        raise SAEError(f"{path}: SAE reads d_in={sae.d_in} but the model's residual stream has d_model={d_in}")
+    if prefix is not None:
+        prefixes = sae.cfg.saescope.get("matryoshka_prefixes")
+        if not prefixes:
+            raise SAEError(f"{path}: not a Matryoshka SAE (its cfg.json records no prefixes)")
+        if prefix not in prefixes:
+            raise SAEError(f"{path}: no nested SAE of {prefix} latents; its prefixes are {', '.join(map(str, prefixes))}")
+        sae = sae.nested(prefix)
+    return sae.eval()
+
+
 def read_any(path: Path) -> SAE:
     """Recognise the layout at ``path`` (a folder or one of its files) and read it."""
     path = _readable(Path(path))

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sae_core.inputs.corpus import DEFAULT_CORPUS, DOCS_CORPUS, Contexts, build_contexts
+from sae_core.inputs.corpus import (
+    DEFAULT_CORPUS,
+    DOCS_CORPUS,
+    Contexts,
+    build_contexts,
+    context_rows,
+    held_out_split,
+)
 from sae_core.saes.metrics import HELD_OUT, OTHER, Metrics, evaluate_many
 from sae_core.saes.sae import SAE, SAEError
 
@@ -49,7 +56,6 @@ def held_out_contexts(sae: SAE, tokenizer, *, max_contexts: int, fallback: dict 
     """The held-out contexts training recorded (the first ``max_contexts`` of them); for an SAE
     without a record, the last ``max_contexts`` contexts (at most 20%) of the ``fallback`` corpus
     (``spec``, ``text_field``, ``ctx_len``, ``seed``)."""
-    from sae_core.saes.train import context_rows, held_out_split
 
     recorded = sae.cfg.saescope.get("held_out")
     training = sae.cfg.saescope.get("training")

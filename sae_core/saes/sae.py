@@ -12,7 +12,7 @@ On disk an SAE is a folder in SAELens' layout: ``cfg.json`` + ``sae_weights.safe
 W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and, for JumpReLU,
 threshold [d_sae]. cfg.json has exactly the keys SAELens 6 writes (the model as its hub id); ours adds
 ``saescope``: format version, saescope's model spec and layer, training config, held-out split.
-Loading foreign layouts (sparsify, Gemma Scope) is in ``sae_formats``.
+Loading any folder (``load_sae``: ours, SAELens, sparsify, Gemma Scope) is in ``sae_core.saes.formats``.
 """
 
 from __future__ import annotations
@@ -234,27 +234,6 @@ def _atomic_write(path: Path, write) -> None:
     write(str(tmp))
     tmp.chmod(_file_mode())
     tmp.replace(path)
-
-
-def load_sae(path: str | Path, *, d_in: int | None = None, prefix: int | None = None) -> SAE:
-    """Load any SAE saescope understands: ours/SAELens, sparsify, or Gemma Scope ``params.npz``.
-
-    ``d_in``, when given, is the subject model's width; a mismatch is refused. ``prefix`` = m
-    gives a Matryoshka SAE's nested SAE of its first m latents (one of its recorded prefixes).
-    """
-    from sae_core.saes.formats import read_any
-
-    sae = read_any(Path(path))
-    if d_in is not None and sae.d_in != d_in:
-        raise SAEError(f"{path}: SAE reads d_in={sae.d_in} but the model's residual stream has d_model={d_in}")
-    if prefix is not None:
-        prefixes = sae.cfg.saescope.get("matryoshka_prefixes")
-        if not prefixes:
-            raise SAEError(f"{path}: not a Matryoshka SAE (its cfg.json records no prefixes)")
-        if prefix not in prefixes:
-            raise SAEError(f"{path}: no nested SAE of {prefix} latents; its prefixes are {', '.join(map(str, prefixes))}")
-        sae = sae.nested(prefix)
-    return sae.eval()
 
 
 def default_width(d_model: int, expansion: int = 16) -> int:

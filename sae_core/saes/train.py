@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sae_core.inputs import distributed
+from sae_core.inputs.corpus import Split
 from sae_core.saes.checkpoint import CHECKPOINT, comparable, trained_with
 from sae_core.saes.sae import SAE
 from sae_core.saes.train_config import TrainConfig, TrainError, memory_estimate
@@ -45,30 +46,6 @@ def with_metadata(sae: SAE, **fields) -> SAE:
     """A copy of ``sae`` whose config carries model/hook/layer/saescope fields."""
     cfg = dataclasses.replace(sae.cfg, **fields)
     return SAE.from_tensors(cfg, dict(sae.named_parameters()), origin="training")
-
-
-class Split(NamedTuple):
-    train: object  # sae_core.inputs.corpus.Contexts: the contexts training may read
-    held_out: object  # the last contexts of the corpus, never trained on
-
-
-def held_out_split(contexts, n_eval: int) -> Split:
-    """The last min(n_eval, 20%) contexts are held out; training and `evaluate` agree on them."""
-    n_eval = min(n_eval, len(contexts) // 5)
-    if n_eval == 0:
-        raise TrainError(f"the corpus {contexts.spec!r} has only {len(contexts)} contexts; it needs at least 5")
-    n_train = len(contexts) - n_eval
-    return Split(context_rows(contexts, 0, n_train, "train"), context_rows(contexts, n_train, len(contexts), "heldout"))
-
-
-def context_rows(contexts, begin: int, end: int, tag: str):
-    """Rows [begin, end) of ``contexts``, fingerprinted as such (activation caches are named by it)."""
-    return dataclasses.replace(
-        contexts,
-        tokens=contexts.tokens[begin:end],
-        special_mask=contexts.special_mask[begin:end],
-        fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
-    )
 
 
 # Settings every SAE of one `saescope train` call shares: one subject, corpus and held-out split.
@@ -97,7 +74,7 @@ def train_saes(jobs: list[TrainJob], *, resume: bool = False, progress: bool = T
     (sae_core.saes.train_loop.fit_all), each saved and evaluated into its own folder. SAEs already
     finished with the same settings are left as they are."""
     from sae_core.inputs.activations import ActivationCache
-    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.corpus import build_contexts, held_out_split
     from sae_core.inputs.subject import load_subject
     from sae_core.saes.metrics import metric_lines, save_metrics
     from sae_core.saes.report_card import (

@@ -23,7 +23,7 @@ from app.settings import Settings
 from sae_core.inputs.subject import load_subject
 from sae_core.live import probe as live
 from sae_core.live.requests import ActivationsOp, FeatureOnTextOp, LiveOp
-from sae_core.saes.sae import load_sae
+from sae_core.saes.formats import load_sae
 from tests.app.server_process import server_processes, serving
 from tests.live_support import LIVE_STORE, build_live_store
 

@@ -17,7 +17,7 @@ from app.settings import Settings
 from sae_core.inputs.subject import load_subject
 from sae_core.live import probe as live
 from sae_core.live.attribution import Target, attribution
-from sae_core.saes.sae import load_sae
+from sae_core.saes.formats import load_sae
 from sae_core.store.db import FeatureRow, SaeRow, create_engine_for
 from tests.live_support import LIVE_STORE, build_live_store
 
