@@ -155,7 +155,7 @@ class PromptTokenPublic(BaseModel):
     special: bool = Field(description="BOS or another special token: shown, never ranked.")
 
 
-class TokenValuePublic(BaseModel):
+class PromptTokenValuePublic(BaseModel):
     """One token with one number (the heatmap partial reads text and value)."""
 
     text: str
@@ -191,7 +191,7 @@ class FeatureOnTextPublic(BaseModel):
     sae: str
     index: int
     label: str | None
-    tokens: list[TokenValuePublic] = Field(
+    tokens: list[PromptTokenValuePublic] = Field(
         description="The prompt's tokens with the feature's activation."
     )
     max_value: float

@@ -32,10 +32,10 @@ from app.live.schemas import (
     PromptActivationsPublic,
     PromptRequest,
     PromptTokenPublic,
+    PromptTokenValuePublic,
     RankedFeaturePublic,
     SteeringPublic,
     SteerRequest,
-    TokenValuePublic,
 )
 from app.live.worker import LiveRefused
 from app.settings import Settings
@@ -183,7 +183,7 @@ class LiveService:
             index=index,
             label=summary.label,
             tokens=[
-                TokenValuePublic(text=t.text, value=v)
+                PromptTokenValuePublic(text=t.text, value=v)
                 for t, v in zip(result.tokens, result.values, strict=True)
             ],
             max_value=result.max_value,

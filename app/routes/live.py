@@ -27,9 +27,9 @@ from app.live.schemas import (
     PromptActivationsPublic,
     PromptRequest,
     PromptTokenPublic,
+    PromptTokenValuePublic,
     SteeringPublic,
     SteerRequest,
-    TokenValuePublic,
 )
 from app.live.service import LiveService, live_off_reason, require_live
 from app.params import FeatureIndex
@@ -183,9 +183,9 @@ def _fragment(
     return render(request, template, context)
 
 
-def _token_values(tokens: list[PromptTokenPublic], values: list[float]) -> list[TokenValuePublic]:
+def _token_values(tokens: list[PromptTokenPublic], values: list[float]) -> list[PromptTokenValuePublic]:
     """The prompt's tokens with one feature's values, as the heatmap partial reads them."""
-    return [TokenValuePublic(text=t.text, value=v) for t, v in zip(tokens, values, strict=True)]
+    return [PromptTokenValuePublic(text=t.text, value=v) for t, v in zip(tokens, values, strict=True)]
 
 
 def _error_fragment(
