@@ -371,7 +371,10 @@ def add_release(engine: Engine, spec: StoreSpec, name: str, cells: list[tuple[in
                 name=f"{spec.sae_name}-l{layer}-w{width}",
                 layer=layer,
                 d_sae=width,
-                metrics={**original["metrics"], "explained_variance": 0.5 + layer / 10 + width / 1000},
+                metrics={  # the report card's held-out column is what the pages headline
+                    **original["metrics"],
+                    "held_out": {**original["metrics"]["held_out"], "explained_variance": 0.5 + layer / 10 + width / 1000},
+                },
             )
             sae_id = conn.execute(sa.insert(SaeRow).values(**values).returning(SaeRow.id)).scalar_one()
             join_release(conn, sae_id, name)
