@@ -28,21 +28,14 @@ def graph_rows(url):
     return rows
 
 
+def graph_args(store: str, llama_dir, out) -> list[str]:
+    """`saescope graph` on the test release's prompt, written to ``out``."""
+    return ["graph", "--db", store, "--release", RELEASE, "--prompt", PROMPT, "--out", str(out), "--model", str(llama_dir)]
+
+
 def test_cli_writes_the_graph_and_reuses_it(store, llama_dir, tmp_path, capsys):
     out = tmp_path / "g.json"
-    args = [
-        "graph",
-        "--db",
-        store,
-        "--release",
-        RELEASE,
-        "--prompt",
-        PROMPT,
-        "--out",
-        str(out),
-        "--model",
-        str(llama_dir),
-    ]
+    args = graph_args(store, llama_dir, out)
     assert main(args) == 0
     text = out.read_text()
     document = loads(text)
@@ -85,19 +78,7 @@ def test_python_api_with_a_chosen_target_and_a_contrast(store, llama_dir):
 )
 def test_cli_errors_are_one_line(store, llama_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "g.json"
-    args = [
-        "graph",
-        "--db",
-        store,
-        "--release",
-        RELEASE,
-        "--prompt",
-        PROMPT,
-        "--out",
-        str(out),
-        "--model",
-        str(llama_dir),
-    ]
+    args = graph_args(store, llama_dir, out)
     assert main(args + extra) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("saescope")]
     assert len(err) == 1 and err[0].startswith("saescope: error:") and message in err[0]
