@@ -17,8 +17,6 @@ from safetensors.torch import load_file
 
 from sae_core.inputs import distributed
 from sae_core.inputs.subject import cache_dir
-from sae_core.precompute.config import PrecomputeConfig
-from sae_core.precompute.job import run_precompute
 from sae_core.saes.checkpoint import CHECKPOINT
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.train_data import TensorSource
@@ -65,15 +63,15 @@ def precompute_args(sae_path, llama_dir, corpus, db: str, **flags) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single_process_store(sae_path, llama_dir, corpus, tmp_path_factory) -> dict:
-    """Every row one process writes with the settings of ``precompute_args``."""
+    """Every row one process writes with the settings of ``precompute_args``: a fresh process with
+    one thread, as each torchrun rank is, so no state this test process picked up from earlier
+    tests can change a float's rounding."""
     db = f"sqlite:///{tmp_path_factory.mktemp('single') / 'single.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAESCOPE_CACHE", str(tmp_path_factory.mktemp("single-cache")))
-        cfg = PrecomputeConfig(
-            sae_paths=[str(sae_path)], db_url=db, model=str(llama_dir), corpus=corpus, ctx_len=CTX_LEN, tokens=None,
-            batch_size=3, top_k=5, per_bin=3, progress=False,
-        )  # fmt: skip
-        run_precompute(cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAESCOPE_CACHE": str(tmp_path_factory.mktemp("single-cache"))}
+    finished = subprocess.run(
+        [sys.executable, *precompute_args(sae_path, llama_dir, corpus, db)], capture_output=True, text=True, timeout=300, env=env
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
     return dump(db)
 
 

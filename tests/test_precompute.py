@@ -435,8 +435,10 @@ def test_sigkill_then_the_same_command_resumes(llama_dir, corpus, planted, run_o
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr
     assert "resuming" in finished.stderr
-    reference = f"sqlite:///{tmp_path / 'reference.db'}"
-    run_on(reference, batch_size=1)
+    reference = f"sqlite:///{tmp_path / 'reference.db'}"  # uninterrupted, in a fresh process too
+    untouched = subprocess.run([*command[:command.index("--db") + 1], reference, *command[command.index("--db") + 2:]],
+                               capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert untouched.returncode == 0, untouched.stderr
     assert dump(db) == dump(reference)
 
 
