@@ -45,7 +45,7 @@ from sae_core.store.db import (
     unpack_acts,
     unpack_tokens,
 )
-from sae_core.store.lookup import check_feature_index, find_feature, find_sae
+from sae_core.store.lookup import check_feature_index, find_feature, find_release, find_sae
 
 # A "dense" feature fires on more than 10% of tokens, as in the SAE literature.
 DENSE_THRESHOLD = 0.1
@@ -196,8 +196,8 @@ def list_releases(*, session: Session) -> ReleasesPublic:
 
 
 def get_release(*, session: Session, release_name: str) -> ReleasePublic:
-    row = releases.get_release(session, release_name)
-    if row is None or not releases.release_saes(session, row.id):
+    row = find_release(session, release_name)
+    if not releases.release_saes(session, row.id):  # its SAEs are all still being precomputed
         raise NotFoundError.release(release_name)
     return _release_public(session, row)
 

@@ -17,7 +17,8 @@ from app.search import search_features
 from sae_core.errors import NotFoundError
 from sae_core.store.db import FeatureRow
 from sae_core.store.families import FeatureMapRow
-from sae_core.store.releases import get_release, release_saes
+from sae_core.store.lookup import find_release
+from sae_core.store.releases import release_saes
 
 
 class NoMapError(NotFoundError):
@@ -26,17 +27,10 @@ class NoMapError(NotFoundError):
         super().__init__(f"release {name!r} has no feature map{where} (maps need two or more SAEs on one layer)")
 
 
-def get_release_row(session: Session, name: str):
-    release = get_release(session, name)
-    if release is None:
-        raise NotFoundError.release(name)
-    return release
-
-
 def search_release(*, session: Session, release_name: str, search: FeatureSearch) -> ReleaseResultsPublic:
     """The label / token search of every SAE of the release, each SAE's results apart (its scores
     are its own), by layer then width."""
-    release = get_release_row(session, release_name)
+    release = find_release(session, release_name)
     return ReleaseResultsPublic(
         release=release.name,
         saes=[
@@ -48,7 +42,7 @@ def search_release(*, session: Session, release_name: str, search: FeatureSearch
 
 def get_feature_map(*, session: Session, release_name: str, layer: int | None = None) -> FeatureMapPublic:
     """The map of ``layer`` (default: the first layer of the release that has one)."""
-    release = get_release_row(session, release_name)
+    release = find_release(session, release_name)
     saes = release_saes(session, release.id)
     mapped = set(
         session.scalars(sa.select(FeatureMapRow.sae_id).where(FeatureMapRow.sae_id.in_([s.id for s in saes])).distinct())

@@ -34,6 +34,7 @@ from sae_core.live.graph_json import GraphDocument, dumps, loads
 from sae_core.live.graph_settings import Pruning
 from sae_core.live.requests import GraphImportOp, GraphJobOp, GraphOp, GraphSubmitOp
 from sae_core.store.graphs import get_graph, list_graphs
+from sae_core.store.lookup import find_release
 from sae_core.store.releases import get_release, release_saes
 
 router = APIRouter()
@@ -81,13 +82,6 @@ class GraphJobPublic(BaseModel):
     graph_url: str | None = Field(description="The graph's page, once done")
 
 
-def _release_or_404(session: Session, name: str):
-    release = get_release(session, name)
-    if release is None:
-        raise NotFoundError.release(name)
-    return release
-
-
 def _backend_call(request: Request, op: GraphOp):
     """A graph operation on the live model process; a refusal is a LiveRefused (503 when the
     server runs without the live model)."""
@@ -112,7 +106,7 @@ def _job_public(job: GraphJobStatus) -> GraphJobPublic:
 def submit_graph(
     request: Request, session: Session, release: str, body: GraphRequestBody
 ) -> GraphJobPublic:
-    _release_or_404(session, release)
+    find_release(session, release)
     job = _backend_call(request, GraphSubmitOp(release=release, **body.model_dump()))
     return _job_public(job)
 
@@ -201,7 +195,7 @@ def import_graph(
     session: SessionDep,
     document: Annotated[dict, Body(description="The graph JSON")],
 ) -> JSONResponse:
-    _release_or_404(session, release)
+    find_release(session, release)
     slug = _backend_call(request, GraphImportOp(release=release, text=json.dumps(document)))
     return JSONResponse(
         {"slug": slug, "url": f"/graphs/{slug}"},
@@ -216,7 +210,7 @@ def import_graph(
 
 @router.get("/releases/{release}/graphs", include_in_schema=False, response_class=HTMLResponse)
 def graphs_page(release: str, request: Request, session: SessionDep, text: str = "") -> Response:
-    row = _release_or_404(session, release)
+    row = find_release(session, release)
     context = {
         "release": row.name,
         "layers": [sae.layer for sae in release_saes(session, row.id)],

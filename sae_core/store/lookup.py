@@ -1,4 +1,4 @@
-"""What a request names, found in the store: an SAE by name, a feature by index. Browse, labels
+"""What a request names, found in the store: an SAE or a release by name, a feature by index. Browse, labels
 and live all look them up here, and a miss is always a ``NotFoundError`` (404 on the server)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.errors import NotFoundError
-from sae_core.store.db import FeatureRow, SaeRow
+from sae_core.store.db import FeatureRow, ReleaseRow, SaeRow
+from sae_core.store.releases import get_release
 
 
 def find_sae(session: Session, name: str) -> SaeRow:
@@ -33,3 +34,11 @@ def find_feature(session: Session, sae: SaeRow, index: int) -> FeatureRow:
     if row is None:
         raise NotFoundError.feature(sae.name, index, sae.d_sae)
     return row
+
+
+def find_release(session: Session, name: str) -> ReleaseRow:
+    """The release named ``name``."""
+    release = get_release(session, name)
+    if release is None:
+        raise NotFoundError.release(name)
+    return release
