@@ -59,6 +59,13 @@ def add_arguments(parser):
         help="link the features of SAEs on one layer across them and map them with UMAP (default: on)",
     )
     parser.add_argument(
+        "--nested",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.nested,
+        help="store a Matryoshka SAE as its nested SAEs, one per prefix (<name>-p<width>, the full dictionary as <name>), "
+        "linked as a family; --no-nested stores the full dictionary only (default: on)",
+    )
+    parser.add_argument(
         "--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, help="batches between resumable checkpoints"
     )
 
@@ -98,6 +105,7 @@ def run(args) -> int:
         memory_budget_mb=args.memory_budget,
         checkpoint_every=args.checkpoint_every,
         families=args.families,
+        nested=args.nested,
     )
     if args.db:
         cfg.db_url = args.db
