@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 import tests.test_precompute as precompute_tests
 from app.families.graph import family_graph
 from app.families.panel import family_panel
+from app.live.host import sae_sources
 from app.main import create_app
 from app.queries import get_sae
 from app.settings import Settings
@@ -188,12 +189,16 @@ def test_pages_say_prefix_and_same_latent(store, llama_dir):
         assert [(n.d_sae, n.index) for n in graph.nodes] == [(8, 3), (24, 3), (48, 3)]
         assert {(e.source, e.target) for e in graph.edges if e.same_latent} == {(0, 1), (0, 2), (1, 2)}
         assert graph.splits == []  # a latent is not a child of its own copy
+        # the live model loads each stored prefix as the nested SAE it was precomputed as
+        prefixes = {source[0]: source[3] for source in sae_sources(session)}
+        assert prefixes == {f"{name}-p8": 8, f"{name}-p24": 24, name: None}
     engine.dispose()
     with TestClient(create_app(Settings(db_url=db_url, live=False))) as client:
         page = client.get(f"/saes/{name}-p24").text
         assert "Prefix 24 of a Matryoshka dictionary of 48 latents" in page
         assert f'<a href="/saes/{name}-p8">8</a> · <strong>24</strong> · <a href="/saes/{name}">48</a>' in page
         assert "A Matryoshka dictionary" in client.get(f"/saes/{name}").text
+        assert "matryoshka, first 24 of 48</a>" in client.get("/").text  # its cell in the release grid
         assert client.get(f"/api/v1/saes/{name}-p24").json()["matryoshka"]["dictionary_width"] == 48
         assert ">same latent</td>" in client.get(f"/saes/{name}-p8/features/3").text
         assert 'class="edge same-latent"' in client.get(f"/saes/{name}-p8/features/3/family?threshold=0.99").text
