@@ -25,7 +25,7 @@ from app.queries import get_sae
 from app.settings import Settings
 from sae_core.cli import main
 from sae_core.precompute.job import run_precompute
-from sae_core.precompute.run import PrecomputeResult, model_slug
+from sae_core.precompute.run import PrecomputeResult, model_slug, resolve_release
 from sae_core.saes.formats import load_sae, stored_prefix
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import ExampleRow, FeatureRow, SaeRow, create_engine_for
@@ -202,6 +202,15 @@ def test_pages_say_prefix_and_same_latent(store, llama_dir):
         assert client.get(f"/api/v1/saes/{name}-p24").json()["matryoshka"]["dictionary_width"] == 48
         assert ">same latent</td>" in client.get(f"/saes/{name}-p8/features/3").text
         assert 'class="edge same-latent"' in client.get(f"/saes/{name}-p8/features/3/family?threshold=0.99").text
+
+
+def test_a_name_names_the_dictionary_and_its_prefixes_after_it(dictionary, corpus):
+    release = resolve_release(config(dictionary[0], "sqlite://", corpus, name="mine"))
+    assert [(inputs.name, inputs.sae.d_sae) for inputs in release.saes] == [("mine-p8", 8), ("mine-p24", 24), ("mine", 48)]
+    assert release.name == "mine"
+    assert all(inputs.dictionary.d_sae == 48 for inputs in release.saes)  # encoded once, for all three
+    whole = resolve_release(config(dictionary[0], "sqlite://", corpus, name="mine", nested=False))
+    assert [(inputs.name, inputs.dictionary) for inputs in whole.saes] == [("mine", None)]
 
 
 def test_no_nested_stores_the_full_dictionary_only_and_nested_adds_the_prefixes(tmp_path, dictionary, llama_dir, corpus, capsys):

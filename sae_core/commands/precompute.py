@@ -32,7 +32,10 @@ def add_arguments(parser):
     parser.add_argument("--bins", type=int, default=DEFAULTS.bins, help="activation intervals per feature")
     parser.add_argument("--per-bin", type=int, default=DEFAULTS.per_bin, help="random examples per interval")
     parser.add_argument(
-        "--name", default=None, help="URL id of the SAE in the store, with one SAE (default <model>-l<layer>-<arch>-<width>)"
+        "--name",
+        default=None,
+        help="URL id of the SAE in the store, with one SAE (default <model>-l<layer>-<arch>-<width>; "
+        "a Matryoshka SAE's prefixes are NAME-p<width>)",
     )
     parser.add_argument(
         "--release",
