@@ -24,7 +24,9 @@ from app.schemas import (
     HistogramPublic,
     IntervalPublic,
     LabelPublic,
+    MatryoshkaPublic,
     MetricsPublic,
+    NestedSaePublic,
     ReleasePublic,
     ReleasesPublic,
     SaePublic,
@@ -45,6 +47,7 @@ from sae_core.store.db import (
     unpack_acts,
     unpack_tokens,
 )
+from sae_core.store.families import dictionary_width, same_dictionary
 from sae_core.store.lookup import check_feature_index, find_feature, find_release, find_sae
 
 # A "dense" feature fires on more than 10% of tokens, as in the SAE literature.
@@ -106,6 +109,7 @@ def _sae_public(
     release: str | None,
     fractions: tuple[float, float] | None,
     label_f1_hist: HistogramPublic | None = None,
+    nested: list[NestedSaePublic] | None = None,
 ) -> SaePublic:
     metrics = row.metrics or {}
     held_out = metrics.get("held_out") or {}
@@ -136,8 +140,28 @@ def _sae_public(
         corpus=row.corpus or {},
         density_hist=_histogram(row.density_hist),
         label_f1_hist=label_f1_hist,
+        matryoshka=_matryoshka(row, nested or []),
         created_at=row.created_at,
     )
+
+
+def _matryoshka(row: SaeRow, nested: list[NestedSaePublic]) -> MatryoshkaPublic | None:
+    width = dictionary_width(row)
+    if width is None:
+        return None
+    return MatryoshkaPublic(dictionary_width=width, prefix=row.d_sae, saes=nested)
+
+
+def _nested_saes(session: Session, row: SaeRow) -> list[NestedSaePublic]:
+    """The complete SAEs of ``row``'s Matryoshka dictionary (its prefixes and itself), by width."""
+    if dictionary_width(row) is None:
+        return []
+    others = session.scalars(
+        sa.select(SaeRow)
+        .where(SaeRow.path == row.path, SaeRow.layer == row.layer, SaeRow.status == "complete")
+        .order_by(SaeRow.d_sae, SaeRow.name)
+    )
+    return [NestedSaePublic(name=other.name, d_sae=other.d_sae) for other in others if same_dictionary(row, other)]
 
 
 def list_saes(*, session: Session) -> SaesPublic:
@@ -165,7 +189,8 @@ def get_sae(*, session: Session, sae_name: str) -> SaePublic:
     f1_hist = _histogram(
         {"edges": report.edges, "counts": report.counts} if report.n_scored else None
     )
-    return _sae_public(row, model_name or "", release, _feature_fractions(session, row), f1_hist)
+    fractions = _feature_fractions(session, row)
+    return _sae_public(row, model_name or "", release, fractions, f1_hist, _nested_saes(session, row))
 
 
 # ---------------------------------------------------------------------------------------------

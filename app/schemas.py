@@ -47,6 +47,27 @@ class MetricsPublic(BaseModel):
     l0: float = Field(description="Mean number of active latents per token.")
 
 
+class NestedSaePublic(BaseModel):
+    name: str = Field(description="URL id of the SAE.")
+    d_sae: int = Field(description="Its latents: the dictionary's first d_sae.")
+
+
+class MatryoshkaPublic(BaseModel):
+    """Where an SAE sits in a Matryoshka dictionary: one dictionary trained so that its first m
+    latents, for each of its prefixes m, reconstruct on their own. Precompute stores each prefix
+    as an SAE of its own, so latent i is the same latent (the same weights and activations) in
+    every SAE of the dictionary that holds it."""
+
+    dictionary_width: int = Field(description="Latents of the whole dictionary.")
+    prefix: int = Field(
+        description="This SAE's latents: the dictionary's first `prefix` (the dictionary itself when it equals dictionary_width)."
+    )
+    saes: list[NestedSaePublic] = Field(
+        default_factory=list,
+        description="The dictionary's SAEs in the store (its prefixes and itself), by width; on the SAE's own page, empty in lists.",
+    )
+
+
 class SaePublic(BaseModel):
     name: str = Field(description="URL id of the SAE.")
     model: str = Field(description="Subject model the SAE reads.")
@@ -106,6 +127,11 @@ class SaePublic(BaseModel):
         description="Histogram of the held-out F1 of the alive features' current labels "
         "(each label's rule scored as a classifier of where the feature fires); "
         "on the SAE's own page, absent from lists.",
+    )
+    matryoshka: MatryoshkaPublic | None = Field(
+        default=None,
+        description="Set when the SAE is a Matryoshka dictionary or one of its nested prefixes; its reconstruction "
+        "metrics are then measured for the whole dictionary only (on the dictionary's own SAE).",
     )
     created_at: datetime
 
@@ -216,6 +242,11 @@ class FamilyLinkPublic(BaseModel):
     n_both: int = Field(description="Precompute tokens where both fire.")
     n_self: int = Field(description="Tokens where this feature fires.")
     n_other: int = Field(description="Tokens where the other feature fires.")
+    same_latent: bool = Field(
+        default=False,
+        description="The other SAE is a nested prefix of the same Matryoshka dictionary (or the dictionary "
+        "itself) and this is the same latent there: the same weights, so cosine and Jaccard are 1.",
+    )
     feature: NeighbourPublic = Field(description="The other feature (score: the cosine).")
 
 

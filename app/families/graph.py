@@ -14,7 +14,7 @@ from app.families.schemas import FamilyEdgePublic, FamilyGraphPublic, FamilyNode
 from app.families.splits import splits_of
 from app.queries import get_feature_summary
 from sae_core.store.db import FeatureRow, ReleaseRow
-from sae_core.store.families import FeatureLinkRow, jaccard
+from sae_core.store.families import FeatureLinkRow, jaccard, same_dictionary
 from sae_core.store.lookup import find_sae
 from sae_core.store.releases import release_saes
 
@@ -77,7 +77,7 @@ def family_graph(
     order = {s.id: row for row, s in enumerate(saes)}
     nodes = sorted(grow(session, (sae.id, index), set(order), by, threshold), key=lambda n: (order[n[0]], n[1]))
     position = {node: i for i, node in enumerate(nodes)}
-    edges = graph_edges(session, nodes, position, order, by, threshold)
+    edges = graph_edges(session, nodes, position, {s.id: s for s in saes}, order, by, threshold)
     rows = [s for s in saes if any(n[0] == s.id for n in nodes)]
     places = layout(nodes, edges, [s.id for s in rows])
     features = node_features(session, nodes)
@@ -112,9 +112,10 @@ def family_graph(
     )
 
 
-def graph_edges(session, nodes, position, order, by, threshold) -> list[FamilyEdgePublic]:
+def graph_edges(session, nodes, position, saes, order, by, threshold) -> list[FamilyEdgePublic]:
     """Links between drawn nodes at or above the threshold, one edge per pair (the stronger of
-    the two directions' rows), from the smaller SAE to the larger."""
+    the two directions' rows), from the smaller SAE to the larger; one latent in two nested SAEs
+    of a Matryoshka dictionary is marked as the same latent."""
     best: dict[tuple[int, int], FeatureLinkRow] = {}
     for link in links_from(session, set(nodes)):
         a, b = (link.sae_id, link.feature_idx), (link.other_sae_id, link.other_idx)
@@ -130,6 +131,7 @@ def graph_edges(session, nodes, position, order, by, threshold) -> list[FamilyEd
             cosine=link.cosine,
             jaccard=jaccard(link.n_both, link.n_self, link.n_other),
             weight=measure(link, by),
+            same_latent=link.feature_idx == link.other_idx and same_dictionary(saes[link.sae_id], saes[link.other_sae_id]),
         )
         for (s, t), link in sorted(best.items())
     ]

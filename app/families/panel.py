@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.previews import neighbour_previews
 from app.schemas import FamilyLinkPublic, FamilyPublic
 from sae_core.store.db import ReleaseRow, SaeRow
-from sae_core.store.families import FeatureLinkRow, jaccard
+from sae_core.store.families import FeatureLinkRow, jaccard, same_dictionary
 
 PANEL_LINKS = 3  # per other SAE, by cosine: the closest few; the family page shows them all
 
@@ -52,6 +52,7 @@ def family_panel(*, session: Session, sae: SaeRow, index: int) -> FamilyPublic |
                 n_both=link.n_both,
                 n_self=link.n_self,
                 n_other=link.n_other,
+                same_latent=link.other_idx == index and same_dictionary(sae, other),
                 feature=preview,
             )
             for link, preview in zip(shown, previews, strict=True)

@@ -30,6 +30,10 @@ class FamilyEdgePublic(BaseModel):
     cosine: float
     jaccard: float
     weight: float = Field(description="The measure the page thresholds on, cosine or jaccard.")
+    same_latent: bool = Field(
+        default=False,
+        description="Both ends are one latent of a Matryoshka dictionary, in two of its nested SAEs.",
+    )
 
 
 class SplitTokenPublic(BaseModel):

@@ -39,11 +39,12 @@ def splits_of(
     session: Session, nodes: list[tuple[int, int]], edges: list[FamilyEdgePublic], saes: dict[int, SaeRow]
 ) -> list[SplitPublic]:
     """For each node drawn below another it links to (in a larger SAE), against its strongest
-    such parent: the tokens it fires on that the parent rarely does."""
+    such parent: the tokens it fires on that the parent rarely does. A Matryoshka latent is not
+    a child of its own copy in a narrower prefix (it fires on exactly the same tokens)."""
     parent_of: dict[int, FamilyEdgePublic] = {}
     for edge in edges:
         parent, child = nodes[edge.source], nodes[edge.target]
-        if saes[parent[0]].d_sae < saes[child[0]].d_sae:
+        if saes[parent[0]].d_sae < saes[child[0]].d_sae and not edge.same_latent:
             if edge.target not in parent_of or edge.weight > parent_of[edge.target].weight:
                 parent_of[edge.target] = edge
     shares = {}

@@ -52,7 +52,7 @@ from sae_core.live.requests import (
     SteerOp,
 )
 from sae_core.live.steering import Steering, steer
-from sae_core.saes.formats import load_sae
+from sae_core.saes.formats import load_sae, stored_prefix
 from sae_core.store.db import SaeRow, SubjectModelRow
 
 log = logging.getLogger("saescope.live")
@@ -60,14 +60,15 @@ T = TypeVar("T")
 Job = Callable[[], T]  # a prepared request's model work, run on the worker
 
 
-def sae_sources(session: Session) -> list[tuple[str, int, str, str]]:
-    """(SAE name, layer, path, subject model name) for every SAE in the store."""
+def sae_sources(session: Session) -> list[tuple[str, int, str, int | None, str]]:
+    """(SAE name, layer, path, Matryoshka prefix or None, subject model name) for every SAE in
+    the store."""
     rows = session.execute(
-        sa.select(SaeRow.name, SaeRow.layer, SaeRow.path, SubjectModelRow.name)
+        sa.select(SaeRow.name, SaeRow.layer, SaeRow.path, SaeRow.train_cfg, SaeRow.d_sae, SubjectModelRow.name)
         .join(SubjectModelRow, SubjectModelRow.id == SaeRow.model_id)
         .order_by(SaeRow.name)
     )
-    return [tuple(row) for row in rows]
+    return [(name, layer, path, stored_prefix(meta or {}, d_sae), model) for name, layer, path, meta, d_sae, model in rows]
 
 
 class ModelHost:
@@ -106,13 +107,13 @@ class ModelHost:
         saes: dict[str, LiveSae] = {}
         unavailable: dict[str, str] = {}
         sources = list(sources)
-        for name, layer, path, model_name in sources:
+        for name, layer, path, prefix, model_name in sources:
             spec = settings.model or model_name
             try:
                 if spec not in subjects:
                     subjects[spec] = load_subject(spec, device=device)
                 subject = subjects[spec]
-                sae = load_sae(path, d_in=subject.d_model).to(device)
+                sae = load_sae(path, d_in=subject.d_model, prefix=prefix).to(device)
                 saes[name] = LiveSae(
                     name=name, layer=subject.check_layer(layer), subject=subject, sae=sae
                 )

@@ -32,7 +32,10 @@ def add_arguments(parser):
     parser.add_argument("--bins", type=int, default=DEFAULTS.bins, help="activation intervals per feature")
     parser.add_argument("--per-bin", type=int, default=DEFAULTS.per_bin, help="random examples per interval")
     parser.add_argument(
-        "--name", default=None, help="URL id of the SAE in the store, with one SAE (default <model>-l<layer>-<arch>-<width>)"
+        "--name",
+        default=None,
+        help="URL id of the SAE in the store, with one SAE (default <model>-l<layer>-<arch>-<width>; "
+        "a Matryoshka SAE's prefixes are NAME-p<width>)",
     )
     parser.add_argument(
         "--release",
@@ -57,6 +60,13 @@ def add_arguments(parser):
         action=argparse.BooleanOptionalAction,
         default=DEFAULTS.families,
         help="link the features of SAEs on one layer across them and map them with UMAP (default: on)",
+    )
+    parser.add_argument(
+        "--nested",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.nested,
+        help="store a Matryoshka SAE as its nested SAEs, one per prefix (<name>-p<width>, the full dictionary as <name>), "
+        "linked as a family; --no-nested stores the full dictionary only (default: on)",
     )
     parser.add_argument(
         "--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, help="batches between resumable checkpoints"
@@ -98,6 +108,7 @@ def run(args) -> int:
         memory_budget_mb=args.memory_budget,
         checkpoint_every=args.checkpoint_every,
         families=args.families,
+        nested=args.nested,
     )
     if args.db:
         cfg.db_url = args.db

@@ -79,17 +79,21 @@ def families_of_layer(engine, cfg: FamiliesConfig, layer: int, rows: list[SaeRow
     from sae_core.inputs.corpus import build_contexts
     from sae_core.inputs.device import pick_device
     from sae_core.inputs.subject import load_subject
-    from sae_core.precompute.encode import encode_batch, sae_fingerprint
-    from sae_core.saes.formats import load_sae
+    from sae_core.precompute.encode import DictionaryCodes, sae_fingerprint
+    from sae_core.saes.formats import load_sae, stored_prefix
+    from sae_core.store.families import dictionary_width
 
     precompute = rows[0].precompute_cfg
     subject = load_subject(precompute["model"], device=pick_device(cfg.device))
-    saes = []
+    saes, dictionaries, loaded = [], [], {}  # loaded: a Matryoshka dictionary per folder, encoded once a batch
     for row in rows:
-        sae = load_sae(row.path)
+        sae = load_sae(row.path, prefix=stored_prefix(row.train_cfg or {}, row.d_sae))
         if sae_fingerprint(sae) != row.precompute_cfg.get("sae"):
             raise FamiliesError(f"the SAE at {row.path} changed since {row.name} was precomputed; precompute it again")
+        if dictionary_width(row) is not None and row.path not in loaded:
+            loaded[row.path] = load_sae(row.path).to(subject.device)
         saes.append(sae.to(subject.device))
+        dictionaries.append(loaded.get(row.path))
     corpus = rows[0].corpus
     bos = 1 if subject.tokenizer.bos_token_id is not None else 0
     contexts = build_contexts(
@@ -102,7 +106,8 @@ def families_of_layer(engine, cfg: FamiliesConfig, layer: int, rows: list[SaeRow
     batches = iter_activations(subject, layer, contexts, batch_size=precompute.get("batch_size") or 32, progress=cfg.progress)
     with torch.no_grad():
         for batch in batches:
-            encoded = [encode_batch(sae, batch, cfg.memory_budget).acts for sae in saes]
+            codes = DictionaryCodes(cfg.memory_budget)  # a nested prefix's codes: its dictionary's, cut
+            encoded = [codes.encode(sae, dictionary, batch).acts for sae, dictionary in zip(saes, dictionaries, strict=True)]
             cofiring.update(encoded, encoded[0].token_ids.numel())
     result = build_families(
         engine, [FamilySae(r.id, s.W_dec.detach().cpu()) for r, s in zip(rows, saes, strict=True)], cofiring,

@@ -19,7 +19,7 @@ from sae_core.live.graph_json import GraphDocument, dumps, graph_document, loads
 from sae_core.live.graph_prune import prune
 from sae_core.live.graph_settings import GraphError, GraphLimits, Pruning
 from sae_core.live.probe import PromptTooLong, encode_prompt, single_token_id
-from sae_core.saes.formats import load_sae
+from sae_core.saes.formats import load_sae, stored_prefix
 from sae_core.store.db import (
     GraphRow,
     ReleaseRow,
@@ -61,6 +61,7 @@ class ReleaseLayer:
     sae_id: int
     name: str
     path: str
+    prefix: int | None  # a Matryoshka dictionary's nested SAE: its width (load_sae's prefix)
 
 
 def release_layers(session: Session, name: str) -> tuple[ReleaseRow, str, list[ReleaseLayer]]:
@@ -78,7 +79,7 @@ def release_layers(session: Session, name: str) -> tuple[ReleaseRow, str, list[R
             widest[row.layer] = row
     if not widest:
         raise GraphError(f"release {name!r} has no complete SAE")
-    layers = [ReleaseLayer(r.layer, r.id, r.name, r.path) for _, r in sorted(widest.items())]
+    layers = [ReleaseLayer(r.layer, r.id, r.name, r.path, stored_prefix(r.train_cfg or {}, r.d_sae)) for _, r in sorted(widest.items())]
     return release, model, layers
 
 
@@ -90,7 +91,7 @@ def load_from_disk(
 ) -> tuple[Subject, list[GraphSae]]:
     subject = load_subject(model, device=device)
     saes = [
-        GraphSae(layer.layer, load_sae(layer.path, d_in=subject.d_model).to(device))
+        GraphSae(layer.layer, load_sae(layer.path, d_in=subject.d_model, prefix=layer.prefix).to(device))
         for layer in layers
     ]
     return subject, saes

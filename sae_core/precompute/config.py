@@ -42,6 +42,9 @@ class PrecomputeConfig:
     hist_bins: int = 32  # bins of the logit-effect histogram
     token_index_size: int = 20  # features kept per vocabulary token for search by token
     families: bool = True  # links across SAEs of one layer and the feature map (sae_core.families)
+    # a Matryoshka dictionary as its nested SAEs, one per prefix (a family from one folder);
+    # False: the full dictionary only
+    nested: bool = True
     progress: bool = True  # tqdm bars on stderr
 
     @property

@@ -45,3 +45,33 @@ def encode_batch(sae: SAE, batch: ActivationBatch, memory_budget: int) -> Encode
         value=sparse.value.float().cpu(),
     )
     return EncodedBatch(acts, counted[token])
+
+
+class DictionaryCodes:
+    """One batch's codes of each Matryoshka dictionary in a pass, encoded once for all its nested
+    SAEs: JumpReLU acts latent by latent, so the codes of the nested SAE of the first m latents
+    are the dictionary's codes of latents < m. Every prefix thereby shows exactly the
+    dictionary's activations (not a narrower matmul's rounding of them) and costs no encoding of
+    its own. Make one per batch."""
+
+    def __init__(self, memory_budget: int):
+        self.memory_budget = memory_budget
+        self.encoded: dict[int, EncodedBatch] = {}  # id of a dictionary -> its codes of this batch
+
+    def encode(self, sae: SAE, dictionary: SAE | None, batch: ActivationBatch) -> EncodedBatch:
+        """``sae``'s codes of the batch; ``dictionary``: the Matryoshka dictionary whose first
+        ``sae.d_sae`` latents ``sae`` is (itself for the whole), None for any other SAE."""
+        if dictionary is None:
+            return encode_batch(sae, batch, self.memory_budget)
+        if id(dictionary) not in self.encoded:
+            self.encoded[id(dictionary)] = encode_batch(dictionary.to(batch.acts.device), batch, self.memory_budget)
+        return first_latents(self.encoded[id(dictionary)], sae.d_sae)
+
+
+def first_latents(encoded: EncodedBatch, m: int) -> EncodedBatch:
+    """The entries of latents < m, in the order they were."""
+    keep = encoded.acts.feature < m
+    if bool(keep.all()):
+        return encoded
+    acts = encoded.acts
+    return EncodedBatch(acts._replace(token=acts.token[keep], feature=acts.feature[keep], value=acts.value[keep]), encoded.grid[keep])

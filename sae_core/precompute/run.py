@@ -40,7 +40,7 @@ from sae_core.inputs.device import pick_device
 from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
 from sae_core.inputs.token_bytes import is_partial, token_bytes
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError
-from sae_core.precompute.encode import encode_batch, sae_fingerprint
+from sae_core.precompute.encode import DictionaryCodes, sae_fingerprint
 from sae_core.precompute.results import (
     coactivation_neighbours,
     density_histogram,
@@ -61,7 +61,7 @@ from sae_core.precompute.writer import (
     publish,
     save_checkpoint,
 )
-from sae_core.saes.formats import find_saes, load_sae
+from sae_core.saes.formats import find_saes, load_sae, nested_prefixes, stored_prefix
 from sae_core.saes.sae import SAE
 from sae_core.store.db import create_engine_for, migrate, writer_lock
 from sae_core.store.releases import claim_release
@@ -85,6 +85,9 @@ class Inputs(NamedTuple):
     layer: int
     name: str
     path: Path  # what it was loaded from
+    # a Matryoshka dictionary's nested SAE (or the whole): the dictionary, whose codes cut at
+    # sae.d_sae are its codes (sae_core.precompute.encode.DictionaryCodes); None for other SAEs
+    dictionary: SAE | None = None
 
 
 class Release(NamedTuple):
@@ -221,15 +224,16 @@ def say(message: str) -> None:
 
 
 def resolve_release(cfg: PrecomputeConfig) -> Release:
-    """The SAEs (folders of several expanded), each with its model, layer and store name, and the
-    release they go into; SAEs of different models, or two under one name, are refused."""
+    """The SAEs (folders of several expanded, a Matryoshka dictionary into its nested SAEs), each
+    with its model, layer and store name, and the release they go into; SAEs of different models,
+    or two under one name, are refused."""
     paths = [found for given in cfg.sae_paths for found in find_saes(Path(given))]
     if not paths:
         raise PrecomputeError("no SAE given; pass --sae")
     for flag, value in (("--name", cfg.name), ("--layer", cfg.layer)):
         if value is not None and len(paths) > 1:
             raise PrecomputeError(f"{flag} applies to one SAE, and {len(paths)} are given; leave it out")
-    saes = [resolve_inputs(cfg, path) for path in paths]
+    saes = [inputs for path in paths for inputs in resolve_inputs(cfg, path)]
     first = saes[0]
     for inputs in saes[1:]:
         if inputs.model != first.model:
@@ -242,14 +246,17 @@ def resolve_release(cfg: PrecomputeConfig) -> Release:
         if inputs.name in names:
             raise PrecomputeError(f"{names[inputs.name]} and {inputs.path} would both be stored as {inputs.name}")
         names[inputs.name] = inputs.path
-    name = cfg.release or (first.name if len(saes) == 1 else default_release_name(saes))
+    name = cfg.release or (saes[-1].name if len(paths) == 1 else default_release_name(saes))  # one folder: its (full) SAE's name
     if not URL_ID.fullmatch(name) or not name.strip("."):
         raise PrecomputeError(f"--release {name!r} must be 1-150 letters, digits, '.', '_' or '-', not only dots (it is a URL id)")
     return Release(saes, first.model, name)
 
 
-def resolve_inputs(cfg: PrecomputeConfig, path: Path) -> Inputs:
-    """The SAE at ``path``, and the model, layer and store name it is precomputed under."""
+def resolve_inputs(cfg: PrecomputeConfig, path: Path) -> list[Inputs]:
+    """The SAE at ``path``, and the model, layer and store name it is precomputed under. A
+    Matryoshka dictionary (with ``cfg.nested``) comes as its nested SAEs, narrowest first, each
+    named after the dictionary with ``-p<width>``, and the full dictionary last: to every later
+    stage they are SAEs like any other, so the release grid, links and map show the split."""
     sae = load_sae(path)
     model = cfg.model or sae.cfg.model_name
     if not model:
@@ -258,9 +265,16 @@ def resolve_inputs(cfg: PrecomputeConfig, path: Path) -> Inputs:
     if layer is None:
         raise PrecomputeError(f"cannot tell which layer {path} reads; pass --layer")
     name = cfg.name or default_name(model, layer, sae)
-    if not URL_ID.fullmatch(name) or not name.strip("."):
-        raise PrecomputeError(f"--name {name!r} must be 1-150 letters, digits, '.', '_' or '-', not only dots (it is a URL id)")
-    return Inputs(sae, model, layer, name, path)
+    prefixes = nested_prefixes(sae) if cfg.nested else []
+    dictionary = sae if prefixes else None
+    saes = [Inputs(sae.nested(m), model, layer, f"{name}-p{m}", path, dictionary) for m in prefixes]
+    saes.append(Inputs(sae, model, layer, name, path, dictionary))
+    for inputs in saes:
+        if not URL_ID.fullmatch(inputs.name) or not inputs.name.strip("."):
+            raise PrecomputeError(
+                f"--name {inputs.name!r} must be 1-150 letters, digits, '.', '_' or '-', not only dots (it is a URL id)"
+            )
+    return saes
 
 
 def model_slug(model: str) -> str:
@@ -268,7 +282,9 @@ def model_slug(model: str) -> str:
 
 
 def default_name(model: str, layer: int, sae: SAE) -> str:
-    return f"{model_slug(model)}-l{layer}-{sae.cfg.architecture}-{sae.d_sae}"
+    """<model>-l<layer>-<architecture>-<width>; a Matryoshka dictionary (saved as JumpReLU) says "matryoshka"."""
+    architecture = "matryoshka" if sae.cfg.saescope.get("matryoshka_prefixes") else sae.cfg.architecture
+    return f"{model_slug(model)}-l{layer}-{architecture}-{sae.d_sae}"
 
 
 def default_release_name(saes: list[Inputs]) -> str:
@@ -352,7 +368,7 @@ def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, model_id: int, context
         "l1_coeff": meta.get("train", {}).get("l1_coeff") if isinstance(meta.get("train"), dict) else None,
         "path": str(inputs.path.resolve()),
         "train_cfg": meta,
-        "metrics": read_metrics(inputs.path),
+        "metrics": {} if stored_prefix(meta, sae.d_sae) else read_metrics(inputs.path),  # metrics.json is the full dictionary's
         "corpus": contexts.describe(),
         "precompute_cfg": run_identity(cfg, inputs, contexts),
         "n_tokens": 0,
@@ -430,12 +446,13 @@ def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, f
         )
         for index, by_layer in enumerate(batches, start=start):
             checkpoint = (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == block.stop
-            codes = {}
+            codes, dictionaries = {}, DictionaryCodes(cfg.memory_budget)
             for i, spill in spills.items():
                 if index < first[i]:
                     continue
                 stream = streams[i]
-                encoded = encode_batch(stream.target.sae, by_layer[stream.target.inputs.layer], cfg.memory_budget)
+                inputs = stream.target.inputs
+                encoded = dictionaries.encode(inputs.sae, inputs.dictionary, by_layer[inputs.layer])
                 codes[i] = encoded.acts
                 stream.stats.update(encoded.acts)
                 spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)

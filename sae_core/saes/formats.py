@@ -54,6 +54,20 @@ def load_sae(path: str | Path, *, d_in: int | None = None, prefix: int | None = 
     return sae.eval()
 
 
+def nested_prefixes(sae: SAE) -> list[int]:
+    """The widths of a Matryoshka dictionary's nested SAEs narrower than itself (its recorded
+    prefixes below ``d_sae``), each loadable with ``load_sae(..., prefix=m)``; [] for any other SAE."""
+    return [m for m in sae.cfg.saescope.get("matryoshka_prefixes") or [] if m < sae.d_sae]
+
+
+def stored_prefix(meta: dict, d_sae: int) -> int | None:
+    """``load_sae``'s ``prefix`` for an SAE that precompute stored with ``d_sae`` latents and
+    ``meta`` (its ``saescope`` metadata, the store's ``train_cfg``): its width when it is a nested
+    prefix of a Matryoshka dictionary (``SAE.nested`` recorded ``prefix_of``), else None: the
+    folder's SAE as it is."""
+    return d_sae if meta.get("prefix_of") else None
+
+
 def read_any(path: Path) -> SAE:
     """Recognise the layout at ``path`` (a folder or one of its files) and read it."""
     path = _readable(Path(path))

@@ -125,11 +125,16 @@ class SAE(nn.Module):
 
     def nested(self, m: int) -> SAE:
         """The SAE of the first m latents (a Matryoshka prefix). For an elementwise activation its
-        activations are exactly the first m of the full SAE's."""
+        activations are exactly the first m of the full SAE's. Its ``saescope`` metadata keeps the
+        prefixes up to m and records ``prefix_of``, the dictionary's width, so a store row says
+        which latents it holds (``sae_core.saes.formats.stored_prefix`` loads it again)."""
         if self.cfg.architecture == "topk":
             raise SAEError("a topk SAE has no nested SAEs: its first m latents select among themselves differently")
-        prefixes = [p for p in self.cfg.saescope.get("matryoshka_prefixes", []) if p <= m]
-        cfg = replace(self.cfg, d_sae=m, saescope={**self.cfg.saescope, "matryoshka_prefixes": prefixes})
+        meta = self.cfg.saescope
+        prefixes = [p for p in meta.get("matryoshka_prefixes", []) if p <= m]
+        cfg = replace(
+            self.cfg, d_sae=m, saescope={**meta, "matryoshka_prefixes": prefixes, "prefix_of": meta.get("prefix_of", self.d_sae)}
+        )
         tensors = {"W_enc": self.W_enc[:, :m], "b_enc": self.b_enc[:m], "W_dec": self.W_dec[:m], "b_dec": self.b_dec}
         if self.threshold is not None:
             tensors["threshold"] = self.threshold[:m]

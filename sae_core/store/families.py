@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import Float, ForeignKey, Integer
 from sqlalchemy.orm import Mapped, mapped_column
 
-from sae_core.store.db import Base
+from sae_core.store.db import Base, SaeRow
 
 
 class FeatureLinkRow(Base):
@@ -36,6 +36,22 @@ class FeatureMapRow(Base):
     feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     x: Mapped[float] = mapped_column(Float)  # in [0, 1]
     y: Mapped[float] = mapped_column(Float)
+
+
+def dictionary_width(sae: SaeRow) -> int | None:
+    """The width of the Matryoshka dictionary a stored SAE is (its own) or is a nested prefix of
+    (``prefix_of``, recorded by ``SAE.nested``); None for any other SAE."""
+    meta = sae.train_cfg or {}
+    if not meta.get("matryoshka_prefixes"):
+        return None
+    return meta.get("prefix_of") or sae.d_sae
+
+
+def same_dictionary(a: SaeRow, b: SaeRow) -> bool:
+    """Whether two stored SAEs are nested SAEs of one Matryoshka dictionary (its prefixes, or the
+    whole): precomputed from the same folder and layer. Latent i is then one latent, with the
+    same weights and activations, in both."""
+    return a.path == b.path and a.layer == b.layer and dictionary_width(a) is not None and dictionary_width(a) == dictionary_width(b)
 
 
 def jaccard(n_both: int, n_self: int, n_other: int) -> float:
