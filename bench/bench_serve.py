@@ -4,7 +4,10 @@ A synthetic store of realistic size (16,384 features, 20 top examples + 5 bins x
 samples of 65 tokens each, a 49k vocabulary with a token index) is built by code into SQLite and
 into a scratch Postgres schema. For each, the server runs on loopback and 32 concurrent clients
 replay a researcher's mix of requests (feature pages, the feature JSON, label and token search,
-as-you-type fragments, example and preview fragments, SAE pages) for a bounded time:
+as-you-type fragments, example and preview fragments, SAE pages, family pages and the feature
+map's JSON) for a bounded time. The 16k SAE is the largest of a release with a 1k and a 4k SAE
+on its hook (as the demo's), with 5 links per feature into each other SAE and a map of all
+21,504 features, so the family page and the map JSON are timed at the demo's size:
 
 - paced: each client waits a random think time (exponential, mean --think s) between requests,
   i.e. 32 researchers clicking fast; this is the latency a user sees (target p99 <= 50 ms);
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import random
 import statistics
@@ -38,11 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core.store.db import create_engine_for  # noqa: E402
+from sae_core.store.db import SaeRow, create_engine_for  # noqa: E402
+from sae_core.store.families import FeatureLinkRow, FeatureMapRow  # noqa: E402
+from sae_core.store.releases import join_release  # noqa: E402
 from tests.app.server_process import server_processes, serving  # noqa: E402
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
 
@@ -66,6 +73,9 @@ LABEL_WORDS = [
     "return",
 ]
 TOKENS = [" Paris", "Paris", " w100", " w2000", " nothing-like-this"]
+RELEASE = "bench-release"
+SMALLER_WIDTHS = (1024, 4096)  # the release's other SAEs on the 16k SAE's hook, as the demo's
+LINKS_PER_SAE = 5  # each feature's top 5 in each other SAE, as precompute stores them
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class Request:
 
 # A researcher's mix of requests, in percent.
 MIX = {
-    "feature page": 35,
+    "feature page": 30,
     "feature json": 15,
     "label search": 15,
     "token search": 10,
@@ -84,6 +94,8 @@ MIX = {
     "examples fragment": 5,
     "preview fragment": 5,
     "sae page": 5,
+    "family page": 3,
+    "map json": 2,
 }
 
 
@@ -105,6 +117,8 @@ def next_request(rng: random.Random, sae: str) -> Request:
         "preview fragment": f"/saes/{sae}/-/fragments/features/{index}/preview",
         "sae page": f"/saes/{sae}?offset={page * 50}"
         f"&sort={rng.choice(['index', 'max_act', 'density'])}",
+        "family page": f"/saes/{sae}/features/{index}/family",
+        "map json": f"/api/v1/releases/{RELEASE}/map",
     }
     kind = rng.choices(list(MIX), weights=list(MIX.values()))[0]
     return Request(kind, paths[kind])
@@ -391,10 +405,68 @@ def cpu_by_kind(base: str, per_kind: int) -> dict[str, float]:
     return costs
 
 
+def build_release(engine: sa.Engine) -> None:
+    """Put the 16k SAE into a release with a 1k and a 4k SAE on its hook, with random family links
+    (each feature's ``LINKS_PER_SAE`` in each other SAE, cosine falling from ~0.9) and a random
+    map of every feature: the family page and the map JSON then read what the demo's hold."""
+    with engine.connect() as conn:
+        model_id = conn.scalar(sa.select(SaeRow.model_id).where(SaeRow.name == SPEC.sae_name))
+    for width in SMALLER_WIDTHS:
+        spec = dataclasses.replace(
+            SPEC,
+            sae_name=f"bench-{width // 1024}k",
+            n_features=width,
+            n_contexts=10_000,
+            token_index_size=0,
+        )
+        build_synthetic_store(engine, spec, model_id=model_id)
+    rng = np.random.default_rng(0)
+    with engine.begin() as conn:
+        saes = conn.execute(
+            sa.select(SaeRow.id, SaeRow.d_sae).where(SaeRow.model_id == model_id)
+        ).all()
+        for sae in saes:
+            join_release(conn, sae.id, RELEASE)
+        for sae in saes:
+            xy = rng.uniform(0, 1, (sae.d_sae, 2))
+            conn.execute(
+                sa.insert(FeatureMapRow),
+                [
+                    dict(sae_id=sae.id, feature_idx=i, x=float(x), y=float(y))
+                    for i, (x, y) in enumerate(xy)
+                ],
+            )
+            for other in saes:
+                if other.id == sae.id:
+                    continue
+                targets = rng.integers(0, other.d_sae, (sae.d_sae, LINKS_PER_SAE))
+                cosines = np.sort(rng.uniform(0.1, 0.95, (sae.d_sae, LINKS_PER_SAE)))[:, ::-1]
+                fired = rng.integers(50, 500, (sae.d_sae, LINKS_PER_SAE, 2))
+                conn.execute(
+                    sa.insert(FeatureLinkRow),
+                    [
+                        dict(
+                            sae_id=sae.id,
+                            feature_idx=i,
+                            other_sae_id=other.id,
+                            other_idx=int(targets[i, j]),
+                            cosine=float(cosines[i, j]),
+                            n_both=int(fired[i, j].min() // 2),
+                            n_self=int(fired[i, j, 0]),
+                            n_other=int(fired[i, j, 1]),
+                        )
+                        for i in range(sae.d_sae)
+                        for j in range(LINKS_PER_SAE)
+                        if j == 0 or targets[i, j] not in targets[i, :j]
+                    ],
+                )
+
+
 def build_sqlite(folder: Path) -> str:
     url = f"sqlite:///{folder / 'bench.db'}"
     engine = create_engine_for(url)
     build_synthetic_store(engine, SPEC)
+    build_release(engine)
     engine.dispose()
     return url
 
@@ -407,6 +479,7 @@ def build_postgres(pg_url: str, schema: str) -> str:
     url = f"{pg_url}?options=-csearch_path%3D{schema}"
     engine = create_engine_for(url)
     build_synthetic_store(engine, SPEC)
+    build_release(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     engine.dispose()

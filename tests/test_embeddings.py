@@ -41,23 +41,25 @@ def embedder():
     return embeddings.load_embedder()
 
 
+def add_labelled_sae(session: Session, name: str, labels: list[tuple[str, float]]) -> int:
+    sae = add_bare_sae(session, name, len(labels), vocab_size=4, status="complete")
+    for idx, (label, f1) in enumerate(labels):
+        feature = FeatureRow(sae_id=sae.id, idx=idx, count=1)
+        session.add(feature)
+        record_label(
+            session,
+            feature,
+            LabelRow(sae_id=sae.id, feature_idx=idx, label=label, source="auto", author="t", f1=f1),
+        )
+    session.commit()
+    return sae.id
+
+
 def write_labelled_store(url: str) -> int:
     engine = create_engine_for(url)
     migrate(engine)
     with Session(engine) as session:
-        sae = add_bare_sae(session, "s", len(LABELS), vocab_size=4, status="complete")
-        for idx, (label, f1) in enumerate(LABELS):
-            feature = FeatureRow(sae_id=sae.id, idx=idx, count=1)
-            session.add(feature)
-            record_label(
-                session,
-                feature,
-                LabelRow(
-                    sae_id=sae.id, feature_idx=idx, label=label, source="auto", author="t", f1=f1
-                ),
-            )
-        session.commit()
-        sae_id = sae.id
+        sae_id = add_labelled_sae(session, "s", LABELS)
     engine.dispose()
     return sae_id
 
@@ -104,6 +106,61 @@ def test_sort_by_f1_reorders_the_relevant_hits(store):
     with Session(engine) as session:
         result = search_labels(session, sae_id=sae_id, query="cities", sort="f1", limit=2)
     assert [h.idx for h in result.hits] == [BERLIN, PARIS]
+
+
+def test_batching_by_length_and_dedupe_leave_each_texts_vector_as_embedded_alone(embedder):
+    texts = [label for label, _ in LABELS] + ["a much longer label " * 12, LABELS[0][0], "x"]
+    together = embedder.embed(texts)
+    alone = np.concatenate([embedder.embed([text]) for text in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # padding and order only round
+    assert np.array_equal(together[0], together[len(LABELS) + 1])  # a repeat is the same row
+    assert embedder.embed([]).shape == (0, embeddings.EMBED_DIM)
+
+
+class CountingEmbedder:
+    """The real embedder, counting the texts it was asked to embed."""
+
+    def __init__(self, embedder):
+        self.embedder, self.texts = embedder, []
+
+    def embed(self, texts):
+        self.texts += texts
+        return self.embedder.embed(texts)
+
+
+def test_a_text_is_embedded_once_and_copied_to_every_sae_it_labels(store, embedder):
+    engine, first = store
+    repeated = [
+        LABELS[PARIS],
+        ("a label no SAE had", 0.5),
+        ("a label no SAE had", 0.4),
+        LABELS[BERLIN],
+    ]
+    counting = CountingEmbedder(embedder)
+    with Session(engine) as session:
+        second = add_labelled_sae(session, "t", repeated)
+        assert embeddings.sync_embeddings(session, second, counting, progress=False) == len(
+            repeated
+        )
+        vectors = {
+            (sae_id, idx): vector
+            for sae_id, idx, vector in session.execute(
+                sa.select(
+                    FeatureEmbeddingRow.sae_id,
+                    FeatureEmbeddingRow.feature_idx,
+                    FeatureEmbeddingRow.vector,
+                )
+            )
+        }
+    assert counting.texts == ["a label no SAE had"]
+    assert vectors[(second, 0)] == vectors[(first, PARIS)]
+    assert vectors[(second, 3)] == vectors[(first, BERLIN)]
+    assert vectors[(second, 1)] == vectors[(second, 2)]
+    np.testing.assert_allclose(
+        np.frombuffer(vectors[(second, 1)], "<f4"),
+        embedder.embed(["a label no SAE had"])[0],
+        atol=1e-6,
+    )
 
 
 def test_only_changed_labels_are_embedded_again(store, embedder):

@@ -60,3 +60,23 @@ class LabelSearchPublic(BaseModel):
     note: str | None = Field(description="Why semantic search fell back, if it did.")
     data: list[SearchHitPublic]
     count: int
+
+
+class ReleaseSearchHitPublic(SearchHitPublic):
+    sae: str = Field(description="The SAE the feature is in.")
+    layer: int
+    d_sae: int
+
+
+class ReleaseLabelSearchPublic(BaseModel):
+    release: str
+    mode: SearchMode = Field(
+        description="semantic when any SAE was searched by meaning; text when none could be."
+    )
+    note: str | None = Field(
+        description="Which SAEs were searched by words instead (no embeddings yet), and why."
+    )
+    data: list[ReleaseSearchHitPublic] = Field(
+        description="Every SAE's matches merged: by cosine (word matches after), or by F1."
+    )
+    count: int

@@ -15,13 +15,16 @@ from app.labels.schemas import (
     LabelHistoryPublic,
     LabelRecordPublic,
     LabelSearchPublic,
+    ReleaseLabelSearchPublic,
+    ReleaseSearchHitPublic,
     SearchHitPublic,
 )
 from sae_core.labels import embeddings
 from sae_core.labels import search as label_search
 from sae_core.labels.run import label_history, set_human_label
 from sae_core.store.db import FeatureEmbeddingRow, LabelRow
-from sae_core.store.lookup import find_feature, find_sae
+from sae_core.store.lookup import find_feature, find_release, find_sae
+from sae_core.store.releases import release_saes
 
 
 def _record(row: LabelRow) -> LabelRecordPublic:
@@ -82,15 +85,53 @@ def search_labels(
         limit=limit,
         embed_query=embedder.embed if embedder else embeddings.embed_query,
     )
+    hits = [SearchHitPublic(**_hit_fields(h)) for h in result.hits]
+    return LabelSearchPublic(mode=result.mode, note=result.note, data=hits, count=len(hits))
+
+
+def search_release_labels(
+    *,
+    session: Session,
+    release_name: str,
+    query: str,
+    mode: label_search.SearchMode,
+    sort: label_search.SearchSort,
+    limit: int,
+    embedder: QueryEmbedder | None,
+) -> ReleaseLabelSearchPublic:
+    """``search_labels`` over every SAE of a release, with one query embedding from the same
+    queued, cached embedder: the same queue, 503 and cache hold for a release as for one SAE."""
+    release = find_release(session, release_name)
+    saes = {s.id: s for s in release_saes(session, release.id)}
+    result = label_search.search_release_labels(
+        session,
+        saes={sae_id: s.name for sae_id, s in saes.items()},
+        query=query,
+        mode=mode,
+        sort=sort,
+        limit=limit,
+        embed_query=embedder.embed if embedder else embeddings.embed_query,
+    )
     hits = [
-        SearchHitPublic(
-            index=h.idx,
-            label=h.label,
-            label_source=h.label_source,
-            label_f1=h.label_f1,
-            score=h.score,
-            matched=h.matched,
+        ReleaseSearchHitPublic(
+            **_hit_fields(h.hit),
+            sae=saes[h.sae_id].name,
+            layer=saes[h.sae_id].layer,
+            d_sae=saes[h.sae_id].d_sae,
         )
         for h in result.hits
     ]
-    return LabelSearchPublic(mode=result.mode, note=result.note, data=hits, count=len(hits))
+    return ReleaseLabelSearchPublic(
+        release=release.name, mode=result.mode, note=result.note, data=hits, count=len(hits)
+    )
+
+
+def _hit_fields(hit: label_search.SearchHit) -> dict:
+    return {
+        "index": hit.idx,
+        "label": hit.label,
+        "label_source": hit.label_source,
+        "label_f1": hit.label_f1,
+        "score": hit.score,
+        "matched": hit.matched,
+    }

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, FastAPI, Form, Header, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -25,12 +26,19 @@ from app.errors import Refused, error_answer
 from app.guards import require_write_token
 from app.labels import service
 from app.labels.query_embeddings import QueryEmbedder
-from app.labels.schemas import LabelEdit, LabelHistoryPublic, LabelRecordPublic, LabelSearchPublic
+from app.labels.schemas import (
+    LabelEdit,
+    LabelHistoryPublic,
+    LabelRecordPublic,
+    LabelSearchPublic,
+    ReleaseLabelSearchPublic,
+)
 from app.params import FeatureIndex, StoreText
-from app.rendering import render
+from app.rendering import render, url_segment
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
 from sae_core.labels.search import SearchMode, SearchSort
+from sae_core.store.lookup import find_release
 
 router = APIRouter()
 
@@ -38,6 +46,17 @@ MAX_SEARCH_RESULTS = 100  # one page of hits; semantic search ranks all features
 # Labels are a few words; 200 characters (as for the feature list's search) bound the CPU one
 # uncached query costs the embedding model.
 MAX_SEARCH_CHARS = 200
+SearchQuery = Annotated[
+    str,
+    Query(
+        min_length=1,
+        max_length=MAX_SEARCH_CHARS,
+        description="What to look for, e.g. 'French cities'.",
+    ),
+]
+SearchLimit = Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)]
+
+
 SEARCH_ERRORS = {
     503: {"description": "Semantic search's queue is full (see Retry-After)"},
     504: {"description": "The query was not embedded within search_timeout_s"},
@@ -94,21 +113,83 @@ def read_label_search(
     sae: str,
     session: SessionDep,
     embedder: QueryEmbedderDep,
-    q: Annotated[
-        str,
-        Query(
-            min_length=1,
-            max_length=MAX_SEARCH_CHARS,
-            description="What to look for, e.g. 'French cities'.",
-        ),
-    ],
+    q: SearchQuery,
     mode: SearchMode = "semantic",
     sort: SearchSort = "relevance",
-    limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS)] = 20,
+    limit: SearchLimit = 20,
 ) -> LabelSearchPublic:
     return service.search_labels(
         session=session, sae_name=sae, query=q, mode=mode, sort=sort, limit=limit, embedder=embedder
     )
+
+
+@router.get(
+    "/api/v1/releases/{name}/search",
+    tags=["labels"],
+    responses={
+        **SEARCH_ERRORS,
+        404: {"description": "Unknown release", "content": {"application/json": {}}},
+    },
+    summary="Find features of every SAE of a release by what their labels mean",
+)
+def read_release_label_search(
+    name: str,
+    session: SessionDep,
+    embedder: QueryEmbedderDep,
+    q: SearchQuery,
+    mode: SearchMode = "semantic",
+    sort: SearchSort = "relevance",
+    limit: SearchLimit = 20,
+) -> ReleaseLabelSearchPublic:
+    """One query embedding (the same queue, cache, 503 and 504 as one SAE's search), then every
+    SAE's nearest labels, merged; each hit names its SAE. SAEs without label embeddings yet are
+    searched by label words, and ``note`` names them."""
+    return service.search_release_labels(
+        session=session,
+        release_name=name,
+        query=q,
+        mode=mode,
+        sort=sort,
+        limit=limit,
+        embedder=embedder,
+    )
+
+
+@router.get("/releases/{name}/search", include_in_schema=False, response_class=HTMLResponse)
+def release_search_page(
+    request: Request,
+    name: str,
+    session: SessionDep,
+    embedder: QueryEmbedderDep,
+    q: Annotated[str, Query(max_length=MAX_SEARCH_CHARS)] = "",
+    mode: SearchMode = "semantic",
+    sort: SearchSort = "relevance",
+    limit: SearchLimit = 20,
+) -> Response:
+    """The release's label search in the browser: a form, and the merged hits of every SAE. A
+    busy or slow embedder answers on the page itself (its status, and Retry-After)."""
+    find_release(session, name)  # 404 before any search
+    context = {"release": name, "q": q, "mode": mode, "sort": sort, "limit": limit}
+    params = {"q": q, "mode": mode, "sort": sort, "limit": limit}
+    status, headers = 200, {}
+    if q.strip():
+        try:
+            context["results"] = service.search_release_labels(
+                session=session,
+                release_name=name,
+                query=q,
+                mode=mode,
+                sort=sort,
+                limit=limit,
+                embedder=embedder,
+            )
+        except Refused as err:
+            status, context["problem"], headers = error_answer(err)
+    twin = f"/api/v1/releases/{url_segment(name)}/search?{urlencode(params)}" if q.strip() else None
+    response = render(request, "release_search.html", context, alternate=twin)
+    response.status_code = status
+    response.headers.update(headers)
+    return response
 
 
 @router.put(

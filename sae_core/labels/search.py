@@ -38,9 +38,7 @@ class SearchResult(NamedTuple):
     note: str | None  # why semantic search fell back to text, if it did
 
 
-def _text_matches(
-    session: Session, sae_id: int, query: str, limit: int
-) -> list[tuple[int, float]]:
+def _text_matches(session: Session, sae_id: int, query: str, limit: int) -> list[tuple[int, float]]:
     """(feature idx, rank) of features whose current label holds any word of ``query``, best
     first (the store's full-text index; ``sae_core.store.label_search``)."""
     words = query_words(query)
@@ -120,3 +118,67 @@ def search_labels(
     if sort == "f1":
         hits = sorted(hits, key=lambda h: -(h.label_f1 if h.label_f1 is not None else -1.0))[:limit]
     return SearchResult(answered, hits, note)
+
+
+class ReleaseHit(NamedTuple):
+    sae_id: int
+    hit: SearchHit
+
+
+class ReleaseSearchResult(NamedTuple):
+    mode: SearchMode  # the mode that answered, semantic when any SAE was searched by meaning
+    hits: list[ReleaseHit]
+    note: str | None  # which SAEs (or all) were searched by words instead of meaning, and why
+
+
+def search_release_labels(
+    session: Session,
+    *,
+    saes: dict[int, str],
+    query: str,
+    mode: SearchMode = "semantic",
+    sort: SearchSort = "relevance",
+    limit: int = 20,
+    embed_query: Callable[[str], np.ndarray] = embeddings.embed_query,
+) -> ReleaseSearchResult:
+    """``search_labels`` over several SAEs (``saes``: id -> name, a release's) with one query
+    embedding: each SAE's best ``limit``, merged by score (cosines of one query vector compare
+    across SAEs) or by F1. An SAE without label embeddings yet is searched by words, and the
+    note names it."""
+    vector: list[np.ndarray] = []  # the query's vector, embedded on first need and reused
+
+    def embed_once(text: str) -> np.ndarray:
+        if not vector:
+            vector.append(embed_query(text))
+        return vector[0]
+
+    results = {
+        sae_id: search_labels(
+            session,
+            sae_id=sae_id,
+            query=query,
+            mode=mode,
+            sort=sort,
+            limit=limit,
+            embed_query=embed_once,
+        )
+        for sae_id in saes
+    }
+    fell_back = [saes[s] for s, r in results.items() if mode == "semantic" and r.mode == "text"]
+    note = None
+    if fell_back and not embeddings.embedder_available():
+        note = next(iter(results.values())).note
+    elif fell_back:
+        note = (
+            f"no label embeddings yet in {', '.join(fell_back)} (run `saescope label --embed`); "
+            "searched label words there instead"
+        )
+    hits = [ReleaseHit(s, hit) for s, result in results.items() for hit in result.hits]
+    if sort == "f1":
+        hits.sort(key=lambda h: -(h.hit.label_f1 if h.hit.label_f1 is not None else -1.0))
+    else:  # a word match ranks after every match by meaning: the two scores do not compare
+        hits.sort(key=lambda h: (h.hit.matched == "label", -h.hit.score))
+    answered: SearchMode = (
+        "semantic" if len(fell_back) < len(saes) and mode == "semantic" else "text"
+    )
+    return ReleaseSearchResult(answered, hits[:limit], note)

@@ -3,6 +3,7 @@ the queue's 503, the time limit, export with the view, import and round trip, es
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -176,6 +177,26 @@ def test_labels_are_escaped_on_the_page_and_in_the_panel(client, slug):
         assert "<script>alert(" not in html
     assert "&lt;script&gt;alert(" in page and "&lt;script&gt;alert(" in panel
     assert "feature page" in panel and 'class="ex"' in panel
+
+
+def test_a_feature_nodes_panel_links_to_its_feature_family_and_steering(client, slug):
+    document = client.get(f"/api/v1/graphs/{slug}").json()
+    node = next(
+        n
+        for n in document["nodes"]
+        if n["feature_type"] == "cross layer transcoder" and n["layer"] == "2"
+    )
+    panel = client.get(f"/graphs/{slug}/-/fragments/nodes/{node['node_id']}").text
+    links = dict(
+        (text.strip(), href.replace("&amp;", "&"))
+        for href, text in re.findall(r'<a href="([^"]+)"[^>]*>([^<]+)</a>', panel)
+    )
+    sae_path = f"/saes/{LIVE_STORE.sae_name}/features/{node['feature']}"
+    assert links["feature page"] == sae_path
+    assert links["family"] == f"{sae_path}/family"
+    assert links["steer with this feature"].startswith(f"/saes/{LIVE_STORE.sae_name}/prompt?text=")
+    for href in links.values():  # every link opens a page
+        assert client.get(href).status_code == 200, href
 
 
 def test_import_refuses_what_is_not_a_graph(client):
