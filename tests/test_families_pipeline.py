@@ -159,7 +159,7 @@ def test_planted_family_in_the_one_pass(db_url, planted, llama_dir, corpus):
         high = family_graph(session=session, sae_name=name["medium"], index=PARENT["medium"], threshold=0.95)
         assert [(n.sae, n.index) for n in high.nodes] == [(name["small"], 3), (name["medium"], 7)]
 
-        points = get_feature_map(session=session, release_name=RELEASE)
+        points = get_feature_map(session=session, release_name=RELEASE).points
         assert [s.d_sae for s in points.saes] == sorted(WIDTHS.values())
         assert len(points.index) == sum(WIDTHS.values())
         assert all(0 <= v <= 1 for v in points.x + points.y)

@@ -3,7 +3,13 @@ precompute), and a feature search over all of its SAEs."""
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.families.schemas import (
@@ -15,7 +21,7 @@ from app.families.schemas import (
 from app.schemas import FeatureSearch
 from app.search import search_features
 from sae_core.errors import NotFoundError
-from sae_core.store.db import FeatureRow
+from sae_core.store.db import FeatureRow, LabelRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.lookup import find_release
 from sae_core.store.releases import release_saes
@@ -40,8 +46,22 @@ def search_release(*, session: Session, release_name: str, search: FeatureSearch
     )
 
 
-def get_feature_map(*, session: Session, release_name: str, layer: int | None = None) -> FeatureMapPublic:
-    """The map of ``layer`` (default: the first layer of the release that has one)."""
+@dataclass(frozen=True)
+class FeatureMap:
+    """A map as served: the model (for the page) and its JSON (for the API and the page's script),
+    serialised once."""
+
+    points: FeatureMapPublic
+    json: str
+
+
+def get_feature_map(*, session: Session, release_name: str, layer: int | None = None) -> FeatureMap:
+    """The map of ``layer`` (default: the first layer of the release that has one).
+
+    A map is tens of thousands of rows joined with the features table, a few hundred ms of CPU, so
+    a built map is kept per store and served again while its *version* holds: the map rows'
+    count and coordinate sums, the SAEs on it, and the newest label id (every label change, from
+    any process, appends to ``labels``). Checking the version is a few small queries."""
     release = find_release(session, release_name)
     saes = release_saes(session, release.id)
     mapped = set(
@@ -52,6 +72,24 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
         raise NoMapError(release_name, layer)
     layer = layers[0] if layer is None else layer
     on_map = sorted((s for s in saes if s.layer == layer and s.id in mapped), key=lambda s: (s.d_sae, s.name))
+    ids = [s.id for s in on_map]
+    version = (
+        tuple(ids),
+        tuple(session.execute(
+            sa.select(sa.func.count(), sa.func.sum(FeatureMapRow.x), sa.func.sum(FeatureMapRow.y)).where(FeatureMapRow.sae_id.in_(ids))
+        ).one()),
+        session.scalar(sa.select(sa.func.max(LabelRow.id))),
+    )  # fmt: skip
+    key = (release.name, layer)
+    built = _maps.get(session.get_bind(), key, version)
+    if built is None:
+        points = _build_map(session, release.name, layer, layers, on_map)
+        built = FeatureMap(points, points.model_dump_json())
+        _maps.put(session.get_bind(), key, version, built)
+    return built
+
+
+def _build_map(session: Session, release: str, layer: int, layers: list[int], on_map: list) -> FeatureMapPublic:
     rows = session.execute(
         sa.select(FeatureMapRow.sae_id, FeatureMapRow.feature_idx, FeatureMapRow.x, FeatureMapRow.y, FeatureRow.density, FeatureRow.label)
         .join(FeatureRow, sa.and_(FeatureRow.sae_id == FeatureMapRow.sae_id, FeatureRow.idx == FeatureMapRow.feature_idx))
@@ -60,7 +98,7 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
     ).all()
     position = {s.id: i for i, s in enumerate(on_map)}
     return FeatureMapPublic.model_construct(  # built from typed columns: skip validating 30k points
-        release=release.name,
+        release=release,
         layer=layer,
         layers=layers,
         saes=[MapSaePublic(name=s.name, d_sae=s.d_sae) for s in on_map],
@@ -71,3 +109,32 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
         density=[r.density for r in rows],
         label=[r.label for r in rows],
     )
+
+
+class _MapCache:
+    """The last few maps built, per engine (a test's store dies with its engine), each with the
+    version it was built at."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.lock = threading.Lock()
+        self.by_engine: weakref.WeakKeyDictionary[Engine, OrderedDict] = weakref.WeakKeyDictionary()
+
+    def get(self, engine: Engine, key: tuple, version: tuple) -> FeatureMap | None:
+        with self.lock:
+            entries = self.by_engine.get(engine)
+            if entries is None or key not in entries or entries[key][0] != version:
+                return None
+            entries.move_to_end(key)
+            return entries[key][1]
+
+    def put(self, engine: Engine, key: tuple, version: tuple, built: FeatureMap) -> None:
+        with self.lock:
+            entries = self.by_engine.setdefault(engine, OrderedDict())
+            entries[key] = (version, built)
+            entries.move_to_end(key)
+            while len(entries) > self.size:
+                entries.popitem(last=False)
+
+
+_maps = _MapCache()

@@ -47,7 +47,8 @@ def read_family(
     summary="Every feature of one hook of a release, placed in 2D by UMAP on decoder directions",
 )
 def read_map(name: str, session: SessionDep, layer: Layer = None) -> FeatureMapPublic:
-    return get_feature_map(session=session, release_name=name, layer=layer)
+    built = get_feature_map(session=session, release_name=name, layer=layer)
+    return Response(built.json, media_type="application/json")  # serialised once, when it was built
 
 
 @router.get(
@@ -71,9 +72,9 @@ def family_page(
 
 @pages.get("/releases/{name}/map")
 def map_page(request: Request, name: str, session: SessionDep, layer: Layer = None) -> Response:
-    points = get_feature_map(session=session, release_name=name, layer=layer)
-    context = {"points": points, "points_json": script_json(points.model_dump_json())}
-    return render(request, "map.html", context, alternate=f"/api/v1/releases/{url_segment(name)}/map?layer={points.layer}")
+    built = get_feature_map(session=session, release_name=name, layer=layer)
+    context = {"points": built.points, "points_json": script_json(built.json)}
+    return render(request, "map.html", context, alternate=f"/api/v1/releases/{url_segment(name)}/map?layer={built.points.layer}")
 
 
 def script_json(text: str) -> Markup:

@@ -157,3 +157,38 @@ def test_a_search_over_the_release_names_each_sae(client):
     by_token = client.get(f"/api/v1/releases/{FAMILY.release}/features", params={"token": "Paris"}).json()
     assert all([f["index"] for f in s["results"]["data"]] == [3, 1, 2] for s in by_token["saes"])
     assert client.get("/api/v1/releases/nope/features", params={"q": "x"}).status_code == 404
+
+
+def test_the_map_is_built_once_and_rebuilt_when_a_label_changes(tmp_path):
+    """The served map is cached per store; a label written by any process (here: straight into
+    the store, as `saescope label` would) shows in the next answer."""
+    from sqlalchemy.orm import Session
+
+    from app.families import map as feature_map
+    from sae_core.labels.run import set_human_label
+    from sae_core.store.lookup import find_sae
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_engine_for(url)
+    build_family_store(engine)
+    built = []
+    real_build = feature_map._build_map
+
+    def counting_build(*args):
+        built.append(args[2:4])
+        return real_build(*args)
+
+    with pytest.MonkeyPatch.context() as patch, TestClient(create_app(Settings(db_url=url, live=False))) as client:
+        patch.setattr(feature_map, "_build_map", counting_build)
+        first = client.get(f"/api/v1/releases/{FAMILY.release}/map").json()
+        assert client.get(f"/api/v1/releases/{FAMILY.release}/map").json() == first
+        assert client.get(f"/releases/{FAMILY.release}/map").status_code == 200
+        assert len(built) == 1  # the API twice and the page: one build
+        sae, index = FAMILY.parent
+        with Session(engine) as session:
+            set_human_label(session, sae=find_sae(session, sae), idx=index, label="relabelled by hand", author="test")
+            session.commit()
+        again = client.get(f"/api/v1/releases/{FAMILY.release}/map").json()
+        position = next(i for i, (s, f) in enumerate(zip(again["sae"], again["index"])) if again["saes"][s]["name"] == sae and f == index)
+        assert again["label"][position] == "relabelled by hand" and len(built) == 2
+    engine.dispose()
