@@ -17,7 +17,7 @@ from sae_core.live import probe as live
 from sae_core.saes.formats import load_sae
 from sae_core.store.db import FeatureRow, SaeRow, create_engine_for
 from tests.graph_support import GRAPH_LAYERS, RELEASE, build_graph_store
-from tests.live_support import LIVE_STORE
+from tests.live_support import LIVE_STORE, label_every_feature
 
 TEXT = "Paris is the capital of France."
 SCRIPT = "<script>alert(1)</script>"
@@ -28,10 +28,7 @@ def store_url(tmp_path_factory) -> str:
     """The graph tests' release (SAEs on layers 0, 1 and 2); the features of layer 2's SAE (the
     one with feature rows) are labelled with a planted tag that must stay text."""
     url = build_graph_store(tmp_path_factory.mktemp("release-live"))
-    engine = create_engine_for(url)
-    with engine.begin() as conn:
-        conn.execute(sa.update(FeatureRow).values(label=SCRIPT + " " + sa.cast(FeatureRow.idx, sa.String)))
-    engine.dispose()
+    label_every_feature(url, SCRIPT)
     return url
 
 
