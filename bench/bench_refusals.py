@@ -44,7 +44,9 @@ async def prompting(client: httpx.AsyncClient, text: str, deadline: float, seen:
     while time.monotonic() < deadline:
         start = time.perf_counter()
         try:
-            status = (await client.post("/api/v1/saes/bench/activations", json={"text": text})).status_code
+            status = (
+                await client.post("/api/v1/saes/bench/activations", json={"text": text})
+            ).status_code
         except httpx.HTTPError as err:
             status = type(err).__name__
         seen.setdefault(status, []).append(time.perf_counter() - start)
@@ -127,7 +129,9 @@ def main() -> None:
                     )
 
             stop = threading.Event()
-            probe = threading.Thread(target=probing_model_side, args=(socket, text, stop, model_side))
+            probe = threading.Thread(
+                target=probing_model_side, args=(socket, text, stop, model_side)
+            )
             load = os.getloadavg()[0]
             probe.start()
             asyncio.run(run())

@@ -12,8 +12,8 @@ as-you-type fragments, example and preview fragments, SAE pages) for a bounded t
 
 --mixed adds the run that asks whether anything can stall the pages: the same paced page
 clients, first alone, then while live prompts (SmolLM2-135M, a 16k-latent random SAE on layer
-15) and semantic searches of ~190 characters, each new, arrive as fast as the server takes them, each from a
-few more clients than its queue holds. A 503 is a refusal (the queue was full, as designed),
+15) and new semantic searches of ~170 characters arrive as fast as the server takes them, each
+from a few more clients than its queue holds. A 503 is a refusal (the queue was full, as designed),
 counted apart from errors. It reports page p99 mixed / pages-only (target <= 2x, 0 errors).
 
 Server CPU is read from /proc (the server's processes only). Per kind it is measured with one

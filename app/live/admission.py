@@ -58,7 +58,8 @@ class LivePlaces:
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        """Hold a place while the block runs; LiveRefused(503) with Retry-After when none is free."""
+        """Hold a place while the block runs; LiveRefused(503) with Retry-After when none is
+        free."""
         fd = self._take()
         if fd is None:
             retry_after_s = self.retry_after_s()

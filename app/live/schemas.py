@@ -194,7 +194,8 @@ class SaeActivationsPublic(BaseModel):
     layer: int = Field(description="The residual stream after this block is what the SAE reads.")
     d_sae: int
     top_per_token: list[list[FeatureValuePublic]] = Field(
-        description="Per token, this SAE's strongest features, strongest first (empty at special tokens)."
+        description="Per token, this SAE's strongest features, strongest first "
+        "(empty at special tokens)."
     )
     ranked: list[RankedFeaturePublic] = Field(
         description="This SAE's features that fire, by max activation over the prompt."

@@ -221,7 +221,10 @@ class LiveService:
             tokens=_tokens(result.tokens),
             saes=[
                 SaeActivationsPublic(
-                    sae=part.sae, layer=part.layer, d_sae=widths[part.sae], **_firing(session, part.sae, part)
+                    sae=part.sae,
+                    layer=part.layer,
+                    d_sae=widths[part.sae],
+                    **_firing(session, part.sae, part),
                 )
                 for part in result.saes
             ],
@@ -335,7 +338,10 @@ def _firing(
     labels = _labels(session, sae_name, indices)
     return {
         "top_per_token": [
-            [FeatureValuePublic(index=fv.feature, value=fv.value, label=labels.get(fv.feature)) for fv in row]
+            [
+                FeatureValuePublic(index=fv.feature, value=fv.value, label=labels.get(fv.feature))
+                for fv in row
+            ]
             for row in result.top_per_token
         ],
         "ranked": [

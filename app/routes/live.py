@@ -115,7 +115,9 @@ async def post_feature_activations(
     sae: str, index: FeatureIndex, body: FeatureTextRequest, live: LiveDep
 ) -> FeatureOnTextPublic:
     service = require_live(live)
-    return await service.admitted(service.feature_on_text, sae_name=sae, index=index, text=body.text)
+    return await service.admitted(
+        service.feature_on_text, sae_name=sae, index=index, text=body.text
+    )
 
 
 @router.post(

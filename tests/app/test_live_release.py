@@ -44,7 +44,9 @@ def release_saes(store_url) -> list[tuple[str, int, str]]:
     """(name, layer, path) of the release's SAEs, by layer."""
     engine = create_engine_for(store_url, readonly=True)
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(SaeRow.name, SaeRow.layer, SaeRow.path).order_by(SaeRow.layer))
+        rows = conn.execute(
+            sa.select(SaeRow.name, SaeRow.layer, SaeRow.path).order_by(SaeRow.layer)
+        )
         saes = [tuple(row) for row in rows]
     engine.dispose()
     return saes
@@ -143,7 +145,9 @@ def test_a_full_queue_refuses_the_release_at_once(client):
 
 
 def test_openapi_documents_the_release_operation(client):
-    operation = client.get("/openapi.json").json()["paths"]["/api/v1/releases/{release}/activations"]["post"]
+    operation = client.get("/openapi.json").json()["paths"][
+        "/api/v1/releases/{release}/activations"
+    ]["post"]
     assert set(operation["responses"]) >= {"200", "404", "413", "422", "503", "504"}
     schema = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert schema.endswith("/ReleaseActivationsPublic")

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import anyio.to_thread
-
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
