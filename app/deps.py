@@ -24,7 +24,8 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_live(request: Request) -> LiveService | None:
+async def get_live(request: Request) -> LiveService | None:
+    """Async, so a route that needs nothing else answers on the event loop (live admission)."""
     return request.app.state.live
 
 

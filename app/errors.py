@@ -83,7 +83,9 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def _answer(request: Request, exc: Exception) -> Response:
+async def _answer(request: Request, exc: Exception) -> Response:
+    """Async, so a refusal is answered on the event loop: Starlette runs a sync handler on a
+    worker thread, which under load means waiting for one (live admission, issue 19)."""
     status, message, headers = error_answer(exc)
     response = respond(request, status, message)
     response.headers.update(headers)

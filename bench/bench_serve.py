@@ -15,8 +15,8 @@ on its hook (as the demo's), with 5 links per feature into each other SAE and a 
 
 --mixed adds the run that asks whether anything can stall the pages: the same paced page
 clients, first alone, then while live prompts (SmolLM2-135M, a 16k-latent random SAE on layer
-15) and 450-character semantic searches arrive as fast as the server takes them, each from a
-few more clients than its queue holds. A 503 is a refusal (the queue was full, as designed),
+15) and new semantic searches of ~170 characters arrive as fast as the server takes them, each
+from a few more clients than its queue holds. A 503 is a refusal (the queue was full, as designed),
 counted apart from errors. It reports page p99 mixed / pages-only (target <= 2x, 0 errors).
 
 Server CPU is read from /proc (the server's processes only). Per kind it is measured with one
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import os
 import random
 import statistics
@@ -206,25 +207,25 @@ LIVE_TEXT = (
     "handle:\n        return {**DEFAULTS, **json.load(handle)}\n"
 )
 SEMANTIC_QUERY = (
-    "features that fire on the names of capital cities and on the countries they belong to, "
-    "in English prose and in code comments, for example Paris and France, Berlin and Germany, "
-    "or Madrid and Spain, and also on the word capital itself when it means a seat of government "
-    "rather than an upper-case letter or money invested in a company, plus the punctuation that "
-    "follows such names in lists of places"
-)  # 450 characters, as in issue 19
+    "features that fire on the names of capital cities and the countries they belong to, in "
+    "prose and in code comments, like Paris and France or Berlin and Germany, query"
+)  # within the server's 200-character limit; each request adds a number, so none is a cache hit
+QUERY_NUMBERS = itertools.count()
 
 
 async def pressing_client(
     client: httpx.AsyncClient, kind: str, path: str, deadline: float, result: LoadResult
 ) -> None:
-    """Send ``kind`` back to back until ``deadline``; a 503 (queue full) waits a moment."""
+    """Send ``kind`` back to back until ``deadline``; a 503 (queue full) waits a moment. Each
+    semantic query is new (numbered), so each is embedded: the cache would otherwise answer."""
     while time.monotonic() < deadline:
         start = time.perf_counter()
         try:
             if kind == "live prompt":
                 response = await client.post(path, json={"text": LIVE_TEXT})
             else:
-                response = await client.get(path, params={"q": SEMANTIC_QUERY})
+                query = f"{SEMANTIC_QUERY} {next(QUERY_NUMBERS)}"
+                response = await client.get(path, params={"q": query})
             status = response.status_code
         except httpx.HTTPError as err:
             status = type(err).__name__

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 import torch
 
 from sae_core.saes.sae import SAE, SAEConfig
-from sae_core.store.db import SaeRow, create_engine_for
+from sae_core.store.db import FeatureRow, SaeRow, create_engine_for
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store
 
 # The synthetic store's SAE (layer 2 of a d_model 32 model) at a size that builds in a blink.
@@ -47,3 +47,14 @@ def build_live_store(folder: Path, url: str | None = None) -> str:
         conn.execute(sa.update(SaeRow).values(path=str(folder / "sae")))
     engine.dispose()
     return url
+
+
+def label_every_feature(url: str, prefix: str) -> None:
+    """Label each feature of the store ``prefix`` + its index (e.g. a planted ``<script>`` tag
+    that pages must show as text)."""
+    engine = create_engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(FeatureRow).values(label=prefix + " " + sa.cast(FeatureRow.idx, sa.String))
+        )
+    engine.dispose()

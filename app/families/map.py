@@ -30,17 +30,26 @@ from sae_core.store.releases import release_saes
 class NoMapError(NotFoundError):
     def __init__(self, name: str, layer: int | None):
         where = f" at layer {layer}" if layer is not None else ""
-        super().__init__(f"release {name!r} has no feature map{where} (maps need two or more SAEs on one layer)")
+        super().__init__(
+            f"release {name!r} has no feature map{where} (maps need two or more SAEs on one layer)"
+        )
 
 
-def search_release(*, session: Session, release_name: str, search: FeatureSearch) -> ReleaseResultsPublic:
+def search_release(
+    *, session: Session, release_name: str, search: FeatureSearch
+) -> ReleaseResultsPublic:
     """The label / token search of every SAE of the release, each SAE's results apart (its scores
     are its own), by layer then width."""
     release = find_release(session, release_name)
     return ReleaseResultsPublic(
         release=release.name,
         saes=[
-            SaeResultsPublic(sae=s.name, layer=s.layer, d_sae=s.d_sae, results=search_features(session=session, sae_name=s.name, search=search))
+            SaeResultsPublic(
+                sae=s.name,
+                layer=s.layer,
+                d_sae=s.d_sae,
+                results=search_features(session=session, sae_name=s.name, search=search),
+            )
             for s in release_saes(session, release.id)
         ],
     )
@@ -65,13 +74,19 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
     release = find_release(session, release_name)
     saes = release_saes(session, release.id)
     mapped = set(
-        session.scalars(sa.select(FeatureMapRow.sae_id).where(FeatureMapRow.sae_id.in_([s.id for s in saes])).distinct())
+        session.scalars(
+            sa.select(FeatureMapRow.sae_id)
+            .where(FeatureMapRow.sae_id.in_([s.id for s in saes]))
+            .distinct()
+        )
     )
     layers = sorted({s.layer for s in saes if s.id in mapped})
     if not layers or (layer is not None and layer not in layers):
         raise NoMapError(release_name, layer)
     layer = layers[0] if layer is None else layer
-    on_map = sorted((s for s in saes if s.layer == layer and s.id in mapped), key=lambda s: (s.d_sae, s.name))
+    on_map = sorted(
+        (s for s in saes if s.layer == layer and s.id in mapped), key=lambda s: (s.d_sae, s.name)
+    )
     ids = [s.id for s in on_map]
     version = (
         tuple(ids),
@@ -89,10 +104,25 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
     return built
 
 
-def _build_map(session: Session, release: str, layer: int, layers: list[int], on_map: list) -> FeatureMapPublic:
+def _build_map(
+    session: Session, release: str, layer: int, layers: list[int], on_map: list
+) -> FeatureMapPublic:
     rows = session.execute(
-        sa.select(FeatureMapRow.sae_id, FeatureMapRow.feature_idx, FeatureMapRow.x, FeatureMapRow.y, FeatureRow.density, FeatureRow.label)
-        .join(FeatureRow, sa.and_(FeatureRow.sae_id == FeatureMapRow.sae_id, FeatureRow.idx == FeatureMapRow.feature_idx))
+        sa.select(
+            FeatureMapRow.sae_id,
+            FeatureMapRow.feature_idx,
+            FeatureMapRow.x,
+            FeatureMapRow.y,
+            FeatureRow.density,
+            FeatureRow.label,
+        )
+        .join(
+            FeatureRow,
+            sa.and_(
+                FeatureRow.sae_id == FeatureMapRow.sae_id,
+                FeatureRow.idx == FeatureMapRow.feature_idx,
+            ),
+        )
         .where(FeatureMapRow.sae_id.in_([s.id for s in on_map]))
         .order_by(FeatureMapRow.sae_id, FeatureMapRow.feature_idx)
     ).all()

@@ -49,6 +49,7 @@ from sae_core.live.requests import (
     GraphOp,
     GraphSubmitOp,
     LiveOp,
+    ReleaseActivationsOp,
     SteerOp,
 )
 from sae_core.live.steering import Steering, steer
@@ -142,15 +143,24 @@ class ModelHost:
         to the graph jobs (their own queue and thread)."""
         if isinstance(op, GraphSubmitOp | GraphJobOp | GraphImportOp):
             return self._refusing(self.graphs.call, op)
-        target = self.saes.get(op.sae)
-        if target is None:
-            reason = self.unavailable.get(op.sae, "it is not in the store the model side read")
-            raise LiveRefused(503, f"live prompts are off for SAE {op.sae!r}: {reason}")
-        return self._refusing(self._run, target, op)
+        if isinstance(op, ReleaseActivationsOp):
+            targets = [self._target(name) for name in op.saes]
+            return self._refusing(self._run, partial(self._release_activations, targets, op))
+        target = self._target(op.sae)
+        return self._refusing(self._run, partial(self._operations[type(op)], target, op))
 
-    def _run(self, target: LiveSae, op: LiveOp) -> Any:
+    def _target(self, sae_name: str) -> LiveSae:
+        target = self.saes.get(sae_name)
+        if target is None:
+            reason = self.unavailable.get(sae_name, "it is not in the store the model side read")
+            raise LiveRefused(503, f"live prompts are off for SAE {sae_name!r}: {reason}")
+        return target
+
+    def _run(self, prepare: Callable[[], Job[T]]) -> T:
+        """Take a place in the queue, then ``prepare`` the request (on this thread), then run the
+        model work it returns on the worker."""
         with self.worker.admit() as place:
-            job = self._operations[type(op)](target, op)
+            job = prepare()
             return place.run(_holding(self._model_lock, job), timeout_s=self.settings.live_timeout_s)
 
     @staticmethod
@@ -210,6 +220,24 @@ class ModelHost:
             contrast=self._token_id(target, op.contrast, op.contrast_id),
         )
         return partial(attribution, *target.model, prompt, spec, top=op.top)
+
+    def _release_activations(
+        self, targets: list[LiveSae], op: ReleaseActivationsOp
+    ) -> Job[live.ReleaseActivations]:
+        subject = targets[0].subject
+        if any(target.subject is not subject for target in targets):
+            raise LiveRefused(
+                422, "these SAEs read different models; one forward pass cannot serve them all"
+            )
+        prompt = self._encode(targets[0], op.text)
+        return partial(
+            live.release_activations,
+            subject,
+            [(target.name, target.sae, target.layer) for target in targets],
+            prompt,
+            per_token=op.per_token,
+            top=op.top,
+        )
 
     def _steer(self, target: LiveSae, op: SteerOp) -> Job[Steering]:
         prompt = self._encode(target, op.text, chat=op.chat)

@@ -142,7 +142,9 @@ def _reply(host: ModelHost, message: tuple) -> tuple:
     except LiveRefused as err:
         return "refused", err.status, err.message, err.retry_after_s
     except Exception as err:  # the request fails; the process and its model live on
-        log.exception("live %s on SAE %s failed", type(op).__name__, op.sae)
+        log.exception(
+            "live %s on %s failed", type(op).__name__, getattr(op, "sae", None) or op.release
+        )
         return (
             "refused",
             500,

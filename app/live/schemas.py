@@ -187,6 +187,30 @@ class PromptActivationsPublic(BaseModel):
     )
 
 
+class SaeActivationsPublic(BaseModel):
+    """What fires in one SAE of a release, on the release's shared prompt tokens."""
+
+    sae: str
+    layer: int = Field(description="The residual stream after this block is what the SAE reads.")
+    d_sae: int
+    top_per_token: list[list[FeatureValuePublic]] = Field(
+        description="Per token, this SAE's strongest features, strongest first "
+        "(empty at special tokens)."
+    )
+    ranked: list[RankedFeaturePublic] = Field(
+        description="This SAE's features that fire, by max activation over the prompt."
+    )
+
+
+class ReleaseActivationsPublic(BaseModel):
+    release: str
+    tokens: list[PromptTokenPublic]
+    saes: list[SaeActivationsPublic] = Field(
+        description="Every SAE of the release, by layer, then width, then name; all from one "
+        "forward pass to the deepest layer."
+    )
+
+
 class FeatureOnTextPublic(BaseModel):
     sae: str
     index: int

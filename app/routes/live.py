@@ -2,19 +2,26 @@
 
 ``lifespan`` reaches the model side when live is not switched off: the live model process of
 ``saescope serve``, or a model loaded into this app (``app.live.service``). Every endpoint calls
-one ``LiveService`` data function; the API returns its model and the matching fragment renders
-it. Pages never touch the model, so browsing stays fast while it is busy.
+one ``LiveService`` data function through ``LiveService.admitted``; the API returns its model
+and the matching fragment renders it. Pages never touch the model, so browsing stays fast while
+it is busy.
+
+The live routes are ``async``, and reach nothing through a sync dependency, so that admission
+runs on the event loop before anything else is awaited (a sync route or dependency first waits
+for a worker thread): under overload a 503 costs no thread, no session and no message to the
+model side.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, NamedTuple, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from app import queries
 from app.deps import LiveDep, SessionDep, SettingsDep
@@ -28,6 +35,7 @@ from app.live.schemas import (
     PromptRequest,
     PromptTokenPublic,
     PromptTokenValuePublic,
+    ReleaseActivationsPublic,
     SteeringPublic,
     SteerRequest,
 )
@@ -77,10 +85,24 @@ def _sae_path(sae: str) -> str:
     responses=LIVE_ERRORS,
     summary="Which features fire on a prompt",
 )
-def post_activations(
-    sae: str, body: PromptRequest, session: SessionDep, live: LiveDep
-) -> PromptActivationsPublic:
-    return require_live(live).activations(session=session, sae_name=sae, request=body)
+async def post_activations(sae: str, body: PromptRequest, live: LiveDep) -> PromptActivationsPublic:
+    service = require_live(live)
+    return await service.admitted(service.activations, sae_name=sae, request=body)
+
+
+@router.post(
+    "/api/v1/releases/{release}/activations",
+    tags=["live"],
+    responses={**LIVE_ERRORS, 404: {"description": "Unknown release"}},
+    summary="Which features of every SAE of a release fire on a prompt",
+    description="One forward pass to the deepest layer of the release's SAEs; each SAE encodes "
+    "the residual stream of its own layer. `per_token` and `top` apply to each SAE.",
+)
+async def post_release_activations(
+    release: str, body: PromptRequest, live: LiveDep
+) -> ReleaseActivationsPublic:
+    service = require_live(live)
+    return await service.admitted(service.release_activations, release_name=release, request=body)
 
 
 @router.post(
@@ -89,11 +111,12 @@ def post_activations(
     responses=LIVE_ERRORS,
     summary="One feature's activation on custom text",
 )
-def post_feature_activations(
-    sae: str, index: FeatureIndex, body: FeatureTextRequest, session: SessionDep, live: LiveDep
+async def post_feature_activations(
+    sae: str, index: FeatureIndex, body: FeatureTextRequest, live: LiveDep
 ) -> FeatureOnTextPublic:
-    return require_live(live).feature_on_text(
-        session=session, sae_name=sae, index=index, text=body.text
+    service = require_live(live)
+    return await service.admitted(
+        service.feature_on_text, sae_name=sae, index=index, text=body.text
     )
 
 
@@ -103,10 +126,9 @@ def post_feature_activations(
     responses=LIVE_ERRORS,
     summary="Attribute a next-token logit (or logit difference) to features and positions",
 )
-def post_attribution(
-    sae: str, body: AttributionRequest, session: SessionDep, live: LiveDep
-) -> AttributionPublic:
-    return require_live(live).attribution(session=session, sae_name=sae, request=body)
+async def post_attribution(sae: str, body: AttributionRequest, live: LiveDep) -> AttributionPublic:
+    service = require_live(live)
+    return await service.admitted(service.attribution, sae_name=sae, request=body)
 
 
 @router.post(
@@ -115,8 +137,9 @@ def post_attribution(
     responses=LIVE_ERRORS,
     summary="Generate with and without steering features, same seed, side by side",
 )
-def post_steer(sae: str, body: SteerRequest, session: SessionDep, live: LiveDep) -> SteeringPublic:
-    return require_live(live).steer(session=session, sae_name=sae, request=body)
+async def post_steer(sae: str, body: SteerRequest, live: LiveDep) -> SteeringPublic:
+    service = require_live(live)
+    return await service.admitted(service.steer, sae_name=sae, request=body)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,11 +155,25 @@ def prompt_page(
     live: LiveDep,
     text: Annotated[str, Query(max_length=20_000)] = "",
 ) -> Response:
-    """The prompt page (``?text=`` prefills the prompt); it never runs the model itself."""
+    """The prompt page (``?text=`` prefills the prompt); it never runs the model itself. When
+    the SAE's release has others, it also offers what fires in all of them at once."""
+    sae_public = queries.get_sae(session=session, sae_name=sae)
+    release = None
+    if sae_public.release is not None:
+        release = queries.get_release(session=session, release_name=sae_public.release)
     context = {
-        "sae": queries.get_sae(session=session, sae_name=sae),
+        "sae": sae_public,
         "sae_path": _sae_path(sae),
         "off_reason": live_off_reason(live, sae),
+        "release": release if release is not None and len(release.saes) > 1 else None,
+        "release_off_reason": next(
+            (
+                f"{other.name}: {reason}"
+                for other in (release.saes if release else [])
+                if (reason := live_off_reason(live, other.name))
+            ),
+            None,
+        ),
         "text": text,
         "max_prompt_tokens": settings.max_prompt_tokens,
         "max_new_tokens": settings.max_new_tokens,
@@ -165,22 +202,24 @@ def form_of(model: type[M]):
     return Depends(parse)
 
 
-def _fragment(
+async def _fragment(
     request: Request,
     template: str,
     body: BaseModel | FormProblem,
-    compute: Callable[[BaseModel], BaseModel],
+    live: LiveService | None,
+    compute: Callable[[LiveService, BaseModel], Awaitable[BaseModel]],
     **context,
 ) -> Response:
-    """Render ``template`` with ``result=compute(body)``; a failure renders the error partial with
-    its status (the page's forms swap error responses in too, so the message is seen)."""
+    """Render ``template`` with ``result``, what ``compute(service, body)`` answers (through
+    ``LiveService.admitted``: admission first); a failure renders the error partial with its
+    status (the page's forms swap error responses in too, so the message is seen)."""
     if isinstance(body, FormProblem):
         return _error_fragment(request, 422, body.message)
     try:
-        context["result"] = compute(body)
+        context["result"] = await compute(require_live(live), body)
     except (Refused, SaescopeError) as err:
         return _error_fragment(request, *error_answer(err))
-    return render(request, template, context)
+    return await run_in_threadpool(render, request, template, context)
 
 
 def _token_values(tokens: list[PromptTokenPublic], values: list[float]) -> list[PromptTokenValuePublic]:
@@ -202,23 +241,43 @@ def _error_fragment(
     include_in_schema=False,
     response_class=HTMLResponse,
 )
-def activations_fragment(
+async def activations_fragment(
     request: Request,
     sae: str,
-    session: SessionDep,
     live: LiveDep,
     body: Annotated[PromptRequest | FormProblem, form_of(PromptRequest)],
 ) -> Response:
-    def compute(body: PromptRequest) -> PromptActivationsPublic:
-        return require_live(live).activations(session=session, sae_name=sae, request=body)
-
-    return _fragment(
+    return await _fragment(
         request,
         "_partials/prompt_activations.html",
         body,
-        compute,
+        live,
+        lambda service, body: service.admitted(service.activations, sae_name=sae, request=body),
         sae_path=_sae_path(sae),
         token_values=_token_values,
+    )
+
+
+@router.post(
+    "/releases/{release}/-/fragments/prompt/activations",
+    include_in_schema=False,
+    response_class=HTMLResponse,
+)
+async def release_activations_fragment(
+    request: Request,
+    release: str,
+    live: LiveDep,
+    body: Annotated[PromptRequest | FormProblem, form_of(PromptRequest)],
+) -> Response:
+    return await _fragment(
+        request,
+        "_partials/prompt_release.html",
+        body,
+        live,
+        lambda service, body: service.admitted(
+            service.release_activations, release_name=release, request=body
+        ),
+        sae_path_of=_sae_path,
     )
 
 
@@ -227,35 +286,38 @@ def activations_fragment(
     include_in_schema=False,
     response_class=HTMLResponse,
 )
-def attribution_fragment(
+async def attribution_fragment(
     request: Request,
     sae: str,
-    session: SessionDep,
     live: LiveDep,
     body: Annotated[AttributionRequest | FormProblem, form_of(AttributionRequest)],
 ) -> Response:
-    def compute(body: AttributionRequest) -> AttributionPublic:
-        return require_live(live).attribution(session=session, sae_name=sae, request=body)
-
-    return _fragment(
-        request, "_partials/prompt_attribution.html", body, compute, sae_path=_sae_path(sae)
+    return await _fragment(
+        request,
+        "_partials/prompt_attribution.html",
+        body,
+        live,
+        lambda service, body: service.admitted(service.attribution, sae_name=sae, request=body),
+        sae_path=_sae_path(sae),
     )
 
 
 @router.post(
     "/saes/{sae}/-/fragments/prompt/steer", include_in_schema=False, response_class=HTMLResponse
 )
-def steer_fragment(
+async def steer_fragment(
     request: Request,
     sae: str,
-    session: SessionDep,
     live: LiveDep,
     body: Annotated[SteerRequest | FormProblem, form_of(SteerRequest)],
 ) -> Response:
-    def compute(body: SteerRequest) -> SteeringPublic:
-        return require_live(live).steer(session=session, sae_name=sae, request=body)
-
-    return _fragment(request, "_partials/prompt_steering.html", body, compute)
+    return await _fragment(
+        request,
+        "_partials/prompt_steering.html",
+        body,
+        live,
+        lambda service, body: service.admitted(service.steer, sae_name=sae, request=body),
+    )
 
 
 @router.post(
@@ -263,17 +325,19 @@ def steer_fragment(
     include_in_schema=False,
     response_class=HTMLResponse,
 )
-def feature_try_fragment(
+async def feature_try_fragment(
     request: Request,
     sae: str,
     index: FeatureIndex,
-    session: SessionDep,
     live: LiveDep,
     body: Annotated[FeatureTextRequest | FormProblem, form_of(FeatureTextRequest)],
 ) -> Response:
-    def compute(body: FeatureTextRequest) -> FeatureOnTextPublic:
-        return require_live(live).feature_on_text(
-            session=session, sae_name=sae, index=index, text=body.text
-        )
-
-    return _fragment(request, "_partials/feature_prompt_result.html", body, compute)
+    return await _fragment(
+        request,
+        "_partials/feature_prompt_result.html",
+        body,
+        live,
+        lambda service, body: service.admitted(
+            service.feature_on_text, sae_name=sae, index=index, text=body.text
+        ),
+    )

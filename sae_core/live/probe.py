@@ -2,7 +2,8 @@
 
 ``encode_prompt`` tokenises text the way contexts are tokenised (BOS first) or through the chat
 template; ``activations`` gives per token its strongest features and every feature ranked by its
-max over the prompt; ``feature_activations`` one feature on custom text. Special tokens (BOS, chat
+max over the prompt, and ``release_activations`` the same for several SAEs from one forward pass;
+``feature_activations`` one feature on custom text. Special tokens (BOS, chat
 markers) never count: their residuals are outliers the SAE was not trained on (REFERENCE §4).
 Attribution to an output token is in ``sae_core.live.attribution``, steering in ``sae_core.live.steering``.
 Nothing here knows HTTP; the web worker calls these functions from one thread.
@@ -10,7 +11,9 @@ Nothing here knows HTTP; the web worker calls these functions from one thread.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +26,8 @@ from sae_core.live.results import (
     PromptActivations,
     PromptToken,
     RankedFeature,
+    ReleaseActivations,
+    SaeActivations,
 )
 from sae_core.saes.sae import SAE
 
@@ -125,10 +130,40 @@ def check_feature(sae: SAE, feature: int) -> int:
 
 def _feature_acts(subject: Subject, sae: SAE, layer: int, prompt: Prompt) -> torch.Tensor:
     """(seq, d_sae) SAE activations on the prompt, zero at special tokens."""
-    x = subject.forward_to_layer(prompt.ids[None], layer)[0]  # (seq, d_model)
+    return _encode(sae, subject.forward_to_layer(prompt.ids[None], layer)[0], prompt)
+
+
+def _encode(sae: SAE, x: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+    """(seq, d_sae) activations of ``sae`` on the residual ``x`` (seq, d_model) of ``prompt``,
+    zero at special tokens."""
     with torch.no_grad():
         f = sae.encode(x.to(sae.W_dec.dtype))  # (seq, d_sae)
     return f.masked_fill(prompt.special_mask[:, None], 0.0)
+
+
+class _Firing(NamedTuple):
+    top_per_token: list[list[FeatureValue]]
+    ranked: list[RankedFeature]
+
+
+def _firing(f: torch.Tensor, *, per_token: int, top: int) -> _Firing:
+    """The ``per_token`` strongest features at each token of ``f`` (seq, d_sae), and the ``top``
+    features ranked by their max over the prompt."""
+    f = f.float()
+    values, indices = f.topk(min(per_token, f.shape[1]), dim=-1)  # (seq, per_token)
+    top_per_token = [
+        [FeatureValue(int(i), float(v)) for v, i in zip(row_v, row_i, strict=True) if v > 0]
+        for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+    max_values, max_positions = f.max(dim=0)  # (d_sae,)
+    n_firing = int((max_values > 0).sum())
+    best_values, best = max_values.topk(min(top, n_firing))
+    per_feature = f[:, best].T.tolist()  # (n, seq)
+    ranked = [
+        RankedFeature(int(i), float(v), int(max_positions[i]), row)
+        for i, v, row in zip(best.tolist(), best_values.tolist(), per_feature, strict=True)
+    ]
+    return _Firing(top_per_token, ranked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,21 +182,29 @@ def activations(
     """Which features fire on ``prompt``: the ``per_token`` strongest at each token and the ``top``
     features ranked by their max over the prompt (BOS and other special tokens excluded)."""
     prompt = as_prompt(subject, prompt)
-    f = _feature_acts(subject, sae, layer, prompt).float()  # (seq, d_sae)
-    values, indices = f.topk(min(per_token, sae.d_sae), dim=-1)  # (seq, per_token)
-    top_per_token = [
-        [FeatureValue(int(i), float(v)) for v, i in zip(row_v, row_i, strict=True) if v > 0]
-        for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
-    ]
-    max_values, max_positions = f.max(dim=0)  # (d_sae,)
-    n_firing = int((max_values > 0).sum())
-    best_values, best = max_values.topk(min(top, n_firing))
-    per_feature = f[:, best].T.tolist()  # (n, seq)
-    ranked = [
-        RankedFeature(int(i), float(v), int(max_positions[i]), row)
-        for i, v, row in zip(best.tolist(), best_values.tolist(), per_feature, strict=True)
-    ]
-    return PromptActivations(tokens=prompt.tokens, top_per_token=top_per_token, ranked=ranked)
+    firing = _firing(_feature_acts(subject, sae, layer, prompt), per_token=per_token, top=top)
+    return PromptActivations(
+        tokens=prompt.tokens, top_per_token=firing.top_per_token, ranked=firing.ranked
+    )
+
+
+def release_activations(
+    subject: Subject,
+    saes: Sequence[tuple[str, SAE, int]],
+    prompt: str | Prompt,
+    *,
+    per_token: int = 5,
+    top: int = 50,
+) -> ReleaseActivations:
+    """``activations`` for every (name, SAE, layer) of ``saes`` at once: one forward pass, stopped
+    after the deepest of their layers, and each SAE encodes the residual of its own layer."""
+    prompt = as_prompt(subject, prompt)
+    resid = subject.forward_to_layers(prompt.ids[None], [layer for _, _, layer in saes])
+    parts = []
+    for name, sae, layer in saes:
+        firing = _firing(_encode(sae, resid[layer][0], prompt), per_token=per_token, top=top)
+        parts.append(SaeActivations(name, layer, firing.top_per_token, firing.ranked))
+    return ReleaseActivations(tokens=prompt.tokens, saes=parts)
 
 
 def feature_activations(

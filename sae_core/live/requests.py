@@ -60,7 +60,20 @@ class SteerOp:
     generation: Generation
 
 
-LiveOp = ActivationsOp | FeatureOnTextOp | AttributionOp | SteerOp
+@dataclass(frozen=True)
+class ReleaseActivationsOp:
+    """Which features of each of several SAEs fire on a prompt, from one forward pass to the
+    deepest of their layers (``probe.release_activations``): the SAEs of one release, named by
+    the web side, which reads the release from the store."""
+
+    release: str  # for messages
+    saes: tuple[str, ...]
+    text: str
+    per_token: int  # strongest features listed per token, in each SAE
+    top: int  # features in each SAE's ranking
+
+
+LiveOp = ActivationsOp | FeatureOnTextOp | AttributionOp | SteerOp | ReleaseActivationsOp
 
 
 @dataclass(frozen=True)

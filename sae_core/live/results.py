@@ -41,6 +41,22 @@ class PromptActivations:
 
 
 @dataclass
+class SaeActivations:
+    """One SAE's part of ``ReleaseActivations``: what ``PromptActivations`` says, for its layer."""
+
+    sae: str
+    layer: int
+    top_per_token: list[list[FeatureValue]]
+    ranked: list[RankedFeature]
+
+
+@dataclass
+class ReleaseActivations:
+    tokens: list[PromptToken]
+    saes: list[SaeActivations]  # in the order asked
+
+
+@dataclass
 class FeatureOnText:
     feature: int
     tokens: list[PromptToken]

@@ -18,7 +18,9 @@ from tests.app.synthetic_store import SCRIPT
 from tests.conftest import postgres_schema
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def family_url(request, tmp_path_factory) -> Iterator[str]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('family') / 'store.db'}"
@@ -36,7 +38,9 @@ def family_url(request, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(family_url) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(db_url=family_url, live=False)), raise_server_exceptions=False) as c:
+    with TestClient(
+        create_app(Settings(db_url=family_url, live=False)), raise_server_exceptions=False
+    ) as c:
         yield c
 
 
@@ -50,12 +54,20 @@ def test_the_feature_json_names_parents_and_children(client):
     children = [(c["sae"], c["feature"]["index"]) for c in family["children"]]
     assert children == list(FAMILY.children)  # by cosine; the weak link is not this feature's
     first = family["children"][0]
-    assert (first["cosine"], first["n_both"], first["n_self"], first["n_other"]) == (0.91, 50, 100, 60)
+    assert (first["cosine"], first["n_both"], first["n_self"], first["n_other"]) == (
+        0.91,
+        50,
+        100,
+        60,
+    )
     assert first["jaccard"] == pytest.approx(50 / (100 + 60 - 50))
     assert first["feature"]["label"] == f"{SCRIPT} tags" and first["feature"]["snippet"]
     sae, index = FAMILY.grandchild  # two parents, each with the other side's counts
     parents = client.get(f"/api/v1/saes/{sae}/features/{index}").json()["family"]["parents"]
-    assert [(p["feature"]["index"], p["n_self"], p["n_other"]) for p in parents] == [(10, 25, 45), (11, 25, 35)]
+    assert [(p["feature"]["index"], p["n_self"], p["n_other"]) for p in parents] == [
+        (10, 25, 45),
+        (11, 25, 35),
+    ]
 
 
 def test_a_feature_without_links_has_no_family(client):
@@ -87,11 +99,26 @@ def test_the_family_graph_has_the_planted_nodes_and_edges(client):
     assert edges == {(0, 1): 0.91, (0, 2): 0.85, (0, 3): 0.62, (2, 4): 0.80, (3, 4): 0.70}
     assert {s["child"]: s["parent"] for s in graph["splits"]} == {1: 0, 2: 0, 3: 0, 4: 2}
     # thresholds and the other measure
-    strict = client.get(f"/api/v1/saes/{sae}/features/{index}/family", params={"threshold": 0.8}).json()
-    assert [(n["sae"], n["index"]) for n in strict["nodes"]] == [FAMILY.parent, ("tiny-96", 0), ("tiny-96", 10), FAMILY.grandchild]
-    params = {"by": "jaccard", "threshold": 0.35}  # 50/110 and 40/105 from the parent, 20/50 from 96:10
+    strict = client.get(
+        f"/api/v1/saes/{sae}/features/{index}/family", params={"threshold": 0.8}
+    ).json()
+    assert [(n["sae"], n["index"]) for n in strict["nodes"]] == [
+        FAMILY.parent,
+        ("tiny-96", 0),
+        ("tiny-96", 10),
+        FAMILY.grandchild,
+    ]
+    params = {
+        "by": "jaccard",
+        "threshold": 0.35,
+    }  # 50/110 and 40/105 from the parent, 20/50 from 96:10
     by_jaccard = client.get(f"/api/v1/saes/{sae}/features/{index}/family", params=params).json()
-    assert [(n["sae"], n["index"]) for n in by_jaccard["nodes"]] == [FAMILY.parent, ("tiny-96", 0), ("tiny-96", 10), FAMILY.grandchild]
+    assert [(n["sae"], n["index"]) for n in by_jaccard["nodes"]] == [
+        FAMILY.parent,
+        ("tiny-96", 0),
+        ("tiny-96", 10),
+        FAMILY.grandchild,
+    ]
     assert {(e["source"], e["target"]) for e in by_jaccard["edges"]} == {(0, 1), (0, 2), (2, 3)}
     assert all(e["weight"] == pytest.approx(e["jaccard"]) for e in by_jaccard["edges"])
 
@@ -100,7 +127,9 @@ def test_the_family_page_draws_an_escaped_svg(client):
     sae, index = FAMILY.parent
     response = client.get(f"/saes/{sae}/features/{index}/family")
     assert response.status_code == 200
-    assert response.headers["link"].startswith(f"</api/v1/saes/{sae}/features/{index}/family?by=cosine")
+    assert response.headers["link"].startswith(
+        f"</api/v1/saes/{sae}/features/{index}/family?by=cosine"
+    )
     page = response.text
     svg = page[page.index("<svg") : page.index("</svg>")]
     assert svg.count("<circle") == 5 and svg.count('<line class="edge"') == 5
@@ -143,18 +172,28 @@ def test_the_map_page_embeds_its_points_escaped(client):
     assert response.status_code == 200
     page = response.text
     assert SCRIPT not in page
-    data = page[page.index('id="map-data">') + len('id="map-data">') : page.index("</script>", page.index('id="map-data">'))]
+    data = page[
+        page.index('id="map-data">') + len('id="map-data">') : page.index(
+            "</script>", page.index('id="map-data">')
+        )
+    ]
     assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e tags" in data
     assert len(json.loads(data)["index"]) == 48 + 96 + 192
 
 
 def test_a_search_over_the_release_names_each_sae(client):
-    found = client.get(f"/api/v1/releases/{FAMILY.release}/features", params={"q": "capital cit", "limit": 5}).json()
+    found = client.get(
+        f"/api/v1/releases/{FAMILY.release}/features", params={"q": "capital cit", "limit": 5}
+    ).json()
     assert [s["sae"] for s in found["saes"]] == ["tiny-48", "tiny-96", "tiny-192"]
     for sae in found["saes"]:
-        one = client.get(f"/api/v1/saes/{sae['sae']}/features", params={"q": "capital cit", "limit": 5}).json()
+        one = client.get(
+            f"/api/v1/saes/{sae['sae']}/features", params={"q": "capital cit", "limit": 5}
+        ).json()
         assert sae["results"] == one and one["count"] > 0  # the same as searching that SAE alone
-    by_token = client.get(f"/api/v1/releases/{FAMILY.release}/features", params={"token": "Paris"}).json()
+    by_token = client.get(
+        f"/api/v1/releases/{FAMILY.release}/features", params={"token": "Paris"}
+    ).json()
     assert all([f["index"] for f in s["results"]["data"]] == [3, 1, 2] for s in by_token["saes"])
     assert client.get("/api/v1/releases/nope/features", params={"q": "x"}).status_code == 404
 
@@ -178,7 +217,10 @@ def test_the_map_is_built_once_and_rebuilt_when_a_label_changes(tmp_path):
         built.append(args[2:4])
         return real_build(*args)
 
-    with pytest.MonkeyPatch.context() as patch, TestClient(create_app(Settings(db_url=url, live=False))) as client:
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        TestClient(create_app(Settings(db_url=url, live=False))) as client,
+    ):
         patch.setattr(feature_map, "_build_map", counting_build)
         first = client.get(f"/api/v1/releases/{FAMILY.release}/map").json()
         assert client.get(f"/api/v1/releases/{FAMILY.release}/map").json() == first
@@ -186,9 +228,19 @@ def test_the_map_is_built_once_and_rebuilt_when_a_label_changes(tmp_path):
         assert len(built) == 1  # the API twice and the page: one build
         sae, index = FAMILY.parent
         with Session(engine) as session:
-            set_human_label(session, sae=find_sae(session, sae), idx=index, label="relabelled by hand", author="test")
+            set_human_label(
+                session,
+                sae=find_sae(session, sae),
+                idx=index,
+                label="relabelled by hand",
+                author="test",
+            )
             session.commit()
         again = client.get(f"/api/v1/releases/{FAMILY.release}/map").json()
-        position = next(i for i, (s, f) in enumerate(zip(again["sae"], again["index"])) if again["saes"][s]["name"] == sae and f == index)
+        position = next(
+            i
+            for i, (s, f) in enumerate(zip(again["sae"], again["index"], strict=True))
+            if again["saes"][s]["name"] == sae and f == index
+        )
         assert again["label"][position] == "relabelled by hand" and len(built) == 2
     engine.dispose()

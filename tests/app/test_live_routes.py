@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
+import anyio.to_thread
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app import queries
+from app.live.admission import LivePlaces
 from app.main import create_app
 from app.settings import Settings
 from sae_core.inputs.subject import load_subject
@@ -145,6 +147,53 @@ def test_a_refused_request_is_refused_before_any_work(client, monkeypatch):
             assert response.status_code == 503, path
             assert int(response.headers["retry-after"]) >= 1
     assert work == []
+
+
+def test_a_refusal_with_every_place_held_touches_nothing_of_the_work(client, monkeypatch):
+    """Admission on the event loop, before anything is awaited: with every place held (here by
+    a second LivePlaces on the same folder, as another web worker would), each live request is
+    503 with Retry-After without asking the model side, opening a session or taking a worker
+    thread."""
+    service = client.app.state.live
+    touched = []
+    call, sessions, run_sync = service.backend.call, service.sessions, anyio.to_thread.run_sync
+
+    def recorded(what: str, fn):
+        def record(*args, **kwargs):
+            touched.append(what)
+            return fn(*args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(service.backend, "call", recorded("model side", call))
+    monkeypatch.setattr(service, "sessions", recorded("store session", sessions))
+
+    async def on_a_thread(*args, **kwargs):
+        touched.append("worker thread")
+        return await run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", on_a_thread)
+    requests = [
+        ("/api/v1/saes/{sae}/activations", {"json": {"text": TEXT}}),
+        ("/api/v1/saes/{sae}/features/1/activations", {"json": {"text": TEXT}}),
+        ("/api/v1/saes/{sae}/attribution", {"json": {"text": TEXT, "token": " Paris"}}),
+        ("/api/v1/saes/{sae}/steer", {"json": {"text": TEXT, "features": [{"index": 1, "strength": 4}]}}),
+        ("/saes/{sae}/-/fragments/prompt/activations", {"data": {"text": TEXT}}),
+        ("/saes/{sae}/-/fragments/features/1/try", {"data": {"text": TEXT}}),
+    ]
+    other_worker = LivePlaces(service.places.folder, service.places.size)
+    with ExitStack() as held:
+        for _ in range(other_worker.size):
+            held.enter_context(other_worker.hold())
+        for path, body in requests:
+            response = client.post(path.format(sae=SAE), **body)
+            assert response.status_code == 503, path
+            assert int(response.headers["retry-after"]) >= 1
+            assert "busy" in response.text
+    assert touched == []
+    response = client.post(f"/api/v1/saes/{SAE}/features/1/activations", json={"text": TEXT})
+    assert response.status_code == 200  # places free again: the same request does the work
+    assert {"model side", "store session", "worker thread"} <= set(touched)
 
 
 def test_a_request_past_its_time_limit_is_504(store_url, llama_dir):

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from app.live.worker import LiveWorker, WorkerBusy, WorkerStopped, WorkerTimeout
+from app.live.admission import LivePlaces
+from app.live.worker import LiveRefused, LiveWorker, WorkerBusy, WorkerStopped, WorkerTimeout
 
 
 @pytest.fixture
@@ -89,3 +90,17 @@ def test_stop_cancels_queued_jobs_and_refuses_new_ones():
     assert queued.cancelled()
     with pytest.raises(WorkerStopped):
         worker.submit(lambda: None)
+
+
+def test_live_places_are_shared_through_their_folder_and_refuse_at_once_when_all_held(tmp_path):
+    """Two LivePlaces on one folder count together, as the web workers of one server do: each
+    opens its own lock files, like another process."""
+    one, other = LivePlaces(tmp_path, 2), LivePlaces(tmp_path, 2)
+    with one.hold(), other.hold():
+        for places in (one, other):
+            with pytest.raises(LiveRefused) as refused, places.hold():
+                pass
+            assert refused.value.status == 503
+            assert refused.value.retry_after_s >= 1
+    with one.hold(), one.hold():  # given back when their blocks end
+        pass

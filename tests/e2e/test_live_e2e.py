@@ -9,7 +9,8 @@ import pytest
 from app.main import create_app
 from app.settings import Settings
 from tests.app.server_process import serving_app
-from tests.live_support import LIVE_STORE, build_live_store
+from tests.graph_support import GRAPH_LAYERS, build_graph_store
+from tests.live_support import LIVE_STORE, build_live_store, label_every_feature
 
 pytestmark = pytest.mark.e2e
 SAE = LIVE_STORE.sae_name
@@ -48,3 +49,29 @@ def test_an_overlong_prompt_shows_the_limit(page, server):
     error = page.locator("#prompt-result .live-error")
     error.wait_for()
     assert "at most 256" in error.inner_text()
+
+
+@pytest.fixture(scope="module")
+def release_server(tmp_path_factory, llama_dir) -> Iterator[str]:
+    """A release of SAEs on three layers, its features labelled with a planted tag."""
+    url = build_graph_store(tmp_path_factory.mktemp("release-e2e"))
+    label_every_feature(url, "<script>alert(1)</script>")
+    app = create_app(Settings(db_url=url, model=str(llama_dir), live=True))
+    with serving_app(app) as base:
+        yield base
+
+
+def test_every_sae_of_the_release_on_the_prompt_page(page, release_server):
+    page.goto(f"{release_server}/saes/{SAE}/prompt")
+    page.fill("#prompt-text", "Paris <script>alert(2)</script> is the capital of France.")
+    page.click("#release-form button[type=submit]")
+    sections = page.locator("#release-result section.release-sae")
+    sections.first.wait_for()
+    assert sections.count() == len(GRAPH_LAYERS)
+    labelled = page.locator(f'#release-result section[data-sae="{SAE}"] td.label').first
+    assert labelled.inner_text().startswith("<script>alert(1)</script>")  # shown as text
+    link = sections.first.locator("table.ranked a").first
+    href = link.get_attribute("href")
+    assert href.startswith("/saes/") and "/features/" in href
+    link.click()
+    page.wait_for_url(f"{release_server}{href}")
