@@ -318,7 +318,7 @@ class TrianglePairs:
 
     @staticmethod
     def fits(n_features: int, memory_budget: int) -> bool:
-        """Whether the triangle takes at most an eighth of the budget (F <= 8,192 at 1 GiB)."""
+        """Whether the triangle takes at most an eighth of the budget (F <= 4,096 at the default 256 MiB)."""
         return 4 * n_features * (n_features - 1) // 2 <= memory_budget // 8
 
     def add(self, keys: torch.Tensor) -> None:
