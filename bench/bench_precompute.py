@@ -33,6 +33,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -150,9 +151,10 @@ class Measured(NamedTuple):
 
 
 def in_child(work, *args):
-    """``work(*args)`` in a fresh process, as a separate command would run."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(work, args)
+    """``work(*args)`` in a fresh process, as a separate command would run (not a daemon: the
+    command's labelling starts worker processes of its own)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(work, *args).result()
 
 
 def bare_forward(tokens: int, batch_size: int) -> Measured:
