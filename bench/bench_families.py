@@ -105,7 +105,7 @@ def main() -> None:
     subject = load_subject(MODEL)
     saes = [load_sae(p) for p in args.saes] if args.saes else [random_topk_sae(w, subject.d_model, i) for i, w in enumerate(WIDTHS)]
     contexts = build_contexts("default", subject.tokenizer, ctx_len=CTX_LEN, seed=0, max_contexts=args.tokens // CTX_LEN)
-    stats = [StreamingStats(s.d_sae, subject.vocab_size, top_k=20, per_bin=5, max_active=64, seed=0) for s in saes]
+    stats = [StreamingStats(s.d_sae, subject.vocab_size, top_k=20, per_bin=5, max_active=64, seed=0, memory_budget=BUDGET) for s in saes]
     cofiring = CoFiring([s.d_sae for s in saes], max_active=64, memory_budget=BUDGET)
     dense = sum(c.dense is not None for c in cofiring.pairs.values())
     print(f"{len(contexts)} contexts, SAEs {[s.d_sae for s in saes]}, {dense}/{len(cofiring.pairs)} co-firing tables dense")

@@ -1,208 +1,264 @@
-"""Benchmark: precompute throughput against the bare forward pass, memory, store size, write time.
+"""Benchmark: the whole `saescope precompute` command against the bare forward pass, side by side.
 
-On the default model (SmolLM2-135M, layer 15) with a TopK SAE of width 8192, k = 32 (a trained one
-from runs/ when given with --sae, else random-init), over the same default-corpus contexts:
+On SmolLM2-135M layer 15 and the default corpus, the same tokens for every side, each side in a
+fresh process (as a user runs it):
 
-- bare forward: ``iter_activations`` (forward to layer 15 only) over the contexts, nothing else,
-  once before and once after the precompute (the mean, since other load on the machine drifts);
-- precompute: ``run_precompute`` end to end into a fresh SQLite store (first pass, results,
-  second pass, writes), with the time of each phase;
-- peak resident memory of the process (includes the model);
-- bytes per feature in the store (SQLite's dbstat, every table except the shared vocabulary);
-- the same rows bulk-written to a fresh SQLite file and to PostgreSQL (own schema, dropped after).
+- bare forward: the subject to layer 15 over the contexts and nothing else (model load and corpus
+  excluded), before the commands and again after them (the mean: other load on the machine drifts);
+- one SAE: ``saescope precompute --sae <TopK, 4,096 wide>``, the whole command from its first line
+  (model load, the pass, results, writes, and labels, on by default as in the command);
+- a release: ``saescope precompute`` over three TopK SAEs (1,024 / 4,096 / 16,384 wide) on layer 15.
 
-Targets: precompute >= 0.8x the bare forward's tokens/s; <= 16 KB per feature.
+For each command: tokens per second against the bare forward's, wall time and CPU-seconds split
+into load (everything else), forward (the subject), SAE (encoding, accumulators, spill,
+checkpoints, co-firing), tail (per-SAE results, pass 2, writes, families) and labels (their worker
+processes' CPU included); the peak resident memory of the precompute (labels excluded; the model's
+share is the bare forward's peak) and of the whole command; the resident memory after 25, 50, 75
+and 100% of the pass, which shows how memory grows with the tokens; the store's bytes per feature.
 
-    python bench/bench_precompute.py [--tokens 16384] [--sae runs/...]
+Targets (issue 17): the command >= 0.8x the bare forward's tokens/s, one SAE and the release;
+peak <= 1.2 GB for one 4,096-wide SAE at 100k tokens, growing sub-linearly with the tokens.
+
+    python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
+import multiprocessing
+import os
 import resource
+import sqlite3
 import tempfile
+import threading
 import time
-import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
-import sqlalchemy as sa
-import torch
-
-import sae_core.precompute.run as precompute
-from sae_core.inputs.activations import iter_activations
-from sae_core.inputs.corpus import build_contexts
-from sae_core.inputs.subject import load_subject
-from sae_core.precompute.config import PrecomputeConfig
-from sae_core.precompute.job import run_precompute
-from sae_core.precompute.writer import insert_rows
-from sae_core.saes.sae import SAE, SAEConfig
-from sae_core.store.db import (
-    ContextRow,
-    ExampleRow,
-    FeatureRow,
-    TokenFeatureRow,
-    create_engine_for,
-    migrate,
-)
-
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MODEL, LAYER, CTX_LEN = "smollm2-135m", 15, 64
+WIDTHS = (1024, 4096, 16384)
+PASS_MARKS = (0.25, 0.5, 0.75, 1.0)  # fractions of the pass at which resident memory is reported
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="corpus tokens for both runs")
-    parser.add_argument("--sae", default=None, help="a trained SAE folder (default: random TopK 8192, k=32)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--pg", default=PG_URL, help="PostgreSQL URL for the write comparison ('' to skip)")
+    parser.add_argument("--tokens", type=int, default=100_000, help="corpus tokens for every side")
+    parser.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    parser.add_argument("--sae", default=None, help="the one SAE (default: random-init TopK, 4,096 wide, k = 32)")
+    parser.add_argument("--release", nargs="+", default=None, help="the release's SAE folders (default: random-init TopK 1k/4k/16k)")
+    parser.add_argument("--label", action=argparse.BooleanOptionalAction, default=True, help="the command's labelling (default: on, as in the command)")
+    parser.add_argument("--only", choices=("one", "release"), help="run one of the two commands")
     return parser.parse_args()
 
 
-def random_topk_sae(folder: Path, d_model: int) -> Path:
+def random_sae(folder: Path, width: int) -> str:
     """Anthropic/OpenAI init: unit decoder rows, W_enc = W_dec^T."""
-    torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=d_model, d_sae=8192, architecture="topk", k=32, model_name=MODEL, layer=LAYER))
-    sae.W_dec.data = torch.nn.functional.normalize(torch.randn(8192, d_model), dim=1)
+    import torch
+
+    from sae_core.saes.sae import SAE, SAEConfig
+
+    torch.manual_seed(width)
+    sae = SAE(SAEConfig(d_in=576, d_sae=width, architecture="topk", k=32, model_name=MODEL, layer=LAYER))
+    sae.W_dec.data = torch.nn.functional.normalize(torch.randn(width, 576), dim=1)
     sae.W_enc.data = sae.W_dec.data.T.clone()
-    return sae.save(folder)
+    return str(sae.save(folder / f"topk-{width}"))
 
 
-class PhaseTimer:
-    """Wraps module functions to add up their wall time."""
+class Clock(NamedTuple):
+    wall: float
+    cpu: float  # this process, all its threads, plus its waited-for children
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def wrap(self, module, name: str):
-        original = getattr(module, name)
+def now() -> Clock:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Clock(time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Phases:
+    """Adds up the wall time and CPU-seconds spent inside wrapped functions, per phase; tracks the
+    peak resident memory (sampled) and the memory at marks of the pass."""
+
+    def __init__(self, total_batches: int):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.total_batches = total_batches
+        self.batches = 0
+        self.pass_rss: dict[float, float] = {}
+        self.peak = 0.0
+        self.peak_before_labels = 0.0
+        self.labelling = False
+        self._active = False  # a phase is running: nested wrapped calls are not counted twice
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss = rss_mb()
+            self.peak = max(self.peak, rss)
+            if not self.labelling:
+                self.peak_before_labels = max(self.peak_before_labels, rss)
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wrap(self, owner, name: str, phase: str) -> None:
+        original = getattr(owner, name)
 
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            if self._active:
+                return original(*args, **kwargs)
+            self._active = True
+            self.labelling = phase == "labels"
+            start = now()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                end = now()
+                self.wall[phase] = self.wall.get(phase, 0.0) + end.wall - start.wall
+                self.cpu[phase] = self.cpu.get(phase, 0.0) + end.cpu - start.cpu
+                self._active = False
+                if phase == "forward":
+                    self._count_batch()
 
-        setattr(module, name, timed)
-        try:
-            yield
-        finally:
-            setattr(module, name, original)
+        setattr(owner, name, timed)
+
+    def _count_batch(self) -> None:
+        self.batches += 1
+        for mark in PASS_MARKS:
+            if mark not in self.pass_rss and self.batches >= mark * self.total_batches:
+                self.pass_rss[mark] = rss_mb()
 
 
-def bare_forward(subject, contexts, batch_size: int) -> float:
-    start = time.perf_counter()
-    for _ in iter_activations(subject, LAYER, contexts, batch_size=batch_size, progress=False):
+class Measured(NamedTuple):
+    n_tokens: int
+    wall: float
+    cpu: float
+    phase_wall: dict[str, float]
+    phase_cpu: dict[str, float]
+    peak_precompute_mb: float
+    peak_mb: float
+    pass_rss: dict[float, float]
+    load: tuple[float, float]  # 1-minute load average at start and end
+    store_bytes_per_feature: float
+
+
+def in_child(work, *args):
+    """``work(*args)`` in a fresh process, as a separate command would run (not a daemon: the
+    command's labelling starts worker processes of its own)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(work, *args).result()
+
+
+def bare_forward(tokens: int, batch_size: int) -> Measured:
+    import torch  # noqa: F401
+
+    from sae_core.inputs.activations import iter_layer_activations
+    from sae_core.inputs.corpus import build_contexts
+    from sae_core.inputs.subject import load_subject
+
+    subject = load_subject(MODEL)
+    contexts = build_contexts("default", subject.tokenizer, ctx_len=CTX_LEN, max_contexts=math.ceil(tokens / CTX_LEN))
+    load = os.getloadavg()[0]
+    start = now()
+    for _ in iter_layer_activations(subject, [LAYER], contexts, batch_size=batch_size, progress=False):
         pass
-    return time.perf_counter() - start
+    end = now()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    wall, cpu = end.wall - start.wall, end.cpu - start.cpu
+    return Measured(contexts.n_tokens, wall, cpu, {"forward": wall}, {"forward": cpu}, peak, peak, {}, (load, os.getloadavg()[0]), 0.0)
 
 
-def bytes_per_table(db_path: Path) -> dict[str, int]:
-    engine = sa.create_engine(f"sqlite:///{db_path}")
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql("select name, sum(pgsize) from dbstat group by name").all()
-    engine.dispose()
-    return dict(rows)
+def command(sae_paths: list[str], db_path: str, tokens: int, batch_size: int, label: bool) -> Measured:
+    """``saescope precompute`` through the CLI's own entry point, with its phases timed."""
+    import sae_core.precompute.run as run
+    from sae_core.cli import main
+    from sae_core.inputs.subject import Subject
+    from sae_core.labels import run as labels
+    from sae_core.precompute.spill import SpillWriter
+    from sae_core.precompute.stats import StreamingStats
+
+    phases = Phases(total_batches=math.ceil(math.ceil(tokens / CTX_LEN) / batch_size))
+    phases.wrap(Subject, "forward_to_layers", "forward")
+    for owner, name in ((run, "encode_batch"), (StreamingStats, "update"), (SpillWriter, "append"), (run, "save_checkpoint")):
+        phases.wrap(owner, name, "SAE")
+    phases.wrap(run.Feed, "update", "SAE")  # co-firing across the SAEs of a layer, inside the pass
+    for name in ("finish", "publish_feeds", "run_families"):
+        phases.wrap(run, name, "tail")
+    phases.wrap(labels, "label_sae", "labels")
+    argv = ["precompute", "--db", f"sqlite:///{db_path}", "--tokens", str(tokens), "--batch-size", str(batch_size), "--model", MODEL]
+    argv += [arg for path in sae_paths for arg in ("--sae", path)] + ([] if label else ["--no-label"])
+    load = os.getloadavg()[0]
+    start = now()
+    code = main(argv)
+    end = now()
+    phases.stop()
+    if code:
+        raise SystemExit(f"saescope precompute exited with {code}")
+    n_tokens, n_features, store_bytes = store_size(db_path)
+    wall, cpu = end.wall - start.wall, end.cpu - start.cpu
+    phases.wall["load"] = wall - sum(phases.wall.values())
+    phases.cpu["load"] = cpu - sum(phases.cpu.values())
+    return Measured(
+        n_tokens, wall, cpu, phases.wall, phases.cpu, phases.peak_before_labels, max(phases.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        phases.pass_rss, (load, os.getloadavg()[0]), store_bytes / max(n_features, 1),
+    )  # fmt: skip
 
 
-def read_rows(db_url: str) -> dict:
-    engine = create_engine_for(db_url)
-    with engine.connect() as conn:
-        rows = {t: [dict(r) for r in conn.execute(sa.select(t.__table__)).mappings()] for t in (FeatureRow, ExampleRow, ContextRow, TokenFeatureRow)}
-    engine.dispose()
-    return rows
+def store_size(db_path: str) -> tuple[int, int, int]:
+    """Tokens of the first SAE, features of all, and the store's bytes less the shared vocabulary."""
+    with sqlite3.connect(db_path) as conn:
+        n_tokens, n_features = conn.execute("select min(n_tokens), sum(d_sae) from saes").fetchone()
+        sizes = dict(conn.execute("select name, sum(pgsize) from dbstat group by name").fetchall())
+    return n_tokens, n_features, sum(size for name, size in sizes.items() if "vocab" not in name)
 
 
-def timed_write(db_url: str, rows: dict) -> float:
-    """Write the precomputed rows into a fresh store in one transaction, like publish() does."""
-    engine = create_engine_for(db_url)
-    migrate(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "insert into subject_models (id, name, source, architecture, d_model, n_layers, vocab_size, created_at) "
-            "values (1, 'm', 's', 'a', 1, 1, 1, CURRENT_TIMESTAMP)"
-        )
-        conn.exec_driver_sql(
-            "insert into saes (id, name, model_id, layer, hook_name, architecture, d_in, d_sae, path, train_cfg, metrics, "
-            "corpus, precompute_cfg, n_tokens, density_hist, status, created_at) values "
-            "(1, 's', 1, 0, 'h', 'topk', 1, 1, 'p', '{}', '{}', '{}', '{}', 0, '{}', 'running', CURRENT_TIMESTAMP)"
-        )
-    start = time.perf_counter()
-    with engine.begin() as conn:
-        for table, table_rows in rows.items():
-            insert_rows(conn, table, ({**r, "sae_id": 1} for r in table_rows))
-    seconds = time.perf_counter() - start
-    engine.dispose()
-    return seconds
+def report(title: str, measured: Measured, bare_tok_s: float) -> None:
+    tok_s = measured.n_tokens / measured.wall
+    print(f"\n{title}: {measured.n_tokens} tokens, load {measured.load[0]:.1f}..{measured.load[1]:.1f}")
+    print(f"  whole command : {tok_s:7.0f} tok/s, {measured.wall:6.1f} s wall, {measured.cpu:6.1f} CPU-s: "
+          f"{tok_s / bare_tok_s:.2f}x the bare forward (target >= 0.8x)")  # fmt: skip
+    for phase in ("load", "forward", "SAE", "tail", "labels"):
+        if phase in measured.phase_wall:
+            print(f"    {phase:8s} {measured.phase_wall[phase]:7.1f} s wall {measured.phase_cpu[phase]:7.1f} CPU-s "
+                  f"({measured.phase_cpu[phase] / measured.cpu:4.0%} of the CPU)")  # fmt: skip
+    no_labels = measured.wall - measured.phase_wall.get("labels", 0.0)
+    print(f"  without labels: {measured.n_tokens / no_labels:7.0f} tok/s, {(measured.n_tokens / no_labels) / bare_tok_s:.2f}x the bare forward")
+    marks = ", ".join(f"{mark:.0%} {rss:.0f}" for mark, rss in sorted(measured.pass_rss.items()))
+    print(f"  memory: peak {measured.peak_precompute_mb:.0f} MB in precompute, {measured.peak_mb:.0f} MB with labels; "
+          f"resident through the pass (MB): {marks}")  # fmt: skip
+    print(f"  store: {measured.store_bytes_per_feature / 1024:.1f} KiB per feature")
 
 
 def main() -> None:
     args = parse_args()
-    subject = load_subject(MODEL)
-    n_contexts = args.tokens // CTX_LEN
-    contexts = build_contexts("default", subject.tokenizer, ctx_len=CTX_LEN, max_contexts=n_contexts)
-    n_tokens = contexts.n_tokens
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sae_path = Path(args.sae) if args.sae else random_topk_sae(tmp / "sae", subject.d_model)
-        for _ in iter_activations(subject, LAYER, contexts, batch_size=args.batch_size, stop=args.batch_size, progress=False):
-            pass  # warm-up: first-call allocations count against neither side
-        bare_before = bare_forward(subject, contexts, args.batch_size)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        timer = PhaseTimer()
-        db_path = tmp / "store.db"
-        cfg = PrecomputeConfig(
-            sae_paths=[str(sae_path)], db_url=f"sqlite:///{db_path}", model=MODEL, layer=LAYER, tokens=args.tokens,
-            batch_size=args.batch_size, progress=False,
-        )
-        with (
-            timer.wrap(precompute, "first_pass"),
-            timer.wrap(precompute, "collect_results"),
-            timer.wrap(precompute, "publish"),
-        ):
-            start = time.perf_counter()
-            [result] = run_precompute(cfg)
-            total = time.perf_counter() - start
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        bare_after = bare_forward(subject, contexts, args.batch_size)  # the machine's load drifts
-        bare = (bare_before + bare_after) / 2
-        sizes = bytes_per_table(db_path)
-        vocab_bytes = sum(v for k, v in sizes.items() if "vocab" in k)
-        store_bytes = sum(sizes.values()) - vocab_bytes
-        rows = read_rows(cfg.db_url)
-        sqlite_write = timed_write(f"sqlite:///{tmp / 'write.db'}", rows)
-        pg_write = write_postgres(args.pg, rows) if args.pg else None
-
-    n_rows = sum(len(r) for r in rows.values())
-    print(f"device: CPU, {torch.get_num_threads()} threads; {MODEL} layer {LAYER}; SAE width {result.n_features}")
-    print(f"tokens: {n_tokens} (counted {result.n_tokens}) in {len(contexts)} contexts of {CTX_LEN}")
-    print(f"bare forward-to-layer : {n_tokens / bare:8.0f} tok/s (mean of {bare_before:.1f} s before and {bare_after:.1f} s after)")
-    print(f"precompute end to end : {result.n_tokens / total:8.0f} tok/s ({total:.1f} s)  ratio {bare / total:.2f}x (target >= 0.8x)")
-    for phase, seconds in timer.seconds.items():
-        print(f"    {phase:16s} {seconds:6.1f} s")
-    streaming = timer.seconds["first_pass"]
-    print(f"first pass alone      : {result.n_tokens / streaming:8.0f} tok/s  ratio {bare / streaming:.2f}x "
-          f"(the rest, {total - streaming:.0f} s, is per SAE and does not grow with the tokens)")
-    print(f"peak RSS: {rss_before / 1024:.0f} MiB after the bare forward, {rss_after / 1024:.0f} MiB after precompute")
-    print(f"store: {store_bytes / result.n_features / 1024:.1f} KB per feature (target <= 16 KB); vocabulary {vocab_bytes / 1024:.0f} KB once per model")
-    for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:6]:
-        print(f"    {name:28s} {size / 1024:8.0f} KB")
-    print(f"bulk write of {n_rows} rows: SQLite {sqlite_write:.2f} s" + (f", PostgreSQL {pg_write:.2f} s" if pg_write is not None else ""))
-
-
-def write_postgres(pg_url: str, rows: dict) -> float:
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"create schema {schema}")
-    try:
-        return timed_write(f"{pg_url}?options=-csearch_path%3D{schema}", rows)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"drop schema {schema} cascade")
-        admin.dispose()
+        one = [args.sae or in_child(random_sae, tmp, 4096)]
+        release = args.release or [in_child(random_sae, tmp, width) for width in WIDTHS]
+        print(f"{os.cpu_count()} CPUs; {MODEL} layer {LAYER}; {args.tokens} tokens in batches of {args.batch_size} x {CTX_LEN}; "
+              f"labels {'on' if args.label else 'off'}")  # fmt: skip
+        before = in_child(bare_forward, args.tokens, args.batch_size)
+        runs = {}
+        if args.only != "release":
+            runs["one SAE (4,096)"] = in_child(command, one, str(tmp / "one.db"), args.tokens, args.batch_size, args.label)
+        if args.only != "one":
+            runs["release (1k, 4k, 16k)"] = in_child(command, release, str(tmp / "release.db"), args.tokens, args.batch_size, args.label)
+        after = in_child(bare_forward, args.tokens, args.batch_size)
+    bare_wall = (before.wall + after.wall) / 2
+    bare_tok_s = before.n_tokens / bare_wall
+    print(f"\nbare forward: {bare_tok_s:7.0f} tok/s (mean of {before.wall:.1f} s, load {before.load[0]:.1f}, and {after.wall:.1f} s, "
+          f"load {after.load[0]:.1f}); {before.cpu:.1f} and {after.cpu:.1f} CPU-s; peak {max(before.peak_mb, after.peak_mb):.0f} MB "
+          "(the model's share)")  # fmt: skip
+    for title, measured in runs.items():
+        report(title, measured, bare_tok_s)
 
 
 if __name__ == "__main__":

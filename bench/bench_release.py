@@ -14,7 +14,7 @@ Every timed side runs in a fresh process, as separate ``saescope`` commands woul
 included), and reports its wall time, its peak resident memory and the 1-minute load average at
 its start and end. The SAEs are random-init (the cost does not depend on what they learned).
 
-    python bench/bench_release.py [--tokens 8192] [--train-tokens 40960]
+    python bench/bench_release.py [--tokens 32768] [--sets widths layers] [--train-tokens 40960]
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class Measured(NamedTuple):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="precompute tokens for every side")
+    parser.add_argument("--tokens", type=int, default=32768, help="precompute tokens for every side (at a few thousand, per-SAE fixed work dominates)")
+    parser.add_argument("--sets", nargs="+", choices=("widths", "layers"), default=["widths", "layers"], help="precompute comparisons to run")
     parser.add_argument("--train-tokens", type=int, default=40960, help="training tokens per SAE (batches of 4096)")
     parser.add_argument("--batch-size", type=int, default=32, help="contexts per precompute forward pass")
     parser.add_argument("--only", choices=("precompute", "train"), help="run one half of the benchmark")
@@ -130,9 +131,12 @@ def side_by_side(title: str, target: float, together: Measured, alone: list[Meas
 
 
 def compare_precompute(tmp: Path, args: argparse.Namespace) -> None:
-    widths = [random_sae(tmp, 15, width) for width in WIDTHS]
-    layers = [random_sae(tmp, layer, 4096) for layer in LAYERS]
-    warm = in_child(precompute, [widths[0]], f"sqlite:///{tmp / 'warm.db'}", args.tokens, args.batch_size)
+    sets = {
+        "widths": ("three widths (1k, 4k, 16k) on layer 15", [random_sae(tmp, 15, width) for width in WIDTHS]),
+        "layers": ("four layers (5, 10, 15, 20), 4k wide", [random_sae(tmp, layer, 4096) for layer in LAYERS]),
+    }
+    warm_tokens = args.batch_size * CTX_LEN  # one batch: the model converted and the corpus cached, untimed
+    warm = in_child(precompute, sets["widths"][1][:1], f"sqlite:///{tmp / 'warm.db'}", warm_tokens, args.batch_size)
     print(f"warm-up (model, corpus cached): {warm.seconds:.1f} s")
 
     def precompute_sides(paths: list[str], tag: str) -> tuple[Measured, list[Measured]]:
@@ -144,8 +148,9 @@ def compare_precompute(tmp: Path, args: argparse.Namespace) -> None:
         return together, alone
 
     print(f"\nprecompute over {args.tokens} tokens, batches of {args.batch_size} contexts of {CTX_LEN}")
-    side_by_side("three widths (1k, 4k, 16k) on layer 15", 2.5, *precompute_sides(widths, "widths"))
-    side_by_side("four layers (5, 10, 15, 20), 4k wide", 2.5, *precompute_sides(layers, "layers"))
+    for tag in args.sets:
+        title, paths = sets[tag]
+        side_by_side(title, 2.5, *precompute_sides(paths, tag))
 
 
 def compare_training(tmp: Path, args: argparse.Namespace) -> None:

@@ -19,7 +19,16 @@ from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute
-from sae_core.precompute.stats import FINE_BINS, StreamingStats, pow2_ceil, sample_priority
+from sae_core.precompute.stats import (
+    FINE_BINS,
+    CoActivation,
+    SparseCounter,
+    StreamingStats,
+    TrianglePairs,
+    pow2_ceil,
+    sample_priority,
+)
+from sae_core.precompute.weights import row_histograms
 from sae_core.saes.sae import ARCHITECTURES, SAE, SAEConfig
 from sae_core.store.db import (
     ContextRow,
@@ -330,6 +339,37 @@ def test_weight_statistics_equal_brute_force(llama, planted, run_on, tmp_path):
         assert [i for i, _ in row["logit_bottom"]] == logits[f].topk(10, largest=False).indices.tolist()
         assert sum(row["logit_hist"]["counts"]) == logits.shape[1]
         assert [i for i, _ in row["neighbours_cos"]] == cos[f].topk(10).indices.tolist()
+
+
+def test_logit_histogram_bin_does_not_depend_on_the_row():
+    """A value just under a bin edge stays in its bin in row 4,095 as in row 0 (adding the row's
+    offset before truncating, in float32, rounded it up into the next bin)."""
+    rows, bins = 4096, 32
+    values = torch.tensor([0.0, 30.9999 / bins, 1.0]).repeat(rows, 1)  # each row: lo 0, hi 1, one value in bin 30
+    counts = row_histograms(values, torch.zeros(rows), torch.ones(rows), bins)
+    assert (counts[:, 30] == 1).all() and (counts[:, 31] == 1).all() and (counts[:, 0] == 1).all()
+
+
+def test_dense_and_sparse_co_activation_counts_agree():
+    """The dense triangle of pair counts (an SAE that fits the budget) counts, saves and restores
+    exactly as the sorted sparse counter does."""
+    gen = torch.Generator().manual_seed(0)
+    n_features, max_active = 40, 8
+    dense, sparse = CoActivation(n_features, max_active, 1 << 20), CoActivation(n_features, max_active, 0)
+    assert isinstance(dense.pairs, TrianglePairs) and isinstance(sparse.pairs, SparseCounter)
+    for _ in range(3):
+        per_token = torch.randint(0, 12, (300,), generator=gen)  # some tokens above max_active
+        token = torch.repeat_interleave(torch.arange(300), per_token)
+        feature = torch.cat([torch.randperm(n_features, generator=gen)[:m] for m in per_token.tolist()])
+        value = torch.rand(token.numel(), generator=gen) + 0.1
+        for counter in (dense, sparse):
+            counter.update(token, feature, value, 300)
+    saved, expected = dense.state_dict("c"), sparse.state_dict("c")
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert saved["c.pairs.keys"].numel() > 100
+    restored = CoActivation(n_features, max_active, 1 << 20)
+    restored.load_state_dict(saved, "c")
+    assert torch.equal(restored.pairs.table, dense.pairs.table)
 
 
 class Killed(Exception):

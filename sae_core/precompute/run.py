@@ -407,6 +407,7 @@ def new_stats(cfg: PrecomputeConfig, sae: SAE, subject: Subject) -> StreamingSta
         per_bin=cfg.per_bin,
         max_active=cfg.max_active,
         seed=cfg.seed,
+        memory_budget=cfg.memory_budget,
     )
 
 

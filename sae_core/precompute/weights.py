@@ -36,25 +36,27 @@ def logit_effects(
     """Direct effect of each decoder direction on the logits, through the final norm's scale:
     (W_dec[i] * norm_scale) @ W_U^T. W_dec (F, d), norm_scale (d,), W_U (vocab, d)."""
     n_features, vocab = W_dec.shape[0], W_U.shape[0]
-    chunk = rows_per_chunk(4 * vocab, memory_budget)
+    chunk = rows_per_chunk(4 * vocab + 4 * vocab, memory_budget)  # float32 logits + int32 bin index
     parts = []
     for start in tqdm(range(0, n_features, chunk), desc="logit effects", unit="chunk", leave=False):
         logits = (W_dec[start : start + chunk] * norm_scale) @ W_U.T  # (chunk, vocab)
         top = logits.topk(n, dim=1)
         bottom = logits.topk(n, dim=1, largest=False)
-        lo, hi = logits.amin(dim=1), logits.amax(dim=1)
+        lo, hi = torch.aminmax(logits, dim=1)  # one pass for both
         parts.append((top.indices, top.values, bottom.indices, bottom.values, lo, hi, row_histograms(logits, lo, hi, bins)))
     return LogitEffects(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
 
 def row_histograms(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """(rows, m) values -> (rows, bins) counts over equal bins of each row's [lo, hi].
-    Overwrites ``values`` (in-place passes: this runs over F x vocab elements)."""
+    Overwrites ``values`` (in-place passes: this runs over F x vocab elements). Each value's bin is
+    truncated to an integer before the row's offset is added: added in float32 to a large offset, a
+    value just under a bin edge rounded up into the next bin, so the counts depended on the chunk."""
     rows = values.shape[0]
     scale = bins / (hi - lo).clamp(min=1e-12).unsqueeze(1)
-    index = values.sub_(lo.unsqueeze(1)).mul_(scale).clamp_(0, bins - 1)  # (rows, m) in [0, bins - 1]
-    index.add_(torch.arange(rows, dtype=index.dtype).unsqueeze(1) * bins)  # row offsets, exact in float32
-    return torch.bincount(index.view(-1).long(), minlength=rows * bins).view(rows, bins)
+    index = values.sub_(lo.unsqueeze(1)).mul_(scale).clamp_(0, bins - 1).to(torch.int32)  # (rows, m) bin of each value
+    index.add_(torch.arange(rows, dtype=torch.int32).unsqueeze(1) * bins)  # row offsets
+    return torch.bincount(index.view(-1), minlength=rows * bins).view(rows, bins)
 
 
 @torch.no_grad()
