@@ -147,6 +147,28 @@ def test_relu_sparse_step_equals_the_dense_one(monkeypatch, data, bias):
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("k_aux", [5, 200])  # picks among the dead latents, or all of them
+def test_auxk_dense_path_equals_the_sparse_one(monkeypatch, data, k_aux):
+    x = data[0][:64]
+    state = init_state(small_config("topk"), TensorSource(data[0][:512]))
+    sae = state.sae
+    dead = torch.rand(sae.d_sae, generator=torch.Generator().manual_seed(3)) < 0.4
+    with torch.no_grad():
+        z = sae.pre_acts(x)
+    results = {}
+    for name, density in (("dense", 0.0), ("sparse", float("inf"))):  # forces each path
+        monkeypatch.setattr(losses, "DENSE_AUX_DENSITY", density)
+        sae.zero_grad()
+        aux_hat = losses.decode_dead(sae, x, z, dead, k_aux)
+        (aux_hat - x).pow(2).sum().backward()
+        results[name] = (aux_hat.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()})
+    (dense, dense_grads), (sparse, sparse_grads) = results["dense"], results["sparse"]
+    assert dense.abs().sum() > 0, "some dead latents must be active for the comparison to mean anything"
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_saved_sae_takes_raw_activations(data):
     x = data[0][:256]
     cfg = small_config("topk")

@@ -17,6 +17,7 @@ from sae_core.saes.sae import SAE
 from sae_core.saes.sparse_codes import (
     SparseCodes,
     codes_at,
+    decode_dead_dense,
     decode_sparse,
     select_batch_topk,
     select_dead,
@@ -28,6 +29,12 @@ from sae_core.saes.train_config import TrainConfig
 # than this fraction of the batch's (token, latent) pairs are active: there the sparse kernels,
 # slower per multiply-add than a dense matmul, already do under a tenth of the dense work.
 SPARSE_RELU_DENSITY = 0.1
+
+# AuxK runs densely over the dead latents' columns when each row's k_aux picks fill at least this
+# share of them. Measured on 2 cores (batch 4096, d 576): a pair costs the sparse kernels
+# (embedding_bag, sampled_addmm, two sparse.mm) ~2 µs of CPU, an entry of the four dense matmuls
+# ~0.12 µs, so dense wins above ~1/17. With k_aux = d/2 = 288 that is up to ~4,600 dead latents.
+DENSE_AUX_DENSITY = 1 / 16
 
 
 class Forward(NamedTuple):
@@ -57,12 +64,21 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
     n_dead = int(dead.sum())
     if n_dead:
         k_aux = cfg.resolved_aux_k(x.shape[1])
-        aux_rows, aux_latents = select_dead(z, dead, k_aux)
-        residual = (x - x_hat).detach()
-        aux_hat = decode_sparse(sae.W_dec, codes_at(sae, x, z, aux_rows, aux_latents))
-        aux_loss = (aux_hat - residual).pow(2).sum() / total_variance
+        aux_hat = decode_dead(sae, x, z, dead, k_aux)
+        aux_loss = (aux_hat - (x - x_hat).detach()).pow(2).sum() / total_variance
         loss = loss + cfg.aux_coeff * min(n_dead / k_aux, 1.0) * aux_loss
     return Forward(x_hat, loss, *_fired(codes, z.shape[1], x.shape[0]))
+
+
+def decode_dead(sae: SAE, x: torch.Tensor, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK's reconstruction of the residual by each row's k_aux largest dead latents (batch, d),
+    touching only the dead latents: densely over their columns when the selection fills at least
+    DENSE_AUX_DENSITY of them, else through the sparse pairs."""
+    dead_latents = dead.nonzero().squeeze(1)
+    if k_aux >= DENSE_AUX_DENSITY * dead_latents.numel():
+        return decode_dead_dense(sae, x, z, dead_latents, k_aux)
+    rows, latents = select_dead(z, dead, k_aux)
+    return decode_sparse(sae.W_dec, codes_at(sae, x, z, rows, latents))
 
 
 def prefix_reconstructions(

@@ -152,3 +152,38 @@ def select_dead(z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.
     dead_latents = dead.nonzero().squeeze(1)
     rows, picked = select_topk(z[:, dead_latents], min(k_aux, dead_latents.numel()))
     return rows, dead_latents[picked]
+
+
+class _PreActsOf(torch.autograd.Function):
+    """Encoder pre-activations of chosen latents on every row, z[:, latents], as ``_PreActsAt``
+    for whole columns: the backward is one dense (latents × batch) @ (batch × d) matmul for
+    those latents' rows of dW_enc, and b_dec's gradient by the same identity."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, latents, z):
+        ctx.save_for_backward(x, b_dec, W_enc, latents)
+        return z[:, latents]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (batch, n)
+        x, b_dec, W_enc, latents = ctx.saved_tensors
+        d, width = W_enc.shape
+        grad_cols = grad.sum(dim=0)  # (n,)
+        grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_copy_(0, latents, grad_cols)
+        grad_w = torch.zeros(width, d, dtype=grad.dtype, device=grad.device)  # training_sae's W_enc layout
+        grad_w[latents] = grad.t() @ (x - b_dec)
+        return None, -(W_enc[:, latents] @ grad_cols), grad_w.t(), grad_b_enc, None, None
+
+
+def decode_dead_dense(sae: SAE, x: torch.Tensor, z: torch.Tensor, dead_latents: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK's reconstruction (batch, d), no bias: each row's k_aux largest dead latents, ReLU'd,
+    decoded, as ``decode_sparse(codes_at(select_dead(...)))`` gives it, but as dense matmuls over
+    the dead latents' columns only (batch × n_dead): the way to go when the selection fills a
+    good share of those columns (see losses.DENSE_AUX_DENSITY)."""
+    z_dead = _PreActsOf.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, dead_latents, z)  # (batch, n_dead)
+    with torch.no_grad():
+        keep = z_dead > 0
+        if k_aux < dead_latents.numel():
+            picked = z_dead.topk(k_aux, dim=-1, sorted=False).indices  # (batch, k_aux)
+            keep &= torch.zeros_like(keep).scatter_(1, picked, True)
+    return (z_dead * keep) @ sae.W_dec[dead_latents]
