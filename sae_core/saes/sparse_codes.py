@@ -104,6 +104,9 @@ def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ~1.5·k·batch candidates, among which the exact threshold is a small kthvalue.
 THRESHOLD_SAMPLE = 1 << 18
 
+# Pre-activations compared with BatchTopK's lower bound per block (1 MB of mask at a time).
+MASK_BLOCK = 1 << 20
+
 
 def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k·batch largest positive pre-activations of the whole batch (all ranks' slices):
@@ -124,7 +127,7 @@ def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
             lower = sample.kthvalue(sample.numel() - rank + 1).values
         else:
             lower = torch.tensor(-torch.inf, device=z.device)
-        rows, latents = (z >= lower).nonzero(as_tuple=True)  # row-major: rows ascending
+        rows, latents = _at_least(z, lower)
         found = torch.tensor(rows.numel(), device=z.device)
         if rank >= sample.numel() or distributed.all_reduce(found, step="the BatchTopK threshold") >= n:
             break
@@ -134,6 +137,19 @@ def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     threshold = gathered.kthvalue(gathered.numel() - n + 1).values if gathered.numel() > n else lower
     keep = (values >= threshold) & (values > 0)
     return rows[keep], latents[keep]
+
+
+def _at_least(z: torch.Tensor, lower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, latents) where z >= lower, rows ascending, found a block of rows at a time: a
+    (batch, width) mask would add a quarter of z to the step's peak memory."""
+    block = max(1, MASK_BLOCK // z.shape[1])
+    found = []
+    for start in range(0, z.shape[0], block):
+        pairs = (z[start : start + block] >= lower).nonzero()  # (n, 2), row-major
+        pairs[:, 0] += start
+        found.append(pairs)
+    rows, latents = torch.cat(found).t()
+    return rows, latents
 
 
 def _all_gather_padded(values: torch.Tensor) -> torch.Tensor:
@@ -175,15 +191,27 @@ class _PreActsOf(torch.autograd.Function):
         return None, -(W_enc[:, latents] @ grad_cols), grad_w.t(), grad_b_enc, None, None
 
 
-def decode_dead_dense(sae: SAE, x: torch.Tensor, z: torch.Tensor, dead_latents: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """AuxK's reconstruction (batch, d), no bias: each row's k_aux largest dead latents, ReLU'd,
-    decoded, as ``decode_sparse(codes_at(select_dead(...)))`` gives it, but as dense matmuls over
-    the dead latents' columns only (batch × n_dead): the way to go when the selection fills a
-    good share of those columns (see losses.DENSE_AUX_DENSITY)."""
-    z_dead = _PreActsOf.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, dead_latents, z)  # (batch, n_dead)
+class DenseCodes(NamedTuple):
+    """Activations of a few latents on every token, as a dense block: AuxK's codes when its picks
+    fill a good share of the dead latents' columns (see losses.DENSE_AUX_DENSITY)."""
+
+    latents: torch.Tensor  # (n,) the latent of each column
+    values: torch.Tensor  # (batch, n) activation, differentiable; 0 where not picked
+
+
+def dense_codes(sae: SAE, x: torch.Tensor, z: torch.Tensor, latents: torch.Tensor, k: int) -> DenseCodes:
+    """Each row's k largest pre-activations among ``latents``, ReLU'd, the others 0: the same
+    activations as ``codes_at`` on ``select_topk(z[:, latents], k)``, as one (batch, n) block."""
+    z_cols = _PreActsOf.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, latents, z)  # (batch, n)
     with torch.no_grad():
-        keep = z_dead > 0
-        if k_aux < dead_latents.numel():
-            picked = z_dead.topk(k_aux, dim=-1, sorted=False).indices  # (batch, k_aux)
+        keep = z_cols > 0
+        if k < latents.numel():
+            picked = z_cols.topk(k, dim=-1, sorted=False).indices  # (batch, k)
             keep &= torch.zeros_like(keep).scatter_(1, picked, True)
-    return (z_dead * keep) @ sae.W_dec[dead_latents]
+    return DenseCodes(latents, z_cols * keep)
+
+
+def decode_dense(W_dec: torch.Tensor, codes: DenseCodes) -> torch.Tensor:
+    """Σ over a token's columns of value · W_dec[latent]: (batch, d), no bias; dense matmuls over
+    those latents' rows only."""
+    return codes.values @ W_dec[codes.latents]
