@@ -101,10 +101,12 @@ def test_batch_topk_selects_the_global_top_k_times_batch():
 
 @pytest.mark.parametrize("sample", [16, 200, 1 << 18])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batch_topk_is_exact_whatever_its_sample(monkeypatch, sample, seed):
+@pytest.mark.parametrize("mask_block", [5 * 96, 1 << 23])  # candidates found in blocks of 5 rows, or at once
+def test_batch_topk_is_exact_whatever_its_sample(monkeypatch, sample, seed, mask_block):
     """The sampled lower bound only narrows the candidates: a sample too small, or blind to a
     row that holds many winners, must still give the exact k·batch largest."""
     monkeypatch.setattr(sparse_codes, "THRESHOLD_SAMPLE", sample)
+    monkeypatch.setattr(sparse_codes, "MASK_BLOCK", mask_block)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(64, 96, generator=gen)
     z[seed * 7] += 4.0  # one row holds a large share of the winners
