@@ -101,10 +101,12 @@ def test_batch_topk_selects_the_global_top_k_times_batch():
 
 @pytest.mark.parametrize("sample", [16, 200, 1 << 18])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batch_topk_is_exact_whatever_its_sample(monkeypatch, sample, seed):
+@pytest.mark.parametrize("mask_block", [5 * 96, 1 << 23])  # candidates found in blocks of 5 rows, or at once
+def test_batch_topk_is_exact_whatever_its_sample(monkeypatch, sample, seed, mask_block):
     """The sampled lower bound only narrows the candidates: a sample too small, or blind to a
     row that holds many winners, must still give the exact k·batch largest."""
     monkeypatch.setattr(sparse_codes, "THRESHOLD_SAMPLE", sample)
+    monkeypatch.setattr(sparse_codes, "MASK_BLOCK", mask_block)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(64, 96, generator=gen)
     z[seed * 7] += 4.0  # one row holds a large share of the winners
@@ -143,6 +145,28 @@ def test_relu_sparse_step_equals_the_dense_one(monkeypatch, data, bias):
     torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-5)
     assert torch.equal(sparse.fired, dense.fired) and sparse.l0 == dense.l0
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("k_aux", [5, 200])  # picks among the dead latents, or all of them
+def test_auxk_dense_path_equals_the_sparse_one(monkeypatch, data, k_aux):
+    x = data[0][:64]
+    state = init_state(small_config("topk"), TensorSource(data[0][:512]))
+    sae = state.sae
+    dead = torch.rand(sae.d_sae, generator=torch.Generator().manual_seed(3)) < 0.4
+    with torch.no_grad():
+        z = sae.pre_acts(x)
+    results = {}
+    for name, density in (("dense", 0.0), ("sparse", float("inf"))):  # forces each path
+        monkeypatch.setattr(losses, "DENSE_AUX_DENSITY", density)
+        sae.zero_grad()
+        aux_hat = losses.decode(sae.W_dec, losses.dead_codes(sae, x, z, dead, k_aux))
+        (aux_hat - x).pow(2).sum().backward()
+        results[name] = (aux_hat.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()})
+    (dense, dense_grads), (sparse, sparse_grads) = results["dense"], results["sparse"]
+    assert dense.abs().sum() > 0, "some dead latents must be active for the comparison to mean anything"
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
     for name, grad in dense_grads.items():
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 

@@ -104,6 +104,11 @@ def select_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ~1.5·k·batch candidates, among which the exact threshold is a small kthvalue.
 THRESHOLD_SAMPLE = 1 << 18
 
+# Pre-activations compared with BatchTopK's lower bound per block: an 8 MB mask at a time (at
+# 1 MB, nonzero's per-call cost made the search 4x slower on 2 cores; at 8 MB it is as fast as
+# one mask over the whole (batch, width)).
+MASK_BLOCK = 1 << 23
+
 
 def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k·batch largest positive pre-activations of the whole batch (all ranks' slices):
@@ -124,7 +129,7 @@ def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
             lower = sample.kthvalue(sample.numel() - rank + 1).values
         else:
             lower = torch.tensor(-torch.inf, device=z.device)
-        rows, latents = (z >= lower).nonzero(as_tuple=True)  # row-major: rows ascending
+        rows, latents = _at_least(z, lower)
         found = torch.tensor(rows.numel(), device=z.device)
         if rank >= sample.numel() or distributed.all_reduce(found, step="the BatchTopK threshold") >= n:
             break
@@ -134,6 +139,18 @@ def select_batch_topk(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     threshold = gathered.kthvalue(gathered.numel() - n + 1).values if gathered.numel() > n else lower
     keep = (values >= threshold) & (values > 0)
     return rows[keep], latents[keep]
+
+
+def _at_least(z: torch.Tensor, lower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, latents) where z >= lower, rows ascending, found a block of rows at a time: a
+    (batch, width) mask would add a quarter of z to the step's peak memory."""
+    block = max(1, MASK_BLOCK // z.shape[1])
+    rows, latents = [], []
+    for start in range(0, z.shape[0], block):
+        block_rows, block_latents = (z[start : start + block] >= lower).nonzero(as_tuple=True)  # row-major
+        rows.append(block_rows + start)
+        latents.append(block_latents)
+    return torch.cat(rows), torch.cat(latents)
 
 
 def _all_gather_padded(values: torch.Tensor) -> torch.Tensor:
@@ -152,3 +169,50 @@ def select_dead(z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.
     dead_latents = dead.nonzero().squeeze(1)
     rows, picked = select_topk(z[:, dead_latents], min(k_aux, dead_latents.numel()))
     return rows, dead_latents[picked]
+
+
+class _PreActsOf(torch.autograd.Function):
+    """Encoder pre-activations of chosen latents on every row, z[:, latents], as ``_PreActsAt``
+    for whole columns: the backward is one dense (latents × batch) @ (batch × d) matmul for
+    those latents' rows of dW_enc, and b_dec's gradient by the same identity."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, latents, z):
+        ctx.save_for_backward(x, b_dec, W_enc, latents)
+        return z[:, latents]
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (batch, n)
+        x, b_dec, W_enc, latents = ctx.saved_tensors
+        d, width = W_enc.shape
+        grad_cols = grad.sum(dim=0)  # (n,)
+        grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_copy_(0, latents, grad_cols)
+        grad_w = torch.zeros(width, d, dtype=grad.dtype, device=grad.device)  # training_sae's W_enc layout
+        grad_w[latents] = grad.t() @ (x - b_dec)
+        return None, -(W_enc[:, latents] @ grad_cols), grad_w.t(), grad_b_enc, None, None
+
+
+class DenseCodes(NamedTuple):
+    """Activations of a few latents on every token, as a dense block: AuxK's codes when its picks
+    fill a good share of the dead latents' columns (see losses.DENSE_AUX_DENSITY)."""
+
+    latents: torch.Tensor  # (n,) the latent of each column
+    values: torch.Tensor  # (batch, n) activation, differentiable; 0 where not picked
+
+
+def dense_codes(sae: SAE, x: torch.Tensor, z: torch.Tensor, latents: torch.Tensor, k: int) -> DenseCodes:
+    """Each row's k largest pre-activations among ``latents``, ReLU'd, the others 0: the same
+    activations as ``codes_at`` on ``select_topk(z[:, latents], k)``, as one (batch, n) block."""
+    z_cols = _PreActsOf.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, latents, z)  # (batch, n)
+    with torch.no_grad():
+        keep = z_cols > 0
+        if k < latents.numel():
+            picked = z_cols.topk(k, dim=-1, sorted=False).indices  # (batch, k)
+            keep &= torch.zeros_like(keep).scatter_(1, picked, True)
+    return DenseCodes(latents, z_cols * keep)
+
+
+def decode_dense(W_dec: torch.Tensor, codes: DenseCodes) -> torch.Tensor:
+    """Σ over a token's columns of value · W_dec[latent]: (batch, d), no bias; dense matmuls over
+    those latents' rows only."""
+    return codes.values @ W_dec[codes.latents]
