@@ -12,10 +12,9 @@ from sqlalchemy.orm import Session
 
 from app.families.schemas import FamilyEdgePublic, FamilyGraphPublic, FamilyNodePublic, Measure
 from app.families.splits import splits_of
-from app.queries import get_feature_summary
 from sae_core.store.db import FeatureRow, ReleaseRow
 from sae_core.store.families import FeatureLinkRow, jaccard, same_dictionary
-from sae_core.store.lookup import find_sae
+from sae_core.store.lookup import find_feature, find_sae
 from sae_core.store.releases import release_saes
 
 DEFAULT_THRESHOLD = {"cosine": 0.4, "jaccard": 0.1}  # a link a reader would call a relative
@@ -70,7 +69,7 @@ def family_graph(
     *, session: Session, sae_name: str, index: int, by: Measure = "cosine", threshold: float | None = None
 ) -> FamilyGraphPublic:
     sae = find_sae(session, sae_name)
-    get_feature_summary(session=session, sae_name=sae_name, index=index)  # 404 for an unknown feature
+    find_feature(session, sae, index)  # 404 for an unknown feature
     threshold = DEFAULT_THRESHOLD[by] if threshold is None else threshold
     saes = [s for s in release_saes(session, sae.release_id) if s.layer == sae.layer] if sae.release_id else [sae]
     saes.sort(key=lambda s: (s.d_sae, s.name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -25,12 +26,18 @@ def token_shares(session: Session, sae_id: int, index: int) -> Counter:
         .join(ContextRow, sa.and_(ContextRow.sae_id == ExampleRow.sae_id, ContextRow.id == ExampleRow.context_id))
         .where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx == index, ExampleRow.kind == "top")
     )
-    shares: Counter = Counter()
+    tokens, weights = [], []
     for acts, max_act, token_ids in rows:
-        tokens = unpack_tokens(token_ids)
-        values = unpack_acts(acts, max_act, len(tokens))
-        for position in values.nonzero()[0]:
-            shares[int(tokens[position])] += float(values[position] / max_act)
+        ids = unpack_tokens(token_ids)
+        values = unpack_acts(acts, max_act, len(ids))
+        fired = values.nonzero()[0]
+        tokens.append(ids[fired])
+        weights.append(values[fired] / max_act)
+    if not tokens:
+        return Counter()
+    ids, inverse = np.unique(np.concatenate(tokens), return_inverse=True)
+    sums = np.bincount(inverse, weights=np.concatenate(weights).astype(np.float64))
+    shares = Counter(dict(zip(ids.tolist(), sums.tolist(), strict=True)))
     total = sum(shares.values())
     return Counter({t: v / total for t, v in shares.items()}) if total else shares
 
