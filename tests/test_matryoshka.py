@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from sae_core.saes.checkpoint import CHECKPOINT, training_sae
 from sae_core.saes.formats import load_sae
 from sae_core.saes.sae import SAEError
 from sae_core.saes.train_config import TrainConfig, TrainError
@@ -27,12 +28,12 @@ def config(architecture: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def prefix_fvus(sae, x: torch.Tensor, cfg: TrainConfig) -> list[float]:
+def prefix_fvus(sae, x: torch.Tensor, cfg: TrainConfig, prefixes: list[int] = PREFIXES) -> list[float]:
     """Each prefix's FVU on x: the first m latents of the BatchTopK code, decoded alone."""
     with torch.no_grad():
         f = dense_acts(sae.pre_acts(x), cfg)
         variance = (x - x.mean(dim=0)).pow(2).sum()
-        return [float((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum() / variance) for m in PREFIXES]
+        return [float((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum() / variance) for m in prefixes]
 
 
 def trained_fvus(architecture: str, train: torch.Tensor, held_out: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -53,6 +54,31 @@ def test_each_prefix_learns_to_reconstruct_on_its_own():
     # the same run without the nested losses leaves its small prefixes far behind
     _, plain = trained_fvus("batchtopk", train, held_out)
     assert after[0] < plain[0] - 0.1 and after[1] < plain[1] - 0.1
+
+
+def test_a_short_run_saved_and_loaded_reconstructs_as_in_training(tmp_path):
+    """After a short run (20 steps, as bench_matryoshka's) of a dictionary much wider than d, on
+    data where every 50th token has 8x the norm (as a real model's first tokens do), each loaded
+    prefix reconstructs held-out data as the training SAE's prefix does, and the whole dictionary
+    at least as well as its smallest prefix. (With W_enc = W_decᵀ unscaled, BatchTopK gave those
+    tokens many correlated latents whose sum overshot: FVU 2.6 for the whole dictionary, 1.0 for
+    its first 8 latents.)"""
+    x, _ = synthetic(BATCH * 20 + 4096, seed=5)
+    x[::50] *= 8
+    train, held_out = x[: BATCH * 20], x[BATCH * 20 :]
+    prefixes = [8, 32, 512]
+    cfg = config("matryoshka", tokens=BATCH * 20, width=prefixes[-1], prefixes=prefixes)
+    fit(TensorSource(train), cfg, tmp_path, progress=False).sae.save(tmp_path)
+    payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    trained = training_sae(x.shape[1], cfg.width, "cpu")
+    trained.load_state_dict(payload["sae"])
+    during_training = prefix_fvus(trained, held_out * payload["scale"], cfg, prefixes)
+    variance = (held_out - held_out.mean(dim=0)).pow(2).sum()
+    with torch.no_grad():
+        loaded = [float((load_sae(tmp_path, prefix=m)(held_out).sae_out - held_out).pow(2).sum() / variance) for m in prefixes]
+    for m, expected, got in zip(prefixes, during_training, loaded, strict=True):
+        assert got == pytest.approx(expected, abs=0.02), f"prefix {m}: FVU {expected:.3f} in training, {got:.3f} loaded"
+    assert loaded[-1] <= loaded[0], f"the whole dictionary's FVU {loaded[-1]:.3f} is worse than prefix {prefixes[0]}'s {loaded[0]:.3f}"
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,20 @@ def test_fast_step_trains_as_the_dense_reference(recipe):
     else:
         assert fast_l0 == dense_l0
         assert aux_ran > 0, "AuxK must have run in this comparison"
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka"])
+def test_batch_topk_starts_no_worse_than_b_dec(architecture):
+    """BatchTopK's encoder starts scaled to fit a sample (train_loop.initial_encoder_scale): with
+    W_enc = W_decᵀ alone, a dictionary 16x wider than d gave the high-norm tokens (every 50th,
+    8x the norm) many correlated latents whose sum overshot, an FVU far above 1 at step 0."""
+    x, _ = synthetic(1024, seed=6)
+    x[::50] *= 8
+    prefixes = [16, 512] if architecture == "matryoshka" else None
+    cfg = TrainConfig(architecture=architecture, width=512, k=4, tokens=1024, batch_size=256, prefixes=prefixes)
+    state = init_state(cfg, TensorSource(x))
+    scaled = x * state.scale
+    with torch.no_grad():
+        x_hat = dense_acts(state.sae.pre_acts(scaled), cfg) @ state.sae.W_dec + state.sae.b_dec
+    fvu = float((x_hat - scaled).pow(2).sum() / (scaled - scaled.mean(dim=0)).pow(2).sum())
+    assert fvu < 1, f"FVU {fvu:.2f} at initialisation"
