@@ -1,11 +1,12 @@
 """Benchmark: time to a pruned attribution graph on SmolLM2-135M, CPU.
 
-SAEs on four layers: the demo's trained TopK SAE at layer 15 (``--sae``, default
-/work/demo/sae, when it exists) and random-init TopK SAEs (4,096 latents, k = 32, decoder rows
-random unit directions, encoder = decoder transposed) on the other layers. Random SAEs
-reconstruct poorly, so their error nodes carry most of the influence: the replacement score here
-measures the SAEs, the timings measure the method (they depend on the number of active features,
-capped at ``--max-features``, not on what the features mean).
+SAEs on four layers (5, 10, 15, 20). ``--sae`` is a trained SAE folder for layer 15, or a folder of
+SAE folders such as the demo's ``--out`` (trained SAEs on those layers, the widest of each layer
+taken); a layer with no trained SAE gets a random-init TopK SAE (4,096 latents, k = 32, decoder
+rows random unit directions, encoder = decoder transposed). Random SAEs reconstruct poorly, so
+their error nodes carry most of the influence: the replacement score measures the SAEs, the
+timings measure the method (they depend on the number of active features, capped at
+``--max-features``, not on what the features mean).
 
 Runs, in order: 16 tokens over 4 SAE layers, 32 tokens over 4 layers, 32 tokens over 2 layers
 (how time scales with tokens and with SAE layers). For each: seconds to the unpruned graph and
@@ -14,7 +15,7 @@ than wall time), peak resident memory so far, nodes and edges before and after p
 replacement score and completeness, and the 1-minute load average during the run (the machine
 is shared).
 
-    PYTHONPATH=$PWD python bench/bench_graph.py [--sae /work/demo/sae] [--max-features 1000]
+    PYTHONPATH=$PWD python bench/bench_graph.py [--sae ~/.cache/saescope/runs/demo-release-...] [--max-features 1000]
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def random_topk_sae(d_in: int, layer: int, *, d_sae: int = 4096, k: int = 32) ->
     return SAE.from_tensors(cfg, tensors, origin=f"random layer {layer}").eval()
 
 
+def trained_saes(folder: Path, d_in: int) -> dict[int, SAE]:
+    """The trained SAEs of ``folder``: itself if it is an SAE folder, else its SAE subfolders, the
+    widest of each layer."""
+    found: dict[int, SAE] = {}
+    for candidate in [folder] if (folder / "cfg.json").is_file() else sorted(folder.glob("*/cfg.json")):
+        sae = load_sae(candidate if candidate.is_dir() else candidate.parent, d_in=d_in)
+        if sae.cfg.layer is not None and (sae.cfg.layer not in found or sae.cfg.d_sae > found[sae.cfg.layer].cfg.d_sae):
+            found[sae.cfg.layer] = sae
+    return found
+
+
 def prompt_of(subject, n_tokens: int):
     ids = subject.tokenizer(TEXT, add_special_tokens=False)["input_ids"][: n_tokens - 1]
     text = subject.tokenizer.decode(ids)
@@ -65,19 +77,15 @@ def prompt_of(subject, n_tokens: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sae", default="/work/demo/sae", help="a trained SAE folder for layer 15")
+    parser.add_argument("--sae", required=True, help="a trained SAE folder for layer 15, or a folder of SAE folders (the demo's --out)")
     parser.add_argument("--max-features", type=int, default=GraphLimits.max_features)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     subject = load_subject("smollm2-135m")
-    saes = {layer: random_topk_sae(subject.d_model, layer) for layer in (5, 10, 20)}
-    trained = Path(args.sae)
-    if (trained / "cfg.json").is_file():
-        saes[15] = load_sae(trained, d_in=subject.d_model)
-        print(f"layer 15: trained SAE {trained}; layers 5, 10, 20: random-init TopK 4096, k=32")
-    else:
-        saes[15] = random_topk_sae(subject.d_model, 15)
-        print("layers 5, 10, 15, 20: random-init TopK 4096, k=32 (no trained SAE found)")
+    trained = trained_saes(Path(args.sae), subject.d_model)
+    saes = {layer: trained.get(layer) or random_topk_sae(subject.d_model, layer) for layer in (5, 10, 15, 20)}
+    for layer, sae in saes.items():
+        print(f"layer {layer}: " + (f"trained {sae.cfg.architecture} {sae.cfg.d_sae}" if layer in trained else "random-init TopK 4096, k=32"))
     runs = [(16, (5, 10, 15, 20)), (32, (5, 10, 15, 20)), (32, (10, 15))]
     limits = GraphLimits(max_features=args.max_features)
     print(
