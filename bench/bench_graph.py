@@ -15,7 +15,7 @@ than wall time), peak resident memory so far, nodes and edges before and after p
 replacement score and completeness, and the 1-minute load average during the run (the machine
 is shared).
 
-    PYTHONPATH=$PWD python bench/bench_graph.py [--sae ~/.cache/saescope/runs/demo-release-...] [--max-features 1000]
+    PYTHONPATH=$PWD python bench/bench_graph.py --sae ~/.cache/saescope/runs/demo-release-smollm2-135m-l15-default [--max-features 1000]
 """
 
 from __future__ import annotations

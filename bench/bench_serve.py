@@ -277,13 +277,14 @@ def make_live(url: str, folder: Path) -> None:
     rng = np.random.default_rng(0)
     engine = create_engine_for(url)
     with engine.begin() as conn:
+        # the release's 16k SAE is the one live prompts and semantic searches press on
+        sae_id = conn.scalar(sa.select(SaeRow.id).where(SaeRow.d_sae == SPEC.n_features))
         conn.execute(
-            sa.update(SaeRow).values(
-                path=str(folder / "sae"), layer=15, d_in=576, hook_name="model.layers.15"
-            )
+            sa.update(SaeRow)
+            .where(SaeRow.id == sae_id)
+            .values(path=str(folder / "sae"), layer=15, d_in=576, hook_name="model.layers.15")
         )
-        sae_id = conn.scalar(sa.select(SaeRow.id))
-        labels = conn.execute(sa.select(FeatureRow.idx, FeatureRow.label)).all()
+        labels = conn.execute(sa.select(FeatureRow.idx, FeatureRow.label).where(FeatureRow.sae_id == sae_id)).all()
         vectors = rng.standard_normal((len(labels), EMBED_DIM)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         conn.execute(
