@@ -67,6 +67,19 @@ def test_each_architecture_recovers_the_true_features(architecture, data, tmp_pa
         assert stats["l0"] == pytest.approx(4, rel=0.1)
 
 
+def test_each_width_starts_from_its_own_directions(data):
+    """Widths trained side by side must not start as prefixes of each other: with one shared
+    draw the 128 latents of the small SAE are the first 128 of the large one, and a short run
+    leaves them near copies, so no feature of the small SAE could be seen to split."""
+    source = TensorSource(data[0][:512])
+    small = init_state(small_config("topk", width=128), source).sae.W_dec
+    large = init_state(small_config("topk", width=512), source).sae.W_dec
+    cosine = (small / small.norm(dim=1, keepdim=True)) @ (large / large.norm(dim=1, keepdim=True)).t()
+    assert cosine.max() < 0.9
+    again = init_state(small_config("topk", width=128), source).sae.W_dec
+    assert torch.equal(small, again)  # still seeded: the same run twice starts the same
+
+
 def test_sparse_topk_gradients_equal_dense_autograd(data):
     x = data[0][:64] * 0.3
     cfg = small_config("topk")

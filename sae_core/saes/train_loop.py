@@ -112,6 +112,11 @@ def normalise_rows(W_dec: torch.nn.Parameter) -> None:
     W_dec /= W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
+def init_seed(seed: int, width: int) -> int:
+    """The seed of a width's initial decoder directions: the run's seed, apart for every width."""
+    return seed * 1_000_003 + width
+
+
 def init_state(cfg: TrainConfig, source: TokenSource) -> TrainState:
     """Scale from the data, decoder rows random (unit norm for TopK, 0.1 for relu), W_enc = W_decᵀ,
     b_dec the geometric median of a sample."""
@@ -121,7 +126,10 @@ def init_state(cfg: TrainConfig, source: TokenSource) -> TrainState:
     scale = estimate_scale(source, d_model)
     sae = training_sae(d_model, width, "cpu")
     with torch.no_grad():
-        directions = torch.randn(width, d_model)
+        # Each width draws its own directions: from the one global seed, a 1,024-wide SAE would
+        # start as the first 1,024 latents of the 4,096-wide one, and short runs keep them near
+        # copies (every small feature with exactly one partner, no split to see).
+        directions = torch.randn(width, d_model, generator=torch.Generator().manual_seed(init_seed(cfg.seed, width)))
         directions /= directions.norm(dim=-1, keepdim=True)
         sae.W_dec.copy_(directions * (0.1 if cfg.architecture == "relu" else 1.0))
         sae.W_enc.copy_(sae.W_dec.t())
