@@ -21,7 +21,9 @@ from sae_core.store.db import VocabRow
 @dataclass(frozen=True)
 class Vocabulary:
     texts: dict[int, str]  # token id -> display text
-    ids_by_text: dict[str, list[int]]  # display text -> token ids (several ids may decode alike)
+    # display text -> token ids (several ids may decode alike); tuples, which the cycle collector
+    # stops tracking, so a 49k vocabulary adds nothing to the pauses of its full passes
+    ids_by_text: dict[str, tuple[int, ...]]
     raw: dict[int, bytes] = field(default_factory=dict)  # bytes of tokens that are part of a character
 
     @classmethod
@@ -29,7 +31,8 @@ class Vocabulary:
         ids_by_text: dict[str, list[int]] = {}
         for token_id, text in texts.items():
             ids_by_text.setdefault(text, []).append(token_id)
-        return cls(texts=texts, ids_by_text=ids_by_text, raw=raw or {})
+        frozen = {text: tuple(ids) for text, ids in ids_by_text.items()}
+        return cls(texts=texts, ids_by_text=frozen, raw=raw or {})
 
     def text(self, token_id: int) -> str:
         return self.texts.get(token_id, f"<{token_id}>")
@@ -52,7 +55,7 @@ class Vocabulary:
         (BPE vocabularies spell a word inside a sentence with its space: " Paris")."""
         word = token.strip()
         variants = dict.fromkeys([token, word, " " + word])
-        return sorted({i for v in variants if v for i in self.ids_by_text.get(v, [])})
+        return sorted({i for v in variants if v for i in self.ids_by_text.get(v, ())})
 
 
 _cache: weakref.WeakKeyDictionary[Engine, dict[int, Vocabulary]] = weakref.WeakKeyDictionary()

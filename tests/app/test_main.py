@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import types
@@ -107,3 +108,11 @@ def test_extension_routers_are_included_with_their_lifespan(sqlite_store, monkey
     with TestClient(app) as client:
         assert client.get("/extra").json() == {"engine_open": True}
     assert events == ["start", "stop"]
+
+
+def test_objects_built_at_start_up_are_frozen_while_serving(sqlite_store):
+    before = gc.get_freeze_count()
+    with TestClient(create_app(Settings(db_url=sqlite_store.url, live=False))) as client:
+        assert client.get(f"/saes/{sqlite_store.sae}").status_code == 200
+        assert gc.get_freeze_count() > before + 10_000  # the modules, the app and its routes
+    assert gc.get_freeze_count() == before

@@ -1,5 +1,7 @@
 """The in-memory vocabulary that renders token text on every page."""
 
+import gc
+
 from app.vocab import Vocabulary
 
 
@@ -14,3 +16,10 @@ def test_find_matches_with_and_without_the_leading_space():
     assert vocab.find("Paris") == [1, 2]
     assert vocab.find(" Lyon") == [3]
     assert vocab.find("Berlin") == []
+
+
+def test_a_loaded_vocabulary_adds_nothing_for_the_cycle_collector_to_walk():
+    vocab = Vocabulary.from_texts({i: f"w{i % 500}" for i in range(5000)})
+    gc.collect()  # untracks the tuples of ids, as the first pass after loading does
+    assert not any(gc.is_tracked(ids) for ids in vocab.ids_by_text.values())
+    assert vocab.find("w7") == list(range(7, 5000, 500))
