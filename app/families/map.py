@@ -3,13 +3,9 @@ precompute), and a feature search over all of its SAEs."""
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.families.schemas import (
@@ -18,10 +14,12 @@ from app.families.schemas import (
     ReleaseResultsPublic,
     SaeResultsPublic,
 )
+from app.prepared import PreparedJSON
 from app.schemas import FeatureSearch
 from app.search import search_features
+from app.store_cache import StoreCache, label_version
 from sae_core.errors import NotFoundError
-from sae_core.store.db import FeatureRow, LabelRow
+from sae_core.store.db import FeatureRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.lookup import find_release
 from sae_core.store.releases import release_saes
@@ -58,10 +56,10 @@ def search_release(
 @dataclass(frozen=True)
 class FeatureMap:
     """A map as served: the model (for the page) and its JSON (for the API and the page's script),
-    serialised once."""
+    serialised and gzipped once."""
 
     points: FeatureMapPublic
-    json: str
+    json: PreparedJSON
 
 
 def get_feature_map(*, session: Session, release_name: str, layer: int | None = None) -> FeatureMap:
@@ -93,15 +91,14 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
         tuple(session.execute(
             sa.select(sa.func.count(), sa.func.sum(FeatureMapRow.x), sa.func.sum(FeatureMapRow.y)).where(FeatureMapRow.sae_id.in_(ids))
         ).one()),
-        session.scalar(sa.select(sa.func.max(LabelRow.id))),
+        label_version(session),
     )  # fmt: skip
-    key = (release.name, layer)
-    built = _maps.get(session.get_bind(), key, version)
-    if built is None:
+
+    def build() -> FeatureMap:
         points = _build_map(session, release.name, layer, layers, on_map)
-        built = FeatureMap(points, points.model_dump_json())
-        _maps.put(session.get_bind(), key, version, built)
-    return built
+        return FeatureMap(points, PreparedJSON.of(points.model_dump_json()))
+
+    return _maps.read(session, (release.name, layer), version, build)
 
 
 def _build_map(
@@ -141,30 +138,4 @@ def _build_map(
     )
 
 
-class _MapCache:
-    """The last few maps built, per engine (a test's store dies with its engine), each with the
-    version it was built at."""
-
-    def __init__(self, size: int = 8):
-        self.size = size
-        self.lock = threading.Lock()
-        self.by_engine: weakref.WeakKeyDictionary[Engine, OrderedDict] = weakref.WeakKeyDictionary()
-
-    def get(self, engine: Engine, key: tuple, version: tuple) -> FeatureMap | None:
-        with self.lock:
-            entries = self.by_engine.get(engine)
-            if entries is None or key not in entries or entries[key][0] != version:
-                return None
-            entries.move_to_end(key)
-            return entries[key][1]
-
-    def put(self, engine: Engine, key: tuple, version: tuple, built: FeatureMap) -> None:
-        with self.lock:
-            entries = self.by_engine.setdefault(engine, OrderedDict())
-            entries[key] = (version, built)
-            entries.move_to_end(key)
-            while len(entries) > self.size:
-                entries.popitem(last=False)
-
-
-_maps = _MapCache()
+_maps: StoreCache[FeatureMap] = StoreCache(size=8)

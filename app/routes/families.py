@@ -43,12 +43,12 @@ def read_family(
 @router.get(
     "/api/v1/releases/{name}/map",
     tags=["api"],
-    responses=NOT_FOUND,
+    responses=NOT_FOUND | {304: {"description": "Not modified: the If-None-Match ETag is the map's"}},
     summary="Every feature of one hook of a release, placed in 2D by UMAP on decoder directions",
 )
-def read_map(name: str, session: SessionDep, layer: Layer = None) -> FeatureMapPublic:
+def read_map(request: Request, name: str, session: SessionDep, layer: Layer = None) -> FeatureMapPublic:
     built = get_feature_map(session=session, release_name=name, layer=layer)
-    return Response(built.json, media_type="application/json")  # serialised once, when it was built
+    return built.json.response(request)  # serialised and gzipped once, when it was built
 
 
 @router.get(
@@ -73,7 +73,7 @@ def family_page(
 @pages.get("/releases/{name}/map")
 def map_page(request: Request, name: str, session: SessionDep, layer: Layer = None) -> Response:
     built = get_feature_map(session=session, release_name=name, layer=layer)
-    context = {"points": built.points, "points_json": script_json(built.json)}
+    context = {"points": built.points, "points_json": script_json(built.json.text)}
     return render(request, "map.html", context, alternate=f"/api/v1/releases/{url_segment(name)}/map?layer={built.points.layer}")
 
 

@@ -167,6 +167,21 @@ def test_the_map_json_is_columnar_and_complete(client):
     assert points["label"][points["index"].index(0)] == f"{SCRIPT} tags"
 
 
+def test_the_map_json_is_gzipped_when_accepted_and_304_when_unchanged(client):
+    url = f"/api/v1/releases/{FAMILY.release}/map"
+    plain = client.get(url, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    zipped = client.get(url, headers={"Accept-Encoding": "br, gzip;q=0.8"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert int(zipped.headers["content-length"]) < len(plain.content) / 2
+    assert zipped.json() == plain.json() and zipped.headers["etag"] == plain.headers["etag"]
+    refused = client.get(url, headers={"Accept-Encoding": "gzip;q=0"})
+    assert "content-encoding" not in refused.headers
+    again = client.get(url, headers={"If-None-Match": plain.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert client.get(url, headers={"If-None-Match": '"stale"'}).status_code == 200
+
+
 def test_the_map_page_embeds_its_points_escaped(client):
     response = client.get(f"/releases/{FAMILY.release}/map")
     assert response.status_code == 200
