@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.families.schemas import FamilyEdgePublic, FamilyGraphPublic, FamilyNodePublic, Measure
-from app.families.splits import splits_of
+from app.families.splits import Node, by_sae, splits_of
 from sae_core.store.db import FeatureRow, ReleaseRow
 from sae_core.store.families import FeatureLinkRow, jaccard, same_dictionary
 from sae_core.store.lookup import find_feature, find_sae
@@ -23,23 +23,22 @@ PER_ROW = 12  # strongest nodes kept per SAE: a drawing stays readable
 WIDTH, ROW_GAP, MARGIN = 960.0, 120.0, 60.0  # SVG user units
 MIN_R, MAX_R = 5.0, 20.0
 
-Node = tuple[int, int]  # (sae_id, feature index)
+LINKS = FeatureLinkRow.__table__
 
 
-def measure(link: FeatureLinkRow, by: Measure) -> float:
+def measure(link: sa.Row, by: Measure) -> float:
     return link.cosine if by == "cosine" else jaccard(link.n_both, link.n_self, link.n_other)
 
 
-def links_from(session: Session, nodes: set[Node]) -> list[FeatureLinkRow]:
+def links_from(session: Session, nodes: set[Node]) -> list[sa.Row]:
+    """The stored links of ``nodes``, as plain rows of ``feature_links`` (a family page reads
+    several hundred: ORM objects cost more than the query)."""
     if not nodes:
         return []
-    by_sae = defaultdict(list)
-    for sae_id, index in nodes:
-        by_sae[sae_id].append(index)
     condition = sa.or_(
-        *(sa.and_(FeatureLinkRow.sae_id == s, FeatureLinkRow.feature_idx.in_(ix)) for s, ix in by_sae.items())
+        *(sa.and_(LINKS.c.sae_id == s, LINKS.c.feature_idx.in_(ix)) for s, ix in by_sae(nodes).items())
     )
-    return list(session.scalars(sa.select(FeatureLinkRow).where(condition)))
+    return session.execute(sa.select(LINKS).where(condition)).all()
 
 
 def grow(session: Session, focus: Node, family: set[int], by: Measure, threshold: float) -> set[Node]:
@@ -115,7 +114,7 @@ def graph_edges(session, nodes, position, saes, order, by, threshold) -> list[Fa
     """Links between drawn nodes at or above the threshold, one edge per pair (the stronger of
     the two directions' rows), from the smaller SAE to the larger; one latent in two nested SAEs
     of a Matryoshka dictionary is marked as the same latent."""
-    best: dict[tuple[int, int], FeatureLinkRow] = {}
+    best: dict[tuple[int, int], sa.Row] = {}
     for link in links_from(session, set(nodes)):
         a, b = (link.sae_id, link.feature_idx), (link.other_sae_id, link.other_idx)
         if b not in position or measure(link, by) < threshold:
@@ -159,10 +158,7 @@ def layout(nodes: list[Node], edges: list[FamilyEdgePublic], rows: list[int]) ->
 
 
 def node_features(session: Session, nodes: list[Node]) -> dict[Node, sa.Row]:
-    by_sae = defaultdict(list)
-    for sae_id, index in nodes:
-        by_sae[sae_id].append(index)
-    condition = sa.or_(*(sa.and_(FeatureRow.sae_id == s, FeatureRow.idx.in_(ix)) for s, ix in by_sae.items()))
+    condition = sa.or_(*(sa.and_(FeatureRow.sae_id == s, FeatureRow.idx.in_(ix)) for s, ix in by_sae(nodes).items()))
     rows = session.execute(
         sa.select(FeatureRow.sae_id, FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density).where(condition)
     )

@@ -307,11 +307,18 @@ def pack_acts(values) -> tuple[bytes, float, int]:
     return header + positions.tobytes() + levels.tobytes(), max_act, max_pos
 
 
+def unpack_levels(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The positions where ``pack_acts``'s values fired, and their levels there (1-255, each the
+    value / max_act * 255, rounded): (n,) uint16 and (n,) uint8."""
+    n = int.from_bytes(blob[:2], "little")
+    positions = np.frombuffer(blob, dtype="<u2", count=n, offset=2)
+    levels = np.frombuffer(blob, dtype="u1", count=n, offset=2 + 2 * n)
+    return positions, levels
+
+
 def unpack_acts(blob: bytes, max_act: float, length: int) -> np.ndarray:
     """Inverse of ``pack_acts``: a dense (length,) float32 array."""
-    n = int(np.frombuffer(blob[:2], dtype="<u2")[0])
-    positions = np.frombuffer(blob[2 : 2 + 2 * n], dtype="<u2")
-    levels = np.frombuffer(blob[2 + 2 * n : 2 + 3 * n], dtype="u1")
+    positions, levels = unpack_levels(blob)
     out = np.zeros(length, dtype=np.float32)
     out[positions] = levels.astype(np.float32) / 255.0 * max_act
     return out
