@@ -38,10 +38,20 @@ from sae_core.store.db import (
 EXTENSIONS = (live, labels)
 
 
+# SQLite reads pages through a memory map of up to this many bytes (it caps the request at its
+# own compile-time limit, 2 GB here) instead of a read() into its 2 MB page cache per page: a
+# label search joins thousands of feature rows scattered over the file, and mapped it took 2.1
+# instead of 6.8 ms of CPU on the bench's store. Only the address space is reserved; the pages
+# are the OS's file cache, shared by every worker.
+SQLITE_MMAP_BYTES = 1 << 33
+
+
 def open_store(settings: Settings) -> Engine:
     """The engine for ``settings.db_url``, checked to hold a saescope store."""
     check_store_url(settings.db_url, create=False)
     engine = create_engine_for(settings.db_url, readonly=settings.write_token is None)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _map_sqlite_file)
     shown = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
@@ -65,6 +75,12 @@ def open_store(settings: Settings) -> Engine:
             "run `saescope migrate --db ...` first"
         )
     return engine
+
+
+def _map_sqlite_file(dbapi_conn, _record) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
+    cursor.close()
 
 
 @asynccontextmanager

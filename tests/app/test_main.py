@@ -116,3 +116,9 @@ def test_objects_built_at_start_up_are_frozen_while_serving(sqlite_store):
         assert client.get(f"/saes/{sqlite_store.sae}").status_code == 200
         assert gc.get_freeze_count() > before + 10_000  # the modules, the app and its routes
     assert gc.get_freeze_count() == before
+
+
+def test_sqlite_is_read_through_a_memory_map(sqlite_store):
+    with TestClient(create_app(Settings(db_url=sqlite_store.url, live=False))) as client:
+        with client.app.state.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() > 100 << 20
