@@ -67,14 +67,15 @@ class Settings(BaseSettings):
         default=4,
         ge=1,
         description="Semantic searches that may wait for the query embedding model; more get 503 "
-        "with Retry-After at once. An uncached query embeds in tens of milliseconds on a CPU; "
+        "with Retry-After at once. An uncached query embeds in about 20 ms of one CPU thread; "
         "repeated queries come from a cache and never wait.",
     )
     search_timeout_s: float = Field(
         default=10.0,
         gt=0,
         description="Longest a semantic search waits for its query embedding (queue included) "
-        "before a 504; the first search also loads the embedding model (a few seconds).",
+        "before a 504. The embedding model loads in a process of its own when the server starts "
+        "(a few seconds), where the store has label vectors; a search meanwhile waits for it.",
     )
     max_body_bytes: int = Field(
         default=1_000_000,

@@ -1,56 +1,136 @@
 """Semantic search's query embeddings, kept off the pages' back.
 
-Embedding a query runs a small BERT (``sae_core.labels.embeddings``), tens of milliseconds of
-CPU; forty at once on the web workers' threads stalled every page for seconds. So, as live
-prompts do: one worker thread embeds, at a lower CPU priority than the threads serving pages
-(``SEARCH_NICENESS``; the math library's threads, started from it, inherit it); at most
-``search_queue_size`` queries wait for it, and the next is refused at once with 503 and
-Retry-After; a caller waits at most ``search_timeout_s`` (504). Repeated queries are answered
-from an LRU cache and never wait.
+Embedding a query runs a small BERT (``sae_core.labels.embeddings``), ~20 ms of CPU; forty at
+once on the web workers' threads stalled every page for seconds. So, as live prompts do: one
+worker thread hands queries over one at a time; at most ``search_queue_size`` wait for it, and
+the next is refused at once with 503 and Retry-After, as is one that would likely not be
+answered within ``search_timeout_s`` at the recent pace; a caller waits at most that (504).
+Repeated queries are answered from an LRU cache and never wait.
 
-Nothing here imports torch; the worker thread loads the embedding model on its first query.
+The model runs in a child process of the web worker (``EmbeddingProcess``), at a lower CPU
+priority (``SEARCH_NICENESS``) and on one math thread. In a thread of the web worker it shared
+the pages' interpreter lock: lowered in priority, it was descheduled while holding the lock and
+the pages waited for it; and torch's second thread spun on a busy core, a query costing 199 ms
+of CPU instead of 21 (load 10 on 2 cores). Under 32 page clients queries then took seconds and
+some passed the 10 s limit.
+
+Nothing here imports torch; the child loads the embedding model when the server starts (where
+the store has label vectors) or on its first query.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from app.errors import Refused
 from app.live.worker import LiveWorker, WorkerBusy, WorkerTimeout
 from app.settings import Settings
 from sae_core.labels import embeddings
+from sae_core.store.db import FeatureEmbeddingRow
 
 # Query vectors kept: 1,024 x 384 float32 is 1.5 MB, and covers what a crowd types repeatedly.
 QUERY_CACHE_SIZE = 1024
-# Added to the embedding thread's niceness, as to the live model process's (MODEL_NICENESS):
+# Added to the embedding process's niceness, as to the live model process's (MODEL_NICENESS):
 # page threads are served first, and embedding still gets about a quarter of a contended core
 # (at +10 it got so little on a machine at load 28 that queries timed out).
 SEARCH_NICENESS = 5
 
+T = TypeVar("T")
+
+
+def has_label_vectors(engine: Engine) -> bool:
+    """Whether the store holds a label vector, i.e. semantic search embeds queries here at all
+    (an SAE without vectors is searched by words)."""
+    with engine.connect() as conn:
+        return conn.scalar(sa.select(FeatureEmbeddingRow.sae_id).limit(1)) is not None
+
+
+def _start_embedding_process(niceness: int) -> None:
+    """In the child, before its first job: below the pages' priority, one math thread (a query
+    is a few dozen tokens; a second thread only spins on a core the pages need)."""
+    os.nice(niceness)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _load_model() -> None:
+    embeddings.load_embedder()  # in the child; the model itself stays there
+
+
+class EmbeddingProcess:
+    """A child process that runs jobs one at a time (``run``), started on the first and again
+    after it died (an out-of-memory kill): that job answers 503, the next starts a new one."""
+
+    def __init__(self, niceness: int = SEARCH_NICENESS):
+        self._niceness = niceness
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(self, fn: Callable[..., T], /, *args: Any) -> T:
+        """``fn(*args)`` in the child (``fn`` goes by name, so it is a module's function). Called
+        by one thread at a time: the embedder's worker."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),  # no forked locks or threads
+                initializer=_start_embedding_process,
+                initargs=(self._niceness,),
+            )
+        try:
+            return self._pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            self._pool = None
+            raise Refused(503, "semantic search's model process stopped; retry") from None
+
+    def embed(self, query: str) -> np.ndarray:
+        return self.run(embeddings.embed_query, query)
+
+    def load(self) -> None:
+        self.run(_load_model)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
 
 class QueryEmbedder:
-    """``embed(query)``: the query's unit vector, from the cache or the embedding worker."""
+    """``embed(query)``: the query's unit vector, from the cache or the embedding worker, which
+    embeds with ``embed`` (default: the model, in an ``EmbeddingProcess``)."""
 
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        embed: Callable[[str], np.ndarray] = embeddings.embed_query,
-    ):
-        self._embed = embed
+    def __init__(self, *, settings: Settings, embed: Callable[[str], np.ndarray] | None = None):
+        self._process = EmbeddingProcess() if embed is None else None
+        self._embed = embed or self._process.embed
         self._timeout_s = settings.search_timeout_s
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.worker = LiveWorker(
-            queue_size=settings.search_queue_size, name="saescope-embed", niceness=SEARCH_NICENESS
+            queue_size=settings.search_queue_size,
+            name="saescope-embed",
+            deadline_s=settings.search_timeout_s,
         ).start()
+
+    def warm(self) -> None:
+        """Start the model process and load the model now, behind no query: a fresh interpreter
+        importing torch takes seconds, tens of them on a busy machine, and the first query would
+        wait for it within its time limit."""
+        if self._process is not None:
+            self.worker.submit(self._process.load)
 
     def close(self) -> None:
         self.worker.stop()
+        if self._process is not None:
+            self._process.close()
 
     def embed(self, query: str) -> np.ndarray:
         with self._lock:

@@ -137,12 +137,23 @@ class Place:
 
 class LiveWorker:
     """Runs submitted callables one at a time on a single daemon thread. At most ``queue_size``
-    requests hold a place (admitted, not yet started); more are refused at ``admit``."""
+    requests hold a place (admitted, not yet started); more are refused at ``admit``. With a
+    ``deadline_s`` (the callers' time limit), a request is refused too when the jobs ahead of it
+    and its own would likely not be done by then, at the running mean duration: on a busy
+    machine it gets its 503 at once rather than a 504 after waiting out the limit."""
 
-    def __init__(self, *, queue_size: int, name: str = "saescope-live", niceness: int = 0):
+    def __init__(
+        self,
+        *,
+        queue_size: int,
+        name: str = "saescope-live",
+        niceness: int = 0,
+        deadline_s: float | None = None,
+    ):
         self._niceness = niceness
         self._queue: queue.Queue[_Job | None] = queue.Queue()  # admission bounds it
         self.queue_size = queue_size
+        self.deadline_s = deadline_s
         self._waiting = 0  # places held: admitted requests whose job has not started
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -169,7 +180,7 @@ class LiveWorker:
         with self._lock:
             if self._stopped.is_set():
                 raise WorkerStopped("the live worker has stopped")
-            if self._waiting >= self.queue_size:
+            if self._waiting >= self.queue_size or self._late(self._waiting):
                 raise WorkerBusy(self._retry_after_s(self._waiting))
             self._waiting += 1
         return Place(self)
@@ -185,6 +196,11 @@ class LiveWorker:
     def run(self, fn: Callable[..., T], /, *args, timeout_s: float, **kwargs) -> T:
         """Admit, queue, and wait up to ``timeout_s`` for the result (or the job's exception)."""
         return self.admit().run(fn, *args, timeout_s=timeout_s, **kwargs)
+
+    def _late(self, waiting: int) -> bool:
+        """Whether a job admitted behind ``waiting`` others would likely end past the deadline:
+        the running job, the waiting ones and itself, each at the mean duration."""
+        return self.deadline_s is not None and (waiting + 2) * self._mean_duration_s > self.deadline_s
 
     def _retry_after_s(self, waiting: int) -> int:
         """Whole seconds until the queue has likely drained by one job: every waiting job plus

@@ -25,7 +25,7 @@ from app.deps import QueryEmbedderDep, SessionDep, SettingsDep
 from app.errors import Refused, error_answer
 from app.guards import require_write_token
 from app.labels import service
-from app.labels.query_embeddings import QueryEmbedder
+from app.labels.query_embeddings import QueryEmbedder, has_label_vectors
 from app.labels.schemas import (
     LabelEdit,
     LabelHistoryPublic,
@@ -65,10 +65,13 @@ SEARCH_ERRORS = {
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start semantic search's query embedder where the embedding model is installed."""
+    """Start semantic search's query embedder where the embedding model is installed, and load
+    its model at once where the store has label vectors to search."""
     embedder = None
     if embeddings.embedder_available():
         embedder = QueryEmbedder(settings=app.state.settings)
+        if has_label_vectors(app.state.engine):
+            embedder.warm()
     app.state.query_embedder = embedder
     try:
         yield

@@ -104,3 +104,28 @@ def test_live_places_are_shared_through_their_folder_and_refuse_at_once_when_all
             assert refused.value.retry_after_s >= 1
     with one.hold(), one.hold():  # given back when their blocks end
         pass
+
+
+def test_with_a_deadline_a_request_that_would_likely_end_past_it_is_refused_at_once():
+    worker = LiveWorker(queue_size=8, deadline_s=2.5).start()
+    try:
+        worker.run(time.sleep, 0.3, timeout_s=10)  # the mean duration falls from 1 s toward 0.3
+        assert worker._mean_duration_s == pytest.approx(0.86, abs=0.05)
+        release = blocked(worker)
+        queued = worker.submit(lambda: "queued")  # the running job and this: 2 x 0.86 <= 2.5 s
+        with pytest.raises(WorkerBusy) as refused:  # ... and one more: 3 x 0.86 > 2.5 s
+            worker.submit(lambda: "too late")
+        assert refused.value.retry_after_s >= 1 and worker.queued == 1
+        release.set()
+        assert queued.result(10) == "queued"
+    finally:
+        worker.stop()
+    without = LiveWorker(queue_size=8).start()
+    try:
+        release = blocked(without)
+        for _ in range(3):
+            without.submit(lambda: "queued")  # no deadline: only the queue's size bounds it
+        assert without.queued == 3
+        release.set()
+    finally:
+        without.stop()

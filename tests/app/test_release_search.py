@@ -52,7 +52,9 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
             if embed:
                 embeddings.sync_embeddings(session, sae_id, embedder, progress=False)
     engine.dispose()
-    settings = Settings(db_url=url, live=False, search_queue_size=1)
+    # a fresh embedding process imports torch and loads the model: tens of seconds on a busy
+    # machine, which the first query waits for
+    settings = Settings(db_url=url, live=False, search_queue_size=1, search_timeout_s=300)
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -1,4 +1,4 @@
-"""Semantic search on the server: queries embed on a low-priority worker behind a bounded queue
+"""Semantic search on the server: queries embed in a low-priority process behind a bounded queue
 (503 with Retry-After when full), long queries are refused, repeated ones come from a cache."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import Refused
 from app.labels import query_embeddings
-from app.labels.query_embeddings import SEARCH_NICENESS, QueryEmbedder
+from app.labels.query_embeddings import SEARCH_NICENESS, EmbeddingProcess, QueryEmbedder
 from app.main import create_app
 from app.settings import Settings
 from sae_core.labels import embeddings
@@ -96,11 +96,34 @@ def test_a_full_queue_is_503_with_retry_after_and_cached_queries_still_answer(em
     assert embed.calls == ["French cities"]  # the refused query was never embedded
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are per thread on Linux")
-def test_queries_embed_at_a_lower_cpu_priority_than_pages(embedder):
-    thread = embedder.worker.run(threading.get_native_id, timeout_s=10)
-    page_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert os.getpriority(os.PRIO_PROCESS, thread) == min(page_priority + SEARCH_NICENESS, 19)
+def priority_and_math_threads() -> tuple[int, int]:
+    import torch
+
+    return os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
+
+
+def test_the_model_runs_in_a_process_of_its_own_at_a_lower_priority_on_one_thread():
+    """Out of the web worker's interpreter, so pages never wait for its lock."""
+    process = EmbeddingProcess()
+    try:
+        child_priority, threads = process.run(priority_and_math_threads)
+        assert process.run(os.getpid) != os.getpid()
+    finally:
+        process.close()
+    assert child_priority == min(os.getpriority(os.PRIO_PROCESS, 0) + SEARCH_NICENESS, 19)
+    assert threads == 1
+
+
+def test_a_dead_model_process_answers_503_and_the_next_query_starts_another():
+    process = EmbeddingProcess()
+    try:
+        first = process.run(os.getpid)
+        with pytest.raises(Refused) as refused:
+            process.run(os._exit, 1)
+        assert refused.value.status == 503
+        assert process.run(os.getpid) != first
+    finally:
+        process.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +141,9 @@ def client(tmp_path_factory) -> Iterator[TestClient]:
     with Session(engine) as session:
         embeddings.sync_embeddings(session, sae_id, embeddings.load_embedder(), progress=False)
     engine.dispose()
-    settings = Settings(db_url=url, live=False, search_queue_size=1)
+    # a fresh embedding process imports torch and loads the model: tens of seconds on a busy
+    # machine, which the first query waits for
+    settings = Settings(db_url=url, live=False, search_queue_size=1, search_timeout_s=300)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
 
