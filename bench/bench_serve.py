@@ -304,13 +304,38 @@ def make_live(url: str, folder: Path) -> None:
     engine.dispose()
 
 
+async def models_loaded(base: str, connections: int, timeout_s: float = 600) -> None:
+    """Until a live prompt and a semantic search have been answered on each of ``connections``
+    connections: the live model and each web worker's query model load after the server answers
+    pages (tens of seconds on a busy machine), and a run measured before would time them out."""
+
+    async def answered(kind: str, path: str) -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:  # a connection of its own
+            while time.monotonic() < deadline:
+                if kind == "live prompt":
+                    response = await client.post(path, json={"text": LIVE_TEXT})
+                else:
+                    response = await client.get(path, params={"q": f"{SEMANTIC_QUERY} warm"})
+                if response.status_code == 200:
+                    return
+                await asyncio.sleep(1)
+        raise RuntimeError(f"no {kind} answered within {timeout_s:.0f} s")
+
+    deadline = time.monotonic() + timeout_s
+    sae = SPEC.sae_name
+    await asyncio.gather(
+        *(answered("live prompt", f"/api/v1/saes/{sae}/activations") for _ in range(connections)),
+        *(answered("semantic search", f"/api/v1/saes/{sae}/search") for _ in range(connections)),
+    )
+
+
 def measure_mixed(url: str, args: argparse.Namespace) -> dict[str, LoadResult]:
     """Pages alone, then pages under live and semantic pressure, on one live server."""
     load = {"clients": args.clients, "seconds": args.duration, "think": args.think}
     flags = ("--workers", str(args.workers), "--live", "--model", "smollm2-135m")
     with serving(url, *flags, timeout=300) as base:
         asyncio.run(run_load(base, clients=args.clients, seconds=3, think=0, seed=99))
-        asyncio.run(run_mixed(base, **load, seed=98, live=1, semantic=1))  # load both models
+        asyncio.run(models_loaded(base, connections=2 * args.workers))
         return {
             "pages only": asyncio.run(measured_load(base, **load, seed=1)),
             "mixed": asyncio.run(

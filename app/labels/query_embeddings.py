@@ -25,7 +25,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -57,50 +57,61 @@ def has_label_vectors(engine: Engine) -> bool:
 
 
 def _start_embedding_process(niceness: int) -> None:
-    """In the child, before its first job: below the pages' priority, one math thread (a query
-    is a few dozen tokens; a second thread only spins on a core the pages need)."""
-    os.nice(niceness)
+    """The child's start: one math thread (a query is a few dozen tokens; a second thread only
+    spins on a core the pages need), the model loaded, then the CPU priority lowered below the
+    pages'. Loading at the web worker's own priority takes seconds; lowered, under a page load on
+    a busy machine it took ~50 s, and searches meanwhile timed out."""
     import torch
 
     torch.set_num_threads(1)
-
-
-def _load_model() -> None:
-    embeddings.load_embedder()  # in the child; the model itself stays there
+    embeddings.load_embedder()
+    os.nice(niceness)
 
 
 class EmbeddingProcess:
-    """A child process that runs jobs one at a time (``run``), started on the first and again
-    after it died (an out-of-memory kill): that job answers 503, the next starts a new one."""
+    """A child process holding the embedding model that runs jobs (``run``, ``submit``) one at a
+    time, started on the first (or ``start``) and again after it died (an out-of-memory kill):
+    that job answers 503, the next starts a new one."""
 
     def __init__(self, niceness: int = SEARCH_NICENESS):
         self._niceness = niceness
-        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),  # no forked locks or threads
+            initializer=_start_embedding_process,
+            initargs=(self._niceness,),
+        )
+
+    def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        """Queue ``fn(*args)`` in the child (``fn`` goes by name, so it is a module's function)."""
+        with self._lock:
+            try:
+                return self._pool.submit(fn, *args)
+            except BrokenProcessPool:  # the child died on an earlier job: start the next one
+                self._pool.shutdown(wait=False)
+                self._pool = self._new_pool()
+                return self._pool.submit(fn, *args)
 
     def run(self, fn: Callable[..., T], /, *args: Any) -> T:
-        """``fn(*args)`` in the child (``fn`` goes by name, so it is a module's function). Called
-        by one thread at a time: the embedder's worker."""
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=multiprocessing.get_context("spawn"),  # no forked locks or threads
-                initializer=_start_embedding_process,
-                initargs=(self._niceness,),
-            )
+        """``fn(*args)`` in the child, once the jobs queued before it are done."""
         try:
-            return self._pool.submit(fn, *args).result()
+            return self.submit(fn, *args).result()
         except BrokenProcessPool:
-            self._pool = None
             raise Refused(503, "semantic search's model process stopped; retry") from None
 
     def embed(self, query: str) -> np.ndarray:
         return self.run(embeddings.embed_query, query)
 
-    def load(self) -> None:
-        self.run(_load_model)
+    def start(self) -> None:
+        """Start the child now, rather than on the first job (it then loads the model)."""
+        self.submit(os.getpid)
 
     def close(self) -> None:
-        if self._pool is not None:
+        with self._lock:
             self._pool.shutdown(cancel_futures=True)
 
 
@@ -121,11 +132,12 @@ class QueryEmbedder:
         ).start()
 
     def warm(self) -> None:
-        """Start the model process and load the model now, behind no query: a fresh interpreter
-        importing torch takes seconds, tens of them on a busy machine, and the first query would
-        wait for it within its time limit."""
+        """Start the model process now: a fresh interpreter importing torch and loading the model
+        takes seconds, tens of them on a busy machine, which the first query would otherwise
+        wait for within its time limit. Not through the worker, whose mean job duration says
+        how long queries take."""
         if self._process is not None:
-            self.worker.submit(self._process.load)
+            self._process.start()
 
     def close(self) -> None:
         self.worker.stop()

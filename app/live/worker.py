@@ -159,6 +159,7 @@ class LiveWorker:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._stopped = threading.Event()
         self._mean_duration_s = 1.0  # until a job has run: a CPU forward of a short prompt
+        self._running = 0  # 1 while a job runs
 
     def start(self) -> LiveWorker:
         self._thread.start()
@@ -198,9 +199,15 @@ class LiveWorker:
         return self.admit().run(fn, *args, timeout_s=timeout_s, **kwargs)
 
     def _late(self, waiting: int) -> bool:
-        """Whether a job admitted behind ``waiting`` others would likely end past the deadline:
-        the running job, the waiting ones and itself, each at the mean duration."""
-        return self.deadline_s is not None and (waiting + 2) * self._mean_duration_s > self.deadline_s
+        """Whether a job admitted now would likely end past the deadline: the running job, the
+        ``waiting`` ones and itself, each at the mean duration. A job that would start at once
+        is never late: it runs, and its duration corrects a mean that one slow job raised."""
+        ahead = waiting + self._running
+        return (
+            self.deadline_s is not None
+            and ahead > 0
+            and (ahead + 1) * self._mean_duration_s > self.deadline_s
+        )
 
     def _retry_after_s(self, waiting: int) -> int:
         """Whole seconds until the queue has likely drained by one job: every waiting job plus
@@ -221,9 +228,17 @@ class LiveWorker:
             if not job.future.set_running_or_notify_cancel():
                 continue  # its caller gave up while it waited
             started = time.perf_counter()
+            self._running = 1
+            result, error = None, None
             try:
-                job.future.set_result(job.fn(*job.args, **job.kwargs))
+                result = job.fn(*job.args, **job.kwargs)
             except BaseException as err:  # the caller re-raises it; the worker lives on
-                job.future.set_exception(err)
+                error = err
             elapsed = time.perf_counter() - started
-            self._mean_duration_s += DURATION_SMOOTHING * (elapsed - self._mean_duration_s)
+            with self._lock:  # idle again before the caller has its answer
+                self._running = 0
+                self._mean_duration_s += DURATION_SMOOTHING * (elapsed - self._mean_duration_s)
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)

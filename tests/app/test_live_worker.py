@@ -118,6 +118,9 @@ def test_with_a_deadline_a_request_that_would_likely_end_past_it_is_refused_at_o
         assert refused.value.retry_after_s >= 1 and worker.queued == 1
         release.set()
         assert queued.result(10) == "queued"
+        worker._mean_duration_s = 60.0  # as after one very slow job
+        assert worker.run(lambda: "idle", timeout_s=10) == "idle"  # it starts at once: admitted
+        assert worker._mean_duration_s < 50  # ... and its duration brings the mean back down
     finally:
         worker.stop()
     without = LiveWorker(queue_size=8).start()
