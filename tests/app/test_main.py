@@ -122,3 +122,15 @@ def test_sqlite_is_read_through_a_memory_map(sqlite_store):
     with TestClient(create_app(Settings(db_url=sqlite_store.url, live=False))) as client:
         with client.app.state.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA mmap_size").scalar() > 100 << 20
+
+
+def test_numpy_math_runs_on_one_thread_while_serving(sqlite_store):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    before = blas_threads()
+    with TestClient(create_app(Settings(db_url=sqlite_store.url, live=False))):
+        assert blas_threads() == {1}
+    assert blas_threads() == before
