@@ -38,9 +38,7 @@ class StoreCache(Generic[T]):
         self.lock = threading.Lock()
         self.by_engine: weakref.WeakKeyDictionary[Engine, OrderedDict] = weakref.WeakKeyDictionary()
 
-    def read(
-        self, session: Session, key: Hashable, version: Hashable, build: Callable[[], T]
-    ) -> T:
+    def read(self, session: Session, key: Hashable, version: Hashable, build: Callable[[], T]) -> T:
         """The value kept for ``key`` at ``version``, or ``build()``'s, kept from now on. Two
         requests may build it at once; both answers are right, and the last is kept."""
         engine = session.get_bind()

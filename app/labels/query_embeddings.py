@@ -73,8 +73,7 @@ class EmbeddingProcess:
     time, started on the first (or ``start``) and again after it died (an out-of-memory kill):
     that job answers 503, the next starts a new one."""
 
-    def __init__(self, niceness: int = SEARCH_NICENESS):
-        self._niceness = niceness
+    def __init__(self):
         self._lock = threading.Lock()
         self._pool = self._new_pool()
 
@@ -83,7 +82,7 @@ class EmbeddingProcess:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),  # no forked locks or threads
             initializer=_start_embedding_process,
-            initargs=(self._niceness,),
+            initargs=(SEARCH_NICENESS,),
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:

@@ -18,9 +18,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import math
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,16 +69,6 @@ class WorkerTimeout(Exception):
 
 class WorkerStopped(Exception):
     """The worker has shut down (the server is stopping)."""
-
-
-def lower_thread_priority(niceness: int) -> None:
-    """Add ``niceness`` to the calling thread's (Linux sets it per thread; threads it starts
-    later, such as a math library's pool, inherit it). Elsewhere, where it would lower the
-    whole process, it does nothing."""
-    if sys.platform == "linux":
-        thread = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, thread)
-        os.setpriority(os.PRIO_PROCESS, thread, min(current + niceness, 19))
 
 
 class _Job(NamedTuple):
@@ -147,10 +135,8 @@ class LiveWorker:
         *,
         queue_size: int,
         name: str = "saescope-live",
-        niceness: int = 0,
         deadline_s: float | None = None,
     ):
-        self._niceness = niceness
         self._queue: queue.Queue[_Job | None] = queue.Queue()  # admission bounds it
         self.queue_size = queue_size
         self.deadline_s = deadline_s
@@ -215,8 +201,6 @@ class LiveWorker:
         return max(1, math.ceil((waiting + 1) * self._mean_duration_s))
 
     def _serve(self) -> None:
-        if self._niceness:
-            lower_thread_priority(self._niceness)
         while True:
             job = self._queue.get()
             if job is None:
