@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import httpx
 
 import pytest
 from sqlalchemy.orm import Session
 
 from sae_core.store.db import create_engine_for
 from tests.app.server_process import serving
-from tests.e2e.family_pick import clear_splits
+from tests.e2e.family_pick import Split, clear_splits
 
 pytestmark = pytest.mark.e2e
 
@@ -57,51 +60,77 @@ def test_screenshots_of_a_real_store(page):
         page.screenshot(path=OUT / "prompt.png")
 
 
+@pytest.fixture(scope="module")
+def release_server() -> Iterator[tuple[str, dict]]:
+    """One live server on the store for the release's pictures, and its largest release."""
+    if not STORE:
+        pytest.skip("set SAESCOPE_SCREENSHOT_DB to a store made by `saescope demo`")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAESCOPE_GRAPH_TIMEOUT_S", str(GRAPH_WAIT_S))
+        with serving(STORE, "--live", timeout=180) as base:
+            releases = httpx.get(f"{base}/api/v1/releases").json()["data"]
+            release = max(releases, key=lambda r: len(r["saes"]))
+            assert len(release["saes"]) > 1, "the store holds no release of several SAEs"
+            yield base, release
+
+
+@pytest.fixture(scope="module")
+def split(release_server) -> Split:
+    """The release's clearest split (tests/e2e/family_pick.py's rule)."""
+    _, release = release_server
+    engine = create_engine_for(STORE, readonly=True)
+    with Session(engine) as session:
+        splits = clear_splits(session, release["name"])
+    engine.dispose()
+    assert splits, "no family of the release splits clearly (see tests/e2e/family_pick.py)"
+    return splits[0]
+
+
 @needs_store
-def test_screenshots_of_a_family_the_map_and_a_graph(page, monkeypatch):
+def test_screenshot_of_a_family(page, release_server, split):
+    base, _ = release_server
     OUT.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setenv("SAESCOPE_GRAPH_TIMEOUT_S", str(GRAPH_WAIT_S))
-    with serving(STORE, "--live", timeout=180) as base:
-        releases = page.request.get(f"{base}/api/v1/releases").json()["data"]
-        release = max(releases, key=lambda r: len(r["saes"]))
-        assert len(release["saes"]) > 1, "the store holds no release of several SAEs"
-        engine = create_engine_for(STORE, readonly=True)
-        with Session(engine) as session:
-            splits = clear_splits(session, release["name"])
-        engine.dispose()
-        assert splits, "no family of the release splits clearly (see tests/e2e/family_pick.py)"
-        split = splits[0]
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{base}/saes/{split.sae}/features/{split.index}/family")
+    drawn = page.locator("svg.family-graph circle")
+    assert drawn.count() >= 3, "the parent and its two children are drawn"
+    page.screenshot(path=OUT / "family.png", full_page=True)
 
-        page.set_viewport_size({"width": 1400, "height": 900})
-        page.goto(f"{base}/saes/{split.sae}/features/{split.index}/family")
-        drawn = page.locator("svg.family-graph circle")
-        assert drawn.count() >= 3, "the parent and its two children are drawn"
-        page.screenshot(path=OUT / "family.png", full_page=True)
 
-        layer = next(s["layer"] for s in release["saes"] if s["name"] == split.sae)
-        page.goto(f"{base}/releases/{release['name']}/map?layer={layer}")
-        page.locator("#map").wait_for()
-        word = next((w for w in (split.label or "").split() if w.strip('`"/').isalpha()), "")
-        page.fill("#map-search", word.strip('`"/'))
-        page.wait_for_timeout(500)  # the canvas redraws on input
-        page.screenshot(path=OUT / "map.png")
+@needs_store
+def test_screenshot_of_the_map(page, release_server, split):
+    base, release = release_server
+    OUT.mkdir(parents=True, exist_ok=True)
+    layer = next(s["layer"] for s in release["saes"] if s["name"] == split.sae)
+    page.goto(f"{base}/releases/{release['name']}/map?layer={layer}")
+    page.locator("#map").wait_for()
+    word = next((w for w in (split.label or "").split() if w.strip('`"/').isalpha()), "")
+    page.fill("#map-search", word.strip('`"/'))
+    page.wait_for_timeout(500)  # the canvas redraws on input
+    page.screenshot(path=OUT / "map.png")
 
-        job = page.request.post(
-            f"{base}/api/v1/releases/{release['name']}/graphs",
-            data={"prompt": GRAPH_PROMPT},
-            timeout=60_000,
-        ).json()
-        deadline = time.monotonic() + GRAPH_WAIT_S
-        while job["state"] in ("queued", "running"):
-            assert time.monotonic() < deadline, job
-            time.sleep(2)
-            job = page.request.get(base + job["url"]).json()
-        assert job["state"] == "done", job
-        page.goto(base + job["graph_url"])
-        strongest = page.eval_on_selector_all(
-            "#graph circle.node.feature",
-            "nodes => nodes.sort((a, b) => (+b.dataset.influence || 0) - (+a.dataset.influence || 0))[0].dataset.node",
-        )
-        page.locator(f'#graph circle[data-node="{strongest}"]').click()
-        page.locator("#node-panel .node-panel").wait_for()
-        page.screenshot(path=OUT / "graph.png", full_page=True)
+
+@needs_store
+def test_screenshot_of_a_graph(page, release_server):
+    base, release = release_server
+    OUT.mkdir(parents=True, exist_ok=True)
+    job = page.request.post(
+        f"{base}/api/v1/releases/{release['name']}/graphs",
+        data={"prompt": GRAPH_PROMPT},
+        timeout=60_000,
+    ).json()
+    deadline = time.monotonic() + GRAPH_WAIT_S
+    while job["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(2)
+        job = page.request.get(base + job["url"]).json()
+    assert job["state"] == "done", job
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(base + job["graph_url"])
+    strongest = page.eval_on_selector_all(
+        "#graph circle.node.feature",
+        "nodes => nodes.sort((a, b) => (+b.dataset.influence || 0) - (+a.dataset.influence || 0))[0].dataset.node",
+    )
+    page.locator(f'#graph circle[data-node="{strongest}"]').click()
+    page.locator("#node-panel .node-panel").wait_for()
+    page.screenshot(path=OUT / "graph.png", full_page=True)
