@@ -13,8 +13,7 @@ from typing import NamedTuple
 import torch
 
 from sae_core.families.cofiring import CoFiring
-from sae_core.precompute.results import Neighbours, top_per_group
-from sae_core.precompute.weights import rows_per_chunk
+from sae_core.precompute.results import Neighbours, rows_per_chunk, top_per_group
 
 TOP_N = 5  # links kept per feature, other SAE and measure: a family, not a neighbourhood
 

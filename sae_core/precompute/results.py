@@ -3,11 +3,19 @@ co-activation, the token index and the density histogram. Vectorised over all fe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from sae_core.precompute.stats import FINE_BINS, Reservoir, StreamingStats, ranks_within_groups
+from sae_core.precompute.stats import (
+    FINE_BINS,
+    Reservoir,
+    SparseCounter,
+    StreamingStats,
+    TrianglePairs,
+    ranks_within_groups,
+)
 
 
 class Intervals(NamedTuple):
@@ -62,22 +70,65 @@ def ordered_samples(samples: Reservoir) -> tuple[torch.Tensor, torch.Tensor, tor
     return samples.context.gather(1, order), samples.value.gather(1, order), filled
 
 
+def rows_per_chunk(row_bytes: int, memory_budget: int) -> int:
+    """Rows of ``row_bytes`` each such that a few such chunks fit ``memory_budget`` bytes."""
+    return max(1, memory_budget // (4 * row_bytes))
+
+
 class Neighbours(NamedTuple):
     index: torch.Tensor  # (F, n) neighbour feature, -1 where fewer exist
     score: torch.Tensor  # (F, n)
 
 
-def coactivation_neighbours(stats: StreamingStats, n: int) -> Neighbours:
+def coactivation_neighbours(stats: StreamingStats, n: int, *, memory_budget: int) -> Neighbours:
     """Top ``n`` features by Jaccard similarity of their active-token sets,
     |A ∩ B| / |A ∪ B|: symmetric, in [0, 1], and not dominated by the densest features the way raw
-    counts are."""
+    counts are. A chunk of rows of the symmetric pair counts at a time, so memory is bounded by the
+    budget, not by the number of pairs (ranking every pair at once took 1.3 GB over the 7.5 M pairs
+    of a 4,096-wide SAE at ~100k tokens). Ties go to the features after this one first, then
+    wrap around: i + 1, ..., F - 1, 0, ..., i - 1."""
     coact, n_features = stats.coact, stats.n_features
-    coact.pairs.coalesce()
-    keys, both = coact.pairs.keys, coact.pairs.counts
-    a, b = keys // n_features, keys % n_features
-    jaccard = both / (coact.occurrences[a] + coact.occurrences[b] - both)
-    group, other, score = torch.cat([a, b]), torch.cat([b, a]), torch.cat([jaccard, jaccard])
-    return top_per_group(group, other, score, n_groups=n_features, n=n)
+    pairs = coact.pairs
+    rows = pairs.rows if isinstance(pairs, TrianglePairs) else symmetric_rows(pairs, n_features)
+    n_kept = min(n, n_features)
+    chunk = rows_per_chunk(64 * n_features, memory_budget)  # int64 counts, unions, keys and their temporaries
+    index, score = [], []
+    for start in range(0, n_features, chunk):
+        both = rows(start, min(start + chunk, n_features))  # (rows, F) int64
+        i = torch.arange(start, start + both.shape[0]).unsqueeze(1)
+        jaccard = both / (coact.occurrences[i] + coact.occurrences - both)  # (rows, F) float32
+        # one int64 key per pair, unique in its row: the Jaccard's bits (a float >= 0 orders as
+        # its bits do) above the tie order, (i - j) mod F (largest for j = i + 1); none for no pair
+        key = (jaccard.view(torch.int32).long() << 32).add_((i - torch.arange(n_features)) % n_features)
+        top = key.masked_fill_(both == 0, -1).topk(n_kept, dim=1)
+        found = top.values >= 0
+        index.append(torch.where(found, top.indices, -1))
+        score.append(torch.where(found, jaccard.gather(1, top.indices).double(), 0.0))
+    padding = (0, n - n_kept)  # fewer features than neighbours asked for
+    return Neighbours(
+        torch.nn.functional.pad(torch.cat(index), padding, value=-1), torch.nn.functional.pad(torch.cat(score), padding)
+    )
+
+
+def symmetric_rows(pairs: SparseCounter, n_features: int) -> Callable[[int, int], torch.Tensor]:
+    """``TrianglePairs.rows`` for pair counts held sparse (keys i * F + j, i < j, ascending): a
+    chunk's pairs as i are a range of the keys, and as j a range of them ordered by j."""
+    pairs.coalesce()
+    keys, counts = pairs.keys, pairs.counts
+    first, second = keys // n_features, keys % n_features
+    by_second = torch.argsort(second, stable=True)
+    second_sorted = second[by_second]
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        out = torch.zeros(stop - start, n_features, dtype=torch.int64)
+        lo, hi = torch.searchsorted(keys, torch.tensor([start * n_features, stop * n_features])).tolist()
+        out[first[lo:hi] - start, second[lo:hi]] = counts[lo:hi]
+        lo, hi = torch.searchsorted(second_sorted, torch.tensor([start, stop])).tolist()
+        pick = by_second[lo:hi]
+        out[second[pick] - start, first[pick]] = counts[pick]
+        return out
+
+    return rows
 
 
 def top_per_group(group, item, score, *, n_groups: int, n: int) -> Neighbours:
