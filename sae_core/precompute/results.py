@@ -90,23 +90,28 @@ def coactivation_neighbours(stats: StreamingStats, n: int, *, memory_budget: int
     coact, n_features = stats.coact, stats.n_features
     pairs = coact.pairs
     rows = pairs.rows if isinstance(pairs, TrianglePairs) else symmetric_rows(pairs, n_features)
-    n_kept = min(n, n_features)
     chunk = rows_per_chunk(64 * n_features, memory_budget)  # int64 counts, unions, keys and their temporaries
-    index, score = [], []
+    parts = []
     for start in range(0, n_features, chunk):
         both = rows(start, min(start + chunk, n_features))  # (rows, F) int64
         i = torch.arange(start, start + both.shape[0]).unsqueeze(1)
         jaccard = both / (coact.occurrences[i] + coact.occurrences - both)  # (rows, F) float32
-        # one int64 key per pair, unique in its row: the Jaccard's bits (a float >= 0 orders as
-        # its bits do) above the tie order, (i - j) mod F (largest for j = i + 1); none for no pair
-        key = (jaccard.view(torch.int32).long() << 32).add_((i - torch.arange(n_features)) % n_features)
-        top = key.masked_fill_(both == 0, -1).topk(n_kept, dim=1)
-        found = top.values >= 0
-        index.append(torch.where(found, top.indices, -1))
-        score.append(torch.where(found, jaccard.gather(1, top.indices).double(), 0.0))
-    padding = (0, n - n_kept)  # fewer features than neighbours asked for
+        parts.append(top_in_rows(jaccard, both > 0, (i - torch.arange(n_features)) % n_features, n))
+    return Neighbours(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+
+def top_in_rows(score: torch.Tensor, present: torch.Tensor, tie: torch.Tensor, n: int) -> Neighbours:
+    """The ``n`` columns of highest score in each row of (rows, m) float32 scores >= 0, among
+    those ``present``; among equal scores the larger ``tie`` (int64 in [0, 2^32), distinct within
+    a row) first; -1 and 0 where fewer are present. One int64 key per entry (a float >= 0 orders
+    as its bits do) and one topk: no sort of every candidate."""
+    key = (score.view(torch.int32).long() << 32).add_(tie).masked_fill_(~present, -1)
+    top = key.topk(min(n, score.shape[1]), dim=1)
+    found = top.values >= 0
+    padding = (0, n - top.indices.shape[1])  # fewer columns than neighbours asked for
     return Neighbours(
-        torch.nn.functional.pad(torch.cat(index), padding, value=-1), torch.nn.functional.pad(torch.cat(score), padding)
+        torch.nn.functional.pad(torch.where(found, top.indices, -1), padding, value=-1),
+        torch.nn.functional.pad(torch.where(found, score.gather(1, top.indices).double(), 0.0), padding),
     )
 
 
@@ -129,17 +134,6 @@ def symmetric_rows(pairs: SparseCounter, n_features: int) -> Callable[[int, int]
         return out
 
     return rows
-
-
-def top_per_group(group, item, score, *, n_groups: int, n: int) -> Neighbours:
-    """For each group 0..n_groups-1, its ``n`` items of highest score (ties: earlier first)."""
-    perm, rank = ranks_within_groups(group, score)
-    keep = perm[rank < n]
-    index = torch.full((n_groups, n), -1, dtype=torch.int64)
-    values = torch.zeros((n_groups, n), dtype=torch.float64)
-    index[group[keep], rank[rank < n]] = item[keep]
-    values[group[keep], rank[rank < n]] = score[keep].double()
-    return Neighbours(index, values)
 
 
 class TokenFeatures(NamedTuple):
