@@ -178,6 +178,7 @@ def bare_forward(tokens: int, batch_size: int) -> Measured:
 
 def command(sae_paths: list[str], db_path: str, tokens: int, batch_size: int, label: bool) -> Measured:
     """``saescope precompute`` through the CLI's own entry point, with its phases timed."""
+    import sae_core.precompute.encode as encode
     import sae_core.precompute.run as run
     from sae_core.cli import main
     from sae_core.inputs.subject import Subject
@@ -187,7 +188,7 @@ def command(sae_paths: list[str], db_path: str, tokens: int, batch_size: int, la
 
     phases = Phases(total_batches=math.ceil(math.ceil(tokens / CTX_LEN) / batch_size))
     phases.wrap(Subject, "forward_to_layers", "forward")
-    for owner, name in ((run, "encode_batch"), (StreamingStats, "update"), (SpillWriter, "append"), (run, "save_checkpoint")):
+    for owner, name in ((encode, "encode_batch"), (StreamingStats, "update"), (SpillWriter, "append"), (run, "save_checkpoint")):
         phases.wrap(owner, name, "SAE")
     phases.wrap(run.Feed, "update", "SAE")  # co-firing across the SAEs of a layer, inside the pass
     for name in ("finish", "publish_feeds", "run_families"):

@@ -77,15 +77,17 @@ def check_against_brute_force(links, W_a, W_b, acts_a, acts_b):
     assert links.n_both.tolist() == [len(sets_a[i] & sets_b[j]) for i, j in sorted(got)]
 
 
-def test_links_both_ways_equal_brute_force():
+@pytest.mark.parametrize("table_budget", [1 << 20, 0], ids=["dense", "sparse"])
+def test_links_both_ways_equal_brute_force(table_budget):
     generator = torch.Generator().manual_seed(1)
     W_a, W_b = torch.randn(12, 8, generator=generator), torch.randn(30, 8, generator=generator)
     acts_a, acts_b = random_acts(generator, 50, 12, 2), random_acts(generator, 50, 30, 3)
-    cofiring = CoFiring([12, 30], max_active=8, memory_budget=1 << 20)
+    cofiring = CoFiring([12, 30], max_active=8, memory_budget=table_budget)
     cofiring.update([acts_a, acts_b], 50)
     forward, backward = links_both_ways(
         unit_directions(W_a), unit_directions(W_b), cofiring, 0, 1, n=5, memory_budget=2 * 16 * 30
-    )  # 2 rows of a per chunk (weights.rows_per_chunk): b's running top 5 merges 6 chunks
+    )  # 2 rows of a per cosine chunk (results.rows_per_chunk): b's running top 5 merges 6 chunks;
+    # one row per Jaccard chunk
     check_against_brute_force(forward, W_a, W_b, acts_a, acts_b)
     check_against_brute_force(backward, W_b, W_a, acts_b, acts_a)
 

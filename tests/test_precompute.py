@@ -19,6 +19,7 @@ from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute
+from sae_core.precompute.results import coactivation_neighbours
 from sae_core.precompute.stats import (
     FINE_BINS,
     CoActivation,
@@ -370,6 +371,33 @@ def test_dense_and_sparse_co_activation_counts_agree():
     restored = CoActivation(n_features, max_active, 1 << 20)
     restored.load_state_dict(saved, "c")
     assert torch.equal(restored.pairs.table, dense.pairs.table)
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 0], ids=["dense", "sparse"])
+def test_co_activation_neighbours_rank_by_jaccard_with_ties_in_a_fixed_order(budget):
+    """Top Jaccard neighbours from the pair counts, a few rows at a time (a small budget: many
+    chunks), equal to ranking each feature's row whole: Jaccard descending, ties to the features
+    after it first (i + 1, ..., F - 1, then 0, ..., i - 1), features never co-active left out."""
+    gen = torch.Generator().manual_seed(1)
+    n_features, n = 30, 12
+    coact = CoActivation(n_features, 4, budget)
+    per_token = torch.randint(0, 5, (60,), generator=gen)  # few tokens, small counts: many ties
+    token = torch.repeat_interleave(torch.arange(60), per_token)
+    feature = torch.cat([torch.randperm(n_features, generator=gen)[:m] for m in per_token.tolist()])
+    coact.update(token, feature, torch.rand(token.numel(), generator=gen) + 0.1, 60)
+    stats = StreamingStats(n_features, 10, top_k=2, per_bin=1, max_active=4, seed=0, memory_budget=budget)
+    stats.coact = coact
+    got = coactivation_neighbours(stats, n, memory_budget=64 * 8 * 64 * n_features)  # chunks of 8 rows
+    both = torch.zeros(n_features, n_features, dtype=torch.int64)
+    first, second = coact.pairs.keys // n_features, coact.pairs.keys % n_features
+    both[first, second] = both[second, first] = coact.pairs.counts
+    union = coact.occurrences[:, None] + coact.occurrences[None, :] - both
+    for i in range(n_features):
+        order = [j % n_features for j in range(i + 1, i + n_features) if both[i, j % n_features] > 0]
+        ranked = sorted(order, key=lambda j: -float(both[i, j] / union[i, j]))[:n]  # sorted is stable
+        assert got.index[i].tolist() == ranked + [-1] * (n - len(ranked))
+        assert got.score[i, : len(ranked)].tolist() == [float(both[i, j] / union[i, j]) for j in ranked]
+    assert (got.index >= 0).sum() > 100 and (got.index == -1).any()
 
 
 class Killed(Exception):

@@ -9,7 +9,7 @@ so that Jaccard(i, j) = both / (count_i + count_j - both) needs nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import combinations
 from typing import NamedTuple
 
@@ -24,6 +24,13 @@ class SparseActs(NamedTuple):
     token: torch.Tensor  # (n,) counted token of each entry
     feature: torch.Tensor  # (n,)
     value: torch.Tensor  # (n,) > 0
+
+
+class Shared(NamedTuple):
+    """Tokens shared by the features of one SAE (rows) with those of another (columns)."""
+
+    rows: Callable[[int, int], torch.Tensor]  # (start, stop) -> (stop - start, width_b) int64
+    at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # i (m,), j (m,) -> (m,) int64
 
 
 class PairCounts:
@@ -95,6 +102,36 @@ class CoFiring:
             keys = left * self.widths[b] + right  # (N, wa, wb)
             both = (left >= 0) & (right >= 0)
             counts.add(keys[both])
+
+    def shared(self, a: int, b: int) -> Shared:
+        """Tokens shared by features of SAE a with features of SAE b (either order): read from
+        the dense table in place (transposed for b, a), or looked up in the sorted sparse keys."""
+        for x, y in ((a, b), (b, a)):
+            counts = self.pairs.get((x, y))
+            if counts is not None and counts.dense is not None:
+                table = counts.dense.view(self.widths[x], self.widths[y])
+                table = table if x == a else table.T  # (width_a, width_b)
+                return Shared(
+                    lambda start, stop, t=table: t[start:stop].long(),
+                    lambda i, j, t=table: t[i, j].long(),
+                )
+        keys, both = self.pair(a, b)
+        width_b = self.widths[b]
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            lo, hi = torch.searchsorted(keys, torch.tensor([start * width_b, stop * width_b])).tolist()
+            out = torch.zeros((stop - start) * width_b, dtype=torch.int64)
+            out[keys[lo:hi] - start * width_b] = both[lo:hi]
+            return out.view(stop - start, width_b)
+
+        def at(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+            wanted = i * width_b + j
+            if not keys.numel():
+                return torch.zeros_like(wanted)
+            where = torch.searchsorted(keys, wanted).clamp(max=keys.numel() - 1)
+            return torch.where(keys[where] == wanted, both[where], 0)
+
+        return Shared(rows, at)
 
     def pair(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Features i of SAE a and j of SAE b (either order) that shared tokens: keys

@@ -3,11 +3,19 @@ co-activation, the token index and the density histogram. Vectorised over all fe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from sae_core.precompute.stats import FINE_BINS, Reservoir, StreamingStats, ranks_within_groups
+from sae_core.precompute.stats import (
+    FINE_BINS,
+    Reservoir,
+    SparseCounter,
+    StreamingStats,
+    TrianglePairs,
+    ranks_within_groups,
+)
 
 
 class Intervals(NamedTuple):
@@ -62,33 +70,70 @@ def ordered_samples(samples: Reservoir) -> tuple[torch.Tensor, torch.Tensor, tor
     return samples.context.gather(1, order), samples.value.gather(1, order), filled
 
 
+def rows_per_chunk(row_bytes: int, memory_budget: int) -> int:
+    """Rows of ``row_bytes`` each such that a few such chunks fit ``memory_budget`` bytes."""
+    return max(1, memory_budget // (4 * row_bytes))
+
+
 class Neighbours(NamedTuple):
     index: torch.Tensor  # (F, n) neighbour feature, -1 where fewer exist
     score: torch.Tensor  # (F, n)
 
 
-def coactivation_neighbours(stats: StreamingStats, n: int) -> Neighbours:
+def coactivation_neighbours(stats: StreamingStats, n: int, *, memory_budget: int) -> Neighbours:
     """Top ``n`` features by Jaccard similarity of their active-token sets,
     |A ∩ B| / |A ∪ B|: symmetric, in [0, 1], and not dominated by the densest features the way raw
-    counts are."""
+    counts are. A chunk of rows of the symmetric pair counts at a time, so memory is bounded by the
+    budget, not by the number of pairs (ranking every pair at once took 1.3 GB over the 7.5 M pairs
+    of a 4,096-wide SAE at ~100k tokens). Ties go to the features after this one first, then
+    wrap around: i + 1, ..., F - 1, 0, ..., i - 1."""
     coact, n_features = stats.coact, stats.n_features
-    coact.pairs.coalesce()
-    keys, both = coact.pairs.keys, coact.pairs.counts
-    a, b = keys // n_features, keys % n_features
-    jaccard = both / (coact.occurrences[a] + coact.occurrences[b] - both)
-    group, other, score = torch.cat([a, b]), torch.cat([b, a]), torch.cat([jaccard, jaccard])
-    return top_per_group(group, other, score, n_groups=n_features, n=n)
+    pairs = coact.pairs
+    rows = pairs.rows if isinstance(pairs, TrianglePairs) else symmetric_rows(pairs, n_features)
+    chunk = rows_per_chunk(64 * n_features, memory_budget)  # int64 counts, unions, keys and their temporaries
+    parts = []
+    for start in range(0, n_features, chunk):
+        both = rows(start, min(start + chunk, n_features))  # (rows, F) int64
+        i = torch.arange(start, start + both.shape[0]).unsqueeze(1)
+        jaccard = both / (coact.occurrences[i] + coact.occurrences - both)  # (rows, F) float32
+        parts.append(top_in_rows(jaccard, both > 0, (i - torch.arange(n_features)) % n_features, n))
+    return Neighbours(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
 
-def top_per_group(group, item, score, *, n_groups: int, n: int) -> Neighbours:
-    """For each group 0..n_groups-1, its ``n`` items of highest score (ties: earlier first)."""
-    perm, rank = ranks_within_groups(group, score)
-    keep = perm[rank < n]
-    index = torch.full((n_groups, n), -1, dtype=torch.int64)
-    values = torch.zeros((n_groups, n), dtype=torch.float64)
-    index[group[keep], rank[rank < n]] = item[keep]
-    values[group[keep], rank[rank < n]] = score[keep].double()
-    return Neighbours(index, values)
+def top_in_rows(score: torch.Tensor, present: torch.Tensor, tie: torch.Tensor, n: int) -> Neighbours:
+    """The ``n`` columns of highest score in each row of (rows, m) float32 scores >= 0, among
+    those ``present``; among equal scores the larger ``tie`` (int64 in [0, 2^32), distinct within
+    a row) first; -1 and 0 where fewer are present. One int64 key per entry (a float >= 0 orders
+    as its bits do) and one topk: no sort of every candidate."""
+    key = (score.view(torch.int32).long() << 32).add_(tie).masked_fill_(~present, -1)
+    top = key.topk(min(n, score.shape[1]), dim=1)
+    found = top.values >= 0
+    padding = (0, n - top.indices.shape[1])  # fewer columns than neighbours asked for
+    return Neighbours(
+        torch.nn.functional.pad(torch.where(found, top.indices, -1), padding, value=-1),
+        torch.nn.functional.pad(torch.where(found, score.gather(1, top.indices).double(), 0.0), padding),
+    )
+
+
+def symmetric_rows(pairs: SparseCounter, n_features: int) -> Callable[[int, int], torch.Tensor]:
+    """``TrianglePairs.rows`` for pair counts held sparse (keys i * F + j, i < j, ascending): a
+    chunk's pairs as i are a range of the keys, and as j a range of them ordered by j."""
+    pairs.coalesce()
+    keys, counts = pairs.keys, pairs.counts
+    first, second = keys // n_features, keys % n_features
+    by_second = torch.argsort(second, stable=True)
+    second_sorted = second[by_second]
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        out = torch.zeros(stop - start, n_features, dtype=torch.int64)
+        lo, hi = torch.searchsorted(keys, torch.tensor([start * n_features, stop * n_features])).tolist()
+        out[first[lo:hi] - start, second[lo:hi]] = counts[lo:hi]
+        lo, hi = torch.searchsorted(second_sorted, torch.tensor([start, stop])).tolist()
+        pick = by_second[lo:hi]
+        out[second[pick] - start, first[pick]] = counts[pick]
+        return out
+
+    return rows
 
 
 class TokenFeatures(NamedTuple):

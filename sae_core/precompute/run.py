@@ -516,7 +516,7 @@ def collect_results(
             memory_budget=cfg.memory_budget,
         ),
         decoder=decoder_neighbours(W_dec, n=cfg.neighbours, memory_budget=cfg.memory_budget),
-        coact=coactivation_neighbours(stats, cfg.neighbours),
+        coact=coactivation_neighbours(stats, cfg.neighbours, memory_budget=cfg.memory_budget),
         token_features=token_index(stats, cfg.token_index_size),
     )
 

@@ -340,6 +340,14 @@ class TrianglePairs:
     def counts(self) -> torch.Tensor:
         return self.table[self.table != 0].long()
 
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, F) int64: the count of pair {i, j} for each i in [start, stop) and every
+        j, 0 where j == i (both halves of the symmetric matrix, read from the one triangle)."""
+        i = torch.arange(start, stop).unsqueeze(1)
+        j = torch.arange(self.n_features).unsqueeze(0)
+        slot = self.row_offset[torch.minimum(i, j)] + torch.maximum(i, j)  # (rows, F); off by one on the diagonal
+        return self.table[slot.clamp_(min=0)].long().masked_fill_(i == j, 0)
+
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.keys": self.keys, f"{prefix}.counts": self.counts, f"{prefix}.fixed_sums": self.fixed_sums}
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from sae_core.precompute.results import Neighbours
+from sae_core.precompute.results import Neighbours, rows_per_chunk
 
 
 class LogitEffects(NamedTuple):
@@ -22,11 +22,6 @@ class LogitEffects(NamedTuple):
     hist_lo: torch.Tensor  # (F,) smallest effect over the vocabulary
     hist_hi: torch.Tensor  # (F,) largest
     hist_counts: torch.Tensor  # (F, bins) equal bins over [lo, hi]
-
-
-def rows_per_chunk(row_bytes: int, memory_budget: int) -> int:
-    """Rows of ``row_bytes`` each such that a few such chunks fit ``memory_budget`` bytes."""
-    return max(1, memory_budget // (4 * row_bytes))
 
 
 @torch.no_grad()
@@ -42,7 +37,7 @@ def logit_effects(
         logits = (W_dec[start : start + chunk] * norm_scale) @ W_U.T  # (chunk, vocab)
         top = logits.topk(n, dim=1)
         bottom = logits.topk(n, dim=1, largest=False)
-        lo, hi = torch.aminmax(logits, dim=1)  # one pass for both
+        lo, hi = bottom.values[:, 0], top.values[:, 0]  # the extremes: no pass of their own over the chunk
         parts.append((top.indices, top.values, bottom.indices, bottom.values, lo, hi, row_histograms(logits, lo, hi, bins)))
     return LogitEffects(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
