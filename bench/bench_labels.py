@@ -4,6 +4,10 @@ Synthetic: half of the features fire on a small set of tokens (1-3, with 10% noi
 elsewhere), half fire at random; the store keeps what precompute keeps (top examples, interval
 samples per bin, their contexts). Prints labelling throughput and the held-out F1 of both halves.
 ``--store``: label a copy of that store's SAE (``--sae``) instead and print its F1 report.
+``--tune NAME=V1,V2 ...``: no labelling; for each combination of those settings of
+``sae_core.labels.induction``, fit every alive feature on its tuning split (its training evidence
+split again, ``tuning_evidence``) and print the F1 distribution there: settings are chosen on
+this, never on the held-out tokens labels are scored on.
 
 Each run is timed with one process and with ``--workers`` side by side, and prints the 1-minute
 load average around it: on a shared machine the wall-clock rate is the contended one, and the CPU
@@ -11,11 +15,13 @@ seconds per feature (this process and its workers) say what the code costs.
 
     python bench/bench_labels.py [--features 2048] [--contexts 20000] [--workers 2]
     python bench/bench_labels.py --store saescope.db --sae smollm2-135m-l15-topk-4096
+    python bench/bench_labels.py --store saescope.db --sae ... --tune SHRINK=1,2 MAX_TERMS=1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import shutil
@@ -30,8 +36,16 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sae_core.labels import induction  # noqa: E402
+from sae_core.labels.evidence import (  # noqa: E402
+    ContextLibrary,
+    Vocab,
+    load_examples,
+    tuning_evidence,
+)
 from sae_core.labels.report import label_report  # noqa: E402
-from sae_core.labels.run import LabelOptions, get_sae, label_sae  # noqa: E402
+from sae_core.labels.run import PROMOTED, LabelOptions, get_sae, label_sae  # noqa: E402
+from sae_core.labels.scoring import score_rule  # noqa: E402
 from sae_core.store.db import FeatureRow, VocabRow, create_engine_for, migrate  # noqa: E402
 from tests.label_fixtures import add_bare_sae, add_contexts, add_examples  # noqa: E402
 
@@ -121,6 +135,64 @@ def timed_label(source: str, sae: str, folder: str, workers: int) -> dict:
     return {"report": report, "f1": f1}
 
 
+def _tuning_split(source: str, sae_name: str) -> tuple[Vocab, list[tuple]]:
+    """(vocab, [(tuning evidence, promoted tokens)]) of every alive feature of a store's SAE."""
+    engine = create_engine_for(f"sqlite:///{source}", readonly=True)
+    with Session(engine) as session:
+        sae = get_sae(session, sae_name)
+        vocab = Vocab.load(session, sae)
+        library = ContextLibrary.load(session, sae, vocab)
+        features = session.execute(
+            sa.select(FeatureRow.idx, FeatureRow.logit_top).where(
+                FeatureRow.sae_id == sae.id, FeatureRow.count > 0
+            )
+        ).all()
+        examples = load_examples(session, sae.id, 0, sae.d_sae)
+    engine.dispose()
+    out = []
+    for idx, logit_top in features:
+        evidence = tuning_evidence(library, idx, examples.get(idx, []), seed=0)
+        if evidence is not None:
+            promoted = [vocab.texts[vocab.text_id[int(t)]] for t, _ in (logit_top or [])[:PROMOTED]]
+            out.append((evidence, tuple(promoted)))
+    return vocab, out
+
+
+def _listed(rule) -> bool:
+    """Whether a rule is only a list of tokens (one part per term, the token itself): the labels
+    the issue asks to read as phrases instead, wherever the rule has structure."""
+    return all(t.tokens and t.n_parts == 1 for t in rule.terms)
+
+
+def tune(source: str, sae_name: str, settings: list[str]) -> None:
+    """Print the tuning split's F1 distribution under each combination of ``settings``."""
+    names = [s.split("=", 1)[0] for s in settings]
+    for name in names:
+        if not hasattr(induction, name):
+            raise SystemExit(f"--tune: induction has no setting {name!r}")
+    grids = [[float(v) for v in s.split("=", 1)[1].split(",")] for s in settings]
+    vocab, features = _tuning_split(source, sae_name)
+    print(f"{len(features):,} features with a tuning split")
+    defaults = {name: getattr(induction, name) for name in names}
+    for values in itertools.product(*grids):
+        for name, value in zip(names, values, strict=True):
+            setattr(induction, name, type(defaults[name])(value))
+        cpu = time.process_time()
+        rules = [induction.fit_rule(e.train, vocab, promoted).rule for e, promoted in features]
+        cpu = time.process_time() - cpu
+        f1 = np.array(
+            [score_rule(r, e.heldout, vocab).f1 for r, (e, _) in zip(rules, features, strict=True)]
+        )
+        print(
+            " ".join(f"{n}={getattr(induction, n)}" for n in names)
+            + f": median {np.median(f1):.3f} mean {f1.mean():.3f} F1=0 {np.mean(f1 == 0):.1%} "
+            f"F1>=0.5 {np.mean(f1 >= 0.5):.1%}; token lists {np.mean(list(map(_listed, rules))):.0%} "
+            f"({1000 * cpu / len(f1):.2f} CPU-ms per fit)"
+        )
+    for name, value in defaults.items():
+        setattr(induction, name, value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--features", type=int, default=2048)
@@ -130,7 +202,15 @@ def main() -> None:
         "--store", help="an SQLite store to label a copy of, instead of a synthetic one"
     )
     parser.add_argument("--sae", default="bench", help="the SAE of --store to label")
+    parser.add_argument(
+        "--tune", nargs="+", metavar="NAME=V1,V2", help="settings to try on the tuning split"
+    )
     args = parser.parse_args()
+    if args.tune:
+        if args.store is None:
+            raise SystemExit("--tune needs --store: settings are chosen on a real SAE's evidence")
+        tune(args.store, args.sae, args.tune)
+        return
     with tempfile.TemporaryDirectory() as folder:
         source = args.store
         if source is None:

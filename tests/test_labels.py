@@ -15,7 +15,15 @@ from sqlalchemy.orm import Session
 from sae_core.cli import main
 from sae_core.errors import NotFoundError
 from sae_core.labels import run as labels
-from sae_core.labels.evidence import ContextLibrary, Example, Vocab, split_examples
+from sae_core.labels.evidence import (
+    ContextLibrary,
+    Example,
+    Vocab,
+    build_evidence,
+    load_examples,
+    split_examples,
+    tuning_evidence,
+)
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
 from sae_core.labels.induction import fit_rule
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
@@ -183,6 +191,25 @@ def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
     # With a single interval sample the top examples alternate instead.
     train, heldout = split_examples(examples[:3] + examples[3:4])
     assert [e.context_id for e in heldout] == [2]
+
+
+def test_tuning_split_never_reads_the_scored_contexts(labelled):
+    """Settings are chosen on the training evidence split again: none of its windows, positive or
+    negative, is one a label is scored on."""
+    store, engine, _ = labelled
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        vocab = Vocab.load(session, sae)
+        library = ContextLibrary.load(session, sae, vocab)
+        examples = load_examples(session, sae.id, 0, D_SAE)
+    for idx in (PARIS, IN_COMMENT, RANDOM):
+        scored = build_evidence(library, idx, examples[idx], seed=0)
+        tuning = tuning_evidence(library, idx, examples[idx], seed=0)
+        held, tuned = scored.heldout_contexts, tuning.heldout_contexts
+        tuning_windows = {e.context_id for e in tuning.train_examples}
+        tuning_windows |= set(tuned.positives + tuned.negatives)
+        assert tuning_windows.isdisjoint(held.positives + held.negatives)
+        assert tuned.positives and set(tuned.positives) <= {e.context_id for e in examples[idx]}
 
 
 # ---------------------------------------------------------------------------------------------

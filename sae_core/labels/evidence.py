@@ -263,14 +263,20 @@ def _windows(library: ContextLibrary, examples: list[Example], negatives: list[i
 
 
 def build_evidence(
-    library: ContextLibrary, feature_idx: int, examples: list[Example], *, seed: int
+    library: ContextLibrary,
+    feature_idx: int,
+    examples: list[Example],
+    *,
+    seed: int,
+    exclude: frozenset[int] = frozenset(),
 ) -> FeatureEvidence | None:
-    """Train and held-out tokens of one feature; None when it has no held-out example."""
+    """Train and held-out tokens of one feature; None when it has no held-out example.
+    ``exclude``: contexts never drawn as negatives (besides the feature's own)."""
     train, heldout = split_examples(examples)
     if not heldout or not train:
         return None
     rng = np.random.default_rng([seed, feature_idx])
-    own = {e.context_id for e in examples}
+    own = {e.context_id for e in examples} | exclude
     n_train_neg = max(len({e.context_id for e in train}), MIN_NEGATIVE_CONTEXTS)
     n_heldout_neg = max(len(heldout), MIN_NEGATIVE_CONTEXTS)
     negatives = sample_negatives(library.ids, own, n_train_neg + n_heldout_neg, rng)
@@ -280,6 +286,22 @@ def build_evidence(
         heldout_tokens(library, examples, held),
         held,
         train,
+    )
+
+
+def tuning_evidence(
+    library: ContextLibrary, feature_idx: int, examples: list[Example], *, seed: int
+) -> FeatureEvidence | None:
+    """The training evidence alone, split again as ``build_evidence`` splits all of it, with
+    negatives from neither side of the first split: what the search's settings are chosen on,
+    so the tokens labels are scored on never choose them."""
+    evidence = build_evidence(library, feature_idx, examples, seed=seed)
+    if evidence is None:
+        return None
+    held = evidence.heldout_contexts
+    scored = frozenset(held.positives + held.negatives + [e.context_id for e in examples])
+    return build_evidence(
+        library, feature_idx, evidence.train_examples, seed=seed + 1, exclude=scored
     )
 
 
