@@ -3,6 +3,8 @@ the pages a new user opens first."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -10,10 +12,11 @@ from app.main import create_app
 from app.settings import Settings
 from sae_core.cli import main
 from sae_core.commands import demo
+from sae_core.saes.train_config import TrainConfig
 
 # The quick budget, shrunk further so the tiny model's run takes seconds.
 TINY = demo.Budget(
-    train_tokens=8_192, cache_tokens=8_192, widths=(64, 128), side_width=32, k=8, precompute_tokens=4_096, eval_contexts=16
+    train_tokens=8_192, batch_size=1024, lr_scale=4.0, cache_tokens=8_192, widths=(64, 128), side_width=32, k=8, precompute_tokens=4_096, eval_contexts=16
 )
 
 
@@ -52,6 +55,12 @@ def test_demo_into_sqlite(tiny_budget, llama_dir, text_corpus, tmp_path):
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     run_demo(url, llama_dir, text_corpus, tmp_path)
     check_pages(url)
+    # Short budgets train in small batches at a raised rate (see demo.BUDGETS), every SAE alike.
+    for folder in (tmp_path / "sae").iterdir():
+        training = json.loads((folder / "cfg.json").read_text())["saescope"]["training"]
+        cfg = TrainConfig(architecture=training["architecture"], width=training["width"], k=training["k"])
+        assert training["batch_size"] == TINY.batch_size
+        assert training["lr"] == pytest.approx(cfg.resolved_lr(training["width"]) * TINY.lr_scale)
     # A second run reuses every stage and is done at once.
     run_demo(url, llama_dir, text_corpus, tmp_path)
     check_pages(url)
