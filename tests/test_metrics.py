@@ -68,8 +68,8 @@ def test_ce_stats_by_hand():
     special = torch.tensor([[True, False, False]])  # BOS: its prediction is dropped
     reference = CleanBatch.of(clean, ids, special)
     stats = CEStats()
-    stats.update(reference, spliced, reference.nll_of(zero))
-    stats.update_mean_ablation(reference.nll_of(mean))
+    stats.update(reference, spliced, reference.nll_of(zero.log_softmax(-1)))
+    stats.update_mean_ablation(reference.nll_of(mean.log_softmax(-1)))
     s = stats.summary()
     assert s["ce_clean"] == pytest.approx(-math.log(3 / 4))
     assert s["ce_with_sae"] == pytest.approx(-math.log(1 / 2))
@@ -259,10 +259,12 @@ def test_saes_on_several_layers_share_the_clean_run_and_equal_one_call_per_layer
     tokens, special = _contexts(llama)
     perfect, silent = _identity_sae(llama.d_model), _identity_sae(llama.d_model)
     silent.W_dec.data.zero_()
-    per_layer = [evaluate(llama, sae, layer, tokens, special, batch_size=4, progress=False) for sae, layer in ((perfect, 0), (silent, 2))]
+    per_layer = [evaluate(llama, sae, layer, tokens, special, batch_size=3, progress=False) for sae, layer in ((perfect, 0), (silent, 2))]
     calls = []
     forward = llama.model.forward
     monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
-    together = evaluate_many(llama, [perfect, silent], [0, 2], tokens, special, batch_size=4, progress=False)
-    assert len(calls) == 2 * (1 + 2 * 2) + 2 * 2  # per batch one clean run, per layer zero and spliced; then mean
+    together = evaluate_many(llama, [perfect, silent], [0, 2], tokens, special, batch_size=3, progress=False)
+    # per batch one clean run and one spliced run per layer; one zero-ablated run per layer (both
+    # batches have one shape); then one mean-ablated run per layer and batch
+    assert len(calls) == 2 * (1 + 2) + 2 + 2 * 2
     assert [m.to_dict() for m in together] == [m.to_dict() for m in per_layer]

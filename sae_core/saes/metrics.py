@@ -130,10 +130,9 @@ def reconstruction_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> Reconstru
     return stats
 
 
-def _nll(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
-    """Σ -log p(target) of logits (B, T, V) over the counted (B, T-1) predictions."""
-    logp = logits[:, :-1].log_softmax(-1)
-    return float(-logp.gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
+def _nll(logp: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
+    """Σ -log p(target) of log-probabilities (B, T, V) over the counted (B, T-1) predictions."""
+    return float(-logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
 
 
 class CleanBatch(NamedTuple):
@@ -151,11 +150,11 @@ class CleanBatch(NamedTuple):
         """From the clean logits (B, T, V) of contexts ``ids`` (B, T) with ``special`` (B, T) bool."""
         targets, counted = ids[:, 1:], ~special[:, :-1]
         logp = logits.log_softmax(-1)
-        return cls(targets, counted, ~special, logp, logp.exp(), _nll(logits, targets, counted))
+        return cls(targets, counted, ~special, logp, logp.exp(), _nll(logp, targets, counted))
 
-    def nll_of(self, logits: torch.Tensor) -> float:
-        """Σ -log p(target) of another run's logits (B, T, V) over the same predictions."""
-        return _nll(logits, self.targets, self.counted)
+    def nll_of(self, logp: torch.Tensor) -> float:
+        """Σ -log p(target) of another run's log-probabilities (B, T, V) over the same predictions."""
+        return _nll(logp, self.targets, self.counted)
 
 
 class CEStats:
@@ -168,11 +167,12 @@ class CEStats:
     def update(self, clean: CleanBatch, spliced: torch.Tensor, zero_nll: float) -> None:
         """One batch: its clean terms, the spliced run's logits (B, T, V) and the zero-ablated
         run's Σ -log p(target) (``clean.nll_of``), shared by every SAE on the layer."""
+        logp = spliced.log_softmax(-1)
         self.clean += clean.nll
-        self.sae += clean.nll_of(spliced)
+        self.sae += clean.nll_of(logp)
         self.zero += zero_nll
         self.n += int(clean.counted.sum())
-        kl = (clean.p * (clean.logp - spliced.log_softmax(-1))).sum(-1)  # (B, T), the last position too
+        kl = (clean.p * (clean.logp - logp)).sum(-1)  # (B, T), the last position too
         self.kl += float(kl[clean.kl_positions].sum())
         self.n_kl += int(clean.kl_positions.sum())
 
@@ -321,11 +321,12 @@ def evaluate_many(
 ) -> list[Metrics]:
     """``evaluate`` for several SAEs, ``saes[i]`` spliced after block ``layers[i]``, sharing every
     run and every term that does not depend on the SAE. Per batch: one clean forward for every
-    layer, keeping each layer's residual; then, per layer, the zero-ablated run and one spliced
-    run per SAE, each from that residual (the blocks after the layer only). A second pass makes
-    each layer's mean-ablated run (the mean of x is known only at the end) from the kept
-    residuals. N SAEs on one layer L of an n-block model cost one full forward and N + 2 runs of
-    n - 1 - L blocks per batch, instead of 4N full forwards."""
+    layer, keeping each layer's residual; then, per layer, one spliced run per SAE from that
+    residual (the blocks after the layer only). A second pass makes each layer's mean-ablated
+    run (the mean of x is known only at the end) from the kept residuals. The zero-ablated run
+    reads nothing of its batch but its shape (every residual after the layer is zero), so it is
+    made once per layer and batch shape. N SAEs on one layer L of an n-block model cost one full
+    forward and N + 1 runs of n - 1 - L blocks per batch, instead of 4N full forwards."""
     device = subject.device
     saes = [sae.to(device) for sae in saes]
     on_layer: dict[int, list[int]] = {}  # layer -> the indices of its SAEs
@@ -338,12 +339,16 @@ def evaluate_many(
         for begin in range(0, tokens.shape[0], batch_size)
     ]  # (B, T) each
     kept: dict[int, list] = {layer: [] for layer in on_layer}  # each batch's block output, per layer
+    zero: dict[tuple[int, torch.Size], torch.Tensor] = {}  # (layer, batch shape) -> log-probs (B, T, V)
     for ids, special in tqdm(batches, desc="evaluate", disable=not progress):
         logits, outputs = clean_run(subject, ids, on_layer)
         clean = CleanBatch.of(logits, ids, special)
         for layer, members in on_layer.items():
             kept[layer].append(outputs[layer])
-            zero_nll = clean.nll_of(logits_after(subject, layer, outputs[layer], ids, torch.zeros_like))
+            if (layer, ids.shape) not in zero:
+                ablated = logits_after(subject, layer, outputs[layer], ids, torch.zeros_like)
+                zero[layer, ids.shape] = ablated.log_softmax(-1)
+            zero_nll = clean.nll_of(zero[layer, ids.shape])
             for i in members:
 
                 def splice(resid, sae=saes[i], recon=recons[i], special=special):
@@ -360,7 +365,8 @@ def evaluate_many(
             def ablate(resid, special=special):
                 return torch.where(special[..., None], resid, mean.to(resid.dtype))
 
-            nll = _nll(logits_after(subject, layer, output, ids, ablate), ids[:, 1:], ~special[:, :-1])
+            logp = logits_after(subject, layer, output, ids, ablate).log_softmax(-1)
+            nll = _nll(logp, ids[:, 1:], ~special[:, :-1])
             for i in members:
                 ces[i].update_mean_ablation(nll)
     return [
