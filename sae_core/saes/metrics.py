@@ -172,7 +172,7 @@ class CEStats:
         self.sae += clean.nll_of(logp)
         self.zero += zero_nll
         self.n += int(clean.counted.sum())
-        kl = (clean.p * (clean.logp - logp)).sum(-1)  # (B, T), the last position too
+        kl = torch.sub(clean.logp, logp, out=logp).mul_(clean.p).sum(-1)  # (B, T), the last position too; in place
         self.kl += float(kl[clean.kl_positions].sum())
         self.n_kl += int(clean.kl_positions.sum())
 
