@@ -362,7 +362,7 @@ def evaluate_many(
         mean = recons[members[0]].mean().to(device)  # every SAE of the layer saw the same x
         for (ids, special), output in zip(batches, kept[layer], strict=True):
 
-            def ablate(resid, special=special):
+            def ablate(resid, special=special, mean=mean):
                 return torch.where(special[..., None], resid, mean.to(resid.dtype))
 
             logp = logits_after(subject, layer, output, ids, ablate).log_softmax(-1)
