@@ -84,7 +84,7 @@ def run_side(side: str, tokens: int, with_ce: bool, folder: str) -> dict:
     stats = [reconstruction_stats(sae, held_out).summary() for sae in saes]
     ce = [None] * len(saes)
     if with_ce:
-        measured = evaluate_many(subject, saes, LAYER, split.held_out.tokens, split.held_out.special_mask, progress=False)
+        measured = evaluate_many(subject, saes, [LAYER] * len(saes), split.held_out.tokens, split.held_out.special_mask, progress=False)
         ce = [m.delta_ce for m in measured]
     return dict(
         side=side,

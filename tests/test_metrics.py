@@ -10,10 +10,13 @@ import torch.nn.functional as F
 
 from sae_core.saes.metrics import (
     CEStats,
+    CleanBatch,
     ReconstructionStats,
+    clean_run,
     density_histogram,
     evaluate,
     evaluate_many,
+    logits_after,
 )
 from sae_core.saes.sae import SAE, SAEConfig
 
@@ -61,11 +64,12 @@ def test_ce_stats_by_hand():
     spliced = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, math.log(3)]]])  # 1/2, 1/2
     zero = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)], [0.0, 0.0]]])  # 3/4, 1/4
     mean = torch.tensor([[[0.0, 0.0], [0.0, math.log(7)], [0.0, 0.0]]])  # 1/8 for the counted one
-    targets = torch.tensor([[1, 0]])
+    ids = torch.tensor([[0, 1, 0]])  # targets 1, 0
     special = torch.tensor([[True, False, False]])  # BOS: its prediction is dropped
+    reference = CleanBatch.of(clean, ids, special)
     stats = CEStats()
-    stats.update(clean, spliced, zero, targets, special)
-    stats.update_mean_ablation(mean, targets, special)
+    stats.update(reference, spliced, reference.nll_of(zero.log_softmax(-1)))
+    stats.update_mean_ablation(reference.nll_of(mean.log_softmax(-1)))
     s = stats.summary()
     assert s["ce_clean"] == pytest.approx(-math.log(3 / 4))
     assert s["ce_with_sae"] == pytest.approx(-math.log(1 / 2))
@@ -225,6 +229,42 @@ def test_several_saes_on_one_layer_share_the_clean_and_zero_runs(llama, monkeypa
     calls = []
     forward = llama.model.forward
     monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
-    together = evaluate_many(llama, [perfect, silent], 1, tokens, special, batch_size=4, progress=False)
+    together = evaluate_many(llama, [perfect, silent], [1, 1], tokens, special, batch_size=4, progress=False)
     assert len(calls) == 2 * (2 + 2) + 2  # two batches, each: clean, zero-ablated, one per SAE; then mean-ablated
     assert [m.to_dict() for m in together] == [m.to_dict() for m in alone]
+
+
+@torch.no_grad()
+def test_runs_from_a_layer_equal_full_forwards_bit_for_bit(llama):
+    """The ablated and spliced runs start from the clean run's residual and run only the blocks
+    after the layer; the logits are the full patched forward's, exactly."""
+    tokens, _ = _contexts(llama)
+    clean, outputs = clean_run(llama, tokens, [0, 2])
+    assert torch.equal(clean, llama.model(input_ids=tokens).logits.float())
+    for layer in (0, 2):
+        with llama.patch_layer(layer, torch.zeros_like):
+            full = llama.model(input_ids=tokens).logits.float()
+        assert torch.equal(logits_after(llama, layer, outputs[layer], tokens, torch.zeros_like), full)
+    ran = []
+    handles = [block.mlp.register_forward_pre_hook(lambda m, _a, i=i: ran.append(i)) for i, block in enumerate(llama.blocks)]
+    try:
+        logits_after(llama, 2, outputs[2], tokens, lambda resid: resid)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [3] and all("forward" not in vars(block) for block in llama.blocks)  # blocks 0..2 computed nothing
+
+
+def test_saes_on_several_layers_share_the_clean_run_and_equal_one_call_per_layer(llama, monkeypatch):
+    tokens, special = _contexts(llama)
+    perfect, silent = _identity_sae(llama.d_model), _identity_sae(llama.d_model)
+    silent.W_dec.data.zero_()
+    per_layer = [evaluate(llama, sae, layer, tokens, special, batch_size=3, progress=False) for sae, layer in ((perfect, 0), (silent, 2))]
+    calls = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    together = evaluate_many(llama, [perfect, silent], [0, 2], tokens, special, batch_size=3, progress=False)
+    # per batch one clean run and one spliced run per layer; one zero-ablated run per layer (both
+    # batches have one shape); then one mean-ablated run per layer and batch
+    assert len(calls) == 2 * (1 + 2) + 2 + 2 * 2
+    assert [m.to_dict() for m in together] == [m.to_dict() for m in per_layer]

@@ -419,6 +419,13 @@ def test_train_command_takes_lists_of_layers_and_widths(llama_dir, tmp_path, cap
         sae = load_sae(out / name, d_in=32)
         assert f"l{sae.cfg.layer}-topk-{sae.d_sae}" == name
         assert (out / name / "metrics.json").is_file() and not (out / name / CHECKPOINT).exists()
+    alone = tmp_path / "alone"  # one of them trained by itself: the same weights and report card
+    assert main(["train", "--model", str(llama_dir), "--layer", "2", "--width", "64", "--corpus", str(corpus),
+                 "--ctx-len", "32", "--out", str(alone), "--tokens", "2048", "--batch-size", "256", "--k", "4",
+                 "--eval-contexts", "8"]) == 0  # fmt: skip
+    together = out / "l2-topk-64"
+    assert json.loads((alone / "metrics.json").read_text()) == json.loads((together / "metrics.json").read_text())
+    assert (alone / "sae_weights.safetensors").read_bytes() == (together / "sae_weights.safetensors").read_bytes()
     capsys.readouterr()
     assert main(args) == 0  # every SAE is finished: nothing is trained again
     assert capsys.readouterr().out.count("nothing to do") == 4

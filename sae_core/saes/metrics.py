@@ -27,12 +27,14 @@ training corpus, and a second, different corpus.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -128,6 +130,33 @@ def reconstruction_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> Reconstru
     return stats
 
 
+def _nll(logp: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
+    """Σ -log p(target) of log-probabilities (B, T, V) over the counted (B, T-1) predictions."""
+    return float(-logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
+
+
+class CleanBatch(NamedTuple):
+    """What every SAE's CE terms on one batch compare against, computed once for all of them."""
+
+    targets: torch.Tensor  # (B, T-1) the next tokens
+    counted: torch.Tensor  # (B, T-1) predictions made from non-special positions
+    kl_positions: torch.Tensor  # (B, T) non-special positions, the last one included
+    logp: torch.Tensor  # (B, T, V) clean log-probabilities
+    p: torch.Tensor  # (B, T, V) clean probabilities
+    nll: float  # Σ clean -log p(target) over the counted predictions
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, ids: torch.Tensor, special: torch.Tensor) -> CleanBatch:
+        """From the clean logits (B, T, V) of contexts ``ids`` (B, T) with ``special`` (B, T) bool."""
+        targets, counted = ids[:, 1:], ~special[:, :-1]
+        logp = logits.log_softmax(-1)
+        return cls(targets, counted, ~special, logp, logp.exp(), _nll(logp, targets, counted))
+
+    def nll_of(self, logp: torch.Tensor) -> float:
+        """Σ -log p(target) of another run's log-probabilities (B, T, V) over the same predictions."""
+        return _nll(logp, self.targets, self.counted)
+
+
 class CEStats:
     """Running sums of next-token cross-entropy (clean, spliced, zero- and mean-ablated) and KL."""
 
@@ -135,26 +164,21 @@ class CEStats:
         self.n = self.n_kl = 0
         self.clean = self.sae = self.zero = self.mean = self.kl = 0.0
 
-    @staticmethod
-    def _nll(logits: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
-        """Σ -log p(target) of logits (B, T, V) over the counted (B, T-1) predictions."""
-        logp = logits[:, :-1].log_softmax(-1)
-        return float(-logp.gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
+    def update(self, clean: CleanBatch, spliced: torch.Tensor, zero_nll: float) -> None:
+        """One batch: its clean terms, the spliced run's logits (B, T, V) and the zero-ablated
+        run's Σ -log p(target) (``clean.nll_of``), shared by every SAE on the layer."""
+        logp = spliced.log_softmax(-1)
+        self.clean += clean.nll
+        self.sae += clean.nll_of(logp)
+        self.zero += zero_nll
+        self.n += int(clean.counted.sum())
+        kl = torch.sub(clean.logp, logp, out=logp).mul_(clean.p).sum(-1)  # (B, T), the last position too; in place
+        self.kl += float(kl[clean.kl_positions].sum())
+        self.n_kl += int(clean.kl_positions.sum())
 
-    def update(self, clean, spliced, zero, targets, special) -> None:
-        """Logits (B, T, V) of the three runs; targets (B, T-1); special (B, T) bool."""
-        counted = ~special[:, :-1]  # predictions made from non-special positions
-        self.clean += self._nll(clean, targets, counted)
-        self.sae += self._nll(spliced, targets, counted)
-        self.zero += self._nll(zero, targets, counted)
-        self.n += int(counted.sum())
-        logp_clean, logp_sae = clean.log_softmax(-1), spliced.log_softmax(-1)
-        kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1)  # (B, T), the last position too
-        self.kl += float(kl[~special].sum())
-        self.n_kl += int((~special).sum())
-
-    def update_mean_ablation(self, ablated, targets, special) -> None:
-        self.mean += self._nll(ablated, targets, ~special[:, :-1])
+    def update_mean_ablation(self, nll: float) -> None:
+        """One batch's Σ -log p(target) with x mean-ablated (``CleanBatch.nll_of``)."""
+        self.mean += nll
 
     def summary(self) -> dict:
         clean, sae, zero, mean = (total / self.n for total in (self.clean, self.sae, self.zero, self.mean))
@@ -236,16 +260,58 @@ def evaluate(
 ) -> Metrics:
     """All metrics on contexts ``tokens`` (n, seq) with ``special_mask`` (n, seq), via ``subject``."""
     [metrics] = evaluate_many(
-        subject, [sae], layer, tokens, special_mask, corpus=corpus, batch_size=batch_size, progress=progress
+        subject, [sae], [layer], tokens, special_mask, corpus=corpus, batch_size=batch_size, progress=progress
     )
     return metrics
+
+
+def clean_run(subject, ids: torch.Tensor, layers: Iterable[int]) -> tuple[torch.Tensor, dict[int, object]]:
+    """The clean logits (B, T, V) of ``ids`` (B, T), and what each block in ``layers`` returned."""
+    outputs: dict[int, object] = {}
+
+    def keep(layer: int):
+        def hook(_module, _inputs, output):
+            outputs[layer] = output
+
+        return hook
+
+    handles = [subject.blocks[layer].register_forward_hook(keep(layer)) for layer in layers]
+    try:
+        return subject.model(input_ids=ids).logits.float(), outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def resumed_after(subject, layer: int, output) -> Iterator[None]:
+    """While active, a forward of the batch that gave ``output`` (what block ``layer`` returned on
+    it, from ``clean_run``) starts from there: blocks 0..layer return it without computing (each
+    ignores its input, so only the last one's counts). The embedding, the later blocks, the final
+    norm and the head run as the model runs them, and a ``patch_layer`` on ``layer`` still applies,
+    so the logits are a full forward's, bit for bit, for the blocks after ``layer`` only."""
+    skipped = list(subject.blocks[: layer + 1])
+    try:
+        for block in skipped:
+            block.forward = lambda *_args, **_kwargs: output
+        yield
+    finally:
+        for block in skipped:
+            block.__dict__.pop("forward", None)
+
+
+def logits_after(subject, layer: int, output, ids: torch.Tensor, fn) -> torch.Tensor:
+    """Logits (B, T, V) of ``ids`` with block ``layer``'s ``output`` (from ``clean_run``) replaced
+    by ``fn(residual)``, from the blocks after ``layer`` only."""
+    with subject.patch_layer(layer, fn), resumed_after(subject, layer, output):
+        return subject.model(input_ids=ids).logits.float()
 
 
 @torch.no_grad()
 def evaluate_many(
     subject,
     saes: list[SAE],
-    layer: int,
+    layers: list[int],
     tokens: torch.Tensor,
     special_mask: torch.Tensor,
     *,
@@ -253,47 +319,56 @@ def evaluate_many(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[Metrics]:
-    """``evaluate`` for several SAEs on one layer, sharing every run that does not depend on the
-    SAE: N SAEs cost N + 3 forward passes per batch instead of 4N.
-
-    Two passes: the clean, zero-ablated and (per SAE) spliced runs, which also give mean(x);
-    then the mean-ablated run."""
+    """``evaluate`` for several SAEs, ``saes[i]`` spliced after block ``layers[i]``, sharing every
+    run and every term that does not depend on the SAE. Per batch: one clean forward for every
+    layer, keeping each layer's residual; then, per layer, one spliced run per SAE from that
+    residual (the blocks after the layer only). A second pass makes each layer's mean-ablated
+    run (the mean of x is known only at the end) from the kept residuals. The zero-ablated run
+    reads nothing of its batch but its shape (every residual after the layer is zero), so it is
+    made once per layer and batch shape. N SAEs on one layer L of an n-block model cost one full
+    forward and N + 1 runs of n - 1 - L blocks per batch, instead of 4N full forwards."""
     device = subject.device
     saes = [sae.to(device) for sae in saes]
+    on_layer: dict[int, list[int]] = {}  # layer -> the indices of its SAEs
+    for i, layer in enumerate(layers):
+        on_layer.setdefault(subject.check_layer(layer), []).append(i)
     recons = [ReconstructionStats(sae.d_in, sae.d_sae) for sae in saes]
     ces = [CEStats() for _ in saes]
-    starts = range(0, tokens.shape[0], batch_size)
+    batches = [
+        (tokens[begin : begin + batch_size].to(device), special_mask[begin : begin + batch_size].to(device))
+        for begin in range(0, tokens.shape[0], batch_size)
+    ]  # (B, T) each
+    kept: dict[int, list] = {layer: [] for layer in on_layer}  # each batch's block output, per layer
+    zero: dict[tuple[int, torch.Size], torch.Tensor] = {}  # (layer, batch shape) -> log-probs (B, T, V)
+    for ids, special in tqdm(batches, desc="evaluate", disable=not progress):
+        logits, outputs = clean_run(subject, ids, on_layer)
+        clean = CleanBatch.of(logits, ids, special)
+        for layer, members in on_layer.items():
+            kept[layer].append(outputs[layer])
+            if (layer, ids.shape) not in zero:
+                ablated = logits_after(subject, layer, outputs[layer], ids, torch.zeros_like)
+                zero[layer, ids.shape] = ablated.log_softmax(-1)
+            zero_nll = clean.nll_of(zero[layer, ids.shape])
+            for i in members:
 
-    def batch(begin):
-        return tokens[begin : begin + batch_size].to(device), special_mask[begin : begin + batch_size].to(device)
+                def splice(resid, sae=saes[i], recon=recons[i], special=special):
+                    out = sae(resid)
+                    keep = ~special
+                    recon.update(resid[keep], out.sae_out[keep], out.feature_acts[keep])
+                    return torch.where(special[..., None], resid, out.sae_out.to(resid.dtype))
 
-    for begin in tqdm(starts, desc="evaluate", disable=not progress):
-        ids, special = batch(begin)  # (B, T) each
-        clean = subject.model(input_ids=ids).logits.float()
-        with subject.patch_layer(layer, torch.zeros_like):
-            zero = subject.model(input_ids=ids).logits.float()
-        for sae, recon, ce in zip(saes, recons, ces, strict=True):
+                ces[i].update(clean, logits_after(subject, layer, outputs[layer], ids, splice), zero_nll)
+    for layer, members in tqdm(on_layer.items(), desc="evaluate (mean ablation)", disable=not progress):
+        mean = recons[members[0]].mean().to(device)  # every SAE of the layer saw the same x
+        for (ids, special), output in zip(batches, kept[layer], strict=True):
 
-            def splice(resid, sae=sae, recon=recon, special=special):
-                out = sae(resid)
-                keep = ~special
-                recon.update(resid[keep], out.sae_out[keep], out.feature_acts[keep])
-                return torch.where(special[..., None], resid, out.sae_out.to(resid.dtype))
+            def ablate(resid, special=special, mean=mean):
+                return torch.where(special[..., None], resid, mean.to(resid.dtype))
 
-            with subject.patch_layer(layer, splice):
-                spliced = subject.model(input_ids=ids).logits
-            ce.update(clean, spliced.float(), zero, ids[:, 1:], special)
-    mean = recons[0].mean().to(device)  # every SAE saw the same x
-    for begin in tqdm(starts, desc="evaluate (mean ablation)", disable=not progress):
-        ids, special = batch(begin)
-
-        def ablate(resid, special=special):
-            return torch.where(special[..., None], resid, mean.to(resid.dtype))
-
-        with subject.patch_layer(layer, ablate):
-            ablated = subject.model(input_ids=ids).logits.float()
-        for ce in ces:
-            ce.update_mean_ablation(ablated, ids[:, 1:], special)
+            logp = logits_after(subject, layer, output, ids, ablate).log_softmax(-1)
+            nll = _nll(logp, ids[:, 1:], ~special[:, :-1])
+            for i in members:
+                ces[i].update_mean_ablation(nll)
     return [
         Metrics(corpus=corpus or {}, n_contexts=int(tokens.shape[0]), **recon.summary(), **ce.summary())
         for recon, ce in zip(recons, ces, strict=True)

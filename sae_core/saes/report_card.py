@@ -97,14 +97,17 @@ def other_contexts(spec: str, tokenizer, *, like: Contexts, text_field: str, tra
 
 def report_card(subject, sae: SAE, layer: int, held_out: TokenSet, other: TokenSet, **kwargs) -> dict[str, Metrics]:
     """Every metric on both token sets: {"held_out": Metrics, "other_corpus": Metrics}."""
-    [card] = report_cards(subject, [sae], layer, held_out, other, **kwargs)
+    [card] = report_cards(subject, [sae], [layer], held_out, other, **kwargs)
     return card
 
 
-def report_cards(subject, saes: list[SAE], layer: int, held_out: TokenSet, other: TokenSet, **kwargs) -> list[dict[str, Metrics]]:
-    """``report_card`` for several SAEs on one layer, sharing the runs that do not depend on the SAE."""
+def report_cards(
+    subject, saes: list[SAE], layers: list[int], held_out: TokenSet, other: TokenSet, **kwargs
+) -> list[dict[str, Metrics]]:
+    """``report_card`` for several SAEs, ``saes[i]`` on block ``layers[i]``, sharing the runs that
+    do not depend on the SAE (``evaluate_many``)."""
     columns = {
-        name: evaluate_many(subject, saes, layer, part.contexts.tokens, part.contexts.special_mask, corpus=part.corpus(), **kwargs)
+        name: evaluate_many(subject, saes, layers, part.contexts.tokens, part.contexts.special_mask, corpus=part.corpus(), **kwargs)
         for name, part in ((HELD_OUT, held_out), (OTHER, other))
     }
     return [{name: measured[i] for name, measured in columns.items()} for i in range(len(saes))]

@@ -124,15 +124,14 @@ def train_saes(jobs: list[TrainJob], *, resume: bool = False, progress: bool = T
         other = other_contexts(
             other_corpus_for(cfg.corpus), subject.tokenizer, like=held_out.contexts, text_field=cfg.text_field, training_spec=cfg.corpus
         )  # fmt: skip
-        for layer in layers:  # the runs that do not depend on the SAE are shared by a layer's SAEs
-            on_layer = [(job, sae) for job, sae in zip(todo, saved, strict=True) if job.cfg.layer == layer]
-            cards = report_cards(subject, [sae for _, sae in on_layer], layer, held_out, other, progress=progress)
-            for (job, _), card in zip(on_layer, cards, strict=True):
-                save_metrics(job.out, card)
-                print(f"saescope: {job.out}")
-                for line in metric_lines(card):
-                    print(line)
-                (job.out / CHECKPOINT).unlink(missing_ok=True)  # last: a kill before this leaves a resumable run
+        layer_of = [job.cfg.layer for job in todo]  # one clean forward per batch for every layer
+        cards = report_cards(subject, saved, layer_of, held_out, other, progress=progress)
+        for job, card in zip(todo, cards, strict=True):
+            save_metrics(job.out, card)
+            print(f"saescope: {job.out}")
+            for line in metric_lines(card):
+                print(line)
+            (job.out / CHECKPOINT).unlink(missing_ok=True)  # last: a kill before this leaves a resumable run
     return [job.out for job in jobs]
 
 
