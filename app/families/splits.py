@@ -49,10 +49,10 @@ def shares_of(session: Session, nodes: Collection[Node]) -> dict[Node, Counter]:
 
 def by_sae(nodes: Collection[Node]) -> dict[int, list[int]]:
     """Feature indexes by SAE: a query per SAE, each on its (sae_id, index) primary key."""
-    by_sae = defaultdict(list)
+    grouped = defaultdict(list)
     for sae_id, index in nodes:
-        by_sae[sae_id].append(index)
-    return by_sae
+        grouped[sae_id].append(index)
+    return grouped
 
 
 def _shares(tokens: list[np.ndarray], levels: list[np.ndarray]) -> Counter:

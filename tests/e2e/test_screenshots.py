@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-
 import pytest
 from sqlalchemy.orm import Session
 
