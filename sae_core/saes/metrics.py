@@ -130,6 +130,12 @@ def reconstruction_stats(sae: SAE, batches: Iterable[torch.Tensor]) -> Reconstru
     return stats
 
 
+def _predictions(ids: torch.Tensor, special: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next tokens (B, T-1) of contexts ``ids`` (B, T), and which of those predictions count:
+    the ones made from non-special positions."""
+    return ids[:, 1:], ~special[:, :-1]
+
+
 def _nll(logp: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> float:
     """Σ -log p(target) of log-probabilities (B, T, V) over the counted (B, T-1) predictions."""
     return float(-logp[:, :-1].gather(-1, targets[..., None]).squeeze(-1)[counted].sum())
@@ -148,7 +154,7 @@ class CleanBatch(NamedTuple):
     @classmethod
     def of(cls, logits: torch.Tensor, ids: torch.Tensor, special: torch.Tensor) -> CleanBatch:
         """From the clean logits (B, T, V) of contexts ``ids`` (B, T) with ``special`` (B, T) bool."""
-        targets, counted = ids[:, 1:], ~special[:, :-1]
+        targets, counted = _predictions(ids, special)
         logp = logits.log_softmax(-1)
         return cls(targets, counted, ~special, logp, logp.exp(), _nll(logp, targets, counted))
 
@@ -366,7 +372,7 @@ def evaluate_many(
                 return torch.where(special[..., None], resid, mean.to(resid.dtype))
 
             logp = logits_after(subject, layer, output, ids, ablate).log_softmax(-1)
-            nll = _nll(logp, ids[:, 1:], ~special[:, :-1])
+            nll = _nll(logp, *_predictions(ids, special))
             for i in members:
                 ces[i].update_mean_ablation(nll)
     return [
