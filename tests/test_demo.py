@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
 from sae_core.cli import main
 from sae_core.commands import demo
+from sae_core.labels import embeddings
 from sae_core.saes.train_config import TrainConfig
+from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, SaeRow, create_engine_for
 
 # The quick budget, shrunk further so the tiny model's run takes seconds.
 TINY = demo.Budget(
@@ -64,6 +67,30 @@ def test_demo_into_sqlite(tiny_budget, llama_dir, text_corpus, tmp_path):
     # A second run reuses every stage and is done at once.
     run_demo(url, llama_dir, text_corpus, tmp_path)
     check_pages(url)
+    if embeddings.embedder_available():
+        check_background_embedding(url, tmp_path)
+
+
+def embedded_and_labelled(engine) -> tuple[int, int]:
+    with engine.connect() as conn:
+        embedded = conn.scalar(sa.select(sa.func.count()).select_from(FeatureEmbeddingRow))
+        labelled = conn.scalar(sa.select(sa.func.count()).where(FeatureRow.label.is_not(None)))
+    return embedded, labelled
+
+
+def check_background_embedding(url: str, tmp_path) -> None:
+    """Without --no-serve the demo serves before the label embeddings are written; its
+    background process then writes every SAE's, as --no-serve did before returning."""
+    engine = create_engine_for(url)
+    embedded, labelled = embedded_and_labelled(engine)
+    assert embedded == labelled > 0  # --no-serve: all written before the demo returned
+    with engine.begin() as conn:
+        conn.execute(sa.delete(FeatureEmbeddingRow))
+        names = conn.scalars(sa.select(SaeRow.name)).all()
+    child = demo.embed_in_background(url, list(names), tmp_path / "embed.log")
+    assert child.wait(timeout=300) == 0, (tmp_path / "embed.log").read_text()
+    assert embedded_and_labelled(engine) == (labelled, labelled)
+    engine.dispose()
 
 
 @pytest.mark.postgres

@@ -200,6 +200,22 @@ def test_without_embeddings_in_the_store_search_says_so(tmp_path):
     assert [h.idx for h in result.hits] == [BERLIN]
 
 
+def test_while_embeddings_are_partly_written_search_says_so(store):
+    """A half-embedded SAE (the demo's background process at work) would leave features out of
+    semantic results without a word: search answers from label words and says how far it is."""
+    engine, sae_id = store
+    with Session(engine) as session:
+        session.execute(
+            sa.delete(FeatureEmbeddingRow).where(
+                FeatureEmbeddingRow.sae_id == sae_id, FeatureEmbeddingRow.feature_idx >= 5
+            )
+        )
+        session.commit()
+        result = search_labels(session, sae_id=sae_id, query="Munich", mode="semantic")
+    assert result.mode == "text" and result.note.startswith("5 of 8 labelled features")
+    assert [h.idx for h in result.hits] == [BERLIN]
+
+
 @pytest.mark.postgres
 def test_semantic_search_on_postgres(pg_schema, embedder):
     sae_id = write_labelled_store(pg_schema)

