@@ -40,6 +40,9 @@ SHRINK = 1.0  # standard deviations of its count a candidate's firings are disco
 PART_PENALTY = 0.03  # F1 each part beyond a term's first must add: shorter labels read better
 KEY_PENALTY = 0.005  # F1 each extra key must add, so one-off tokens don't pad the label
 TERM_PENALTY = 0.04  # F1 a second term must add
+# Features searched at once: ~120k tokens, whose arrays stay in the CPU's caches (16, 32, 64 and
+# 256 measured on the demo's 4096-wide SAE: 32 took the fewest CPU-seconds)
+FEATURES_PER_SEARCH = 32
 KINDS = ("tokens", "previous", "following", "window")  # Term fields that hold keys
 _IS_CLASS = np.array([name in TOKEN_CLASSES for name in CONTEXT_NAMES])  # (C,)
 
@@ -55,23 +58,26 @@ class FittedRule(NamedTuple):
 
 
 class _Keys(NamedTuple):
-    """One kind of key, renumbered per feature to the keys seen where it fires. Only the tokens
-    that have one of their feature's keys matter to it: ``rows``."""
+    """One kind of key, renumbered per feature to the keys seen where it fires. Only a token's
+    own feature's keys matter to it: one entry per such key, grouped by token (a key may repeat
+    within a token's window: the ranking counts it twice, the prefix sums once)."""
 
     texts: np.ndarray  # (F, K) text ids of each feature's keys, -1 past its own
     count: np.ndarray  # (F,) keys of each feature
-    rows: np.ndarray  # (r,) the tokens with one of their feature's keys
-    local: np.ndarray  # (r, slots) index into the token's feature's keys, K for any other key
-    # (a key may repeat within a token's window: the ranking counts it twice, the prefix sums once)
-    pair_row: np.ndarray  # (m,) index into rows, and
-    pair_slot: np.ndarray  # (m,) a slot the token is in (see ``_Search.slot_columns``)
+    entry_token: np.ndarray  # (e,) the token of each entry, ascending
+    entry_owner: np.ndarray  # (e,) its feature
+    entry_key: np.ndarray  # (e,) its local key id (index into its feature's row of texts)
+    entry_first: np.ndarray  # (e,) bool: the first entry of its token
+    entry_fired: np.ndarray  # (e,) bool: the feature fires on its token
+    entry_slots: np.ndarray  # (slots, e) bool: its token is in each slot (see ``_Search``)
+    entry_bin: np.ndarray  # (e,) its (feature, slot 0, key) bin: owner * slots * (K + 1) + key
 
 
 class _Search(NamedTuple):
-    vocab: Vocab
+    """What every step of a batch's search reads."""
+
     batch: TokenBatch
     n_firing: np.ndarray  # (F,)
-    column_totals: np.ndarray  # (F, C) kept tokens in each context
     # (F, MAX_COLUMNS) the contexts key sets are tried within, -1 past them; with "anywhere",
     # the MAX_COLUMNS + 1 slots a key set is tried in
     columns: np.ndarray
@@ -84,6 +90,38 @@ def _ranks(groups: np.ndarray) -> np.ndarray:
     return np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))
 
 
+def _chosen_keys(
+    batch: TokenBatch, values: np.ndarray, n_texts: int, also: list[np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(feature, text id) of each feature's keys, in its order: ``values`` (N, slots) text ids,
+    -1 for none; the keys seen firing most often, and ``also`` (of each feature, text ids) when
+    they are seen firing at all. A feature keeps its keys in text order, or by count when it had
+    more than it keeps and nothing was added."""
+    seen = values[batch.fires]  # (firing tokens, slots)
+    pairs = (batch.owner[batch.fires, None] * n_texts + seen)[seen >= 0]
+    pair, counts = np.unique(pairs, return_counts=True)  # by feature, then text
+    feature, text = np.divmod(pair, n_texts)
+    often = counts >= MIN_KEY_FIRINGS
+    by_count = np.lexsort((text[often], -counts[often], feature[often]))
+    feature, text = feature[often][by_count], text[often][by_count]
+    n_often = np.bincount(feature, minlength=batch.n_features)
+    rank = _ranks(feature)
+    kept = rank < MAX_CANDIDATE_KEYS
+    feature, text, rank = feature[kept], text[kept], rank[kept]
+    sorted_by_text = n_often <= MAX_CANDIDATE_KEYS
+    if also is not None:
+        wanted = np.concatenate([f * n_texts + ids for f, ids in enumerate(also)])
+        added = pair[np.isin(pair, wanted)]
+        feature = np.r_[feature, added // n_texts]
+        text = np.r_[text, added % n_texts]
+        rank = np.r_[rank, np.zeros(len(added), dtype=rank.dtype)]
+        sorted_by_text |= np.array([ids.size > 0 for ids in also])
+        unique = np.unique(feature * n_texts + text, return_index=True)[1]
+        feature, text, rank = feature[unique], text[unique], rank[unique]
+    order = np.lexsort((np.where(sorted_by_text[feature], text, rank), feature))
+    return feature[order], text[order]
+
+
 def _keys(
     batch: TokenBatch,
     values: np.ndarray,
@@ -91,44 +129,35 @@ def _keys(
     in_slot: np.ndarray,
     also: list[np.ndarray] | None = None,
 ) -> _Keys:
-    """``values`` (N, slots) text ids, -1 for none; of each feature, the keys seen firing most
-    often, and ``also`` (its text ids) when they are seen firing at all. A feature keeps its keys
-    in text order, or by count when it had more than it keeps and nothing was added."""
-    firing = np.flatnonzero(batch.fires)
-    seen = values[firing]  # (m, slots)
-    pairs = (batch.owner[firing, None] * n_texts + seen)[seen >= 0]
-    pair, counts = np.unique(pairs, return_counts=True)  # by feature, then text
-    feature, text = np.divmod(pair, n_texts)
-    often = counts >= MIN_KEY_FIRINGS
-    by_count = np.lexsort((text[often], -counts[often], feature[often]))
-    feature_, text_ = feature[often][by_count], text[often][by_count]
-    n_often = np.bincount(feature_, minlength=batch.n_features)
-    rank = _ranks(feature_)
-    kept = rank < MAX_CANDIDATE_KEYS
-    feature_, text_, rank = feature_[kept], text_[kept], rank[kept]
-    sorted_by_text = n_often <= MAX_CANDIDATE_KEYS
-    if also is not None:
-        wanted = np.concatenate([f * n_texts + ids for f, ids in enumerate(also)])
-        added = pair[np.isin(pair, wanted)]
-        feature_ = np.r_[feature_, added // n_texts]
-        text_ = np.r_[text_, added % n_texts]
-        rank = np.r_[rank, np.zeros(len(added), dtype=rank.dtype)]
-        sorted_by_text |= np.array([ids.size > 0 for ids in also])
-        unique = np.unique(feature_ * n_texts + text_, return_index=True)[1]
-        feature_, text_, rank = feature_[unique], text_[unique], rank[unique]
-    order = np.lexsort((np.where(sorted_by_text[feature_], text_, rank), feature_))
-    feature_, text_ = feature_[order], text_[order]
-    count = np.bincount(feature_, minlength=batch.n_features)
+    """One kind of key of every feature: ``values`` (N, slots) text ids, -1 for none."""
+    feature, text = _chosen_keys(batch, values, n_texts, also)
+    count = np.bincount(feature, minlength=batch.n_features)
     width = int(count.max(initial=0))
+    local_id = _ranks(feature)
     texts = np.full((batch.n_features, width), -1, dtype=np.int64)
-    local_id = _ranks(feature_)
-    texts[feature_, local_id] = text_
-    lookup = np.full((batch.n_features, n_texts + 1), width, dtype=np.int16)  # last column: -1
-    lookup[feature_, text_] = local_id
-    local = lookup[batch.owner[:, None], values]
-    rows = np.flatnonzero((local < width).any(axis=1))
-    pair_row, pair_slot = np.nonzero(in_slot[rows])
-    return _Keys(texts, count, rows, local[rows], pair_row, pair_slot)
+    texts[feature, local_id] = text
+    # Text ids renumbered to the chunk's keys first, so the lookup table stays small.
+    used = np.unique(text)
+    compact = np.full(n_texts + 1, len(used), dtype=np.int32)  # the last entry: -1
+    compact[used] = np.arange(len(used))
+    lookup = np.full((batch.n_features, len(used) + 1), width, dtype=np.int32)
+    lookup[feature, compact[text]] = local_id
+    renumbered = compact[values]  # (N, slots)
+    token, slot = np.nonzero(renumbered < len(used))  # some feature's key...
+    key = lookup[batch.owner[token], renumbered[token, slot]]
+    token, slot, key = token[key < width], slot[key < width], key[key < width]  # ...its own
+    owner = batch.owner[token]
+    return _Keys(
+        texts,
+        count,
+        token,
+        owner,
+        key,
+        np.r_[True, token[1:] != token[:-1]],
+        batch.fires[token],
+        in_slot[token].T,
+        owner * in_slot.shape[1] * (width + 1) + key,
+    )
 
 
 def _search(batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]) -> _Search:
@@ -142,10 +171,8 @@ def _search(batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]) ->
     n_texts = len(vocab.texts) + 1  # text ids run to len(texts): padding
     promoted_ids = [vocab.ids_of(p) for p in promoted]
     return _Search(
-        vocab,
         batch,
         n_firing,
-        batch.column_sums(batch.keep),
         columns,
         {
             "tokens": _keys(batch, batch.text_ids[:, None], n_texts, in_slot),
@@ -217,9 +244,8 @@ class _Terms(NamedTuple):
             k = keys.texts.shape[1]
             member = np.zeros((batch.n_features, k + 2), dtype=bool)  # then "other", then -1
             np.put_along_axis(member, self.keys[:, kind], True, axis=1)
-            owner = batch.owner[keys.rows]
             holds = np.zeros(len(out), dtype=bool)
-            holds[keys.rows] = member[owner[:, None], keys.local].any(axis=1)
+            holds[keys.entry_token[member[batch.owner[keys.entry_token], keys.entry_key]]] = True
             out &= holds | ~on[batch.owner]
         return out
 
@@ -306,20 +332,18 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     n_features, n_slots = batch.n_features, search.columns.shape[1] + 1
     anywhere = n_slots - 1
     active = step.active & (keys.count > 0) & ~step.base.has_kind(kind)
-    rows = keys.rows
-    usable = step.within[rows] & active[batch.owner[rows]]
-    pick = usable[keys.pair_row]
-    token, slot = keys.pair_row[pick], keys.pair_slot[pick]  # (m,) pairs
-    rows = rows[token]
-    local = keys.local[token]  # (m, slots)
-    fired = batch.fires[rows]  # (m,)
     k = keys.texts.shape[1]
     if not k:
         return _no_proposal(n_features)
-    cell = batch.owner[rows] * n_slots + slot  # (m,) feature and slot
-    bins = (cell[:, None] * (k + 1) + local).ravel()
+    usable = step.within[keys.entry_token] & active[keys.entry_owner]  # (e,)
+    # Entries in each slot their token is in, slot by slot: (feature, slot, key) bins.
+    in_slot = [usable & inside for inside in keys.entry_slots]
+    bins = np.concatenate(
+        [keys.entry_bin[inside] + s * (k + 1) for s, inside in enumerate(in_slot)]
+    )
+    entries_fired = np.concatenate([keys.entry_fired[inside] for inside in in_slot])
     size = n_features * n_slots * (k + 1)
-    positives = np.bincount(bins[np.repeat(fired, local.shape[1])], minlength=size)
+    positives = np.bincount(bins[entries_fired], minlength=size)
     totals = np.bincount(bins, minlength=size)
     precision = (positives / (totals + 1.0)).reshape(n_features, n_slots, k + 1)[:, :, :k]
     beyond = np.arange(k) >= keys.count[:, None, None]  # (F, 1, k) past the feature's keys
@@ -330,7 +354,11 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     width = order.shape[2]
     rank = np.full((n_features, n_slots, k + 1), width, dtype=np.int64)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=2)
-    joined = rank.reshape(-1)[cell[:, None] * (k + 1) + local].min(axis=1)
+    # per (token, slot): its first entry, and the best rank among its entries
+    starts = np.flatnonzero(np.concatenate([keys.entry_first[inside] for inside in in_slot]))
+    cell = bins[starts] // (k + 1)  # (feature, slot) of each (token, slot)
+    fired = entries_fired[starts]
+    joined = np.minimum.reduceat(rank.reshape(-1)[bins], starts) if len(bins) else starts
     joins = cell * (width + 1) + joined
     size = n_features * n_slots * (width + 1)
     shape = (n_features, n_slots, width + 1)
@@ -369,21 +397,13 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     )
 
 
-def _from_smaller_side(search: _Search, mask: np.ndarray, count, totals: np.ndarray):
-    """``count(mask)``, from whichever side of the mask (a subset of the kept tokens) is smaller:
-    ``totals`` is ``count`` of every kept token."""
-    if 2 * mask.sum() < len(mask):
-        return count(mask)
-    return totals - count(search.batch.keep & ~mask)
-
-
 def _context_proposal(search: _Search, step: _Step) -> _Proposal:
     """One context, two together, or (refining) one more context required or excepted."""
     batch = search.batch
     n_features, rows = batch.n_features, np.arange(batch.n_features)
     firing = step.within & batch.fires
     positives = batch.column_sums(firing)  # (F, C)
-    totals = _from_smaller_side(search, step.within, batch.column_sums, search.column_totals)
+    totals = batch.column_sums(step.within)
     penalty = step.base_penalty + PART_PENALTY * (0 if step.fresh else 1)
     n_firing = search.n_firing
     required = _objective(step, n_firing, positives, totals, penalty[:, None])
@@ -411,12 +431,7 @@ def _context_proposal(search: _Search, step: _Step) -> _Proposal:
     if step.fresh:  # pairs: one of the feature's columns, and or but not any other context
         top = np.maximum(search.columns, 0)  # (F, c); -1 columns are closed below
         both_positives = batch.pair_sums(firing, top).astype(np.float32)  # (F, c, C)
-        both_totals = _from_smaller_side(
-            search,
-            step.within,
-            lambda mask: batch.pair_sums(mask, top),
-            batch.pair_sums(batch.keep, top),
-        ).astype(np.float32)
+        both_totals = batch.pair_sums(step.within, top).astype(np.float32)
         penalty = (penalty + PART_PENALTY)[:, None, None]
         pairs = _objective(step, n_firing, both_positives, both_totals, penalty)
         pairs[both_positives == 0] = -np.inf
@@ -476,10 +491,23 @@ def fit_rules(
     """The best decision list of each feature on its tokens ``train``; "any token" when it never
     fires there. ``promoted``: of each feature, the tokens its decoder direction promotes most
     (its top logit effects), tried as what comes next even when seen after only one firing."""
-    if not train:
-        return []
-    batch = TokenBatch.of(train)
-    search = _search(batch, vocab, promoted or [()] * len(train))
+    promoted = promoted or [()] * len(train)
+    return [
+        fitted
+        for start in range(0, len(train), FEATURES_PER_SEARCH)
+        for fitted in _fit_together(
+            TokenBatch.of(train[start : start + FEATURES_PER_SEARCH]),
+            vocab,
+            promoted[start : start + FEATURES_PER_SEARCH],
+        )
+    ]
+
+
+def _fit_together(
+    batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]
+) -> list[FittedRule]:
+    """``fit_rules`` of the features of one batch, searched at once."""
+    search = _search(batch, vocab, promoted)
     n_features = batch.n_features
     covered = np.zeros(len(batch.fires), dtype=bool)
     terms: list[_Terms] = []
