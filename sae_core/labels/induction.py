@@ -142,11 +142,9 @@ def _keys(
     compact[used] = np.arange(len(used))
     lookup = np.full((batch.n_features, len(used) + 1), width, dtype=np.int32)
     lookup[feature, compact[text]] = local_id
-    renumbered = compact[values]  # (N, slots)
-    token, slot = np.nonzero(renumbered < len(used))  # some feature's key...
-    key = lookup[batch.owner[token], renumbered[token, slot]]
-    token, slot, key = token[key < width], slot[key < width], key[key < width]  # ...its own
-    owner = batch.owner[token]
+    local = lookup.ravel()[batch.owner[:, None] * (len(used) + 1) + compact[values]]
+    token, slot = np.nonzero(local < width)  # (N, slots) -> entries
+    owner, key = batch.owner[token], local[token, slot]
     return _Keys(
         texts,
         count,
@@ -358,7 +356,9 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     starts = np.flatnonzero(np.concatenate([keys.entry_first[inside] for inside in in_slot]))
     cell = bins[starts] // (k + 1)  # (feature, slot) of each (token, slot)
     fired = entries_fired[starts]
-    joined = np.minimum.reduceat(rank.reshape(-1)[bins], starts) if len(bins) else starts
+    joined = rank.reshape(-1)[bins]
+    if len(starts) < len(bins):  # some token has several (a window)
+        joined = np.minimum.reduceat(joined, starts)
     joins = cell * (width + 1) + joined
     size = n_features * n_slots * (width + 1)
     shape = (n_features, n_slots, width + 1)
