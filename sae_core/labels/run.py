@@ -3,7 +3,8 @@
 ``label_sae`` runs three passes, each resumable (work is committed in chunks, and a feature that
 already has a label of that source is skipped unless ``force``):
 1. automatic: the rule that best predicts where the feature fires on its training evidence
-   (``label_induction``), scored on held-out evidence (``label_evidence``, ``label_scoring``);
+   (``induction``, a chunk of features at once), scored on held-out evidence (``evidence``,
+   ``scoring``);
    when that rule is weak the label adds the tokens the feature promotes (its logit effects);
 2. explainer (optional, ``sae_core.labels.explainer``): an LLM's explanation with its rule, scored the same way;
 3. embeddings (when the ``embed`` extra is installed): vectors for semantic search.
