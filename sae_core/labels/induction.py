@@ -59,18 +59,18 @@ class FittedRule(NamedTuple):
 
 class _Keys(NamedTuple):
     """One kind of key, renumbered per feature to the keys seen where it fires. Only a token's
-    own feature's keys matter to it: one entry per such key, grouped by token (a key may repeat
-    within a token's window: the ranking counts it twice, the prefix sums once)."""
+    own feature's keys matter to it: one entry per such key and slot the token is in (see
+    ``_Search``), grouped by slot, then token (a key may repeat within a token's window: the
+    ranking counts it twice, the prefix sums once)."""
 
     texts: np.ndarray  # (F, K) text ids of each feature's keys, -1 past its own
     count: np.ndarray  # (F,) keys of each feature
-    entry_token: np.ndarray  # (e,) the token of each entry, ascending
-    entry_owner: np.ndarray  # (e,) its feature
-    entry_key: np.ndarray  # (e,) its local key id (index into its feature's row of texts)
-    entry_first: np.ndarray  # (e,) bool: the first entry of its token
-    entry_fired: np.ndarray  # (e,) bool: the feature fires on its token
-    entry_slots: np.ndarray  # (slots, e) bool: its token is in each slot (see ``_Search``)
-    entry_bin: np.ndarray  # (e,) its (feature, slot 0, key) bin: owner * slots * (K + 1) + key
+    token: np.ndarray  # (e,) the token of each entry
+    owner: np.ndarray  # (e,) its feature
+    key: np.ndarray  # (e,) its local key id (index into its feature's row of texts)
+    bin: np.ndarray  # (e,) its (feature, slot, key): (owner * slots + slot) * (K + 1) + key
+    first: np.ndarray  # (e,) bool: the first entry of its token in its slot
+    fired: np.ndarray  # (e,) bool: the feature fires on its token
 
 
 class _Search(NamedTuple):
@@ -143,18 +143,23 @@ def _keys(
     lookup = np.full((batch.n_features, len(used) + 1), width, dtype=np.int32)
     lookup[feature, compact[text]] = local_id
     local = lookup.ravel()[batch.owner[:, None] * (len(used) + 1) + compact[values]]
-    token, slot = np.nonzero(local < width)  # (N, slots) -> entries
-    owner, key = batch.owner[token], local[token, slot]
+    token, slot = np.nonzero(local < width)  # (N, slots) -> (token, key)
+    key = local[token, slot]
+    n_slots = in_slot.shape[1]
+    slots = [np.flatnonzero(in_slot[token, s]) for s in range(n_slots)]
+    token = np.concatenate([token[inside] for inside in slots])
+    key = np.concatenate([key[inside] for inside in slots])
+    slot = np.repeat(np.arange(n_slots), [len(inside) for inside in slots])
+    owner = batch.owner[token]
     return _Keys(
         texts,
         count,
         token,
         owner,
         key,
-        np.r_[True, token[1:] != token[:-1]],
+        (owner * n_slots + slot) * (width + 1) + key,
+        np.r_[True, (token[1:] != token[:-1]) | (slot[1:] != slot[:-1])],
         batch.fires[token],
-        in_slot[token].T,
-        owner * in_slot.shape[1] * (width + 1) + key,
     )
 
 
@@ -243,7 +248,7 @@ class _Terms(NamedTuple):
             member = np.zeros((batch.n_features, k + 2), dtype=bool)  # then "other", then -1
             np.put_along_axis(member, self.keys[:, kind], True, axis=1)
             holds = np.zeros(len(out), dtype=bool)
-            holds[keys.entry_token[member[batch.owner[keys.entry_token], keys.entry_key]]] = True
+            holds[keys.token[member[keys.owner, keys.key]]] = True
             out &= holds | ~on[batch.owner]
         return out
 
@@ -333,13 +338,8 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     k = keys.texts.shape[1]
     if not k:
         return _no_proposal(n_features)
-    usable = step.within[keys.entry_token] & active[keys.entry_owner]  # (e,)
-    # Entries in each slot their token is in, slot by slot: (feature, slot, key) bins.
-    in_slot = [usable & inside for inside in keys.entry_slots]
-    bins = np.concatenate(
-        [keys.entry_bin[inside] + s * (k + 1) for s, inside in enumerate(in_slot)]
-    )
-    entries_fired = np.concatenate([keys.entry_fired[inside] for inside in in_slot])
+    usable = step.within[keys.token] & active[keys.owner]  # (e,)
+    bins, entries_fired = keys.bin[usable], keys.fired[usable]
     size = n_features * n_slots * (k + 1)
     positives = np.bincount(bins[entries_fired], minlength=size)
     totals = np.bincount(bins, minlength=size)
@@ -353,7 +353,7 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     rank = np.full((n_features, n_slots, k + 1), width, dtype=np.int64)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=2)
     # per (token, slot): its first entry, and the best rank among its entries
-    starts = np.flatnonzero(np.concatenate([keys.entry_first[inside] for inside in in_slot]))
+    starts = np.flatnonzero(keys.first[usable])
     cell = bins[starts] // (k + 1)  # (feature, slot) of each (token, slot)
     fired = entries_fired[starts]
     joined = rank.reshape(-1)[bins]
