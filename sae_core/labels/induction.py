@@ -245,7 +245,7 @@ class _Terms(NamedTuple):
                 continue
             keys = search.keys[name]
             k = keys.texts.shape[1]
-            member = np.zeros((batch.n_features, k + 2), dtype=bool)  # then "other", then -1
+            member = np.zeros((batch.n_features, k + 1), dtype=bool)  # last column: -1
             np.put_along_axis(member, self.keys[:, kind], True, axis=1)
             holds = np.zeros(len(out), dtype=bool)
             holds[keys.token[member[keys.owner, keys.key]]] = True
