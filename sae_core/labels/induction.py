@@ -71,6 +71,7 @@ class _Keys(NamedTuple):
     bin: np.ndarray  # (e,) its (feature, slot, key): (owner * slots + slot) * (K + 1) + key
     first: np.ndarray  # (e,) bool: the first entry of its token in its slot
     fired: np.ndarray  # (e,) bool: the feature fires on its token
+    kept: slice  # the last slot's entries ("anywhere"): each kept token's keys, once
 
 
 class _Search(NamedTuple):
@@ -160,6 +161,7 @@ def _keys(
         (owner * n_slots + slot) * (width + 1) + key,
         np.r_[True, (token[1:] != token[:-1]) | (slot[1:] != slot[:-1])],
         batch.fires[token],
+        slice(len(token) - len(slots[-1]), None),
     )
 
 
@@ -248,7 +250,8 @@ class _Terms(NamedTuple):
             member = np.zeros((batch.n_features, k + 1), dtype=bool)  # last column: -1
             np.put_along_axis(member, self.keys[:, kind], True, axis=1)
             holds = np.zeros(len(out), dtype=bool)
-            holds[keys.token[member[keys.owner, keys.key]]] = True
+            kept = keys.kept
+            holds[keys.token[kept][member[keys.owner[kept], keys.key[kept]]]] = True
             out &= holds | ~on[batch.owner]
         return out
 
