@@ -12,9 +12,13 @@ this, never on the held-out tokens labels are scored on.
 Each run is timed with one process and with ``--workers`` side by side, and prints the 1-minute
 load average around it: on a shared machine the wall-clock rate is the contended one, and the CPU
 seconds per feature (this process and its workers) say what the code costs.
+``--against CHECKOUT``: each run is also made, interleaved, by another checkout of saescope (today's
+``main``, say) in a process of its own, and the two checkouts' labels are compared: a speed-up
+must write the same labels (text, precision, recall, F1, rule and held-out contexts).
 
     python bench/bench_labels.py [--features 2048] [--contexts 20000] [--workers 2]
-    python bench/bench_labels.py --store saescope.db --sae smollm2-135m-l15-topk-4096
+    python bench/bench_labels.py --store saescope.db --sae smollm2-135m-l15-topk-4096 \
+        [--against ../main]
     python bench/bench_labels.py --store saescope.db --sae ... --tune SHRINK=1,2 MAX_TERMS=1,2
 """
 
@@ -22,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +40,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "sae_core" not in sys.modules:  # (imported by ``--against``, that checkout's is loaded)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_core.labels import induction  # noqa: E402
 from sae_core.labels.evidence import (  # noqa: E402
@@ -46,7 +53,13 @@ from sae_core.labels.evidence import (  # noqa: E402
 from sae_core.labels.report import label_report  # noqa: E402
 from sae_core.labels.run import PROMOTED, LabelOptions, get_sae, label_sae  # noqa: E402
 from sae_core.labels.scoring import score_rule  # noqa: E402
-from sae_core.store.db import FeatureRow, VocabRow, create_engine_for, migrate  # noqa: E402
+from sae_core.store.db import (  # noqa: E402
+    FeatureRow,
+    LabelRow,
+    VocabRow,
+    create_engine_for,
+    migrate,
+)
 from tests.label_fixtures import add_bare_sae, add_contexts, add_examples  # noqa: E402
 
 VOCAB = 2000
@@ -112,9 +125,30 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def timed_label(source: str, sae: str, folder: str, workers: int) -> dict:
-    """Label a fresh copy of the store at path ``source``; time it."""
-    copy = f"{folder}/run-{workers}.db"
+def auto_labels(session: Session, sae_name: str) -> dict[int, list]:
+    """The latest automatic label of each feature: text, precision, recall, F1 and rule (held-out
+    contexts included; the method's name aside, which a new version may change)."""
+    sae = get_sae(session, sae_name)
+    rows = session.execute(
+        sa.select(
+            LabelRow.feature_idx,
+            LabelRow.label,
+            LabelRow.precision,
+            LabelRow.recall,
+            LabelRow.f1,
+            LabelRow.rule,
+        )
+        .where(LabelRow.sae_id == sae.id, LabelRow.source == "auto")
+        .order_by(LabelRow.id)
+    )
+    return {
+        idx: [*values, {k: v for k, v in rule.items() if k != "method"}]
+        for idx, *values, rule in rows
+    }
+
+
+def timed_label(source: str, sae: str, copy: str, workers: int) -> dict:
+    """Label a fresh copy (at ``copy``) of the store at path ``source``; time it."""
     shutil.copy(source, copy)
     engine = create_engine_for(f"sqlite:///{copy}")
     load_before, cpu, start = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
@@ -125,14 +159,43 @@ def timed_label(source: str, sae: str, folder: str, workers: int) -> dict:
     with Session(engine) as session:
         report = label_report(session, get_sae(session, sae))
         f1 = dict(session.execute(sa.select(FeatureRow.idx, FeatureRow.label_f1)).all())
+        labels = auto_labels(session, sae)
     engine.dispose()
-    n = summary.n_labelled
-    print(
-        f"workers={workers}: {n:,} features in {elapsed:.1f} s = {n / elapsed:,.0f} features/s; "
-        f"{1000 * cpu / n:.2f} CPU-ms per feature ({n / cpu:,.0f} features per CPU-second); "
-        f"load {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    return {
+        "n": summary.n_labelled,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "load": [load_before, os.getloadavg()[0]],
+        "report": report.lines(),
+        "f1": f1,
+        "labels": labels,
+    }
+
+
+def timed_label_elsewhere(checkout: str, source: str, sae: str, copy: str, workers: int) -> dict:
+    """``timed_label`` by another checkout of saescope, in a process of its own that loads that
+    checkout's ``sae_core`` before this file."""
+    code = (
+        f"import json, sys; sys.path.insert(0, {checkout!r}); import sae_core; "
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_labels; "
+        f"print(json.dumps(bench_labels.timed_label({source!r}, {sae!r}, {copy!r}, {workers})))"
     )
-    return {"report": report, "f1": f1}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=checkout)
+    if out.returncode:
+        raise SystemExit(f"--against {checkout}: {out.stderr.strip().splitlines()[-1]}")
+    run = json.loads(out.stdout)
+    run["labels"] = {int(k): v for k, v in run["labels"].items()}
+    run["f1"] = {int(k): v for k, v in run["f1"].items()}
+    return run
+
+
+def print_run(name: str, workers: int, run: dict) -> None:
+    n, elapsed, cpu = run["n"], run["elapsed"], run["cpu"]
+    print(
+        f"{name}workers={workers}: {n:,} features in {elapsed:.1f} s = {n / elapsed:,.0f} "
+        f"features/s; {1000 * cpu / n:.2f} CPU-ms per feature ({n / cpu:,.0f} features per "
+        f"CPU-second); load {run['load'][0]:.1f} -> {run['load'][1]:.1f}"
+    )
 
 
 def _tuning_split(source: str, sae_name: str) -> tuple[Vocab, list[tuple]]:
@@ -178,7 +241,10 @@ def tune(source: str, sae_name: str, settings: list[str]) -> None:
         for name, value in zip(names, values, strict=True):
             setattr(induction, name, type(defaults[name])(value))
         cpu = time.process_time()
-        rules = [induction.fit_rule(e.train, vocab, promoted).rule for e, promoted in features]
+        fitted = induction.fit_rules(
+            [e.train for e, _ in features], vocab, [p for _, p in features]
+        )
+        rules = [f.rule for f in fitted]
         cpu = time.process_time() - cpu
         f1 = np.array(
             [score_rule(r, e.heldout, vocab).f1 for r, (e, _) in zip(rules, features, strict=True)]
@@ -205,6 +271,9 @@ def main() -> None:
     parser.add_argument(
         "--tune", nargs="+", metavar="NAME=V1,V2", help="settings to try on the tuning split"
     )
+    parser.add_argument(
+        "--against", metavar="CHECKOUT", help="also time another checkout; compare the labels"
+    )
     args = parser.parse_args()
     if args.tune:
         if args.store is None:
@@ -218,8 +287,20 @@ def main() -> None:
             write_store(
                 f"sqlite:///{source}", args.features, args.contexts, np.random.default_rng(0)
             )
-        runs = [timed_label(source, args.sae, folder, w) for w in dict.fromkeys([1, args.workers])]
-    print("\n".join(runs[-1]["report"].lines()))
+        runs, theirs = [], []
+        for workers in dict.fromkeys([1, args.workers]):
+            copy = f"{folder}/run-{workers}.db"
+            if args.against:  # interleaved, so both meet the same load
+                theirs.append(timed_label_elsewhere(args.against, source, args.sae, copy, workers))
+                print_run(f"{args.against}: ", workers, theirs[-1])
+            runs.append(timed_label(source, args.sae, copy, workers))
+            print_run("this checkout: " if args.against else "", workers, runs[-1])
+    for ours, other in zip(runs, theirs, strict=False):
+        same = sum(ours["labels"].get(i) == label for i, label in other["labels"].items())
+        print(f"labels identical to {args.against}'s: {same:,} of {len(other['labels']):,}")
+    if theirs:
+        print(f"{args.against}:", *theirs[-1]["report"], "this checkout:", sep="\n")
+    print(*runs[-1]["report"], sep="\n")
     if args.store is not None:
         return
     f1 = runs[-1]["f1"]

@@ -25,7 +25,7 @@ from sae_core.labels.evidence import (
     tuning_evidence,
 )
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
-from sae_core.labels.induction import fit_rule
+from sae_core.labels.induction import fit_rule, fit_rules
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
 from sae_core.labels.rules import LabelRule, Term, parse_label
 from sae_core.labels.run import (
@@ -212,6 +212,25 @@ def test_tuning_split_never_reads_the_scored_contexts(labelled):
         assert tuned.positives and set(tuned.positives) <= {e.context_id for e in examples[idx]}
 
 
+def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
+    """A chunk's features are searched at once; each must get exactly the rule, training F1 and
+    objective its search alone gives, whatever its neighbours in the chunk."""
+    store, engine, _ = labelled
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        vocab = Vocab.load(session, sae)
+        library = ContextLibrary.load(session, sae, vocab)
+        examples = load_examples(session, sae.id, 0, D_SAE)
+    evidence = [build_evidence(library, i, examples.get(i, []), seed=0) for i in range(D_SAE)]
+    train = [e.train for e in evidence if e is not None]
+    # what comes next, tried even when seen once: some features have such tokens, some not
+    promoted = [(")", " x", " Paris")[: i % 4] for i in range(len(train))]
+    alone = [fit_rule(t, vocab, p) for t, p in zip(train, promoted, strict=True)]
+    assert fit_rules(train, vocab, promoted) == alone
+    assert fit_rules(train[::-1], vocab, promoted[::-1]) == alone[::-1]
+    assert len({fitted.rule for fitted in alone}) == len(alone)  # the planted rules all differ
+
+
 # ---------------------------------------------------------------------------------------------
 # Labelling a store
 
@@ -289,19 +308,19 @@ def test_rerun_resumes_and_force_relabels(fresh):
 def test_interrupted_run_keeps_finished_chunks_and_resumes(fresh, monkeypatch):
     store, engine = fresh
     monkeypatch.setattr(labels, "FEATURES_PER_CHUNK", 2)
-    real_fit = labels.fit_rule
+    real_fit = labels.fit_rules
     calls = []
 
     def fit_then_interrupt(*args):
         calls.append(1)
-        if len(calls) == 3:  # first feature of the second chunk
+        if len(calls) == 2:  # the second chunk
             raise KeyboardInterrupt
         return real_fit(*args)
 
-    monkeypatch.setattr(labels, "fit_rule", fit_then_interrupt)
+    monkeypatch.setattr(labels, "fit_rules", fit_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         label_sae(engine, store.sae_name, LabelOptions(embed=False, progress=False, workers=1))
-    monkeypatch.setattr(labels, "fit_rule", real_fit)
+    monkeypatch.setattr(labels, "fit_rules", real_fit)
     assert [_feature(engine, store.sae_name, i).label is not None for i in range(4)] == [
         True,
         True,

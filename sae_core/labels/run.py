@@ -3,7 +3,8 @@
 ``label_sae`` runs three passes, each resumable (work is committed in chunks, and a feature that
 already has a label of that source is skipped unless ``force``):
 1. automatic: the rule that best predicts where the feature fires on its training evidence
-   (``label_induction``), scored on held-out evidence (``label_evidence``, ``label_scoring``);
+   (``induction``, a chunk of features at once), scored on held-out evidence (``evidence``,
+   ``scoring``);
    when that rule is weak the label adds the tokens the feature promotes (its logit effects);
 2. explainer (optional, ``sae_core.labels.explainer``): an LLM's explanation with its rule, scored the same way;
 3. embeddings (when the ``embed`` extra is installed): vectors for semantic search.
@@ -44,7 +45,7 @@ from sae_core.labels.explainer import (
     explain,
     render_example,
 )
-from sae_core.labels.induction import fit_rule
+from sae_core.labels.induction import fit_rules
 from sae_core.labels.rules import LabelRule, parse_label, token_list
 from sae_core.labels.scoring import LabelScore, score_rule
 from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, utcnow
@@ -361,21 +362,27 @@ class _ChunkLabels(NamedTuple):
 
 
 def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
-    """Fit, score and word the automatic labels of a chunk of features (reads, never writes)."""
+    """Fit (all at once), score and word the automatic labels of a chunk of features (reads,
+    never writes)."""
     current = labeller.current(chunk)
-    rows, n_unscorable = [], 0
-    for idx, evidence in labeller.evidence_by_feature(chunk):
-        if evidence is None:
-            n_unscorable += 1
-            continue
-        feature = current[idx]
-        promoted = [labeller.token_text(int(t)) for t, _ in (feature.logit_top or [])[:PROMOTED]]
-        fitted = fit_rule(evidence.train, labeller.vocab, tuple(promoted))
-        score = score_rule(fitted.rule, evidence.heldout, labeller.vocab)
-        text = auto_label_text(fitted.rule, fitted.objective, feature.density or 0.0, promoted)
-        made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fitted.rule)
+    scorable = [(i, e) for i, e in labeller.evidence_by_feature(chunk) if e is not None]
+    promoted = {
+        idx: [labeller.token_text(int(t)) for t, _ in (current[idx].logit_top or [])[:PROMOTED]]
+        for idx, _ in scorable
+    }
+    fitted = fit_rules(
+        [evidence.train for _, evidence in scorable],
+        labeller.vocab,
+        [tuple(promoted[idx]) for idx, _ in scorable],
+    )
+    rows = []
+    for (idx, evidence), fit in zip(scorable, fitted, strict=True):
+        score = score_rule(fit.rule, evidence.heldout, labeller.vocab)
+        density = current[idx].density or 0.0
+        text = auto_label_text(fit.rule, fit.objective, density, promoted[idx])
+        made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fit.rule)
         rows.append(_label_row(labeller.sae, idx, made, score, evidence.heldout_contexts))
-    return _ChunkLabels(rows, n_unscorable)
+    return _ChunkLabels(rows, len(chunk) - len(scorable))
 
 
 # A forked worker's labeller: set in the parent just before the pool forks, then given its own
