@@ -617,3 +617,4 @@ def test_dense_and_unclear_features_say_so_before_their_rule():
         "unclear: fires on 0.4% of tokens; any token in Python code; promotes `x`/`y`/`z`"
     )
     assert auto_label_text(rule, 0.6, 0.004, [" x"]) == "any token in Python code"
+    assert auto_label_text(rule, 0.1, 0.00031, []).startswith("unclear: fires on 0.031% of tokens;")

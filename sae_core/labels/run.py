@@ -293,10 +293,11 @@ def auto_label_text(rule: LabelRule, strength: float, density: float, promoted: 
     also names the tokens it promotes (its top logit effects) instead of passing the rule off
     as an explanation."""
     text = rule.describe()
+    share = f"{100 * density:.2g}%"  # two significant digits: a sparse feature is not "0.0%"
     if density >= DENSE_DENSITY:
-        return f"dense: fires on {density:.0%} of tokens; {text}"
+        return f"dense: fires on {share} of tokens; {text}"
     if strength < WEAK_RULE:
-        text = f"unclear: fires on {density:.1%} of tokens; {text}"
+        text = f"unclear: fires on {share} of tokens; {text}"
         if promoted:
             text += f"; promotes {token_list(tuple(promoted[:3]))}"
     return text
