@@ -125,6 +125,40 @@ def test_context_masks_follow_python_lexing():
     assert prose[CONTEXT_NAMES.index("prose")].all()
 
 
+def test_context_masks_say_what_a_line_does_and_what_is_around_a_token():
+    # tokens split at "|", as the model's tokenizer might cut this code
+    texts = (
+        '    | return| x|\n|def| f|(|a|):|\n|    | """|Add| one|.|\n|\n|    | >>>| f|(|1|)|\n|'
+        '    | """|\n|    | total| +=| a|[|0|]|\n|    | if| total| ==| 1|:|\n|        | return|'
+        " sub|total|\n"
+    ).split("|")
+    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
+
+    def where(name: str) -> list[str]:
+        return [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+
+    assert where("def_line") == ["def", "f", "(", "a", "):"]
+    assert where("condition") == ["if", "total", "==", "1", ":"]
+    assert where("assign_target") == ["total"]  # `==` compares, `+=` assigns
+    assert where("doctest") == [">>>", "f", "(", "1", ")"]
+    assert where("line_end") == ["x", "):", ".", ")", '"""', "]", ":", "total"]
+    assert where("inside_word") == ["total"]
+    assert where("after_open") == ["a", "1", "0"]
+    assert where("before_open") == ["f", "f", "a"]
+    assert where("repeated") == ["f", "(", '"""', "a", "total", "1", "return", "total"]
+    assert where("repeated_pair") == ["(", '"""', "return"]
+
+
+def test_a_window_cut_inside_a_docstring_starts_in_it():
+    texts = ' the| value| of| x|.|\n|    | """|\n|    | return| x'.split("|")
+    docstring = context_masks(texts)[CONTEXT_NAMES.index("docstring")]
+    assert docstring.tolist() == [True] * 8 + [False] * 4
+    # an opening docstring after code is not taken for a closing one
+    texts = [" y", " =", " f", "(", "x", ")", "\n", "    ", ' """', "Return", " x", ".", '"""']
+    docstring = context_masks(texts)[CONTEXT_NAMES.index("docstring")]
+    assert docstring.tolist() == [False] * 8 + [True] * 5
+
+
 def test_rule_describes_itself_as_a_phrase_and_round_trips():
     rule = LabelRule.of(Term((" Paris", " Lyon"), contexts=("prose",)))
     assert rule.describe() == "`Paris`/`Lyon` in English prose"
@@ -164,6 +198,10 @@ def test_rule_describes_itself_as_a_phrase_and_round_trips():
             Term(
                 following=(")", " )"), window=("Returns", " Returns"), unless=("comment", "heading")
             ),
+        ),
+        LabelRule.of(
+            Term(contexts=("assign_target",), unless=("doctest",)),
+            Term(("x", " x"), contexts=("before_open", "repeated", "after_open")),
         ),
     ],
 )
