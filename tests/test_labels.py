@@ -626,6 +626,41 @@ def test_search_finds_a_window_before_the_token():
     assert rule.terms[0].window == (" Returns",)
 
 
+def _statement_windows(rng: np.random.Generator, n: int = 40) -> list[list[str]]:
+    """Windows of short Python statements, each line indented at random and ended by one of
+    several line-break tokens, so no single neighbouring token marks a line's start or end."""
+    names = [" a", " b", " total", " count", " value", " item", " key", " size"]
+    breaks = ["\n", "\n\n", "\n    ", "\n        "]
+    out = []
+    for _ in range(n):
+        window: list[str] = []
+        while len(window) < 48:
+            name, other = (str(w) for w in rng.choice(names, 2, replace=False))
+            line = [
+                [name, " =", other, " +", " 1"],
+                [name, " +=", " f", "(", other, ")"],
+                [" f", "(", name, ",", other, ")"],
+                [" return", name, " *", other],
+            ][rng.integers(0, 4)]
+            window += line + [str(rng.choice(breaks))]
+        out.append(window)
+    return out
+
+
+def _planted_by_context(windows: list[list[str]], name: str) -> LabelRule:
+    """The rule fitted to a feature that fires exactly where context ``name`` holds."""
+    masks = {id(w): context_masks(w)[CONTEXT_NAMES.index(name)] for w in windows}
+    return _fit_planted(windows, lambda w, i: bool(masks[id(w)][i]))
+
+
+@pytest.mark.parametrize("name", ["assign_target", "line_end", "repeated"])
+def test_search_finds_a_line_or_neighbour_context(name):
+    """A feature that fires on assignment targets, on the last token of each line, or on
+    tokens already seen in the window: one context says each, where token lists cannot."""
+    windows = _statement_windows(np.random.default_rng(3))
+    assert _planted_by_context(windows, name) == LabelRule.of(Term(contexts=(name,)))
+
+
 def test_dense_and_unclear_features_say_so_before_their_rule():
     rule = LabelRule.of(Term(contexts=("code",)))
     assert (
