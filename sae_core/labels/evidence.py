@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
-from sae_core.labels.rules import WINDOW
+from sae_core.labels.rules import WINDOW, written_word
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -35,12 +35,30 @@ MIN_NEGATIVE_CONTEXTS = 4  # a feature with one held-out example still meets som
 
 
 class Vocab(NamedTuple):
-    """Token texts from the store, with tokens of identical text merged into one "text id"."""
+    """Token texts from the store, with tokens a label writes alike merged into one "text id":
+    those of identical text, and a word with and without its leading space (```x``` in a phrase
+    stands for both, and a rule's key matches both)."""
 
-    texts: list[str]  # text of each distinct token text, indexed by text id
+    texts: list[str]  # a text of each text id (the first token's), indexed by text id
     text_id: np.ndarray  # (vocab_size,) int32: token id -> text id
-    index: dict[str, int]  # text -> text id
+    index: dict[str, int]  # token text -> text id
     bos_token_id: int | None
+    token_texts: list[str]  # (vocab_size,) each token's own text, which the lexer reads
+
+    @classmethod
+    def of_texts(cls, token_texts: list[str], bos_token_id: int | None = None) -> Vocab:
+        """The vocabulary whose token ``i`` has text ``token_texts[i]``."""
+        index: dict[str, int] = {}
+        by_word: dict[str, int] = {}
+        texts: list[str] = []
+        text_id = np.zeros(len(token_texts), dtype=np.int32)
+        for token_id, text in enumerate(token_texts):
+            word = written_word(text) or text
+            if word not in by_word:
+                by_word[word] = len(texts)
+                texts.append(text)
+            index[text] = text_id[token_id] = by_word[word]
+        return cls(texts, text_id, index, bos_token_id, token_texts)
 
     @classmethod
     def load(cls, session: Session, sae: SaeRow) -> Vocab:
@@ -48,16 +66,10 @@ class Vocab(NamedTuple):
         rows = session.execute(
             sa.select(VocabRow.token_id, VocabRow.text).where(VocabRow.model_id == sae.model_id)
         ).all()
-        size = max([model.vocab_size] + [token_id + 1 for token_id, _ in rows])
-        index: dict[str, int] = {}
-        text_id = np.zeros(size, dtype=np.int32)
-        texts: list[str] = []
-        for token_id, text in sorted(rows):
-            if text not in index:
-                index[text] = len(texts)
-                texts.append(text)
-            text_id[token_id] = index[text]
-        return cls(texts, text_id, index, model.bos_token_id)
+        token_texts = [""] * max([model.vocab_size] + [token_id + 1 for token_id, _ in rows])
+        for token_id, text in rows:
+            token_texts[token_id] = text
+        return cls.of_texts(token_texts, model.bos_token_id)
 
     def ids_of(self, texts) -> np.ndarray:
         """Text ids of the given token texts; texts not in the vocabulary are dropped."""
@@ -115,8 +127,7 @@ class ContextLibrary:
         self.prev = self.window[:, :, 0].copy()
         self.contexts = np.zeros((len(self.ids), seq, len(CONTEXT_NAMES)), dtype=bool)
         for r, t in enumerate(token_ids.values()):
-            texts = [vocab.texts[i] for i in text[r, : len(t)]]
-            self.contexts[r, : len(t)] = context_masks(texts).T
+            self.contexts[r, : len(t)] = context_masks([vocab.token_texts[i] for i in t]).T
 
     @classmethod
     def load(
@@ -132,8 +143,7 @@ class ContextLibrary:
     def texts(self, context_id: int) -> list[str]:
         """The decoded tokens of a window, BOS included."""
         r = self.row[context_id]
-        ids = self.vocab.text_id[self.token_ids[r, : self.lengths[r]]]
-        return [self.vocab.texts[i] for i in ids]
+        return [self.vocab.token_texts[i] for i in self.token_ids[r, : self.lengths[r]]]
 
     def tokens(self, rows: np.ndarray, fires: np.ndarray) -> TokenSet:
         """The tokens of windows ``rows`` (m,), laid end to end (n = m * seq); ``fires`` (m, seq)

@@ -39,12 +39,10 @@ LOCATIONS: dict[str, str] = {
     "def_line": "on a def or class line",
     "condition": "in an if/elif/while condition",
     "assign_target": "left of `=` in an assignment",
-    "doctest": "on a `>>>` line",
     # the token's neighbours and the text before it
     "line_end": "at the end of a line",
     "inside_word": "inside a word",
     "after_open": "right after an opening bracket",
-    "before_open": "right before an opening bracket",
     "repeated": "seen earlier in the text",
     "repeated_pair": "repeating an earlier pair of tokens",
 }
@@ -208,7 +206,6 @@ def _bracket_kinds(text: str, states: np.ndarray) -> tuple[np.ndarray, np.ndarra
 _OPENERS = frozenset("([{")
 _DEF_LINE = re.compile(r"(?:async\s+)?(?:def|class)\s")
 _CONDITION = re.compile(r"(?:el)?if\b|while\b")
-_DOCTEST = re.compile(r"(?:>>>|\.\.\.)(?:\s|$)")
 _LINE_KINDS = (
     "decorator",
     "import_line",
@@ -217,7 +214,6 @@ _LINE_KINDS = (
     "def_line",
     "condition",
     "assign_target",
-    "doctest",
 )
 
 
@@ -242,8 +238,8 @@ def _assignment_target(line: str, states: np.ndarray) -> int:
 
 
 def _line_kinds(text: str, states: np.ndarray) -> dict[str, np.ndarray]:
-    """Per character (len(text),) bool: on a decorator, import, list-item, heading, def, condition
-    or doctest line, or left of an assignment's `=`. The window's first line is cut, so it is of
+    """Per character (len(text),) bool: on a decorator, import, list-item, heading, def or
+    condition line, or left of an assignment's `=`. The window's first line is cut, so it is of
     no kind."""
     out = {name: np.zeros(len(text), dtype=bool) for name in _LINE_KINDS}
     lines = [(m.start(), m.group()) for m in _LINES.finditer(text) if m.group()]
@@ -260,8 +256,6 @@ def _line_kinds(text: str, states: np.ndarray) -> dict[str, np.ndarray]:
             out["def_line"][start:end] = True
         elif _CONDITION.match(body):
             out["condition"][start:end] = True
-        elif _DOCTEST.match(body):
-            out["doctest"][start:end] = True
         else:
             target = _assignment_target(line[indent - start :], states[indent:end])
             out["assign_target"][indent : indent + target] = True
@@ -400,7 +394,6 @@ def context_masks(texts: list[str]) -> np.ndarray:
     masks[_ROW["heading"]] = lines["heading"][firsts]
     for name in ("def_line", "condition", "assign_target"):
         masks[_ROW[name]] = lines[name][firsts] & in_code
-    masks[_ROW["doctest"]] = lines["doctest"][firsts]  # in docstrings, mostly
     masks[_ROW["line_end"]] = _line_ends(text, starts + lengths, shapes)
     before = _char_before(text, starts)
     first_chars = [t[:1] for t in texts]
@@ -408,7 +401,5 @@ def context_masks(texts: list[str]) -> np.ndarray:
         _is_word_char(b) and _is_word_char(c) for b, c in zip(before, first_chars, strict=True)
     ]
     masks[_ROW["after_open"]] = [b in _OPENERS for b in before]
-    after = [text[e : e + 1] for e in starts + lengths]
-    masks[_ROW["before_open"]] = visible & np.array([a in _OPENERS for a in after], dtype=bool)
     masks[_ROW["repeated"]], masks[_ROW["repeated_pair"]] = _repeats(texts)
     return masks
