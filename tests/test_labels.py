@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.cli import main
 from sae_core.errors import NotFoundError
+from sae_core.labels import evidence
 from sae_core.labels import run as labels
 from sae_core.labels.evidence import (
     ContextLibrary,
@@ -261,6 +262,21 @@ def test_tuning_split_never_reads_the_scored_contexts(labelled):
         tuning_windows |= set(tuned.positives + tuned.negatives)
         assert tuning_windows.isdisjoint(held.positives + held.negatives)
         assert tuned.positives and set(tuned.positives) <= {e.context_id for e in examples[idx]}
+
+
+def test_fewer_fitting_negatives_leave_the_held_out_ones_as_they_were(labelled, monkeypatch):
+    """Rules are fitted against a share of the negative windows; the held-out windows, which
+    earlier versions' labels were scored on, do not depend on that share."""
+    store, engine, _ = labelled
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        library = ContextLibrary.load(session, sae, Vocab.load(session, sae))
+        examples = load_examples(session, sae.id, 0, D_SAE)
+    fitted = build_evidence(library, RANDOM, examples[RANDOM], seed=0)
+    monkeypatch.setattr(evidence, "TRAIN_NEGATIVE_SHARE", 1.0)
+    every = build_evidence(library, RANDOM, examples[RANDOM], seed=0)
+    assert fitted.heldout_contexts == every.heldout_contexts
+    assert len(fitted.train.fires) < len(every.train.fires)
 
 
 # ---------------------------------------------------------------------------------------------
