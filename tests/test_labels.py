@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.cli import main
 from sae_core.errors import NotFoundError
+from sae_core.labels import evidence
 from sae_core.labels import run as labels
 from sae_core.labels.evidence import (
     ContextLibrary,
@@ -125,6 +126,38 @@ def test_context_masks_follow_python_lexing():
     assert prose[CONTEXT_NAMES.index("prose")].all()
 
 
+def test_context_masks_say_what_a_line_does_and_what_is_around_a_token():
+    # tokens split at "|", as the model's tokenizer might cut this code
+    texts = (
+        '    | return| x|\n|def| f|(|a|):|\n|    | """|Add| one|.|\n|\n|    | >>>| f|(|1|)|\n|'
+        '    | """|\n|    | total| +=| a|[|0|]|\n|    | if| total| ==| 1|:|\n|        | return|'
+        " sub|total|\n"
+    ).split("|")
+    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
+
+    def where(name: str) -> list[str]:
+        return [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+
+    assert where("def_line") == ["def", "f", "(", "a", "):"]
+    assert where("condition") == ["if", "total", "==", "1", ":"]
+    assert where("assign_target") == ["total"]  # `==` compares, `+=` assigns
+    assert where("line_end") == ["x", "):", ".", ")", '"""', "]", ":", "total"]
+    assert where("inside_word") == ["total"]
+    assert where("after_open") == ["a", "1", "0"]
+    assert where("repeated") == ["f", "(", '"""', "a", "total", "1", "return", "total"]
+    assert where("repeated_pair") == ["(", '"""', "return"]
+
+
+def test_a_window_cut_inside_a_docstring_starts_in_it():
+    texts = ' the| value| of| x|.|\n|    | """|\n|    | return| x'.split("|")
+    docstring = context_masks(texts)[CONTEXT_NAMES.index("docstring")]
+    assert docstring.tolist() == [True] * 8 + [False] * 4
+    # an opening docstring after code is not taken for a closing one
+    texts = [" y", " =", " f", "(", "x", ")", "\n", "    ", ' """', "Return", " x", ".", '"""']
+    docstring = context_masks(texts)[CONTEXT_NAMES.index("docstring")]
+    assert docstring.tolist() == [False] * 8 + [True] * 5
+
+
 def test_rule_describes_itself_as_a_phrase_and_round_trips():
     rule = LabelRule.of(Term((" Paris", " Lyon"), contexts=("prose",)))
     assert rule.describe() == "`Paris`/`Lyon` in English prose"
@@ -165,6 +198,10 @@ def test_rule_describes_itself_as_a_phrase_and_round_trips():
                 following=(")", " )"), window=("Returns", " Returns"), unless=("comment", "heading")
             ),
         ),
+        LabelRule.of(
+            Term(contexts=("assign_target",), unless=("def_line", "quoted")),
+            Term(("x", " x"), contexts=("line_end", "repeated", "after_open")),
+        ),
     ],
 )
 def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
@@ -177,6 +214,21 @@ def test_labels_in_the_rule_language_parse_back_to_their_rule(rule):
 )
 def test_free_text_is_not_a_rule(text):
     assert parse_label(text) is None
+
+
+def test_a_word_with_or_without_its_leading_space_is_one_key():
+    """```x``` in a label stands for `x` and ` x`: the search counts them as one key, and a rule
+    naming either picks both; whitespace tokens and other spellings stay apart."""
+    vocab = Vocab.of_texts(["x", " x", "  x", " X", " ", "  ", "\n", " \n"])
+    ids = vocab.text_id.tolist()
+    assert ids[0] == ids[1] == ids[2] and len(set(ids[2:])) == 6
+    assert vocab.lookup([" x"]).tolist() == vocab.lookup(["x"]).tolist()
+    words = [" a", " b", " c", " x", " y"]
+    rng = np.random.default_rng(4)
+    windows = [[str(w) for w in rng.choice(words, 20)] + ["(", "x", ")"] for _ in range(30)]
+    rule = _fit_planted(windows, lambda w, i: w[i].strip() == "x")
+    assert rule.describe() == "`x`"
+    assert len(rule.terms) == 1 and len(rule.terms[0].tokens) == 1
 
 
 def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
@@ -229,6 +281,21 @@ def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
     assert fit_rules(train, vocab, promoted) == alone
     assert fit_rules(train[::-1], vocab, promoted[::-1]) == alone[::-1]
     assert len({fitted.rule for fitted in alone}) == len(alone)  # the planted rules all differ
+
+
+def test_fewer_fitting_negatives_leave_the_held_out_ones_as_they_were(labelled, monkeypatch):
+    """Rules are fitted against a share of the negative windows; the held-out windows, which
+    earlier versions' labels were scored on, do not depend on that share."""
+    store, engine, _ = labelled
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        library = ContextLibrary.load(session, sae, Vocab.load(session, sae))
+        examples = load_examples(session, sae.id, 0, D_SAE)
+    fitted = build_evidence(library, RANDOM, examples[RANDOM], seed=0)
+    monkeypatch.setattr(evidence, "TRAIN_NEGATIVE_SHARE", 1.0)
+    every = build_evidence(library, RANDOM, examples[RANDOM], seed=0)
+    assert fitted.heldout_contexts == every.heldout_contexts
+    assert len(fitted.train.fires) < len(every.train.fires)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,9 +611,7 @@ def _fit_planted(windows: list[list[str]], fires) -> LabelRule:
     """The rule fitted to windows of token texts where ``fires(texts, i)`` says the feature fires
     on token i."""
     texts = sorted({t for w in windows for t in w})
-    vocab = Vocab(
-        texts, np.arange(len(texts), dtype=np.int32), {t: i for i, t in enumerate(texts)}, None
-    )
+    vocab = Vocab.of_texts(texts)
     library = ContextLibrary(
         vocab, {c: np.array([vocab.index[t] for t in w]) for c, w in enumerate(windows)}
     )
@@ -605,6 +670,41 @@ def test_search_finds_a_window_before_the_token():
 
     rule = _fit_planted(windows, after_returns)
     assert rule.terms[0].window == (" Returns",)
+
+
+def _statement_windows(rng: np.random.Generator, n: int = 40) -> list[list[str]]:
+    """Windows of short Python statements, each line indented at random and ended by one of
+    several line-break tokens, so no single neighbouring token marks a line's start or end."""
+    names = [" a", " b", " total", " count", " value", " item", " key", " size"]
+    breaks = ["\n", "\n\n", "\n    ", "\n        "]
+    out = []
+    for _ in range(n):
+        window: list[str] = []
+        while len(window) < 48:
+            name, other = (str(w) for w in rng.choice(names, 2, replace=False))
+            line = [
+                [name, " =", other, " +", " 1"],
+                [name, " +=", " f", "(", other, ")"],
+                [" f", "(", name, ",", other, ")"],
+                [" return", name, " *", other],
+            ][rng.integers(0, 4)]
+            window += line + [str(rng.choice(breaks))]
+        out.append(window)
+    return out
+
+
+def _planted_by_context(windows: list[list[str]], name: str) -> LabelRule:
+    """The rule fitted to a feature that fires exactly where context ``name`` holds."""
+    masks = {id(w): context_masks(w)[CONTEXT_NAMES.index(name)] for w in windows}
+    return _fit_planted(windows, lambda w, i: bool(masks[id(w)][i]))
+
+
+@pytest.mark.parametrize("name", ["assign_target", "line_end", "repeated"])
+def test_search_finds_a_line_or_neighbour_context(name):
+    """A feature that fires on assignment targets, on the last token of each line, or on
+    tokens already seen in the window: one context says each, where token lists cannot."""
+    windows = _statement_windows(np.random.default_rng(3))
+    assert _planted_by_context(windows, name) == LabelRule.of(Term(contexts=(name,)))
 
 
 def test_dense_and_unclear_features_say_so_before_their_rule():

@@ -35,6 +35,16 @@ LOCATIONS: dict[str, str] = {
     "quoted": "inside quotes or backticks",
     "list_item": "in a list item",
     "heading": "in a heading",
+    # code lines by what they do (the window's first, cut line is of no kind)
+    "def_line": "on a def or class line",
+    "condition": "in an if/elif/while condition",
+    "assign_target": "left of `=` in an assignment",
+    # the token's neighbours and the text before it
+    "line_end": "at the end of a line",
+    "inside_word": "inside a word",
+    "after_open": "right after an opening bracket",
+    "repeated": "seen earlier in the text",
+    "repeated_pair": "repeating an earlier pair of tokens",
 }
 # name -> how a label says it: what kind of token it is (from its text alone).
 TOKEN_CLASSES: dict[str, str] = {
@@ -66,6 +76,8 @@ _CODE_CHARS = re.compile(r"[()\[\]{}=_:#<>*/@\\|`]")
 PROSE_MAX_CODE_CHAR_SHARE = (
     0.02  # English text has ~1% of these (a parenthesis, a colon); code 8-15%
 )
+# A docstring's text names code more often than other prose does (`f(x)`, an e-mail address)
+DOCSTRING_MAX_CODE_CHAR_SHARE = 0.05
 _LIST_ITEM = re.compile(r"\s*(?:[-*•+]|\d{1,3}[.)])\s")
 _HEADING_UNDERLINE = re.compile(r"\s*([=\-~^*#])\1{2,}\s*$")
 _QUOTES = re.compile(r'"[^"\n]{1,200}"|`[^`\n]{1,200}`|“[^”\n]{1,200}”')
@@ -122,10 +134,25 @@ def class_bits(texts: list[str]) -> np.ndarray:
 # Code and prose contexts of a window
 
 
+_TRIPLE_QUOTES = re.compile(r'"""|\'\'\'')
+
+
+def _docstring_closed_first(text: str) -> str:
+    """The quotes that close a docstring the window starts inside of, or "": the text before the
+    first triple quotes reads as prose, and they end their line (where a closing quote sits;
+    an opening one starts its docstring's text)."""
+    match = _TRIPLE_QUOTES.search(text)
+    if match is None or not _is_prose(text[: match.start()], DOCSTRING_MAX_CODE_CHAR_SHARE):
+        return ""
+    rest = text[match.end() :]
+    return match.group() if not rest.strip(" \t") or rest.lstrip(" \t")[0] == "\n" else ""
+
+
 def _char_states(text: str) -> np.ndarray:
     """Lexer state of every character: code, string, docstring or comment. (len(text),) int8."""
     states = np.zeros(len(text), dtype=np.int8)
-    state, opener, start = _CODE, "", 0
+    opener = _docstring_closed_first(text)
+    state, start = (_DOCSTRING if opener else _CODE), 0
     for match in _LEXEMES.finditer(text):
         lexeme, pos = match.group(), match.start()
         if state == _CODE:
@@ -176,22 +203,62 @@ def _bracket_kinds(text: str, states: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return call, signature, subscript
 
 
-def _line_kinds(text: str) -> dict[str, np.ndarray]:
-    """Per character (len(text),) bool: on a decorator, import, list-item or heading line. The
-    window's first line is cut, so it is of no kind."""
-    out = {
-        name: np.zeros(len(text), dtype=bool)
-        for name in ("decorator", "import_line", "list_item", "heading")
-    }
+_OPENERS = frozenset("([{")
+_DEF_LINE = re.compile(r"(?:async\s+)?(?:def|class)\s")
+_CONDITION = re.compile(r"(?:el)?if\b|while\b")
+_LINE_KINDS = (
+    "decorator",
+    "import_line",
+    "list_item",
+    "heading",
+    "def_line",
+    "condition",
+    "assign_target",
+)
+
+
+def _assignment_target(line: str, states: np.ndarray) -> int:
+    """Characters of ``line`` (code ``states`` per character) before its assignment's `=` (or
+    `+=`...), at bracket depth 0; 0 when the line assigns nothing."""
+    depth = 0
+    for i, char in enumerate(line):
+        if states[i] != _CODE:
+            continue
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif char == "=" and not depth:
+            after = line[i + 1 : i + 2]
+            before = line[i - 1 : i] if i else ""
+            if after == "=" or before in ("=", "!", "<", ">"):
+                return 0  # a comparison; an assignment's `=` comes before any `==` on its line
+            return len(line[:i].rstrip("+-*/%@&|^<>: "))
+    return 0
+
+
+def _line_kinds(text: str, states: np.ndarray) -> dict[str, np.ndarray]:
+    """Per character (len(text),) bool: on a decorator, import, list-item, heading, def or
+    condition line, or left of an assignment's `=`. The window's first line is cut, so it is of
+    no kind."""
+    out = {name: np.zeros(len(text), dtype=bool) for name in _LINE_KINDS}
     lines = [(m.start(), m.group()) for m in _LINES.finditer(text) if m.group()]
     for i, (start, line) in enumerate(lines):
         if i == 0:
             continue
         body, end = line.strip(), start + len(line)
+        indent = start + len(line) - len(line.lstrip())
         if body.startswith("@"):
             out["decorator"][start:end] = True
         elif re.match(r"(?:import|from)\s+\w", body):
             out["import_line"][start:end] = True
+        elif _DEF_LINE.match(body):
+            out["def_line"][start:end] = True
+        elif _CONDITION.match(body):
+            out["condition"][start:end] = True
+        else:
+            target = _assignment_target(line[indent - start :], states[indent:end])
+            out["assign_target"][indent : indent + target] = True
         if _LIST_ITEM.match(line):
             out["list_item"][start:end] = True
         following = lines[i + 1][1] if i + 1 < len(lines) else ""
@@ -202,10 +269,10 @@ def _line_kinds(text: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _is_prose(text: str) -> bool:
-    if len(_LETTERS.findall(text)) < len(text) / 2:
+def _is_prose(text: str, max_code_share: float = PROSE_MAX_CODE_CHAR_SHARE) -> bool:
+    if not text or len(_LETTERS.findall(text)) < len(text) / 2:
         return False
-    return len(_CODE_CHARS.findall(text)) <= PROSE_MAX_CODE_CHAR_SHARE * len(text)
+    return len(_CODE_CHARS.findall(text)) <= max_code_share * len(text)
 
 
 class _TokenShape(NamedTuple):
@@ -245,6 +312,43 @@ def _sentence_starts(text: str) -> np.ndarray:
     return out
 
 
+def _line_ends(text: str, ends: np.ndarray, shapes: list[_TokenShape]) -> np.ndarray:
+    """True at the last visible token of each line. (seq,) bool; the window's last line is cut,
+    so its tokens end no line."""
+    newlines = np.array([m.start() for m in re.finditer("\n", text)], dtype=np.int64)
+    visibles = np.array([m.start() for m in re.finditer(r"\S", text)], dtype=np.int64)
+    next_newline = np.append(newlines, len(text) + 1)[np.searchsorted(newlines, ends)]
+    next_visible = np.append(visibles, len(text) + 2)[np.searchsorted(visibles, ends)]
+    by_shape = np.fromiter((sh.ends_line for sh in shapes), dtype=bool, count=len(shapes))
+    visible = np.fromiter((sh.visible for sh in shapes), dtype=bool, count=len(shapes))
+    return visible & ((next_newline < next_visible) & (next_newline < len(text)) | by_shape)
+
+
+def _char_before(text: str, starts: np.ndarray) -> list[str]:
+    return [text[s - 1] if s else "" for s in starts]
+
+
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _repeats(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(seq,) bool each: a visible token whose text (leading space aside) occurred earlier in the
+    window; one that, with the token before it, repeats an earlier pair (what induction heads
+    copy)."""
+    words = [t.strip() for t in texts]
+    seen: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
+    repeated, repeated_pair = np.zeros((2, len(texts)), dtype=bool)
+    for i, word in enumerate(words):
+        pair = (words[i - 1] if i else "", word)
+        if word:
+            repeated[i], repeated_pair[i] = word in seen, pair in pairs
+        seen.add(word)
+        pairs.add(pair)
+    return repeated, repeated_pair
+
+
 def context_masks(texts: list[str]) -> np.ndarray:
     """Which contexts hold at each token of a window, from the tokens' decoded texts.
 
@@ -268,7 +372,7 @@ def context_masks(texts: list[str]) -> np.ndarray:
     token_state = states[firsts]
     in_code = token_state == _CODE
     call, signature, subscript = _bracket_kinds(text, states)
-    lines = _line_kinds(text)
+    lines = _line_kinds(text, states)
     quoted = np.zeros(len(text), dtype=bool)
     for match in _QUOTES.finditer(text):
         quoted[match.start() + 1 : match.end() - 1] = True
@@ -288,4 +392,14 @@ def context_masks(texts: list[str]) -> np.ndarray:
     masks[_ROW["quoted"]] = quoted[firsts]
     masks[_ROW["list_item"]] = lines["list_item"][firsts]
     masks[_ROW["heading"]] = lines["heading"][firsts]
+    for name in ("def_line", "condition", "assign_target"):
+        masks[_ROW[name]] = lines[name][firsts] & in_code
+    masks[_ROW["line_end"]] = _line_ends(text, starts + lengths, shapes)
+    before = _char_before(text, starts)
+    first_chars = [t[:1] for t in texts]
+    masks[_ROW["inside_word"]] = [
+        _is_word_char(b) and _is_word_char(c) for b, c in zip(before, first_chars, strict=True)
+    ]
+    masks[_ROW["after_open"]] = [b in _OPENERS for b in before]
+    masks[_ROW["repeated"]], masks[_ROW["repeated_pair"]] = _repeats(texts)
     return masks

@@ -142,12 +142,19 @@ def _quote(text: str) -> str:
     )
 
 
-def _shown(text: str) -> str:
-    """```x``` for a token with visible text (with or without its leading space), else quoted."""
+def written_word(text: str) -> str | None:
+    """The word a phrase writes a token as, ``x`` in ```x```: its text without leading spaces,
+    when that is visible text a backtick can hold; None for tokens written quoted."""
     word = text.lstrip(" ")
     if word and word.strip() == word and "`" not in word and "\\" not in word:
-        return f"`{word}`"
-    return _quote(text)
+        return word
+    return None
+
+
+def _shown(text: str) -> str:
+    """```x``` for a token with visible text (with or without its leading space), else quoted."""
+    word = written_word(text)
+    return _quote(text) if word is None else f"`{word}`"
 
 
 def token_list(texts: tuple[str, ...], max_shown: int = 4) -> str:
@@ -182,6 +189,7 @@ def _alternation(phrases) -> str:
 _CLASS_BY_PHRASE = {phrase: name for name, phrase in TOKEN_CLASSES.items()}
 _LOCATION_BY_PHRASE = {phrase: name for name, phrase in LOCATIONS.items()}
 _CONTEXT_BY_PHRASE = {phrase: name for name, phrase in CONTEXTS.items()}
+_CONTEXT_PHRASE = re.compile(_alternation(_CONTEXT_BY_PHRASE))
 _SUBJECT = re.compile(
     rf"\s*(?:(?P<tokens>{_TOKEN_LIST})|(?P<any>any token)|(?P<cls>{_alternation(_CLASS_BY_PHRASE)}))"
 )
@@ -217,7 +225,9 @@ def _parse_term(text: str) -> Term | None:
         elif key in ("cls", "cls_bare"):
             parts["contexts"] += (_CLASS_BY_PHRASE[value],)
         elif key == "unless":
-            parts["unless"] = tuple(_CONTEXT_BY_PHRASE[p] for p in value.split(" or "))
+            # phrases may hold " or " themselves ("inside quotes or backticks")
+            phrases = _CONTEXT_PHRASE.findall(value)
+            parts["unless"] = tuple(_CONTEXT_BY_PHRASE[p] for p in phrases)
         else:
             parts[key] = _parse_tokens(value)
         pos = part.end()

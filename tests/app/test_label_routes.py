@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from sae_core.labels.run import LabelOptions, label_sae
+from sae_core.labels.run import METHOD, LabelOptions, label_sae
 from sae_core.store.db import create_engine_for
 from tests.label_fixtures import BOLD, PARIS, write_planted_store
 
@@ -85,7 +85,7 @@ def test_edit_with_the_token_becomes_current_and_keeps_history(client, store):
     history = client.get(f"/api/v1/saes/{store.sae_name}/features/{PARIS}/labels").json()
     assert [(h["source"], h["author"]) for h in history["data"]] == [
         ("human:ada", "ada"),
-        ("auto", "saescope rules-v2"),
+        ("auto", f"saescope {METHOD}"),
     ]
     assert history["data"][0]["created_at"] >= history["data"][1]["created_at"]
     assert history["data"][1]["rule"]["rule"]["terms"][0]["tokens"] == [" Paris"]
