@@ -13,7 +13,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.families.panel import family_panel
+from app.families.panel import panel_links, panel_of
 from app.previews import EXAMPLE_COLUMNS, WITH_CONTEXT, neighbour_previews
 from app.schemas import (
     ExamplePublic,
@@ -419,7 +419,10 @@ def get_feature(
             shown_intervals.append(r)
     shown = top_rows[:top_limit] + shown_intervals
     examples = _examples(session, sae, shown)
-    cos, coact = neighbour_previews(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
+    links = panel_links(session, sae, index)
+    cos, coact, *family_previews = neighbour_previews(
+        session, [(sae, row.neighbours_cos or []), (sae, row.neighbours_coact or []), *links.previews_wanted()]
+    )
     return FeaturePublic(
         sae=sae.name,
         index=index,
@@ -441,7 +444,7 @@ def get_feature(
         intervals=_intervals(row, [e for e in examples if e.kind == "interval"], bin_counts),
         prev_index=index - 1 if index > 0 else None,
         next_index=index + 1 if index + 1 < sae.d_sae else None,
-        family=family_panel(session=session, sae=sae, index=index),
+        family=panel_of(sae, index, links, family_previews),
     )
 
 
