@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from app.queries import SUMMARY_COLUMNS, feature_summary
 from app.schemas import FeatureSearch, FeaturesPublic
+from app.store_cache import StoreCache, label_version, published
 from app.vocab import get_vocabulary
-from sae_core.store.db import FeatureRow, TokenFeatureRow
+from sae_core.store.db import FeatureRow, SaeRow, TokenFeatureRow
 from sae_core.store.label_search import match_labels, query_words
 from sae_core.store.lookup import find_sae
 
@@ -108,7 +109,21 @@ def _matching(
 
 
 def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -> FeaturesPublic:
+    """One page of the search's results. A label search sorts every match in the store's
+    full-text index (~5-10 ms of SQLite's CPU at 16k features), and readers ask for the same few
+    pages again and again (the first page of a word, the prefixes typed on the way to it), so
+    pages are kept until a label changes: only labels change under a published SAE."""
     sae = find_sae(session, sae_name)
+    asked = tuple(search.model_dump().items())
+    return _pages.read(
+        session, (published(sae), asked), label_version(session), lambda: _search(session, sae, search)
+    )
+
+
+_pages: StoreCache[FeaturesPublic] = StoreCache(size=1024)
+
+
+def _search(session: Session, sae: SaeRow, search: FeatureSearch) -> FeaturesPublic:
     dialect = session.get_bind().dialect.name
     token_ids = None
     if search.token:
