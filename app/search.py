@@ -115,21 +115,31 @@ def search_features(*, session: Session, sae_name: str, search: FeatureSearch) -
     pages are kept until a label changes: only labels change under a published SAE."""
     sae = find_sae(session, sae_name)
     asked = tuple(search.model_dump().items())
-    return _pages.read(
+    found = _found.read(
         session, (published(sae), asked), label_version(session), lambda: _search(session, sae, search)
     )
+    return FeaturesPublic(data=[feature_summary(values) for values in found.rows], count=found.total)
 
 
-_pages: StoreCache[FeaturesPublic] = StoreCache(size=1024)
+class Found(NamedTuple):
+    """A page of results as plain values: tuples and dicts of numbers and strings, which the cycle
+    collector stops tracking, so a full cache adds nothing to its passes (pydantic models would
+    add two tracked objects per row)."""
+
+    rows: tuple[dict, ...]  # SUMMARY_COLUMNS (and token_act) by name
+    total: int  # matches before offset and limit
 
 
-def _search(session: Session, sae: SaeRow, search: FeatureSearch) -> FeaturesPublic:
+_found: StoreCache[Found] = StoreCache(size=1024)
+
+
+def _search(session: Session, sae: SaeRow, search: FeatureSearch) -> Found:
     dialect = session.get_bind().dialect.name
     token_ids = None
     if search.token:
         token_ids = get_vocabulary(session, sae.model_id).find(search.token)
         if not token_ids:
-            return FeaturesPublic(data=[], count=0)
+            return Found(rows=(), total=0)
     stmt, relevance, token_act = _matching(
         sae.id, search, token_ids, dialect, ranked=search.effective_sort() == "relevance"
     )
@@ -170,4 +180,4 @@ def _search(session: Session, sae: SaeRow, search: FeatureSearch) -> FeaturesPub
                 counted.with_only_columns(features.c.idx).subquery()
             )
         )
-    return FeaturesPublic(data=[feature_summary(values) for values in page], count=total or 0)
+    return Found(rows=tuple(dict(values) for values in page), total=total or 0)
