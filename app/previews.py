@@ -44,40 +44,52 @@ def snippet(row: sa.Row, vocab: Vocabulary) -> TokensPublic:
 
 
 def neighbour_previews(
-    session: Session, sae: SaeRow, lists: Sequence[list]
+    session: Session, lists: Sequence[tuple[SaeRow | sa.Row, list]]
 ) -> list[list[NeighbourPublic]]:
-    """Each [[idx, score], ...] list -> neighbours with label, density and a snippet of their top
-    example: one query reads the features with their top example and its context."""
-    wanted = sorted({int(i) for pairs in lists for i, _ in pairs})
-    if not wanted:
-        return [[] for _ in lists]
-    is_top = sa.and_(
-        ExampleRow.sae_id == FeatureRow.sae_id,
-        ExampleRow.feature_idx == FeatureRow.idx,
-        ExampleRow.kind == "top",
-        ExampleRow.bin == 0,
-        ExampleRow.rank == 0,
-    )
-    rows = session.execute(
-        sa.select(FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density, *EXAMPLE_COLUMNS)
-        .outerjoin(ExampleRow, is_top)
-        .outerjoin(ContextRow, WITH_CONTEXT)
-        .where(FeatureRow.sae_id == sae.id, FeatureRow.idx.in_(wanted))
-    )
-    known = {row.idx: row for row in rows}
-    vocab = get_vocabulary(session, sae.model_id)
+    """Each (SAE, [[idx, score], ...]) -> neighbours with label, density and a snippet of their
+    top example. One query reads them all, with their top example and its context: a feature
+    page asks for its neighbours and its family panel's links into other SAEs at once."""
+    wanted: dict[int, set[int]] = {}
+    for sae, pairs in lists:
+        wanted.setdefault(sae.id, set()).update(int(i) for i, _ in pairs)
+    known = _preview_rows(session, {sae_id: sorted(ix) for sae_id, ix in wanted.items() if ix})
+    vocabs = {sae.model_id: get_vocabulary(session, sae.model_id) for sae, pairs in lists if pairs}
 
-    def neighbour(idx: int, score: float) -> NeighbourPublic:
-        row = known.get(idx)
+    def neighbour(sae: SaeRow | sa.Row, idx: int, score: float) -> NeighbourPublic:
+        row = known.get((sae.id, idx))
         has_example = row is not None and row.token_ids is not None  # dead: no examples
-        return NeighbourPublic(
+        # Built from the store's typed columns (and a float score): nothing to validate.
+        return NeighbourPublic.model_construct(
             index=idx,
             score=score,
             label=row.label if row else None,
             density=row.density if row else None,
-            snippet=snippet(row, vocab) if has_example else None,
+            snippet=snippet(row, vocabs[sae.model_id]) if has_example else None,
             snippet_max=row.max_act if has_example else 0.0,
             label_f1=row.label_f1 if row else None,
         )
 
-    return [[neighbour(int(i), float(s)) for i, s in pairs] for pairs in lists]
+    return [[neighbour(sae, int(i), float(s)) for i, s in pairs] for sae, pairs in lists]
+
+
+# A feature's top example: the one a preview shows.
+IS_TOP = sa.and_(
+    ExampleRow.sae_id == FeatureRow.sae_id,
+    ExampleRow.feature_idx == FeatureRow.idx,
+    ExampleRow.kind == "top",
+    ExampleRow.bin == 0,
+    ExampleRow.rank == 0,
+)
+
+
+def _preview_rows(session: Session, wanted: dict[int, list[int]]) -> dict[tuple[int, int], sa.Row]:
+    """(SAE id, index) -> the feature's label, density and top example, for ``wanted`` indices."""
+    if not wanted:
+        return {}
+    rows = session.execute(
+        sa.select(FeatureRow.sae_id, FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density, *EXAMPLE_COLUMNS)
+        .outerjoin(ExampleRow, IS_TOP)
+        .outerjoin(ContextRow, WITH_CONTEXT)
+        .where(sa.or_(*(sa.and_(FeatureRow.sae_id == s, FeatureRow.idx.in_(ix)) for s, ix in wanted.items())))
+    )
+    return {(row.sae_id, row.idx): row for row in rows}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.families.panel import family_panel
+from app.families.panel import panel_links, panel_of
 from app.previews import EXAMPLE_COLUMNS, WITH_CONTEXT, neighbour_previews
 from app.schemas import (
     ExamplePublic,
@@ -33,7 +33,7 @@ from app.schemas import (
     SaesPublic,
     TokenValuePublic,
 )
-from app.store_cache import StoreCache, label_version
+from app.store_cache import StoreCache, label_version, published
 from app.vocab import Vocabulary, get_vocabulary
 from sae_core.errors import NotFoundError
 from sae_core.labels.report import label_report
@@ -93,7 +93,7 @@ def _feature_fractions(session: Session, sae: SaeRow) -> tuple[float, float] | N
         dead, dense = count(FeatureRow.density == 0), count(FeatureRow.density > DENSE_THRESHOLD)
         return dead / sae.d_sae, dense / sae.d_sae
 
-    return _fractions.read(session, _published(sae), None, fractions)
+    return _fractions.read(session, published(sae), None, fractions)
 
 
 def _label_f1_histogram(session: Session, sae: SaeRow) -> HistogramPublic | None:
@@ -106,13 +106,7 @@ def _label_f1_histogram(session: Session, sae: SaeRow) -> HistogramPublic | None
             {"edges": report.edges, "counts": report.counts} if report.n_scored else None
         )
 
-    return _f1_histograms.read(session, _published(sae), label_version(session), histogram)
-
-
-def _published(sae: SaeRow) -> tuple:
-    """What names one precomputed SAE in the caches: precompute publishes each run under a row of
-    its own, created when the run began."""
-    return sae.id, sae.created_at
+    return _f1_histograms.read(session, published(sae), label_version(session), histogram)
 
 
 _fractions: StoreCache[tuple[float, float]] = StoreCache(size=256)
@@ -419,7 +413,10 @@ def get_feature(
             shown_intervals.append(r)
     shown = top_rows[:top_limit] + shown_intervals
     examples = _examples(session, sae, shown)
-    cos, coact = neighbour_previews(session, sae, [row.neighbours_cos or [], row.neighbours_coact or []])
+    links = panel_links(session, sae, index)
+    cos, coact, *family_previews = neighbour_previews(
+        session, [(sae, row.neighbours_cos or []), (sae, row.neighbours_coact or []), *links.previews_wanted()]
+    )
     return FeaturePublic(
         sae=sae.name,
         index=index,
@@ -441,7 +438,7 @@ def get_feature(
         intervals=_intervals(row, [e for e in examples if e.kind == "interval"], bin_counts),
         prev_index=index - 1 if index > 0 else None,
         next_index=index + 1 if index + 1 < sae.d_sae else None,
-        family=family_panel(session=session, sae=sae, index=index),
+        family=panel_of(sae, index, links, family_previews),
     )
 
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sae_core.store.db import LabelRow
+from sae_core.store.db import LabelRow, SaeRow
 
 T = TypeVar("T")
 
@@ -27,6 +27,12 @@ T = TypeVar("T")
 def label_version(session: Session) -> int | None:
     """The newest label's id: it moves with every label written, by the app or `saescope label`."""
     return session.scalar(sa.select(sa.func.max(LabelRow.id)))
+
+
+def published(sae: SaeRow) -> tuple:
+    """What names one precomputed SAE in the caches: precompute publishes each run under a row of
+    its own, created when the run began."""
+    return sae.id, sae.created_at
 
 
 class StoreCache(Generic[T]):

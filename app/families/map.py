@@ -19,7 +19,7 @@ from app.schemas import FeatureSearch
 from app.search import search_features
 from app.store_cache import StoreCache, label_version
 from sae_core.errors import NotFoundError
-from sae_core.store.db import FeatureRow
+from sae_core.store.db import FeatureRow, SaeRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.lookup import find_release
 from sae_core.store.releases import release_saes
@@ -71,11 +71,11 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
     any process, appends to ``labels``). Checking the version is a few small queries."""
     release = find_release(session, release_name)
     saes = release_saes(session, release.id)
-    mapped = set(
+    mapped = set(  # an EXISTS per SAE stops at its first point; DISTINCT walked them all (~1 ms)
         session.scalars(
-            sa.select(FeatureMapRow.sae_id)
-            .where(FeatureMapRow.sae_id.in_([s.id for s in saes]))
-            .distinct()
+            sa.select(SaeRow.id).where(
+                SaeRow.id.in_([s.id for s in saes]), sa.exists().where(FeatureMapRow.sae_id == SaeRow.id)
+            )
         )
     )
     layers = sorted({s.layer for s in saes if s.id in mapped})

@@ -167,3 +167,43 @@ def test_query_building_quotes_every_word():
     assert tsquery(["say", "hi"]) == "say & hi:*"
     assert fts5_query(["say", "AND"], every_word=False) == '"say" OR "AND"'
     assert tsquery(["say", "hi"], every_word=False) == "say | hi"
+
+
+def test_a_page_of_results_is_kept_until_a_label_changes(tmp_path, monkeypatch):
+    """Searches are cached per store; a label written by any process (here: straight into the
+    store, as `saescope label` would) shows in the next answer, in the page and in the JSON."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import Session
+
+    from app import search as feature_search
+    from app.main import create_app
+    from app.settings import Settings
+    from sae_core.labels.run import set_human_label
+    from sae_core.store.db import create_engine_for
+    from sae_core.store.lookup import find_sae
+    from tests.app.synthetic_store import build_synthetic_store
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_engine_for(url)
+    sae = build_synthetic_store(engine).spec.sae_name
+    searched = []
+    real_search = feature_search._search
+
+    def counting_search(session, row, asked):
+        searched.append(asked.q)
+        return real_search(session, row, asked)
+
+    monkeypatch.setattr(feature_search, "_search", counting_search)
+    with TestClient(create_app(Settings(db_url=url, live=False))) as client:
+        first = client.get(f"/api/v1/saes/{sae}/features", params={"q": "walrus"}).json()
+        assert first == {"data": [], "count": 0}
+        assert client.get(f"/api/v1/saes/{sae}/features", params={"q": "walrus"}).json() == first
+        assert len(searched) == 1  # asked twice, searched once
+        with Session(engine) as session:
+            set_human_label(session, sae=find_sae(session, sae), idx=5, label="walrus tusks", author="test")
+            session.commit()
+        again = client.get(f"/api/v1/saes/{sae}/features", params={"q": "walrus"}).json()
+        assert [(f["index"], f["label"]) for f in again["data"]] == [(5, "walrus tusks")]
+        fragment = client.get(f"/saes/{sae}/-/fragments/features", params={"q": "walrus"}).text
+        assert "walrus tusks" in fragment and len(searched) == 2
+    engine.dispose()
