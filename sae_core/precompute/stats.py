@@ -164,12 +164,17 @@ class TopContexts:
     def update(self, context_max: torch.Tensor, context_ids: torch.Tensor) -> None:
         """context_max: (B, F) max activation per context and feature; context_ids (B,) ascending,
         all later than any seen before."""
-        n, k = self.value.shape
-        values = torch.cat([self.value, context_max.T], dim=1)  # (F, k + B)
-        contexts = torch.cat([self.context, context_ids.expand(n, -1)], dim=1)
+        k = self.value.shape[1]
+        # Only a feature whose batch maximum beats its K-th value (0 while a slot is empty) gains
+        # an entry; a tie goes to the earlier context, so every other row stays as it is. Once the
+        # tables fill, that is a few features per batch instead of all of them.
+        rows = (context_max.amax(dim=0) > self.value[:, -1]).nonzero().squeeze(1)
+        values = torch.cat([self.value[rows], context_max[:, rows].T], dim=1)  # (rows, k + B)
+        contexts = torch.cat([self.context[rows], context_ids.expand(rows.numel(), -1)], dim=1)
         order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
-        self.value = values.gather(1, order)
-        self.context = torch.where(self.value > 0, contexts.gather(1, order), -1)
+        value = values.gather(1, order)
+        self.value[rows] = value
+        self.context[rows] = torch.where(value > 0, contexts.gather(1, order), -1)
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.value": self.value, f"{prefix}.context": self.context}
@@ -191,6 +196,10 @@ class Reservoir:
         """Offer items (n,) to their groups. Only the top ``size`` per group can enter, and those
         arrive one rank at a time, each replacing its group's lowest slot when it beats it."""
         size = self.priority.shape[1]
+        # An item at or below its group's lowest priority now can never enter (the lowest only
+        # rises): dropping those first leaves the sort a small share of the items once groups fill.
+        hopeful = (priority > self.priority[group].amin(dim=1)).nonzero().squeeze(1)
+        group, priority, context, value = group[hopeful], priority[hopeful], context[hopeful], value[hopeful]
         perm, rank = ranks_within_groups(group, priority)
         for r in range(size):  # loops over slots, never over features
             pick = perm[rank == r]
