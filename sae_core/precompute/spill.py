@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 
-
 class SpillRecord(NamedTuple):
     context_ids: np.ndarray  # (B,) int64
     seq: int
