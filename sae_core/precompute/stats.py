@@ -424,8 +424,10 @@ class CoActivation:
         self.occurrences += torch.bincount(active[active >= 0], minlength=self.n_features)
         first, second = torch.triu_indices(width, width, offset=1)
         a, b = active[:, first].reshape(-1), active[:, second].reshape(-1)  # (tokens * pairs,), a < b where a >= 0
-        both = a >= 0
-        self.pairs.add(a[both] * self.n_features + b[both])
+        if bool((active < 0).any()):  # some token has fewer than ``width`` features (a TopK SAE's never)
+            both = a >= 0
+            a, b = a[both], b[both]
+        self.pairs.add(a * self.n_features + b)
 
     def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.occurrences": self.occurrences, **self.pairs.state_dict(f"{prefix}.pairs")}
