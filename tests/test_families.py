@@ -9,6 +9,7 @@ import torch
 
 from sae_core.families.cofiring import CoFiring, SparseActs
 from sae_core.families.feed import open_feeds
+from sae_core.families.layout import cosine_neighbours
 from sae_core.families.links import links_both_ways, unit_directions
 from sae_core.precompute.stats import active_sets
 
@@ -133,3 +134,24 @@ def test_feeds_open_fresh_resume_or_leave_a_layer_to_a_pass_of_its_own():
     assert open_feeds("sqlite:///x.db", fake_streams(layers, widths, [None] * 4), {1}, **budget) == ([], [1])  # one kept as it was
     feeds, unfed = open_feeds("sqlite:///x.db", fake_streams([1, 2], [10, 10], [None, None]), {2}, **budget)
     assert feeds == [] and unfed == [2]  # layer 2: one computed now, one kept
+
+
+def test_map_neighbours_are_the_exact_cosine_neighbours_itself_first():
+    """What UMAP is given for a large map: each row's nearest rows by cosine distance, itself first
+    at 0 even beside a duplicate direction, the same whatever the chunk, and a zero row at
+    distance 1 from everything."""
+    torch.manual_seed(0)
+    unit = unit_directions(torch.randn(300, 16))
+    unit[7] = unit[3]  # a duplicate direction
+    unit[11] = 0  # a dead decoder row
+    indices, distances, index = cosine_neighbours(unit, 15, memory_budget=1 << 30)
+    assert index is None and indices.shape == distances.shape == (300, 15)
+    assert (indices[:, 0] == range(300)).all() and (distances[:, 0] == 0).all()
+    assert indices[3, 1] == 7 and indices[7, 1] == 3 and distances[3, 1] < 1e-6
+    assert (distances[11, 1:] == 1).all()
+    brute = 1 - unit @ unit.T
+    brute.fill_diagonal_(-1)  # itself first
+    expected = brute.topk(15, dim=1, largest=False)
+    assert torch.allclose(torch.from_numpy(distances[:, 1:]), expected.values[:, 1:].clamp(min=0), atol=1e-6)
+    chunked = cosine_neighbours(unit, 15, memory_budget=4 * 4 * 300 * 7)  # 7 rows at a time
+    assert (chunked[0] == indices).all() and (chunked[1] == distances).all()

@@ -20,6 +20,7 @@ from sae_core.inputs.corpus import build_contexts
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute
 from sae_core.precompute.results import coactivation_neighbours
+from sae_core.precompute.spill import pack_rows
 from sae_core.precompute.stats import (
     FINE_BINS,
     CoActivation,
@@ -38,6 +39,7 @@ from sae_core.store.db import (
     SaeRow,
     TokenFeatureRow,
     create_engine_for,
+    pack_acts,
     unpack_acts,
 )
 from tests.tiny import TRAIN_TEXT
@@ -349,6 +351,21 @@ def test_logit_histogram_bin_does_not_depend_on_the_row():
     values = torch.tensor([0.0, 30.9999 / bins, 1.0]).repeat(rows, 1)  # each row: lo 0, hi 1, one value in bin 30
     counts = row_histograms(values, torch.zeros(rows), torch.ones(rows), bins)
     assert (counts[:, 30] == 1).all() and (counts[:, 31] == 1).all() and (counts[:, 0] == 1).all()
+
+
+def test_rows_packed_at_once_equal_pack_acts_byte_for_byte():
+    """pack_rows (every example of a spill record in one numpy pass) gives each row the blob,
+    exact maximum and its first position that the store's pack_acts gives it alone: ties for the
+    maximum, a single firing, every position firing, tiny and huge values."""
+    rng = np.random.default_rng(0)
+    dense = np.zeros((300, 64), dtype=np.float32)
+    fired = rng.random(dense.shape) < 0.3
+    dense[fired] = (rng.random(fired.sum()) * rng.choice([1e-6, 1.0, 3e4], fired.sum())).astype(np.float32)
+    dense[np.arange(300), rng.integers(0, 64, 300)] = 0.75  # every row fires
+    dense[:3] = 2.0  # every position at the maximum
+    dense[3] = 0.0
+    dense[3, 63] = 5.0  # one firing, at the last position
+    assert [tuple(packed) for packed in pack_rows(dense)] == [pack_acts(row) for row in dense]
 
 
 def test_dense_and_sparse_co_activation_counts_agree():

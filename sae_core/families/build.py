@@ -68,7 +68,7 @@ def build_families(
     order ``cofiring`` counted them)."""
     ids = [s.sae_id for s in saes]
     links = [(saes[a].sae_id, saes[b].sae_id, found) for a, b, found in all_links(saes, cofiring, memory_budget=memory_budget)]
-    positions = feature_layout([unit_directions(s.W_dec) for s in saes], seed=seed)
+    positions = feature_layout([unit_directions(s.W_dec) for s in saes], seed=seed, memory_budget=memory_budget)
     with engine.begin() as conn:
         for table in (FeatureLinkRow, FeatureMapRow):
             conn.execute(sa.delete(table).where(table.sae_id.in_(ids)))

@@ -97,11 +97,13 @@ class CoFiring:
         self.n_tokens += n_tokens
         for sae, sets in enumerate(active):
             self.occurrences[sae] += torch.bincount(sets[sets >= 0], minlength=self.widths[sae])
+        padded = [bool((sets < 0).any()) for sets in active]  # a TopK SAE's tokens fill every slot: no mask to apply
         for (a, b), counts in self.pairs.items():
             left, right = active[a].unsqueeze(2), active[b].unsqueeze(1)  # (N, wa, 1), (N, 1, wb)
             keys = left * self.widths[b] + right  # (N, wa, wb)
-            both = (left >= 0) & (right >= 0)
-            counts.add(keys[both])
+            if padded[a] or padded[b]:
+                keys = keys[(left >= 0) & (right >= 0)]
+            counts.add(keys.view(-1))
 
     def shared(self, a: int, b: int) -> Shared:
         """Tokens shared by features of SAE a with features of SAE b (either order): read from

@@ -80,6 +80,7 @@ def families_of_layer(engine, cfg: FamiliesConfig, layer: int, rows: list[SaeRow
     from sae_core.inputs.device import pick_device
     from sae_core.inputs.subject import load_subject
     from sae_core.precompute.encode import DictionaryCodes, sae_fingerprint
+    from sae_core.precompute.stats import one_thread
     from sae_core.saes.formats import load_sae, stored_prefix
     from sae_core.store.families import dictionary_width
 
@@ -108,7 +109,8 @@ def families_of_layer(engine, cfg: FamiliesConfig, layer: int, rows: list[SaeRow
         for batch in batches:
             codes = DictionaryCodes(cfg.memory_budget)  # a nested prefix's codes: its dictionary's, cut
             encoded = [codes.encode(sae, dictionary, batch).acts for sae, dictionary in zip(saes, dictionaries, strict=True)]
-            cofiring.update(encoded, encoded[0].token_ids.numel())
+            with one_thread():  # small ops: see one_thread
+                cofiring.update(encoded, encoded[0].token_ids.numel())
     result = build_families(
         engine, [FamilySae(r.id, s.W_dec.detach().cpu()) for r, s in zip(rows, saes, strict=True)], cofiring,
         memory_budget=cfg.memory_budget, seed=precompute.get("seed") or 0,

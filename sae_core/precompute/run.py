@@ -50,7 +50,7 @@ from sae_core.precompute.results import (
 )
 from sae_core.precompute.rows import RowInputs, store_rows
 from sae_core.precompute.spill import PackedActs, SpillWriter, example_activations
-from sae_core.precompute.stats import StreamingStats
+from sae_core.precompute.stats import StreamingStats, one_thread
 from sae_core.precompute.weights import decoder_neighbours, logit_effects
 from sae_core.precompute.writer import (
     Checkpoint,
@@ -455,12 +455,14 @@ def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, f
                 inputs = stream.target.inputs
                 encoded = dictionaries.encode(inputs.sae, inputs.dictionary, by_layer[inputs.layer])
                 codes[i] = encoded.acts
-                stream.stats.update(encoded.acts)
+                with one_thread():
+                    stream.stats.update(encoded.acts)
                 spill.append(encoded.acts.context_ids, seq, encoded.grid, encoded.acts.feature, encoded.acts.value)
                 if checkpoint:
                     stream.save(Checkpoint(index + 1, spill.sync(), stream.stats.state_dict()))
             for feed in feeds:
-                feed.update(codes)
+                with one_thread():
+                    feed.update(codes)
                 if checkpoint:
                     feed.save(index + 1)
     finally:

@@ -13,6 +13,8 @@ from tqdm import tqdm
 
 from sae_core.precompute.results import Neighbours, rows_per_chunk
 
+HISTOGRAM_ROWS = 64  # rows binned at once: a small copy of the logit chunk, still one bincount per 3M values
+
 
 class LogitEffects(NamedTuple):
     top_ids: torch.Tensor  # (F, n) token ids, largest effect first
@@ -31,27 +33,42 @@ def logit_effects(
     """Direct effect of each decoder direction on the logits, through the final norm's scale:
     (W_dec[i] * norm_scale) @ W_U^T. W_dec (F, d), norm_scale (d,), W_U (vocab, d)."""
     n_features, vocab = W_dec.shape[0], W_U.shape[0]
-    chunk = rows_per_chunk(4 * vocab + 4 * vocab, memory_budget)  # float32 logits + int32 bin index
-    parts = []
-    for start in tqdm(range(0, n_features, chunk), desc="logit effects", unit="chunk", leave=False):
-        logits = (W_dec[start : start + chunk] * norm_scale) @ W_U.T  # (chunk, vocab)
-        top = logits.topk(n, dim=1)
-        bottom = logits.topk(n, dim=1, largest=False)
-        lo, hi = bottom.values[:, 0], top.values[:, 0]  # the extremes: no pass of their own over the chunk
-        parts.append((top.indices, top.values, bottom.indices, bottom.values, lo, hi, row_histograms(logits, lo, hi, bins)))
+    # sized for float32 logits + an int32 bin index per chunk, and kept so: how the matmul rounds a
+    # short last chunk depends on its rows, and the stored effects stay byte for byte as they were
+    chunk = rows_per_chunk(4 * vocab + 4 * vocab, memory_budget)
+    parts = [
+        chunk_effects(W_dec[start : start + chunk] * norm_scale, W_U, n=n, bins=bins)
+        for start in tqdm(range(0, n_features, chunk), desc="logit effects", unit="chunk", leave=False)
+    ]
     return LogitEffects(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+
+def chunk_effects(scaled: torch.Tensor, W_U: torch.Tensor, *, n: int, bins: int) -> LogitEffects:
+    """``logit_effects`` of a chunk of scaled decoder rows (chunk, d). A function of its own so that
+    a chunk's logits are freed before the next chunk's are made (a loop variable held two)."""
+    logits = scaled @ W_U.T  # (chunk, vocab)
+    top = logits.topk(n, dim=1)
+    bottom = logits.topk(n, dim=1, largest=False)
+    lo, hi = bottom.values[:, 0], top.values[:, 0]  # the extremes: no pass of their own over the chunk
+    return LogitEffects(top.indices, top.values, bottom.indices, bottom.values, lo, hi, row_histograms(logits, lo, hi, bins))
 
 
 def row_histograms(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """(rows, m) values -> (rows, bins) counts over equal bins of each row's [lo, hi].
     Overwrites ``values`` (in-place passes: this runs over F x vocab elements). Each value's bin is
     truncated to an integer before the row's offset is added: added in float32 to a large offset, a
-    value just under a bin edge rounded up into the next bin, so the counts depended on the chunk."""
+    value just under a bin edge rounded up into the next bin, so the counts depended on the chunk.
+    The bin indices go through HISTOGRAM_ROWS rows at a time: all at once they were a second
+    copy of the chunk (134 MB of the 1 GiB budget's logit chunk)."""
     rows = values.shape[0]
     scale = bins / (hi - lo).clamp(min=1e-12).unsqueeze(1)
-    index = values.sub_(lo.unsqueeze(1)).mul_(scale).clamp_(0, bins - 1).to(torch.int32)  # (rows, m) bin of each value
-    index.add_(torch.arange(rows, dtype=torch.int32).unsqueeze(1) * bins)  # row offsets
-    return torch.bincount(index.view(-1), minlength=rows * bins).view(rows, bins)
+    values.sub_(lo.unsqueeze(1)).mul_(scale).clamp_(0, bins - 1)  # (rows, m) bin of each value, still float
+    counts = []
+    for start in range(0, rows, HISTOGRAM_ROWS):
+        index = values[start : start + HISTOGRAM_ROWS].to(torch.int32)  # (block, m)
+        index.add_(torch.arange(index.shape[0], dtype=torch.int32).unsqueeze(1) * bins)  # row offsets
+        counts.append(torch.bincount(index.view(-1), minlength=index.shape[0] * bins).view(-1, bins))
+    return torch.cat(counts) if counts else torch.zeros(0, bins, dtype=torch.int64)
 
 
 @torch.no_grad()
