@@ -90,6 +90,22 @@ class Vocab(NamedTuple):
         return out
 
 
+def signatures(contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``contexts`` (N, C) bool, (S, C), and each row's index among them,
+    (N,). Rows are packed to 64-bit words first: sorting a word or two per row is far faster
+    than sorting rows of flags."""
+    packed = np.packbits(contexts, axis=1)  # (N, ceil(C / 8)) uint8
+    packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 8)))
+    words = packed.view(np.uint64)  # (N, ceil(C / 64))
+    order = np.lexsort(words.T)
+    ordered = words[order]
+    starts = np.ones(len(ordered), dtype=bool)  # (no row at all in a library of no window)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    signature = np.empty(len(contexts), dtype=np.int64)
+    signature[order] = np.cumsum(starts) - 1
+    return contexts[order[starts]], signature
+
+
 class TokenSet(NamedTuple):
     """Tokens of several windows laid end to end, with whether the feature fires on each."""
 
@@ -97,9 +113,15 @@ class TokenSet(NamedTuple):
     prev_ids: np.ndarray  # (n,) int32, text id of the previous token (BOS included), -1: none
     next_ids: np.ndarray  # (n,) int32, text id of the next token, -1 where there is none
     window_ids: np.ndarray  # (n, WINDOW) int32, text ids of the tokens before, -1 where none
-    contexts: np.ndarray  # (n, len(CONTEXT_NAMES)) bool
+    signature: np.ndarray  # (n,) int64: the token's row of ``flags``
+    flags: np.ndarray  # (S, len(CONTEXT_NAMES)) bool: the library's distinct rows of contexts
     fires: np.ndarray  # (n,) bool
     keep: np.ndarray  # (n,) bool: a real token (not padding or BOS), which rules may pick
+
+    @property
+    def contexts(self) -> np.ndarray:
+        """(n, len(CONTEXT_NAMES)) bool: the contexts each token is in."""
+        return self.flags[self.signature]
 
 
 class ContextLibrary:
@@ -132,9 +154,12 @@ class ContextLibrary:
             [shifted[:, WINDOW - j - 1 : WINDOW - j - 1 + seq] for j in range(WINDOW)], axis=-1
         )
         self.prev = self.window[:, :, 0].copy()
-        self.contexts = np.zeros((len(self.ids), seq, len(CONTEXT_NAMES)), dtype=bool)
+        contexts = np.zeros((len(self.ids), seq, len(CONTEXT_NAMES)), dtype=bool)
         for r, t in enumerate(token_ids.values()):
-            self.contexts[r, : len(t)] = context_masks([vocab.token_texts[i] for i in t]).T
+            contexts[r, : len(t)] = context_masks([vocab.token_texts[i] for i in t]).T
+        # each token's row of distinct context flags, found once here rather than per batch
+        self.flags, signature = signatures(contexts.reshape(-1, len(CONTEXT_NAMES)))
+        self.signature = signature.reshape(len(self.ids), seq)
 
     @classmethod
     def load(
@@ -161,7 +186,8 @@ class ContextLibrary:
             self.prev[rows].ravel(),
             self.next[rows].ravel(),
             self.window[rows].reshape(-1, WINDOW),
-            self.contexts[rows].reshape(-1, len(CONTEXT_NAMES)),
+            self.signature[rows].ravel(),
+            self.flags,
             fires.ravel() & keep,
             keep,
         )
@@ -201,7 +227,8 @@ def load_examples(
     ).where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx >= lo, ExampleRow.feature_idx < hi)
     if contexts is not None:
         query = query.where(ExampleRow.context_id.in_(contexts))
-    rows = session.execute(
+    # through the connection: plain rows, without the ORM's per-row work (a third of the time)
+    rows = session.connection().execute(
         query.order_by(ExampleRow.feature_idx, ExampleRow.kind, ExampleRow.bin, ExampleRow.rank)
     )
     out: dict[int, list[Example]] = {}
