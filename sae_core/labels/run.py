@@ -36,7 +36,7 @@ from sae_core.labels.evidence import (
     FeatureEvidence,
     HeldOut,
     Vocab,
-    build_evidence,
+    gather_evidence,
     heldout_tokens,
     load_examples,
 )
@@ -249,11 +249,11 @@ class _Labeller(NamedTuple):
 
     def evidence_by_feature(self, chunk: list[int]) -> Iterator[tuple[int, FeatureEvidence | None]]:
         examples = load_examples(self.session, self.sae.id, chunk[0], chunk[-1] + 1)
-        for idx in chunk:
-            evidence = build_evidence(
-                self.library, idx, examples.get(idx, []), seed=self.options.seed
-            )
-            yield idx, evidence
+        yield from zip(
+            chunk,
+            gather_evidence(self.library, examples, chunk, seed=self.options.seed),
+            strict=True,
+        )
 
     def labelled(self, source: str) -> set[int]:
         if self.options.force:
