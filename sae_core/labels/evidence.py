@@ -221,8 +221,8 @@ def load_examples(
     ).where(ExampleRow.sae_id == sae_id, ExampleRow.feature_idx >= lo, ExampleRow.feature_idx < hi)
     if contexts is not None:
         query = query.where(ExampleRow.context_id.in_(contexts))
-    # through the connection, all at once: plain rows, without the ORM's (or a fetch's) per-row
-    # work, which took half the time
+    # through the connection: plain rows, without the ORM's work (0.63 -> 0.58 CPU-s for the
+    # demo 4k SAE's 173k examples)
     query = query.order_by(ExampleRow.feature_idx, ExampleRow.kind, ExampleRow.bin, ExampleRow.rank)
     rows = session.connection().execute(query).all()
     out: dict[int, list[Example]] = {}
