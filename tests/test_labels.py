@@ -19,9 +19,12 @@ from sae_core.labels import run as labels
 from sae_core.labels.evidence import (
     ContextLibrary,
     Example,
+    TokenSet,
     Vocab,
     build_evidence,
+    gather_evidence,
     load_examples,
+    signatures,
     split_examples,
     tuning_evidence,
 )
@@ -40,7 +43,8 @@ from sae_core.labels.run import (
     set_human_label,
 )
 from sae_core.labels.search import search_labels
-from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts
+from sae_core.labels.token_batch import TokenBatch
+from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts, unpack_levels
 from tests.label_fixtures import (
     AFTER_DEF,
     BEFORE_CLOSE,
@@ -281,6 +285,54 @@ def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
     assert fit_rules(train, vocab, promoted) == alone
     assert fit_rules(train[::-1], vocab, promoted[::-1]) == alone[::-1]
     assert len({fitted.rule for fitted in alone}) == len(alone)  # the planted rules all differ
+
+
+def _library_and_examples(labelled) -> tuple[ContextLibrary, dict[int, list[Example]]]:
+    store, engine, _ = labelled
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        library = ContextLibrary.load(session, sae, Vocab.load(session, sae))
+        return library, load_examples(session, sae.id, 0, D_SAE)
+
+
+def test_a_chunks_evidence_is_its_windows_tokens_firing_where_the_examples_say(labelled):
+    """A chunk's evidence, gathered at once, is each feature's windows read straight from the
+    library, firing exactly at its stored examples' positions, and what each feature alone gets."""
+    library, examples = _library_and_examples(labelled)
+    gathered = gather_evidence(library, examples, list(range(D_SAE)), seed=0)
+    assert gathered[DEAD] is None and sum(e is not None for e in gathered) > 4
+    for idx, found in enumerate(gathered):
+        if found is None:
+            continue
+        alone = build_evidence(library, idx, examples.get(idx, []), seed=0)
+        for name in ("train", "heldout"):
+            for field, ours, its in zip(
+                TokenSet._fields, getattr(found, name), getattr(alone, name), strict=True
+            ):
+                assert np.array_equal(ours, its), (idx, name, field)
+        own = found.train_examples
+        negatives = len(found.train.fires) // library.text.shape[1] - len(own)
+        assert negatives >= 1
+        fires = np.zeros((len(own), library.text.shape[1]), dtype=bool)
+        for row, example in enumerate(own):
+            fires[row, unpack_levels(example.acts_blob)[0]] = True
+        rows = [library.row[e.context_id] for e in own]
+        assert np.array_equal(found.train.fires[: fires.size], (fires & library.keep[rows]).ravel())
+        assert not found.train.fires[fires.size :].any()
+        assert np.array_equal(found.train.text_ids[: fires.size], library.text[rows].ravel())
+        texts = library.texts(own[0].context_id)
+        assert np.array_equal(found.train.contexts[: len(texts)], context_masks(texts).T)
+
+
+def test_a_batch_renumbers_the_librarys_signatures_as_its_own_would_be(labelled):
+    """Signatures are found once per library; a batch's, renumbered, are those ``signatures``
+    finds on the batch's own context flags (the search's counts come out in the same order)."""
+    library, examples = _library_and_examples(labelled)
+    sets = [e.train for e in gather_evidence(library, examples, list(range(D_SAE)), seed=0) if e]
+    batch = TokenBatch.of(sets[1::2])
+    flags, signature = signatures(np.concatenate([s.contexts for s in sets[1::2]]))
+    assert len(flags) < len(library.flags)
+    assert np.array_equal(batch.flags, flags) and np.array_equal(batch.signature, signature)
 
 
 def test_fewer_fitting_negatives_leave_the_held_out_ones_as_they_were(labelled, monkeypatch):

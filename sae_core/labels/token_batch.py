@@ -1,7 +1,7 @@
 """Several features' tokens laid end to end, so the rule search treats a chunk of features at once.
 
-A token's contexts are kept as the id of its distinct row of context flags (its "signature"):
-real windows hold a few thousand distinct rows, so the per-feature context counts the search
+A token's contexts are kept as the id of its distinct row of context flags (its "signature",
+found once per SAE by ``ContextLibrary``): real windows hold a few thousand distinct rows, so the per-feature context counts the search
 needs are one ``bincount`` over (feature, signature) and one small matrix product, instead of a
 pass over every token's flags.
 """
@@ -13,21 +13,6 @@ from typing import NamedTuple
 import numpy as np
 
 from sae_core.labels.evidence import TokenSet
-
-
-def signatures(contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct rows of ``contexts`` (N, C) bool, (S, C), and each row's index among them,
-    (N,). Rows are packed to 64-bit words first: sorting a word or two per row is far faster
-    than sorting rows of flags."""
-    packed = np.packbits(contexts, axis=1)  # (N, ceil(C / 8)) uint8
-    packed = np.pad(packed, ((0, 0), (0, -packed.shape[1] % 8)))
-    words = packed.view(np.uint64)  # (N, ceil(C / 64))
-    order = np.lexsort(words.T)
-    ordered = words[order]
-    starts = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]
-    signature = np.empty(len(contexts), dtype=np.int64)
-    signature[order] = np.cumsum(starts) - 1
-    return contexts[order[starts]], signature
 
 
 class TokenBatch(NamedTuple):
@@ -45,9 +30,18 @@ class TokenBatch(NamedTuple):
 
     @classmethod
     def of(cls, sets: list[TokenSet]) -> TokenBatch:
+        """The tokens of ``sets``, all gathered from one ``ContextLibrary``. Their signatures are
+        renumbered to the distinct rows the batch holds, in the library's order (the order of
+        ``signatures`` on the batch's own rows)."""
+        library_flags = sets[0].flags
+        if any(s.flags is not library_flags for s in sets):
+            raise ValueError("a batch's token sets must come from one ContextLibrary")
         owner = np.repeat(np.arange(len(sets)), [len(s.fires) for s in sets])
-        contexts = np.concatenate([s.contexts for s in sets])
-        flags, signature = signatures(contexts)
+        in_library = np.concatenate([s.signature for s in sets])
+        present = np.zeros(len(library_flags), dtype=bool)  # a mask, not np.unique's sort
+        present[in_library] = True
+        signature = (np.cumsum(present) - 1)[in_library]
+        flags = library_flags[present]
         return cls(
             len(sets),
             owner,
