@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,5 +154,8 @@ def test_map_neighbours_are_the_exact_cosine_neighbours_itself_first():
     brute.fill_diagonal_(-1)  # itself first
     expected = brute.topk(15, dim=1, largest=False)
     assert torch.allclose(torch.from_numpy(distances[:, 1:]), expected.values[:, 1:].clamp(min=0), atol=1e-6)
-    chunked = cosine_neighbours(unit, 15, memory_budget=4 * 4 * 300 * 7)  # 7 rows at a time
-    assert (chunked[0] == indices).all() and (chunked[1] == distances).all()
+    chunked, chunked_distances, _ = cosine_neighbours(unit, 15, memory_budget=4 * 4 * 300 * 7)  # 7 rows at a time
+    # A product's last bits may depend on the chunk (and the BLAS threads): only near-ties may swap.
+    assert np.allclose(chunked_distances, distances, atol=1e-6)
+    rows, cols = np.nonzero(chunked != indices)
+    assert torch.allclose(brute[rows, chunked[rows, cols]], brute[rows, indices[rows, cols]], atol=1e-6)
