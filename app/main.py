@@ -19,6 +19,7 @@ from sqlalchemy.orm import sessionmaker
 from threadpoolctl import threadpool_limits
 
 from app.errors import install_error_handlers
+from app.families.map import prepare_maps
 from app.guards import RequestGuard
 from app.openapi import install_openapi
 from app.rendering import STATIC_DIR, make_templates
@@ -94,6 +95,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             for module in app.state.extensions:
                 if hasattr(module, "lifespan"):
                     await stack.enter_async_context(module.lifespan(app))
+            with app.state.sessionmaker() as session:
+                prepare_maps(session)
             with frozen_startup_objects(), one_blas_thread():
                 yield
     finally:

@@ -22,7 +22,7 @@ from sae_core.errors import NotFoundError
 from sae_core.store.db import FeatureRow, SaeRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.lookup import find_release
-from sae_core.store.releases import release_saes
+from sae_core.store.releases import list_releases, release_saes
 
 
 class NoMapError(NotFoundError):
@@ -99,6 +99,17 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
         return FeatureMap(points, PreparedJSON.of(points.model_dump_json()))
 
     return _maps.read(session, (release.name, layer), version, build)
+
+
+def prepare_maps(session: Session) -> None:
+    """Build every release's map (its first layer's) into the cache now, at a worker's start, so
+    no user waits for it: a 21k-point map takes ~190 ms to build against ~10 ms to serve, and each
+    web worker keeps its own."""
+    for release in list_releases(session):
+        try:
+            get_feature_map(session=session, release_name=release.name)
+        except NoMapError:
+            pass
 
 
 def _build_map(
