@@ -196,7 +196,7 @@ def embed_in_background(db_url: str, names: list[str], log: Path) -> subprocess.
     the slow part of labelling on a CPU (all-MiniLM-L6-v2 runs at ~130 labels/s on 2 cores, over
     two minutes for the demo's 21k labels, against seconds for the rules). Until an SAE's vectors
     are all written, its semantic search answers from label words and says so. One niced child
-    process, the SAEs in turn; it dies with the demo (same process group)."""
+    process, the SAEs in turn; Ctrl-C stops it with the demo (one process group)."""
     from sae_core.labels import embeddings
 
     if not embeddings.embedder_available():
