@@ -249,15 +249,18 @@ def test_split_holds_out_alternate_interval_samples_never_seen_in_training():
     assert [e.context_id for e in heldout] == [2]
 
 
-def test_tuning_split_never_reads_the_scored_contexts(labelled):
-    """Settings are chosen on the training evidence split again: none of its windows, positive or
-    negative, is one a label is scored on."""
+def _library_and_examples(labelled) -> tuple[ContextLibrary, dict[int, list[Example]]]:
     store, engine, _ = labelled
     with Session(engine) as session:
         sae = get_sae(session, store.sae_name)
-        vocab = Vocab.load(session, sae)
-        library = ContextLibrary.load(session, sae, vocab)
-        examples = load_examples(session, sae.id, 0, D_SAE)
+        library = ContextLibrary.load(session, sae, Vocab.load(session, sae))
+        return library, load_examples(session, sae.id, 0, D_SAE)
+
+
+def test_tuning_split_never_reads_the_scored_contexts(labelled):
+    """Settings are chosen on the training evidence split again: none of its windows, positive or
+    negative, is one a label is scored on."""
+    library, examples = _library_and_examples(labelled)
     for idx in (PARIS, IN_COMMENT, RANDOM):
         scored = build_evidence(library, idx, examples[idx], seed=0)
         tuning = tuning_evidence(library, idx, examples[idx], seed=0)
@@ -271,12 +274,8 @@ def test_tuning_split_never_reads_the_scored_contexts(labelled):
 def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
     """A chunk's features are searched at once; each must get exactly the rule, training F1 and
     objective its search alone gives, whatever its neighbours in the chunk."""
-    store, engine, _ = labelled
-    with Session(engine) as session:
-        sae = get_sae(session, store.sae_name)
-        vocab = Vocab.load(session, sae)
-        library = ContextLibrary.load(session, sae, vocab)
-        examples = load_examples(session, sae.id, 0, D_SAE)
+    library, examples = _library_and_examples(labelled)
+    vocab = library.vocab
     evidence = [build_evidence(library, i, examples.get(i, []), seed=0) for i in range(D_SAE)]
     train = [e.train for e in evidence if e is not None]
     # what comes next, tried even when seen once: some features have such tokens, some not
@@ -285,14 +284,6 @@ def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
     assert fit_rules(train, vocab, promoted) == alone
     assert fit_rules(train[::-1], vocab, promoted[::-1]) == alone[::-1]
     assert len({fitted.rule for fitted in alone}) == len(alone)  # the planted rules all differ
-
-
-def _library_and_examples(labelled) -> tuple[ContextLibrary, dict[int, list[Example]]]:
-    store, engine, _ = labelled
-    with Session(engine) as session:
-        sae = get_sae(session, store.sae_name)
-        library = ContextLibrary.load(session, sae, Vocab.load(session, sae))
-        return library, load_examples(session, sae.id, 0, D_SAE)
 
 
 def test_a_chunks_evidence_is_its_windows_tokens_firing_where_the_examples_say(labelled):
@@ -338,11 +329,7 @@ def test_a_batch_renumbers_the_librarys_signatures_as_its_own_would_be(labelled)
 def test_fewer_fitting_negatives_leave_the_held_out_ones_as_they_were(labelled, monkeypatch):
     """Rules are fitted against a share of the negative windows; the held-out windows, which
     earlier versions' labels were scored on, do not depend on that share."""
-    store, engine, _ = labelled
-    with Session(engine) as session:
-        sae = get_sae(session, store.sae_name)
-        library = ContextLibrary.load(session, sae, Vocab.load(session, sae))
-        examples = load_examples(session, sae.id, 0, D_SAE)
+    library, examples = _library_and_examples(labelled)
     fitted = build_evidence(library, RANDOM, examples[RANDOM], seed=0)
     monkeypatch.setattr(evidence, "TRAIN_NEGATIVE_SHARE", 1.0)
     every = build_evidence(library, RANDOM, examples[RANDOM], seed=0)
