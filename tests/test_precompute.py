@@ -20,7 +20,6 @@ from sae_core.inputs.corpus import build_contexts
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute
 from sae_core.precompute.results import coactivation_neighbours
-from sae_core.precompute.spill import pack_rows
 from sae_core.precompute.stats import (
     FINE_BINS,
     CoActivation,
@@ -40,6 +39,7 @@ from sae_core.store.db import (
     TokenFeatureRow,
     create_engine_for,
     pack_acts,
+    pack_acts_rows,
     unpack_acts,
 )
 from tests.tiny import TRAIN_TEXT
@@ -353,10 +353,20 @@ def test_logit_histogram_bin_does_not_depend_on_the_row():
     assert (counts[:, 30] == 1).all() and (counts[:, 31] == 1).all() and (counts[:, 0] == 1).all()
 
 
+def packed_alone(values: np.ndarray) -> tuple[bytes, float, int]:
+    """The store's blob of one row, written out as its format says: the count, the positions that
+    fired, their levels (1-255 of the exact maximum); the maximum and its first position."""
+    max_pos = int(values.argmax())
+    max_act = float(values[max_pos])
+    positions = np.flatnonzero(values > 0).astype("<u2")
+    levels = np.clip(np.rint(values[positions] / max_act * 255), 1, 255).astype("u1")
+    return np.asarray([positions.size], dtype="<u2").tobytes() + positions.tobytes() + levels.tobytes(), max_act, max_pos
+
+
 def test_rows_packed_at_once_equal_pack_acts_byte_for_byte():
-    """pack_rows (every example of a spill record in one numpy pass) gives each row the blob,
-    exact maximum and its first position that the store's pack_acts gives it alone: ties for the
-    maximum, a single firing, every position firing, tiny and huge values."""
+    """pack_acts_rows (every example of a spill record in one numpy pass) gives each row the blob,
+    exact maximum and its first position that packing it alone gives: ties for the maximum, a
+    single firing, every position firing, tiny and huge values."""
     rng = np.random.default_rng(0)
     dense = np.zeros((300, 64), dtype=np.float32)
     fired = rng.random(dense.shape) < 0.3
@@ -365,7 +375,8 @@ def test_rows_packed_at_once_equal_pack_acts_byte_for_byte():
     dense[:3] = 2.0  # every position at the maximum
     dense[3] = 0.0
     dense[3, 63] = 5.0  # one firing, at the last position
-    assert [tuple(packed) for packed in pack_rows(dense)] == [pack_acts(row) for row in dense]
+    assert pack_acts_rows(dense) == [packed_alone(row) for row in dense]
+    assert [pack_acts(row) for row in dense] == pack_acts_rows(dense)
 
 
 def test_dense_and_sparse_co_activation_counts_agree():

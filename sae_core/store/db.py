@@ -295,16 +295,29 @@ def unpack_tokens(blob: bytes) -> np.ndarray:
 def pack_acts(values) -> tuple[bytes, float, int]:
     """Per-token activations (seq,) -> (blob, max_act exact, max_pos). Zeros are not stored."""
     values = np.asarray(values, dtype=np.float32)
+    if values.size and values.max() > 0:
+        return pack_acts_rows(values[None])[0]
     max_pos = int(values.argmax()) if values.size else 0
     max_act = float(values[max_pos]) if values.size else 0.0
-    positions = np.flatnonzero(values > 0).astype("<u2")
-    if max_act > 0:
-        levels = np.clip(np.rint(values[positions] / max_act * 255), 1, 255).astype("u1")
-    else:
-        levels = np.zeros(0, dtype="u1")
-        positions = positions[:0]
-    header = np.asarray([positions.size], dtype="<u2").tobytes()
-    return header + positions.tobytes() + levels.tobytes(), max_act, max_pos
+    return np.zeros(1, dtype="<u2").tobytes(), max_act, max_pos  # nothing fired: no positions
+
+
+def pack_acts_rows(dense: np.ndarray) -> list[tuple[bytes, float, int]]:
+    """``pack_acts`` of every row of (rows, seq) float32 activations, each row with a positive
+    maximum, in one numpy pass over the rows (a call per row spent ~70 us on numpy's per-call
+    overhead; precompute packs 184k examples for a 4,096-wide SAE at 100k tokens)."""
+    max_pos = dense.argmax(axis=1)  # the first maximum
+    max_act = dense[np.arange(len(dense)), max_pos]  # (rows,) float32
+    row, position = np.nonzero(dense > 0)  # row-major: positions ascending within each row
+    levels = np.clip(np.rint(dense[row, position] / max_act[row] * 255), 1, 255).astype("u1")
+    ends = np.cumsum(np.bincount(row, minlength=len(dense))).tolist()
+    position_bytes, level_bytes = position.astype("<u2").tobytes(), levels.tobytes()
+    packed, start = [], 0
+    for end, act, pos in zip(ends, max_act.tolist(), max_pos.tolist(), strict=True):
+        header = (end - start).to_bytes(2, "little")  # the blob: n, n positions, n levels
+        packed.append((header + position_bytes[2 * start : 2 * end] + level_bytes[start:end], act, pos))
+        start = end
+    return packed
 
 
 def unpack_levels(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
