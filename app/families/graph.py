@@ -109,7 +109,7 @@ def family_graph(
     if focus not in features:
         raise NotFoundError.feature(sae.name, index, sae.d_sae)
     position = {node: i for i, node in enumerate(nodes)}
-    edges = graph_edges(links, nodes, position, {s.id: s for s in saes}, order, by, threshold)
+    edges = graph_edges(links, position, {s.id: s for s in saes}, by, threshold)
     rows = [s for s in saes if any(n[0] == s.id for n in nodes)]
     places = layout(nodes, edges, [s.id for s in rows])
     densest = max([features[n].density for n in nodes] + [1e-12])
@@ -143,28 +143,31 @@ def family_graph(
     )
 
 
-def graph_edges(links, nodes, position, saes, order, by, threshold) -> list[FamilyEdgePublic]:
+def graph_edges(links: StoredLinks, position: dict[Node, int], saes: dict[int, sa.Row], by: Measure, threshold: float) -> list[FamilyEdgePublic]:
     """Links between drawn nodes at or above the threshold, one edge per pair (the stronger of
-    the two directions' rows), from the smaller SAE to the larger; one latent in two nested SAEs
-    of a Matryoshka dictionary is marked as the same latent."""
-    best: dict[tuple[int, int], sa.Row] = {}
-    for link in links.from_nodes(nodes):
-        a, b = (link.sae_id, link.feature_idx), (link.other_sae_id, link.other_idx)
-        if b not in position or measure(link, by) < threshold:
+    the two directions' rows), from the smaller SAE to the larger (the drawing's nodes are in row
+    order, so that is the smaller ``position``); one latent in two nested SAEs of a Matryoshka
+    dictionary is marked as the same latent."""
+    best: dict[tuple[int, int], tuple[float, sa.Row]] = {}
+    for link in links.from_nodes(position):
+        far = position.get((link.other_sae_id, link.other_idx))
+        weight = measure(link, by)
+        if far is None or weight < threshold:
             continue
-        key = tuple(sorted((position[a], position[b]), key=lambda p: (order[nodes[p][0]], p)))
-        if key not in best or measure(link, by) > measure(best[key], by):
-            best[key] = link
+        near = position[link.sae_id, link.feature_idx]
+        key = (min(near, far), max(near, far))
+        if key not in best or weight > best[key][0]:
+            best[key] = (weight, link)
     return [
         FamilyEdgePublic(
             source=s,
             target=t,
             cosine=link.cosine,
             jaccard=jaccard(link.n_both, link.n_self, link.n_other),
-            weight=measure(link, by),
+            weight=weight,
             same_latent=link.feature_idx == link.other_idx and same_dictionary(saes[link.sae_id], saes[link.other_sae_id]),
         )
-        for (s, t), link in sorted(best.items())
+        for (s, t), (weight, link) in sorted(best.items())
     ]
 
 
