@@ -1,10 +1,10 @@
 """What pages read again and again but the store changes rarely, kept in memory per engine with
 the *version* of the store it was read at, and read again when the version moves.
 
-A version is a few cheap queries the caller chooses (for a feature map: its rows' count and
-coordinate sums, the SAEs on it, the newest label). Only labels change under a served SAE:
-precompute publishes a finished SAE under a new row id, and every label change, from any
-process, appends to ``labels`` (``label_version``).
+A version is a few cheap queries the caller chooses (for a feature map: the SAEs on it with when
+each map was written, and the newest label). Only labels and maps change under a served SAE:
+precompute publishes a finished SAE under a new row id, every label change, from any process,
+appends to ``labels`` (``label_version``), and a map written again is marked (``mark_mapped``).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_core.store.db import SaeRow, create_engine_for  # noqa: E402
-from sae_core.store.families import FeatureLinkRow, FeatureMapRow  # noqa: E402
+from sae_core.store.families import FeatureLinkRow, FeatureMapRow, mark_mapped  # noqa: E402
 from sae_core.store.releases import join_release  # noqa: E402
 from tests.app.server_process import server_processes, serving  # noqa: E402
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store  # noqa: E402
@@ -463,6 +463,7 @@ def build_release(engine: sa.Engine) -> None:
                     for i, (x, y) in enumerate(xy)
                 ],
             )
+            mark_mapped(conn, [sae.id])
             for other in saes:
                 if other.id == sae.id:
                     continue

@@ -10,6 +10,7 @@ from alembic import command
 from sqlalchemy.orm import Session
 
 from sae_core.store.db import (
+    SaeRow,
     StoreError,
     alembic_config,
     create_engine_for,
@@ -28,7 +29,7 @@ from sae_core.store.releases import (
     release_saes,
 )
 
-HEAD = "0006"
+HEAD = "0007"
 
 
 def seed_rows(conn) -> None:
@@ -70,6 +71,7 @@ def check_migrations(url: str) -> None:
     assert "raw" in {column["name"] for column in sa.inspect(engine).get_columns("vocab")}
     assert sa.inspect(engine).has_table("feature_links") and sa.inspect(engine).has_table("feature_map")
     assert sa.inspect(engine).has_table("graphs")
+    assert "map_built_at" in {column["name"] for column in sa.inspect(engine).get_columns("saes")}
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     with Session(engine) as session:  # the SAE of the older store is now a release of one
@@ -92,6 +94,25 @@ def test_migrations_sqlite(sqlite_url):
 @pytest.mark.postgres
 def test_migrations_postgres(pg_schema):
     check_migrations(pg_schema)
+
+
+def test_the_migration_marks_the_saes_that_have_a_map(sqlite_url):
+    engine = create_engine_for(sqlite_url)
+    upgrade_to(engine, "0006")
+    with engine.begin() as conn:
+        seed_rows(conn)
+        conn.exec_driver_sql(
+            "insert into saes (id, name, model_id, layer, hook_name, architecture, d_in, d_sae, path, train_cfg, "
+            "metrics, corpus, precompute_cfg, n_tokens, density_hist, status, created_at) select 2, 'unmapped', "
+            "model_id, layer, hook_name, architecture, d_in, d_sae, path, train_cfg, metrics, corpus, precompute_cfg, "
+            "n_tokens, density_hist, status, created_at from saes where id = 1"
+        )
+        conn.exec_driver_sql("insert into feature_map (sae_id, feature_idx, x, y) values (1, 0, 0.5, 0.5)")
+    migrate(engine)
+    with Session(engine) as session:
+        marks = {sae.name: sae.map_built_at for sae in session.scalars(sa.select(SaeRow))}
+    assert marks["sae"] is not None and marks["sae"].tzinfo is not None and marks["unmapped"] is None
+    engine.dispose()
 
 
 def test_fresh_store_has_every_table_of_the_models(sqlite_url):

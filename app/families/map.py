@@ -17,9 +17,9 @@ from app.families.schemas import (
 from app.prepared import PreparedJSON
 from app.schemas import FeatureSearch
 from app.search import search_features
-from app.store_cache import StoreCache, label_version
+from app.store_cache import StoreCache, label_version, published
 from sae_core.errors import NotFoundError
-from sae_core.store.db import FeatureRow, SaeRow
+from sae_core.store.db import FeatureRow
 from sae_core.store.families import FeatureMapRow
 from sae_core.store.lookup import find_release
 from sae_core.store.releases import list_releases, release_saes
@@ -66,33 +66,18 @@ def get_feature_map(*, session: Session, release_name: str, layer: int | None = 
     """The map of ``layer`` (default: the first layer of the release that has one).
 
     A map is tens of thousands of rows joined with the features table, a few hundred ms of CPU, so
-    a built map is kept per store and served again while its *version* holds: the map rows'
-    count and coordinate sums, the SAEs on it, and the newest label id (every label change, from
-    any process, appends to ``labels``). Checking the version is a few small queries."""
+    a built map is kept per store and served again while its *version* holds: the SAEs on it, each
+    with when its map was written (``mark_mapped``), and the newest label id (every label change,
+    from any process, appends to ``labels``). Checking the version is one small query beside the
+    release's SAEs."""
     release = find_release(session, release_name)
-    saes = release_saes(session, release.id)
-    mapped = set(  # an EXISTS per SAE stops at its first point; DISTINCT walked them all (~1 ms)
-        session.scalars(
-            sa.select(SaeRow.id).where(
-                SaeRow.id.in_([s.id for s in saes]), sa.exists().where(FeatureMapRow.sae_id == SaeRow.id)
-            )
-        )
-    )
-    layers = sorted({s.layer for s in saes if s.id in mapped})
+    mapped = [s for s in release_saes(session, release.id) if s.map_built_at is not None]
+    layers = sorted({s.layer for s in mapped})
     if not layers or (layer is not None and layer not in layers):
         raise NoMapError(release_name, layer)
     layer = layers[0] if layer is None else layer
-    on_map = sorted(
-        (s for s in saes if s.layer == layer and s.id in mapped), key=lambda s: (s.d_sae, s.name)
-    )
-    ids = [s.id for s in on_map]
-    version = (
-        tuple(ids),
-        tuple(session.execute(
-            sa.select(sa.func.count(), sa.func.sum(FeatureMapRow.x), sa.func.sum(FeatureMapRow.y)).where(FeatureMapRow.sae_id.in_(ids))
-        ).one()),
-        label_version(session),
-    )  # fmt: skip
+    on_map = sorted((s for s in mapped if s.layer == layer), key=lambda s: (s.d_sae, s.name))
+    version = (tuple((published(s), s.map_built_at) for s in on_map), label_version(session))
 
     def build() -> FeatureMap:
         points = _build_map(session, release.name, layer, layers, on_map)

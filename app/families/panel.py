@@ -16,8 +16,9 @@ from sae_core.store.families import FeatureLinkRow, jaccard, same_dictionary
 PANEL_LINKS = 3  # per other SAE, by cosine: the closest few; the family page shows them all
 
 LINKS = FeatureLinkRow.__table__
-# What the panel reads of each linked SAE: enough to name it, read its vocabulary and tell
-# whether it is a prefix of the same Matryoshka dictionary (``same_dictionary``).
+# What the family views read of an SAE of the release (the panel of each linked SAE, the family
+# page of each row): enough to name it, read its vocabulary and tell whether it is a prefix of
+# the same Matryoshka dictionary (``same_dictionary``).
 OTHER_SAE = (SaeRow.id, SaeRow.name, SaeRow.d_sae, SaeRow.model_id, SaeRow.path, SaeRow.layer, SaeRow.train_cfg)
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 from sae_core.families.cofiring import CoFiring
 from sae_core.families.layout import feature_layout
 from sae_core.families.links import TOP_N, Links, links_both_ways, unit_directions
-from sae_core.store.families import FeatureLinkRow, FeatureMapRow
+from sae_core.store.families import FeatureLinkRow, FeatureMapRow, mark_mapped
 
 INSERT_BATCH = 5000  # rows per executemany
 
@@ -74,6 +74,7 @@ def build_families(
             conn.execute(sa.delete(table).where(table.sae_id.in_(ids)))
         n_links = insert_all(conn, FeatureLinkRow.__table__, (row for a, b, found in links for row in link_rows(a, b, found)))
         n_points = insert_all(conn, FeatureMapRow.__table__, map_rows(ids, positions))
+        mark_mapped(conn, ids)
     return FamiliesResult(n_links, n_points)
 
 

@@ -140,6 +140,9 @@ class SaeRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | complete
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # When its feature map was last written (``mark_mapped``, in the same transaction): a served
+    # map's version, so a server tells a rebuilt map without reading its points. None: no map.
+    map_built_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 class ContextRow(Base):

@@ -3,10 +3,14 @@ between features of SAEs on one hook, and each feature's place on the feature ma
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+import sqlalchemy as sa
 from sqlalchemy import Float, ForeignKey, Integer
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapped, mapped_column
 
-from sae_core.store.db import Base, SaeRow
+from sae_core.store.db import Base, SaeRow, utcnow
 
 
 class FeatureLinkRow(Base):
@@ -36,6 +40,12 @@ class FeatureMapRow(Base):
     feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     x: Mapped[float] = mapped_column(Float)  # in [0, 1]
     y: Mapped[float] = mapped_column(Float)
+
+
+def mark_mapped(conn: Connection, sae_ids: Collection[int]) -> None:
+    """Record that the feature map of ``sae_ids`` was written now; call it in the transaction that
+    writes the map's points. A server keeps a built map while its SAEs' marks hold."""
+    conn.execute(sa.update(SaeRow).where(SaeRow.id.in_(sae_ids)).values(map_built_at=utcnow()))
 
 
 def dictionary_width(sae: SaeRow) -> int | None:

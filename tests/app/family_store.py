@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from sae_core.store.db import SaeRow
-from sae_core.store.families import FeatureLinkRow, FeatureMapRow
+from sae_core.store.families import FeatureLinkRow, FeatureMapRow, mark_mapped
 from sae_core.store.releases import join_release
 from tests.app.synthetic_store import StoreSpec, build_synthetic_store
 
@@ -65,4 +65,5 @@ def build_family_store(engine: Engine) -> Family:
                 for f, (x, y) in enumerate(rng.uniform(0, 1, (width, 2)))
             ],
         )
+        mark_mapped(conn, ids.values())
     return Family()

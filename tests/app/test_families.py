@@ -215,11 +215,15 @@ def test_a_search_over_the_release_names_each_sae(client):
 
 def test_the_map_is_built_once_and_rebuilt_when_a_label_changes(tmp_path):
     """The served map is cached per store; a label written by any process (here: straight into
-    the store, as `saescope label` would) shows in the next answer. It is built as a worker starts."""
+    the store, as `saescope label` would) and a map written again show in the next answer. It is
+    built as a worker starts."""
+    import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
     from app.families import map as feature_map
     from sae_core.labels.run import set_human_label
+    from sae_core.store.db import SaeRow
+    from sae_core.store.families import FeatureMapRow, mark_mapped
     from sae_core.store.lookup import find_sae
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
@@ -257,4 +261,9 @@ def test_the_map_is_built_once_and_rebuilt_when_a_label_changes(tmp_path):
                 if again["saes"][s]["name"] == sae and f == index
             )
             assert again["label"][position] == "relabelled by hand" and len(built) == 2
+            with engine.begin() as conn:  # the map written again (as `saescope families` does)
+                conn.execute(sa.update(FeatureMapRow).values(x=FeatureMapRow.y, y=FeatureMapRow.x))
+                mark_mapped(conn, conn.scalars(sa.select(SaeRow.id)).all())
+            moved = client.get(f"/api/v1/releases/{FAMILY.release}/map").json()
+            assert moved["x"] == again["y"] and len(built) == 3
     engine.dispose()
