@@ -158,10 +158,14 @@ def initial_encoder_scale(sae: SAE, sample: torch.Tensor, k: int) -> float:
     (synthetic data, every 50th token at 8x norm, 16 latents per dimension: FVU 54 at step 0,
     still above 1 after 20 steps; bench_matryoshka's EV -80 after 20 SmolLM2 steps looks alike).
     With b_enc = 0 the selection does not depend on a positive s, so x̂ = b_dec + s·y and the
-    least-squares s is <r, y> / <y, y>. One extra (sample × width) product, on the CPU at init."""
+    least-squares s is <r, y> / <y, y>. One extra (sample × width) product, on the CPU at init.
+
+    The selection is training's own ``select_batch_topk``: a ``topk`` over the flattened z keeps
+    a (value, index) pair per entry, 4x z (537 MB for 4,096 × 8,192), the run's peak memory."""
     residual = sample - sae.b_dec
     z = sae.pre_acts(sample)  # (n, width), b_enc = 0
-    kth = z.flatten().topk(min(k * z.shape[0], z.numel())).values[-1]
+    rows, latents = select_batch_topk(z, k)
+    kth = z[rows, latents].min() if rows.numel() else torch.inf
     y = z.masked_fill_(z < kth, 0.0).relu_() @ sae.W_dec  # (n, d): the unscaled reconstruction
     fit = float((residual * y).sum() / (y * y).sum().clamp_min(1e-12))
     return min(1.0, fit)
