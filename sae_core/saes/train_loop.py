@@ -69,7 +69,7 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: fl
     all_reduce_grads(sae)
     if cfg.architecture != "relu":
         remove_parallel_grad(sae.W_dec)
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    clip_grad_norm(sae, cfg.grad_clip)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(cfg, base_lr, state.step)
     state.optimizer.step()
@@ -102,9 +102,21 @@ def all_reduce_grads(sae: SAE) -> None:
 
 @torch.no_grad()
 def remove_parallel_grad(W_dec: torch.nn.Parameter) -> None:
-    """Keep unit-norm decoder rows on their sphere: drop the gradient along each row."""
+    """Keep unit-norm decoder rows on their sphere: drop the gradient along each row (in place,
+    without a (width, d) temporary for the part removed)."""
     if W_dec.grad is not None:
-        W_dec.grad -= (W_dec.grad * W_dec).sum(dim=-1, keepdim=True) * W_dec
+        along = (W_dec.grad * W_dec).sum(dim=-1, keepdim=True)  # (width, 1)
+        W_dec.grad.addcmul_(along, W_dec, value=-1.0)
+
+
+@torch.no_grad()
+def clip_grad_norm(sae: SAE, max_norm: float) -> None:
+    """torch's ``clip_grad_norm_``, without its multiply of every gradient by 1.0 when the norm is
+    within bounds (most steps; a pass over both (width, d) gradients on a CPU)."""
+    grads = [p.grad for p in sae.parameters() if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if max_norm / (float(total) + 1e-6) < 1.0:  # torch's clip coefficient, below 1
+        torch.nn.utils.clip_grads_with_norm_(sae.parameters(), max_norm, total)
 
 
 @torch.no_grad()
