@@ -174,7 +174,7 @@ def test_auxk_dense_path_equals_the_sparse_one(monkeypatch, data, k_aux):
     for name, density in (("dense", 0.0), ("sparse", float("inf"))):  # forces each path
         monkeypatch.setattr(losses, "DENSE_AUX_DENSITY", density)
         sae.zero_grad()
-        aux_hat = losses.decode(sae.W_dec, losses.dead_codes(sae, x, z, dead, k_aux))
+        aux_hat = losses.aux_reconstruction(sae, x, z, dead, k_aux)
         (aux_hat - x).pow(2).sum().backward()
         results[name] = (aux_hat.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()})
     (dense, dense_grads), (sparse, sparse_grads) = results["dense"], results["sparse"]

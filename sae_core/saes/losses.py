@@ -15,12 +15,10 @@ import torch
 from sae_core.inputs import distributed
 from sae_core.saes.sae import SAE
 from sae_core.saes.sparse_codes import (
-    DenseCodes,
     SparseCodes,
     codes_at,
-    decode_dense,
+    decode_dead_columns,
     decode_sparse,
-    dense_codes,
     select_batch_topk,
     select_dead,
     select_topk,
@@ -56,7 +54,7 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
         rows, latents = select_batch_topk(z, cfg.k)
     codes = codes_at(sae, x, z, rows, latents)
     n_dead, k_aux = int(dead.sum()), cfg.resolved_aux_k(x.shape[1])
-    aux_codes = dead_codes(sae, x, z, dead, k_aux) if n_dead else None
+    aux_hat = aux_reconstruction(sae, x, z, dead, k_aux) if n_dead else None
     width = z.shape[1]
     del z  # the step's largest tensor: gone before the decoding and the backward
     total_variance = batch_variance(x)
@@ -67,27 +65,21 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
     else:
         x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
         loss = (x_hat - x).pow(2).sum() / total_variance
-    if aux_codes is not None:
-        aux_hat = decode(sae.W_dec, aux_codes)
+    if aux_hat is not None:
         aux_loss = (aux_hat - (x - x_hat).detach()).pow(2).sum() / total_variance
         loss = loss + cfg.aux_coeff * min(n_dead / k_aux, 1.0) * aux_loss
     return Forward(x_hat, loss, *_fired(codes, width, x.shape[0]))
 
 
-def dead_codes(sae: SAE, x: torch.Tensor, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> SparseCodes | DenseCodes:
-    """AuxK's codes: each row's k_aux largest dead latents, ReLU'd, touching only the dead
-    latents: a dense block of their columns when the picks fill at least DENSE_AUX_DENSITY of
-    it, else the sparse pairs."""
+def aux_reconstruction(sae: SAE, x: torch.Tensor, z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK's decoding (batch, d), no bias, of each row's k_aux largest dead latents, ReLU'd,
+    touching only the dead latents: dense over their columns when the picks fill at least
+    DENSE_AUX_DENSITY of them, else through the sparse pairs."""
     dead_latents = dead.nonzero().squeeze(1)
     if k_aux >= DENSE_AUX_DENSITY * dead_latents.numel():
-        return dense_codes(sae, x, z, dead_latents, k_aux)
+        return decode_dead_columns(sae, x, z, dead_latents, k_aux)
     rows, latents = select_dead(z, dead, k_aux)
-    return codes_at(sae, x, z, rows, latents)
-
-
-def decode(W_dec: torch.Tensor, codes: SparseCodes | DenseCodes) -> torch.Tensor:
-    """(batch, d) decoding of either kind of codes, no bias."""
-    return decode_dense(W_dec, codes) if isinstance(codes, DenseCodes) else decode_sparse(W_dec, codes)
+    return decode_sparse(sae.W_dec, codes_at(sae, x, z, rows, latents))
 
 
 def prefix_reconstructions(

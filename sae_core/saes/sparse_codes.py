@@ -171,48 +171,53 @@ def select_dead(z: torch.Tensor, dead: torch.Tensor, k_aux: int) -> tuple[torch.
     return rows, dead_latents[picked]
 
 
-class _PreActsOf(torch.autograd.Function):
-    """Encoder pre-activations of chosen latents on every row, z[:, latents], as ``_PreActsAt``
-    for whole columns: the backward is one dense (latents × batch) @ (batch × d) matmul for
-    those latents' rows of dW_enc, and b_dec's gradient by the same identity."""
+def decode_dead_columns(sae: SAE, x: torch.Tensor, z: torch.Tensor, latents: torch.Tensor, k: int) -> torch.Tensor:
+    """Σ over each row's k largest pre-activations among ``latents``, ReLU'd, of value ·
+    W_dec[latent]: (batch, d), no bias. AuxK's decoding when its picks fill a good share of the
+    dead latents' columns (see losses.DENSE_AUX_DENSITY): dense matmuls over those columns only."""
+    return _DecodeColumns.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, sae.W_dec, z, latents, k)
+
+
+class _DecodeColumns(torch.autograd.Function):
+    """``decode_dead_columns`` as one step, forward and backward: the activations of the chosen
+    columns are a (batch, n) block with zeros where a pre-activation is not picked, and every
+    gradient is a dense product with that block or with its gradient (the pattern: where it is
+    positive). b_dec's gradient by ``_PreActsAt``'s identity; x gets none.
+
+    One function instead of autograd over gather, mask, product and index: those kept the
+    block's mask, pre-activations and gradient as separate (batch, n) tensors and scattered
+    each (n, d) gradient through an index backward, doubling AuxK's cost over its four matmuls."""
 
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, latents, z):
-        ctx.save_for_backward(x, b_dec, W_enc, latents)
-        return z[:, latents]
+    def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, z, latents, k):
+        z_cols = z.index_select(1, latents)  # (batch, n)
+        floor = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)  # ReLU: only positives
+        if k < latents.numel():  # above each row's (k+1)-th largest: its k largest
+            floor = floor.maximum(z_cols.topk(k + 1, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True))
+        values = _where_above(z_cols, z_cols - floor)
+        W_cols = W_dec.index_select(0, latents)  # (n, d)
+        ctx.save_for_backward(x, b_dec, W_enc, values, latents, W_cols)
+        ctx.width = W_dec.shape[0]
+        return values @ W_cols
 
     @staticmethod
-    def backward(ctx, grad):  # grad: (batch, n)
-        x, b_dec, W_enc, latents = ctx.saved_tensors
-        d, width = W_enc.shape
-        grad_cols = grad.sum(dim=0)  # (n,)
-        grad_b_enc = torch.zeros(width, dtype=grad.dtype, device=grad.device).index_copy_(0, latents, grad_cols)
-        grad_w = torch.zeros(width, d, dtype=grad.dtype, device=grad.device)  # training_sae's W_enc layout
-        grad_w[latents] = grad.t() @ (x - b_dec)
-        return None, -(W_enc[:, latents] @ grad_cols), grad_w.t(), grad_b_enc, None, None
+    def backward(ctx, grad):  # grad: (batch, d)
+        x, b_dec, W_enc, values, latents, W_cols = ctx.saved_tensors
+        grad_values = _where_above(grad @ W_cols.t(), values)  # (batch, n); 0 where not active
+        grad_cols = grad_values.sum(dim=0)  # (n,): b_enc's gradient at those latents
+        grad_b_enc = grad_cols.new_zeros(ctx.width).index_copy_(0, latents, grad_cols)
+        grad_w_enc = _rows_at(latents, grad_values.t() @ (x - b_dec), ctx.width).t()  # training_sae's W_enc layout
+        grad_w_dec = _rows_at(latents, values.t() @ grad, ctx.width)
+        grad_b_dec = -(grad_cols @ W_enc.t().index_select(0, latents))  # W_enc's columns are its storage's rows
+        return None, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None
 
 
-class DenseCodes(NamedTuple):
-    """Activations of a few latents on every token, as a dense block: AuxK's codes when its picks
-    fill a good share of the dead latents' columns (see losses.DENSE_AUX_DENSITY)."""
-
-    latents: torch.Tensor  # (n,) the latent of each column
-    values: torch.Tensor  # (batch, n) activation, differentiable; 0 where not picked
+def _where_above(values: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``margin`` > 0, else 0: ReLU's backward kernel, one pass (``torch.where``
+    and ``masked_fill_`` on a comparison's mask take 2-4x as long on a CPU)."""
+    return torch.ops.aten.threshold_backward(values, margin, 0.0)
 
 
-def dense_codes(sae: SAE, x: torch.Tensor, z: torch.Tensor, latents: torch.Tensor, k: int) -> DenseCodes:
-    """Each row's k largest pre-activations among ``latents``, ReLU'd, the others 0: the same
-    activations as ``codes_at`` on ``select_topk(z[:, latents], k)``, as one (batch, n) block."""
-    z_cols = _PreActsOf.apply(x, sae.b_dec, sae.W_enc, sae.b_enc, latents, z)  # (batch, n)
-    with torch.no_grad():
-        keep = z_cols > 0
-        if k < latents.numel():
-            picked = z_cols.topk(k, dim=-1, sorted=False).indices  # (batch, k)
-            keep &= torch.zeros_like(keep).scatter_(1, picked, True)
-    return DenseCodes(latents, z_cols * keep)
-
-
-def decode_dense(W_dec: torch.Tensor, codes: DenseCodes) -> torch.Tensor:
-    """Σ over a token's columns of value · W_dec[latent]: (batch, d), no bias; dense matmuls over
-    those latents' rows only."""
-    return codes.values @ W_dec[codes.latents]
+def _rows_at(latents: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """A (width, d) matrix holding ``rows`` at ``latents``, zeros elsewhere."""
+    return rows.new_zeros(width, rows.shape[1]).index_copy_(0, latents, rows)
