@@ -61,17 +61,20 @@ class _Keys(NamedTuple):
     """One kind of key, renumbered per feature to the keys seen where it fires. Only a token's
     own feature's keys matter to it: one entry per such key and slot the token is in (see
     ``_Search``), grouped by slot, then token (a key may repeat within a token's window: the
-    ranking counts it twice, the prefix sums once)."""
+    ranking counts it twice, the prefix sums once). Entries are kept only where a step may count
+    them: kept tokens of features that fire."""
 
     texts: np.ndarray  # (F, K) text ids of each feature's keys, -1 past its own
     count: np.ndarray  # (F,) keys of each feature
     token: np.ndarray  # (e,) the token of each entry
-    owner: np.ndarray  # (e,) its feature
-    key: np.ndarray  # (e,) its local key id (index into its feature's row of texts)
-    bin: np.ndarray  # (e,) its (feature, slot, key): (owner * slots + slot) * (K + 1) + key
+    # (e,) its (feature, slot, key) and whether its token fires, one number that a step's counts
+    # bin: ((owner * slots + slot) * (K + 1) + key) * 2 + fires
+    tally: np.ndarray
     first: np.ndarray  # (e,) bool: the first entry of its token in its slot
-    fired: np.ndarray  # (e,) bool: the feature fires on its token
-    kept: slice  # the last slot's entries ("anywhere"): each kept token's keys, once
+    several: bool  # some token has several entries in a slot (a window's keys)
+    # each kept token's keys, once (the "anywhere" slot's entries): what a term's mask reads
+    held_token: np.ndarray  # (h,)
+    held_key: np.ndarray  # (h,) owner * (K + 1) + key
 
 
 class _Search(NamedTuple):
@@ -123,6 +126,23 @@ def _chosen_keys(
     return feature[order], text[order]
 
 
+def _local_ids(
+    batch: TokenBatch, values: np.ndarray, feature: np.ndarray, text: np.ndarray, n_texts: int
+) -> tuple[np.ndarray, int]:
+    """Each value's local key id among its token's feature's keys (``feature``, ``text``, in
+    each feature's order), ``width`` (the most keys of a feature) where it is none of them; and
+    ``width``. Each feature reads its own row of a (feature, text id) table with its own tokens
+    (they lie together): one small gather, no index arithmetic over every value."""
+    width = int(np.bincount(feature, minlength=batch.n_features).max(initial=0))
+    lookup = np.full((batch.n_features, n_texts + 1), width, dtype=np.min_scalar_type(width))
+    lookup[feature, text] = _ranks(feature)  # the last column: -1, none
+    local = np.empty(values.shape, dtype=lookup.dtype)
+    spans = batch.spans()
+    for f in range(batch.n_features):
+        np.take(lookup[f], values[spans[f] : spans[f + 1]], out=local[spans[f] : spans[f + 1]])
+    return local, width
+
+
 def _keys(
     batch: TokenBatch,
     values: np.ndarray,
@@ -130,38 +150,30 @@ def _keys(
     in_slot: np.ndarray,
     also: list[np.ndarray] | None = None,
 ) -> _Keys:
-    """One kind of key of every feature: ``values`` (N, slots) text ids, -1 for none."""
+    """One kind of key of every feature: ``values`` (N, slots) text ids, -1 for none;
+    ``in_slot`` (slots, N) the tokens of each slot."""
     feature, text = _chosen_keys(batch, values, n_texts, also)
-    count = np.bincount(feature, minlength=batch.n_features)
-    width = int(count.max(initial=0))
-    local_id = _ranks(feature)
+    local, width = _local_ids(batch, values, feature, text, n_texts)
+    token, column = np.nonzero(local < width)  # (N, values) -> each token's keys, in order
+    owner, key = batch.owner[token], local[token, column].astype(np.int64)
+    # A token's keys are laid out once, then copied into each slot it is in: the copies keep
+    # their order, so a token's first key is its first in every slot.
+    first = np.r_[True, token[1:] != token[:-1]]
+    n_slots = len(in_slot)
+    tally = (owner * n_slots * (width + 1) + key) * 2 + batch.fires[token]
+    slot, entry = np.nonzero(in_slot[:, token])  # by slot, then token
+    anywhere = in_slot[-1, token]
     texts = np.full((batch.n_features, width), -1, dtype=np.int64)
-    texts[feature, local_id] = text
-    # Text ids renumbered to the chunk's keys first, so the lookup table stays small.
-    used = np.unique(text)
-    compact = np.full(n_texts + 1, len(used), dtype=np.int32)  # the last entry: -1
-    compact[used] = np.arange(len(used))
-    lookup = np.full((batch.n_features, len(used) + 1), width, dtype=np.int32)
-    lookup[feature, compact[text]] = local_id
-    local = lookup.ravel()[batch.owner[:, None] * (len(used) + 1) + compact[values]]
-    token, slot = np.nonzero(local < width)  # (N, slots) -> (token, key)
-    key = local[token, slot]
-    n_slots = in_slot.shape[1]
-    slots = [np.flatnonzero(in_slot[token, s]) for s in range(n_slots)]
-    token = np.concatenate([token[inside] for inside in slots])
-    key = np.concatenate([key[inside] for inside in slots])
-    slot = np.repeat(np.arange(n_slots), [len(inside) for inside in slots])
-    owner = batch.owner[token]
+    texts[feature, _ranks(feature)] = text
     return _Keys(
         texts,
-        count,
-        token,
-        owner,
-        key,
-        (owner * n_slots + slot) * (width + 1) + key,
-        np.r_[True, (token[1:] != token[:-1]) | (slot[1:] != slot[:-1])],
-        batch.fires[token],
-        slice(len(token) - len(slots[-1]), None),
+        np.bincount(feature, minlength=batch.n_features),
+        token[entry],
+        tally[entry] + slot * 2 * (width + 1),
+        first[entry],
+        not first.all(),
+        token[anywhere],
+        (owner * (width + 1) + key)[anywhere],
     )
 
 
@@ -172,7 +184,9 @@ def _search(batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]) ->
     n_columns = np.minimum(MAX_COLUMNS, (held > 0).sum(axis=1))
     columns = np.where(np.arange(columns.shape[1]) < n_columns[:, None], columns, -1)
     in_columns = batch.by_signature(batch.flags.T[columns] & (columns >= 0)[:, :, None])
-    in_slot = np.concatenate([in_columns, batch.keep[:, None]], axis=1)  # (N, slots)
+    # (slots, N): only kept tokens of features that fire are ever counted
+    in_slot = np.concatenate([in_columns, batch.keep[:, None]], axis=1).T
+    in_slot &= batch.keep & (n_firing > 0)[batch.owner]
     n_texts = len(vocab.texts) + 1  # text ids run to len(texts): padding
     promoted_ids = [vocab.ids_of(p) for p in promoted]
     return _Search(
@@ -250,8 +264,7 @@ class _Terms(NamedTuple):
             member = np.zeros((batch.n_features, k + 1), dtype=bool)  # last column: -1
             np.put_along_axis(member, self.keys[:, kind], True, axis=1)
             holds = np.zeros(len(out), dtype=bool)
-            kept = keys.kept
-            holds[keys.token[kept][member[keys.owner[kept], keys.key[kept]]]] = True
+            holds[keys.held_token[member.reshape(-1)[keys.held_key]]] = True
             out &= holds | ~on[batch.owner]
         return out
 
@@ -332,6 +345,28 @@ def _no_proposal(n_features: int) -> _Proposal:
     )
 
 
+def _union_counts(first: np.ndarray, tally: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+    """The tokens (not firing, firing) that join each prefix of ``order`` (F, slots, width) of
+    the entries ``tally`` (whose ``first`` of each token and slot): a token joins the set at the
+    first prefix holding one of its keys (a window has several), so the prefix sums count the
+    union exactly. (F, slots, width, 2) int64."""
+    n_features, n_slots, width = order.shape
+    rank = np.full((n_features, n_slots, k + 1), width, dtype=np.int64)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=2)
+    rank = np.repeat(rank.reshape(-1), 2)  # read by tally, as the counts are
+    starts = np.flatnonzero(first)  # each (token, slot)'s first entry, and its best rank
+    head = tally[starts]
+    if len(starts) < len(tally):  # some token has several
+        joined = np.minimum.reduceat(rank[tally], starts)
+    else:
+        joined = rank[head]
+    joins = ((head >> 1) // (k + 1) * (width + 1) + joined) * 2 + (head & 1)
+    size = 2 * n_features * n_slots * (width + 1)
+    return np.bincount(joins, minlength=size).reshape(n_features, n_slots, width + 1, 2)[
+        :, :, :width
+    ]
+
+
 def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     """The best key set of one kind, alone or within one of the feature's columns."""
     batch, keys = search.batch, search.keys[KINDS[kind]]
@@ -341,32 +376,21 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     k = keys.texts.shape[1]
     if not k:
         return _no_proposal(n_features)
-    usable = step.within[keys.token] & active[keys.owner]  # (e,)
-    bins, entries_fired = keys.bin[usable], keys.fired[usable]
+    usable = (step.within & active[batch.owner])[keys.token]  # (e,)
+    tally = keys.tally[usable]
     size = n_features * n_slots * (k + 1)
-    positives = np.bincount(bins[entries_fired], minlength=size)
-    totals = np.bincount(bins, minlength=size)
-    precision = (positives / (totals + 1.0)).reshape(n_features, n_slots, k + 1)[:, :, :k]
+    counts = np.bincount(tally, minlength=2 * size).reshape(n_features, n_slots, k + 1, 2)
+    precision = (counts[..., 1] / (counts.sum(axis=3) + 1.0))[:, :, :k]
     beyond = np.arange(k) >= keys.count[:, None, None]  # (F, 1, k) past the feature's keys
     precision[np.broadcast_to(beyond, precision.shape)] = -np.inf  # sorted after its keys
     order = np.argsort(-precision, axis=2, kind="stable")[:, :, :MAX_KEYS]  # (F, slots, keys)
-    # A token joins the set at the first prefix holding one of its keys (a window has several):
-    # count each token once, at that prefix, so the prefix sums count the union exactly.
     width = order.shape[2]
-    rank = np.full((n_features, n_slots, k + 1), width, dtype=np.int64)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=2)
-    # per (token, slot): its first entry, and the best rank among its entries
-    starts = np.flatnonzero(keys.first[usable])
-    cell = bins[starts] // (k + 1)  # (feature, slot) of each (token, slot)
-    fired = entries_fired[starts]
-    joined = rank.reshape(-1)[bins]
-    if len(starts) < len(bins):  # some token has several (a window)
-        joined = np.minimum.reduceat(joined, starts)
-    joins = cell * (width + 1) + joined
-    size = n_features * n_slots * (width + 1)
-    shape = (n_features, n_slots, width + 1)
-    gained = np.bincount(joins[fired], minlength=size).reshape(shape)[:, :, :width].cumsum(axis=2)
-    picked = np.bincount(joins, minlength=size).reshape(shape)[:, :, :width].cumsum(axis=2)
+    if keys.several:
+        joined = _union_counts(keys.first[usable], tally, order, k)
+    else:  # a token holds one key: it joins the set with that key
+        joined = np.take_along_axis(counts, order[..., None], axis=2)
+    gained = joined[..., 1].cumsum(axis=2)  # (F, slots, width)
+    picked = joined.sum(axis=3).cumsum(axis=2)
     parts = 1 + (np.arange(n_slots) != anywhere)[None, :, None] + (not step.fresh)
     penalty = (
         _per_feature(step.base_penalty, 3)

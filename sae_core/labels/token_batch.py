@@ -53,6 +53,10 @@ class TokenBatch(NamedTuple):
             np.concatenate([s.keep for s in sets]),
         )
 
+    def spans(self) -> np.ndarray:
+        """Where each feature's tokens start, and where the last one's end. (F + 1,) int64."""
+        return np.r_[0, np.cumsum(np.bincount(self.owner, minlength=self.n_features))]
+
     def count(self, mask: np.ndarray) -> np.ndarray:
         """Tokens in ``mask`` (N,) of each feature. (F,) int64."""
         return np.bincount(self.owner[mask], minlength=self.n_features)
