@@ -42,6 +42,7 @@ from sae_core.labels.run import (
     score_stored_label,
     set_human_label,
 )
+from sae_core.labels.scoring import score_rule
 from sae_core.labels.search import search_labels
 from sae_core.labels.token_batch import TokenBatch
 from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts, unpack_levels
@@ -179,7 +180,9 @@ def test_rule_describes_itself_as_a_phrase_and_round_trips():
     assert LabelRule.of(Term(contexts=("number", "string"))).describe() == "a number in a string"
     two = LabelRule.of(Term(following=(")",)), Term(("x",), unless=("comment",)))
     assert two.describe() == "any token before `)`; or `x` except in a comment"
-    for each in (rule, two):
+    alike = LabelRule.of(Term(like=(" save", " root"), contexts=("comment",)))
+    assert alike.describe() == "a token like `save`/`root` in a comment"
+    for each in (rule, two, alike):
         assert LabelRule.from_json(json.loads(json.dumps(each.to_json()))) == each
     # rules stored by the first version (one term, one context) still read
     assert LabelRule.from_json({"tokens": ["a"], "previous": [], "context": "comment"}) == (
@@ -205,6 +208,10 @@ def test_rule_describes_itself_as_a_phrase_and_round_trips():
         LabelRule.of(
             Term(contexts=("assign_target",), unless=("def_line", "quoted")),
             Term(("x", " x"), contexts=("line_end", "repeated", "after_open")),
+        ),
+        LabelRule.of(
+            Term(like=("save", " save"), window=("def", " def")),
+            Term(contexts=("lower",), like=("x", " x"), unless=("string",)),
         ),
     ],
 )
@@ -757,3 +764,44 @@ def test_dense_and_unclear_features_say_so_before_their_rule():
     )
     assert auto_label_text(rule, 0.6, 0.004, [" x"]) == "any token in Python code"
     assert auto_label_text(rule, 0.1, 0.00031, []).startswith("unclear: fires on 0.031% of tokens;")
+
+
+def _family_windows(rng: np.random.Generator, family: list[str], n: int = 40) -> list[list[str]]:
+    """Windows of filler words with words of ``family`` dropped in here and there."""
+    filler = [" the", " list", " of", " items", " in", " order", " and", " a", " value", " to"]
+    out = []
+    for _ in range(n):
+        window = [str(w) for w in rng.choice(filler, 32)]
+        for at in rng.choice(32, 3, replace=False):
+            window[at] = str(rng.choice(family))
+        out.append(window)
+    return out
+
+
+def test_a_like_key_reaches_a_word_of_the_family_seen_only_held_out():
+    """A feature fires on `save`, `saving` and `saved`; its training windows show only the first
+    two. Listing them explains nothing of `saved`; a word like `save`, in the subject model's
+    embedding (here: the family's vectors are close, the rest far), explains it too."""
+    rng = np.random.default_rng(4)
+    train, heldout = _family_windows(rng, [" save", " saving"]), _family_windows(rng, [" saved"])
+    texts = sorted({t for w in train + heldout for t in w})
+    embedding = rng.normal(size=(len(texts), 64))
+    family = [texts.index(t) for t in (" save", " saving", " saved")]
+    embedding[family] = rng.normal(size=64) + 0.2 * rng.normal(size=(3, 64))
+    windows = train + heldout
+
+    def score_fitted(vocab: Vocab) -> tuple[LabelRule, float]:
+        library = ContextLibrary(
+            vocab, {c: np.array([vocab.index[t] for t in w]) for c, w in enumerate(windows)}
+        )
+        vocab = vocab.similar_among(library)
+        fires = np.isin(library.token_ids, family)
+        train_rows, heldout_rows = np.arange(len(train)), np.arange(len(train), len(windows))
+        rule = fit_rule(library.tokens(train_rows, fires[train_rows]), vocab).rule
+        held = library.tokens(heldout_rows, fires[heldout_rows])
+        return rule, score_rule(rule, held, vocab).f1
+
+    rule, f1 = score_fitted(Vocab.of_texts(texts, embedding=embedding))
+    assert rule.terms[0].like and f1 > 0.95
+    listed, listed_f1 = score_fitted(Vocab.of_texts(texts))  # no embeddings: no like keys
+    assert not listed.terms[0].like and listed_f1 == 0

@@ -53,7 +53,7 @@ from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, u
 from sae_core.store.lookup import find_feature
 
 AUTO_SOURCE = "auto"
-METHOD = "rules-v3"  # recorded with every automatic label; bump when the algorithm changes
+METHOD = "rules-v4"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
 WEAK_RULE = (
@@ -518,6 +518,7 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
             )
         vocab = Vocab.load(session, sae)
         library = ContextLibrary.load(session, sae, vocab)
+        vocab = vocab.similar_among(library)
         labeller = _Labeller(session, sae, vocab, library, options)
         alive = _alive_features(session, sae)
         done = labeller.labelled(AUTO_SOURCE)
