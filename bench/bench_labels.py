@@ -205,7 +205,6 @@ def _tuning_split(source: str, sae_name: str) -> tuple[Vocab, list[tuple]]:
         sae = get_sae(session, sae_name)
         vocab = Vocab.load(session, sae)
         library = ContextLibrary.load(session, sae, vocab)
-        vocab = vocab.similar_among(library)
         features = session.execute(
             sa.select(FeatureRow.idx, FeatureRow.logit_top).where(
                 FeatureRow.sae_id == sae.id, FeatureRow.count > 0

@@ -794,7 +794,6 @@ def test_a_like_key_reaches_a_word_of_the_family_seen_only_held_out():
         library = ContextLibrary(
             vocab, {c: np.array([vocab.index[t] for t in w]) for c, w in enumerate(windows)}
         )
-        vocab = vocab.similar_among(library)
         fires = np.isin(library.token_ids, family)
         train_rows, heldout_rows = np.arange(len(train)), np.arange(len(train), len(windows))
         rule = fit_rule(library.tokens(train_rows, fires[train_rows]), vocab).rule

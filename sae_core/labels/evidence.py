@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
 from sae_core.labels.rules import WINDOW, written_word
-from sae_core.labels.similar import SimilarWords, input_embedding, model_folder
+from sae_core.labels.similar import SimilarWords, model_folder
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -87,16 +87,12 @@ class Vocab(NamedTuple):
         token_texts = [""] * max([model.vocab_size] + [token_id + 1 for token_id, _ in rows])
         for token_id, text in rows:
             token_texts[token_id] = text
+        vocab = cls.of_texts(token_texts, model.bos_token_id)
         folder = model_folder(model.source, model.name)
-        embedding = None if folder is None else input_embedding(folder, model.vocab_size)
-        return cls.of_texts(token_texts, model.bos_token_id, embedding)
-
-    def similar_among(self, library: ContextLibrary) -> Vocab:
-        """This vocabulary with the rule search's table of alike words filled for the words of
-        ``library``'s windows (see ``SimilarWords.among``)."""
-        if self.similar is None:
-            return self
-        return self._replace(similar=self.similar.among(library.text.ravel()))
+        if folder is None:
+            return vocab
+        similar = SimilarWords.load(folder, model.vocab_size, vocab.text_id, len(vocab.texts))
+        return vocab._replace(similar=similar)
 
     def ids_of(self, texts) -> np.ndarray:
         """Text ids of the given token texts; texts not in the vocabulary are dropped."""

@@ -518,7 +518,6 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
             )
         vocab = Vocab.load(session, sae)
         library = ContextLibrary.load(session, sae, vocab)
-        vocab = vocab.similar_among(library)
         labeller = _Labeller(session, sae, vocab, library, options)
         alive = _alive_features(session, sae)
         done = labeller.labelled(AUTO_SOURCE)
