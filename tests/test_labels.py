@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -16,6 +17,7 @@ from sae_core.cli import main
 from sae_core.errors import NotFoundError
 from sae_core.labels import evidence
 from sae_core.labels import run as labels
+from sae_core.labels.corpus_words import corpus_term, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     Example,
@@ -804,3 +806,26 @@ def test_a_like_key_reaches_a_word_of_the_family_seen_only_held_out():
     assert rule.terms[0].like and f1 > 0.95
     listed, listed_f1 = score_fitted(Vocab.of_texts(texts))  # no embeddings: no like keys
     assert not listed.terms[0].like and listed_f1 == 0
+
+
+def test_corpus_words_leave_out_what_the_held_out_windows_showed():
+    """The token index counts firings in every window; those in the feature's held-out windows
+    are taken out, so a word counts only on what the label was allowed to see."""
+    texts = [" a", " b", " c", " d"]
+    vocab = Vocab.of_texts(texts)
+    library = ContextLibrary(vocab, {0: np.array([0, 1, 1, 2, 3])})
+    heldout = library.tokens(np.array([0]), np.array([[False, True, True, False, False]]))
+    index = Counter({vocab.index[" a"]: 2, vocab.index[" b"]: 3, vocab.index[" c"]: 1})
+    index[vocab.index[" d"]] = 4
+    # ` b` fired 3 times, 2 of them held out: one firing left, an anecdote
+    assert corpus_term(index, heldout, vocab) == Term((" d", " a"))
+    assert corpus_term(Counter({vocab.index[" b"]: 2}), heldout, vocab) is None
+
+
+def test_corpus_words_add_a_term_of_their_own_or_replace_any_token():
+    words = Term((" d", " a"))
+    found = LabelRule.of(Term((" a",), contexts=("prose",)))
+    assert with_corpus_words(found, words) == LabelRule(found.terms + (Term((" d",)),))
+    assert with_corpus_words(LabelRule.of(Term()), words) == LabelRule.of(words)
+    assert with_corpus_words(found, None) == found
+    assert with_corpus_words(LabelRule.of(Term((" d", " a"))), words).terms == (words,)
