@@ -822,10 +822,18 @@ def test_corpus_words_leave_out_what_the_held_out_windows_showed():
     assert corpus_term(Counter({vocab.index[" b"]: 2}), heldout, vocab) is None
 
 
-def test_corpus_words_add_a_term_of_their_own_or_replace_any_token():
-    words = Term((" d", " a"))
-    found = LabelRule.of(Term((" a",), contexts=("prose",)))
-    assert with_corpus_words(found, words) == LabelRule(found.terms + (Term((" d",)),))
-    assert with_corpus_words(LabelRule.of(Term()), words) == LabelRule.of(words)
-    assert with_corpus_words(found, None) == found
-    assert with_corpus_words(LabelRule.of(Term((" d", " a"))), words).terms == (words,)
+def test_corpus_words_add_what_the_rule_does_not_explain_or_replace_any_token():
+    """Words the rule already picks where the feature fires in training add nothing; the others
+    join as a term of their own."""
+    vocab = Vocab.of_texts([" a", " b", " c", " d"])
+    library = ContextLibrary(vocab, {0: np.array([0, 1, 2, 0])})
+    train = library.tokens(np.array([0]), np.array([[True, True, False, True]]))
+    words = Term((" d", " a", " b"))
+    found = LabelRule.of(Term((" a",)))
+    assert with_corpus_words(found, words, train, vocab) == LabelRule(
+        found.terms + (Term((" d", " b")),)
+    )
+    assert with_corpus_words(LabelRule.of(Term()), words, train, vocab) == LabelRule.of(words)
+    assert with_corpus_words(found, None, train, vocab) == found
+    both = LabelRule.of(Term((" a", " b")))
+    assert with_corpus_words(both, Term((" b", " a")), train, vocab) == both

@@ -3,8 +3,9 @@
 ``label_sae`` runs three passes, each resumable (work is committed in chunks, and a feature that
 already has a label of that source is skipped unless ``force``):
 1. automatic: the rule that best predicts where the feature fires on its training evidence
-   (``induction``, a chunk of features at once), or the words it fires on elsewhere in the corpus
-   (``corpus_words``), scored on held-out evidence (``evidence``, ``scoring``);
+   (``induction``, a chunk of features at once), with the words it fires on elsewhere in the
+   corpus that the rule does not explain (``corpus_words``), scored on held-out evidence
+   (``evidence``, ``scoring``);
    when that rule is weak the label adds the tokens the feature promotes (its logit effects);
 2. explainer (optional, ``sae_core.labels.explainer``): an LLM's explanation with its rule, scored the same way;
 3. embeddings (when the ``embed`` extra is installed): vectors for semantic search.
@@ -384,10 +385,8 @@ def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
     )
     rows = []
     for (idx, evidence), fit in zip(scorable, fitted, strict=True):
-        rule = fit.rule
-        if fit.objective < WEAK_RULE:  # the examples say little: what the corpus says counts
-            words = corpus_term(firings.get(idx, Counter()), evidence.heldout, labeller.vocab)
-            rule = with_corpus_words(rule, words)
+        words = corpus_term(firings.get(idx, Counter()), evidence.heldout, labeller.vocab)
+        rule = with_corpus_words(fit.rule, words, evidence.train, labeller.vocab)
         score = score_rule(rule, evidence.heldout, labeller.vocab)
         density = current[idx].density or 0.0
         text = auto_label_text(rule, fit.objective, density, promoted[idx])
