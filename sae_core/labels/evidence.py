@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
 from sae_core.labels.rules import WINDOW, written_word
-from sae_core.labels.similar import SimilarWords, model_folder
 from sae_core.store.db import (
     ContextRow,
     ExampleRow,
@@ -45,26 +44,17 @@ TRAIN_NEGATIVE_SHARE = 0.25
 class Vocab(NamedTuple):
     """Token texts from the store, with tokens a label writes alike merged into one "text id":
     those of identical text, and a word with and without its leading space (```x``` in a phrase
-    stands for both, and a rule's key matches both). ``similar``: which words are alike in the
-    subject model's embedding, for ``like`` keys; None where its weights are not on this machine
-    (rules then have no ``like`` keys, and one that has cannot be scored)."""
+    stands for both, and a rule's key matches both)."""
 
     texts: list[str]  # a text of each text id (the first token's), indexed by text id
     text_id: np.ndarray  # (vocab_size,) int32: token id -> text id
     index: dict[str, int]  # token text -> text id
     bos_token_id: int | None
     token_texts: list[str]  # (vocab_size,) each token's own text, which the lexer reads
-    similar: SimilarWords | None = None
 
     @classmethod
-    def of_texts(
-        cls,
-        token_texts: list[str],
-        bos_token_id: int | None = None,
-        embedding: np.ndarray | None = None,
-    ) -> Vocab:
-        """The vocabulary whose token ``i`` has text ``token_texts[i]`` and input embedding
-        ``embedding[i]`` (vocab_size, d_model), if given."""
+    def of_texts(cls, token_texts: list[str], bos_token_id: int | None = None) -> Vocab:
+        """The vocabulary whose token ``i`` has text ``token_texts[i]``."""
         index: dict[str, int] = {}
         by_word: dict[str, int] = {}
         texts: list[str] = []
@@ -75,8 +65,7 @@ class Vocab(NamedTuple):
                 by_word[word] = len(texts)
                 texts.append(text)
             index[text] = text_id[token_id] = by_word[word]
-        similar = None if embedding is None else SimilarWords.of(embedding, text_id, len(texts))
-        return cls(texts, text_id, index, bos_token_id, token_texts, similar)
+        return cls(texts, text_id, index, bos_token_id, token_texts)
 
     @classmethod
     def load(cls, session: Session, sae: SaeRow) -> Vocab:
@@ -87,12 +76,7 @@ class Vocab(NamedTuple):
         token_texts = [""] * max([model.vocab_size] + [token_id + 1 for token_id, _ in rows])
         for token_id, text in rows:
             token_texts[token_id] = text
-        vocab = cls.of_texts(token_texts, model.bos_token_id)
-        folder = model_folder(model.source, model.name)
-        if folder is None:
-            return vocab
-        similar = SimilarWords.load(folder, model.vocab_size, vocab.text_id, len(vocab.texts))
-        return vocab._replace(similar=similar)
+        return cls.of_texts(token_texts, model.bos_token_id)
 
     def ids_of(self, texts) -> np.ndarray:
         """Text ids of the given token texts; texts not in the vocabulary are dropped."""

@@ -5,9 +5,9 @@ greedily: each step adds the term that most raises the F1 of the list on the tra
 a price for every part, key and term (a complexity penalty, so labels stay short and hold beyond
 the examples they were made from). A step's candidates, all counted at once with ``bincount``:
 - a set of keys of one kind (the token, the one before, the one after, one among the ``WINDOW``
-  before, a word the token is like), alone or within one context; each set is grown greedily
-  (keys sorted by smoothed precision, the prefix with the best objective wins: adding a key helps
-  F1 exactly when its precision beats F1/2, so the best set is such a prefix);
+  before), alone or within one context; each set is grown greedily (keys sorted by smoothed
+  precision, the prefix with the best objective wins: adding a key helps F1 exactly when its
+  precision beats F1/2, so the best set is such a prefix);
 - one context or class alone, or two together ("a number in a string");
 then the best candidate is refined with one more part at a time (a key set, a context, or an
 exception "except in a comment") while that pays for itself.
@@ -43,7 +43,7 @@ TERM_PENALTY = 0.04  # F1 a second term must add
 # Features searched at once: ~120k tokens, whose arrays stay in the CPU's caches (16, 32, 64 and
 # 256 measured on the demo's 4096-wide SAE: 32 took the fewest CPU-seconds)
 FEATURES_PER_SEARCH = 32
-KINDS = ("tokens", "previous", "following", "window", "like")  # Term fields that hold keys
+KINDS = ("tokens", "previous", "following", "window")  # Term fields that hold keys
 _IS_CLASS = np.array([name in TOKEN_CLASSES for name in CONTEXT_NAMES])  # (C,)
 
 
@@ -184,17 +184,8 @@ def _search(batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]) ->
             "previous": _keys(batch, batch.prev_ids[:, None], n_texts, in_slot),
             "following": _keys(batch, batch.next_ids[:, None], n_texts, in_slot, promoted_ids),
             "window": _keys(batch, batch.window_ids, n_texts, in_slot),
-            "like": _keys(batch, _alike(vocab, batch), n_texts, in_slot),
         },
     )
-
-
-def _alike(vocab: Vocab, batch: TokenBatch) -> np.ndarray:
-    """The words each token of ``batch`` is like, the keys of a ``like`` part: (N, MAX_SIMILAR)
-    text ids, -1 past them (none at all without the subject model's embeddings)."""
-    if vocab.similar is None:
-        return np.full((len(batch.text_ids), 1), -1, dtype=np.int32)
-    return vocab.similar.table[batch.text_ids]
 
 
 # ---------------------------------------------------------------------------------------------

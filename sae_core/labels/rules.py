@@ -6,8 +6,6 @@ holds. A term holds when all of its parts do:
 - ``previous``: the token right before it is one of these;
 - ``following``: the token right after it is one of these (what the feature predicts comes next);
 - ``window``: one of these occurs among the ``WINDOW`` tokens before it;
-- ``like``: the token is one of these or a word alike in the subject model's embedding
-  (``sae_core.labels.similar``: `saving` is like `save`);
 - ``contexts``: the token sits in each of these contexts or is of these classes
   (``sae_core.labels.lexical.CONTEXTS``: in a docstring, inside call arguments, a number...);
 - ``unless``: ...and it is in none of these contexts (an exception).
@@ -43,7 +41,6 @@ class Term:
     window: tuple[str, ...] = ()
     contexts: tuple[str, ...] = ()
     unless: tuple[str, ...] = ()
-    like: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_contexts(self.contexts + self.unless)
@@ -51,15 +48,14 @@ class Term:
     @property
     def n_parts(self) -> int:
         return (
-            sum(map(bool, (self.tokens, self.previous, self.following, self.window, self.like)))
+            sum(map(bool, (self.tokens, self.previous, self.following, self.window)))
             + len(self.contexts)
             + len(self.unless)
         )
 
     @property
     def n_keys(self) -> int:
-        keys = (self.tokens, self.previous, self.following, self.window, self.like)
-        return sum(map(len, keys))
+        return len(self.tokens) + len(self.previous) + len(self.following) + len(self.window)
 
     def to_json(self) -> dict:
         return {
@@ -69,7 +65,6 @@ class Term:
             "window": list(self.window),
             "contexts": list(self.contexts),
             "unless": list(self.unless),
-            "like": list(self.like),
         }
 
     @classmethod
@@ -80,7 +75,6 @@ class Term:
             *(tuple(data.get(key) or ()) for key in ("tokens", "previous", "following", "window")),
             tuple(contexts),
             tuple(data.get("unless") or ()),
-            tuple(data.get("like") or ()),
         )
 
     def describe(self, max_shown: int) -> str:
@@ -94,10 +88,8 @@ class Term:
                 [TOKEN_CLASSES[classes[0]]] + [f"({TOKEN_CLASSES[c]})" for c in classes[1:]]
             )
         else:
-            subject = "a token" if self.like else "any token"
+            subject = "any token"
         parts = [subject] + where
-        if self.like:
-            parts.insert(1, f"like {token_list(self.like, max_shown)}")
         if self.previous:
             parts.append(f"right after {token_list(self.previous, max_shown)}")
         if self.following:
@@ -199,14 +191,12 @@ _LOCATION_BY_PHRASE = {phrase: name for name, phrase in LOCATIONS.items()}
 _CONTEXT_BY_PHRASE = {phrase: name for name, phrase in CONTEXTS.items()}
 _CONTEXT_PHRASE = re.compile(_alternation(_CONTEXT_BY_PHRASE))
 _SUBJECT = re.compile(
-    rf"\s*(?:(?P<tokens>{_TOKEN_LIST})|(?P<any>any token)|(?P<cls>{_alternation(_CLASS_BY_PHRASE)})"
-    r"|(?P<a_token>a token)(?= like ))"
+    rf"\s*(?:(?P<tokens>{_TOKEN_LIST})|(?P<any>any token)|(?P<cls>{_alternation(_CLASS_BY_PHRASE)}))"
 )
 _PART = re.compile(
     rf"\s+(?:(?P<location>{_alternation(_LOCATION_BY_PHRASE)})"
     rf"|\((?P<cls>{_alternation(_CLASS_BY_PHRASE)})\)"
     rf"|(?P<cls_bare>{_alternation(_CLASS_BY_PHRASE)})"
-    rf"|like (?P<like>{_TOKEN_LIST})"
     rf"|right after (?P<previous>{_TOKEN_LIST})"
     rf"|before (?P<following>{_TOKEN_LIST})"
     rf"|a few tokens after (?P<window>{_TOKEN_LIST})"

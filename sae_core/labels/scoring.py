@@ -36,13 +36,6 @@ def term_mask(term: Term, tokens: TokenSet, vocab: Vocab) -> np.ndarray:
         mask &= vocab.lookup(term.following)[tokens.next_ids]
     if term.window:
         mask &= vocab.lookup(term.window)[tokens.window_ids].any(axis=1)
-    if term.like:
-        if vocab.similar is None:
-            raise ValueError(
-                "a rule with `like` keys needs the subject model's embeddings: its weights are "
-                "not on this machine (load the model once, e.g. `saescope precompute`)"
-            )
-        mask &= vocab.similar.like(vocab.ids_of(term.like), tokens.text_ids)
     for name in term.contexts:
         mask &= tokens.contexts[:, _COLUMN[name]]
     for name in term.unless:
