@@ -19,6 +19,7 @@ from sae_core.store.db import (
     FeatureRow,
     SaeRow,
     SubjectModelRow,
+    TokenFeatureRow,
     VocabRow,
     create_engine_for,
     migrate,
@@ -301,6 +302,33 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
             )
             used |= add_examples(session, sae.id, f, a, rng)
         add_contexts(session, sae.id, tokens, used)
+        add_token_index(session, sae.id, tokens, acts)
         session.commit()
     engine.dispose()
     return PlantedStore(url, sae_name, tokens, acts)
+
+
+def add_token_index(
+    session: Session, sae_id: int, tokens: np.ndarray, acts: np.ndarray, per_token: int = 20
+) -> None:
+    """Write the token index precompute keeps: for each token of ``tokens`` (n_contexts, seq),
+    the ``per_token`` features of highest mean activation on it (``acts``: (features, n_contexts,
+    seq)), with how often each fires on it."""
+    rows = []
+    for token in np.unique(tokens):
+        at = tokens == token
+        mean = acts[:, at].mean(axis=1)  # (features,)
+        count = (acts[:, at] > 0).sum(axis=1)
+        ranked = [f for f in np.argsort(-mean, kind="stable")[:per_token] if count[f]]
+        rows += [
+            TokenFeatureRow(
+                sae_id=sae_id,
+                token_id=int(token),
+                rank=rank,
+                feature_idx=int(f),
+                mean_act=float(mean[f]),
+                count=int(count[f]),
+            )
+            for rank, f in enumerate(ranked)
+        ]
+    session.add_all(rows)

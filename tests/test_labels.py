@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -16,6 +17,7 @@ from sae_core.cli import main
 from sae_core.errors import NotFoundError
 from sae_core.labels import evidence
 from sae_core.labels import run as labels
+from sae_core.labels.corpus_words import corpus_term, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     Example,
@@ -42,6 +44,7 @@ from sae_core.labels.run import (
     score_stored_label,
     set_human_label,
 )
+from sae_core.labels.scoring import score_rule
 from sae_core.labels.search import search_labels
 from sae_core.labels.token_batch import TokenBatch
 from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts, unpack_levels
@@ -757,3 +760,62 @@ def test_dense_and_unclear_features_say_so_before_their_rule():
     )
     assert auto_label_text(rule, 0.6, 0.004, [" x"]) == "any token in Python code"
     assert auto_label_text(rule, 0.1, 0.00031, []).startswith("unclear: fires on 0.031% of tokens;")
+
+
+def test_corpus_words_leave_out_what_the_held_out_windows_showed():
+    """The token index counts firings in every window; those in the feature's held-out windows
+    are taken out, so a word counts only on what the label was allowed to see."""
+    texts = [" a", " b", " c", " d"]
+    vocab = Vocab.of_texts(texts)
+    library = ContextLibrary(vocab, {0: np.array([0, 1, 1, 2, 3])})
+    heldout = library.tokens(np.array([0]), np.array([[False, True, True, False, False]]))
+    index = Counter({vocab.index[" a"]: 2, vocab.index[" b"]: 3, vocab.index[" c"]: 1})
+    index[vocab.index[" d"]] = 4
+    # ` b` fired 3 times, 2 of them held out: one firing left, an anecdote
+    assert corpus_term(index, heldout, vocab) == Term((" d", " a"))
+    assert corpus_term(Counter({vocab.index[" b"]: 2}), heldout, vocab) is None
+
+
+def test_corpus_words_add_what_the_rule_does_not_explain_or_replace_any_token():
+    """Words the rule already picks where the feature fires in training add nothing; the others
+    join as a term of their own."""
+    vocab = Vocab.of_texts([" a", " b", " c", " d"])
+    library = ContextLibrary(vocab, {0: np.array([0, 1, 2, 0])})
+    train = library.tokens(np.array([0]), np.array([[True, True, False, True]]))
+    words = Term((" d", " a", " b"))
+    found = LabelRule.of(Term((" a",)))
+    assert with_corpus_words(found, words, train, vocab) == LabelRule(
+        found.terms + (Term((" d", " b")),)
+    )
+    assert with_corpus_words(LabelRule.of(Term()), words, train, vocab) == LabelRule.of(words)
+    assert with_corpus_words(found, None, train, vocab) == found
+    both = LabelRule.of(Term((" a", " b")))
+    assert with_corpus_words(both, Term((" b", " a")), train, vocab) == both
+
+
+def test_corpus_words_reach_a_word_of_the_family_seen_only_held_out():
+    """A feature fires on `save`, `saving` and `saved`; its training windows show only the first
+    two, its held-out ones only `saved`, which the token index saw it fire on elsewhere too. The
+    fitted rule lists what it saw and explains nothing held out; with the corpus words it does."""
+    rng = np.random.default_rng(4)
+    filler = [" the", " list", " of", " items", " in", " order", " and", " a", " value", " to"]
+    family = [" save", " saving", " saved"]
+    windows = []
+    for words in (family[:2],) * 40 + (family[2:],) * 40:  # training windows, then held out
+        window = [str(w) for w in rng.choice(filler, 32)]
+        for at in rng.choice(32, 3, replace=False):
+            window[at] = str(rng.choice(words))
+        windows.append(window)
+    vocab = Vocab.of_texts(filler + family)
+    library = ContextLibrary(
+        vocab, {c: np.array([vocab.index[t] for t in w]) for c, w in enumerate(windows)}
+    )
+    fires = np.isin(library.token_ids, [vocab.index[w] for w in family])
+    train, heldout = (library.tokens(rows, fires[rows]) for rows in np.split(np.arange(80), 2))
+    fitted = fit_rule(train, vocab).rule
+    index = Counter(heldout.text_ids[heldout.fires].tolist())  # every held-out firing...
+    index[vocab.index[" saved"]] += 5  # ...and five more elsewhere in the corpus
+    index.update(train.text_ids[train.fires].tolist())
+    rule = with_corpus_words(fitted, corpus_term(index, heldout, vocab), train, vocab)
+    assert score_rule(fitted, heldout, vocab).f1 == 0
+    assert rule.terms[-1] == Term((" saved",)) and score_rule(rule, heldout, vocab).f1 > 0.95

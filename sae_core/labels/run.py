@@ -3,8 +3,9 @@
 ``label_sae`` runs three passes, each resumable (work is committed in chunks, and a feature that
 already has a label of that source is skipped unless ``force``):
 1. automatic: the rule that best predicts where the feature fires on its training evidence
-   (``induction``, a chunk of features at once), scored on held-out evidence (``evidence``,
-   ``scoring``);
+   (``induction``, a chunk of features at once), with the words it fires on elsewhere in the
+   corpus that the rule does not explain (``corpus_words``), scored on held-out evidence
+   (``evidence``, ``scoring``);
    when that rule is weak the label adds the tokens the feature promotes (its logit effects);
 2. explainer (optional, ``sae_core.labels.explainer``): an LLM's explanation with its rule, scored the same way;
 3. embeddings (when the ``embed`` extra is installed): vectors for semantic search.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
+from sae_core.labels.corpus_words import corpus_firings, corpus_term, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     FeatureEvidence,
@@ -53,7 +56,7 @@ from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, u
 from sae_core.store.lookup import find_feature
 
 AUTO_SOURCE = "auto"
-METHOD = "rules-v3"  # recorded with every automatic label; bump when the algorithm changes
+METHOD = "rules-v4"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
 WEAK_RULE = (
@@ -377,12 +380,17 @@ def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
         labeller.vocab,
         [tuple(promoted[idx]) for idx, _ in scorable],
     )
+    firings = corpus_firings(
+        labeller.session, labeller.sae.id, labeller.vocab, [idx for idx, _ in scorable]
+    )
     rows = []
     for (idx, evidence), fit in zip(scorable, fitted, strict=True):
-        score = score_rule(fit.rule, evidence.heldout, labeller.vocab)
+        words = corpus_term(firings.get(idx, Counter()), evidence.heldout, labeller.vocab)
+        rule = with_corpus_words(fit.rule, words, evidence.train, labeller.vocab)
+        score = score_rule(rule, evidence.heldout, labeller.vocab)
         density = current[idx].density or 0.0
-        text = auto_label_text(fit.rule, fit.objective, density, promoted[idx])
-        made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", fit.rule)
+        text = auto_label_text(rule, fit.objective, density, promoted[idx])
+        made = _MachineLabel(text, AUTO_SOURCE, f"saescope {METHOD}", rule)
         rows.append(_label_row(labeller.sae, idx, made, score, evidence.heldout_contexts))
     return _ChunkLabels(rows, len(chunk) - len(scorable))
 
