@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +32,12 @@ from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
-from sae_core.labels.corpus_words import corpus_firings, corpus_term, with_corpus_words
+from sae_core.labels.corpus_words import (
+    corpus_firings,
+    corpus_term,
+    heldout_activation,
+    with_corpus_words,
+)
 from sae_core.labels.evidence import (
     ContextLibrary,
     FeatureEvidence,
@@ -56,7 +60,7 @@ from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, u
 from sae_core.store.lookup import find_feature
 
 AUTO_SOURCE = "auto"
-METHOD = "rules-v4"  # recorded with every automatic label; bump when the algorithm changes
+METHOD = "rules-v5"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
 WEAK_RULE = (
@@ -385,7 +389,12 @@ def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
     )
     rows = []
     for (idx, evidence), fit in zip(scorable, fitted, strict=True):
-        words = corpus_term(firings.get(idx, Counter()), evidence.heldout, labeller.vocab)
+        words = corpus_term(
+            firings.get(idx, []),
+            evidence.heldout,
+            heldout_activation(labeller.library, evidence.heldout_examples),
+            labeller.vocab,
+        )
         rule = with_corpus_words(fit.rule, words, evidence.train, labeller.vocab)
         score = score_rule(rule, evidence.heldout, labeller.vocab)
         density = current[idx].density or 0.0
