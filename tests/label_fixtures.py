@@ -17,9 +17,9 @@ from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,
+    FeatureWordRow,
     SaeRow,
     SubjectModelRow,
-    TokenFeatureRow,
     VocabRow,
     create_engine_for,
     migrate,
@@ -282,6 +282,7 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
             path="planted",
             status="complete",
             n_tokens=int(tokens.size - len(tokens)),
+            precompute_cfg={"feature_words_size": 32},
         )
         session.add(sae)
         session.flush()
@@ -302,33 +303,30 @@ def write_planted_store(url: str, *, sae_name: str = "tiny-sae", seed: int = 0) 
             )
             used |= add_examples(session, sae.id, f, a, rng)
         add_contexts(session, sae.id, tokens, used)
-        add_token_index(session, sae.id, tokens, acts)
+        add_feature_words(session, sae.id, tokens, acts)
         session.commit()
     engine.dispose()
     return PlantedStore(url, sae_name, tokens, acts)
 
 
-def add_token_index(
-    session: Session, sae_id: int, tokens: np.ndarray, acts: np.ndarray, per_token: int = 20
+def add_feature_words(
+    session: Session, sae_id: int, tokens: np.ndarray, acts: np.ndarray, per_feature: int = 32
 ) -> None:
-    """Write the token index precompute keeps: for each token of ``tokens`` (n_contexts, seq),
-    the ``per_token`` features of highest mean activation on it (``acts``: (features, n_contexts,
-    seq)), with how often each fires on it."""
+    """Write the words precompute keeps: for each feature, the ``per_feature`` tokens of
+    ``tokens`` (n_contexts, seq) it fires on most often (``acts``: (features, n_contexts, seq)),
+    with how often."""
     rows = []
-    for token in np.unique(tokens):
-        at = tokens == token
-        mean = acts[:, at].mean(axis=1)  # (features,)
-        count = (acts[:, at] > 0).sum(axis=1)
-        ranked = [f for f in np.argsort(-mean, kind="stable")[:per_token] if count[f]]
+    for f in range(acts.shape[0]):
+        fired, counts = np.unique(tokens[acts[f] > 0], return_counts=True)
+        ranked = np.argsort(-counts, kind="stable")[:per_feature]
         rows += [
-            TokenFeatureRow(
+            FeatureWordRow(
                 sae_id=sae_id,
-                token_id=int(token),
+                feature_idx=f,
                 rank=rank,
-                feature_idx=int(f),
-                mean_act=float(mean[f]),
-                count=int(count[f]),
+                token_id=int(fired[i]),
+                count=int(counts[i]),
             )
-            for rank, f in enumerate(ranked)
+            for rank, i in enumerate(ranked)
         ]
     session.add_all(rows)

@@ -17,12 +17,7 @@ from sae_core.cli import main
 from sae_core.errors import NotFoundError
 from sae_core.labels import evidence
 from sae_core.labels import run as labels
-from sae_core.labels.corpus_words import (
-    IndexEntry,
-    corpus_term,
-    heldout_activation,
-    with_corpus_words,
-)
+from sae_core.labels.corpus_words import FeatureWords, corpus_term, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     Example,
@@ -767,15 +762,15 @@ def test_dense_and_unclear_features_say_so_before_their_rule():
     assert auto_label_text(rule, 0.1, 0.00031, []).startswith("unclear: fires on 0.031% of tokens;")
 
 
-def entries(firings: Counter, mean_act: float = 1.0, floor: float = 0.0) -> list[IndexEntry]:
-    """Token index entries of one feature: ``firings`` by word, each at ``mean_act`` on a token
-    whose index keeps features down to ``floor``."""
-    return [IndexEntry(word, n, mean_act, floor) for word, n in firings.items()]
+def stored(firings: Counter, full: bool = False) -> FeatureWords:
+    """A feature's stored words: ``firings`` by word, most first."""
+    words, counts = zip(*firings.most_common(), strict=True)
+    return FeatureWords(list(words), list(counts), full)
 
 
 def test_corpus_words_leave_out_what_the_held_out_windows_showed():
-    """The token index counts firings in every window; those in the feature's held-out windows
-    are taken out, so a word counts only on what the label was allowed to see."""
+    """The stored counts cover every window; the feature's firings in its held-out windows are
+    taken out, so a word counts only on what the label was allowed to see."""
     texts = [" a", " b", " c", " d"]
     vocab = Vocab.of_texts(texts)
     library = ContextLibrary(vocab, {0: np.array([0, 1, 1, 2, 3])})
@@ -783,32 +778,23 @@ def test_corpus_words_leave_out_what_the_held_out_windows_showed():
     index = Counter({vocab.index[" a"]: 2, vocab.index[" b"]: 3, vocab.index[" c"]: 1})
     index[vocab.index[" d"]] = 4
     # ` b` fired 3 times, 2 of them held out: one firing left, an anecdote
-    assert corpus_term(entries(index), heldout, Counter(), vocab) == Term((" d", " a"))
-    assert corpus_term(entries(Counter({vocab.index[" b"]: 2})), heldout, Counter(), vocab) is None
+    assert corpus_term(stored(index), heldout, vocab) == Term((" d", " a"))
+    assert corpus_term(stored(Counter({vocab.index[" b"]: 2})), heldout, vocab) is None
+    assert corpus_term(None, heldout, vocab) is None
 
 
-def test_corpus_words_use_no_entry_the_held_out_activation_put_in_the_index():
-    """An entry counts only if the feature would keep its place in the token's index without its
-    held-out activation: its mean less that activation over its firings must reach the floor."""
-    vocab = Vocab.of_texts([" a", " b"])
-    library = ContextLibrary(vocab, {0: np.array([0, 1]), 1: np.array([1, 0])})
-    heldout = library.tokens(np.array([1]), np.array([[True, False]]))  # ` b` fires once, held out
-    b = vocab.index[" b"]
-    stands = [IndexEntry(b, 5, mean_act=0.5, floor=0.2)]  # 0.5 - 1.0 / 5 = 0.3 >= 0.2
-    falls = [IndexEntry(b, 5, mean_act=0.3, floor=0.2)]  # 0.3 - 1.0 / 5 = 0.1 < 0.2
-    act = Counter({b: 1.0})
-    assert corpus_term(stands, heldout, act, vocab) == Term((" b",))
-    assert corpus_term(falls, heldout, act, vocab) is None
-    assert corpus_term(falls, heldout, Counter(), vocab) == Term((" b",))
-
-
-def test_heldout_activation_sums_a_word_from_the_stored_levels_rounded_up():
-    vocab = Vocab.of_texts([" a", " b"])
-    library = ContextLibrary(vocab, {7: np.array([0, 1, 0])})
-    blob, max_act, _ = pack_acts([2.0, 0.0, 1.0])
-    total = heldout_activation(library, [Example("interval", 0, 0, 7, max_act, blob)])
-    assert total[vocab.index[" a"]] == pytest.approx(3.0, abs=2 * max_act / 255)
-    assert total[vocab.index[" a"]] >= 3.0 and vocab.index[" b"] not in total
+def test_corpus_words_use_no_word_the_held_out_windows_put_in_a_full_list():
+    """When the list is as long as precompute keeps, a word counts only if it would stay in it
+    without its held-out firings: more left than the last word's (every word left out had at
+    most as many)."""
+    vocab = Vocab.of_texts([" a", " b", " c"])
+    library = ContextLibrary(vocab, {0: np.array([1, 1, 0])})
+    heldout = library.tokens(np.array([0]), np.array([[True, True, False]]))  # ` b` twice
+    a, b, c = (vocab.index[w] for w in (" a", " b", " c"))
+    firings = Counter({a: 9, b: 5, c: 4})
+    # ` b`: 5 - 2 = 3 left, fewer than the last word's 4; ` c` owes the held-out windows nothing
+    assert corpus_term(stored(firings, full=True), heldout, vocab) == Term((" a", " c"))
+    assert corpus_term(stored(firings), heldout, vocab) == Term((" a", " c", " b"))
 
 
 def test_corpus_words_add_what_the_rule_does_not_explain_or_replace_any_token():
@@ -851,8 +837,6 @@ def test_corpus_words_reach_a_word_of_the_family_seen_only_held_out():
     index = Counter(heldout.text_ids[heldout.fires].tolist())  # every held-out firing...
     index[vocab.index[" saved"]] += 5  # ...and five more elsewhere in the corpus
     index.update(train.text_ids[train.fires].tolist())
-    rule = with_corpus_words(
-        fitted, corpus_term(entries(index), heldout, Counter(), vocab), train, vocab
-    )
+    rule = with_corpus_words(fitted, corpus_term(stored(index), heldout, vocab), train, vocab)
     assert score_rule(fitted, heldout, vocab).f1 == 0
     assert rule.terms[-1] == Term((" saved",)) and score_rule(rule, heldout, vocab).f1 > 0.95

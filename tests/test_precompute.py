@@ -158,6 +158,7 @@ def dump(db_url: str, sae_id: int | None = None) -> dict[str, list]:
         "examples": f"select feature_idx, kind, bin, rank, context_id, max_act, max_pos, acts from examples{where} order by feature_idx, kind, bin, rank",
         "contexts": f"select id, token_ids from contexts{where} order by id",
         "token_features": f"select token_id, rank, feature_idx, mean_act, count from token_features{where} order by token_id, rank",
+        "feature_words": f"select feature_idx, rank, token_id, count from feature_words{where} order by feature_idx, rank",
         "state": f"select count(*) from precompute_state{where}",
     }
     with engine.connect() as conn:
@@ -240,7 +241,7 @@ def random_sae(kind: str, d_in: int) -> SAE:
     torch.manual_seed(3)
     architecture = SAE_KINDS[kind]
     sae = SAE(SAEConfig(d_in=d_in, d_sae=D_SAE, architecture=architecture, k=6 if architecture == "topk" else None, layer=LAYER))
-    sae.W_enc.data.normal_(std=0.3)
+    sae.W_enc.data.normal_(std=8.0)  # the tiny model's residual norm is ~0.12: pre-activations of std ~1
     sae.W_dec.data.normal_()
     sae.b_enc.data.fill_(-0.3)
     if kind == "jumprelu":
@@ -258,6 +259,7 @@ def test_streaming_statistics_equal_brute_force(llama, llama_dir, corpus, tmp_pa
     features, examples, token_rows, _, sae_row = features_by_idx(db)
     contexts, acts = brute_force(llama, corpus, tmp_path / "sae")
     flat = acts.reshape(-1, D_SAE)  # (tokens, F)
+    assert (flat > 0).float().mean() > 0.05, "the random SAE must fire for the comparison to test anything"
     context_max = acts.amax(dim=1)  # (n_contexts, F)
 
     for f in range(D_SAE):
@@ -283,6 +285,7 @@ def test_streaming_statistics_equal_brute_force(llama, llama_dir, corpus, tmp_pa
 
     check_coactivation(features, flat)
     check_token_index(token_rows, flat, contexts)
+    check_feature_words(dump(db)["feature_words"], flat, contexts)
 
 
 def check_intervals(row, f, context_max, values, examples):
@@ -325,6 +328,19 @@ def check_token_index(token_rows, flat, contexts):
         expected = sorted(mean[mean > 0].tolist(), reverse=True)[:20]
         got = sorted((r for r in token_rows if r["token_id"] == token), key=lambda r: r["rank"])
         assert [r["mean_act"] for r in got] == pytest.approx(expected, rel=1e-6)
+
+
+def check_feature_words(rows, flat, contexts):
+    """Each feature's 32 most frequent tokens, ties by token id, against counting them."""
+    assert rows
+    counted = ~contexts.special_mask.reshape(-1)
+    token_ids = contexts.tokens.reshape(-1)[counted]
+    fired = flat[counted] > 0
+    for f in range(D_SAE):
+        tokens, counts = torch.unique(token_ids[fired[:, f]], return_counts=True)
+        expected = sorted(zip(counts.tolist(), tokens.tolist()), key=lambda p: (-p[0], p[1]))[:32]
+        got = [(count, token) for feature, _, token, count in rows if feature == f]
+        assert got == expected, f
 
 
 def test_weight_statistics_equal_brute_force(llama, planted, run_on, tmp_path):

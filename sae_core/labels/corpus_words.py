@@ -1,104 +1,78 @@
-"""Words a feature fires on anywhere in the precompute corpus, read from the store's token index:
-evidence beyond its examples.
+"""Words a feature fires on anywhere in the precompute corpus, read from the store's
+``feature_words`` (each feature's most frequent tokens and their firings): evidence beyond its
+examples.
 
-A sparse feature's examples show a few of the words it fires on; the token index
-(``token_features``: for every vocabulary token, the features of highest mean activation on it
-and how often each fires there) saw the whole corpus. A label adds, as a term of its own, the
-words its rule does not explain that the feature fired on at least ``MIN_CORPUS_FIRINGS`` times
-outside its held-out windows.
-
-The index was built over every window, held-out ones included, so nothing it says may rest on
-them:
+A sparse feature's examples show a few of the words it fires on; precompute counted its firings
+on every token of the corpus. A label adds, as a term of its own, the words its rule does not
+explain that the feature fired on at least ``MIN_CORPUS_FIRINGS`` times outside its held-out
+windows. The counts cover every window, held-out ones included, so nothing taken from them may
+rest on those windows:
 - the feature's firings in its held-out windows (known from its held-out examples) are taken out
   of the counts;
-- an entry is used only if the feature would hold its place in the token's index without its
-  held-out activation: its mean activation less that activation over its firings there (a token
-  occurs at least as often as the feature fires on it) must still reach the lowest mean the index
-  kept for the token. Other features losing their held-out activation only lowers that bar.
-Where the feature fires in a held-out negative window, the index counts it while the score calls
+- a token the feature fired on in those windows counts only if it would hold its place in the
+  feature's list without them: when the list is as long as precompute keeps, more firings left
+  than the list's last, which every token left out fired at most as often as.
+Where the feature fires in a held-out negative window, the counts hold it while the score calls
 the word a miss there; that can only lower the score.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from typing import NamedTuple
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core.labels.evidence import ContextLibrary, Example, TokenSet, Vocab
+from sae_core.labels.evidence import TokenSet, Vocab
 from sae_core.labels.rules import LabelRule, Term
 from sae_core.labels.scoring import rule_mask
-from sae_core.store.db import TokenFeatureRow, unpack_levels
+from sae_core.store.db import FeatureWordRow, SaeRow
 
 MIN_CORPUS_FIRINGS = 2  # as a key of the rule search: a word seen firing once is an anecdote
 
 
-class IndexEntry(NamedTuple):
-    """One feature's row of the token index, for the word (text id) of its token."""
+class FeatureWords(NamedTuple):
+    """A feature's row of ``feature_words``: its tokens, as words (text ids), most firings first."""
 
-    text_id: int
-    count: int  # the feature's firings on the token, in every window
-    mean_act: float  # its mean activation on the token, zeros included
-    floor: float  # the lowest mean activation the token's index kept: the bar to stay in it
+    text_ids: list[int]
+    counts: list[int]  # the feature's firings on each, in every window
+    full: bool  # as long as precompute keeps: tokens left out fired at most ``counts[-1]`` times
 
 
 def corpus_firings(
-    session: Session, sae_id: int, vocab: Vocab, features: list[int]
-) -> dict[int, list[IndexEntry]]:
-    """The token index's entries of each of ``features``."""
-    index = TokenFeatureRow.__table__
-    theirs = sa.select(index.c.token_id).where(
-        index.c.sae_id == sae_id, index.c.feature_idx.in_(features)
-    )
-    floors = (
-        sa.select(index.c.token_id, sa.func.min(index.c.mean_act).label("floor"))
-        .where(index.c.sae_id == sae_id, index.c.token_id.in_(theirs))
-        .group_by(index.c.token_id)
-        .subquery()
-    )
+    session: Session, sae: SaeRow, vocab: Vocab, features: list[int]
+) -> dict[int, FeatureWords]:
+    """The stored words of each of ``features`` that has any."""
+    kept = (sae.precompute_cfg or {}).get("feature_words_size")
     rows = session.execute(
-        sa.select(
-            index.c.feature_idx, index.c.token_id, index.c.count, index.c.mean_act, floors.c.floor
-        )
-        .join(floors, floors.c.token_id == index.c.token_id)
-        .where(index.c.sae_id == sae_id, index.c.feature_idx.in_(features))
+        sa.select(FeatureWordRow.feature_idx, FeatureWordRow.token_id, FeatureWordRow.count)
+        .where(FeatureWordRow.sae_id == sae.id, FeatureWordRow.feature_idx.in_(features))
+        .order_by(FeatureWordRow.feature_idx, FeatureWordRow.rank)
     )
-    out: dict[int, list[IndexEntry]] = defaultdict(list)
-    for feature, token, count, mean_act, floor in rows:
-        out[feature].append(IndexEntry(int(vocab.text_id[token]), count, mean_act, floor))
-    return out
+    lists: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for feature, token, count in rows:
+        text_ids, counts = lists[feature]
+        text_ids.append(int(vocab.text_id[token]))
+        counts.append(count)
+    return {f: FeatureWords(t, c, len(c) == kept) for f, (t, c) in lists.items()}
 
 
-def heldout_activation(library: ContextLibrary, examples: Iterable[Example]) -> Counter:
-    """Of each word (text id), a feature's summed activation on it in its held-out ``examples``,
-    rounded up from the stored levels (each within half a level of the value)."""
-    total: Counter = Counter()
-    for example in examples:
-        positions, levels = unpack_levels(example.acts_blob)
-        words = library.text[library.row[example.context_id], positions.astype(np.int64)]
-        acts = (levels.astype(np.float64) + 0.5) / 255.0 * example.max_act
-        for word, act in zip(words.tolist(), acts.tolist(), strict=True):
-            total[word] += act
-    return total
-
-
-def corpus_term(
-    entries: list[IndexEntry], heldout: TokenSet, heldout_act: Counter, vocab: Vocab
-) -> Term | None:
+def corpus_term(words: FeatureWords | None, heldout: TokenSet, vocab: Vocab) -> Term | None:
     """The words a feature fired on at least ``MIN_CORPUS_FIRINGS`` times outside its held-out
-    windows, by entries that stand without those windows, most firings first; None when there
-    are none."""
-    firings = Counter()
-    for entry in entries:
-        if entry.mean_act - heldout_act[entry.text_id] / entry.count >= entry.floor:
-            firings[entry.text_id] += entry.count
-    firings -= Counter(heldout.text_ids[heldout.fires].tolist())
-    words = [w for w, n in firings.most_common() if n >= MIN_CORPUS_FIRINGS]
-    return Term(tuple(vocab.texts[w] for w in words)) if words else None
+    windows, by tokens whose place in its list stands without those windows, most firings first;
+    None when there are none."""
+    if words is None:
+        return None
+    seen = Counter(heldout.text_ids[heldout.fires].tolist())
+    floor = words.counts[-1] if words.full else 0
+    firings: Counter = Counter()
+    for text_id, count in zip(words.text_ids, words.counts, strict=True):
+        if not seen[text_id] or count - seen[text_id] > floor:
+            firings[text_id] += count
+    firings -= seen
+    kept = [w for w, n in firings.most_common() if n >= MIN_CORPUS_FIRINGS]
+    return Term(tuple(vocab.texts[w] for w in kept)) if kept else None
 
 
 def with_corpus_words(
@@ -113,5 +87,5 @@ def with_corpus_words(
     if rule.terms == (Term(),):
         return LabelRule.of(term)
     explained = set(train.text_ids[rule_mask(rule, train, vocab) & train.fires].tolist())
-    words = tuple(w for w in term.tokens if vocab.index[w] not in explained)
-    return LabelRule(rule.terms + (Term(words),)) if words else rule
+    kept = tuple(w for w in term.tokens if vocab.index[w] not in explained)
+    return LabelRule(rule.terms + (Term(kept),)) if kept else rule

@@ -250,7 +250,6 @@ class FeatureEvidence(NamedTuple):
     heldout: TokenSet  # score it on these
     heldout_contexts: HeldOut
     train_examples: list[Example]  # what an explainer may see
-    heldout_examples: list[Example]  # the positives of ``heldout``, with their activations
 
 
 def split_examples(examples: list[Example]) -> tuple[list[Example], list[Example]]:
@@ -386,9 +385,7 @@ def gather_evidence(
     tokens = iter(gather_windows(library, [w for d in found for w in d[:2]]))
     pairs = zip(tokens, tokens, strict=True)  # (train, held out) of each feature found
     return [
-        None
-        if d is None
-        else FeatureEvidence(*next(pairs), d.heldout_contexts, d.train_examples, d.heldout.examples)
+        None if d is None else FeatureEvidence(*next(pairs), d.heldout_contexts, d.train_examples)
         for d in drawn
     ]
 

@@ -32,12 +32,7 @@ from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
-from sae_core.labels.corpus_words import (
-    corpus_firings,
-    corpus_term,
-    heldout_activation,
-    with_corpus_words,
-)
+from sae_core.labels.corpus_words import corpus_firings, corpus_term, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     FeatureEvidence,
@@ -385,16 +380,11 @@ def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
         [tuple(promoted[idx]) for idx, _ in scorable],
     )
     firings = corpus_firings(
-        labeller.session, labeller.sae.id, labeller.vocab, [idx for idx, _ in scorable]
+        labeller.session, labeller.sae, labeller.vocab, [idx for idx, _ in scorable]
     )
     rows = []
     for (idx, evidence), fit in zip(scorable, fitted, strict=True):
-        words = corpus_term(
-            firings.get(idx, []),
-            evidence.heldout,
-            heldout_activation(labeller.library, evidence.heldout_examples),
-            labeller.vocab,
-        )
+        words = corpus_term(firings.get(idx), evidence.heldout, labeller.vocab)
         rule = with_corpus_words(fit.rule, words, evidence.train, labeller.vocab)
         score = score_rule(rule, evidence.heldout, labeller.vocab)
         density = current[idx].density or 0.0

@@ -41,6 +41,7 @@ class PrecomputeConfig:
     logit_tokens: int = 10  # top and bottom tokens of the logit effects
     hist_bins: int = 32  # bins of the logit-effect histogram
     token_index_size: int = 20  # features kept per vocabulary token for search by token
+    feature_words_size: int = 32  # tokens kept per feature, the words its label may add (labels.corpus_words)
     families: bool = True  # links across SAEs of one layer and the feature map (sae_core.families)
     # a Matryoshka dictionary as its nested SAEs, one per prefix (a family from one folder);
     # False: the full dictionary only

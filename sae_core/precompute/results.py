@@ -1,5 +1,5 @@
 """From the first pass's accumulators to what the store shows: intervals, neighbours by
-co-activation, the token index and the density histogram. Vectorised over all features."""
+co-activation, the token index, each feature's words and the density histogram. Vectorised over all features."""
 
 from __future__ import annotations
 
@@ -147,16 +147,40 @@ class TokenFeatures(NamedTuple):
     count: torch.Tensor  # (m,) firings on the token
 
 
+def token_feature_pairs(stats: StreamingStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token id, feature) of every pair the pass counted, in the order of ``stats.tokens.pairs``."""
+    stats.tokens.pairs.coalesce()
+    keys = stats.tokens.pairs.keys
+    return keys // stats.n_features, keys % stats.n_features
+
+
 def token_index(stats: StreamingStats, per_token: int) -> TokenFeatures:
-    tokens, n_features = stats.tokens, stats.n_features
-    tokens.pairs.coalesce()
-    keys = tokens.pairs.keys
-    token_id, feature = keys // n_features, keys % n_features
+    tokens = stats.tokens
+    token_id, feature = token_feature_pairs(stats)
     mean = tokens.pairs.sums / tokens.occurrences[token_id]
     perm, rank = ranks_within_groups(token_id, mean)
     keep = rank < per_token
     chosen = perm[keep]
     return TokenFeatures(token_id[chosen], rank[keep], feature[chosen], mean[chosen], tokens.pairs.counts[chosen])
+
+
+class FeatureWords(NamedTuple):
+    """Rows of each feature's words: the vocabulary tokens it fires on most often, most first
+    (ties by token id)."""
+
+    feature: torch.Tensor  # (m,)
+    rank: torch.Tensor  # (m,)
+    token_id: torch.Tensor  # (m,)
+    count: torch.Tensor  # (m,) firings on the token
+
+
+def feature_words(stats: StreamingStats, per_feature: int) -> FeatureWords:
+    token_id, feature = token_feature_pairs(stats)
+    counts = stats.tokens.pairs.counts
+    perm, rank = ranks_within_groups(feature, counts)
+    keep = rank < per_feature
+    chosen = perm[keep]
+    return FeatureWords(feature[chosen], rank[keep], token_id[chosen], counts[chosen])
 
 
 def density_histogram(count: torch.Tensor, n_tokens: int, bins: int = 40) -> dict:

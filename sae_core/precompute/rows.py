@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from sae_core.precompute.results import Intervals, Neighbours, TokenFeatures
+from sae_core.precompute.results import FeatureWords, Intervals, Neighbours, TokenFeatures
 from sae_core.precompute.spill import PackedActs
 from sae_core.precompute.stats import FINE_BINS, FeatureStats, TopContexts
 from sae_core.precompute.weights import LogitEffects
@@ -34,6 +34,7 @@ class RowInputs(NamedTuple):
     decoder: Neighbours
     coact: Neighbours
     token_features: TokenFeatures
+    feature_words: FeatureWords
 
 
 def short(x: float) -> float:
@@ -49,6 +50,7 @@ def store_rows(r: RowInputs) -> StoreRows:
             for c, tokens in sorted(r.context_tokens.items())
         ),
         token_features=token_feature_rows(r.sae_id, r.token_features),
+        feature_words=feature_word_rows(r.sae_id, r.feature_words),
     )
 
 
@@ -129,3 +131,9 @@ def token_feature_rows(sae_id: int, t: TokenFeatures) -> Iterator[dict]:
     columns = (t.token_id.tolist(), t.rank.tolist(), t.feature.tolist(), t.mean_act.tolist(), t.count.tolist())
     for token_id, rank, feature, mean_act, count in zip(*columns, strict=True):
         yield {"sae_id": sae_id, "token_id": token_id, "rank": rank, "feature_idx": feature, "mean_act": mean_act, "count": count}
+
+
+def feature_word_rows(sae_id: int, w: FeatureWords) -> Iterator[dict]:
+    columns = (w.feature.tolist(), w.rank.tolist(), w.token_id.tolist(), w.count.tolist())
+    for feature, rank, token_id, count in zip(*columns, strict=True):
+        yield {"sae_id": sae_id, "feature_idx": feature, "rank": rank, "token_id": token_id, "count": count}

@@ -44,6 +44,7 @@ from sae_core.precompute.encode import DictionaryCodes, sae_fingerprint
 from sae_core.precompute.results import (
     coactivation_neighbours,
     density_histogram,
+    feature_words,
     final_intervals,
     ordered_samples,
     token_index,
@@ -351,6 +352,7 @@ def run_identity(cfg: PrecomputeConfig, inputs: Inputs, contexts: Contexts) -> d
         "logit_tokens": cfg.logit_tokens,
         "hist_bins": cfg.hist_bins,
         "token_index_size": cfg.token_index_size,
+        "feature_words_size": cfg.feature_words_size,
     }
 
 
@@ -520,6 +522,7 @@ def collect_results(
         decoder=decoder_neighbours(W_dec, n=cfg.neighbours, memory_budget=cfg.memory_budget),
         coact=coactivation_neighbours(stats, cfg.neighbours, memory_budget=cfg.memory_budget),
         token_features=token_index(stats, cfg.token_index_size),
+        feature_words=feature_words(stats, cfg.feature_words_size),
     )
 
 

@@ -21,6 +21,7 @@ from sae_core.store.db import (
     ContextRow,
     ExampleRow,
     FeatureRow,
+    FeatureWordRow,
     PrecomputeStateRow,
     SaeRow,
     SubjectModelRow,
@@ -139,18 +140,20 @@ class StoreRows(NamedTuple):
     examples: Iterable[dict]
     contexts: Iterable[dict]
     token_features: Iterable[dict]
+    feature_words: Iterable[dict]
 
 
 def publish(engine: Engine, sae_id: int, name: str, release: str, sae_updates: dict, rows: StoreRows) -> None:
     """Write the results under the staging row and swap it in, into the release ``release``, all in
     one transaction."""
     with engine.begin() as conn:
-        for table in (FeatureRow, ExampleRow, ContextRow, TokenFeatureRow):
+        for table in (FeatureRow, ExampleRow, ContextRow, TokenFeatureRow, FeatureWordRow):
             conn.execute(sa.delete(table).where(table.sae_id == sae_id))
         insert_rows(conn, FeatureRow, rows.features)
         insert_rows(conn, ExampleRow, rows.examples)
         insert_rows(conn, ContextRow, rows.contexts)
         insert_rows(conn, TokenFeatureRow, rows.token_features)
+        insert_rows(conn, FeatureWordRow, rows.feature_words)
         conn.execute(sa.delete(PrecomputeStateRow).where(PrecomputeStateRow.sae_id == sae_id))
         conn.execute(sa.delete(SaeRow).where(SaeRow.name == name))
         conn.execute(

@@ -213,6 +213,19 @@ class TokenFeatureRow(Base):
     count: Mapped[int] = mapped_column(Integer)  # firings on this token
 
 
+class FeatureWordRow(Base):
+    """The vocabulary tokens a feature fires on most often over the precompute corpus, with how
+    often: the words labels add beyond the feature's examples (``sae_core.labels.corpus_words``)."""
+
+    __tablename__ = "feature_words"
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: most firings
+    token_id: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer)  # firings on this token
+
+
 # ---------------------------------------------------------------------------------------------
 # Labels and their search index (labels issue; sae_core.labels.run writes them). Every label a feature
 # was ever given lives in `labels`; `features.label*` holds the current one.
