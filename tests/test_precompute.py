@@ -431,7 +431,7 @@ def test_co_activation_neighbours_rank_by_jaccard_with_ties_in_a_fixed_order(bud
     coact.update(token, feature, torch.rand(token.numel(), generator=gen) + 0.1, 60)
     stats = StreamingStats(n_features, 10, top_k=2, per_bin=1, max_active=4, seed=0, memory_budget=budget)
     stats.coact = coact
-    got = coactivation_neighbours(stats, n, memory_budget=64 * 8 * 64 * n_features)  # chunks of 8 rows
+    got = coactivation_neighbours(stats, n, memory_budget=8 * 4 * 128 * n_features)  # chunks of 8 rows (rows_per_chunk, 128 B a pair)
     both = torch.zeros(n_features, n_features, dtype=torch.int64)
     first, second = coact.pairs.keys // n_features, coact.pairs.keys % n_features
     both[first, second] = both[second, first] = coact.pairs.counts

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from sae_core.families.cofiring import CoFiring, Shared
-from sae_core.precompute.results import Neighbours, rows_per_chunk, top_in_rows
+from sae_core.precompute.results import Neighbours, nonzero_entries, rows_per_chunk, top_in_rows
 
 TOP_N = 5  # links kept per feature, other SAE and measure: a family, not a neighbourhood
 
@@ -45,12 +45,13 @@ def jaccard_top(shared: Shared, occ_a: torch.Tensor, occ_b: torch.Tensor, *, n: 
     (that took 2.7 GB over a half-full 4,096 x 16,384 table, ~100k tokens)."""
     width_a, width_b = occ_a.numel(), occ_b.numel()
     tie = width_b - 1 - torch.arange(width_b)
-    chunk = rows_per_chunk(48 * width_b, memory_budget)  # int64 counts, unions, keys and their temporaries
+    chunk = rows_per_chunk(128 * width_b, memory_budget)  # int64 counts, and ~15 int64s per pair if all co-fired
     parts = []
     for start in range(0, width_a, chunk):
-        both = shared.rows(start, min(start + chunk, width_a))  # (rows, n_b) int64
-        score = both / (occ_a[start : start + both.shape[0]].unsqueeze(1) + occ_b - both)  # float32
-        parts.append(top_in_rows(score, both > 0, tie, n))
+        stop = min(start + chunk, width_a)
+        i, j, both = nonzero_entries(shared.rows(start, stop), start)  # (m,) each: the pairs that co-fired
+        score = both / (occ_a[i] + occ_b[j] - both)  # float32
+        parts.append(top_in_rows(score, i - start, j, tie[j], rows=stop - start, n=n))
     return Neighbours(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
 
