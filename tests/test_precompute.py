@@ -338,7 +338,7 @@ def check_feature_words(rows, flat, contexts):
     fired = flat[counted] > 0
     for f in range(D_SAE):
         tokens, counts = torch.unique(token_ids[fired[:, f]], return_counts=True)
-        expected = sorted(zip(counts.tolist(), tokens.tolist()), key=lambda p: (-p[0], p[1]))[:32]
+        expected = sorted(zip(counts.tolist(), tokens.tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:32]
         got = [(count, token) for feature, _, token, count in rows if feature == f]
         assert got == expected, f
 
