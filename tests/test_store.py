@@ -29,7 +29,7 @@ from sae_core.store.releases import (
     release_saes,
 )
 
-HEAD = "0007"
+HEAD = "0008"
 
 
 def seed_rows(conn) -> None:
@@ -72,6 +72,7 @@ def check_migrations(url: str) -> None:
     assert sa.inspect(engine).has_table("feature_links") and sa.inspect(engine).has_table("feature_map")
     assert sa.inspect(engine).has_table("graphs")
     assert "map_built_at" in {column["name"] for column in sa.inspect(engine).get_columns("saes")}
+    assert sa.inspect(engine).has_table("feature_words")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     with Session(engine) as session:  # the SAE of the older store is now a release of one
