@@ -314,7 +314,7 @@ def add_feature_words(
 ) -> None:
     """Write the words precompute keeps: for each feature, the ``per_feature`` tokens of
     ``tokens`` (n_contexts, seq) it fires on most often (``acts``: (features, n_contexts, seq)),
-    with how often."""
+    with how often, and how often each occurs."""
     rows = []
     for f in range(acts.shape[0]):
         fired, counts = np.unique(tokens[acts[f] > 0], return_counts=True)
@@ -326,6 +326,7 @@ def add_feature_words(
                 rank=rank,
                 token_id=int(fired[i]),
                 count=int(counts[i]),
+                occurrences=int((tokens == fired[i]).sum()),
             )
             for rank, i in enumerate(ranked)
         ]

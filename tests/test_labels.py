@@ -762,10 +762,14 @@ def test_dense_and_unclear_features_say_so_before_their_rule():
     assert auto_label_text(rule, 0.1, 0.00031, []).startswith("unclear: fires on 0.031% of tokens;")
 
 
-def stored(firings: Counter, full: bool = False) -> FeatureWords:
-    """A feature's stored words: ``firings`` by word, most first."""
+def stored(
+    firings: Counter, full: bool = False, occurrences: Counter | None = None
+) -> FeatureWords:
+    """A feature's stored words: ``firings`` by word, most first, each word occurring as often as
+    ``occurrences`` says (default: as often as it fires)."""
     words, counts = zip(*firings.most_common(), strict=True)
-    return FeatureWords(list(words), list(counts), full)
+    occurs = [(occurrences or firings)[w] for w in words]
+    return FeatureWords(list(words), list(counts), occurs, full)
 
 
 def test_corpus_words_leave_out_what_the_held_out_windows_showed():
@@ -795,6 +799,20 @@ def test_corpus_words_use_no_word_the_held_out_windows_put_in_a_full_list():
     # ` b`: 5 - 2 = 3 left, fewer than the last word's 4; ` c` owes the held-out windows nothing
     assert corpus_term(stored(firings, full=True), heldout, vocab) == Term((" a", " c"))
     assert corpus_term(stored(firings), heldout, vocab) == Term((" a", " c", " b"))
+
+
+def test_corpus_words_keep_a_word_the_feature_fires_on_often_enough():
+    """A word joins when the feature fires on at least a quarter of its occurrences outside the
+    held-out windows, which the word's occurrences there are taken out of."""
+    vocab = Vocab.of_texts([" a", " b", " the"])
+    library = ContextLibrary(vocab, {0: np.array([2, 2, 2, 0])})
+    heldout = library.tokens(np.array([0]), np.array([[False, False, False, False]]))
+    a, b, the = (vocab.index[w] for w in (" a", " b", " the"))
+    firings = Counter({the: 40, a: 3, b: 2})
+    occurrences = Counter({the: 163, a: 12, b: 9})  # ` the`: 40 of 160 outside; ` a`: 3 of 11
+    assert corpus_term(stored(firings, occurrences=occurrences), heldout, vocab) == Term(
+        (" the", " a")
+    )
 
 
 def test_corpus_words_add_what_the_rule_does_not_explain_or_replace_any_token():

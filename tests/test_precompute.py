@@ -158,7 +158,7 @@ def dump(db_url: str, sae_id: int | None = None) -> dict[str, list]:
         "examples": f"select feature_idx, kind, bin, rank, context_id, max_act, max_pos, acts from examples{where} order by feature_idx, kind, bin, rank",
         "contexts": f"select id, token_ids from contexts{where} order by id",
         "token_features": f"select token_id, rank, feature_idx, mean_act, count from token_features{where} order by token_id, rank",
-        "feature_words": f"select feature_idx, rank, token_id, count from feature_words{where} order by feature_idx, rank",
+        "feature_words": f"select feature_idx, rank, token_id, count, occurrences from feature_words{where} order by feature_idx, rank",
         "state": f"select count(*) from precompute_state{where}",
     }
     with engine.connect() as conn:
@@ -331,15 +331,17 @@ def check_token_index(token_rows, flat, contexts):
 
 
 def check_feature_words(rows, flat, contexts):
-    """Each feature's 32 most frequent tokens, ties by token id, against counting them."""
+    """Each feature's 32 most frequent tokens, ties by token id, and their occurrences, against
+    counting them."""
     assert rows
     counted = ~contexts.special_mask.reshape(-1)
     token_ids = contexts.tokens.reshape(-1)[counted]
     fired = flat[counted] > 0
     for f in range(D_SAE):
         tokens, counts = torch.unique(token_ids[fired[:, f]], return_counts=True)
-        expected = sorted(zip(counts.tolist(), tokens.tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:32]
-        got = [(count, token) for feature, _, token, count in rows if feature == f]
+        ranked = sorted(zip(counts.tolist(), tokens.tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:32]
+        expected = [(count, token, int((token_ids == token).sum())) for count, token in ranked]
+        got = [(count, token, occurrences) for feature, _, token, count, occurrences in rows if feature == f]
         assert got == expected, f
 
 

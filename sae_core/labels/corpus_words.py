@@ -5,10 +5,10 @@ examples.
 A sparse feature's examples show a few of the words it fires on; precompute counted its firings
 on every token of the corpus. A label adds, as a term of its own, the words its rule does not
 explain that the feature fired on at least ``MIN_CORPUS_FIRINGS`` times outside its held-out
-windows. The counts cover every window, held-out ones included, so nothing taken from them may
+windows, on at least ``MIN_WORD_PRECISION`` of the word's occurrences there. The counts cover every window, held-out ones included, so nothing taken from them may
 rest on those windows:
-- the feature's firings in its held-out windows (known from its held-out examples) are taken out
-  of the counts;
+- the feature's firings in its held-out windows (known from its held-out examples), and the
+  word's occurrences there, are taken out of the counts;
 - a token the feature fired on in those windows counts only if it would hold its place in the
   feature's list without them: when the list is as long as precompute keeps, more firings left
   than the list's last, which every token left out fired at most as often as.
@@ -30,6 +30,9 @@ from sae_core.labels.scoring import rule_mask
 from sae_core.store.db import FeatureWordRow, SaeRow
 
 MIN_CORPUS_FIRINGS = 2  # as a key of the rule search: a word seen firing once is an anecdote
+# Adding a word raises a rule's F1 when the feature fires on more than about half that F1's share
+# of the word's occurrences; a quarter is that bar for the F1 of 0.5 labels aim at.
+MIN_WORD_PRECISION = 0.25
 
 
 class FeatureWords(NamedTuple):
@@ -37,6 +40,7 @@ class FeatureWords(NamedTuple):
 
     text_ids: list[int]
     counts: list[int]  # the feature's firings on each, in every window
+    occurrences: list[int]  # each token's occurrences, in every window
     full: bool  # as long as precompute keeps: tokens left out fired at most ``counts[-1]`` times
 
 
@@ -46,32 +50,45 @@ def corpus_firings(
     """The stored words of each of ``features`` that has any."""
     kept = (sae.precompute_cfg or {}).get("feature_words_size")
     rows = session.execute(
-        sa.select(FeatureWordRow.feature_idx, FeatureWordRow.token_id, FeatureWordRow.count)
+        sa.select(
+            FeatureWordRow.feature_idx,
+            FeatureWordRow.token_id,
+            FeatureWordRow.count,
+            FeatureWordRow.occurrences,
+        )
         .where(FeatureWordRow.sae_id == sae.id, FeatureWordRow.feature_idx.in_(features))
         .order_by(FeatureWordRow.feature_idx, FeatureWordRow.rank)
     )
-    lists: dict[int, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for feature, token, count in rows:
-        text_ids, counts = lists[feature]
-        text_ids.append(int(vocab.text_id[token]))
-        counts.append(count)
-    return {f: FeatureWords(t, c, len(c) == kept) for f, (t, c) in lists.items()}
+    lists: dict[int, tuple[list[int], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
+    for feature, token, count, occurrences in rows:
+        for column, value in zip(
+            lists[feature], (int(vocab.text_id[token]), count, occurrences), strict=True
+        ):
+            column.append(value)
+    return {f: FeatureWords(t, c, o, len(c) == kept) for f, (t, c, o) in lists.items()}
 
 
 def corpus_term(words: FeatureWords | None, heldout: TokenSet, vocab: Vocab) -> Term | None:
-    """The words a feature fired on at least ``MIN_CORPUS_FIRINGS`` times outside its held-out
-    windows, by tokens whose place in its list stands without those windows, most firings first;
-    None when there are none."""
+    """The words a feature fired on at least ``MIN_CORPUS_FIRINGS`` times and on at least
+    ``MIN_WORD_PRECISION`` of their occurrences outside its held-out windows, by tokens whose place
+    in its list stands without those windows, most firings first; None when there are none."""
     if words is None:
         return None
     seen = Counter(heldout.text_ids[heldout.fires].tolist())
     floor = words.counts[-1] if words.full else 0
     firings: Counter = Counter()
-    for text_id, count in zip(words.text_ids, words.counts, strict=True):
+    occurrences: Counter = Counter()
+    for text_id, count, occurs in zip(words.text_ids, words.counts, words.occurrences, strict=True):
         if not seen[text_id] or count - seen[text_id] > floor:
             firings[text_id] += count
+            occurrences[text_id] += occurs
     firings -= seen
-    kept = [w for w, n in firings.most_common() if n >= MIN_CORPUS_FIRINGS]
+    occurrences -= Counter(heldout.text_ids[heldout.keep].tolist())
+    kept = [
+        w
+        for w, n in firings.most_common()
+        if n >= MIN_CORPUS_FIRINGS and n >= MIN_WORD_PRECISION * occurrences[w]
+    ]
     return Term(tuple(vocab.texts[w] for w in kept)) if kept else None
 
 

@@ -194,6 +194,7 @@ class FeatureWords(NamedTuple):
     rank: torch.Tensor  # (m,)
     token_id: torch.Tensor  # (m,)
     count: torch.Tensor  # (m,) firings on the token
+    occurrences: torch.Tensor  # (m,) the token's occurrences in the corpus
 
 
 def feature_words(stats: StreamingStats, per_feature: int) -> FeatureWords:
@@ -202,7 +203,8 @@ def feature_words(stats: StreamingStats, per_feature: int) -> FeatureWords:
     perm, rank = ranks_within_groups(feature, counts)
     keep = rank < per_feature
     chosen = perm[keep]
-    return FeatureWords(feature[chosen], rank[keep], token_id[chosen], counts[chosen])
+    token_id = token_id[chosen]
+    return FeatureWords(feature[chosen], rank[keep], token_id, counts[chosen], stats.tokens.occurrences[token_id])
 
 
 def density_histogram(count: torch.Tensor, n_tokens: int, bins: int = 40) -> dict:

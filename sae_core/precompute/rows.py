@@ -154,6 +154,6 @@ def token_feature_rows(sae_id: int, t: TokenFeatures) -> Iterator[dict]:
 
 
 def feature_word_rows(sae_id: int, w: FeatureWords) -> Iterator[dict]:
-    columns = (w.feature.tolist(), w.rank.tolist(), w.token_id.tolist(), w.count.tolist())
-    for feature, rank, token_id, count in zip(*columns, strict=True):
-        yield {"sae_id": sae_id, "feature_idx": feature, "rank": rank, "token_id": token_id, "count": count}
+    columns = (w.feature.tolist(), w.rank.tolist(), w.token_id.tolist(), w.count.tolist(), w.occurrences.tolist())
+    for feature, rank, token_id, count, occurrences in zip(*columns, strict=True):
+        yield {"sae_id": sae_id, "feature_idx": feature, "rank": rank, "token_id": token_id, "count": count, "occurrences": occurrences}

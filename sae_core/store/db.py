@@ -224,6 +224,7 @@ class FeatureWordRow(Base):
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: most firings
     token_id: Mapped[int] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(Integer)  # firings on this token
+    occurrences: Mapped[int] = mapped_column(Integer)  # the token's occurrences in the corpus
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("rank", sa.Integer, primary_key=True),
         sa.Column("token_id", sa.Integer, nullable=False),
         sa.Column("count", sa.Integer, nullable=False),
+        sa.Column("occurrences", sa.Integer, nullable=False),
     )
 
 
