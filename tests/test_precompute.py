@@ -41,6 +41,8 @@ from sae_core.store.db import (
     pack_acts,
     pack_acts_rows,
     unpack_acts,
+    unpack_levels,
+    unpack_levels_rows,
 )
 from tests.tiny import TRAIN_TEXT
 
@@ -395,6 +397,20 @@ def test_rows_packed_at_once_equal_pack_acts_byte_for_byte():
     dense[3, 63] = 5.0  # one firing, at the last position
     assert pack_acts_rows(dense) == [packed_alone(row) for row in dense]
     assert [pack_acts(row) for row in dense] == pack_acts_rows(dense)
+
+
+def test_blobs_unpacked_at_once_equal_unpack_levels():
+    """unpack_levels_rows (many blobs in one numpy pass) reads each blob as unpack_levels does,
+    an empty one (nothing fired) included."""
+    rng = np.random.default_rng(1)
+    dense = np.where(rng.random((50, 64)) < 0.3, rng.random((50, 64)), 0.0).astype(np.float32)
+    dense[np.arange(50), rng.integers(0, 64, 50)] = 0.5
+    blobs = [blob for blob, _, _ in pack_acts_rows(dense)] + [pack_acts(np.zeros(64))[0]]
+    counts, positions, levels = unpack_levels_rows(blobs)
+    alone = [unpack_levels(blob) for blob in blobs]
+    assert counts.tolist() == [p.size for p, _ in alone]
+    assert positions.tolist() == np.concatenate([p for p, _ in alone]).tolist()
+    assert levels.tolist() == np.concatenate([lv for _, lv in alone]).tolist()
 
 
 def test_dense_and_sparse_co_activation_counts_agree():

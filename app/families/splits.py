@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.families.reads import Node, by_sae, of_nodes, rows_in
 from app.families.schemas import FamilyEdgePublic, SplitPublic, SplitTokenPublic
 from app.vocab import get_vocabulary
-from sae_core.store.db import ContextRow, ExampleRow, SaeRow
+from sae_core.store.db import ContextRow, ExampleRow, SaeRow, unpack_levels_rows
 
 MIN_CHILD_SHARE = 0.05  # a token worth naming carries at least 5% of the child's activation
 RARE_RATIO = 0.25  # ... and under a quarter of that share among the parent's
@@ -70,33 +70,15 @@ def shares_of(session: Session, nodes: Collection[Node]) -> dict[Node, TokenShar
 def _fired(rows: Sequence[sa.Row]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every token where an example fired, over all ``rows`` (feature index, packed acts, packed
     token ids) at once: (n,) feature index, token id and level. A family page reads ~600 examples,
-    and decoding each apart (``unpack_levels``, ``unpack_tokens``) cost ~5 numpy calls a row.
-
-    Each acts blob is ``pack_acts``'s: a little-endian uint16 count n, n uint16 positions, then
-    n uint8 levels; so entry k of a row's n sits at byte 2 + 2k (position) and 2 + 2n + k (level).
-    The rows are taken apart column by column (``zip``, ``map``), not by a Python loop per row."""
+    and decoding each apart (``unpack_levels``, ``unpack_tokens``) cost ~5 numpy calls a row."""
     indexes, acts_blobs, token_blobs = zip(*rows, strict=True)
-    acts = np.frombuffer(b"".join(acts_blobs), dtype=np.uint8)
-    tokens = np.frombuffer(b"".join(token_blobs), dtype="<i4")
-    acts_at = _starts(np.fromiter(map(len, acts_blobs), np.int64, len(rows)))  # (rows,) where each blob begins
-    tokens_at = _starts(np.fromiter(map(len, token_blobs), np.int64, len(rows)) // 4)
-    counts = _uint16(acts, acts_at)
+    counts, positions, levels = unpack_levels_rows(acts_blobs)
     row = np.repeat(np.arange(len(rows)), counts)  # (n,) the row of each fired token
-    k = np.arange(row.size) - np.repeat(_starts(counts), counts)  # (n,) its rank in its row
-    positions = _uint16(acts, acts_at[row] + 2 + 2 * k)
-    levels = acts[acts_at[row] + 2 + 2 * counts[row] + k]
+    tokens = np.frombuffer(b"".join(token_blobs), dtype="<i4")
+    lengths = np.fromiter(map(len, token_blobs), np.int64, len(rows)) // 4
+    tokens_at = np.cumsum(lengths) - lengths  # (rows,) where each row's tokens begin
     features = np.array(indexes, dtype=np.int64)
     return features[row], tokens[tokens_at[row] + positions].astype(np.int64), levels
-
-
-def _uint16(data: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The little-endian uint16s of ``data`` (bytes) at offsets ``at``, as int64."""
-    return data[at].astype(np.int64) | data[at + 1].astype(np.int64) << 8
-
-
-def _starts(lengths: np.ndarray) -> np.ndarray:
-    """Where each of consecutive runs of ``lengths`` begins."""
-    return np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
 
 
 def _shares(features: np.ndarray, tokens: np.ndarray, levels: np.ndarray) -> dict[int, TokenShares]:

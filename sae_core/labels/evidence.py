@@ -29,6 +29,7 @@ from sae_core.store.db import (
     SubjectModelRow,
     VocabRow,
     unpack_acts,
+    unpack_levels_rows,
     unpack_tokens,
 )
 
@@ -291,20 +292,6 @@ class Windows(NamedTuple):
     negatives: list[int]
 
 
-def _firing_positions(examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
-    """Where each example's feature fires, read from many ``pack_acts`` blobs in one pass over
-    them joined: how many positions each has, (n_examples,), and those positions end to end.
-    int64."""
-    blobs = [e.acts_blob for e in examples]
-    counts = np.fromiter((b[0] | b[1] << 8 for b in blobs), dtype=np.int64, count=len(blobs))
-    lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
-    data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-    first = np.cumsum(lengths) - lengths + 2  # each blob's first position, after its count
-    nth = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    at = np.repeat(first, counts) + 2 * nth  # little-endian uint16s
-    return counts, data[at].astype(np.int64) | data[at + 1].astype(np.int64) << 8
-
-
 def gather_windows(library: ContextLibrary, sets: list[Windows]) -> list[TokenSet]:
     """The tokens of each set of windows, gathered from the library at once (a chunk of
     features' evidence in one gather, rather than two small ones per feature)."""
@@ -315,7 +302,7 @@ def gather_windows(library: ContextLibrary, sets: list[Windows]) -> list[TokenSe
     # each example's row: its set's first row, plus its rank in the set
     set_start, example_start = np.cumsum(n_rows) - n_rows, np.cumsum(n_examples) - n_examples
     example_rows = np.repeat(set_start - example_start, n_examples) + np.arange(n_examples.sum())
-    counts, positions = _firing_positions([e for w in sets for e in w.examples])
+    counts, positions, _ = unpack_levels_rows([e.acts_blob for w in sets for e in w.examples])
     seq = library.text.shape[1]
     fires = np.zeros((len(rows), seq), dtype=bool)
     fires[np.repeat(example_rows, counts), positions] = True

@@ -94,4 +94,3 @@ def example_activations(path: Path, wanted: np.ndarray, n_features: int) -> dict
         dense[example_row, position[hit]] = record.value[hit]
         out.update(zip(example_keys.tolist(), (PackedActs(*p) for p in pack_acts_rows(dense)), strict=True))
     return out
-
