@@ -1,5 +1,5 @@
 """A feature seen in passing: a snippet of its top example around the max activation, with its
-label and density (neighbour lists, family panels), read in one joined query."""
+label and density (neighbour lists, family panels), read by one joined statement per SAE."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app.families.reads import of_nodes, rows_of
 from app.schemas import NeighbourPublic, TokensPublic
 from app.vocab import Vocabulary, get_vocabulary
 from sae_core.store.db import ContextRow, ExampleRow, FeatureRow, SaeRow, unpack_acts, unpack_tokens
@@ -47,12 +48,11 @@ def neighbour_previews(
     session: Session, lists: Sequence[tuple[SaeRow | sa.Row, list]]
 ) -> list[list[NeighbourPublic]]:
     """Each (SAE, [[idx, score], ...]) -> neighbours with label, density and a snippet of their
-    top example. One query reads them all, with their top example and its context: a feature
-    page asks for its neighbours and its family panel's links into other SAEs at once."""
-    wanted: dict[int, set[int]] = {}
-    for sae, pairs in lists:
-        wanted.setdefault(sae.id, set()).update(int(i) for i, _ in pairs)
-    known = _preview_rows(session, {sae_id: sorted(ix) for sae_id, ix in wanted.items() if ix})
+    top example. They are read together, a prepared statement per SAE (``rows_of``), with their
+    top example and its context: a feature page asks for its neighbours and its family panel's
+    links into other SAEs at once."""
+    wanted = {(sae.id, int(i)) for sae, pairs in lists for i, _ in pairs}
+    known = {(row.sae_id, row.idx): row for row in rows_of(session, PREVIEWS_OF, wanted)}
     vocabs = {sae.model_id: get_vocabulary(session, sae.model_id) for sae, pairs in lists if pairs}
 
     def neighbour(sae: SaeRow | sa.Row, idx: int, score: float) -> NeighbourPublic:
@@ -80,16 +80,10 @@ IS_TOP = sa.and_(
     ExampleRow.bin == 0,
     ExampleRow.rank == 0,
 )
-
-
-def _preview_rows(session: Session, wanted: dict[int, list[int]]) -> dict[tuple[int, int], sa.Row]:
-    """(SAE id, index) -> the feature's label, density and top example, for ``wanted`` indices."""
-    if not wanted:
-        return {}
-    rows = session.execute(
-        sa.select(FeatureRow.sae_id, FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density, *EXAMPLE_COLUMNS)
-        .outerjoin(ExampleRow, IS_TOP)
-        .outerjoin(ContextRow, WITH_CONTEXT)
-        .where(sa.or_(*(sa.and_(FeatureRow.sae_id == s, FeatureRow.idx.in_(ix)) for s, ix in wanted.items())))
-    )
-    return {(row.sae_id, row.idx): row for row in rows}
+# Features' label, density and top example with its context, by ``rows_of``.
+PREVIEWS_OF = (
+    sa.select(FeatureRow.sae_id, FeatureRow.idx, FeatureRow.label, FeatureRow.label_f1, FeatureRow.density, *EXAMPLE_COLUMNS)
+    .outerjoin(ExampleRow, IS_TOP)
+    .outerjoin(ContextRow, WITH_CONTEXT)
+    .where(of_nodes(FeatureRow.sae_id, FeatureRow.idx))
+)
