@@ -1,5 +1,5 @@
-"""The family page's reads of many features at once (a drawing has ~30, in a few SAEs), by
-statements built once, at import.
+"""Reads of many features at once, in a few SAEs (a family drawing has ~30; a feature page's
+previews of its neighbours and linked features), by statements built once, at import.
 
 A statement built per request (an ``or_`` of an ``in_`` per SAE) costs ~1 ms of SQLAlchemy CPU
 to build and key for its compiled cache, as much as SQLite's own work for it; a statement built
