@@ -154,8 +154,10 @@ def _keys(
     ``in_slot`` (slots, N) the tokens of each slot."""
     feature, text = _chosen_keys(batch, values, n_texts, also)
     local, width = _local_ids(batch, values, feature, text, n_texts)
-    token, column = np.nonzero(local < width)  # (N, values) -> each token's keys, in order
-    owner, key = batch.owner[token], local[token, column].astype(np.int64)
+    # (N, values) -> each token's keys, in order: one flat search, no (token, column) pairs
+    found = np.flatnonzero(local < width)
+    token, key = found // local.shape[1], local.reshape(-1)[found].astype(np.int64)
+    owner = batch.owner[token]
     # A token's keys are laid out once, then copied into each slot it is in: the copies keep
     # their order, so a token's first key is its first in every slot.
     first = np.r_[True, token[1:] != token[:-1]]
