@@ -163,16 +163,17 @@ def _keys(
     first = np.r_[True, token[1:] != token[:-1]]
     n_slots = len(in_slot)
     tally = (owner * n_slots * (width + 1) + key) * 2 + batch.fires[token]
-    slot, entry = np.nonzero(in_slot[:, token])  # by slot, then token
-    anywhere = in_slot[-1, token]
+    # by slot, then token: each slot's copies selected by a mask (faster than gathering them)
+    copied = [in_slot[slot, token] for slot in range(n_slots)]
+    anywhere = copied[-1]
     texts = np.full((batch.n_features, width), -1, dtype=np.int64)
     texts[feature, _ranks(feature)] = text
     return _Keys(
         texts,
         np.bincount(feature, minlength=batch.n_features),
-        token[entry],
-        tally[entry] + slot * 2 * (width + 1),
-        first[entry],
+        np.concatenate([token[m] for m in copied]),
+        np.concatenate([tally[m] + slot * 2 * (width + 1) for slot, m in enumerate(copied)]),
+        np.concatenate([first[m] for m in copied]),
         not first.all(),
         token[anywhere],
         (owner * (width + 1) + key)[anywhere],
