@@ -188,7 +188,7 @@ def _search(batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]) ->
     columns = np.where(np.arange(columns.shape[1]) < n_columns[:, None], columns, -1)
     in_columns = batch.by_signature(batch.flags.T[columns] & (columns >= 0)[:, :, None])
     # (slots, N): only kept tokens of features that fire are ever counted
-    in_slot = np.concatenate([in_columns, batch.keep[:, None]], axis=1).T
+    in_slot = np.concatenate([in_columns, batch.keep[None]])
     in_slot &= batch.keep & (n_firing > 0)[batch.owner]
     n_texts = len(vocab.texts) + 1  # text ids run to len(texts): padding
     promoted_ids = [vocab.ids_of(p) for p in promoted]

@@ -84,6 +84,7 @@ class TokenBatch(NamedTuple):
 
     def by_signature(self, table: np.ndarray) -> np.ndarray:
         """Each token's entry of ``table`` (F, ..., S), a value per feature and signature.
-        (N, ...)."""
-        per_cell = np.moveaxis(table, -1, 1)  # (F, S, ...)
-        return per_cell.reshape(self.n_features * len(self.flags), *table.shape[1:-1])[self.cell]
+        (..., N): tokens last, so that each row of the middle axes is contiguous (the search
+        reads them a row at a time)."""
+        per_cell = np.moveaxis(table, 0, -2)  # (..., F, S)
+        return np.take(per_cell.reshape(*table.shape[1:-1], -1), self.cell, axis=-1)
