@@ -138,12 +138,15 @@ def _lex(vocab: Vocab, windows: list[np.ndarray], seq: int) -> np.ndarray:
     return np.packbits(out, axis=-1)
 
 
-# The vocabulary a forked lexing worker reads: set in the parent just before the pool forks.
-_LEXING: Vocab | None = None
+# What a forked lexing worker reads, set in the parent just before the pool forks: the
+# vocabulary, the windows and their length. A task names its windows by their range alone, so
+# no window is pickled on its way to a worker.
+_LEXING: tuple[Vocab, list[np.ndarray], int] | None = None
 
 
-def _lex_task(task: tuple[list[np.ndarray], int]) -> np.ndarray:
-    return _lex(_LEXING, *task)
+def _lex_task(start: int) -> np.ndarray:
+    vocab, windows, seq = _LEXING
+    return _lex(vocab, windows[start : start + WINDOWS_PER_LEX], seq)
 
 
 def lex_windows(vocab: Vocab, windows: list[np.ndarray], seq: int, workers: int) -> np.ndarray:
@@ -151,17 +154,15 @@ def lex_windows(vocab: Vocab, windows: list[np.ndarray], seq: int, workers: int)
     work per window (~0.2 ms), the bulk of a library: ``workers`` forked processes share it,
     ``WINDOWS_PER_LEX`` windows at a time, in order."""
     global _LEXING
-    tasks = [
-        (windows[i : i + WINDOWS_PER_LEX], seq) for i in range(0, len(windows), WINDOWS_PER_LEX)
-    ]
-    workers = min(workers, len(tasks))
+    starts = range(0, len(windows), WINDOWS_PER_LEX)
+    workers = min(workers, len(starts))
     if workers <= 1:
-        packed = [_lex(vocab, *task) for task in tasks]
+        packed = [_lex(vocab, windows[i : i + WINDOWS_PER_LEX], seq) for i in starts]
     else:
-        _LEXING = vocab
+        _LEXING = (vocab, windows, seq)
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
-                packed = list(pool.imap(_lex_task, tasks))
+                packed = list(pool.imap(_lex_task, starts))
         finally:
             _LEXING = None
     if not packed:
