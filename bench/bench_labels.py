@@ -279,23 +279,27 @@ def tune(source: str, sae_name: str, settings: list[str]) -> None:
     vocab, features = _tuning_split(source, sae_name)
     print(f"{len(features):,} features with a tuning split")
     defaults = {name: getattr(modules[name], name) for name in names}
+    fits: dict[tuple, tuple[list, float]] = {}  # by the search's settings: fits, CPU-seconds
     for values in itertools.product(*grids):
         for name, value in zip(names, values, strict=True):
             setattr(modules[name], name, type(defaults[name])(value))
-        cpu = time.process_time()
-        fitted = induction.fit_rules(
-            [f.evidence.train for f in features], vocab, [f.promoted for f in features]
-        )
+        searched = tuple(getattr(induction, n) for n in names if modules[n] is induction)
+        if searched not in fits:  # corpus words' settings alone leave the search as it was
+            cpu = time.process_time()
+            fitted = induction.fit_rules(
+                [f.evidence.train for f in features], vocab, [f.promoted for f in features]
+            )
+            fits[searched] = (fitted, time.process_time() - cpu)
+        fitted, cpu = fits[searched]
         rules = [f.rule for f in fitted]
-        cpu = time.process_time() - cpu
         labels = [
             corpus_words.with_corpus_words(
-                rule,
+                fit.rule,
                 corpus_words.corpus_term(f.words, f.unseen, vocab),
                 f.evidence.train,
                 vocab,
             )
-            for rule, f in zip(rules, features, strict=True)
+            for fit, f in zip(fitted, features, strict=True)
         ]
         f1, label_f1 = (
             np.array(
