@@ -319,6 +319,18 @@ def tune(source: str, sae_name: str, settings: list[str]) -> None:
         setattr(modules[name], name, value)
 
 
+def compare_f1(name: str, theirs: dict[int, list], ours: dict[int, list]) -> None:
+    """The held-out F1 distributions of two checkouts' automatic labels to three decimals (the
+    report rounds to two), and how many features each labels better."""
+    before, after = (np.array([labels[i][3] for i in sorted(theirs)]) for labels in (theirs, ours))
+    print(f"{name}: automatic labels' held-out F1 {_distribution(before)}")
+    print(f"this checkout: automatic labels' held-out F1 {_distribution(after)}")
+    print(
+        f"F1 higher here for {np.sum(after > before):,} features, lower for "
+        f"{np.sum(after < before):,}, the same for {np.sum(after == before):,}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--features", type=int, default=2048)
@@ -358,6 +370,7 @@ def main() -> None:
     for ours, other in zip(runs, theirs, strict=False):
         same = sum(ours["labels"].get(i) == label for i, label in other["labels"].items())
         print(f"labels identical to {args.against}'s: {same:,} of {len(other['labels']):,}")
+        compare_f1(args.against, other["labels"], ours["labels"])
     if theirs:
         print(f"{args.against}:", *theirs[-1]["report"], "this checkout:", sep="\n")
     print(*runs[-1]["report"], sep="\n")
