@@ -5,9 +5,11 @@ elsewhere), half fire at random; the store keeps what precompute keeps (top exam
 samples per bin, their contexts). Prints labelling throughput and the held-out F1 of both halves.
 ``--store``: label a copy of that store's SAE (``--sae``) instead and print its F1 report.
 ``--tune NAME=V1,V2 ...``: no labelling; for each combination of those settings of
-``sae_core.labels.induction``, fit every alive feature on its tuning split (its training evidence
-split again, ``tuning_evidence``) and print the F1 distribution there: settings are chosen on
-this, never on the held-out tokens labels are scored on.
+``sae_core.labels.induction`` or ``sae_core.labels.corpus_words``, label every alive feature on
+its tuning split (its training evidence split again, ``tuning_evidence``: the fitted rule, then
+its corpus words, less the firings of both the tuning and the scored held-out windows) and print
+the F1 distribution there: settings are chosen on this, never on the held-out tokens labels are
+scored on.
 
 Each run is timed with one process and with ``--workers`` side by side, and prints the 1-minute
 load average around it: on a shared machine the wall-clock rate is the contended one, and the CPU
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
@@ -43,10 +46,13 @@ from sqlalchemy.orm import Session
 if "sae_core" not in sys.modules:  # (imported by ``--against``, that checkout's is loaded)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_core.labels import induction  # noqa: E402
+from sae_core.labels import corpus_words, induction  # noqa: E402
 from sae_core.labels.evidence import (  # noqa: E402
     ContextLibrary,
+    FeatureEvidence,
+    TokenSet,
     Vocab,
+    build_evidence,
     load_examples,
     tuning_evidence,
 )
@@ -198,8 +204,25 @@ def print_run(name: str, workers: int, run: dict) -> None:
     )
 
 
-def _tuning_split(source: str, sae_name: str) -> tuple[Vocab, list[tuple]]:
-    """(vocab, [(tuning evidence, promoted tokens)]) of every alive feature of a store's SAE."""
+class _Tuning(NamedTuple):
+    """A feature's tuning split, what its search is given, and its stored corpus words."""
+
+    evidence: FeatureEvidence  # the training evidence split again
+    promoted: tuple[str, ...]
+    words: corpus_words.FeatureWords | None
+    unseen: TokenSet  # the held-out tokens of both splits: the corpus words owe them nothing
+
+
+def _joined(sets: list[TokenSet]) -> TokenSet:
+    """Token sets of one library, end to end."""
+    return TokenSet._make(
+        sets[0].flags if name == "flags" else np.concatenate([getattr(s, name) for s in sets])
+        for name in TokenSet._fields
+    )
+
+
+def _tuning_split(source: str, sae_name: str) -> tuple[Vocab, list[_Tuning]]:
+    """The vocabulary, and the tuning split of every alive feature of a store's SAE."""
     engine = create_engine_for(f"sqlite:///{source}", readonly=True)
     with Session(engine) as session:
         sae = get_sae(session, sae_name)
@@ -211,13 +234,16 @@ def _tuning_split(source: str, sae_name: str) -> tuple[Vocab, list[tuple]]:
             )
         ).all()
         examples = load_examples(session, sae.id, 0, sae.d_sae)
+        words = corpus_words.corpus_firings(session, sae, vocab, [idx for idx, _ in features])
     engine.dispose()
     out = []
     for idx, logit_top in features:
         evidence = tuning_evidence(library, idx, examples.get(idx, []), seed=0)
         if evidence is not None:
+            scored = build_evidence(library, idx, examples[idx], seed=0)
             promoted = [vocab.texts[vocab.text_id[int(t)]] for t, _ in (logit_top or [])[:PROMOTED]]
-            out.append((evidence, tuple(promoted)))
+            unseen = _joined([scored.heldout, evidence.heldout])
+            out.append(_Tuning(evidence, tuple(promoted), words.get(idx), unseen))
     return vocab, out
 
 
@@ -227,36 +253,82 @@ def _listed(rule) -> bool:
     return all(t.tokens and t.n_parts == 1 for t in rule.terms)
 
 
+_TUNABLE = (induction, corpus_words)  # the modules whose settings ``--tune`` may set
+
+
+def _module_of(name: str):
+    for module in _TUNABLE:
+        if hasattr(module, name):
+            return module
+    raise SystemExit(f"--tune: neither induction nor corpus_words has a setting {name!r}")
+
+
+def _distribution(f1: np.ndarray) -> str:
+    return (
+        f"median {np.median(f1):.3f} mean {f1.mean():.3f} F1=0 {np.mean(f1 == 0):.1%} "
+        f"F1>=0.5 {np.mean(f1 >= 0.5):.1%}"
+    )
+
+
 def tune(source: str, sae_name: str, settings: list[str]) -> None:
-    """Print the tuning split's F1 distribution under each combination of ``settings``."""
+    """Print the tuning split's F1 distribution under each combination of ``settings``: of the
+    fitted rules alone, and of the labels (the rules with their corpus words)."""
     names = [s.split("=", 1)[0] for s in settings]
-    for name in names:
-        if not hasattr(induction, name):
-            raise SystemExit(f"--tune: induction has no setting {name!r}")
+    modules = {name: _module_of(name) for name in names}
     grids = [[float(v) for v in s.split("=", 1)[1].split(",")] for s in settings]
     vocab, features = _tuning_split(source, sae_name)
     print(f"{len(features):,} features with a tuning split")
-    defaults = {name: getattr(induction, name) for name in names}
+    defaults = {name: getattr(modules[name], name) for name in names}
+    fits: dict[tuple, tuple[list, float]] = {}  # by the search's settings: fits, CPU-seconds
     for values in itertools.product(*grids):
         for name, value in zip(names, values, strict=True):
-            setattr(induction, name, type(defaults[name])(value))
-        cpu = time.process_time()
-        fitted = induction.fit_rules(
-            [e.train for e, _ in features], vocab, [p for _, p in features]
-        )
+            setattr(modules[name], name, type(defaults[name])(value))
+        searched = tuple(getattr(induction, n) for n in names if modules[n] is induction)
+        if searched not in fits:  # corpus words' settings alone leave the search as it was
+            cpu = time.process_time()
+            fitted = induction.fit_rules(
+                [f.evidence.train for f in features], vocab, [f.promoted for f in features]
+            )
+            fits[searched] = (fitted, time.process_time() - cpu)
+        fitted, cpu = fits[searched]
         rules = [f.rule for f in fitted]
-        cpu = time.process_time() - cpu
-        f1 = np.array(
-            [score_rule(r, e.heldout, vocab).f1 for r, (e, _) in zip(rules, features, strict=True)]
+        labels = [
+            corpus_words.with_corpus_words(
+                fit.rule,
+                corpus_words.corpus_term(f.words, f.unseen, vocab),
+                f.evidence.train,
+                vocab,
+            )
+            for fit, f in zip(fitted, features, strict=True)
+        ]
+        f1, label_f1 = (
+            np.array(
+                [
+                    score_rule(r, f.evidence.heldout, vocab).f1
+                    for r, f in zip(each, features, strict=True)
+                ]
+            )
+            for each in (rules, labels)
         )
         print(
-            " ".join(f"{n}={getattr(induction, n)}" for n in names)
-            + f": median {np.median(f1):.3f} mean {f1.mean():.3f} F1=0 {np.mean(f1 == 0):.1%} "
-            f"F1>=0.5 {np.mean(f1 >= 0.5):.1%}; token lists {np.mean(list(map(_listed, rules))):.0%} "
-            f"({1000 * cpu / len(f1):.2f} CPU-ms per fit)"
+            " ".join(f"{n}={getattr(modules[n], n)}" for n in names)
+            + f": rules {_distribution(f1)}; labels {_distribution(label_f1)}; token lists "
+            f"{np.mean(list(map(_listed, labels))):.0%} ({1000 * cpu / len(f1):.2f} CPU-ms per fit)"
         )
     for name, value in defaults.items():
-        setattr(induction, name, value)
+        setattr(modules[name], name, value)
+
+
+def compare_f1(name: str, theirs: dict[int, list], ours: dict[int, list]) -> None:
+    """The held-out F1 distributions of two checkouts' automatic labels to three decimals (the
+    report rounds to two), and how many features each labels better."""
+    before, after = (np.array([labels[i][3] for i in sorted(theirs)]) for labels in (theirs, ours))
+    print(f"{name}: automatic labels' held-out F1 {_distribution(before)}")
+    print(f"this checkout: automatic labels' held-out F1 {_distribution(after)}")
+    print(
+        f"F1 higher here for {np.sum(after > before):,} features, lower for "
+        f"{np.sum(after < before):,}, the same for {np.sum(after == before):,}"
+    )
 
 
 def main() -> None:
@@ -298,6 +370,7 @@ def main() -> None:
     for ours, other in zip(runs, theirs, strict=False):
         same = sum(ours["labels"].get(i) == label for i, label in other["labels"].items())
         print(f"labels identical to {args.against}'s: {same:,} of {len(other['labels']):,}")
+        compare_f1(args.against, other["labels"], ours["labels"])
     if theirs:
         print(f"{args.against}:", *theirs[-1]["report"], "this checkout:", sep="\n")
     print(*runs[-1]["report"], sep="\n")

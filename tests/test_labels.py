@@ -156,6 +156,22 @@ def test_context_masks_say_what_a_line_does_and_what_is_around_a_token():
     assert where("repeated_pair") == ["(", '"""', "return"]
 
 
+def test_context_masks_name_a_statement_by_its_first_keyword():
+    texts = (
+        "x| =| 1|\n|for| i| in| y|:|\n|    | with| f|:|\n|        | yield| i|\n|try|:|\n|"
+        "    | assert| i|\n|except| E|:|\n|    | raise| E|(|i|)|\n|    | return| '|for|'"
+    ).split("|")
+    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
+
+    def where(name: str) -> list[str]:
+        return [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+
+    assert where("loop_line") == ["for", "i", "in", "y", ":", "with", "f", ":"]
+    assert where("return_line") == ["yield", "i", "return"]  # a string is not code
+    assert where("raise_line") == ["assert", "i", "raise", "E", "(", "i", ")"]
+    assert where("except_line") == ["try", ":", "except", "E", ":"]
+
+
 def test_a_window_cut_inside_a_docstring_starts_in_it():
     texts = ' the| value| of| x|.|\n|    | """|\n|    | return| x'.split("|")
     docstring = context_masks(texts)[CONTEXT_NAMES.index("docstring")]
@@ -757,10 +773,11 @@ def _planted_by_context(windows: list[list[str]], name: str) -> LabelRule:
     return _fit_planted(windows, lambda w, i: bool(masks[id(w)][i]))
 
 
-@pytest.mark.parametrize("name", ["assign_target", "line_end", "repeated"])
+@pytest.mark.parametrize("name", ["assign_target", "return_line", "line_end", "repeated"])
 def test_search_finds_a_line_or_neighbour_context(name):
-    """A feature that fires on assignment targets, on the last token of each line, or on
-    tokens already seen in the window: one context says each, where token lists cannot."""
+    """A feature that fires on assignment targets, on return statements, on the last token of
+    each line, or on tokens already seen in the window: one context says each, where token lists
+    cannot."""
     windows = _statement_windows(np.random.default_rng(3))
     assert _planted_by_context(windows, name) == LabelRule.of(Term(contexts=(name,)))
 
@@ -819,7 +836,8 @@ def test_corpus_words_use_no_word_the_held_out_windows_put_in_a_full_list():
 
 def test_corpus_words_keep_a_word_the_feature_fires_on_often_enough():
     """A word joins when the feature fires on at least a quarter of its occurrences outside the
-    held-out windows, which the word's occurrences there are taken out of."""
+    held-out windows, which the word's occurrences there are taken out of; the words fired on
+    most often for their occurrences come first."""
     vocab = Vocab.of_texts([" a", " b", " the"])
     library = ContextLibrary(vocab, {0: np.array([2, 2, 2, 0])})
     heldout = library.tokens(np.array([0]), np.array([[False, False, False, False]]))
@@ -827,7 +845,7 @@ def test_corpus_words_keep_a_word_the_feature_fires_on_often_enough():
     firings = Counter({the: 40, a: 3, b: 2})
     occurrences = Counter({the: 163, a: 12, b: 9})  # ` the`: 40 of 160 outside; ` a`: 3 of 11
     assert corpus_term(stored(firings, occurrences=occurrences), heldout, vocab) == Term(
-        (" the", " a")
+        (" a", " the")
     )
 
 

@@ -3,7 +3,7 @@ label rules are made of (see ``sae_core.labels.rules``).
 
 Contexts come from the decoded text of the window alone. Code: a small Python lexer (string
 literals, docstrings, comments) plus bracket and line tracking (call arguments, def signatures,
-subscripts, decorator and import lines). Prose: sentence starts, quotes, list items, headings.
+subscripts, decorator and import lines, the statement a line makes). Prose: sentence starts, quotes, list items, headings.
 Windows start mid-file, so the lexer assumes each starts outside any string or bracket and that
 its first, cut line is of no known kind; a rule's held-out score measures how much that matters.
 Token classes (numbers, capitalised words, closing brackets...) come from a token's text alone.
@@ -39,6 +39,10 @@ LOCATIONS: dict[str, str] = {
     "def_line": "on a def or class line",
     "condition": "in an if/elif/while condition",
     "assign_target": "left of `=` in an assignment",
+    "return_line": "in a return or yield statement",
+    "raise_line": "on a raise or assert line",
+    "loop_line": "on a for or with line",
+    "except_line": "on a try, except or finally line",
     # the token's neighbours and the text before it
     "line_end": "at the end of a line",
     "inside_word": "inside a word",
@@ -206,6 +210,13 @@ def _bracket_kinds(text: str, states: np.ndarray) -> tuple[np.ndarray, np.ndarra
 _OPENERS = frozenset("([{")
 _DEF_LINE = re.compile(r"(?:async\s+)?(?:def|class)\s")
 _CONDITION = re.compile(r"(?:el)?if\b|while\b")
+# statements by their first keyword: a line kind each
+_STATEMENTS = {
+    "return_line": re.compile(r"(?:return|yield)\b"),
+    "raise_line": re.compile(r"(?:raise|assert)\b"),
+    "loop_line": re.compile(r"(?:async\s+)?(?:for|with)\b"),
+    "except_line": re.compile(r"(?:try|except|finally)\b"),
+}
 _LINE_KINDS = (
     "decorator",
     "import_line",
@@ -214,6 +225,7 @@ _LINE_KINDS = (
     "def_line",
     "condition",
     "assign_target",
+    *_STATEMENTS,
 )
 
 
@@ -238,9 +250,9 @@ def _assignment_target(line: str, states: np.ndarray) -> int:
 
 
 def _line_kinds(text: str, states: np.ndarray) -> dict[str, np.ndarray]:
-    """Per character (len(text),) bool: on a decorator, import, list-item, heading, def or
-    condition line, or left of an assignment's `=`. The window's first line is cut, so it is of
-    no kind."""
+    """Per character (len(text),) bool: on a decorator, import, list-item, heading, def,
+    condition, return, raise, loop or exception-handling line, or left of an assignment's `=`.
+    The window's first line is cut, so it is of no kind."""
     out = {name: np.zeros(len(text), dtype=bool) for name in _LINE_KINDS}
     lines = [(m.start(), m.group()) for m in _LINES.finditer(text) if m.group()]
     for i, (start, line) in enumerate(lines):
@@ -256,6 +268,8 @@ def _line_kinds(text: str, states: np.ndarray) -> dict[str, np.ndarray]:
             out["def_line"][start:end] = True
         elif _CONDITION.match(body):
             out["condition"][start:end] = True
+        elif statement := next((k for k, r in _STATEMENTS.items() if r.match(body)), None):
+            out[statement][start:end] = True
         else:
             target = _assignment_target(line[indent - start :], states[indent:end])
             out["assign_target"][indent : indent + target] = True
@@ -395,7 +409,7 @@ def context_masks(texts: list[str]) -> np.ndarray:
     masks[_ROW["quoted"]] = quoted[firsts]
     masks[_ROW["list_item"]] = lines["list_item"][firsts]
     masks[_ROW["heading"]] = lines["heading"][firsts]
-    for name in ("def_line", "condition", "assign_target"):
+    for name in ("def_line", "condition", "assign_target", *_STATEMENTS):
         masks[_ROW[name]] = lines[name][firsts] & in_code
     masks[_ROW["line_end"]] = _line_ends(text, starts + lengths, shapes)
     before = _char_before(text, starts)

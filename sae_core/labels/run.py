@@ -55,7 +55,7 @@ from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, u
 from sae_core.store.lookup import find_feature
 
 AUTO_SOURCE = "auto"
-METHOD = "rules-v5"  # recorded with every automatic label; bump when the algorithm changes
+METHOD = "rules-v6"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
 WEAK_RULE = (
