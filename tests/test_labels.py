@@ -25,6 +25,7 @@ from sae_core.labels.evidence import (
     Vocab,
     build_evidence,
     gather_evidence,
+    lex_windows,
     load_examples,
     signatures,
     split_examples,
@@ -343,6 +344,21 @@ def test_a_batch_renumbers_the_librarys_signatures_as_its_own_would_be(labelled)
     flags, signature = signatures(np.concatenate([s.contexts for s in sets[1::2]]))
     assert len(flags) < len(library.flags)
     assert np.array_equal(batch.flags, flags) and np.array_equal(batch.signature, signature)
+
+
+def test_forked_workers_lex_the_windows_as_one_process_does(labelled, monkeypatch):
+    """A library's windows may be lexed by forked workers, a few at a time: each token's contexts
+    are those the lexer gives its window, in the library's order, however many lex them."""
+    library, _ = _library_and_examples(labelled)
+    windows = [library.token_ids[r, : library.lengths[r]] for r in range(len(library.ids))]
+    seq = library.token_ids.shape[1]
+    monkeypatch.setattr(evidence, "WINDOWS_PER_LEX", 7)  # several tasks for each of two workers
+    lexed = lex_windows(library.vocab, windows, seq, workers=2)
+    assert np.array_equal(lexed, lex_windows(library.vocab, windows, seq, workers=1))
+    assert np.array_equal(lexed, library.flags[library.signature])
+    for row in (0, len(windows) - 1):
+        texts = library.texts(int(library.ids[row]))
+        assert np.array_equal(lexed[row, : len(texts)], context_masks(texts).T)
 
 
 def test_fewer_fitting_negatives_leave_the_held_out_ones_as_they_were(labelled, monkeypatch):

@@ -86,7 +86,9 @@ def corpus_term(words: FeatureWords | None, heldout: TokenSet, vocab: Vocab) -> 
             firings[text_id] += count
             occurrences[text_id] += occurs
     firings -= seen
-    occurrences -= Counter(heldout.text_ids[heldout.keep].tolist())
+    # (only the listed words' occurrences are read: ``-=`` would walk every held-out word)
+    held = Counter(heldout.text_ids[heldout.keep].tolist())
+    occurrences = +Counter({w: n - held[w] for w, n in occurrences.items()})
     kept = [
         w
         for w, n in firings.items()

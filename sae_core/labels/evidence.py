@@ -14,6 +14,7 @@ features' evidence gathers rows from at once (``gather_evidence``): no Python wo
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +41,9 @@ MIN_NEGATIVE_CONTEXTS = 4  # a feature with one held-out example still meets som
 # narrow for them (recall 0.22, precision 0.5: median of the demo 4k SAE's F1 in (0, 0.5)).
 # On that SAE's tuning split: 1 -> median F1 0.250, 0.5 -> 0.267, 0.25 -> 0.272, 0.1 -> 0.270.
 TRAIN_NEGATIVE_SHARE = 0.25
+# Windows a lexing worker takes at a time: ~0.1 CPU-s of lexing, a few hundred kB of packed flags
+# sent back
+WINDOWS_PER_LEX = 512
 
 
 class Vocab(NamedTuple):
@@ -125,10 +129,54 @@ class TokenSet(NamedTuple):
         return self.flags[self.signature]
 
 
+def _lex(vocab: Vocab, windows: list[np.ndarray], seq: int) -> np.ndarray:
+    """The context flags of each token of ``windows`` (token ids), packed to bits as they travel
+    between processes: (len(windows), seq, ceil(C / 8)) uint8, zero past a window's end."""
+    out = np.zeros((len(windows), seq, len(CONTEXT_NAMES)), dtype=bool)
+    for r, t in enumerate(windows):
+        out[r, : len(t)] = context_masks([vocab.token_texts[i] for i in t.tolist()]).T
+    return np.packbits(out, axis=-1)
+
+
+# What a forked lexing worker reads, set in the parent just before the pool forks: the
+# vocabulary, the windows and their length. A task names its windows by their range alone, so
+# no window is pickled on its way to a worker.
+_LEXING: tuple[Vocab, list[np.ndarray], int] | None = None
+
+
+def _lex_task(start: int) -> np.ndarray:
+    vocab, windows, seq = _LEXING
+    return _lex(vocab, windows[start : start + WINDOWS_PER_LEX], seq)
+
+
+def lex_windows(vocab: Vocab, windows: list[np.ndarray], seq: int, workers: int) -> np.ndarray:
+    """(len(windows), seq, C) bool: the contexts of each token of ``windows``. Lexing is Python
+    work per window (~0.2 ms), the bulk of a library: ``workers`` forked processes share it,
+    ``WINDOWS_PER_LEX`` windows at a time, in order."""
+    global _LEXING
+    starts = range(0, len(windows), WINDOWS_PER_LEX)
+    workers = min(workers, len(starts))
+    if workers <= 1:
+        packed = [_lex(vocab, windows[i : i + WINDOWS_PER_LEX], seq) for i in starts]
+    else:
+        _LEXING = (vocab, windows, seq)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                packed = list(pool.imap(_lex_task, starts))
+        finally:
+            _LEXING = None
+    if not packed:
+        return np.zeros((0, seq, len(CONTEXT_NAMES)), dtype=bool)
+    flags = np.unpackbits(np.concatenate(packed), axis=-1, count=len(CONTEXT_NAMES))
+    return flags.view(bool)
+
+
 class ContextLibrary:
     """Every stored window of one SAE, decoded and lexed once, as (n_contexts, seq) arrays."""
 
-    def __init__(self, vocab: Vocab, token_ids: dict[int, np.ndarray]):
+    def __init__(self, vocab: Vocab, token_ids: dict[int, np.ndarray], workers: int = 1):
+        """``workers``: processes lexing the windows (forked: a caller passes more than one only
+        where ``fork`` is available)."""
         self.vocab = vocab
         self.ids = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))  # (n_contexts,)
         self.row = {cid: r for r, cid in enumerate(token_ids)}
@@ -155,23 +203,27 @@ class ContextLibrary:
             [shifted[:, WINDOW - j - 1 : WINDOW - j - 1 + seq] for j in range(WINDOW)], axis=-1
         )
         self.prev = self.window[:, :, 0].copy()
-        contexts = np.zeros((len(self.ids), seq, len(CONTEXT_NAMES)), dtype=bool)
-        for r, t in enumerate(token_ids.values()):
-            contexts[r, : len(t)] = context_masks([vocab.token_texts[i] for i in t]).T
+        contexts = lex_windows(vocab, list(token_ids.values()), seq, workers)
         # each token's row of distinct context flags, found once here rather than per batch
         self.flags, signature = signatures(contexts.reshape(-1, len(CONTEXT_NAMES)))
         self.signature = signature.reshape(len(self.ids), seq)
 
     @classmethod
     def load(
-        cls, session: Session, sae: SaeRow, vocab: Vocab, ids: list[int] | None = None
+        cls,
+        session: Session,
+        sae: SaeRow,
+        vocab: Vocab,
+        ids: list[int] | None = None,
+        *,
+        workers: int = 1,
     ) -> ContextLibrary:
         """All the SAE's windows, or only ``ids``."""
         query = sa.select(ContextRow.id, ContextRow.token_ids).where(ContextRow.sae_id == sae.id)
         if ids is not None:
             query = query.where(ContextRow.id.in_(ids))
         rows = session.execute(query)
-        return cls(vocab, {cid: unpack_tokens(blob) for cid, blob in rows})
+        return cls(vocab, {cid: unpack_tokens(blob) for cid, blob in rows}, workers)
 
     def texts(self, context_id: int) -> list[str]:
         """The decoded tokens of a window, BOS included."""

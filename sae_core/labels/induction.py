@@ -154,23 +154,26 @@ def _keys(
     ``in_slot`` (slots, N) the tokens of each slot."""
     feature, text = _chosen_keys(batch, values, n_texts, also)
     local, width = _local_ids(batch, values, feature, text, n_texts)
-    token, column = np.nonzero(local < width)  # (N, values) -> each token's keys, in order
-    owner, key = batch.owner[token], local[token, column].astype(np.int64)
+    # (N, values) -> each token's keys, in order: one flat search, no (token, column) pairs
+    found = np.flatnonzero(local < width)
+    token, key = found // local.shape[1], local.reshape(-1)[found].astype(np.int64)
+    owner = batch.owner[token]
     # A token's keys are laid out once, then copied into each slot it is in: the copies keep
     # their order, so a token's first key is its first in every slot.
     first = np.r_[True, token[1:] != token[:-1]]
     n_slots = len(in_slot)
     tally = (owner * n_slots * (width + 1) + key) * 2 + batch.fires[token]
-    slot, entry = np.nonzero(in_slot[:, token])  # by slot, then token
-    anywhere = in_slot[-1, token]
+    # by slot, then token: each slot's copies selected by a mask (faster than gathering them)
+    copied = [in_slot[slot, token] for slot in range(n_slots)]
+    anywhere = copied[-1]
     texts = np.full((batch.n_features, width), -1, dtype=np.int64)
     texts[feature, _ranks(feature)] = text
     return _Keys(
         texts,
         np.bincount(feature, minlength=batch.n_features),
-        token[entry],
-        tally[entry] + slot * 2 * (width + 1),
-        first[entry],
+        np.concatenate([token[m] for m in copied]),
+        np.concatenate([tally[m] + slot * 2 * (width + 1) for slot, m in enumerate(copied)]),
+        np.concatenate([first[m] for m in copied]),
         not first.all(),
         token[anywhere],
         (owner * (width + 1) + key)[anywhere],
@@ -185,7 +188,7 @@ def _search(batch: TokenBatch, vocab: Vocab, promoted: list[tuple[str, ...]]) ->
     columns = np.where(np.arange(columns.shape[1]) < n_columns[:, None], columns, -1)
     in_columns = batch.by_signature(batch.flags.T[columns] & (columns >= 0)[:, :, None])
     # (slots, N): only kept tokens of features that fire are ever counted
-    in_slot = np.concatenate([in_columns, batch.keep[:, None]], axis=1).T
+    in_slot = np.concatenate([in_columns, batch.keep[None]])
     in_slot &= batch.keep & (n_firing > 0)[batch.owner]
     n_texts = len(vocab.texts) + 1  # text ids run to len(texts): padding
     promoted_ids = [vocab.ids_of(p) for p in promoted]

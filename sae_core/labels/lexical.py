@@ -330,11 +330,14 @@ def _line_ends(text: str, ends: np.ndarray, shapes: list[_TokenShape]) -> np.nda
     """True at the last visible token of each line. (seq,) bool; the window's last line is cut,
     so its tokens end no line."""
     newlines = np.array([m.start() for m in re.finditer("\n", text)], dtype=np.int64)
-    visibles = np.array([m.start() for m in re.finditer(r"\S", text)], dtype=np.int64)
-    next_newline = np.append(newlines, len(text) + 1)[np.searchsorted(newlines, ends)]
-    next_visible = np.append(visibles, len(text) + 2)[np.searchsorted(visibles, ends)]
     by_shape = np.fromiter((sh.ends_line for sh in shapes), dtype=bool, count=len(shapes))
     visible = np.fromiter((sh.visible for sh in shapes), dtype=bool, count=len(shapes))
+    leads = np.fromiter((sh.lead for sh in shapes), dtype=np.int64, count=len(shapes))
+    # The first visible character at or after a token's end is the first of a later token: each
+    # visible token's first one is all that need be searched (not every character of the text).
+    visibles = (np.r_[0, ends[:-1]] + leads)[visible]
+    next_newline = np.append(newlines, len(text) + 1)[np.searchsorted(newlines, ends)]
+    next_visible = np.append(visibles, len(text) + 2)[np.searchsorted(visibles, ends)]
     return visible & ((next_newline < next_visible) & (next_newline < len(text)) | by_shape)
 
 

@@ -409,7 +409,9 @@ def _worker_chunk(chunk: list[int]) -> _ChunkLabels:
     return _label_chunk(_FORKED[0], chunk)
 
 
-def _n_workers(options: LabelOptions, n_chunks: int) -> int:
+def _n_workers(options: LabelOptions, n_chunks: int | None = None) -> int:
+    """Processes to fork for ``n_chunks`` tasks (None: as many as there are cores); 1 where
+    ``fork`` is unavailable."""
     if options.workers is not None:
         wanted = options.workers
     else:
@@ -419,7 +421,9 @@ def _n_workers(options: LabelOptions, n_chunks: int) -> int:
             else os.cpu_count() or 1
         )
     forkable = "fork" in multiprocessing.get_all_start_methods()
-    return max(1, min(wanted, n_chunks)) if forkable else 1
+    if n_chunks is not None:
+        wanted = min(wanted, n_chunks)
+    return max(1, wanted) if forkable else 1
 
 
 @contextmanager
@@ -524,7 +528,7 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
                 f"precompute of {sae_name!r} has not finished; run `saescope precompute` to the end first"
             )
         vocab = Vocab.load(session, sae)
-        library = ContextLibrary.load(session, sae, vocab)
+        library = ContextLibrary.load(session, sae, vocab, workers=_n_workers(options))
         labeller = _Labeller(session, sae, vocab, library, options)
         alive = _alive_features(session, sae)
         done = labeller.labelled(AUTO_SOURCE)

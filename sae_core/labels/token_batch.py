@@ -63,9 +63,11 @@ class TokenBatch(NamedTuple):
 
     def signature_counts(self, mask: np.ndarray) -> np.ndarray:
         """Tokens in ``mask`` (N,) of each feature and signature, as floats for the products
-        below (exact: counts stay far below 2**53). (F, S) float64."""
+        below: float32 (half the work of float64) while every sum of them, at most N, is exact
+        in it. (F, S)."""
         size = self.n_features * len(self.flags)
-        counts = np.bincount(self.cell[mask], minlength=size).astype(np.float64)
+        exact = np.float32 if len(self.owner) < 2**24 else np.float64
+        counts = np.bincount(self.cell[mask], minlength=size).astype(exact)
         return counts.reshape(self.n_features, len(self.flags))
 
     def column_sums(self, mask: np.ndarray) -> np.ndarray:
@@ -82,6 +84,7 @@ class TokenBatch(NamedTuple):
 
     def by_signature(self, table: np.ndarray) -> np.ndarray:
         """Each token's entry of ``table`` (F, ..., S), a value per feature and signature.
-        (N, ...)."""
-        per_cell = np.moveaxis(table, -1, 1)  # (F, S, ...)
-        return per_cell.reshape(self.n_features * len(self.flags), *table.shape[1:-1])[self.cell]
+        (..., N): tokens last, so that each row of the middle axes is contiguous (the search
+        reads them a row at a time)."""
+        per_cell = np.moveaxis(table, 0, -2)  # (..., F, S)
+        return np.take(per_cell.reshape(*table.shape[1:-1], -1), self.cell, axis=-1)
