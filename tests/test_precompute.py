@@ -280,8 +280,11 @@ def test_streaming_statistics_equal_brute_force(llama, llama_dir, corpus, tmp_pa
         order = sorted(range(len(contexts)), key=lambda c: (-float(context_max[c, f]), c))
         expected_top = [c for c in order if context_max[c, f] > 0][:6]
         got_top = sorted((e for e in examples if e["feature_idx"] == f and e["kind"] == "top"), key=lambda e: e["rank"])
-        assert [e["context_id"] for e in got_top] == expected_top
-        assert [e["max_act"] for e in got_top] == pytest.approx([float(context_max[c, f]) for c in expected_top])
+        # The top values in order, each from a context that really reaches it: two contexts within
+        # rounding of each other (batched vs whole-corpus matmuls) may swap, nothing else may.
+        assert [e["max_act"] for e in got_top] == pytest.approx([float(context_max[c, f]) for c in expected_top], rel=1e-5)
+        assert [float(context_max[e["context_id"], f]) for e in got_top] == pytest.approx([e["max_act"] for e in got_top], rel=1e-5)
+        assert len({e["context_id"] for e in got_top}) == len(got_top)
 
         check_intervals(row, f, context_max[:, f], values, examples)
 
