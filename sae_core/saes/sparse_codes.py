@@ -196,11 +196,11 @@ class _DecodeColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, W_dec, z, latents, k):
-        z_cols = z.index_select(1, latents)  # (batch, n)
+        values = z.index_select(1, latents)  # (batch, n): the columns' pre-activations, then their activations
         floor = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)  # ReLU: only positives
         if k < latents.numel():  # above each row's (k+1)-th largest: its k largest
-            floor = floor.maximum(z_cols.topk(k + 1, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True))
-        values = _where_above(z_cols, z_cols - floor)
+            floor = floor.maximum(values.topk(k + 1, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True))
+        _keep_above_(values, values - floor)
         W_cols = W_dec.index_select(0, latents)  # (n, d)
         ctx.save_for_backward(x, b_dec, W_enc, values, latents, W_cols)
         ctx.width = W_dec.shape[0]
@@ -209,7 +209,7 @@ class _DecodeColumns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (batch, d)
         x, b_dec, W_enc, values, latents, W_cols = ctx.saved_tensors
-        grad_values = _where_above(grad @ W_cols.t(), values)  # (batch, n); 0 where not active
+        grad_values = _keep_above_(grad @ W_cols.t(), values)  # (batch, n); 0 where not active
         grad_cols = grad_values.sum(dim=0)  # (n,): b_enc's gradient at those latents
         grad_b_enc = grad_cols.new_zeros(ctx.width).index_copy_(0, latents, grad_cols)
         grad_w_enc = _rows_at(latents, grad_values.t() @ (x - b_dec), ctx.width).t()  # training_sae's W_enc layout
@@ -218,10 +218,11 @@ class _DecodeColumns(torch.autograd.Function):
         return None, grad_b_dec, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None
 
 
-def _where_above(values: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """``values`` where ``margin`` > 0, else 0: ReLU's backward kernel, one pass (``torch.where``
-    and ``masked_fill_`` on a comparison's mask take 2-4x as long on a CPU)."""
-    return torch.ops.aten.threshold_backward(values, margin, 0.0)
+def _keep_above_(values: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """``values`` zeroed in place where ``margin`` <= 0: ReLU's backward kernel, one pass
+    (``torch.where`` and ``masked_fill_`` on a comparison's mask take 2-4x as long on a CPU), and
+    no second (batch, n) block at AuxK's forward and backward peaks."""
+    return torch.ops.aten.threshold_backward.grad_input(values, margin, 0.0, grad_input=values)
 
 
 def _rows_at(latents: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
