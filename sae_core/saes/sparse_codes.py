@@ -53,7 +53,8 @@ def sum_by_latent(latents: torch.Tensor, rows: torch.Tensor, weights: torch.Tens
     the pairs with ``table``. One ``embedding_bag`` with a bag per latent (the pairs sorted by
     latent, rows ascending within each), whose bags run on every core; ``torch.sparse.mm`` of
     the same pairs as a COO matrix walks them on one thread."""
-    order = torch.argsort(latents, stable=True)  # a parallel radix sort for integer keys
+    # a stable sort of int32 keys: 6 ms of CPU for 131k pairs, where int64 keys took 183 ms
+    order = torch.argsort(latents.to(torch.int32), stable=True)
     counts = torch.bincount(latents, minlength=width)
     offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(rows[order], table.contiguous(), offsets, mode="sum", per_sample_weights=weights[order])
