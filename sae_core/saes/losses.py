@@ -44,10 +44,11 @@ class Forward(NamedTuple):
     l0: float
 
 
-def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor) -> Forward:
-    """TopK, BatchTopK or Matryoshka reconstruction + AuxK loss, normalised by the batch variance."""
+def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor, z: torch.Tensor) -> Forward:
+    """TopK, BatchTopK or Matryoshka reconstruction + AuxK loss, normalised by the batch variance.
+    ``z`` (batch, width) receives the pre-activations; nothing reads it after the selections."""
     with torch.no_grad():
-        z = sae.pre_acts(x)  # (batch, width): the one dense matmul
+        sae.pre_acts(x, out=z)  # the one dense matmul
     if cfg.architecture == "topk":
         rows, latents = select_topk(z, cfg.k)
     else:
@@ -56,7 +57,6 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
     n_dead, k_aux = int(dead.sum()), cfg.resolved_aux_k(x.shape[1])
     aux_hat = aux_reconstruction(sae, x, z, dead, k_aux) if n_dead else None
     width = z.shape[1]
-    del z  # the step's largest tensor: gone before the decoding and the backward
     total_variance = batch_variance(x)
     if cfg.architecture == "matryoshka":
         loss, x_hat = prefix_loss(sae.W_dec, codes, cfg.prefixes, sae.b_dec, x, total_variance)

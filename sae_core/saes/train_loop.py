@@ -63,7 +63,9 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: fl
     if cfg.architecture == "relu":
         out = forward_relu(sae, x, cfg, state.step)
     else:
-        out = forward_sparse(sae, x, cfg, dead)
+        if state.pre_acts is None or state.pre_acts.shape != (x.shape[0], sae.d_sae):
+            state.pre_acts = x.new_empty(x.shape[0], sae.d_sae)
+        out = forward_sparse(sae, x, cfg, dead, state.pre_acts)
     out.loss.backward()
     all_reduce_grads(sae)
     if cfg.architecture != "relu":
