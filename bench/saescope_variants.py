@@ -157,5 +157,5 @@ VARIANTS = [
 def register(add):
     for name, arch, auxk, desc in VARIANTS:
         add(f"saescope/{name}", "saescope", desc, build_saescope(arch, auxk))
-        if BEFORE_ROOT and arch != "matryoshka":
+        if BEFORE_ROOT:
             add(f"before/{name}", "saescope", f"{desc} ({BEFORE_ROOT})", build_saescope(arch, auxk, BEFORE_ROOT))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,9 @@ class TrainState:
     scale: float  # c with E||c·x|| = sqrt(d_model)
     step: int = 0
     tokens_since_fired: torch.Tensor | None = None  # (width,) int64
+    # (batch, width) pre-activations, rewritten by every TopK-family step and never saved: a new
+    # tensor that size each step is a new mapping, ~33k page faults at batch 4096, width 8192
+    pre_acts: torch.Tensor | None = field(default=None, repr=False)
 
 
 def training_sae(d_model: int, width: int, device: str) -> SAE:

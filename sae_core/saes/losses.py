@@ -34,6 +34,7 @@ SPARSE_RELU_DENSITY = 0.1
 # share of them. Measured on 2 cores (batch 4096, d 576): a pair costs the sparse kernels
 # (embedding_bag, sampled_addmm, two sparse.mm) ~2 µs of CPU, an entry of the four dense matmuls
 # ~0.12 µs, so dense wins above ~1/17. With k_aux = d/2 = 288 that is up to ~4,600 dead latents.
+# (Measured before sum_by_latent replaced the two sparse.mm: pairs are cheaper now, not remeasured.)
 DENSE_AUX_DENSITY = 1 / 16
 
 
@@ -44,10 +45,11 @@ class Forward(NamedTuple):
     l0: float
 
 
-def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor) -> Forward:
-    """TopK, BatchTopK or Matryoshka reconstruction + AuxK loss, normalised by the batch variance."""
+def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tensor, z: torch.Tensor) -> Forward:
+    """TopK, BatchTopK or Matryoshka reconstruction + AuxK loss, normalised by the batch variance.
+    ``z`` (batch, width) receives the pre-activations; nothing reads it after the selections."""
     with torch.no_grad():
-        z = sae.pre_acts(x)  # (batch, width): the one dense matmul
+        sae.pre_acts(x, out=z)  # the one dense matmul
     if cfg.architecture == "topk":
         rows, latents = select_topk(z, cfg.k)
     else:
@@ -56,12 +58,9 @@ def forward_sparse(sae: SAE, x: torch.Tensor, cfg: TrainConfig, dead: torch.Tens
     n_dead, k_aux = int(dead.sum()), cfg.resolved_aux_k(x.shape[1])
     aux_hat = aux_reconstruction(sae, x, z, dead, k_aux) if n_dead else None
     width = z.shape[1]
-    del z  # the step's largest tensor: gone before the decoding and the backward
     total_variance = batch_variance(x)
     if cfg.architecture == "matryoshka":
-        prefixes = prefix_reconstructions(sae.W_dec, codes, cfg.prefixes, sae.b_dec)
-        loss = sum((x_hat - x).pow(2).sum() for x_hat in prefixes) / total_variance
-        x_hat = prefixes[-1]
+        loss, x_hat = prefix_loss(sae.W_dec, codes, cfg.prefixes, sae.b_dec, x, total_variance)
     else:
         x_hat = decode_sparse(sae.W_dec, codes) + sae.b_dec
         loss = (x_hat - x).pow(2).sum() / total_variance
@@ -82,13 +81,13 @@ def aux_reconstruction(sae: SAE, x: torch.Tensor, z: torch.Tensor, dead: torch.T
     return decode_sparse(sae.W_dec, codes_at(sae, x, z, rows, latents))
 
 
-def prefix_reconstructions(
-    W_dec: torch.Tensor, codes: SparseCodes, prefixes: list[int], b_dec: torch.Tensor
-) -> list[torch.Tensor]:
-    """b_dec + the decoding by the first m latents, for each prefix m. The bands of latents
-    [previous m, m) are decoded in one call, as if each band's pairs were tokens of their own
-    (row band·batch + token), and summed cumulatively: the work is one full decode whatever the
-    number of prefixes."""
+def prefix_loss(
+    W_dec: torch.Tensor, codes: SparseCodes, prefixes: list[int], b_dec: torch.Tensor, x: torch.Tensor, total_variance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ over prefixes m of ||x̂_m - x||² / total_variance, x̂ of the whole dictionary, detached),
+    x̂_m = b_dec + the decoding by the first m latents. The bands of latents [previous m, m) are
+    decoded in one call, as if each band's pairs were tokens of their own (row band·batch +
+    token): the work is one full decode whatever the number of prefixes."""
     batch, starts = codes.offsets.shape[0], [0, *prefixes[:-1]]
     # pairs by (band, token), rows ascending within each band, as embedding_bag wants them
     order = torch.cat([((codes.latents >= a) & (codes.latents < b)).nonzero().squeeze(1) for a, b in zip(starts, prefixes, strict=True)])
@@ -96,11 +95,38 @@ def prefix_reconstructions(
     rows = band * batch + codes.rows[order]
     counts = torch.bincount(rows, minlength=len(prefixes) * batch)
     banded = SparseCodes(rows, codes.latents[order], codes.values[order], torch.cumsum(counts, 0) - counts)
-    x_hat, out = b_dec, []
-    for part in decode_sparse(W_dec, banded).view(len(prefixes), batch, -1):  # (batch, d) per band
-        x_hat = x_hat + part
-        out.append(x_hat)
-    return out
+    return _PrefixLoss.apply(decode_sparse(W_dec, banded), b_dec, x, total_variance)
+
+
+class _PrefixLoss(torch.autograd.Function):
+    """The prefixes' summed squared error from the bands' decodings (bands·batch, d), in one
+    (bands, batch, d) buffer: the cumulative reconstructions, then their residuals, then, in
+    backward, their gradients, each written over the last. Autograd over the adds and squares
+    kept a gradient per prefix, their running sums and a stacked copy alive together: the
+    Matryoshka step's peak memory (~80 MB at batch 4096, d 576, three prefixes). The same sums
+    in the same order as that graph, so the same bits."""
+
+    @staticmethod
+    def forward(ctx, decoded, b_dec, x, total_variance):
+        parts = decoded.view(-1, *x.shape)  # (bands, batch, d)
+        residuals = torch.empty_like(parts)
+        torch.add(b_dec, parts[0], out=residuals[0])
+        for m in range(1, parts.shape[0]):
+            torch.add(residuals[m - 1], parts[m], out=residuals[m])
+        x_hat = residuals[-1].clone()
+        residuals.sub_(x)
+        loss = sum(r.pow(2).sum() for r in residuals) / total_variance
+        ctx.save_for_backward(residuals, total_variance)
+        ctx.mark_non_differentiable(x_hat)
+        return loss, x_hat
+
+    @staticmethod
+    def backward(ctx, grad, _grad_x_hat):
+        grads, total_variance = ctx.saved_tensors  # the residuals, made their gradients in place
+        grads.mul_(2 * (grad / total_variance))
+        for m in range(grads.shape[0] - 2, -1, -1):  # band m's latents are in every prefix from m on
+            grads[m] += grads[m + 1]
+        return grads.view(-1, grads.shape[2]), grads[0].sum(dim=0), None, None
 
 
 def _fired(codes: SparseCodes, width: int, batch: int) -> tuple[torch.Tensor, float]:

@@ -92,12 +92,13 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_acts(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae) encoder pre-activations, b_enc added inside the matmul
-        (one pass over the (tokens, d_sae) result instead of two)."""
+        (one pass over the (tokens, d_sae) result instead of two); written into ``out``
+        (tokens, d_sae) when given (no autograd then)."""
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        z = torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc)  # (tokens, d_sae)
+        z = torch.addmm(self.b_enc, x.reshape(-1, self.d_in), self.W_enc, out=out)  # (tokens, d_sae)
         return z.reshape(*x.shape[:-1], self.d_sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,9 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: fl
     if cfg.architecture == "relu":
         out = forward_relu(sae, x, cfg, state.step)
     else:
-        out = forward_sparse(sae, x, cfg, dead)
-    state.optimizer.zero_grad(set_to_none=True)
+        if state.pre_acts is None or state.pre_acts.shape != (x.shape[0], sae.d_sae):
+            state.pre_acts = x.new_empty(x.shape[0], sae.d_sae)
+        out = forward_sparse(sae, x, cfg, dead, state.pre_acts)
     out.loss.backward()
     all_reduce_grads(sae)
     if cfg.architecture != "relu":
@@ -73,6 +74,9 @@ def train_step(state: TrainState, x: torch.Tensor, cfg: TrainConfig, base_lr: fl
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(cfg, base_lr, state.step)
     state.optimizer.step()
+    # freed now, not before the next backward: the next forward's (batch, width) pre-activations
+    # would otherwise share the step's peak with both (width, d) gradients
+    state.optimizer.zero_grad(set_to_none=True)
     if cfg.architecture != "relu":
         normalise_rows(sae.W_dec)
     fired = distributed.all_reduce(out.fired.to(torch.uint8), "max", step="which latents fired").bool()
