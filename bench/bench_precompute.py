@@ -11,7 +11,7 @@ fresh process (as a user runs it):
 
 For each command: tokens per second against the bare forward's, wall time and CPU-seconds split
 into load (everything else), forward (the subject), SAE (encoding, accumulators, spill,
-checkpoints, co-firing), tail (per-SAE results, pass 2, writes, families) and labels (their worker
+checkpoints, co-firing), tail (per-SAE results, pass 2, writes, families, the VACUUM) and labels (their worker
 processes' CPU included); the peak resident memory of the precompute (labels excluded; the model's
 share is the bare forward's peak) and of the whole command; the resident memory after 25, 50, 75
 and 100% of the pass, which shows how memory grows with the tokens; the store's bytes per feature.
@@ -191,7 +191,7 @@ def command(sae_paths: list[str], db_path: str, tokens: int, batch_size: int, la
     for owner, name in ((encode, "encode_batch"), (StreamingStats, "update"), (SpillWriter, "append"), (run, "save_checkpoint")):
         phases.wrap(owner, name, "SAE")
     phases.wrap(run.Feed, "update", "SAE")  # co-firing across the SAEs of a layer, inside the pass
-    for name in ("finish", "publish_feeds", "run_families"):
+    for name in ("finish", "publish_feeds", "run_families", "reclaim_space"):  # reclaim_space: the store's one VACUUM
         phases.wrap(run, name, "tail")
     phases.wrap(labels, "label_sae", "labels")
     argv = ["precompute", "--db", f"sqlite:///{db_path}", "--tokens", str(tokens), "--batch-size", str(batch_size), "--model", MODEL]

@@ -54,7 +54,7 @@ def final_intervals(stats: StreamingStats, bins: int, per_bin: int) -> Intervals
     group, slot = filled[:, 0], filled[:, 1]
     feature, g = group // FINE_BINS, group % FINE_BINS
     samples = Reservoir(feats.hist.shape[0] * bins, per_bin)
-    samples.insert(
+    samples.fill(
         feature * bins + interval_of[feature, g],
         fine.priority[group, slot],
         fine.context[group, slot],

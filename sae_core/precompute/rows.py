@@ -1,9 +1,12 @@
-"""Precompute's results as store rows (dicts for bulk inserts). Small JSON: floats are rounded to
-the precision a page shows, and a histogram keeps only the bins up to the feature's maximum."""
+"""Precompute's results as store rows (dicts for bulk inserts; a JSON column as its text,
+``json.dumps`` of the value, as SQLAlchemy's JSON type writes it: see writer.insert_rows). Small
+JSON: floats are rounded to the precision a page shows, and a histogram keeps only the bins up to
+the feature's maximum."""
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -101,21 +104,25 @@ def feature_rows_in(r: RowInputs, total_sum: torch.Tensor, start: int, stop: int
             "density": count[i] / n_tokens,
             "max_act": max_act[i],
             "mean_act": total[i] / count[i] if count[i] else 0.0,
-            "act_hist": {"edges": fine_edges(scale[i], n_fine[i]), "counts": hist[i][: n_fine[i]]},
-            "intervals": [
-                {"bin": b, "lo": short(iv_lo[i][b]), "hi": short(iv_hi[i][b]), "share": short(iv_share[i][b]), "count": iv_count[i][b]}
-                for b in range(r.bins)
-            ]
-            if count[i]
-            else [],
-            "logit_top": pairs(top_ids[i], top_values[i]),
-            "logit_bottom": pairs(bottom_ids[i], bottom_values[i]),
-            "logit_hist": {
-                "edges": [short(lo[i] + (hi[i] - lo[i]) * b / len(logit_counts[i])) for b in range(len(logit_counts[i]) + 1)],
-                "counts": logit_counts[i],
-            },
-            "neighbours_cos": pairs(dec_i[i], dec_s[i]),
-            "neighbours_coact": pairs(co_i[i], co_s[i]),
+            "act_hist": json.dumps({"edges": fine_edges(scale[i], n_fine[i]), "counts": hist[i][: n_fine[i]]}),
+            "intervals": json.dumps(
+                [
+                    {"bin": b, "lo": short(iv_lo[i][b]), "hi": short(iv_hi[i][b]), "share": short(iv_share[i][b]), "count": iv_count[i][b]}
+                    for b in range(r.bins)
+                ]
+                if count[i]
+                else []
+            ),
+            "logit_top": json.dumps(pairs(top_ids[i], top_values[i])),
+            "logit_bottom": json.dumps(pairs(bottom_ids[i], bottom_values[i])),
+            "logit_hist": json.dumps(
+                {
+                    "edges": [short(lo[i] + (hi[i] - lo[i]) * b / len(logit_counts[i])) for b in range(len(logit_counts[i]) + 1)],
+                    "counts": logit_counts[i],
+                }
+            ),
+            "neighbours_cos": json.dumps(pairs(dec_i[i], dec_s[i])),
+            "neighbours_coact": json.dumps(pairs(co_i[i], co_s[i])),
         }
 
 

@@ -60,6 +60,7 @@ from sae_core.precompute.writer import (
     file_complete,
     open_staging,
     publish,
+    reclaim_space,
     save_checkpoint,
 )
 from sae_core.saes.formats import find_saes, load_sae, nested_prefixes, stored_prefix
@@ -170,6 +171,7 @@ def precompute_into(engine: Engine, cfg: PrecomputeConfig, release: Release, sub
             cfg.db_url, release.name, memory_budget_mb=cfg.memory_budget_mb, max_active=cfg.max_active, device=cfg.device, progress=cfg.progress
         )
         run_families(families, unfed)
+    reclaim_space(engine)
     return in_given_order(release, results)
 
 

@@ -70,6 +70,7 @@ from sae_core.precompute.writer import (
     ensure_model,
     open_staging,
     publish,
+    reclaim_space,
 )
 from sae_core.store.db import StoreError, create_engine_for, migrate, writer_lock
 
@@ -155,6 +156,8 @@ def precompute_shards(
         files.append(rank_files)
     first_pass(run, streams, block=block)
     results = [finish_sae(run, stream, rank_files, block, release.name, me) for stream, rank_files in zip(streams, files, strict=True)]
+    if me.is_main:
+        reclaim_space(engine)
     layers = [inputs.layer for inputs in release.saes]
     if me.is_main and cfg.families and len(set(layers)) < len(layers):  # co-firing is not sharded yet
         say(f"for the links and map of {release.name}, run `saescope families --release {release.name}`")

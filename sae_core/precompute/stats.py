@@ -228,6 +228,19 @@ class Reservoir:
             self.context[g, slot] = context[pick]
             self.value[g, slot] = value[pick]
 
+    def fill(self, group: torch.Tensor, priority: torch.Tensor, context: torch.Tensor, value: torch.Tensor) -> None:
+        """``insert`` into an empty reservoir, in one step: each group keeps its ``size`` items of
+        highest priority (>= 0), the r-th highest in slot r, the slot ``insert`` gives it (its
+        group's first empty one). Without ``insert``'s filter and loop over ranks: the intervals
+        of a 16,384-wide SAE offer all 5 M fine-bin samples at once."""
+        perm, rank = ranks_within_groups(group, priority)
+        kept = rank < self.priority.shape[1]
+        pick, slot = perm[kept], rank[kept]
+        g = group[pick]
+        self.priority[g, slot] = priority[pick]
+        self.context[g, slot] = context[pick]
+        self.value[g, slot] = value[pick]
+
     def take(self, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Remove and return the filled items of ``groups`` as (group, priority, context, value)."""
         filled = self.priority[groups] >= 0

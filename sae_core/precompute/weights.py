@@ -6,12 +6,15 @@ budget (never the F x vocab or F x F matrix at once).
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from sae_core.precompute.results import Neighbours, rows_per_chunk
+from sae_core.precompute.stats import one_thread
 
 HISTOGRAM_ROWS = 64  # rows binned at once: a small copy of the logit chunk, still one bincount per 3M values
 
@@ -45,8 +48,21 @@ def logit_effects(
 
 def chunk_effects(scaled: torch.Tensor, W_U: torch.Tensor, *, n: int, bins: int) -> LogitEffects:
     """``logit_effects`` of a chunk of scaled decoder rows (chunk, d). A function of its own so that
-    a chunk's logits are freed before the next chunk's are made (a loop variable held two)."""
+    a chunk's logits are freed before the next chunk's are made (a loop variable held two).
+
+    After the matmul, each of torch's threads takes a block of rows (their top, bottom and
+    histogram) on one thread of its own: split op by op instead, the histogram's many passes
+    each paid a fork and a join (a 682-row chunk at load 7 on 2 cores: 978 ms CPU and 3.6 s wall,
+    now 734 ms and 2.3 s; the rows' results do not depend on the split)."""
     logits = scaled @ W_U.T  # (chunk, vocab)
+    workers = torch.get_num_threads()
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(functools.partial(row_effects, n=n, bins=bins), logits.chunk(workers)))
+    return LogitEffects(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+
+def row_effects(logits: torch.Tensor, *, n: int, bins: int) -> LogitEffects:
+    """``chunk_effects`` of a block of its logits (rows, vocab), which it overwrites."""
     top = logits.topk(n, dim=1)
     bottom = logits.topk(n, dim=1, largest=False)
     lo, hi = bottom.values[:, 0], top.values[:, 0]  # the extremes: no pass of their own over the chunk

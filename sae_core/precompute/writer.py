@@ -9,6 +9,8 @@ the new one, and rerunning the same command picks up from the last checkpoint.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
@@ -68,8 +70,25 @@ def batched(rows: Iterable[dict], size: int = INSERT_BATCH) -> Iterator[list[dic
 
 
 def insert_rows(conn: Connection, table, rows: Iterable[dict]) -> None:
-    for chunk in batched(rows):
-        conn.execute(sa.insert(table), chunk)
+    """Insert row dicts, all with the same keys, through the driver's own executemany,
+    ``INSERT_BATCH`` rows at a time. JSON columns come as their text, ``json.dumps`` of the value
+    (what SQLAlchemy's JSON type writes on SQLite and PostgreSQL alike, so the stores are byte for
+    byte the same): SQLAlchemy's per-row parameter processing (construct_params, a JSON
+    serialiser per column) took longer than SQLite's inserts themselves."""
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return
+    columns = list(first)
+    quote = conn.dialect.identifier_preparer.quote
+    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        f"INSERT INTO {quote(table.__tablename__)} ({', '.join(map(quote, columns))}) "
+        f"VALUES ({', '.join([marker] * len(columns))})"
+    )
+    values = operator.itemgetter(*columns)  # row -> tuple in column order (tables have >= 2 columns)
+    for chunk in batched(itertools.chain([first], rows)):
+        conn.exec_driver_sql(sql, [values(row) for row in chunk])
 
 
 def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Callable[[], list[dict]]) -> int:
@@ -162,12 +181,13 @@ def publish(engine: Engine, sae_id: int, name: str, release: str, sae_updates: d
             .values(name=name, status="complete", completed_at=utcnow(), **sae_updates)
         )
         join_release(conn, sae_id, release)
-    reclaim_space(engine)
 
 
 def reclaim_space(engine: Engine) -> None:
     """Give back the pages that checkpoints and replaced rows freed: SQLite keeps them in the file
-    (on the demo store, 126 of 170 MB) until VACUUM. Postgres reuses them by itself."""
+    (on the demo store, 126 of 170 MB) until VACUUM. Postgres reuses them by itself. Run once
+    after a precompute has published all its SAEs: VACUUM rewrites the whole file, so one per
+    SAE rewrote the SAEs published before it again and again."""
     if engine.dialect.name == "sqlite":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM")

@@ -37,7 +37,7 @@ def sparse_encode(sae: SAE, x: torch.Tensor, chunk: int) -> SparseActs:
     parts = []
     for start in range(0, sae.d_sae, chunk):
         stop = min(start + chunk, sae.d_sae)
-        z = x_in @ sae.W_enc[:, start:stop] + sae.b_enc[start:stop]  # (n_tokens, chunk)
+        z = (x_in @ sae.W_enc[:, start:stop]).add_(sae.b_enc[start:stop])  # (n_tokens, chunk); in place: no second copy
         f = sae.activate(z, slice(start, stop))  # raises for an architecture it does not know
         token, local = torch.nonzero(f > 0, as_tuple=True)
         parts.append(SparseActs(token, local + start, f[token, local]))
@@ -51,7 +51,7 @@ def _sparse_topk(sae: SAE, x_in: torch.Tensor, chunk: int) -> SparseActs:
     best_v = best_i = None  # (n_tokens, k)
     for start in range(0, sae.d_sae, chunk):
         stop = min(start + chunk, sae.d_sae)
-        z = x_in @ sae.W_enc[:, start:stop] + sae.b_enc[start:stop]  # (n_tokens, chunk)
+        z = (x_in @ sae.W_enc[:, start:stop]).add_(sae.b_enc[start:stop])  # (n_tokens, chunk); in place: no second copy
         v, i = z.topk(min(k, stop - start), dim=-1)
         i = i + start
         if best_v is not None:
