@@ -39,7 +39,7 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
-from sae_core.families.build import FamilySae, all_links, insert_all, link_rows
+from sae_core.families.build import FamilySae, all_links, link_rows
 from sae_core.families.cofiring import CoFiring
 from sae_core.families.layout import feature_layout
 from sae_core.families.links import unit_directions
@@ -49,6 +49,7 @@ from sae_core.inputs.subject import load_subject
 from sae_core.precompute.encode import encode_batch
 from sae_core.precompute.stats import StreamingStats
 from sae_core.precompute.weights import decoder_neighbours, logit_effects
+from sae_core.precompute.writer import insert_rows
 from sae_core.saes.formats import load_sae
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.store.db import create_engine_for, migrate
@@ -142,7 +143,7 @@ def main() -> None:
             start = time.perf_counter()
             with engine.begin() as conn:  # the SAE ids need no rows here: foreign keys are off for this write
                 conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
-                n_rows = insert_all(conn, FeatureLinkRow.__table__, (r for a, b, f in found for r in link_rows(a, b, f)))
+                n_rows = insert_rows(conn, FeatureLinkRow, (r for a, b, f in found for r in link_rows(a, b, f)))
             clock.add("link rows written", start)
             with engine.connect() as conn:
                 size = conn.scalar(

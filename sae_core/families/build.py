@@ -10,14 +10,13 @@ from typing import NamedTuple
 import numpy as np
 import sqlalchemy as sa
 import torch
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from sae_core.families.cofiring import CoFiring
 from sae_core.families.layout import feature_layout
 from sae_core.families.links import TOP_N, Links, links_both_ways, unit_directions
+from sae_core.precompute.writer import insert_rows
 from sae_core.store.families import FeatureLinkRow, FeatureMapRow, mark_mapped
-
-INSERT_BATCH = 5000  # rows per executemany
 
 
 class FamilySae(NamedTuple):
@@ -49,18 +48,6 @@ def link_rows(sae_id: int, other_id: int, links: Links) -> Iterator[dict]:
                    cosine=cosine, n_both=both, n_self=n_self, n_other=n_other)  # fmt: skip
 
 
-def insert_all(conn: Connection, table, rows: Iterator[dict]) -> int:
-    n, batch = 0, []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == INSERT_BATCH:
-            conn.execute(sa.insert(table), batch)
-            n, batch = n + len(batch), []
-    if batch:
-        conn.execute(sa.insert(table), batch)
-    return n + len(batch)
-
-
 def build_families(
     engine: Engine, saes: Sequence[FamilySae], cofiring: CoFiring, *, memory_budget: int, seed: int = 0
 ) -> FamiliesResult:
@@ -72,8 +59,8 @@ def build_families(
     with engine.begin() as conn:
         for table in (FeatureLinkRow, FeatureMapRow):
             conn.execute(sa.delete(table).where(table.sae_id.in_(ids)))
-        n_links = insert_all(conn, FeatureLinkRow.__table__, (row for a, b, found in links for row in link_rows(a, b, found)))
-        n_points = insert_all(conn, FeatureMapRow.__table__, map_rows(ids, positions))
+        n_links = insert_rows(conn, FeatureLinkRow, (row for a, b, found in links for row in link_rows(a, b, found)))
+        n_points = insert_rows(conn, FeatureMapRow, map_rows(ids, positions))
         mark_mapped(conn, ids)
     return FamiliesResult(n_links, n_points)
 

@@ -69,16 +69,16 @@ def batched(rows: Iterable[dict], size: int = INSERT_BATCH) -> Iterator[list[dic
         yield chunk
 
 
-def insert_rows(conn: Connection, table, rows: Iterable[dict]) -> None:
-    """Insert row dicts, all with the same keys, through the driver's own executemany,
-    ``INSERT_BATCH`` rows at a time. JSON columns come as their text, ``json.dumps`` of the value
+def insert_rows(conn: Connection, table, rows: Iterable[dict]) -> int:
+    """Insert row dicts, all with the same keys, into ``table`` (an ORM class) through the
+    driver's own executemany, ``INSERT_BATCH`` rows at a time; how many were inserted. JSON columns come as their text, ``json.dumps`` of the value
     (what SQLAlchemy's JSON type writes on SQLite and PostgreSQL alike, so the stores are byte for
     byte the same): SQLAlchemy's per-row parameter processing (construct_params, a JSON
     serialiser per column) took longer than SQLite's inserts themselves."""
     rows = iter(rows)
     first = next(rows, None)
     if first is None:
-        return
+        return 0
     columns = list(first)
     quote = conn.dialect.identifier_preparer.quote
     marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
@@ -87,8 +87,11 @@ def insert_rows(conn: Connection, table, rows: Iterable[dict]) -> None:
         f"VALUES ({', '.join([marker] * len(columns))})"
     )
     values = operator.itemgetter(*columns)  # row -> tuple in column order (tables have >= 2 columns)
+    n = 0
     for chunk in batched(itertools.chain([first], rows)):
         conn.exec_driver_sql(sql, [values(row) for row in chunk])
+        n += len(chunk)
+    return n
 
 
 def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Callable[[], list[dict]]) -> int:
