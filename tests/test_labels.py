@@ -134,6 +134,13 @@ def test_context_masks_follow_python_lexing():
     assert prose[CONTEXT_NAMES.index("prose")].all()
 
 
+def visible_tokens_in(texts: list[str]):
+    """``where(context)``: the visible tokens of ``texts`` that ``context_masks`` puts in that
+    context, stripped."""
+    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
+    return lambda name: [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+
+
 def test_context_masks_say_what_a_line_does_and_what_is_around_a_token():
     # tokens split at "|", as the model's tokenizer might cut this code
     texts = (
@@ -141,10 +148,7 @@ def test_context_masks_say_what_a_line_does_and_what_is_around_a_token():
         '    | """|\n|    | total| +=| a|[|0|]|\n|    | if| total| ==| 1|:|\n|        | return|'
         " sub|total|\n"
     ).split("|")
-    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
-
-    def where(name: str) -> list[str]:
-        return [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+    where = visible_tokens_in(texts)
 
     assert where("def_line") == ["def", "f", "(", "a", "):"]
     assert where("condition") == ["if", "total", "==", "1", ":"]
@@ -161,10 +165,7 @@ def test_context_masks_name_a_statement_by_its_first_keyword():
         "x| =| 1|\n|for| i| in| y|:|\n|    | with| f|:|\n|        | yield| i|\n|try|:|\n|"
         "    | assert| i|\n|except| E|:|\n|    | raise| E|(|i|)|\n|    | return| '|for|'"
     ).split("|")
-    masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
-
-    def where(name: str) -> list[str]:
-        return [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+    where = visible_tokens_in(texts)
 
     assert where("loop_line") == ["for", "i", "in", "y", ":", "with", "f", ":"]
     assert where("return_line") == ["yield", "i", "return"]  # a string is not code
