@@ -130,7 +130,7 @@ def main() -> None:
         start = time.perf_counter()
         for sae in saes:
             W_dec = sae.W_dec.detach().float()
-            logit_effects(W_dec, subject.final_norm_scale().float(), subject.unembed.detach().float(), n=10, bins=32, memory_budget=BUDGET)
+            logit_effects(W_dec, subject.final_norm_scale().float(), subject.unembed.detach().float(), n=10, bins=32)
             decoder_neighbours(W_dec, n=10, memory_budget=BUDGET)
         clock.add("weights (logits, neighbours)", start)
 

@@ -29,7 +29,7 @@ from sae_core.precompute.stats import (
     pow2_ceil,
     sample_priority,
 )
-from sae_core.precompute.weights import row_histograms
+from sae_core.precompute.weights import SEGMENT, extremes, row_histograms
 from sae_core.saes.sae import ARCHITECTURES, SAE, SAEConfig
 from sae_core.store.db import (
     ContextRow,
@@ -376,6 +376,39 @@ def test_logit_histogram_bin_does_not_depend_on_the_row():
     values = torch.tensor([0.0, 30.9999 / bins, 1.0]).repeat(rows, 1)  # each row: lo 0, hi 1, one value in bin 30
     counts = row_histograms(values, torch.zeros(rows), torch.ones(rows), bins)
     assert (counts[:, 30] == 1).all() and (counts[:, 31] == 1).all() and (counts[:, 0] == 1).all()
+
+
+def test_logit_extremes_equal_topk_with_ties_and_a_tail():
+    """``extremes`` gives topk's values and indices at both ends: over rows longer than a whole
+    number of segments (the tail holds an extreme in one row), with the top tied across two
+    segments, the bottom tied within one, and a row of one repeated value."""
+    torch.manual_seed(0)
+    values = torch.randn(6, 50 * SEGMENT + 37)
+    values[1, -1] = 100.0  # the row's maximum in the tail
+    values[2, [5, 3 * SEGMENT]] = 100.0  # a tie for the top, in two segments
+    values[3, [7, 8]] = -100.0  # a tie for the bottom, in one segment
+    values[4] = 0.25
+    for largest in (True, False):
+        expected = values.topk(10, dim=1, largest=largest)
+        got = extremes(values, 10, largest=largest)
+        assert torch.equal(got.values, expected.values) and torch.equal(got.indices, expected.indices)
+
+
+def test_logit_histograms_count_each_row_by_its_own_bins():
+    """Each row's counts are the bincount of its own values' bins (shift by its lo, scale to its
+    [lo, hi], clamp, truncate), for rows of different ranges, one of them constant."""
+    torch.manual_seed(0)
+    rows, bins = 7, 32
+    values = torch.randn(rows, 1000) * torch.arange(1, rows + 1).unsqueeze(1)
+    values[3] = 0.5  # a constant row: every value in the first bin
+    lo, hi = values.amin(dim=1), values.amax(dim=1)
+    scale = bins / (hi - lo).clamp(min=1e-12)
+    expected = torch.stack(
+        [torch.bincount(((values[r] - lo[r]) * scale[r]).clamp(0, bins - 1).int(), minlength=bins) for r in range(rows)]
+    )
+    got = row_histograms(values.clone(), lo, hi, bins)
+    assert torch.equal(got, expected)
+    assert got[3, 0] == 1000
 
 
 def packed_alone(values: np.ndarray) -> tuple[bytes, float, int]:

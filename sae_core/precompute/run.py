@@ -519,7 +519,6 @@ def collect_results(
             subject.unembed.detach().float(),
             n=cfg.logit_tokens,
             bins=cfg.hist_bins,
-            memory_budget=cfg.memory_budget,
         ),
         decoder=decoder_neighbours(W_dec, n=cfg.neighbours, memory_budget=cfg.memory_budget),
         coact=coactivation_neighbours(stats, cfg.neighbours, memory_budget=cfg.memory_budget),
