@@ -47,7 +47,7 @@ def add_arguments(parser):
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="contexts per forward pass")
     parser.add_argument(
-        "--memory-budget", type=int, default=DEFAULTS.memory_budget_mb, help="MiB for feature chunks (encoding, logits, neighbours)"
+        "--memory-budget", type=int, default=DEFAULTS.memory_budget_mb, help="MiB for feature chunks (encoding, neighbours)"
     )
     parser.add_argument(
         "--label",

@@ -33,7 +33,7 @@ class PrecomputeConfig:
     release: str | None = None  # URL id of the set in the store; None: the SAE's name for one, else derived
     force: bool = False  # replace complete SAEs of the same names; take a release name held by others
     batch_size: int = 32  # contexts per forward pass: ~2k tokens, where CPU throughput levels off
-    memory_budget_mb: int = 1024  # bounds the feature chunks of encoding, logit effects, neighbours and dense pair counts
+    memory_budget_mb: int = 1024  # bounds the feature chunks of encoding, neighbours and dense pair counts
     device: str | None = None  # None: cuda when available, else cpu
     checkpoint_every: int = 50  # batches between checkpoints: ~2 min of SmolLM2 on 2 cores
     max_active: int = 64  # features per token counted for co-activation (all of them for TopK k <= 64)
