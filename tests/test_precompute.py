@@ -451,6 +451,22 @@ def test_blobs_unpacked_at_once_equal_unpack_levels():
     assert levels.tolist() == np.concatenate([lv for _, lv in alone]).tolist()
 
 
+def test_sparse_counts_do_not_depend_on_when_they_coalesce(monkeypatch):
+    """Token pairs coalesced after every batch, or only when read, give the same keys, counts
+    and fixed-point sums (repeated keys across batches, values that do not add exactly in float)."""
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 50, (200,)), torch.rand(200) * 10) for _ in range(6)]
+    late, early = SparseCounter(with_sums=True), SparseCounter(with_sums=True)
+    monkeypatch.setattr(early, "MIN_PENDING", 1)
+    for keys, weights in batches:
+        late.add(keys, weights)
+        early.add(keys, weights)
+        assert not early._pending  # coalesced already
+    late.coalesce()
+    assert torch.equal(late.keys, early.keys) and torch.equal(late.counts, early.counts)
+    assert torch.equal(late.fixed_sums, early.fixed_sums)
+
+
 def test_dense_and_sparse_co_activation_counts_agree():
     """The dense triangle of pair counts (an SAE that fits the budget) counts, saves and restores
     exactly as the sorted sparse counter does."""
