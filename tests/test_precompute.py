@@ -381,13 +381,15 @@ def test_logit_histogram_bin_does_not_depend_on_the_row():
 def test_logit_extremes_equal_topk_with_ties_and_a_tail():
     """``extremes`` gives topk's values and indices at both ends: over rows longer than a whole
     number of segments (the tail holds an extreme in one row), with the top tied across two
-    segments, the bottom tied within one, and a row of one repeated value."""
+    segments, the bottom tied within one, a tie for the 10th place, and a row of one repeated value."""
     torch.manual_seed(0)
-    values = torch.randn(6, 50 * SEGMENT + 37)
+    values = torch.randn(7, 50 * SEGMENT + 37)
     values[1, -1] = 100.0  # the row's maximum in the tail
     values[2, [5, 3 * SEGMENT]] = 100.0  # a tie for the top, in two segments
     values[3, [7, 8]] = -100.0  # a tie for the bottom, in one segment
     values[4] = 0.25
+    values[5, 5 * SEGMENT : 5 * SEGMENT + 9] = torch.arange(9) + 50.0  # nine clear maxima, then a
+    values[5, [20, 5 * SEGMENT + 20]] = 40.0  # tie for the 10th, across segments ranked 2nd and 1st
     for largest in (True, False):
         expected = values.topk(10, dim=1, largest=largest)
         got = extremes(values, 10, largest=largest)
