@@ -375,8 +375,11 @@ def _union_counts(first: np.ndarray, tally: np.ndarray, order: np.ndarray, k: in
         apart = apart[:-span] | apart[span:]
         span *= 2
     starts = np.flatnonzero(first)  # each (token, slot)'s first entry, now its best rank
-    head = tally[starts]
-    joins = ((head >> 1) // (k + 1) * (width + 1) + rank[starts]) * 2 + (head & 1)
+    # each head tally's (feature, slot, firing) bin at rank 0, looked up: a table of the few
+    # tallies, not an integer division of every token's
+    tally_bin = np.arange(2 * n_features * n_slots * (k + 1), dtype=np.int32)
+    tally_bin = (tally_bin >> 1) // (k + 1) * (2 * (width + 1)) + (tally_bin & 1)
+    joins = tally_bin[tally[starts]] + 2 * rank[starts].astype(np.int32)
     size = 2 * n_features * n_slots * (width + 1)
     return np.bincount(joins, minlength=size).reshape(n_features, n_slots, width + 1, 2)[
         :, :, :width
