@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.cli import main
 from sae_core.errors import NotFoundError
-from sae_core.labels import evidence
+from sae_core.labels import evidence, induction
 from sae_core.labels import run as labels
 from sae_core.labels.corpus_words import FeatureWords, corpus_term, with_corpus_words
 from sae_core.labels.evidence import (
@@ -34,7 +34,7 @@ from sae_core.labels.evidence import (
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
 from sae_core.labels.induction import fit_rule, fit_rules
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
-from sae_core.labels.rules import LabelRule, Term, parse_label
+from sae_core.labels.rules import WINDOW, LabelRule, Term, parse_label
 from sae_core.labels.run import (
     LabelError,
     LabelOptions,
@@ -138,7 +138,9 @@ def visible_tokens_in(texts: list[str]):
     """``where(context)``: the visible tokens of ``texts`` that ``context_masks`` puts in that
     context, stripped."""
     masks = dict(zip(CONTEXT_NAMES, context_masks(texts), strict=True))
-    return lambda name: [t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()]
+    return lambda name: [
+        t.strip() for t, m in zip(texts, masks[name], strict=True) if m and t.strip()
+    ]
 
 
 def test_context_masks_say_what_a_line_does_and_what_is_around_a_token():
@@ -305,6 +307,32 @@ def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
     assert fit_rules(train, vocab, promoted) == alone
     assert fit_rules(train[::-1], vocab, promoted[::-1]) == alone[::-1]
     assert len({fitted.rule for fitted in alone}) == len(alone)  # the planted rules all differ
+
+
+def test_a_window_key_sets_union_counts_each_token_at_its_best_ranked_key():
+    """A token with several keys in a slot (a window's) joins a key set at the first prefix that
+    holds one of them: the union counts against a plain loop over random groups of 1 to WINDOW
+    entries (a key may repeat within a group)."""
+    rng = np.random.default_rng(0)
+    n_features, n_slots, k, width = 3, 2, 7, 5
+    sizes = rng.integers(1, WINDOW + 1, 400)
+    owner_slot, fires = rng.integers(0, n_features * n_slots, len(sizes)), rng.random(len(sizes))
+    keys = rng.integers(0, k + 1, sizes.sum())  # k: none of the feature's keys
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    tally = (owner_slot[group] * (k + 1) + keys) * 2 + (fires[group] < 0.3)
+    first = np.r_[True, group[1:] != group[:-1]]
+    order = np.stack([rng.permutation(k)[:width] for _ in range(n_features * n_slots)])
+    expected = np.zeros((n_features * n_slots, width, 2), dtype=np.int64)
+    for g in range(len(sizes)):
+        ranks = [
+            list(order[owner_slot[g]]).index(key)
+            for key in keys[group == g]
+            if key in order[owner_slot[g]]
+        ]
+        if ranks:
+            expected[owner_slot[g], min(ranks), int(fires[g] < 0.3)] += 1
+    counts = induction._union_counts(first, tally, order.reshape(n_features, n_slots, width), k)
+    assert np.array_equal(counts, expected.reshape(n_features, n_slots, width, 2))
 
 
 def test_a_chunks_evidence_is_its_windows_tokens_firing_where_the_examples_say(labelled):

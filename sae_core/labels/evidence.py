@@ -325,10 +325,9 @@ def sample_negatives(
     if len(pool) <= 4 * wanted:
         order = rng.permutation(len(pool))
     else:  # a few random draws beat shuffling a large pool for every feature
-        order = dict.fromkeys(rng.integers(0, len(pool), size=2 * wanted).tolist())
+        order = list(dict.fromkeys(rng.integers(0, len(pool), size=2 * wanted).tolist()))
     out: list[int] = []
-    for i in order:
-        cid = int(pool[i])
+    for cid in pool[order].tolist():  # Python ints: reading numpy's one at a time cost more
         if cid not in exclude:
             out.append(cid)
             if len(out) == n:
