@@ -5,7 +5,8 @@ On SmolLM2-135M (the embedded default) and the default corpus, the same tokens f
 - precompute of three TopK SAEs (1,024 / 4,096 / 16,384 latents, k = 32) on layer 15: one
   ``run_precompute`` with all three vs three runs of one (target >= 2.5x);
 - precompute of four 4,096-wide SAEs on layers 5, 10, 15 and 20: one pass vs four runs
-  (target >= 2.5x; the forward alone caps it at (6 + 11 + 16 + 21) / 21 = 2.57x blocks);
+  (target >= 2.5x; the blocks alone cap it at (6 + 11 + 16 + 21) / 21 = 2.57x, and with the
+  encoders, each 576 x 4,096 multiply-adds a token against a block's 3.5M, at 2.39x);
 - training three widths (1,024 / 4,096 / 16,384) on layer 15 from an activation cache built
   beforehand: one ``train_saes`` (one loop, evaluation shared per layer) vs three ``train_sae``
   (target >= 1.3x).
@@ -14,6 +15,9 @@ Every timed side runs in a fresh process, as separate ``saescope`` commands woul
 included), and reports its wall time, its CPU-seconds (the ratio to trust on a loaded machine:
 wall time there is mostly waiting), its peak resident memory and the 1-minute load average at its
 start and end. The SAEs are random-init (the cost does not depend on what they learned).
+Each precompute comparison also prints its ceiling: the speed-up the multiply-adds per token
+allow (subject blocks and encoders; loads and fixed per-SAE work left out), and the share of it
+reached.
 
 The one pass also links the SAEs of a layer into families (co-firing in the pass, links, the
 UMAP feature map), which SAEs precomputed one at a time never get; ``--no-families`` leaves that
@@ -60,6 +64,12 @@ def in_child(work, *args) -> Measured:
     """Run ``work(*args)`` in a fresh process; time it there, where imports are already done."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_timed, (work, *args))
+
+
+def in_child_value(work, *args):
+    """``work(*args)`` in a fresh process, untimed (this process never loads the model)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(work, args)
 
 
 def _timed(work, *args) -> Measured:
@@ -125,7 +135,29 @@ def train(outs: list[str], widths: list[int], tokens: int) -> None:
     train_saes([TrainJob(configs[width], Path(out)) for out, width in zip(outs, widths, strict=True)], progress=False)
 
 
-def side_by_side(title: str, target: float, together: Measured, alone: list[Measured]) -> None:
+def block_macs() -> int:
+    """Multiply-adds per token of one block of the subject: its linear layers' weights (attention
+    over 64 positions adds under 3%, left out)."""
+    import torch
+
+    from sae_core.inputs.subject import load_subject
+
+    block = load_subject(MODEL).blocks[0]
+    return sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+
+
+def ceiling(sae_shapes: list[tuple[int, int]], per_block: int) -> float:
+    """The best one-pass speed-up the multiply-adds per token allow, for SAEs given as (layer,
+    width): each separate run does layer + 1 blocks and its encoder (576 x width); the one pass
+    does the deepest layer's blocks once and every encoder. Loads, which the one pass saves, and
+    fixed per-SAE work (logit effects), which both sides pay, are left out."""
+    encoders = sum(576 * width for _, width in sae_shapes)
+    separate = sum((layer + 1) * per_block for layer, _ in sae_shapes) + encoders
+    together = (max(layer for layer, _ in sae_shapes) + 1) * per_block + encoders
+    return separate / together
+
+
+def side_by_side(title: str, target: float, together: Measured, alone: list[Measured], best: float | None = None) -> None:
     separate, separate_cpu = sum(m.seconds for m in alone), sum(m.cpu for m in alone)
     ratio = separate / together.seconds
     loads = [load for m in (together, *alone) for load in m.load]
@@ -136,16 +168,21 @@ def side_by_side(title: str, target: float, together: Measured, alone: list[Meas
     verdict = "met" if ratio >= target else "NOT met"
     print(f"  speed-up        : {ratio:.2f}x wall, {separate_cpu / together.cpu:.2f}x CPU-s (target >= {target}x: {verdict}); "
           f"load {min(loads):.1f}..{max(loads):.1f}")  # fmt: skip
+    if best is not None:
+        print(f"  ceiling         : {best:.2f}x from multiply-adds per token (subject blocks + encoders); "
+              f"reached {ratio / best:.0%} of it")  # fmt: skip
 
 
 def compare_precompute(tmp: Path, args: argparse.Namespace) -> None:
+    shapes = {"widths": [(15, width) for width in WIDTHS], "layers": [(layer, 4096) for layer in LAYERS]}
     sets = {
-        "widths": ("three widths (1k, 4k, 16k) on layer 15", [random_sae(tmp, 15, width) for width in WIDTHS]),
-        "layers": ("four layers (5, 10, 15, 20), 4k wide", [random_sae(tmp, layer, 4096) for layer in LAYERS]),
+        "widths": ("three widths (1k, 4k, 16k) on layer 15", [random_sae(tmp, *shape) for shape in shapes["widths"]]),
+        "layers": ("four layers (5, 10, 15, 20), 4k wide", [random_sae(tmp, *shape) for shape in shapes["layers"]]),
     }
     warm_tokens = args.batch_size * CTX_LEN  # one batch: the model converted and the corpus cached, untimed
     warm = in_child(precompute, sets["widths"][1][:1], f"sqlite:///{tmp / 'warm.db'}", warm_tokens, args.batch_size)
     print(f"warm-up (model, corpus cached): {warm.seconds:.1f} s")
+    per_block = in_child_value(block_macs)
 
     def precompute_sides(paths: list[str], tag: str) -> tuple[Measured, list[Measured]]:
         together = in_child(precompute, paths, f"sqlite:///{tmp / f'{tag}-one.db'}", args.tokens, args.batch_size, args.families)
@@ -159,7 +196,7 @@ def compare_precompute(tmp: Path, args: argparse.Namespace) -> None:
           f"the one pass {'with' if args.families else 'without'} families")  # fmt: skip
     for tag in args.sets:
         title, paths = sets[tag]
-        side_by_side(title, 2.5, *precompute_sides(paths, tag))
+        side_by_side(title, 2.5, *precompute_sides(paths, tag), best=ceiling(shapes[tag], per_block))
 
 
 def compare_training(tmp: Path, args: argparse.Namespace) -> None:
