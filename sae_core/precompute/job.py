@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from sae_core.inputs import distributed
 from sae_core.precompute.config import PrecomputeConfig
-from sae_core.precompute.memory import return_large_blocks
 from sae_core.precompute.run import PrecomputeResult, run_in_process
 from sae_core.precompute.sharded import run_sharded
 
 
 def run_precompute(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
     """Every SAE of ``cfg`` precomputed into the store (or skipped when complete), in order."""
-    return_large_blocks()
     if distributed.launched_world().size > 1:  # a rank of a torchrun job
         with distributed.session():
             return run_sharded(cfg)

@@ -41,6 +41,7 @@ from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
 from sae_core.inputs.token_bytes import is_partial, token_bytes
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError
 from sae_core.precompute.encode import DictionaryCodes, sae_fingerprint
+from sae_core.precompute.memory import give_back_freed
 from sae_core.precompute.results import (
     coactivation_neighbours,
     density_histogram,
@@ -488,6 +489,7 @@ def collect_results(
     (``examples``: from keys to activations; default this process's spill), and compute the
     weight-based effects."""
     cfg, sae, subject = run.cfg, target.sae, run.subject
+    give_back_freed()  # the pass's temporaries, before the tail's own
     intervals = final_intervals(stats, cfg.bins, cfg.per_bin)
     sample_context, sample_value, sample_filled = ordered_samples(intervals.samples)
     n_features = sae.d_sae
