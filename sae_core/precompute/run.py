@@ -69,6 +69,7 @@ from sae_core.saes.sae import SAE
 from sae_core.store.db import create_engine_for, migrate, writer_lock
 from sae_core.store.releases import claim_release
 
+TRIM_EVERY = 8  # batches between giving freed heap pages back (a malloc_trim: milliseconds)
 URL_ID = re.compile(r"[A-Za-z0-9._-]{1,150}")  # SAE and release names are URL path segments
 
 
@@ -470,6 +471,8 @@ def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, f
                     feed.update(codes)
                 if checkpoint:
                     feed.save(index + 1)
+            if index % TRIM_EVERY == 0:
+                give_back_freed()  # what the last batches freed, so that the heap does not grow with the pass
     finally:
         for spill in spills.values():
             spill.close()

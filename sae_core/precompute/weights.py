@@ -23,6 +23,10 @@ from sae_core.precompute.stats import one_thread
 # effects do not depend on the budget either: how the matmul rounds a row may depend on the rows
 # multiplied with it
 LOGIT_ROWS = 256
+# decoder rows whose cosines are made at once, at most: 16 MB at 4,096 features, where the 1 GiB
+# budget alone made the whole 4,096 x 4,096 matrix (64 MB, the tail's peak for one SAE). Each row's
+# cosines and neighbours come out the same in any chunk (checked at 4k and 16k features)
+NEIGHBOUR_ROWS = 1024
 SEGMENT = 128  # values per segment of a logit row whose extreme stands for it (see extremes)
 
 
@@ -127,7 +131,7 @@ def decoder_neighbours(W_dec: torch.Tensor, *, n: int, memory_budget: int) -> Ne
     """Top ``n`` other features by cosine similarity of decoder directions, a chunk of rows at a time."""
     n_features = W_dec.shape[0]
     unit = torch.nn.functional.normalize(W_dec, dim=1)  # (F, d)
-    chunk = rows_per_chunk(4 * n_features, memory_budget)
+    chunk = min(rows_per_chunk(4 * n_features, memory_budget), NEIGHBOUR_ROWS)
     parts = [
         chunk_neighbours(unit, start, chunk, n=min(n, n_features - 1))
         for start in tqdm(range(0, n_features, chunk), desc="decoder neighbours", unit="chunk", leave=False)
