@@ -62,12 +62,11 @@ def parse_args() -> argparse.Namespace:
 
 def in_child(work, *args) -> Measured:
     """Run ``work(*args)`` in a fresh process; time it there, where imports are already done."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_timed, (work, *args))
+    return in_child_value(_timed, work, *args)
 
 
 def in_child_value(work, *args):
-    """``work(*args)`` in a fresh process, untimed (this process never loads the model)."""
+    """``work(*args)`` in a fresh process (so this one never loads the model)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(work, args)
 

@@ -3,7 +3,8 @@ label rules are made of (see ``sae_core.labels.rules``).
 
 Contexts come from the decoded text of the window alone. Code: a small Python lexer (string
 literals, docstrings, comments) plus bracket and line tracking (call arguments, def signatures,
-subscripts, decorator and import lines, the statement a line makes). Prose: sentence starts, quotes, list items, headings.
+subscripts, decorator and import lines, the statement a line makes). Prose: sentence starts,
+quotes, list items, headings.
 Windows start mid-file, so the lexer assumes each starts outside any string or bracket and that
 its first, cut line is of no known kind; a rule's held-out score measures how much that matters.
 Token classes (numbers, capitalised words, closing brackets...) come from a token's text alone.

@@ -2,7 +2,7 @@
 
 Both are (F, something) products computed in chunks of features (never the F x vocab or F x F
 matrix at once): logit effects in blocks of a fixed number of features, decoder neighbours in
-chunks sized to the memory budget.
+chunks sized to the memory budget, at most a fixed number of features.
 """
 
 from __future__ import annotations
