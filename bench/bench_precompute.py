@@ -165,6 +165,7 @@ def bare_forward(tokens: int, batch_size: int) -> Measured:
     from sae_core.inputs.subject import load_subject
 
     subject = load_subject(MODEL)
+    subject.drop_blocks_after(LAYER)  # as precompute does: the blocks past the layer are never run
     contexts = build_contexts("default", subject.tokenizer, ctx_len=CTX_LEN, max_contexts=math.ceil(tokens / CTX_LEN))
     load = os.getloadavg()[0]
     start = now()
@@ -183,12 +184,13 @@ def command(sae_paths: list[str], db_path: str, tokens: int, batch_size: int, la
     from sae_core.cli import main
     from sae_core.inputs.subject import Subject
     from sae_core.labels import run as labels
+    from sae_core.precompute.checkpoint import ResumeFiles
     from sae_core.precompute.spill import SpillWriter
     from sae_core.precompute.stats import StreamingStats
 
     phases = Phases(total_batches=math.ceil(math.ceil(tokens / CTX_LEN) / batch_size))
     phases.wrap(Subject, "forward_to_layers", "forward")
-    for owner, name in ((encode, "encode_batch"), (StreamingStats, "update"), (SpillWriter, "append"), (run, "save_checkpoint")):
+    for owner, name in ((encode, "encode_batch"), (StreamingStats, "update"), (SpillWriter, "append"), (ResumeFiles, "save")):
         phases.wrap(owner, name, "SAE")
     phases.wrap(run.Feed, "update", "SAE")  # co-firing across the SAEs of a layer, inside the pass
     for name in ("finish", "publish_feeds", "run_families", "reclaim_space"):  # reclaim_space: the store's one VACUUM

@@ -9,14 +9,20 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from sae_core.inputs import distributed
 from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
+from sae_core.inputs.subject import cache_dir
+from sae_core.precompute.checkpoint import ResumeFiles, write_safetensors
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute
 from sae_core.precompute.results import coactivation_neighbours
@@ -161,7 +167,6 @@ def dump(db_url: str, sae_id: int | None = None) -> dict[str, list]:
         "contexts": f"select id, token_ids from contexts{where} order by id",
         "token_features": f"select token_id, rank, feature_idx, mean_act, count from token_features{where} order by token_id, rank",
         "feature_words": f"select feature_idx, rank, token_id, count, occurrences from feature_words{where} order by feature_idx, rank",
-        "state": f"select count(*) from precompute_state{where}",
     }
     with engine.connect() as conn:
         out = {name: [tuple(r) for r in conn.exec_driver_sql(q)] for name, q in queries.items()}
@@ -590,15 +595,46 @@ def test_complete_sae_is_skipped_and_force_replaces_it(run_on, tmp_path, capsys)
     assert [row[0] for row in dump(db)["saes"]] == sorted([first.name, "second"])
 
 
-def batches_checkpointed(db_url: str) -> int:
-    engine = create_engine_for(db_url)
-    try:
-        with engine.connect() as conn:
-            return conn.exec_driver_sql("select coalesce(max(batches_done), 0) from precompute_state").scalar()
-    except sa.exc.OperationalError:  # the store is not created yet
-        return 0
-    finally:
-        engine.dispose()
+def batches_checkpointed() -> int:
+    """The most batches a checkpoint in this test's cache holds (0 before the first)."""
+    done = 0
+    for path in (cache_dir() / "precompute").glob("*.ckpt"):
+        try:
+            with safe_open(path, framework="pt") as fh:
+                done = max(done, int(fh.metadata()["batches_done"]))
+        except FileNotFoundError:  # the run finished and removed it
+            pass
+    return done
+
+
+def test_checkpoint_files_are_safetensors_written_without_a_copy(tmp_path):
+    """Our streaming writer against safetensors' own reader, and against its writer's file."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "hist": torch.randint(0, 1 << 40, (5, 7), generator=gen),
+        "max": torch.randn(5, generator=gen),
+        "keys": torch.randint(0, 99, (3,), generator=gen, dtype=torch.int32),
+        "fired": torch.rand(6, generator=gen) > 0.5,
+        "bytes": torch.randint(0, 255, (9,), generator=gen, dtype=torch.uint8),
+        "n_tokens": torch.tensor(12345),
+        "empty": torch.zeros(0, 4),
+    }
+    meta = {"batches_done": "3", "spill_bytes": "4096"}
+    write_safetensors(tmp_path / "a.ckpt", tensors, meta)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]  # the temporary file was renamed
+    save_file(tensors, tmp_path / "b.ckpt", metadata=meta)
+    for path in (tmp_path / "a.ckpt", tmp_path / "b.ckpt"):
+        loaded = load_file(path)
+        assert loaded.keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+        with safe_open(path, framework="pt") as fh:
+            assert fh.metadata() == meta
+
+
+def leftover_files() -> list[str]:
+    """Spills and checkpoints still in this test's cache: none once every SAE is published."""
+    return sorted(path.name for path in (cache_dir() / "precompute").glob("*"))
 
 
 @pytest.mark.slow
@@ -613,7 +649,7 @@ def test_sigkill_then_the_same_command_resumes(llama_dir, corpus, planted, run_o
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float rounding as this process's single thread
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
-    while batches_checkpointed(db) < 2 and process.poll() is None and time.monotonic() < deadline:
+    while batches_checkpointed() < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "precompute finished before it could be killed"
@@ -621,6 +657,7 @@ def test_sigkill_then_the_same_command_resumes(llama_dir, corpus, planted, run_o
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr
     assert "resuming" in finished.stderr
+    assert leftover_files() == []
     reference = f"sqlite:///{tmp_path / 'reference.db'}"  # uninterrupted, in a fresh process too
     untouched = subprocess.run([*command[:command.index("--db") + 1], reference, *command[command.index("--db") + 2:]],
                                capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
@@ -754,17 +791,21 @@ def kill_during_nth_write(monkeypatch, n: int) -> None:
     monkeypatch.setattr(precompute_store, "insert_rows", insert_rows)
 
 
+def checkpoint_of(db_url: str, name: str) -> Path:
+    """The checkpoint file of the single-process run writing SAE ``name`` into ``db_url``."""
+    engine = create_engine_for(db_url)
+    with engine.connect() as conn:
+        sae_id, identity = conn.execute(sa.select(SaeRow.id, SaeRow.precompute_cfg).where(SaeRow.name == f"{name}~staging")).one()
+    engine.dispose()
+    return ResumeFiles.of(db_url, sae_id, identity, distributed.World(0, 1, 0)).checkpoint
+
+
 def release_resumes_after_kills(llama_dir, corpus, release_folder, alone_store, names, db, monkeypatch):
     with monkeypatch.context() as mp:
         kill_after_batches(mp, 3 * 7 + 1)  # mid-batch 8, past the checkpoints at 6 batches
         with pytest.raises(Killed):
             run_release(llama_dir, corpus, release_folder, db)
-    engine = create_engine_for(db)
-    with engine.begin() as conn:  # one SAE lost its checkpoint: it starts over, the others resume
-        conn.exec_driver_sql(
-            f"delete from precompute_state where sae_id = (select id from saes where name = '{names[1]}~staging')"
-        )
-    engine.dispose()
+    checkpoint_of(db, names[1]).unlink()  # one SAE lost its checkpoint: it starts over, the others resume
     with monkeypatch.context() as mp:
         kill_during_nth_write(mp, 2)  # the first SAE is published, the second dies writing
         with pytest.raises(Killed):
@@ -775,6 +816,7 @@ def release_resumes_after_kills(llama_dir, corpus, release_folder, alone_store, 
     assert [r.skipped for r in results] == [True, False, False] and results[2].resumed_from_batch > 0
     for name in names:
         assert dump_sae(db, name) == dump_sae(alone_store, name)
+    assert leftover_files() == []
     assert set(release_of(db).values()) == {names[0].replace("l0-topk-32", "l0-1-2-w32-48-64")}
 
 

@@ -183,6 +183,24 @@ def test_one_forward_to_several_layers_equals_separate_forwards(which, llama, gp
         subject.forward_to_layers(ids, [0, subject.n_layers])
 
 
+@pytest.mark.parametrize("which", ["llama_dir", "gpt2_dir"])
+def test_blocks_after_the_deepest_layer_are_freed_and_refused(which, request):
+    subject = load_subject(str(request.getfixturevalue(which)))  # its own copy: the fixtures are shared
+    ids = _ids(subject)
+    before = subject.forward_to_layer(ids, 1)
+    n_params, describe = sum(p.numel() for p in subject.model.parameters()), subject.describe()
+    subject.drop_blocks_after(1)
+    block = sum(p.numel() for p in subject.blocks[0].parameters())
+    assert sum(p.numel() for p in subject.model.parameters()) == n_params - block * (subject.n_layers - 2)
+    assert subject.describe() == describe  # the model's identity in the store does not change
+    torch.testing.assert_close(subject.forward_to_layer(ids, 1), before, rtol=0, atol=0)
+    with pytest.raises(SubjectError, match="layer 2 of .* was freed: this job keeps blocks 0..1 only"):
+        subject.forward_to_layers(ids, [0, 2])
+    with pytest.raises(SubjectError, match="block 2 was freed"):
+        with torch.no_grad():
+            subject.model(ids)
+
+
 def test_run_to_layer_keeps_the_graph_for_attribution(llama):
     delta = torch.zeros(llama.d_model, requires_grad=True)  # a gradient probe on block 0's output
     with llama.patch_layer(0, lambda resid: resid + delta):

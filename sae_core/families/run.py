@@ -86,6 +86,7 @@ def families_of_layer(engine, cfg: FamiliesConfig, layer: int, rows: list[SaeRow
 
     precompute = rows[0].precompute_cfg
     subject = load_subject(precompute["model"], device=pick_device(cfg.device))
+    subject.drop_blocks_after(layer)
     saes, dictionaries, loaded = [], [], {}  # loaded: a Matryoshka dictionary per folder, encoded once a batch
     for row in rows:
         sae = load_sae(row.path, prefix=stored_prefix(row.train_cfg or {}, row.d_sae))

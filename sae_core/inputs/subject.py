@@ -83,6 +83,18 @@ class _StopForward(Exception):
     """Raised from a hook to end the forward pass once the deepest hooked block has run."""
 
 
+class _FreedBlock(nn.Module):
+    """Stands in for a block whose weights ``Subject.drop_blocks_after`` freed, so the block list
+    keeps its length and numbering; running it is a bug, said in one line."""
+
+    def __init__(self, index: int, last_kept: int):
+        super().__init__()
+        self.index, self.last_kept = index, last_kept
+
+    def forward(self, *args, **kwargs):
+        raise SubjectError(f"block {self.index} was freed: this job keeps blocks 0..{self.last_kept} only")
+
+
 def _hidden(output) -> torch.Tensor:
     """A decoder block returns a tensor (transformers 5) or a tuple whose first item is one."""
     return output[0] if isinstance(output, tuple) else output
@@ -148,7 +160,19 @@ class Subject:
                 f"layer {layer} is outside 0..{self.n_layers - 1} for {self.name} "
                 f"({self.n_layers} blocks)"
             )
+        block = self.blocks[layer]
+        if isinstance(block, _FreedBlock):
+            raise SubjectError(f"layer {layer} of {self.name} was freed: this job keeps blocks 0..{block.last_kept} only")
         return layer
+
+    def drop_blocks_after(self, layer: int) -> None:
+        """Free the weights of every block after ``layer``. A job that reads the residual stream
+        no deeper (precompute, family co-firing) never runs them, and logit effects need only the
+        final norm and the unembedding, which stay: reading SmolLM2's layer 15 keeps 16 of its 30
+        blocks, ~200 MB less of a 540 MB model. The config, and so ``describe``, is unchanged."""
+        blocks = self.blocks
+        for index in range(self.check_layer(layer) + 1, len(blocks)):
+            blocks[index] = _FreedBlock(index, layer)
 
     def describe(self, layer: int | None = None) -> dict:
         info = {

@@ -34,11 +34,13 @@ from sqlalchemy.engine import Engine
 
 from sae_core.families.feed import Feed, open_feeds, publish_feeds
 from sae_core.families.run import FamiliesConfig, run_families
+from sae_core.inputs import distributed
 from sae_core.inputs.activations import iter_layer_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
 from sae_core.inputs.device import pick_device
-from sae_core.inputs.subject import Subject, cache_dir, hook_name, load_subject
+from sae_core.inputs.subject import Subject, hook_name, load_subject
 from sae_core.inputs.token_bytes import is_partial, token_bytes
+from sae_core.precompute.checkpoint import Checkpoint, ResumeFiles
 from sae_core.precompute.config import PrecomputeConfig, PrecomputeError
 from sae_core.precompute.encode import DictionaryCodes, sae_fingerprint
 from sae_core.precompute.memory import give_back_freed
@@ -55,14 +57,12 @@ from sae_core.precompute.spill import PackedActs, SpillWriter, example_activatio
 from sae_core.precompute.stats import StreamingStats, one_thread
 from sae_core.precompute.weights import decoder_neighbours, logit_effects
 from sae_core.precompute.writer import (
-    Checkpoint,
     complete_sae_id,
     ensure_model,
     file_complete,
     open_staging,
     publish,
     reclaim_space,
-    save_checkpoint,
 )
 from sae_core.saes.formats import find_saes, load_sae, nested_prefixes, stored_prefix
 from sae_core.saes.sae import SAE
@@ -112,11 +112,12 @@ class Run(NamedTuple):
 
 
 class Target(NamedTuple):
-    """One SAE being precomputed: its inputs (SAE on the subject's device), staging row and spill."""
+    """One SAE being precomputed: its inputs (SAE on the subject's device), staging row, and spill
+    and checkpoint files."""
 
     inputs: Inputs
     sae_id: int
-    spill_path: Path
+    files: ResumeFiles
 
     @property
     def sae(self) -> SAE:
@@ -183,7 +184,7 @@ def finish(run: Run, target: Target, stats: StreamingStats, release: str, resume
     n_tokens = int(stats.n_tokens)
     summary = {"n_tokens": n_tokens, "density_hist": density_histogram(stats.features.count, n_tokens)}
     publish(run.engine, target.sae_id, target.inputs.name, release, summary, rows)
-    target.spill_path.unlink(missing_ok=True)
+    target.files.remove()
     say(f"{target.inputs.name}: {target.sae.d_sae} features over {n_tokens} tokens written to {run.cfg.db_url}")
     return PrecomputeResult(target.inputs.name, n_tokens, target.sae.d_sae, False, resumed)
 
@@ -196,28 +197,20 @@ def in_given_order(release: Release, results: list[PrecomputeResult]) -> list[Pr
 
 
 def open_stream(run: Run, inputs: Inputs, model_id: int) -> Stream:
-    """Open (or reopen) the SAE's staging row with its last checkpoint, and its spill."""
+    """Open (or reopen) the SAE's staging row, and its spill and last checkpoint."""
     sae = inputs.sae.to(run.subject.device)
     inputs = inputs._replace(sae=sae)
-    sae_id, checkpoint = open_staging(
-        run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts)
-    )
-    key = hashlib.sha256(f"{run.cfg.db_url}|{sae_id}".encode()).hexdigest()[:20]
-    spill_path = cache_dir() / "precompute" / f"{key}.spill"
-    if checkpoint is not None and (not spill_path.is_file() or spill_path.stat().st_size < checkpoint.spill_bytes):
-        say(f"the activation spill {spill_path} is missing or short; starting {inputs.name} again")
-        checkpoint = None
-    stats = new_stats(run.cfg, sae, run.subject)
+    values = sae_row_values(run.cfg, inputs, model_id, run.contexts)
+    sae_id = open_staging(run.engine, inputs.name, values)
+    files = ResumeFiles.of(run.cfg.db_url, sae_id, values["precompute_cfg"], distributed.world())
+    stats, checkpoint = new_stats(run.cfg, sae, run.subject), files.load()
+    if checkpoint is None and files.checkpoint.is_file():
+        say(f"the activation spill {files.spill} is missing or short; starting {inputs.name} again")
     if checkpoint is not None:
         stats.load_state_dict(checkpoint.state)
         checkpoint = checkpoint._replace(state={})  # held by the accumulators now
         say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
-    return Stream(
-        Target(inputs, sae_id, spill_path),
-        stats,
-        checkpoint,
-        lambda saved: save_checkpoint(run.engine, sae_id, saved),
-    )
+    return Stream(Target(inputs, sae_id, files), stats, checkpoint, files.save)
 
 
 def say(message: str) -> None:
@@ -303,7 +296,8 @@ def default_release_name(saes: list[Inputs]) -> str:
 
 
 def load_checked_subject(cfg: PrecomputeConfig, model: str, saes: list[Inputs]) -> Subject:
-    """The subject model, once every SAE is checked against it (width, layer)."""
+    """The subject model, once every SAE is checked against it (width, layer), with the blocks
+    after the deepest SAE's layer freed."""
     subject = load_subject(model, device=pick_device(cfg.device))
     for inputs in saes:
         if subject.d_model != inputs.sae.d_in:
@@ -313,6 +307,7 @@ def load_checked_subject(cfg: PrecomputeConfig, model: str, saes: list[Inputs]) 
             )
         if not 0 <= inputs.layer < subject.n_layers:
             raise PrecomputeError(f"{inputs.path} reads layer {inputs.layer}, but {model} has layers 0..{subject.n_layers - 1}")
+    subject.drop_blocks_after(max(inputs.layer for inputs in saes))
     return subject
 
 
@@ -438,7 +433,7 @@ def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, f
     layers = sorted({streams[i].target.inputs.layer for i in live})
     seq = run.contexts.tokens.shape[1]
     spills = {
-        i: SpillWriter(streams[i].target.spill_path, streams[i].checkpoint.spill_bytes if streams[i].checkpoint else 0)
+        i: SpillWriter(streams[i].target.files.spill, streams[i].checkpoint.spill_bytes if streams[i].checkpoint else 0)
         for i in live
     }
     try:
@@ -516,7 +511,7 @@ def collect_results(
         sample_context=sample_context.view(n_features, cfg.bins, -1),
         sample_value=sample_value.view(n_features, cfg.bins, -1),
         sample_filled=sample_filled.view(n_features, cfg.bins, -1),
-        packed=examples(wanted) if examples else example_activations(target.spill_path, wanted, n_features),
+        packed=examples(wanted) if examples else example_activations(target.files.spill, wanted, n_features),
         context_tokens={int(c): run.contexts.tokens[int(c)] for c in np.unique(wanted // n_features)},
         logits=logit_effects(
             W_dec,

@@ -23,20 +23,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import math
-import os
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from sae_core.inputs import distributed
-from sae_core.inputs.subject import cache_dir
+from sae_core.precompute.checkpoint import ResumeFiles
 from sae_core.precompute.merge import reduce_stats
 from sae_core.precompute.results import density_histogram
 from sae_core.precompute.rows import store_rows
@@ -65,7 +59,6 @@ from sae_core.precompute.run import (
 from sae_core.precompute.spill import PackedActs, example_activations
 from sae_core.precompute.stats import StreamingStats
 from sae_core.precompute.writer import (
-    Checkpoint,
     complete_sae_id,
     ensure_model,
     open_staging,
@@ -73,42 +66,6 @@ from sae_core.precompute.writer import (
     reclaim_space,
 )
 from sae_core.store.db import StoreError, create_engine_for, migrate, writer_lock
-
-
-class RankFiles(NamedTuple):
-    """One rank's resumable state on its local disk."""
-
-    spill: Path  # sae_core.precompute.spill records of this rank's batches
-    checkpoint: Path  # safetensors of the accumulators; metadata: batches_done, spill_bytes
-
-    @classmethod
-    def of(cls, cfg: PrecomputeConfig, sae_id: int, identity: dict, me: distributed.World) -> RankFiles:
-        """Named by store, staging row and run identity, so a file never outlives what it is for."""
-        key = hashlib.sha256(f"{cfg.db_url}|{sae_id}|{json.dumps(identity, sort_keys=True)}".encode()).hexdigest()[:20]
-        stem = cache_dir() / "precompute" / f"{key}-rank{me.rank}of{me.size}"
-        return cls(stem.with_suffix(".spill"), stem.with_suffix(".ckpt"))
-
-    def load(self) -> Checkpoint | None:
-        """The last checkpoint, or None if there is none or its spill is missing or short."""
-        if not self.checkpoint.is_file():
-            return None
-        with safe_open(self.checkpoint, framework="pt") as fh:
-            meta = fh.metadata()
-        spill_bytes = int(meta["spill_bytes"])
-        if not self.spill.is_file() or self.spill.stat().st_size < spill_bytes:
-            return None
-        return Checkpoint(int(meta["batches_done"]), spill_bytes, load_file(self.checkpoint))
-
-    def save(self, checkpoint: Checkpoint) -> None:
-        """Write atomically: a kill leaves the previous checkpoint intact."""
-        tmp = self.checkpoint.with_suffix(".tmp")
-        meta = {"batches_done": str(checkpoint.batches_done), "spill_bytes": str(checkpoint.spill_bytes)}
-        save_file({name: t.contiguous() for name, t in checkpoint.state.items()}, tmp, metadata=meta)
-        os.replace(tmp, self.checkpoint)
-
-    def remove(self) -> None:
-        self.spill.unlink(missing_ok=True)
-        self.checkpoint.unlink(missing_ok=True)
 
 
 def run_sharded(cfg: PrecomputeConfig) -> list[PrecomputeResult]:
@@ -148,14 +105,13 @@ def precompute_shards(
     sae_ids = open_staging_rows(run, todo) if me.is_main else None
     sae_ids = distributed.broadcast_object(sae_ids, step="opening the staging rows")
     block = distributed.shard_range(math.ceil(len(contexts) / cfg.batch_size), me)
-    streams, files = [], []
+    streams = []
     for inputs, sae_id in zip(todo, sae_ids, strict=True):
         inputs = inputs._replace(sae=inputs.sae.to(subject.device))
-        rank_files = RankFiles.of(cfg, sae_id, run_identity(cfg, inputs, contexts), me)
-        streams.append(open_rank_stream(run, Target(inputs, sae_id, rank_files.spill), rank_files, block, me))
-        files.append(rank_files)
+        files = ResumeFiles.of(cfg.db_url, sae_id, run_identity(cfg, inputs, contexts), me)
+        streams.append(open_rank_stream(run, Target(inputs, sae_id, files), block, me))
     first_pass(run, streams, block=block)
-    results = [finish_sae(run, stream, rank_files, block, release.name, me) for stream, rank_files in zip(streams, files, strict=True)]
+    results = [finish_sae(run, stream, block, release.name, me) for stream in streams]
     if me.is_main:
         reclaim_space(engine)
     layers = [inputs.layer for inputs in release.saes]
@@ -171,37 +127,37 @@ def open_store(cfg: PrecomputeConfig):
     return engine
 
 
-def open_rank_stream(run: Run, target: Target, files: RankFiles, block: range, me: distributed.World) -> Stream:
+def open_rank_stream(run: Run, target: Target, block: range, me: distributed.World) -> Stream:
     """This rank's side of pass 1 for one SAE, from its last checkpoint on the local disk."""
-    stats, checkpoint = new_stats(run.cfg, target.sae, run.subject), files.load()
+    stats, checkpoint = new_stats(run.cfg, target.sae, run.subject), target.files.load()
     if checkpoint is not None:
         stats.load_state_dict(checkpoint.state)
         checkpoint = checkpoint._replace(state={})
         say(f"rank {me.rank}: resuming {target.inputs.name} after batch {checkpoint.batches_done} of {block.start}..{block.stop - 1}")
-    return Stream(target, stats, checkpoint, files.save)
+    return Stream(target, stats, checkpoint, target.files.save)
 
 
-def finish_sae(run: Run, stream: Stream, files: RankFiles, block: range, release: str, me: distributed.World) -> PrecomputeResult:
+def finish_sae(run: Run, stream: Stream, block: range, release: str, me: distributed.World) -> PrecomputeResult:
     """Merge one SAE's accumulators into rank 0, which writes it (examples from every rank's spill)."""
     target = stream.target
     resumed = stream.batches_done - block.start if stream.batches_done is not None else 0
     resumed = int(distributed.all_reduce(torch.tensor(resumed), step="counting resumed batches"))
     merged = reduce_stats(stream.stats)  # every rank holds the merged token count; rank 0 everything
     if me.is_main:
-        write_store(run, target, merged, files, release)
+        write_store(run, target, merged, release)
     else:
-        serve_examples(files.spill, target.sae.d_sae)
+        serve_examples(target.files.spill, target.sae.d_sae)
     distributed.barrier("rank 0 writing the store")  # until then a rerun still needs these files
-    files.remove()
+    target.files.remove()
     n_tokens = int(stream.stats.n_tokens)
     if me.is_main:
         say(f"{target.inputs.name}: {target.sae.d_sae} features over {n_tokens} tokens from {me.size} ranks written to {run.cfg.db_url}")
     return PrecomputeResult(target.inputs.name, n_tokens, target.sae.d_sae, False, resumed)
 
 
-def write_store(run: Run, target: Target, merged: StreamingStats, files: RankFiles, release: str) -> None:
+def write_store(run: Run, target: Target, merged: StreamingStats, release: str) -> None:
     """Rank 0: the results (examples read from every rank's spill) in one transaction."""
-    examples = functools.partial(gather_examples, files.spill, n_features=target.sae.d_sae)
+    examples = functools.partial(gather_examples, target.files.spill, n_features=target.sae.d_sae)
     rows = store_rows(collect_results(run, target, merged, examples=examples))
     n_tokens = int(merged.n_tokens)
     summary = {"n_tokens": n_tokens, "density_hist": density_histogram(merged.features.count, n_tokens)}
@@ -209,12 +165,11 @@ def write_store(run: Run, target: Target, merged: StreamingStats, files: RankFil
 
 
 def open_staging_rows(run: Run, saes: list[Inputs]) -> list[int]:
-    """Rank 0: the subject's rows and a staging row per SAE (their single-process checkpoints,
-    if any, are not used: the ranks keep their own)."""
+    """Rank 0: the subject's rows and a staging row per SAE."""
     subject = run.subject
     model_id = ensure_model(run.engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     return [
-        open_staging(run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts))[0]
+        open_staging(run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts))
         for inputs in saes
     ]
 

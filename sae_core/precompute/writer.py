@@ -1,10 +1,11 @@
-"""Precompute's side of the store: the staging row, checkpoints, and the final swap.
+"""Precompute's side of the store: the staging row and the final swap.
 
 A run writes under a staging SAE row named ``<name>~staging`` (status "running"), so readers, which
-list only complete SAEs, never see half a result. Checkpoints of the streaming accumulators go to
-``precompute_state``. The results go in one transaction that also deletes the SAE it replaces (if
-any) and renames the staging row to ``<name>``: a kill at any moment leaves either the old SAE or
-the new one, and rerunning the same command picks up from the last checkpoint.
+list only complete SAEs, never see half a result. Checkpoints of the streaming accumulators are
+files beside the activation spill (sae_core.precompute.checkpoint), named by the staging row. The
+results go in one transaction that also deletes the SAE it replaces (if any) and renames the
+staging row to ``<name>``: a kill at any moment leaves either the old SAE or the new one, and
+rerunning the same command picks up from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import sqlalchemy as sa
-import torch
-from safetensors.torch import load, save
 from sqlalchemy.engine import Connection, Engine
 
 from sae_core.store.db import (
@@ -24,7 +23,6 @@ from sae_core.store.db import (
     ExampleRow,
     FeatureRow,
     FeatureWordRow,
-    PrecomputeStateRow,
     SaeRow,
     SubjectModelRow,
     TokenFeatureRow,
@@ -35,12 +33,6 @@ from sae_core.store.releases import join_release
 
 INSERT_BATCH = 2000  # rows per executemany: large enough to amortise round trips, small in memory
 STAGING_SUFFIX = "~staging"
-
-
-class Checkpoint(NamedTuple):
-    batches_done: int
-    spill_bytes: int
-    state: dict[str, torch.Tensor]
 
 
 def staging_name(name: str) -> str:
@@ -119,40 +111,22 @@ def ensure_model(engine: Engine, info: dict, bos_token_id: int | None, vocab: Ca
         return model_id
 
 
-def open_staging(engine: Engine, name: str, sae_values: dict) -> tuple[int, Checkpoint | None]:
-    """The staging row for ``name`` and its last checkpoint. A staging row made with other
-    settings (``precompute_cfg`` differs) is dropped and started again."""
+def open_staging(engine: Engine, name: str, sae_values: dict) -> int:
+    """The id of the staging row for ``name``. A staging row made with other settings
+    (``precompute_cfg`` differs) is dropped and started again."""
     with engine.begin() as conn:
         row = conn.execute(
             sa.select(SaeRow.id, SaeRow.precompute_cfg).where(SaeRow.name == staging_name(name))
         ).first()
-        if row is not None and row.precompute_cfg != sae_values["precompute_cfg"]:
+        if row is not None and row.precompute_cfg == sae_values["precompute_cfg"]:
+            return row.id
+        if row is not None:
             conn.execute(sa.delete(SaeRow).where(SaeRow.id == row.id))
-            row = None
-        if row is None:
-            sae_id = conn.scalar(
-                sa.insert(SaeRow)
-                .values(name=staging_name(name), status="running", created_at=utcnow(), **sae_values)
-                .returning(SaeRow.id)
-            )
-            return sae_id, None
-        state = conn.execute(sa.select(PrecomputeStateRow.__table__).where(PrecomputeStateRow.sae_id == row.id)).first()
-    if state is None:
-        return row.id, None
-    return row.id, Checkpoint(state.batches_done, state.spill_bytes, load(state.state))
-
-
-def save_checkpoint(engine: Engine, sae_id: int, checkpoint: Checkpoint) -> None:
-    blob = save({name: t.contiguous() for name, t in checkpoint.state.items()})
-    values = {
-        "batches_done": checkpoint.batches_done,
-        "spill_bytes": checkpoint.spill_bytes,
-        "state": blob,
-        "updated_at": utcnow(),
-    }
-    with engine.begin() as conn:
-        conn.execute(sa.delete(PrecomputeStateRow).where(PrecomputeStateRow.sae_id == sae_id))
-        conn.execute(sa.insert(PrecomputeStateRow).values(sae_id=sae_id, **values))
+        return conn.scalar(
+            sa.insert(SaeRow)
+            .values(name=staging_name(name), status="running", created_at=utcnow(), **sae_values)
+            .returning(SaeRow.id)
+        )
 
 
 class StoreRows(NamedTuple):
@@ -176,7 +150,6 @@ def publish(engine: Engine, sae_id: int, name: str, release: str, sae_updates: d
         insert_rows(conn, ContextRow, rows.contexts)
         insert_rows(conn, TokenFeatureRow, rows.token_features)
         insert_rows(conn, FeatureWordRow, rows.feature_words)
-        conn.execute(sa.delete(PrecomputeStateRow).where(PrecomputeStateRow.sae_id == sae_id))
         conn.execute(sa.delete(SaeRow).where(SaeRow.name == name))
         conn.execute(
             sa.update(SaeRow)

@@ -28,7 +28,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
-    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -263,18 +262,6 @@ class FeatureEmbeddingRow(Base):
     text: Mapped[str] = mapped_column(Text)  # what was embedded; re-embedded when it changes
     model: Mapped[str] = mapped_column(String(100))
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32 LE, unit norm
-    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
-
-
-class PrecomputeStateRow(Base):
-    """The last checkpoint of an unfinished precompute (sae_core.precompute.run); gone once complete."""
-
-    __tablename__ = "precompute_state"
-
-    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
-    batches_done: Mapped[int] = mapped_column(Integer)  # corpus batches folded into `state`
-    spill_bytes: Mapped[int] = mapped_column(BigInteger)  # valid length of the activation spill file
-    state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors of the streaming accumulators
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
