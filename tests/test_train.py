@@ -162,12 +162,28 @@ def test_relu_sparse_step_equals_the_dense_one(monkeypatch, data, bias):
         torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("threads", [1, 3])  # numpy's selection runs on a block of rows per thread
+def test_kth_largest_equals_topk_with_ties_and_padding(threads):
+    values = (torch.randn(101, 53, generator=torch.Generator().manual_seed(0)) * 3).round()  # many ties
+    values[:, 50:] = -torch.inf  # AuxK's padding columns
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in (1, 2, 17, 50):
+            expected = values.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+            assert torch.equal(sparse_codes.kth_largest(values, k), expected), k
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k_aux", [5, 200])  # picks among the dead latents, or all of them
-def test_auxk_dense_path_equals_the_sparse_one(monkeypatch, data, k_aux):
+@pytest.mark.parametrize("n_dead", [15, 16, 33])  # the dense path pads its columns to a multiple of 16
+def test_auxk_dense_path_equals_the_sparse_one(monkeypatch, data, k_aux, n_dead):
     x = data[0][:64]
     state = init_state(small_config("topk"), TensorSource(data[0][:512]))
     sae = state.sae
-    dead = torch.rand(sae.d_sae, generator=torch.Generator().manual_seed(3)) < 0.4
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[torch.randperm(sae.d_sae, generator=torch.Generator().manual_seed(3))[:n_dead]] = True
     with torch.no_grad():
         z = sae.pre_acts(x)
     results = {}
