@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 import numpy as np
@@ -252,7 +252,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(out).unsqueeze(1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _threads(n: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(n, thread_name_prefix="kth-largest")
 
