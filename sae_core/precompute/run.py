@@ -203,14 +203,22 @@ def open_stream(run: Run, inputs: Inputs, model_id: int) -> Stream:
     values = sae_row_values(run.cfg, inputs, model_id, run.contexts)
     sae_id = open_staging(run.engine, inputs.name, values)
     files = ResumeFiles.of(run.cfg.db_url, sae_id, values["precompute_cfg"], distributed.world())
-    stats, checkpoint = new_stats(run.cfg, sae, run.subject), files.load()
+    stream = resume_stream(run, Target(inputs, sae_id, files))
+    if stream.checkpoint is not None:
+        say(f"resuming {inputs.name} after {stream.checkpoint.batches_done} batches")
+    return stream
+
+
+def resume_stream(run: Run, target: Target) -> Stream:
+    """The SAE's accumulators, from its last checkpoint on the local disk if it has a usable one."""
+    files = target.files
+    stats, checkpoint = new_stats(run.cfg, target.sae, run.subject), files.load()
     if checkpoint is None and files.checkpoint.is_file():
-        say(f"the activation spill {files.spill} is missing or short; starting {inputs.name} again")
+        say(f"the activation spill {files.spill} is missing or short; starting {target.inputs.name} again")
     if checkpoint is not None:
         stats.load_state_dict(checkpoint.state)
         checkpoint = checkpoint._replace(state={})  # held by the accumulators now
-        say(f"resuming {inputs.name} after {checkpoint.batches_done} batches")
-    return Stream(Target(inputs, sae_id, files), stats, checkpoint, files.save)
+    return Stream(target, stats, checkpoint, files.save)
 
 
 def say(message: str) -> None:

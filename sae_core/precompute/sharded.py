@@ -49,8 +49,8 @@ from sae_core.precompute.run import (
     in_given_order,
     load_checked_subject,
     load_contexts,
-    new_stats,
     resolve_release,
+    resume_stream,
     run_identity,
     sae_row_values,
     say,
@@ -129,12 +129,10 @@ def open_store(cfg: PrecomputeConfig):
 
 def open_rank_stream(run: Run, target: Target, block: range, me: distributed.World) -> Stream:
     """This rank's side of pass 1 for one SAE, from its last checkpoint on the local disk."""
-    stats, checkpoint = new_stats(run.cfg, target.sae, run.subject), target.files.load()
-    if checkpoint is not None:
-        stats.load_state_dict(checkpoint.state)
-        checkpoint = checkpoint._replace(state={})
-        say(f"rank {me.rank}: resuming {target.inputs.name} after batch {checkpoint.batches_done} of {block.start}..{block.stop - 1}")
-    return Stream(target, stats, checkpoint, target.files.save)
+    stream = resume_stream(run, target)
+    if stream.checkpoint is not None:
+        say(f"rank {me.rank}: resuming {target.inputs.name} after batch {stream.checkpoint.batches_done} of {block.start}..{block.stop - 1}")
+    return stream
 
 
 def finish_sae(run: Run, stream: Stream, block: range, release: str, me: distributed.World) -> PrecomputeResult:
