@@ -22,7 +22,7 @@ from sae_core.inputs import distributed
 from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
 from sae_core.inputs.subject import cache_dir
-from sae_core.precompute.checkpoint import ResumeFiles, write_safetensors
+from sae_core.precompute.checkpoint import Checkpoint, ResumeFiles, write_safetensors
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute
 from sae_core.precompute.results import coactivation_neighbours
@@ -630,6 +630,15 @@ def test_checkpoint_files_are_safetensors_written_without_a_copy(tmp_path):
             assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
         with safe_open(path, framework="pt") as fh:
             assert fh.metadata() == meta
+
+
+def test_a_damaged_checkpoint_file_is_not_resumed_from(tmp_path):
+    files = ResumeFiles(tmp_path / "a.spill", tmp_path / "a.ckpt")
+    files.spill.write_bytes(b"x" * 64)
+    files.save(Checkpoint(2, 64, {"count": torch.arange(5)}))
+    assert files.load().batches_done == 2
+    files.checkpoint.write_bytes(files.checkpoint.read_bytes()[:20])  # cut short on disk
+    assert files.load() is None
 
 
 def leftover_files() -> list[str]:

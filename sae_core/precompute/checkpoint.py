@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sae_core.inputs import distributed
@@ -87,15 +87,19 @@ class ResumeFiles(NamedTuple):
         return cls(stem.with_suffix(".spill"), stem.with_suffix(".ckpt"))
 
     def load(self) -> Checkpoint | None:
-        """The last checkpoint, or None if there is none or its spill is missing or short."""
+        """The last checkpoint, or None if there is none, it cannot be read (damaged on disk), or
+        its spill is missing or short."""
         if not self.checkpoint.is_file():
             return None
-        with safe_open(self.checkpoint, framework="pt") as fh:
-            meta = fh.metadata()
-        spill_bytes = int(meta["spill_bytes"])
-        if not self.spill.is_file() or self.spill.stat().st_size < spill_bytes:
+        try:
+            with safe_open(self.checkpoint, framework="pt") as fh:
+                meta = fh.metadata()
+            batches_done, spill_bytes = int(meta["batches_done"]), int(meta["spill_bytes"])
+            if not self.spill.is_file() or self.spill.stat().st_size < spill_bytes:
+                return None
+            return Checkpoint(batches_done, spill_bytes, load_file(self.checkpoint))
+        except (SafetensorError, KeyError, TypeError, ValueError):
             return None
-        return Checkpoint(int(meta["batches_done"]), spill_bytes, load_file(self.checkpoint))
 
     def save(self, checkpoint: Checkpoint) -> None:
         """Written atomically: a kill leaves the previous checkpoint whole."""

@@ -214,7 +214,7 @@ def resume_stream(run: Run, target: Target) -> Stream:
     files = target.files
     stats, checkpoint = new_stats(run.cfg, target.sae, run.subject), files.load()
     if checkpoint is None and files.checkpoint.is_file():
-        say(f"the activation spill {files.spill} is missing or short; starting {target.inputs.name} again")
+        say(f"the checkpoint {files.checkpoint} is unreadable or its spill is missing or short; starting {target.inputs.name} again")
     if checkpoint is not None:
         stats.load_state_dict(checkpoint.state)
         checkpoint = checkpoint._replace(state={})  # held by the accumulators now
