@@ -168,7 +168,7 @@ def _keys(
     # SAE); a batch's tokens and tallies are far below 2**31
     token, tally = token.astype(np.int32), tally.astype(np.int32)
     # by slot, then token: each slot's copies selected by a mask (faster than gathering them)
-    copied = [in_slot[slot, token] for slot in range(n_slots)]
+    copied = [np.take(in_slot[slot], token) for slot in range(n_slots)]
     anywhere = copied[-1]
     texts = np.full((batch.n_features, width), -1, dtype=np.int64)
     texts[feature, _ranks(feature)] = text
@@ -273,7 +273,7 @@ class _Terms(NamedTuple):
             member = np.zeros((batch.n_features, k + 1), dtype=bool)  # last column: -1
             np.put_along_axis(member, self.keys[:, kind], True, axis=1)
             holds = np.zeros(len(out), dtype=bool)
-            holds[keys.held_token[member.reshape(-1)[keys.held_key]]] = True
+            np.put(holds, keys.held_token[member.reshape(-1)[keys.held_key]], True)
             out &= holds | ~on[batch.owner]
         return out
 
@@ -362,7 +362,7 @@ def _union_counts(first: np.ndarray, tally: np.ndarray, order: np.ndarray, k: in
     n_features, n_slots, width = order.shape
     rank = np.full((n_features, n_slots, k + 1), width, dtype=np.min_scalar_type(width))
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(width), order.shape), axis=2)
-    rank = np.repeat(rank.reshape(-1), 2)[tally]  # each entry's, read by tally as the counts are
+    rank = np.take(np.repeat(rank.reshape(-1), 2), tally)  # each entry's, read by tally as the counts are
     # Each entry's least rank among itself and the later entries of its (token, slot), spans
     # doubling: a few passes over small ints (a reduceat over the many small groups took ~30% of
     # a line-profiled fit). ``apart``: whether entries ``span`` apart are of different groups; a later
@@ -379,7 +379,7 @@ def _union_counts(first: np.ndarray, tally: np.ndarray, order: np.ndarray, k: in
     # tallies, not an integer division of every token's
     tally_bin = np.arange(2 * n_features * n_slots * (k + 1), dtype=np.int32)
     tally_bin = (tally_bin >> 1) // (k + 1) * (2 * (width + 1)) + (tally_bin & 1)
-    joins = tally_bin[tally[starts]] + 2 * rank[starts].astype(np.int32)
+    joins = np.take(tally_bin, tally[starts]) + 2 * rank[starts].astype(np.int32)
     size = 2 * n_features * n_slots * (width + 1)
     return np.bincount(joins, minlength=size).reshape(n_features, n_slots, width + 1, 2)[
         :, :, :width
@@ -395,7 +395,7 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     k = keys.texts.shape[1]
     if not k:
         return _no_proposal(n_features)
-    usable = (step.within & active[batch.owner])[keys.token]  # (e,)
+    usable = np.take(step.within & active[batch.owner], keys.token)  # (e,)
     tally = keys.tally[usable]
     size = n_features * n_slots * (k + 1)
     counts = np.bincount(tally, minlength=2 * size).reshape(n_features, n_slots, k + 1, 2)
