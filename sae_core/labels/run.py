@@ -284,6 +284,18 @@ class _Labeller(NamedTuple):
         )
         return {row.idx: _Current(*row) for row in rows}
 
+    def current_labels(
+        self, chunk: list[int]
+    ) -> dict[int, tuple[str | None, str | None, float | None]]:
+        """The (label, source, F1) each feature of ``chunk`` has now, as a write ranks against
+        (read when writing, without ``current``'s logit effects)."""
+        rows = self.session.execute(
+            sa.select(
+                FeatureRow.idx, FeatureRow.label, FeatureRow.label_source, FeatureRow.label_f1
+            ).where(FeatureRow.sae_id == self.sae.id, FeatureRow.idx.in_(chunk))
+        )
+        return {idx: (label, source, f1) for idx, label, source, f1 in rows}
+
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
@@ -338,8 +350,13 @@ def _label_row(
     }
 
 
-def _write_labels(session: Session, current: dict[int, _Current], rows: list[dict]) -> None:
-    """Insert label rows in one statement and make each current where it ranks first."""
+def _write_labels(
+    session: Session,
+    current: dict[int, tuple[str | None, str | None, float | None]],
+    rows: list[dict],
+) -> None:
+    """Insert label rows in one statement and make each current where it ranks first over the
+    feature's ``current`` (label, source, F1)."""
     if not rows:
         return
     session.execute(sa.insert(LabelRow), rows)
@@ -354,7 +371,7 @@ def _write_labels(session: Session, current: dict[int, _Current], rows: list[dic
             "label_f1": row["f1"],
         }
         for row in rows
-        if _replaces(current[row["feature_idx"]][1:4], row["source"], row["f1"])
+        if _replaces(current[row["feature_idx"]], row["source"], row["f1"])
     ]
     if updates:
         session.execute(sa.update(FeatureRow), updates)
@@ -456,7 +473,7 @@ def _auto_pass(labeller: _Labeller, todo: list[int]) -> _AutoPass:
     chunks = list(_chunks(todo, FEATURES_PER_CHUNK))
     with _chunk_results(labeller, chunks) as results:
         for chunk, result in zip(chunks, results, strict=True):
-            _write_labels(labeller.session, labeller.current(chunk), result.rows)
+            _write_labels(labeller.session, labeller.current_labels(chunk), result.rows)
             labeller.session.commit()
             f1s += [row["f1"] for row in result.rows]
             n_unscorable += result.n_unscorable
@@ -474,7 +491,6 @@ def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig)
         disable=not labeller.options.progress,
     )
     for chunk in _chunks(todo, EXPLAINED_PER_CHUNK):
-        current = labeller.current(chunk)
         rows = []
         for idx, evidence in labeller.evidence_by_feature(chunk):
             if evidence is None:
@@ -500,7 +516,7 @@ def _explain_pass(labeller: _Labeller, todo: list[int], config: ExplainerConfig)
             made = _MachineLabel(explanation.text, config.source, config.url, rule)
             rows.append(_label_row(labeller.sae, idx, made, score, held, detection=detection))
             n_explained += 1
-        _write_labels(labeller.session, current, rows)
+        _write_labels(labeller.session, labeller.current_labels(chunk), rows)
         labeller.session.commit()
         bar.update(len(chunk))
     bar.close()
