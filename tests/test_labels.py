@@ -34,6 +34,7 @@ from sae_core.labels.evidence import (
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
 from sae_core.labels.induction import fit_rule, fit_rules
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
+from sae_core.labels.report import EVIDENCE_EDGES, evidence_bands
 from sae_core.labels.rules import WINDOW, LabelRule, Term, parse_label
 from sae_core.labels.run import (
     LabelError,
@@ -687,8 +688,44 @@ def test_cli_labels_and_reports(fresh, capsys):
     assert f"7 of 7 alive features have a scored label; held-out F1 median {f1[3]:.2f}" in report
     assert f"F1 = 0: {sum(f == 0 for f in f1) / 7:.0%}" in report
     assert len(re.findall(r"^  \d\.\d-\d\.\d ", report, flags=re.M)) == 10  # the histogram
+    bands = re.findall(r"^ +(\d+)(?:-\d+|\+) firing tokens: +(\d+|none)", report, flags=re.M)
+    assert [int(lo) for lo, _ in bands] == list(EVIDENCE_EDGES)
+    assert sum(int(n) for _, n in bands if n != "none") == 7
     assert main(["label", "--db", store.url, "--sae", "nope", "--no-embed"]) == 2
     assert "no SAE named 'nope'" in capsys.readouterr().err
+
+
+def test_evidence_bands_count_each_current_label_by_its_heldout_firing_tokens(fresh):
+    store, engine = fresh
+    label_sae(engine, store.sae_name, NO_EMBED)
+    with Session(engine) as session:
+        sae = get_sae(session, store.sae_name)
+        features = session.scalars(
+            sa.select(FeatureRow).where(FeatureRow.sae_id == sae.id, FeatureRow.count > 0)
+        ).all()
+        # a researcher's label replaces one feature's: its own score is the one counted
+        human = set_human_label(session, sae=sae, idx=PARIS, label="`Paris`/`the`", author="ada")
+        session.commit()
+        assert human.f1 is not None
+        firing = {}  # feature -> held-out firing tokens, rescored from the store
+        for feature in features:
+            rows = label_history(session, sae=sae, idx=feature.idx)
+            current = human if feature.idx == PARIS else rows[0]  # newest first
+            if current.f1 is not None:
+                firing[feature.idx] = (
+                    current.f1,
+                    score_stored_label(session, sae, current).n_firing,
+                )
+        bands = evidence_bands(session, sae)
+    assert [b.lo for b in bands] == list(EVIDENCE_EDGES) and bands[-1].hi is None
+    for band in bands:
+        inside = [
+            f1 for f1, n in firing.values() if n >= band.lo and (band.hi is None or n < band.hi)
+        ]
+        assert band.n == len(inside)
+        if inside:
+            assert band.median_f1 == pytest.approx(float(np.median(inside)))
+            assert band.share_zero == pytest.approx(np.mean([f == 0 for f in inside]))
 
 
 @pytest.mark.postgres

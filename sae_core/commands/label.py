@@ -58,7 +58,7 @@ def _print_report(engine, sae_name: str) -> None:
     with Session(engine) as session:
         sae = get_sae(session, sae_name)
         print(f"labels of {sae.name}:")
-        print("\n".join(label_report(session, sae).lines()))
+        print("\n".join(label_report(session, sae, by_evidence=True).lines()))
 
 
 def run(args: argparse.Namespace) -> int:
