@@ -15,10 +15,11 @@ from sae_core.inputs.activations import (
     ActivationBatch,
     ActivationCache,
     ActivationCacheError,
+    find_cache,
     iter_activations,
     iter_layer_activations,
 )
-from sae_core.inputs.corpus import build_contexts
+from sae_core.inputs.corpus import build_contexts, context_rows, held_out_split
 from sae_core.inputs.subject import SubjectError
 from tests.tiny import TRAIN_TEXT
 
@@ -304,3 +305,62 @@ def test_several_layers_refuse_a_foreign_cache_before_building(llama, contexts, 
 
 def n_batches_per_shard() -> int:
     return -(-CONTEXTS_PER_SHARD // 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache read back in context order (precompute --reuse-activations)
+
+
+def test_a_training_cache_serves_a_prefix_of_its_corpus_as_the_forward_gives_it(llama, contexts, monkeypatch):
+    train = held_out_split(contexts, 20).train  # what `saescope train` caches
+    cache = build(llama, train, ActivationCache.default_folder(llama, LAYER, train), max_tokens=1500)
+    n_cached = cache.meta["n_contexts"]
+    assert n_cached > 2 * CONTEXTS_PER_SHARD  # the prefix below crosses shard borders
+    prefix = dataclasses.replace(contexts, tokens=contexts.tokens[: n_cached - 3], special_mask=contexts.special_mask[: n_cached - 3])
+    assert find_cache(llama, LAYER, prefix).folder == cache.folder
+
+    forward = CountingForward(llama.forward_to_layers)
+    monkeypatch.setattr(llama, "forward_to_layers", forward)
+    read = list(iter_layer_activations(llama, [LAYER], prefix, batch_size=7, progress=False, caches={LAYER: cache}))
+    assert forward.calls == 0
+    with torch.no_grad():
+        computed = forward.forward(prefix.tokens, [LAYER])[LAYER]
+    acts = torch.cat([batches[LAYER].acts for batches in read])
+    assert torch.equal(torch.cat([batches[LAYER].context_ids for batches in read]), torch.arange(len(prefix)))
+    assert torch.equal(acts[~prefix.special_mask], computed[~prefix.special_mask].half().float())
+    assert not acts[prefix.special_mask].any()
+
+    # a layer with no cache is computed, in the same pass
+    both = next(iter_layer_activations(llama, [0, LAYER], prefix, batch_size=7, progress=False, caches={LAYER: cache}))
+    assert forward.calls == 1
+    torch.testing.assert_close(both[0].acts, forward.forward(prefix.tokens[:7], [0])[0], rtol=0, atol=0)
+    assert torch.equal(both[LAYER].acts, read[0][LAYER].acts)
+
+
+def test_find_cache_wants_the_same_model_layer_and_rows(llama, contexts):
+    train = held_out_split(contexts, 20).train
+    build(llama, train, ActivationCache.default_folder(llama, LAYER, train), max_tokens=600)
+    n_cached = json.loads((ActivationCache.default_folder(llama, LAYER, train) / "meta.json").read_text())["n_contexts"]
+    rows = lambda lo, hi: context_rows(contexts, lo, hi, "part")  # noqa: E731
+    assert find_cache(llama, LAYER, rows(0, n_cached)) is not None
+    assert find_cache(llama, LAYER, rows(0, n_cached + 1)) is None  # more than it holds
+    assert find_cache(llama, LAYER, rows(1, n_cached)) is None  # other rows
+    assert find_cache(llama, 1, rows(0, 5)) is None  # another layer
+    assert find_cache(llama, LAYER, dataclasses.replace(rows(0, 5), source="another corpus")) is None
+
+    meta_file = ActivationCache.default_folder(llama, LAYER, train) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["rows"]  # as saescope wrote caches before it recorded their rows
+    meta_file.write_text(json.dumps(meta))
+    assert find_cache(llama, LAYER, rows(0, n_cached)) is not None  # a training split's are read off its fingerprint
+    assert find_cache(llama, LAYER, rows(1, n_cached)) is None
+
+
+def test_a_cache_refuses_contexts_that_are_not_its_own(llama, contexts):
+    cache = build(llama, contexts, ActivationCache.default_folder(llama, LAYER, contexts), max_tokens=1500)
+    counts = (~contexts.special_mask).sum(dim=1).numpy()
+    with pytest.raises(ActivationCacheError, match="holds other contexts"):
+        cache.context_acts(0, CONTEXTS_PER_SHARD, counts + 1, contexts.special_mask[:CONTEXTS_PER_SHARD])
+    n_cached = cache.meta["n_contexts"]
+    with pytest.raises(ActivationCacheError, match=f"has no contexts {n_cached - 1}..{n_cached}"):
+        cache.context_acts(n_cached - 1, n_cached + 1, counts, contexts.special_mask[n_cached - 1 : n_cached + 1])

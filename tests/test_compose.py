@@ -68,8 +68,9 @@ def test_compose_commands_against_postgres(pg_schema, llama_dir, text_corpus, tm
         return result
 
     run(shell_command(compose["migrate"]["command"]))
-    run(shell_command(compose["pipeline"]["command"]))
+    first = run(shell_command(compose["pipeline"]["command"]))
     assert (cache / "runs" / "tiny-l1" / "metrics.json").is_file()
+    assert "blocks.1.hook_resid_post: activations read from" in first.stderr  # training's cache, no second forward
     again = run(shell_command(compose["pipeline"]["command"]))  # a rerun finds everything done
     assert "nothing to do" in again.stdout and "already complete" in again.stderr
 

@@ -778,6 +778,44 @@ def test_one_pass_over_a_release_equals_each_sae_alone(
     assert forwards == []
 
 
+def test_a_release_read_from_activation_caches_equals_a_forward_rounded_like_them(
+    llama_dir, corpus, release_folder, names, tmp_path, monkeypatch
+):
+    """--reuse-activations: layers 0 and 2 come from caches of the corpus (as training leaves
+    them), layer 1 has none and is computed; the store is the one a forward whose layers 0 and 2
+    are rounded to fp16 gives."""
+    from sae_core.inputs.activations import ActivationCache
+    from sae_core.inputs.subject import Subject, load_subject
+
+    subject = load_subject(str(llama_dir))
+    contexts = contexts_for(subject, corpus)
+    ActivationCache.build_layers(
+        subject, {layer: ActivationCache.default_folder(subject, layer, contexts) for layer in (0, 2)}, contexts, progress=False
+    )
+    forwards = []
+    original = Subject.forward_to_layers
+
+    def rounded(self, ids, layers, *args):
+        forwards.append(sorted(layers))
+        return {layer: acts.half().float() if layer != 1 else acts for layer, acts in original(self, ids, layers, *args).items()}
+
+    monkeypatch.setattr(Subject, "forward_to_layers", rounded)
+    reused = f"sqlite:///{tmp_path / 'reused.db'}"
+    run_release(llama_dir, corpus, release_folder, reused, reuse_activations=True)
+    assert forwards == [[1]] * -(-len(contexts) // 4)  # the model runs for the layer without a cache only
+    computed = f"sqlite:///{tmp_path / 'computed.db'}"
+    run_release(llama_dir, corpus, release_folder, computed)
+
+    def without_source(tables: dict) -> dict:
+        [sae] = tables["saes"]
+        cfg = sae[-1]
+        return {**tables, "saes": [(*sae[:-1], {key: value for key, value in cfg.items() if key != "activations"})]}
+
+    for name in names:
+        assert without_source(dump_sae(reused, name)) == without_source(dump_sae(computed, name))
+        assert dump_sae(reused, name)["saes"][0][-1].get("activations") == (None if "-l1-" in name else "fp16 cache")
+
+
 def contexts_for_dir(llama_dir, corpus):
     from sae_core.inputs.subject import load_subject
 

@@ -71,6 +71,12 @@ def add_arguments(parser):
     parser.add_argument(
         "--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every, help="batches between resumable checkpoints"
     )
+    parser.add_argument(
+        "--reuse-activations",
+        action="store_true",
+        help="read the residual stream from the activation cache `saescope train` built on the same corpus, where it covers "
+        "the tokens, instead of running the model (much faster; fp16 activations, as training read them)",
+    )
 
 
 def run(args) -> int:
@@ -109,6 +115,7 @@ def run(args) -> int:
         checkpoint_every=args.checkpoint_every,
         families=args.families,
         nested=args.nested,
+        reuse_activations=args.reuse_activations,
     )
     if args.db:
         cfg.db_url = args.db

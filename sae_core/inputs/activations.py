@@ -84,15 +84,23 @@ def iter_layer_activations(
     start: int = 0,
     stop: int | None = None,
     progress: bool = True,
+    caches: Mapping[int, ActivationCache] | None = None,
 ) -> Iterator[dict[int, ActivationBatch]]:
     """Like ``iter_activations`` for several layers at once: each batch runs the subject once, to
     the deepest of ``layers``, and comes back as one ``ActivationBatch`` per layer (sharing ids,
-    tokens and mask)."""
+    tokens and mask).
+
+    ``caches``: layers read from an activation cache of these contexts instead (``find_cache``),
+    at the fp16 precision training read them, special tokens zero; the subject runs only for the
+    other layers, if any."""
     for layer in layers:
         subject.check_layer(layer)
+    caches = {layer: caches[layer] for layer in layers if caches and layer in caches}
+    computed = sorted(set(layers) - set(caches))
     stop = len(contexts) if stop is None else min(stop, len(contexts))
     seq = contexts.tokens.shape[1]
     device = subject.device
+    counts = (~contexts.special_mask).sum(dim=1).numpy()  # (n_contexts,) where each context's cached rows end
     with tqdm(
         total=max(stop - start, 0) * seq,
         unit="tok",
@@ -103,7 +111,9 @@ def iter_layer_activations(
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             tokens = contexts.tokens[lo:hi].to(device)  # (batch, seq)
-            resid = subject.forward_to_layers(tokens, layers)  # {layer: (batch, seq, d_model)}
+            resid = subject.forward_to_layers(tokens, computed) if computed else {}  # {layer: (batch, seq, d_model)}
+            for layer, cache in caches.items():
+                resid[layer] = cache.context_acts(lo, hi, counts, contexts.special_mask[lo:hi]).to(device)
             context_ids = torch.arange(lo, hi, device=device)
             special = contexts.special_mask[lo:hi].to(device)
             yield {layer: ActivationBatch(context_ids, tokens, acts, special) for layer, acts in resid.items()}
@@ -127,6 +137,7 @@ class ActivationCache:
         self.meta = meta
         self._shards = shards  # each (n_tokens_i, d_model) float16, memory-mapped
         self._offsets = [0, *np.cumsum([len(shard) for shard in shards]).tolist()]
+        self._order: tuple[int, np.ndarray] | None = None  # a shard's rows in context order (context_acts)
 
     @property
     def n_tokens(self) -> int:
@@ -253,6 +264,40 @@ class ActivationCache:
             )
         for lo in range(start, stop, batch_size):
             yield self._rows(lo, min(lo + batch_size, stop))
+
+    def context_acts(self, start: int, stop: int, counts: np.ndarray, special_mask: torch.Tensor) -> torch.Tensor:
+        """The activations of contexts [start, stop) as a forward gives them, (stop - start, seq,
+        d_model) float32, from the shards' rows put back in context order (zero at the special
+        tokens, which the cache leaves out). ``counts``: non-special tokens of each context from 0
+        to at least ``stop``; ``special_mask``: (stop - start, seq) of those contexts. Refuses
+        contexts whose tokens are not the cache's, which it can tell by the counts."""
+        if not 0 <= start < stop <= int(self.meta["n_contexts"]):
+            raise ActivationCacheError(f"the activation cache in {self.folder} has no contexts {start}..{stop - 1}")
+        rows = []
+        for index, shard in enumerate(_Shard(*entry) for entry in self.meta["shards"]):
+            lo, hi = max(start, shard.start), min(stop, shard.stop)
+            if lo >= hi:
+                continue
+            begin = int(counts[shard.start : lo].sum())
+            end = begin + int(counts[lo:hi].sum())
+            if end > shard.n_tokens or (hi == shard.stop and end != shard.n_tokens):
+                raise ActivationCacheError(
+                    f"the activation cache in {self.folder} holds other contexts than these "
+                    f"({shard.n_tokens:,} tokens in contexts {shard.start}..{shard.stop - 1}); build it again"
+                )
+            rows.append(self._shards[index][self._context_order(index, shard.n_tokens)[begin:end]])
+        acts = torch.zeros(*special_mask.shape, self.d_model)
+        acts[~special_mask] = torch.from_numpy(np.concatenate(rows).astype(np.float32))
+        return acts
+
+    def _context_order(self, index: int, n_rows: int) -> np.ndarray:
+        """Where each of shard ``index``'s rows in context order lies in the shard (the inverse of
+        the permutation ``_LayerCache.add`` shuffled it with)."""
+        if self._order is None or self._order[0] != index:
+            order = np.empty(n_rows, dtype=np.int64)
+            order[np.random.default_rng(index).permutation(n_rows)] = np.arange(n_rows)
+            self._order = (index, order)
+        return self._order[1]
 
     def _rows(self, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) across shard borders: (hi - lo, d_model) float32."""
@@ -395,6 +440,7 @@ def _new_meta(subject: Subject, layer: int, contexts: Contexts, shard_bytes: int
         "hook_name": hook_name(layer),
         "corpus": contexts.describe(),
         "corpus_fingerprint": contexts.fingerprint,
+        "rows": _rows_of(contexts),
         "d_model": subject.d_model,
         "dtype": "float16",
         "contexts_per_shard": max(1, math.ceil(shard_bytes / per_context)),
@@ -405,18 +451,51 @@ def _new_meta(subject: Subject, layer: int, contexts: Contexts, shard_bytes: int
     }
 
 
-def _source_key(meta: dict) -> tuple:
+def _rows_of(contexts: Contexts) -> dict:
+    """Which rows of which tokenised corpus a cache's contexts are (``Contexts.source``)."""
+    return {"source": contexts.source, "first": contexts.first_row}
+
+
+def _rows_in(meta: dict) -> dict | None:
+    """The rows a cache holds: ``meta["rows"]``, or for a cache written before saescope recorded
+    them, read off the fingerprint ``held_out_split`` gives a training split (rows 0..)."""
+    if "rows" in meta:
+        return meta["rows"]
+    source, _, end = meta["corpus_fingerprint"].rpartition("-train0-")
+    return {"source": source, "first": 0} if source and end.isdigit() else None
+
+
+def _model_key(meta: dict) -> tuple:
     model = meta["model"]
-    return (
-        meta["format"],
-        model["name"],
-        model["architecture"],
-        model["n_layers"],
-        model["vocab_size"],
-        meta["d_model"],
-        meta["layer"],
-        meta["corpus_fingerprint"],
-    )
+    return (meta["format"], model["name"], model["architecture"], model["n_layers"], model["vocab_size"], meta["d_model"], meta["layer"])
+
+
+def _source_key(meta: dict) -> tuple:
+    return (*_model_key(meta), meta["corpus_fingerprint"])
+
+
+def find_cache(subject: Subject, layer: int, contexts: Contexts) -> ActivationCache | None:
+    """A finished cache of this model and layer in the saescope cache whose contexts begin with
+    all of ``contexts`` (rows 0.. of the same tokenised corpus), or None: the cache training
+    built serves a precompute of a prefix of its corpus, with no forward pass."""
+    if not contexts.source:
+        return None
+    wanted = _model_key(_new_meta(subject, layer, contexts, DEFAULT_SHARD_BYTES))
+    for path in sorted((cache_dir() / "activations").glob("*/meta.json")):
+        try:
+            meta = _read_meta(path.parent)
+        except ActivationCacheError:
+            continue
+        if (
+            meta is not None
+            and meta.get("format") == CACHE_FORMAT
+            and meta["complete"]
+            and _rows_in(meta) == _rows_of(contexts)
+            and meta["n_contexts"] >= len(contexts)
+            and _model_key(meta) == wanted
+        ):
+            return ActivationCache.open(path.parent)
+    return None
 
 
 def _check_same_source(folder: Path, stored: dict, wanted: dict) -> None:

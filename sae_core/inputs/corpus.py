@@ -71,6 +71,11 @@ class Contexts:
     text_field: str = "text"  # JSONL / datasets field the text came from
     seed: int = 0  # seed of the window shuffle
     n_documents: int = 0  # documents read, after dropping empty and duplicate ones
+    # Where the rows come from: the fingerprint of the whole tokenised corpus, and the row of it
+    # that is row 0 here. Subsets of one corpus (a prefix, a training split) share ``source``, so
+    # an activation cache of one can serve another (sae_core.inputs.activations.find_cache).
+    source: str = ""
+    first_row: int = 0
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -356,6 +361,7 @@ def _read_contexts(
         text_field=text_field,
         seed=seed,
         n_documents=int(meta["n_documents"]),
+        source=fingerprint,
     )
 
 
@@ -417,4 +423,5 @@ def context_rows(contexts: Contexts, begin: int, end: int, tag: str) -> Contexts
         tokens=contexts.tokens[begin:end],
         special_mask=contexts.special_mask[begin:end],
         fingerprint=f"{contexts.fingerprint}-{tag}{begin}-{end}",
+        first_row=contexts.first_row + begin,
     )

@@ -46,6 +46,10 @@ class PrecomputeConfig:
     # a Matryoshka dictionary as its nested SAEs, one per prefix (a family from one folder);
     # False: the full dictionary only
     nested: bool = True
+    # read each layer's residual stream from an activation cache of the same model and corpus that
+    # covers the contexts (the one `saescope train` built) instead of running the model: no forward
+    # pass, at the fp16 precision training read; a layer without such a cache runs the model
+    reuse_activations: bool = False
     progress: bool = True  # tqdm bars on stderr
 
     @property

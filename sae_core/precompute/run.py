@@ -24,7 +24,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sae_core.families.feed import Feed, open_feeds, publish_feeds
 from sae_core.families.run import FamiliesConfig, run_families
 from sae_core.inputs import distributed
-from sae_core.inputs.activations import iter_layer_activations
+from sae_core.inputs.activations import ActivationCache, find_cache, iter_layer_activations
 from sae_core.inputs.corpus import Contexts, build_contexts
 from sae_core.inputs.device import pick_device
 from sae_core.inputs.subject import Subject, hook_name, load_subject
@@ -109,6 +109,22 @@ class Run(NamedTuple):
     engine: Engine
     subject: Subject
     contexts: Contexts
+    caches: Mapping[int, ActivationCache]  # layers read from an activation cache, not computed
+
+
+def open_run(cfg: PrecomputeConfig, engine: Engine, subject: Subject, todo: list[Inputs]) -> Run:
+    """The corpus of the run, and the caches that serve its layers when asked to reuse them."""
+    contexts = load_contexts(cfg, subject)
+    caches = {}
+    layers = sorted({inputs.layer for inputs in todo}) if cfg.reuse_activations else []
+    for layer in layers:
+        cache = find_cache(subject, layer, contexts)
+        if cache is None:
+            say(f"no activation cache of {hook_name(layer)} holds these {len(contexts):,} contexts; running the model for it")
+        else:
+            say(f"{hook_name(layer)}: activations read from {cache.folder}, not computed")
+            caches[layer] = cache
+    return Run(cfg, engine, subject, contexts, caches)
 
 
 class Target(NamedTuple):
@@ -158,7 +174,7 @@ def precompute_into(engine: Engine, cfg: PrecomputeConfig, release: Release, sub
     file_skipped(engine, cfg, release, todo)
     if not todo:
         return in_given_order(release, [])
-    run = Run(cfg, engine, subject, load_contexts(cfg, subject))
+    run = open_run(cfg, engine, subject, todo)
     model_id = ensure_model(engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     streams = [open_stream(run, inputs, model_id) for inputs in todo]
     kept = {inputs.layer for inputs in release.saes if inputs.name not in {other.name for other in todo}}
@@ -200,7 +216,7 @@ def open_stream(run: Run, inputs: Inputs, model_id: int) -> Stream:
     """Open (or reopen) the SAE's staging row, and its spill and last checkpoint."""
     sae = inputs.sae.to(run.subject.device)
     inputs = inputs._replace(sae=sae)
-    values = sae_row_values(run.cfg, inputs, model_id, run.contexts)
+    values = sae_row_values(run, inputs, model_id)
     sae_id = open_staging(run.engine, inputs.name, values)
     files = ResumeFiles.of(run.cfg.db_url, sae_id, values["precompute_cfg"], distributed.world())
     stream = resume_stream(run, Target(inputs, sae_id, files))
@@ -341,8 +357,10 @@ def load_contexts(cfg: PrecomputeConfig, subject: Subject) -> Contexts:
     )
 
 
-def run_identity(cfg: PrecomputeConfig, inputs: Inputs, contexts: Contexts) -> dict:
+def run_identity(run: Run, inputs: Inputs) -> dict:
     """Everything the result depends on; a staging run with a different identity starts over."""
+    cfg, contexts = run.cfg, run.contexts
+    cached = {"activations": "fp16 cache"} if inputs.layer in run.caches else {}
     return {
         "sae": sae_fingerprint(inputs.sae),
         "model": inputs.model,
@@ -360,10 +378,11 @@ def run_identity(cfg: PrecomputeConfig, inputs: Inputs, contexts: Contexts) -> d
         "hist_bins": cfg.hist_bins,
         "token_index_size": cfg.token_index_size,
         "feature_words_size": cfg.feature_words_size,
+        **cached,
     }
 
 
-def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, model_id: int, contexts: Contexts) -> dict:
+def sae_row_values(run: Run, inputs: Inputs, model_id: int) -> dict:
     sae = inputs.sae
     meta = dict(sae.cfg.saescope)
     return {
@@ -378,8 +397,8 @@ def sae_row_values(cfg: PrecomputeConfig, inputs: Inputs, model_id: int, context
         "path": str(inputs.path.resolve()),
         "train_cfg": meta,
         "metrics": {} if stored_prefix(meta, sae.d_sae) else read_metrics(inputs.path),  # metrics.json is the full dictionary's
-        "corpus": contexts.describe(),
-        "precompute_cfg": run_identity(cfg, inputs, contexts),
+        "corpus": run.contexts.describe(),
+        "precompute_cfg": run_identity(run, inputs),
         "n_tokens": 0,
         "density_hist": {},
     }
@@ -453,6 +472,7 @@ def first_pass(run: Run, streams: list[Stream], *, block: range | None = None, f
             start=start * cfg.batch_size,
             stop=block.stop * cfg.batch_size,
             progress=cfg.progress,
+            caches=run.caches,
         )
         for index, by_layer in enumerate(batches, start=start):
             checkpoint = (index + 1 - block.start) % cfg.checkpoint_every == 0 or index + 1 == block.stop

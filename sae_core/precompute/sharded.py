@@ -48,7 +48,7 @@ from sae_core.precompute.run import (
     first_pass,
     in_given_order,
     load_checked_subject,
-    load_contexts,
+    open_run,
     resolve_release,
     resume_stream,
     run_identity,
@@ -100,15 +100,15 @@ def precompute_shards(
         file_skipped(engine, cfg, release, todo)
     if not todo:
         return in_given_order(release, [])
-    contexts = load_contexts(cfg, subject)  # ranks building the corpus cache at once is safe (atomic rename)
-    run = Run(cfg, engine, subject, contexts)
+    run = open_run(cfg, engine, subject, todo)  # ranks building the corpus cache at once is safe (atomic rename)
+    contexts = run.contexts
     sae_ids = open_staging_rows(run, todo) if me.is_main else None
     sae_ids = distributed.broadcast_object(sae_ids, step="opening the staging rows")
     block = distributed.shard_range(math.ceil(len(contexts) / cfg.batch_size), me)
     streams = []
     for inputs, sae_id in zip(todo, sae_ids, strict=True):
         inputs = inputs._replace(sae=inputs.sae.to(subject.device))
-        files = ResumeFiles.of(cfg.db_url, sae_id, run_identity(cfg, inputs, contexts), me)
+        files = ResumeFiles.of(cfg.db_url, sae_id, run_identity(run, inputs), me)
         streams.append(open_rank_stream(run, Target(inputs, sae_id, files), block, me))
     first_pass(run, streams, block=block)
     results = [finish_sae(run, stream, block, release.name, me) for stream in streams]
@@ -167,7 +167,7 @@ def open_staging_rows(run: Run, saes: list[Inputs]) -> list[int]:
     subject = run.subject
     model_id = ensure_model(run.engine, subject.describe(), subject.bos_token_id, lambda: vocab_rows(subject))
     return [
-        open_staging(run.engine, inputs.name, sae_row_values(run.cfg, inputs, model_id, run.contexts))
+        open_staging(run.engine, inputs.name, sae_row_values(run, inputs, model_id))
         for inputs in saes
     ]
 
