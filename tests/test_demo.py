@@ -64,6 +64,12 @@ def test_demo_into_sqlite(tiny_budget, llama_dir, text_corpus, tmp_path):
         cfg = TrainConfig(architecture=training["architecture"], width=training["width"], k=training["k"])
         assert training["batch_size"] == TINY.batch_size
         assert training["lr"] == pytest.approx(cfg.resolved_lr(training["width"]) * TINY.lr_scale)
+    # Precompute read its tokens from the caches training built: no second forward pass.
+    engine = create_engine_for(url)
+    with engine.connect() as conn:
+        sources = conn.scalars(sa.select(SaeRow.precompute_cfg)).all()
+    engine.dispose()
+    assert [cfg.get("activations") for cfg in sources] == ["fp16 cache"] * 4
     # A second run reuses every stage and is done at once.
     run_demo(url, llama_dir, text_corpus, tmp_path)
     check_pages(url)
