@@ -323,8 +323,12 @@ def test_a_training_cache_serves_a_prefix_of_its_corpus_as_the_forward_gives_it(
     monkeypatch.setattr(llama, "forward_to_layers", forward)
     read = list(iter_layer_activations(llama, [LAYER], prefix, batch_size=7, progress=False, caches={LAYER: cache}))
     assert forward.calls == 0
-    with torch.no_grad():
-        computed = forward.forward(prefix.tokens, [LAYER])[LAYER]
+    with torch.no_grad():  # in the batches the cache was built in (16 at a time within each shard):
+        computed = torch.cat([  # the batch shape can change an fp32 sum in its last bit, and so its fp16
+            forward.forward(contexts.tokens[lo : min(lo + 16, start + CONTEXTS_PER_SHARD, n_cached)], [LAYER])[LAYER]
+            for start in range(0, n_cached, CONTEXTS_PER_SHARD)
+            for lo in range(start, min(start + CONTEXTS_PER_SHARD, n_cached), 16)
+        ])[: len(prefix)]
     acts = torch.cat([batches[LAYER].acts for batches in read])
     assert torch.equal(torch.cat([batches[LAYER].context_ids for batches in read]), torch.arange(len(prefix)))
     assert torch.equal(acts[~prefix.special_mask], computed[~prefix.special_mask].half().float())
