@@ -100,7 +100,7 @@ def iter_layer_activations(
     stop = len(contexts) if stop is None else min(stop, len(contexts))
     seq = contexts.tokens.shape[1]
     device = subject.device
-    counts = (~contexts.special_mask).sum(dim=1).numpy()  # (n_contexts,) where each context's cached rows end
+    counts = (~contexts.special_mask).sum(dim=1).numpy() if caches else None  # (n_contexts,) rows per context in a cache
     with tqdm(
         total=max(stop - start, 0) * seq,
         unit="tok",
