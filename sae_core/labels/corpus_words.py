@@ -18,9 +18,9 @@ the word a miss there; that can only lower the score.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from typing import NamedTuple
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -51,7 +51,7 @@ def corpus_firings(
 ) -> dict[int, FeatureWords]:
     """The stored words of each of ``features`` that has any."""
     kept = (sae.precompute_cfg or {}).get("feature_words_size")
-    rows = session.execute(
+    rows = session.connection().execute(  # plain rows: the ORM's loading doubled the time
         sa.select(
             FeatureWordRow.feature_idx,
             FeatureWordRow.token_id,
@@ -60,43 +60,74 @@ def corpus_firings(
         )
         .where(FeatureWordRow.sae_id == sae.id, FeatureWordRow.feature_idx.in_(features))
         .order_by(FeatureWordRow.feature_idx, FeatureWordRow.rank)
-    )
-    lists: dict[int, tuple[list[int], list[int], list[int]]] = defaultdict(lambda: ([], [], []))
-    for feature, token, count, occurrences in rows:
-        for column, value in zip(
-            lists[feature], (int(vocab.text_id[token]), count, occurrences), strict=True
-        ):
-            column.append(value)
-    return {f: FeatureWords(t, c, o, len(c) == kept) for f, (t, c, o) in lists.items()}
+    ).all()
+    if not rows:
+        return {}
+    # columns at once (from plain tuples: numpy reads a Row slowly), not a Python loop per row
+    feature, token, count, occurrences = np.array([tuple(row) for row in rows], dtype=np.int64).T
+    starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]])
+    text = vocab.text_id[token].tolist()
+    count, occurrences = count.tolist(), occurrences.tolist()
+    return {
+        int(feature[a]): FeatureWords(text[a:b], count[a:b], occurrences[a:b], b - a == kept)
+        for a, b in zip(starts.tolist(), [*starts[1:].tolist(), len(feature)], strict=True)
+    }
 
 
 def corpus_term(words: FeatureWords | None, heldout: TokenSet, vocab: Vocab) -> Term | None:
-    """The words a feature fired on at least ``MIN_CORPUS_FIRINGS`` times and on at least
-    ``MIN_WORD_PRECISION`` of their occurrences outside its held-out windows, by tokens whose place
-    in its list stands without those windows, the largest share of occurrences fired on first
-    (then the most firings); None when there are none."""
-    if words is None:
-        return None
-    seen = Counter(heldout.text_ids[heldout.fires].tolist())
-    floor = words.counts[-1] if words.full else 0
-    firings: Counter = Counter()
-    occurrences: Counter = Counter()
-    for text_id, count, occurs in zip(words.text_ids, words.counts, words.occurrences, strict=True):
-        if not seen[text_id] or count - seen[text_id] > floor:
-            firings[text_id] += count
-            occurrences[text_id] += occurs
-    firings -= seen
-    # (only the listed words' occurrences are read: ``-=`` would walk every held-out word)
-    held = Counter(heldout.text_ids[heldout.keep].tolist())
-    occurrences = +Counter({w: n - held[w] for w, n in occurrences.items()})
-    kept = [
-        w
-        for w, n in firings.items()
-        if n >= MIN_CORPUS_FIRINGS and n >= MIN_WORD_PRECISION * occurrences[w]
-    ]
-    # most precise first: the words a label shows are those that say most about the feature
-    kept.sort(key=lambda w: (-firings[w] / max(occurrences[w], firings[w]), -firings[w]))
-    return Term(tuple(vocab.texts[w] for w in kept)) if kept else None
+    """``corpus_terms`` of one feature."""
+    return corpus_terms([words], [heldout], vocab)[0]
+
+
+def _lookup(keys: np.ndarray, counts: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The count of each of ``wanted`` among sorted distinct ``keys``, 0 where absent."""
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    return np.where(keys[at] == wanted, counts[at], 0) if len(keys) else np.zeros_like(wanted)
+
+
+def corpus_terms(
+    words: list[FeatureWords | None], heldouts: list[TokenSet], vocab: Vocab
+) -> list[Term | None]:
+    """Of each feature (its stored ``words`` and its held-out tokens): the words it fired on at
+    least ``MIN_CORPUS_FIRINGS`` times and on at least ``MIN_WORD_PRECISION`` of their
+    occurrences outside its held-out windows, by tokens whose place in its list stands without
+    those windows, the largest share of occurrences fired on first (then the most firings, then
+    the list's order); None when there are none. Every feature at once: keys are
+    feature * n_texts + text id."""
+    n_texts = len(vocab.texts) + 1
+    listed = [(f, w) for f, w in enumerate(words) if w is not None and w.text_ids]
+    out: list[Term | None] = [None] * len(words)
+    if not listed:
+        return out
+    owner = np.repeat([f for f, _ in listed], [len(w.text_ids) for _, w in listed])
+    key = owner * n_texts + np.concatenate([w.text_ids for _, w in listed])
+    count = np.concatenate([w.counts for _, w in listed]).astype(np.int64)
+    occurs = np.concatenate([w.occurrences for _, w in listed]).astype(np.int64)
+    floor = np.array([w.counts[-1] if w.full else 0 for _, w in listed], dtype=np.int64)
+    floor = np.repeat(floor, [len(w.text_ids) for _, w in listed])
+    # each listed feature's held-out tokens, as keys: its firings there and its tokens there
+    sets = [heldouts[f] for f, _ in listed]
+    held_owner = np.repeat([f for f, _ in listed], [len(h.text_ids) for h in sets])
+    held_key = held_owner * n_texts + np.concatenate([h.text_ids for h in sets])
+    seen = _lookup(*np.unique(held_key[np.concatenate([h.fires for h in sets])], return_counts=True), key)
+    held = _lookup(*np.unique(held_key[np.concatenate([h.keep for h in sets])], return_counts=True), key)
+    stands = (seen == 0) | (count - seen > floor)
+    # a word's entries summed (a word may be listed under several token ids), in list order
+    word, first, inverse = np.unique(key[stands], return_index=True, return_inverse=True)
+    firings = np.bincount(inverse, weights=count[stands]).astype(np.int64) - seen[stands][first]
+    occurrences = np.bincount(inverse, weights=occurs[stands]).astype(np.int64) - held[stands][first]
+    occurrences = np.maximum(occurrences, 0)
+    good = (firings >= MIN_CORPUS_FIRINGS) & (firings >= MIN_WORD_PRECISION * occurrences)
+    word, first, firings, occurrences = word[good], first[good], firings[good], occurrences[good]
+    if not len(word):
+        return out
+    share = firings / np.maximum(occurrences, firings)
+    order = np.lexsort((first, -firings, -share, word // n_texts))
+    feature, text = np.divmod(word[order], n_texts)
+    starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]])
+    for a, b in zip(starts.tolist(), [*starts[1:].tolist(), len(feature)], strict=True):
+        out[int(feature[a])] = Term(tuple(vocab.texts[t] for t in text[a:b].tolist()))
+    return out
 
 
 def with_corpus_words(

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
-from sae_core.labels.corpus_words import corpus_firings, corpus_term, with_corpus_words
+from sae_core.labels.corpus_words import corpus_firings, corpus_terms, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     FeatureEvidence,
@@ -399,10 +399,14 @@ def _label_chunk(labeller: _Labeller, chunk: list[int]) -> _ChunkLabels:
     firings = corpus_firings(
         labeller.session, labeller.sae, labeller.vocab, [idx for idx, _ in scorable]
     )
+    words = corpus_terms(
+        [firings.get(idx) for idx, _ in scorable],
+        [evidence.heldout for _, evidence in scorable],
+        labeller.vocab,
+    )
     rows = []
-    for (idx, evidence), fit in zip(scorable, fitted, strict=True):
-        words = corpus_term(firings.get(idx), evidence.heldout, labeller.vocab)
-        rule = with_corpus_words(fit.rule, words, evidence.train, labeller.vocab)
+    for (idx, evidence), fit, term in zip(scorable, fitted, words, strict=True):
+        rule = with_corpus_words(fit.rule, term, evidence.train, labeller.vocab)
         score = score_rule(rule, evidence.heldout, labeller.vocab)
         density = current[idx].density or 0.0
         text = auto_label_text(rule, fit.objective, density, promoted[idx])
