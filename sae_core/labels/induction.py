@@ -396,6 +396,8 @@ def _key_proposal(search: _Search, step: _Step, kind: int) -> _Proposal:
     if not k:
         return _no_proposal(n_features)
     usable = np.take(step.within & active[batch.owner], keys.token)  # (e,)
+    if usable.all():  # (a first term's first step): every entry, without copying them
+        usable = slice(None)
     tally = keys.tally[usable]
     size = n_features * n_slots * (k + 1)
     counts = np.bincount(tally, minlength=2 * size).reshape(n_features, n_slots, k + 1, 2)
