@@ -49,7 +49,7 @@ BUDGETS = {
     "quick": Budget(
         train_tokens=40_960, batch_size=1024, lr_scale=4.0, cache_tokens=20_480, widths=(256, 1024), side_width=256, k=16, precompute_tokens=8_192, eval_contexts=32
     ),
-    # The default: about 16 minutes on 2 idle cores, over the 15 we aim for (stage times in the README).
+    # The default: 10.5 minutes on 2 idle cores of a fast day, 26 on a slow one (stage times in the README).
     "default": Budget(
         train_tokens=409_600, batch_size=1024, lr_scale=4.0, cache_tokens=245_760, widths=(1024, 4096, 16384), side_width=1024, k=32,
         precompute_tokens=245_760, eval_contexts=64,
@@ -71,7 +71,7 @@ BUDGETS = {
 # Why precompute reads all the cached tokens: labels of sparse features need held-out firing
 # tokens to be scored on. A 4,096-wide SAE's labels (trained on 163,840 cached tokens) on 81,920 /
 # 163,840 / 245,760 precompute tokens: held-out F1 median 0.35 / 0.42 / 0.44, F1 = 0 for 18% / 12%
-# / 9%, F1 >= 0.5 for 29% / 36% / 41%; this budget's own: 0.44, 10.4%, 42%. Read from the cache,
+# / 9%, F1 >= 0.5 for 29% / 36% / 41%; this budget's own: 0.45, 9.8%, 42.5%. Read from the cache,
 # 245,760 tokens cost 1.16x the 81,920-token pass that ran the model.
 
 
