@@ -17,7 +17,7 @@ from sae_core.cli import main
 from sae_core.errors import NotFoundError
 from sae_core.labels import evidence, induction
 from sae_core.labels import run as labels
-from sae_core.labels.corpus_words import FeatureWords, corpus_term, with_corpus_words
+from sae_core.labels.corpus_words import FeatureWords, corpus_term, corpus_terms, with_corpus_words
 from sae_core.labels.evidence import (
     ContextLibrary,
     Example,
@@ -913,6 +913,26 @@ def test_corpus_words_keep_a_word_the_feature_fires_on_often_enough():
     assert corpus_term(stored(firings, occurrences=occurrences), heldout, vocab) == Term(
         (" a", " the")
     )
+
+
+def test_corpus_words_of_a_chunk_are_each_features_own():
+    """``corpus_terms`` reads a chunk of features at once; each gets what it gets alone, though
+    they list the same words and their held-out windows differ."""
+    vocab = Vocab.of_texts([" a", " b", " c"])
+    library = ContextLibrary(vocab, {0: np.array([0, 0, 1, 2]), 1: np.array([1, 1, 2, 2])})
+    a, b, c = (vocab.index[w] for w in (" a", " b", " c"))
+    firings = Counter({a: 4, b: 3, c: 2})
+    heldouts = [
+        library.tokens(np.array([0]), np.array([[True, True, False, False]])),  # ` a` twice
+        library.tokens(np.array([1]), np.array([[True, True, False, False]])),  # ` b` twice
+        library.tokens(np.array([1]), np.array([[False, False, False, False]])),
+    ]
+    words = [stored(firings), None, stored(firings, full=True)]
+    alone = [corpus_term(w, h, vocab) for w, h in zip(words, heldouts, strict=True)]
+    # ` a`: 4 - 2 held-out firings, on 2 of its 2 other occurrences: as precise as ` b`, fewer
+    assert alone == [Term((" b", " a", " c")), None, Term((" a", " b", " c"))]
+    assert corpus_terms(words, heldouts, vocab) == alone
+    assert corpus_terms([], [], vocab) == []
 
 
 def test_corpus_words_add_what_the_rule_does_not_explain_or_replace_any_token():

@@ -79,10 +79,13 @@ def corpus_term(words: FeatureWords | None, heldout: TokenSet, vocab: Vocab) -> 
     return corpus_terms([words], [heldout], vocab)[0]
 
 
-def _lookup(keys: np.ndarray, counts: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """The count of each of ``wanted`` among sorted distinct ``keys``, 0 where absent."""
-    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
-    return np.where(keys[at] == wanted, counts[at], 0) if len(keys) else np.zeros_like(wanted)
+def _occurrences(values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """How often each of ``wanted`` occurs in ``values``."""
+    keys, counts = np.unique(values, return_counts=True)
+    if not len(keys):
+        return np.zeros_like(wanted)
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    return np.where(keys[at] == wanted, counts[at], 0)
 
 
 def corpus_terms(
@@ -109,8 +112,8 @@ def corpus_terms(
     sets = [heldouts[f] for f, _ in listed]
     held_owner = np.repeat([f for f, _ in listed], [len(h.text_ids) for h in sets])
     held_key = held_owner * n_texts + np.concatenate([h.text_ids for h in sets])
-    seen = _lookup(*np.unique(held_key[np.concatenate([h.fires for h in sets])], return_counts=True), key)
-    held = _lookup(*np.unique(held_key[np.concatenate([h.keep for h in sets])], return_counts=True), key)
+    seen = _occurrences(held_key[np.concatenate([h.fires for h in sets])], key)
+    held = _occurrences(held_key[np.concatenate([h.keep for h in sets])], key)
     stands = (seen == 0) | (count - seen > floor)
     # a word's entries summed (a word may be listed under several token ids), in list order
     word, first, inverse = np.unique(key[stands], return_index=True, return_inverse=True)
