@@ -18,6 +18,7 @@ the word a miss there; that can only lower the score.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -38,11 +39,12 @@ MIN_WORD_PRECISION = 0.25
 
 
 class FeatureWords(NamedTuple):
-    """A feature's row of ``feature_words``: its tokens, as words (text ids), most firings first."""
+    """A feature's row of ``feature_words``: its tokens, as words (text ids), most firings first.
+    Sequences of ints (numpy arrays as read from the store)."""
 
-    text_ids: list[int]
-    counts: list[int]  # the feature's firings on each, in every window
-    occurrences: list[int]  # each token's occurrences, in every window
+    text_ids: Sequence[int]
+    counts: Sequence[int]  # the feature's firings on each, in every window
+    occurrences: Sequence[int]  # each token's occurrences, in every window
     full: bool  # as long as precompute keeps: tokens left out fired at most ``counts[-1]`` times
 
 
@@ -65,13 +67,18 @@ def corpus_firings(
         return {}
     # columns at once (from plain tuples: numpy reads a Row slowly), not a Python loop per row
     feature, token, count, occurrences = np.array([tuple(row) for row in rows], dtype=np.int64).T
-    starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]])
-    text = vocab.text_id[token].tolist()
-    count, occurrences = count.tolist(), occurrences.tolist()
+    text = vocab.text_id[token]
     return {
-        int(feature[a]): FeatureWords(text[a:b], count[a:b], occurrences[a:b], b - a == kept)
-        for a, b in zip(starts.tolist(), [*starts[1:].tolist(), len(feature)], strict=True)
+        f: FeatureWords(text[a:b], count[a:b], occurrences[a:b], b - a == kept)
+        for f, a, b in _runs(feature)
     }
+
+
+def _runs(values: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(value, start, stop) of each run of equal ``values`` (a grouped array), in order."""
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]).tolist()
+    for a, b in zip(starts, starts[1:] + [len(values)], strict=True):
+        yield int(values[a]), a, b
 
 
 def corpus_term(words: FeatureWords | None, heldout: TokenSet, vocab: Vocab) -> Term | None:
@@ -98,19 +105,19 @@ def corpus_terms(
     the list's order); None when there are none. Every feature at once: keys are
     feature * n_texts + text id."""
     n_texts = len(vocab.texts) + 1
-    listed = [(f, w) for f, w in enumerate(words) if w is not None and w.text_ids]
+    listed = [(f, w) for f, w in enumerate(words) if w is not None and len(w.text_ids)]
     out: list[Term | None] = [None] * len(words)
     if not listed:
         return out
-    owner = np.repeat([f for f, _ in listed], [len(w.text_ids) for _, w in listed])
-    key = owner * n_texts + np.concatenate([w.text_ids for _, w in listed])
+    features = [f for f, _ in listed]
+    n_listed = [len(w.text_ids) for _, w in listed]
+    key = np.repeat(features, n_listed) * n_texts + np.concatenate([w.text_ids for _, w in listed])
     count = np.concatenate([w.counts for _, w in listed]).astype(np.int64)
     occurs = np.concatenate([w.occurrences for _, w in listed]).astype(np.int64)
-    floor = np.array([w.counts[-1] if w.full else 0 for _, w in listed], dtype=np.int64)
-    floor = np.repeat(floor, [len(w.text_ids) for _, w in listed])
+    floor = np.repeat([w.counts[-1] if w.full else 0 for _, w in listed], n_listed)
     # each listed feature's held-out tokens, as keys: its firings there and its tokens there
-    sets = [heldouts[f] for f, _ in listed]
-    held_owner = np.repeat([f for f, _ in listed], [len(h.text_ids) for h in sets])
+    sets = [heldouts[f] for f in features]
+    held_owner = np.repeat(features, [len(h.text_ids) for h in sets])
     held_key = held_owner * n_texts + np.concatenate([h.text_ids for h in sets])
     seen = _occurrences(held_key[np.concatenate([h.fires for h in sets])], key)
     held = _occurrences(held_key[np.concatenate([h.keep for h in sets])], key)
@@ -127,9 +134,8 @@ def corpus_terms(
     share = firings / np.maximum(occurrences, firings)
     order = np.lexsort((first, -firings, -share, word // n_texts))
     feature, text = np.divmod(word[order], n_texts)
-    starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]])
-    for a, b in zip(starts.tolist(), [*starts[1:].tolist(), len(feature)], strict=True):
-        out[int(feature[a])] = Term(tuple(vocab.texts[t] for t in text[a:b].tolist()))
+    for f, a, b in _runs(feature):
+        out[f] = Term(tuple(vocab.texts[t] for t in text[a:b].tolist()))
     return out
 
 
