@@ -16,6 +16,8 @@ COPY app ./app
 COPY templates ./templates
 COPY static ./static
 RUN pip install -e .
+# The label rule search is compiled by numba on first use (~30 s): compile it into the image.
+RUN python -c "from sae_core.labels.induction import compile_search; compile_search()"
 
 # Converted models, tokenised corpora, activation caches and trained SAEs live here.
 VOLUME ["/cache"]

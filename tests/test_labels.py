@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.cli import main
 from sae_core.errors import NotFoundError
-from sae_core.labels import evidence, induction
+from sae_core.labels import evidence, induction, rule_search
 from sae_core.labels import run as labels
 from sae_core.labels.corpus_words import FeatureWords, corpus_term, corpus_terms, with_corpus_words
 from sae_core.labels.evidence import (
@@ -310,30 +310,64 @@ def test_features_searched_together_get_the_rule_each_gets_alone(labelled):
     assert len({fitted.rule for fitted in alone}) == len(alone)  # the planted rules all differ
 
 
-def test_a_window_key_sets_union_counts_each_token_at_its_best_ranked_key():
-    """A token with several keys in a slot (a window's) joins a key set at the first prefix that
-    holds one of them: the union counts against a plain loop over random groups of 1 to WINDOW
-    entries (a key may repeat within a group)."""
+def test_a_window_key_set_counts_each_token_once_at_its_best_ranked_key():
+    """A token with several keys in a slot (a window's, a key may repeat) joins a key set at the
+    first prefix holding one of them: the compiled key search against a plain one, on random
+    tokens, slots and keys."""
     rng = np.random.default_rng(0)
-    n_features, n_slots, k, width = 3, 2, 7, 5
-    sizes = rng.integers(1, WINDOW + 1, 400)
-    owner_slot, fires = rng.integers(0, n_features * n_slots, len(sizes)), rng.random(len(sizes))
-    keys = rng.integers(0, k + 1, sizes.sum())  # k: none of the feature's keys
-    group = np.repeat(np.arange(len(sizes)), sizes)
-    tally = (owner_slot[group] * (k + 1) + keys) * 2 + (fires[group] < 0.3)
-    first = np.r_[True, group[1:] != group[:-1]]
-    order = np.stack([rng.permutation(k)[:width] for _ in range(n_features * n_slots)])
-    expected = np.zeros((n_features * n_slots, width, 2), dtype=np.int64)
-    for g in range(len(sizes)):
-        ranks = [
-            list(order[owner_slot[g]]).index(key)
-            for key in keys[group == g]
-            if key in order[owner_slot[g]]
-        ]
-        if ranks:
-            expected[owner_slot[g], min(ranks), int(fires[g] < 0.3)] += 1
-    counts = induction._union_counts(first, tally, order.reshape(n_features, n_slots, width), k)
-    assert np.array_equal(counts, expected.reshape(n_features, n_slots, width, 2))
+    settings = induction._settings()
+    n_tokens, k = 300, 11
+    columns = np.array([3, 5, -1, -1])  # two of the feature's columns, two none
+    n_slots = len(columns) + 1
+    slots = np.where(rng.random((n_tokens, len(columns))) < 0.4, 1 << np.arange(len(columns)), 0)
+    slots = slots.sum(axis=1) | 1 << len(columns)  # every token is in "anywhere"
+    held = [rng.integers(0, k, rng.integers(0, WINDOW + 1)) for _ in range(n_tokens)]
+    token = np.repeat(np.arange(n_tokens), [len(h) for h in held])
+    key = np.concatenate(held)
+    within, fires = rng.random(n_tokens) < 0.8, rng.random(n_tokens) < 0.3
+    n_firing = int(fires.sum())
+    step = (0.0, 0, n_firing, 0.0, True)  # a first term's first step
+
+    def objective(slot: int, keys: list[int]) -> float:
+        joins = [i for i in range(n_tokens) if within[i] and slots[i] >> slot & 1]
+        joins = [i for i in joins if set(held[i]) & set(keys)]
+        gained, picked = int(fires[joins].sum()), len(joins)
+        if not gained or (slot < len(columns) and columns[slot] < 0):
+            return -np.inf
+        shrunk = max(gained - settings.shrink * np.sqrt(gained), 0.0)
+        parts = 1 + (slot < len(columns))
+        penalty = settings.key_penalty * (len(keys) - 1) + settings.part_penalty * (parts - 1)
+        return 2 * shrunk / (picked + n_firing) - penalty
+
+    best = (-np.inf, 0, [])
+    for slot in range(n_slots):
+        counts = np.zeros((k, 2))
+        for i in range(n_tokens):
+            if within[i] and slots[i] >> slot & 1:
+                for j in held[i]:
+                    counts[j, int(fires[i])] += 1
+        precision = counts[:, 1] / (counts.sum(axis=1) + 1)
+        order = sorted(range(k), key=lambda j: -precision[j])[: settings.max_keys]
+        for n in range(1, len(order) + 1):
+            value = objective(slot, order[:n])
+            if value > best[0]:
+                best = (value, slot, order[:n])
+    found = rule_search._key_proposal(
+        np.arange(k),
+        token,
+        key,
+        slots,
+        columns,
+        within,
+        fires,
+        rule_search._empty_term(len(induction.KINDS), settings),
+        step,
+        np.zeros(len(CONTEXT_NAMES), dtype=bool),
+        settings,
+    )
+    assert best[0] > 0 and len(best[2]) > 1  # a key set of several keys wins
+    assert found[0] == pytest.approx(best[0], abs=1e-12)
+    assert (found[1], found[2].tolist()) == best[1:]
 
 
 def test_a_chunks_evidence_is_its_windows_tokens_firing_where_the_examples_say(labelled):

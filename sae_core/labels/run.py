@@ -48,7 +48,7 @@ from sae_core.labels.explainer import (
     explain,
     render_example,
 )
-from sae_core.labels.induction import fit_rules
+from sae_core.labels.induction import compile_search, fit_rules
 from sae_core.labels.rules import LabelRule, parse_label, token_list
 from sae_core.labels.scoring import LabelScore, score_rule
 from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, utcnow
@@ -459,6 +459,7 @@ def _chunk_results(
         yield (_label_chunk(labeller, chunk) for chunk in chunks)
         return
     _FORKED = (labeller, labeller.session.get_bind().url.render_as_string(hide_password=False))
+    compile_search()  # once, here: each worker would otherwise load it for itself
     try:
         with multiprocessing.get_context("fork").Pool(n_workers, initializer=_start_worker) as pool:
             yield pool.imap(_worker_chunk, chunks)
