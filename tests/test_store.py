@@ -13,7 +13,9 @@ from sae_core.store.db import (
     SaeRow,
     StoreError,
     alembic_config,
+    FeatureRow,
     create_engine_for,
+    driver_rows,
     migrate,
     pack_acts,
     pack_tokens,
@@ -146,6 +148,31 @@ def test_sqlite_label_search_follows_inserts_updates_and_deletes(sqlite_url):
         conn.exec_driver_sql("delete from features")
         assert conn.execute(sa.text(search), {"q": "rivers"}).scalars().all() == []
     engine.dispose()
+
+
+def _driver_rows_match_sqlalchemys(url: str) -> None:
+    engine = create_engine_for(url)
+    migrate(engine)
+    with engine.begin() as conn:
+        seed_rows(conn)
+    with Session(engine) as session:
+        query = sa.select(FeatureRow.idx, FeatureRow.max_act, FeatureRow.label).where(
+            FeatureRow.sae_id == 1, FeatureRow.idx.in_([0, 3])
+        )
+        assert driver_rows(session, query) == [tuple(r) for r in session.execute(query)]
+        assert driver_rows(session, query) == [(0, 1.0, "French city names")]
+        with pytest.raises(TypeError, match="integer parameters only"):
+            driver_rows(session, query.where(FeatureRow.label == "x'); drop table features; --"))
+    engine.dispose()
+
+
+def test_driver_rows_are_sqlalchemys_rows_as_tuples_sqlite(sqlite_url):
+    _driver_rows_match_sqlalchemys(sqlite_url)
+
+
+@pytest.mark.postgres
+def test_driver_rows_are_sqlalchemys_rows_as_tuples_postgres(pg_schema):
+    _driver_rows_match_sqlalchemys(pg_schema)
 
 
 @pytest.mark.postgres

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sae_core.labels.evidence import TokenSet, Vocab
 from sae_core.labels.rules import LabelRule, Term
 from sae_core.labels.scoring import rule_mask
-from sae_core.store.db import FeatureWordRow, SaeRow
+from sae_core.store.db import FeatureWordRow, SaeRow, driver_rows
 
 MIN_CORPUS_FIRINGS = 2  # as a key of the rule search: a word seen firing once is an anecdote
 # Adding a word raises a rule's F1 when the feature fires on more than about half that F1's share
@@ -53,7 +53,8 @@ def corpus_firings(
 ) -> dict[int, FeatureWords]:
     """The stored words of each of ``features`` that has any."""
     kept = (sae.precompute_cfg or {}).get("feature_words_size")
-    rows = session.connection().execute(  # plain rows: the ORM's loading doubled the time
+    rows = driver_rows(
+        session,
         sa.select(
             FeatureWordRow.feature_idx,
             FeatureWordRow.token_id,
@@ -61,12 +62,12 @@ def corpus_firings(
             FeatureWordRow.occurrences,
         )
         .where(FeatureWordRow.sae_id == sae.id, FeatureWordRow.feature_idx.in_(features))
-        .order_by(FeatureWordRow.feature_idx, FeatureWordRow.rank)
-    ).all()
+        .order_by(FeatureWordRow.feature_idx, FeatureWordRow.rank),
+    )
     if not rows:
         return {}
-    # columns at once (from plain tuples: numpy reads a Row slowly), not a Python loop per row
-    feature, token, count, occurrences = np.array([tuple(row) for row in rows], dtype=np.int64).T
+    # columns at once, not a Python loop per row
+    feature, token, count, occurrences = np.array(rows, dtype=np.int64).T
     text = vocab.text_id[token]
     return {
         f: FeatureWords(text[a:b], count[a:b], occurrences[a:b], b - a == kept)

@@ -38,7 +38,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sae_core.errors import SaescopeError
 
@@ -456,6 +456,27 @@ def writer_lock(engine: Engine, name: str) -> Iterator[None]:
         except BlockingIOError:
             raise held from None
         yield  # closing the file releases the lock
+
+
+def driver_rows(session: Session, statement: sa.Select) -> list[tuple]:
+    """The rows of ``statement``, in the session's transaction, as plain tuples straight from the
+    database driver: for bulk reads of numbers and blobs, where SQLAlchemy's rows cost twice the
+    query itself (the demo 4k SAE's 180k examples: 0.68 s against 0.21 s). Its parameters must
+    be integers, which are written into the SQL."""
+    compiled = statement.compile(dialect=session.get_bind().dialect)
+    for value in compiled.params.values():
+        values = value if isinstance(value, list | tuple) else [value]
+        if not all(isinstance(v, int) for v in values):
+            raise TypeError(f"driver_rows takes integer parameters only, not {value!r}")
+    sql = statement.compile(
+        dialect=session.get_bind().dialect, compile_kwargs={"literal_binds": True}
+    )
+    cursor = session.connection().connection.cursor()
+    try:
+        cursor.execute(str(sql))
+        return cursor.fetchall()
+    finally:
+        cursor.close()
 
 
 def create_engine_for(url: str, *, readonly: bool = False) -> Engine:
