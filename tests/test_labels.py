@@ -322,7 +322,7 @@ def test_a_window_key_set_counts_each_token_once_at_its_best_ranked_key():
     slots = np.where(rng.random((n_tokens, len(columns))) < 0.4, 1 << np.arange(len(columns)), 0)
     slots = slots.sum(axis=1) | 1 << len(columns)  # every token is in "anywhere"
     held = [rng.integers(0, k, rng.integers(0, WINDOW + 1)) for _ in range(n_tokens)]
-    token = np.repeat(np.arange(n_tokens), [len(h) for h in held])
+    starts = np.cumsum([0] + [len(h) for h in held])
     key = np.concatenate(held)
     within, fires = rng.random(n_tokens) < 0.8, rng.random(n_tokens) < 0.3
     n_firing = int(fires.sum())
@@ -353,12 +353,10 @@ def test_a_window_key_set_counts_each_token_once_at_its_best_ranked_key():
             if value > best[0]:
                 best = (value, slot, order[:n])
     found = rule_search._key_proposal(
-        np.arange(k),
-        token,
-        key,
+        (np.arange(k), starts, key, True),
+        np.flatnonzero(within),
         slots,
         columns,
-        within,
         fires,
         rule_search._empty_term(len(induction.KINDS), settings),
         step,

@@ -7,9 +7,10 @@ where that is read-only). The numpy version it replaced searched a batch of feat
 (feature, slot, key) tables and spent most of its time building and gathering them.
 
 A token's contexts are its signature's row of ``flags``: per-feature context counts are a count per
-distinct signature, then a sum of those rows. A key kind's entries are the (token, local key)
-pairs of the feature's keys of that kind, in token order (a window part may hold several keys of
-a token).
+distinct signature, then a sum of those rows. A key kind's entries are the local ids of the
+feature's keys among each token's values of that kind, token after token (a window part may hold
+several keys of a token). A step reads only the tokens it may add to: all but the covered ones
+on a fresh step, few when refining a term.
 """
 
 from __future__ import annotations
@@ -225,8 +226,9 @@ def _chosen_keys(values, fires, promoted, text_count, s):
 
 @numba.njit(cache=True)
 def _entries(values, slots, keys, text_local):
-    """The (token, local key) entries of ``keys`` among ``values`` (n, width), for tokens in some
-    slot. ``text_local``: -1 everywhere, left as found."""
+    """The local ids of ``keys`` among each token's ``values`` (n, width), for tokens in some slot:
+    token ``i``'s are ``key[starts[i]:starts[i + 1]]``; and whether a token has several.
+    ``text_local``: -1 everywhere, left as found."""
     n, width = values.shape
     for j in range(len(keys)):
         text_local[keys[j]] = j
@@ -236,19 +238,21 @@ def _entries(values, slots, keys, text_local):
             for v in range(width):
                 if values[i, v] >= 0 and text_local[values[i, v]] >= 0:
                     n_entries += 1
-    token = np.empty(n_entries, np.int64)
+    starts = np.zeros(n + 1, np.int64)
     key = np.empty(n_entries, np.int64)
-    e = 0
+    e, several = 0, False
     for i in range(n):
         if slots[i]:
             for v in range(width):
                 t = values[i, v]
                 if t >= 0 and text_local[t] >= 0:
-                    token[e], key[e] = i, text_local[t]
+                    key[e] = text_local[t]
                     e += 1
+        starts[i + 1] = e
+        several = several or e - starts[i] > 1
     for j in range(len(keys)):
         text_local[keys[j]] = -1
-    return token, key
+    return starts, key, several
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +263,7 @@ def _entries(values, slots, keys, text_local):
 # (2 + max_refinements,) and unless (1 + max_refinements,) columns), each -1 past its entries.
 # A step is a tuple (true positives of the list so far (shrunk), its predictions, firing tokens,
 # the base term's penalty, whether the base is empty).
-# A kind is a tuple (text ids of the feature's keys by local id, and its entries: each one's
-# token, ascending, and local key id).
+# A kind is a tuple (text ids of the feature's keys by local id, and ``_entries``'s three).
 
 
 @numba.njit(cache=True)
@@ -322,33 +325,33 @@ def _mask(term, kinds, keep, local_signature, table):
     for kind in range(len(kinds)):
         if keys[kind, 0] < 0:
             continue
-        texts, token, key = kinds[kind]
+        texts, starts, key, _ = kinds[kind]
         member = np.zeros(len(texts), np.bool_)
         for j in range(keys.shape[1]):
             if keys[kind, j] >= 0:
                 member[keys[kind, j]] = True
-        holds = np.zeros(len(keep), np.bool_)
-        for e in range(len(token)):
-            if member[key[e]]:
-                holds[token[e]] = True
         for i in range(len(keep)):
-            out[i] = out[i] and holds[i]
+            if out[i]:
+                holds = False
+                for e in range(starts[i], starts[i + 1]):
+                    holds = holds or member[key[e]]
+                out[i] = holds
     return out
 
 
 @numba.njit(cache=True)
-def _key_proposal(texts, token, key, slots, columns, within, fires, base, step, closed_columns, s):
+def _key_proposal(kind, tokens, slots, columns, fires, base, step, closed_columns, s):
     """The best key set of one kind, alone or within one of the feature's columns but
-    ``closed_columns``: (objective, slot, local keys in order). Keys are sorted by smoothed
-    precision; a token joins the set at the first prefix holding one of its keys, so the prefix
-    sums count the union."""
+    ``closed_columns``, made of ``tokens`` (the step's): (objective, slot, local keys in order).
+    Keys are sorted by smoothed precision; a token joins the set at the first prefix holding one
+    of its keys, so the prefix sums count the union."""
     true_positives, n_predicted, n_firing, base_penalty, fresh = step
+    texts, starts, key, several = kind
     n_slots, k = len(columns) + 1, len(texts)
     counts = np.zeros((n_slots, k, 2), np.int64)
-    for e in range(len(token)):
-        i = token[e]
-        if within[i]:
-            fired = 1 if fires[i] else 0
+    for i in tokens:
+        fired = 1 if fires[i] else 0
+        for e in range(starts[i], starts[i + 1]):
             for slot in range(n_slots):
                 if slots[i] >> slot & 1:
                     counts[slot, key[e], fired] += 1
@@ -363,21 +366,20 @@ def _key_proposal(texts, token, key, slots, columns, within, fires, base, step, 
         for j in range(width):
             rank[slot, order[slot, j]] = j
     joined = np.zeros((n_slots, width, 2), np.int64)
-    e = 0
-    while e < len(token):
-        i, end = token[e], e + 1
-        while end < len(token) and token[end] == i:
-            end += 1
-        if within[i]:
+    if several:
+        for i in tokens:
             fired = 1 if fires[i] else 0
             for slot in range(n_slots):
                 if slots[i] >> slot & 1:
                     best = width
-                    for x in range(e, end):
-                        best = min(best, rank[slot, key[x]])
+                    for e in range(starts[i], starts[i + 1]):
+                        best = min(best, rank[slot, key[e]])
                     if best < width:
                         joined[slot, best, fired] += 1
-        e = end
+    else:  # a token holds one key: it joins the set with that key
+        for slot in range(n_slots):
+            for j in range(width):
+                joined[slot, j] = counts[slot, order[slot, j]]
     objective, best_slot, best_n = _NEG, 0, 0
     first = True
     for slot in range(n_slots):
@@ -494,6 +496,7 @@ def _best(kinds, slots, columns, within, fires, local_signature, table, base, st
     is_class, token_kind = lexicon
     no_columns = np.zeros(len(is_class), np.bool_)
     firing = within & fires
+    tokens = np.flatnonzero(within)
     objective, contexts, unless = _context_proposal(
         _signature_counts(within, local_signature, len(table[3])),
         _signature_counts(firing, local_signature, len(table[3])),
@@ -506,16 +509,13 @@ def _best(kinds, slots, columns, within, fires, local_signature, table, base, st
     )
     won_kind, won_slot, won_keys = -1, 0, np.empty(0, np.int64)
     for kind in range(len(kinds)):
-        texts, token, key = kinds[kind]
-        if len(texts) == 0 or base[0][kind, 0] >= 0:
+        if len(kinds[kind][0]) == 0 or base[0][kind, 0] >= 0:
             continue
         value, slot, chosen = _key_proposal(
-            texts,
-            token,
-            key,
+            kinds[kind],
+            tokens,
             slots,
             columns,
-            within,
             fires,
             base,
             step,
@@ -593,8 +593,7 @@ def _fit_feature(
         texts = _chosen_keys(
             values, fires, promoted if kind == promoted_kind else promoted[:0], text_count, s
         )
-        token, key = _entries(values, slots, texts, text_local)
-        kinds.append((texts, token, key))
+        kinds.append((texts, *_entries(values, slots, texts, text_local)))
     covered = np.zeros(n, np.bool_)
     credited, spent, current, n_terms = 0.0, 0.0, 0.0, 0
     for t in range(s.max_terms):
