@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
@@ -415,12 +415,41 @@ def test_forked_workers_lex_the_windows_as_one_process_does(labelled, monkeypatc
     windows = [library.token_ids[r, : library.lengths[r]] for r in range(len(library.ids))]
     seq = library.token_ids.shape[1]
     monkeypatch.setattr(evidence, "WINDOWS_PER_LEX", 7)  # several tasks for each of two workers
+    monkeypatch.setattr(evidence, "_LEXED", OrderedDict())  # none lexed yet
     lexed = lex_windows(library.vocab, windows, seq, workers=2)
+    monkeypatch.setattr(evidence, "_LEXED", OrderedDict())
     assert np.array_equal(lexed, lex_windows(library.vocab, windows, seq, workers=1))
     assert np.array_equal(lexed, library.flags[library.signature])
     for row in (0, len(windows) - 1):
         texts = library.texts(int(library.ids[row]))
         assert np.array_equal(lexed[row, : len(texts)], context_masks(texts).T)
+
+
+def test_windows_lexed_once_are_not_lexed_again(labelled, monkeypatch):
+    """The SAEs of a release store the same windows: a process lexes each once (the most recent
+    ``LEXED_WINDOWS`` of them), and what it kept is what lexing gives."""
+    library, _ = _library_and_examples(labelled)
+    windows = [library.token_ids[r, : library.lengths[r]] for r in range(len(library.ids))]
+    seq = library.token_ids.shape[1]
+    lexed = []
+    real = evidence.context_masks
+
+    def counted(texts):
+        lexed.append(tuple(texts))
+        return real(texts)
+
+    monkeypatch.setattr(evidence, "context_masks", counted)
+    monkeypatch.setattr(evidence, "_LEXED", OrderedDict())
+    first = lex_windows(library.vocab, windows, seq, workers=1)
+    assert len(lexed) == len(set(lexed)) == len({t.tobytes() for t in windows})
+    assert np.array_equal(lex_windows(library.vocab, windows[::-1], seq, workers=1), first[::-1])
+    assert len(lexed) == len(set(lexed))  # none lexed twice
+    monkeypatch.setattr(evidence, "LEXED_WINDOWS", 3)
+    lex_windows(library.vocab, windows[:5], seq, workers=1)  # keeps the last 3 only
+    assert len(evidence._LEXED) == 3
+    lexed.clear()
+    assert np.array_equal(lex_windows(library.vocab, windows[:5], seq, workers=1), first[:5])
+    assert len(lexed) == 2
 
 
 def test_fewer_fitting_negatives_leave_the_held_out_ones_as_they_were(labelled, monkeypatch):

@@ -10,10 +10,10 @@ from alembic import command
 from sqlalchemy.orm import Session
 
 from sae_core.store.db import (
+    FeatureRow,
     SaeRow,
     StoreError,
     alembic_config,
-    FeatureRow,
     create_engine_for,
     driver_rows,
     migrate,

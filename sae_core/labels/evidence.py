@@ -15,6 +15,7 @@ features' evidence gathers rows from at once (``gather_evidence``): no Python wo
 from __future__ import annotations
 
 import multiprocessing
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
@@ -130,46 +131,60 @@ class TokenSet(NamedTuple):
         return self.flags[self.signature]
 
 
-def _lex(vocab: Vocab, windows: list[np.ndarray], seq: int) -> np.ndarray:
-    """The context flags of each token of ``windows`` (token ids), packed to bits as they travel
-    between processes: (len(windows), seq, ceil(C / 8)) uint8, zero past a window's end."""
-    out = np.zeros((len(windows), seq, len(CONTEXT_NAMES)), dtype=bool)
-    for r, t in enumerate(windows):
-        out[r, : len(t)] = context_masks([vocab.token_texts[i] for i in t.tolist()]).T
-    return np.packbits(out, axis=-1)
+def _lex(windows: list[tuple[str, ...]]) -> list[np.ndarray]:
+    """The context flags of each token of ``windows`` (decoded tokens), packed to bits as they
+    travel between processes: (len(window), ceil(C / 8)) uint8 each."""
+    return [np.packbits(context_masks(list(texts)).T, axis=-1) for texts in windows]
 
 
-# What a forked lexing worker reads, set in the parent just before the pool forks: the
-# vocabulary, the windows and their length. A task names its windows by their range alone, so
-# no window is pickled on its way to a worker.
-_LEXING: tuple[Vocab, list[np.ndarray], int] | None = None
+# What a forked lexing worker reads, set in the parent just before the pool forks: the windows
+# to lex. A task names its windows by their range alone, so no window is pickled on its way to
+# a worker.
+_LEXING: list[tuple[str, ...]] | None = None
 
 
-def _lex_task(start: int) -> np.ndarray:
-    vocab, windows, seq = _LEXING
-    return _lex(vocab, windows[start : start + WINDOWS_PER_LEX], seq)
+def _lex_task(start: int) -> list[np.ndarray]:
+    return _lex(_LEXING[start : start + WINDOWS_PER_LEX])
+
+
+# Windows lexed in this process, by their decoded tokens, the most recent last: the SAEs of a
+# release store the same windows (the demo's six, 3,840 windows each: 3,834 distinct in all), so
+# labelling a release lexes each once. ~1 kB a window.
+_LEXED: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+LEXED_WINDOWS = 16_384
 
 
 def lex_windows(vocab: Vocab, windows: list[np.ndarray], seq: int, workers: int) -> np.ndarray:
-    """(len(windows), seq, C) bool: the contexts of each token of ``windows``. Lexing is Python
-    work per window (~0.2 ms), the bulk of a library: ``workers`` forked processes share it,
-    ``WINDOWS_PER_LEX`` windows at a time, in order."""
+    """(len(windows), seq, C) bool: the contexts of each token of ``windows`` (token ids, each at
+    most ``seq`` long). Lexing is Python work per window (~0.2 ms), the bulk of a library:
+    windows this process lexed recently are not lexed again, and ``workers`` forked processes
+    share the others, ``WINDOWS_PER_LEX`` at a time."""
     global _LEXING
-    starts = range(0, len(windows), WINDOWS_PER_LEX)
+    texts = [tuple(vocab.token_texts[i] for i in t.tolist()) for t in windows]
+    missing = list(dict.fromkeys(t for t in texts if t not in _LEXED))
+    starts = range(0, len(missing), WINDOWS_PER_LEX)
     workers = min(workers, len(starts))
     if workers <= 1:
-        packed = [_lex(vocab, windows[i : i + WINDOWS_PER_LEX], seq) for i in starts]
+        lexed = [_lex(missing[i : i + WINDOWS_PER_LEX]) for i in starts]
     else:
-        _LEXING = (vocab, windows, seq)
+        _LEXING = missing
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
-                packed = list(pool.imap(_lex_task, starts))
+                lexed = list(pool.imap(_lex_task, starts))
         finally:
             _LEXING = None
-    if not packed:
-        return np.zeros((0, seq, len(CONTEXT_NAMES)), dtype=bool)
-    flags = np.unpackbits(np.concatenate(packed), axis=-1, count=len(CONTEXT_NAMES))
-    return flags.view(bool)
+    found = {t: _LEXED[t] for t in texts if t in _LEXED}
+    found.update(zip(missing, (flags for part in lexed for flags in part), strict=True))
+    for t, flags in found.items():
+        _LEXED[t] = flags
+        _LEXED.move_to_end(t)
+    while len(_LEXED) > LEXED_WINDOWS:
+        _LEXED.popitem(last=False)
+    n_bytes = -(-len(CONTEXT_NAMES) // 8)
+    packed = np.zeros((len(windows), seq, n_bytes), dtype=np.uint8)
+    for r, t in enumerate(texts):
+        packed[r, : len(t)] = found[t]
+    return np.unpackbits(packed, axis=-1, count=len(CONTEXT_NAMES)).view(bool)
 
 
 class ContextLibrary:

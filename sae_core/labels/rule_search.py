@@ -230,6 +230,8 @@ def _entries(values, slots, keys, text_local):
     token ``i``'s are ``key[starts[i]:starts[i + 1]]``; and whether a token has several.
     ``text_local``: -1 everywhere, left as found."""
     n, width = values.shape
+    if len(keys) > np.iinfo(text_local.dtype).max:
+        raise ValueError("too many keys of one kind for the search's key ids")
     for j in range(len(keys)):
         text_local[keys[j]] = j
     n_entries = 0
@@ -678,8 +680,10 @@ def _search_batch(
     objective = np.zeros(n_features)
     counts = np.zeros((n_features, 4), np.int64)
     scratch = (
-        np.zeros(n_texts, np.int64),
-        np.full(n_texts, -1, np.int64),
+        np.zeros(n_texts, np.int32),
+        # text id -> local key id: int16 keeps it in the CPU's L2 cache, which every lookup
+        # of a token's values reads at random
+        np.full(n_texts, -1, np.int16),
         np.full(len(flags), -1, np.int64),
     )
     listed = _listed(flags)
