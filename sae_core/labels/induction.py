@@ -40,8 +40,8 @@ SHRINK = 1.0  # standard deviations of its count a candidate's firings are disco
 PART_PENALTY = 0.03  # F1 each part beyond a term's first must add: shorter labels read better
 KEY_PENALTY = 0.005  # F1 each extra key must add, so one-off tokens don't pad the label
 TERM_PENALTY = 0.04  # F1 a second term must add
-# Features searched at once: ~120k tokens, whose arrays stay in the CPU's caches (16, 32, 64 and
-# 256 measured on the demo's 4096-wide SAE: 32 took the fewest CPU-seconds)
+# Features given to the compiled search in one call (32, 64 and 256 took the same CPU-seconds on
+# the demo's 4096-wide SAE)
 FEATURES_PER_SEARCH = 32
 KINDS = ("tokens", "previous", "following", "window")  # Term fields that hold keys
 _IS_CLASS = np.array([name in TOKEN_CLASSES for name in CONTEXT_NAMES])  # (C,)

@@ -69,11 +69,15 @@ class Found(NamedTuple):
 
 
 def search(batch: Batch, settings: Settings) -> Found:
+    """The best decision list of each feature of ``batch`` (compiled on the first call)."""
     return Found(*_search_batch(*batch, settings))
 
 
 # ---------------------------------------------------------------------------------------------
 # Counting
+
+# A feature's table of contexts is a tuple (``flags`` (S, C), each row's contexts listed as
+# ``_listed`` gives them, and the feature's own rows (m,)): its signatures are numbered 0..m-1.
 
 
 @numba.njit(cache=True)
