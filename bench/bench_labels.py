@@ -11,7 +11,8 @@ its corpus words, less the firings of both the tuning and the scored held-out wi
 the F1 distribution there: settings are chosen on this, never on the held-out tokens labels are
 scored on.
 
-Each run is timed with one process and with ``--workers`` side by side, and prints the 1-minute
+Each run is timed with one process and with ``--workers`` side by side, each in a process of its
+own (as ``saescope label`` runs, so none finds windows lexed by an earlier one), and prints the 1-minute
 load average around it: on a shared machine the wall-clock rate is the contended one, and the CPU
 seconds per feature (this process and its workers) say what the code costs.
 ``--against CHECKOUT``: each run is also made, interleaved, by another checkout of saescope (today's
@@ -43,8 +44,9 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+REPO = Path(__file__).resolve().parents[1]
 if "sae_core" not in sys.modules:  # (imported by ``--against``, that checkout's is loaded)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO))
 
 from sae_core.labels import corpus_words, induction  # noqa: E402
 from sae_core.labels.evidence import (  # noqa: E402
@@ -179,8 +181,8 @@ def timed_label(source: str, sae: str, copy: str, workers: int) -> dict:
 
 
 def timed_label_elsewhere(checkout: str, source: str, sae: str, copy: str, workers: int) -> dict:
-    """``timed_label`` by another checkout of saescope, in a process of its own that loads that
-    checkout's ``sae_core`` before this file."""
+    """``timed_label`` by a checkout of saescope (this one, or another), in a process of its own
+    that loads that checkout's ``sae_core`` before this file."""
     code = (
         f"import json, sys; sys.path.insert(0, {checkout!r}); import sae_core; "
         f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_labels; "
@@ -188,7 +190,7 @@ def timed_label_elsewhere(checkout: str, source: str, sae: str, copy: str, worke
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=checkout)
     if out.returncode:
-        raise SystemExit(f"--against {checkout}: {out.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"{checkout}: {out.stderr.strip().splitlines()[-1]}")
     run = json.loads(out.stdout)
     run["labels"] = {int(k): v for k, v in run["labels"].items()}
     run["f1"] = {int(k): v for k, v in run["f1"].items()}
@@ -365,7 +367,9 @@ def main() -> None:
             if args.against:  # interleaved, so both meet the same load
                 theirs.append(timed_label_elsewhere(args.against, source, args.sae, copy, workers))
                 print_run(f"{args.against}: ", workers, theirs[-1])
-            runs.append(timed_label(source, args.sae, copy, workers))
+            # each run in a process of its own, as ``saescope label`` runs: none finds the windows
+            # lexed, or the compiled search loaded, by an earlier one
+            runs.append(timed_label_elsewhere(str(REPO), source, args.sae, copy, workers))
             print_run("this checkout: " if args.against else "", workers, runs[-1])
     for ours, other in zip(runs, theirs, strict=False):
         same = sum(ours["labels"].get(i) == label for i, label in other["labels"].items())

@@ -326,7 +326,7 @@ def test_a_window_key_set_counts_each_token_once_at_its_best_ranked_key():
     key = np.concatenate(held)
     within, fires = rng.random(n_tokens) < 0.8, rng.random(n_tokens) < 0.3
     n_firing = int(fires.sum())
-    step = (0.0, 0, n_firing, 0.0, True)  # a first term's first step
+    step = (0.0, 0, n_firing, 0.0)  # a first term's first step (its base is empty)
 
     def objective(slot: int, keys: list[int]) -> float:
         joins = [i for i in range(n_tokens) if within[i] and slots[i] >> slot & 1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -154,23 +155,34 @@ _LEXED: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
 LEXED_WINDOWS = 16_384
 
 
-def lex_windows(vocab: Vocab, windows: list[np.ndarray], seq: int, workers: int) -> np.ndarray:
+def lex_windows(
+    vocab: Vocab,
+    windows: list[np.ndarray],
+    seq: int,
+    workers: int,
+    meanwhile: Callable[[], object] | None = None,
+) -> np.ndarray:
     """(len(windows), seq, C) bool: the contexts of each token of ``windows`` (token ids, each at
     most ``seq`` long). Lexing is Python work per window (~0.2 ms), the bulk of a library:
     windows this process lexed recently are not lexed again, and ``workers`` forked processes
-    share the others, ``WINDOWS_PER_LEX`` at a time."""
+    share the others, ``WINDOWS_PER_LEX`` at a time. ``meanwhile``: work of this process, done
+    while they lex (or before lexing here)."""
     global _LEXING
     texts = [tuple(vocab.token_texts[i] for i in t.tolist()) for t in windows]
     missing = list(dict.fromkeys(t for t in texts if t not in _LEXED))
     starts = range(0, len(missing), WINDOWS_PER_LEX)
     workers = min(workers, len(starts))
+    meanwhile = meanwhile or (lambda: None)
     if workers <= 1:
+        meanwhile()
         lexed = [_lex(missing[i : i + WINDOWS_PER_LEX]) for i in starts]
     else:
         _LEXING = missing
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
-                lexed = list(pool.imap(_lex_task, starts))
+                results = pool.imap(_lex_task, starts)
+                meanwhile()
+                lexed = list(results)
         finally:
             _LEXING = None
     found = {t: _LEXED[t] for t in texts if t in _LEXED}
@@ -190,9 +202,15 @@ def lex_windows(vocab: Vocab, windows: list[np.ndarray], seq: int, workers: int)
 class ContextLibrary:
     """Every stored window of one SAE, decoded and lexed once, as (n_contexts, seq) arrays."""
 
-    def __init__(self, vocab: Vocab, token_ids: dict[int, np.ndarray], workers: int = 1):
+    def __init__(
+        self,
+        vocab: Vocab,
+        token_ids: dict[int, np.ndarray],
+        workers: int = 1,
+        meanwhile: Callable[[], object] | None = None,
+    ):
         """``workers``: processes lexing the windows (forked: a caller passes more than one only
-        where ``fork`` is available)."""
+        where ``fork`` is available); ``meanwhile``: work of this process while they lex."""
         self.vocab = vocab
         self.ids = np.fromiter(token_ids, dtype=np.int64, count=len(token_ids))  # (n_contexts,)
         self.row = {cid: r for r, cid in enumerate(token_ids)}
@@ -219,7 +237,7 @@ class ContextLibrary:
             [shifted[:, WINDOW - j - 1 : WINDOW - j - 1 + seq] for j in range(WINDOW)], axis=-1
         )
         self.prev = self.window[:, :, 0].copy()
-        contexts = lex_windows(vocab, list(token_ids.values()), seq, workers)
+        contexts = lex_windows(vocab, list(token_ids.values()), seq, workers, meanwhile)
         # each token's row of distinct context flags, found once here rather than per batch
         self.flags, signature = signatures(contexts.reshape(-1, len(CONTEXT_NAMES)))
         self.signature = signature.reshape(len(self.ids), seq)
@@ -233,13 +251,14 @@ class ContextLibrary:
         ids: list[int] | None = None,
         *,
         workers: int = 1,
+        meanwhile: Callable[[], object] | None = None,
     ) -> ContextLibrary:
-        """All the SAE's windows, or only ``ids``."""
+        """All the SAE's windows, or only ``ids`` (``workers``, ``meanwhile``: see ``__init__``)."""
         query = sa.select(ContextRow.id, ContextRow.token_ids).where(ContextRow.sae_id == sae.id)
         if ids is not None:
             query = query.where(ContextRow.id.in_(ids))
         rows = session.execute(query)
-        return cls(vocab, {cid: unpack_tokens(blob) for cid, blob in rows}, workers)
+        return cls(vocab, {cid: unpack_tokens(blob) for cid, blob in rows}, workers, meanwhile)
 
     def texts(self, context_id: int) -> list[str]:
         """The decoded tokens of a window, BOS included."""

@@ -268,7 +268,7 @@ def _entries(values, slots, keys, text_local):
 # A term is a tuple (keys (kinds, max_keys) local key ids in the label's order, contexts
 # (2 + max_refinements,) and unless (1 + max_refinements,) columns), each -1 past its entries.
 # A step is a tuple (true positives of the list so far (shrunk), its predictions, firing tokens,
-# the base term's penalty, whether the base is empty).
+# the base term's penalty); a fresh step's base term is empty.
 # A kind is a tuple (text ids of the feature's keys by local id, and ``_entries``'s three).
 
 
@@ -279,6 +279,12 @@ def _empty_term(n_kinds, s):
         np.full(2 + s.max_refinements, -1, np.int64),
         np.full(1 + s.max_refinements, -1, np.int64),
     )
+
+
+@numba.njit(cache=True)
+def _is_empty(term):
+    keys, contexts, unless = term
+    return keys.max() < 0 and contexts.max() < 0 and unless.max() < 0
 
 
 @numba.njit(cache=True)
@@ -351,7 +357,8 @@ def _key_proposal(kind, tokens, slots, columns, fires, base, step, closed_column
     ``closed_columns``, made of ``tokens`` (the step's): (objective, slot, local keys in order).
     Keys are sorted by smoothed precision; a token joins the set at the first prefix holding one
     of its keys, so the prefix sums count the union."""
-    true_positives, n_predicted, n_firing, base_penalty, fresh = step
+    true_positives, n_predicted, n_firing, base_penalty = step
+    fresh = _is_empty(base)
     texts, starts, key, several = kind
     n_slots, k = len(columns) + 1, len(texts)
     counts = np.zeros((n_slots, k, 2), np.int64)
@@ -417,7 +424,8 @@ def _context_proposal(counts, firing_counts, table, columns, base, step, closed_
     """One context, two together, or (refining) one more context required or excepted, but
     ``closed_columns``: (objective, contexts required (2,), context excepted). ``counts``: the
     step's tokens per signature, ``firing_counts`` its firing ones."""
-    true_positives, n_predicted, n_firing, base_penalty, fresh = step
+    true_positives, n_predicted, n_firing, base_penalty = step
+    fresh = _is_empty(base)
     n_within, n_within_firing = counts.sum(), firing_counts.sum()
     positives = _column_sums(firing_counts, table)
     totals = _column_sums(counts, table)
@@ -574,7 +582,7 @@ def _fit_feature(
     if not n_firing:
         return
     # the contexts key sets are tried within: those holding the most firings
-    held = _column_sums(_signature_counts(fires, local_signature, n_rows), table)
+    held = _column_sums(_signature_counts(fires, local_signature, len(rows)), table)
     n_held = 0
     for c in range(len(held)):
         if held[c] > 0:
@@ -605,7 +613,7 @@ def _fit_feature(
     for t in range(s.max_terms):
         list_penalty = s.term_penalty * n_terms + spent
         n_predicted = covered.sum()
-        step = (credited, n_predicted, n_firing, list_penalty, True)
+        step = (credited, n_predicted, n_firing, list_penalty)
         within = keep & ~covered
         base = _empty_term(len(kinds), s)
         objective, term = _best(
@@ -624,7 +632,7 @@ def _fit_feature(
         if not np.isfinite(objective):
             break
         for _ in range(s.max_refinements):
-            refine_step = (credited, n_predicted, n_firing, list_penalty + _penalty(term, s), False)
+            refine_step = (credited, n_predicted, n_firing, list_penalty + _penalty(term, s))
             within = ~covered & _mask(term, kinds, keep, local_signature, table)
             refined, longer = _best(
                 kinds,

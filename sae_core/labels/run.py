@@ -459,7 +459,7 @@ def _chunk_results(
         yield (_label_chunk(labeller, chunk) for chunk in chunks)
         return
     _FORKED = (labeller, labeller.session.get_bind().url.render_as_string(hide_password=False))
-    compile_search()  # once, here: each worker would otherwise load it for itself
+    compile_search()  # (done by now) each worker would otherwise load it for itself
     try:
         with multiprocessing.get_context("fork").Pool(n_workers, initializer=_start_worker) as pool:
             yield pool.imap(_worker_chunk, chunks)
@@ -549,7 +549,10 @@ def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None
                 f"precompute of {sae_name!r} has not finished; run `saescope precompute` to the end first"
             )
         vocab = Vocab.load(session, sae)
-        library = ContextLibrary.load(session, sae, vocab, workers=_n_workers(options))
+        # numba's start (~0.5 s) while forked workers lex the windows
+        library = ContextLibrary.load(
+            session, sae, vocab, workers=_n_workers(options), meanwhile=compile_search
+        )
         labeller = _Labeller(session, sae, vocab, library, options)
         alive = _alive_features(session, sae)
         done = labeller.labelled(AUTO_SOURCE)
