@@ -503,10 +503,12 @@ def _context_proposal(counts, firing_counts, table, columns, base, step, closed_
 
 
 @numba.njit(cache=True)
-def _best(kinds, slots, columns, within, fires, local_signature, table, base, step, lexicon, s):
-    """The best candidate on this step and its term (the base with it added). ``lexicon``: the
-    token-class columns (C,) bool, and which kind holds the token's own text (a token's class
-    follows from its text: nothing to add to it)."""
+def _best(feature, within, base, step, lexicon, s):
+    """The best candidate on this step and its term (the base with it added). ``feature``: what
+    every step of the feature's search reads (see ``_fit_feature``); ``lexicon``: the token-class
+    columns (C,) bool, and which kind holds the token's own text (a token's class follows from its
+    text: nothing to add to it)."""
+    kinds, slots, columns, fires, local_signature, table = feature
     is_class, token_kind = lexicon
     no_columns = np.zeros(len(is_class), np.bool_)
     firing = within & fires
@@ -608,6 +610,7 @@ def _fit_feature(
             values, fires, promoted if kind == promoted_kind else promoted[:0], text_count, s
         )
         kinds.append((texts, *_entries(values, slots, texts, text_local)))
+    feature = (kinds, slots, columns, fires, local_signature, table)
     covered = np.zeros(n, np.bool_)
     credited, spent, current, n_terms = 0.0, 0.0, 0.0, 0
     for t in range(s.max_terms):
@@ -615,38 +618,14 @@ def _fit_feature(
         n_predicted = covered.sum()
         step = (credited, n_predicted, n_firing, list_penalty)
         within = keep & ~covered
-        base = _empty_term(len(kinds), s)
-        objective, term = _best(
-            kinds,
-            slots,
-            columns,
-            within,
-            fires,
-            local_signature,
-            table,
-            base,
-            step,
-            lexicon[:2],
-            s,
-        )
+        base = _empty_term(len(kinds), s)  # a fresh step's
+        objective, term = _best(feature, within, base, step, lexicon[:2], s)
         if not np.isfinite(objective):
             break
         for _ in range(s.max_refinements):
             refine_step = (credited, n_predicted, n_firing, list_penalty + _penalty(term, s))
             within = ~covered & _mask(term, kinds, keep, local_signature, table)
-            refined, longer = _best(
-                kinds,
-                slots,
-                columns,
-                within,
-                fires,
-                local_signature,
-                table,
-                term,
-                refine_step,
-                lexicon[:2],
-                s,
-            )
+            refined, longer = _best(feature, within, term, refine_step, lexicon[:2], s)
             if not refined > objective:
                 break
             objective, term = refined, longer
