@@ -20,9 +20,12 @@ Targets (issue 17): the command >= 0.8x the bare forward's tokens/s, one SAE and
 peak <= 1.2 GB for one 4,096-wide SAE at 100k tokens, growing sub-linearly with the tokens.
 
 Random-init SAEs (the default) understate the tail and the labels: pass trained ones (``--sae``,
-``--release``; the demo's, say). On 2 December, with the demo release's layer-15 SAEs at 100k
-tokens: one SAE 0.66x with labels (20 s of them, most of it the label embeddings) and 0.88x
-without; the release 0.22x and 0.35x (tail 61 s, labels 88 s for 18k features).
+``--release``; the demo's, say). With the demo release's layer-15 SAEs at 100k tokens, on a fast
+day (bare forward 1,866 tokens/s): one SAE 0.66x with labels (20 s of them, most of it the label
+embeddings) and 0.88x without; the release 0.22x and 0.35x (tail 61 s, labels 88 s for 18k
+features). On a slow one (2 December, bare forward 1,071 tokens/s), after the compiled rule
+search: one SAE 0.60x with labels and 0.78x without; its labels took 35 s, of which the rules
+3.7 s and the label embeddings 30 s.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
