@@ -459,7 +459,7 @@ def _chunk_results(
         yield (_label_chunk(labeller, chunk) for chunk in chunks)
         return
     _FORKED = (labeller, labeller.session.get_bind().url.render_as_string(hide_password=False))
-    compile_search()  # (done by now) each worker would otherwise load it for itself
+    compile_search()  # before the fork (label_sae has, while the windows were lexed): else each worker loads it
     try:
         with multiprocessing.get_context("fork").Pool(n_workers, initializer=_start_worker) as pool:
             yield pool.imap(_worker_chunk, chunks)
