@@ -49,7 +49,14 @@ from sae_core.labels.run import (
 from sae_core.labels.scoring import score_rule
 from sae_core.labels.search import search_labels
 from sae_core.labels.token_batch import TokenBatch
-from sae_core.store.db import FeatureRow, LabelRow, create_engine_for, pack_acts, unpack_levels
+from sae_core.store.db import (
+    FeatureRow,
+    LabelRow,
+    SaeRow,
+    create_engine_for,
+    pack_acts,
+    unpack_levels,
+)
 from tests.label_fixtures import (
     AFTER_DEF,
     BEFORE_CLOSE,
@@ -754,6 +761,32 @@ def test_cli_labels_and_reports(fresh, capsys):
     assert sum(int(n) for _, n in bands if n != "none") == 7
     assert main(["label", "--db", store.url, "--sae", "nope", "--no-embed"]) == 2
     assert "no SAE named 'nope'" in capsys.readouterr().err
+
+
+def test_cli_labels_several_saes_in_one_call_and_checks_every_name_first(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/store.db"
+    for name in ("first", "second"):  # a release's SAEs: the same windows
+        write_planted_store(url, sae_name=name)
+    both = ["label", "--db", url, "--sae", "first", "--sae", "second", "--no-embed"]
+    assert main([*both, "--sae", "nope"]) == 2
+    assert "no SAE named 'nope'" in capsys.readouterr().err
+    engine = create_engine_for(url)
+    with Session(engine) as session:
+        assert not session.scalar(sa.select(sa.func.count()).select_from(LabelRow))
+    assert main(both) == 0
+    out = capsys.readouterr().out
+    assert "first: labelled 7 features" in out and "second: labelled 7 features" in out
+    assert out.count("7 of 7 alive features have a scored label") == 2
+    with Session(engine) as session:
+        by_sae = dict(
+            session.execute(
+                sa.select(SaeRow.name, sa.func.count(LabelRow.id))
+                .join(LabelRow, LabelRow.sae_id == SaeRow.id)
+                .group_by(SaeRow.name)
+            ).all()
+        )
+    engine.dispose()
+    assert by_sae == {"first": 7, "second": 7}
 
 
 def test_evidence_bands_count_each_current_label_by_its_heldout_firing_tokens(fresh):

@@ -12,7 +12,7 @@ from sae_core.labels.report import label_report
 from sae_core.labels.run import LabelOptions, get_sae, label_sae
 from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
 
-HELP = "label every alive feature of an SAE in the store and score each label"
+HELP = "label every alive feature of SAEs in the store and score each label"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--db", default=None, help="store URL (default: SAESCOPE_DB_URL or sqlite:///saescope.db)"
     )
     parser.add_argument(
-        "--sae", required=True, help="name of the SAE in the store (as in /saes/NAME)"
+        "--sae",
+        required=True,
+        action="append",
+        help="name of an SAE in the store (as in /saes/NAME); repeat it to label several in one "
+        "process, such as a release's SAEs, whose shared windows are then lexed once",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed that picks held-out negatives")
     parser.add_argument(
@@ -29,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report",
         action="store_true",
-        help="print the held-out F1 distribution of the SAE's current labels and stop (labels nothing)",
+        help="print the held-out F1 distribution of each SAE's current labels and stop (labels nothing)",
     )
     parser.add_argument(
         "--explainer-url",
@@ -66,22 +70,25 @@ def run(args: argparse.Namespace) -> int:
     check_store_url(url, create=False)  # labels go into a store precompute wrote
     engine = create_engine_for(url)
     migrate(engine)
+    names = list(dict.fromkeys(args.sae))
+    with Session(engine) as session:  # every name known before any work
+        for name in names:
+            get_sae(session, name)
     if args.report:
-        _print_report(engine, args.sae)
+        for name in names:
+            _print_report(engine, name)
         return 0
     explainer = ExplainerConfig.from_env(
         url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env
     )
-    summary = label_sae(
-        engine,
-        args.sae,
-        LabelOptions(seed=args.seed, force=args.force, explainer=explainer, embed=args.embed),
-    )
-    mean_f1 = f"{summary.mean_f1:.3f}" if summary.mean_f1 is not None else "n/a"
-    print(
-        f"labelled {summary.n_labelled} features (mean held-out F1 {mean_f1}); "
-        f"{summary.n_unscorable} had too few examples to score; "
-        f"{summary.n_explained} explained; {summary.n_embedded} labels embedded"
-    )
-    _print_report(engine, args.sae)
+    options = LabelOptions(seed=args.seed, force=args.force, explainer=explainer, embed=args.embed)
+    for name in names:
+        summary = label_sae(engine, name, options)
+        mean_f1 = f"{summary.mean_f1:.3f}" if summary.mean_f1 is not None else "n/a"
+        print(
+            f"{name}: labelled {summary.n_labelled} features (mean held-out F1 {mean_f1}); "
+            f"{summary.n_unscorable} had too few examples to score; "
+            f"{summary.n_explained} explained; {summary.n_embedded} labels embedded"
+        )
+        _print_report(engine, name)
     return 0
