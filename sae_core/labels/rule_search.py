@@ -393,8 +393,7 @@ def _key_proposal(kind, tokens, slots, columns, fires, base, step, closed_column
         for slot in range(n_slots):
             for j in range(width):
                 joined[slot, j] = counts[slot, order[slot, j]]
-    objective, best_slot, best_n = _NEG, 0, 0
-    first = True
+    objective, best_slot, best_n = _NEG, 0, 0  # (all -inf: the first, as ``argmax``)
     for slot in range(n_slots):
         anywhere = slot == n_slots - 1
         closed = False
@@ -402,7 +401,7 @@ def _key_proposal(kind, tokens, slots, columns, fires, base, step, closed_column
             c = columns[slot]
             closed = c < 0 or closed_columns[c]
             for b in base[1]:
-                closed = closed or (c >= 0 and b == c)
+                closed = closed or b == c
         parts = 1 + (0 if anywhere else 1) + (0 if fresh else 1)
         gained, picked = 0, 0
         for j in range(width):
@@ -414,8 +413,8 @@ def _key_proposal(kind, tokens, slots, columns, fires, base, step, closed_column
                 value = _objective(
                     true_positives, n_predicted, n_firing, gained, picked, penalty, s.shrink
                 )
-            if first or value > objective:
-                objective, best_slot, best_n, first = value, slot, j, False
+            if value > objective:
+                objective, best_slot, best_n = value, slot, j
     return objective, best_slot, order[best_slot, : best_n + 1]
 
 
