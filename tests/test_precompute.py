@@ -475,8 +475,9 @@ def test_sparse_counts_do_not_depend_on_when_they_coalesce(monkeypatch):
 
 
 def test_dense_and_sparse_co_activation_counts_agree():
-    """The dense triangle of pair counts (an SAE that fits the budget) counts, saves and restores
-    exactly as the sorted sparse counter does."""
+    """The dense triangle of pair counts (an SAE that fits the budget) counts as the sorted sparse
+    counter does, and either one's checkpoint restores into either (a run resumed with another
+    budget)."""
     gen = torch.Generator().manual_seed(0)
     n_features, max_active = 40, 8
     dense, sparse = CoActivation(n_features, max_active, 1 << 20), CoActivation(n_features, max_active, 0)
@@ -488,12 +489,18 @@ def test_dense_and_sparse_co_activation_counts_agree():
         value = torch.rand(token.numel(), generator=gen) + 0.1
         for counter in (dense, sparse):
             counter.update(token, feature, value, 300)
-    saved, expected = dense.state_dict("c"), sparse.state_dict("c")
-    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
-    assert saved["c.pairs.keys"].numel() > 100
-    restored = CoActivation(n_features, max_active, 1 << 20)
-    restored.load_state_dict(saved, "c")
-    assert torch.equal(restored.pairs.table, dense.pairs.table)
+    sparse.pairs.coalesce()
+    assert torch.equal(dense.pairs.keys, sparse.pairs.keys) and torch.equal(dense.pairs.counts, sparse.pairs.counts)
+    assert sparse.pairs.keys.numel() > 100
+    assert dense.state_dict("c")["c.pairs.table"] is dense.pairs.table  # saved from its own memory
+    for saved in (dense.state_dict("c"), sparse.state_dict("c")):
+        into_dense, into_sparse = CoActivation(n_features, max_active, 1 << 20), CoActivation(n_features, max_active, 0)
+        into_dense.load_state_dict(saved, "c")
+        into_sparse.load_state_dict(saved, "c")
+        into_sparse.pairs.coalesce()
+        assert torch.equal(into_dense.pairs.table, dense.pairs.table)
+        assert torch.equal(into_sparse.pairs.keys, sparse.pairs.keys) and torch.equal(into_sparse.pairs.counts, sparse.pairs.counts)
+        assert torch.equal(into_dense.occurrences, dense.occurrences) and torch.equal(into_sparse.occurrences, dense.occurrences)
 
 
 @pytest.mark.parametrize("budget", [1 << 20, 0], ids=["dense", "sparse"])
