@@ -108,6 +108,25 @@ def test_sort_by_f1_reorders_the_relevant_hits(store):
     assert [h.idx for h in result.hits] == [BERLIN, PARIS]
 
 
+@pytest.mark.parametrize(
+    ("label", "read"),
+    [
+        ("`parser`/`argparse` right after `(`", "parser, argparse right after ("),
+        ("`-`/`/`/`*` and 2 more", "-, /, * and 2 more"),  # a token "/" is a token, not a separator
+        ('`tag`/"\\n   "/`div` in a string', 'tag, "\\n   ", div in a string'),  # quoted tokens keep their quotes
+        ("either/or, in a `with` block", "either/or, in a with block"),  # a "/" of plain text stays
+        ("French cities", "French cities"),
+    ],
+)
+def test_the_model_reads_labels_without_their_token_markup(label, read):
+    assert embeddings.embedding_text(label) == read
+
+
+def test_a_label_and_its_plain_words_get_the_same_vector(embedder):
+    marked, plain = embedder.embed(["`Paris`/`Lyon`/`Rome`", "Paris, Lyon, Rome"])
+    assert np.array_equal(marked, plain)
+
+
 def test_batching_by_length_and_dedupe_leave_each_texts_vector_as_embedded_alone(embedder):
     texts = [label for label, _ in LABELS] + ["a much longer label " * 12, LABELS[0][0], "x"]
     together = embedder.embed(texts)
