@@ -25,7 +25,9 @@ day (bare forward 1,866 tokens/s): one SAE 0.66x with labels (20 s of them, most
 embeddings) and 0.88x without; the release 0.22x and 0.35x (tail 61 s, labels 88 s for 18k
 features). On a slow one (2 December, bare forward 1,071 tokens/s), after the compiled rule
 search: one SAE 0.60x with labels and 0.78x without; its labels took 35 s, of which the rules
-3.7 s and the label embeddings 30 s.
+3.7 s and the label embeddings 30 s. Later that day (bare forward 997 tokens/s), once the label
+embeddings read labels without their token markup and checkpoints stopped listing the dense
+co-activation counts: 0.76x with labels (22.5 s of them) and 0.92x without; peak 1,281 MB.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
