@@ -27,7 +27,9 @@ features). On a slow one (2 December, bare forward 1,071 tokens/s), after the co
 search: one SAE 0.60x with labels and 0.78x without; its labels took 35 s, of which the rules
 3.7 s and the label embeddings 30 s. Later that day (bare forward 997 tokens/s), once the label
 embeddings read labels without their token markup and checkpoints stopped listing the dense
-co-activation counts: 0.76x with labels (22.5 s of them) and 0.92x without; peak 1,281 MB.
+co-activation counts: 0.76x with labels (22.5 s of them) and 0.92x without; peak 1,281 MB. A
+rerun with the whitespace tokens named too: 0.65x (labels 21.4 s) and 0.77x, the bare forward
+itself moving 93.0 -> 82.9 s between its two runs; peak 1,267 MB.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
