@@ -55,6 +55,7 @@ from tests.tiny import TRAIN_TEXT
 LAYER = 1
 CTX_LEN = 16
 D_SAE = 48
+KEPT_WORDS = 8  # each feature's words kept: fewer than the tokens most features fire on
 PLANTED = 5  # index of the latent that fires on one token only
 
 
@@ -141,6 +142,7 @@ def config(sae_path, db_url, corpus, **overrides) -> PrecomputeConfig:
         "checkpoint_every": 3,
         "top_k": 6,
         "per_bin": 3,
+        "feature_words_size": KEPT_WORDS,
         "progress": False,
     }
     return PrecomputeConfig(**{**base, **overrides})
@@ -343,18 +345,21 @@ def check_token_index(token_rows, flat, contexts):
 
 
 def check_feature_words(rows, flat, contexts):
-    """Each feature's 32 most frequent tokens, ties by token id, and their occurrences, against
-    counting them."""
+    """Each feature's most frequent tokens (as many as precompute keeps), ties by token id, and
+    their occurrences, against counting them."""
     assert rows
     counted = ~contexts.special_mask.reshape(-1)
     token_ids = contexts.tokens.reshape(-1)[counted]
     fired = flat[counted] > 0
+    truncated = 0  # features firing on more tokens than are kept
     for f in range(D_SAE):
         tokens, counts = torch.unique(token_ids[fired[:, f]], return_counts=True)
-        ranked = sorted(zip(counts.tolist(), tokens.tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:32]
+        truncated += len(tokens) > KEPT_WORDS
+        ranked = sorted(zip(counts.tolist(), tokens.tolist(), strict=True), key=lambda p: (-p[0], p[1]))[:KEPT_WORDS]
         expected = [(count, token, int((token_ids == token).sum())) for count, token in ranked]
         got = [(count, token, occurrences) for feature, _, token, count, occurrences in rows if feature == f]
         assert got == expected, f
+    assert truncated, "no feature fires on more tokens than are kept: the cut is untested"
 
 
 def test_weight_statistics_equal_brute_force(llama, planted, run_on, tmp_path):
