@@ -17,7 +17,7 @@ share is the bare forward's peak) and of the whole command; the resident memory 
 and 100% of the pass, which shows how memory grows with the tokens; the store's bytes per feature.
 
 Targets (issue 17): the command >= 0.8x the bare forward's tokens/s, one SAE and the release;
-peak <= 1.2 GB for one 4,096-wide SAE at 100k tokens, growing sub-linearly with the tokens.
+peak <= 1.2 GB (1,144 MiB) for one 4,096-wide SAE at 100k tokens, growing sub-linearly with the tokens.
 
 Random-init SAEs (the default) understate the tail and the labels: pass trained ones (``--sae``,
 ``--release``; the demo's, say). With the demo release's layer-15 SAEs at 100k tokens, on a fast
@@ -27,9 +27,9 @@ features). On a slow one (2 December, bare forward 1,071 tokens/s), after the co
 search: one SAE 0.60x with labels and 0.78x without; its labels took 35 s, of which the rules
 3.7 s and the label embeddings 30 s. Later that day (bare forward 997 tokens/s), once the label
 embeddings read labels without their token markup and checkpoints stopped listing the dense
-co-activation counts: 0.76x with labels (22.5 s of them) and 0.92x without; peak 1,281 MB. A
+co-activation counts: 0.76x with labels (22.5 s of them) and 0.92x without; peak 1,281 MiB. A
 rerun with the whitespace tokens named too: 0.65x (labels 21.4 s) and 0.77x, the bare forward
-itself moving 93.0 -> 82.9 s between its two runs; peak 1,267 MB.
+itself moving 93.0 -> 82.9 s between its two runs; peak 1,267 MiB.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
@@ -96,7 +96,7 @@ def now() -> Clock:
     return Clock(time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime)
 
 
-def rss_mb() -> float:
+def rss_mib() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -120,7 +120,7 @@ class Phases:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            rss = rss_mb()
+            rss = rss_mib()
             self.peak = max(self.peak, rss)
             if not self.labelling:
                 self.peak_before_labels = max(self.peak_before_labels, rss)
@@ -154,7 +154,7 @@ class Phases:
         self.batches += 1
         for mark in PASS_MARKS:
             if mark not in self.pass_rss and self.batches >= mark * self.total_batches:
-                self.pass_rss[mark] = rss_mb()
+                self.pass_rss[mark] = rss_mib()
 
 
 class Measured(NamedTuple):
@@ -163,8 +163,8 @@ class Measured(NamedTuple):
     cpu: float
     phase_wall: dict[str, float]
     phase_cpu: dict[str, float]
-    peak_precompute_mb: float
-    peak_mb: float
+    peak_precompute_mib: float
+    peak_mib: float
     pass_rss: dict[float, float]
     load: tuple[float, float]  # 1-minute load average at start and end
     store_bytes_per_feature: float
@@ -264,8 +264,8 @@ def report(title: str, measured: Measured, bare_tok_s: float, best: float) -> No
     no_labels = measured.wall - measured.phase_wall.get("labels", 0.0)
     print(f"  without labels: {measured.n_tokens / no_labels:7.0f} tok/s, {(measured.n_tokens / no_labels) / bare_tok_s:.2f}x the bare forward")
     marks = ", ".join(f"{mark:.0%} {rss:.0f}" for mark, rss in sorted(measured.pass_rss.items()))
-    print(f"  memory: peak {measured.peak_precompute_mb:.0f} MB in precompute, {measured.peak_mb:.0f} MB with labels; "
-          f"resident through the pass (MB): {marks}")  # fmt: skip
+    print(f"  memory: peak {measured.peak_precompute_mib:.0f} MiB in precompute, {measured.peak_mib:.0f} MiB with labels; "
+          f"resident through the pass (MiB): {marks}")  # fmt: skip
     print(f"  store: {measured.store_bytes_per_feature / 1024:.1f} KiB per feature")
 
 
@@ -289,7 +289,7 @@ def main() -> None:
     bare_wall = (before.wall + after.wall) / 2
     bare_tok_s = before.n_tokens / bare_wall
     print(f"\nbare forward: {bare_tok_s:7.0f} tok/s (mean of {before.wall:.1f} s, load {before.load[0]:.1f}, and {after.wall:.1f} s, "
-          f"load {after.load[0]:.1f}); {before.cpu:.1f} and {after.cpu:.1f} CPU-s; peak {max(before.peak_mb, after.peak_mb):.0f} MB "
+          f"load {after.load[0]:.1f}); {before.cpu:.1f} and {after.cpu:.1f} CPU-s; peak {max(before.peak_mib, after.peak_mib):.0f} MiB "
           "(the model's share)")  # fmt: skip
     per_block = in_child(block_macs)
     for title, measured in runs.items():
