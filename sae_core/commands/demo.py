@@ -49,7 +49,7 @@ BUDGETS = {
     "quick": Budget(
         train_tokens=40_960, batch_size=1024, lr_scale=4.0, cache_tokens=20_480, widths=(256, 1024), side_width=256, k=16, precompute_tokens=8_192, eval_contexts=32
     ),
-    # The default: 10.5 minutes on 2 idle cores of a fast day, 26 on a slow one (stage times in the README).
+    # The default: 10.5 minutes on 2 idle cores of a fast day, 13.7 on a middling one, 26 on a slow one (README).
     "default": Budget(
         train_tokens=409_600, batch_size=1024, lr_scale=4.0, cache_tokens=245_760, widths=(1024, 4096, 16384), side_width=1024, k=32,
         precompute_tokens=245_760, eval_contexts=64,
@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
     db_url = args.db or default_db_url()
     check_store_url(db_url, create=True)  # before the model and the training, not after
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.monotonic()
-
+    stage = Stages()
     stage(1, f"subject model {model}")
     subject = load_subject(model)
     layer = args.layer if args.layer is not None else subject.n_layers // 2
@@ -175,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 label_sae(engine, name, LabelOptions(seed=args.seed))
     finally:
         engine.dispose()
-    print(f"saescope: demo ready in {time.monotonic() - started:.0f} s")
+    print(f"saescope: demo ready in {stage.elapsed()}")
 
     if not args.serve:
         return 0
@@ -219,8 +218,18 @@ def embed_in_background(db_url: str, names: list[str], log: Path) -> subprocess.
     return child
 
 
-def stage(number: int, text: str) -> None:
-    print(f"\nsaescope demo [{number}/5] {text}", flush=True)
+class Stages:
+    """Announces each stage with the time since the first: a user sees where the minutes went."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+
+    def elapsed(self) -> str:
+        minutes, seconds = divmod(round(time.monotonic() - self.started), 60)
+        return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+    def __call__(self, number: int, text: str) -> None:
+        print(f"\nsaescope demo [{number}/5] {text} (at {self.elapsed()})", flush=True)
 
 
 def slug(model: str) -> str:
