@@ -318,16 +318,16 @@ def add_feature_words(
     rows = []
     for f in range(acts.shape[0]):
         fired, counts = np.unique(tokens[acts[f] > 0], return_counts=True)
+        if not len(fired):
+            continue
         ranked = np.argsort(-counts, kind="stable")[:per_feature]
-        rows += [
+        rows.append(
             FeatureWordRow(
                 sae_id=sae_id,
                 feature_idx=f,
-                rank=rank,
-                token_id=int(fired[i]),
-                count=int(counts[i]),
-                occurrences=int((tokens == fired[i]).sum()),
+                token_ids=pack_tokens(fired[ranked]),
+                counts=pack_tokens(counts[ranked]),
+                occurrences=pack_tokens([(tokens == token).sum() for token in fired[ranked]]),
             )
-            for rank, i in enumerate(ranked)
-        ]
+        )
     session.add_all(rows)

@@ -168,11 +168,16 @@ def dump(db_url: str, sae_id: int | None = None) -> dict[str, list]:
         "examples": f"select feature_idx, kind, bin, rank, context_id, max_act, max_pos, acts from examples{where} order by feature_idx, kind, bin, rank",
         "contexts": f"select id, token_ids from contexts{where} order by id",
         "token_features": f"select token_id, rank, feature_idx, mean_act, count from token_features{where} order by token_id, rank",
-        "feature_words": f"select feature_idx, rank, token_id, count, occurrences from feature_words{where} order by feature_idx, rank",
+        "feature_words": f"select feature_idx, token_ids, counts, occurrences from feature_word_lists{where} order by feature_idx",
     }
     with engine.connect() as conn:
         out = {name: [tuple(r) for r in conn.exec_driver_sql(q)] for name, q in queries.items()}
     engine.dispose()
+    out["feature_words"] = [  # a row per word, (feature, rank, token id, count, occurrences)
+        (feature, rank, *word)
+        for feature, *packed in out["feature_words"]
+        for rank, word in enumerate(zip(*(np.frombuffer(blob, "<i4").tolist() for blob in packed), strict=True))
+    ]
     return out
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.store.db import (
     FeatureRow,
+    FeatureWordRow,
     SaeRow,
     StoreError,
     alembic_config,
@@ -31,7 +32,7 @@ from sae_core.store.releases import (
     release_saes,
 )
 
-HEAD = "0009"
+HEAD = "0010"
 
 
 def seed_rows(conn) -> None:
@@ -73,7 +74,8 @@ def check_migrations(url: str) -> None:
     assert sa.inspect(engine).has_table("feature_links") and sa.inspect(engine).has_table("feature_map")
     assert sa.inspect(engine).has_table("graphs")
     assert "map_built_at" in {column["name"] for column in sa.inspect(engine).get_columns("saes")}
-    assert sa.inspect(engine).has_table("feature_words")
+    assert sa.inspect(engine).has_table("feature_word_lists")
+    assert not sa.inspect(engine).has_table("feature_words")  # 0008 made it, 0010 packed it
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select label from features").scalar() == "French city names"
     with Session(engine) as session:  # the SAE of the older store is now a release of one
@@ -115,6 +117,48 @@ def test_the_migration_marks_the_saes_that_have_a_map(sqlite_url):
         marks = {sae.name: sae.map_built_at for sae in session.scalars(sa.select(SaeRow))}
     assert marks["sae"] is not None and marks["sae"].tzinfo is not None and marks["unmapped"] is None
     engine.dispose()
+
+
+def check_feature_words_packed(url: str) -> None:
+    """A store's rows of words (0008) come out of 0010 as one packed row per feature, in rank
+    order, and go back the same way down."""
+    engine = create_engine_for(url)
+    upgrade_to(engine, "0009")
+    words = {(1, 0): [(7, 5, 9), (3, 2, 40), (8, 2, 2)], (1, 2): [(4, 1, 1)]}  # (token, count, occurrences)
+    with engine.begin() as conn:
+        seed_rows(conn)
+        for (sae_id, idx), listed in words.items():
+            for rank in reversed(range(len(listed))):  # written out of order: the ranks set it
+                conn.exec_driver_sql(
+                    "insert into feature_words (sae_id, feature_idx, rank, token_id, count, occurrences) "
+                    f"values ({sae_id}, {idx}, {rank}, {', '.join(map(str, listed[rank]))})"
+                )
+    migrate(engine)
+    with Session(engine) as session:
+        rows = session.scalars(sa.select(FeatureWordRow).order_by(FeatureWordRow.feature_idx)).all()
+        assert {
+            (r.sae_id, r.feature_idx): list(
+                zip(*(unpack_tokens(b).tolist() for b in (r.token_ids, r.counts, r.occurrences)), strict=True)
+            )
+            for r in rows
+        } == words
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0009")
+    with engine.connect() as conn:
+        back = conn.exec_driver_sql(
+            "select sae_id, feature_idx, rank, token_id, count, occurrences from feature_words order by 1, 2, 3"
+        ).all()
+    assert [tuple(r) for r in back] == [(s, i, rank, *w) for (s, i), listed in words.items() for rank, w in enumerate(listed)]
+    engine.dispose()
+
+
+def test_feature_words_packed_sqlite(sqlite_url):
+    check_feature_words_packed(sqlite_url)
+
+
+@pytest.mark.postgres
+def test_feature_words_packed_postgres(pg_schema):
+    check_feature_words_packed(pg_schema)
 
 
 def test_fresh_store_has_every_table_of_the_models(sqlite_url):

@@ -1,6 +1,6 @@
 """Words a feature fires on anywhere in the precompute corpus, read from the store's
-``feature_words`` (each feature's most frequent tokens and their firings): evidence beyond its
-examples.
+``feature_word_lists`` (each feature's most frequent tokens and their firings): evidence beyond
+its examples.
 
 A sparse feature's examples show a few of the words it fires on; precompute counted its firings
 on every token of the corpus. A label adds, as a term of its own, the words its rule does not
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sae_core.labels.evidence import TokenSet, Vocab
 from sae_core.labels.rules import LabelRule, Term
 from sae_core.labels.scoring import rule_mask
-from sae_core.store.db import FeatureWordRow, SaeRow, driver_rows
+from sae_core.store.db import FeatureWordRow, SaeRow, driver_rows, unpack_tokens
 
 MIN_CORPUS_FIRINGS = 2  # as a key of the rule search: a word seen firing once is an anecdote
 # Adding a word raises a rule's F1 when the feature fires on more than about half that F1's share
@@ -39,8 +39,8 @@ MIN_WORD_PRECISION = 0.25
 
 
 class FeatureWords(NamedTuple):
-    """A feature's row of ``feature_words``: its tokens, as words (text ids), most firings first.
-    Sequences of ints (numpy arrays as read from the store)."""
+    """A feature's row of ``feature_word_lists``: its tokens, as words (text ids), most firings
+    first. Sequences of ints (numpy arrays as read from the store)."""
 
     text_ids: Sequence[int]
     counts: Sequence[int]  # the feature's firings on each, in every window
@@ -57,22 +57,18 @@ def corpus_firings(
         session,
         sa.select(
             FeatureWordRow.feature_idx,
-            FeatureWordRow.token_id,
-            FeatureWordRow.count,
+            FeatureWordRow.token_ids,
+            FeatureWordRow.counts,
             FeatureWordRow.occurrences,
-        )
-        .where(FeatureWordRow.sae_id == sae.id, FeatureWordRow.feature_idx.in_(features))
-        .order_by(FeatureWordRow.feature_idx, FeatureWordRow.rank),
+        ).where(FeatureWordRow.sae_id == sae.id, FeatureWordRow.feature_idx.in_(features)),
     )
-    if not rows:
-        return {}
-    # columns at once, not a Python loop per row
-    feature, token, count, occurrences = np.array(rows, dtype=np.int64).T
-    text = vocab.text_id[token]
-    return {
-        f: FeatureWords(text[a:b], count[a:b], occurrences[a:b], b - a == kept)
-        for f, a, b in _runs(feature)
-    }
+    out = {}
+    for feature, tokens, counts, occurrences in rows:
+        text = vocab.text_id[unpack_tokens(tokens)]
+        out[feature] = FeatureWords(
+            text, unpack_tokens(counts), unpack_tokens(occurrences), len(text) == kept
+        )
+    return out
 
 
 def _runs(values: np.ndarray) -> Iterator[tuple[int, int, int]]:

@@ -43,8 +43,8 @@ class PrecomputeConfig:
     token_index_size: int = 20  # features kept per vocabulary token for search by token
     # tokens kept per feature, the words its label may add (labels.corpus_words). On the demo 4k
     # SAE, 32 / 64 / 128 / 256 gave held-out F1 median 0.444 / 0.462 / 0.473 / 0.480, F1 = 0 for
-    # 424 / 400 / 391 / 391 features and F1 >= 0.5 for 1,676 / 1,792 / 1,871 / 1,907, in a store
-    # (labels included, 246k tokens) of 11.1 / 12.2 / 13.8 / 15.8 KiB per feature
+    # 424 / 400 / 391 / 391 features and F1 >= 0.5 for 1,676 / 1,792 / 1,871 / 1,907; packed, 128
+    # words take ~1.2 KB per feature
     feature_words_size: int = 128
     families: bool = True  # links across SAEs of one layer and the feature map (sae_core.families)
     # a Matryoshka dictionary as its nested SAEs, one per prefix (a family from one folder);

@@ -161,6 +161,15 @@ def token_feature_rows(sae_id: int, t: TokenFeatures) -> Iterator[dict]:
 
 
 def feature_word_rows(sae_id: int, w: FeatureWords) -> Iterator[dict]:
-    columns = (w.feature.tolist(), w.rank.tolist(), w.token_id.tolist(), w.count.tolist(), w.occurrences.tolist())
-    for feature, rank, token_id, count, occurrences in zip(*columns, strict=True):
-        yield {"sae_id": sae_id, "feature_idx": feature, "rank": rank, "token_id": token_id, "count": count, "occurrences": occurrences}
+    """One row per feature, its words' lists packed in the order of their ranks (``w`` holds each
+    feature's words together, ranks ascending)."""
+    features, counts = torch.unique_consecutive(w.feature, return_counts=True)
+    stops = torch.cumsum(counts, 0)
+    for feature, start, stop in zip(features.tolist(), (stops - counts).tolist(), stops.tolist(), strict=True):
+        yield {
+            "sae_id": sae_id,
+            "feature_idx": feature,
+            "token_ids": pack_tokens(w.token_id[start:stop].numpy()),
+            "counts": pack_tokens(w.count[start:stop].numpy()),
+            "occurrences": pack_tokens(w.occurrences[start:stop].numpy()),
+        }

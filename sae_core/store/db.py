@@ -213,17 +213,18 @@ class TokenFeatureRow(Base):
 
 
 class FeatureWordRow(Base):
-    """The vocabulary tokens a feature fires on most often over the precompute corpus, with how
-    often: the words labels add beyond the feature's examples (``sae_core.labels.corpus_words``)."""
+    """The vocabulary tokens a feature fires on most often over the precompute corpus, most firings
+    first, with how often: the words labels add beyond the feature's examples
+    (``sae_core.labels.corpus_words``). One row per feature, its lists packed (``pack_tokens``):
+    a row per token took 36 bytes a word and was most of what reading the words cost."""
 
-    __tablename__ = "feature_words"
+    __tablename__ = "feature_word_lists"
 
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
     feature_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
-    rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: most firings
-    token_id: Mapped[int] = mapped_column(Integer)
-    count: Mapped[int] = mapped_column(Integer)  # firings on this token
-    occurrences: Mapped[int] = mapped_column(Integer)  # the token's occurrences in the corpus
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (n,)
+    counts: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (n,): firings on each token
+    occurrences: Mapped[bytes] = mapped_column(LargeBinary)  # int32 (n,): each token's in the corpus
 
 
 # ---------------------------------------------------------------------------------------------
