@@ -45,7 +45,7 @@ LAYERS = (5, 10, 15, 20)
 class Measured(NamedTuple):
     seconds: float
     cpu: float  # CPU-seconds of the process, all its threads
-    peak_mb: float  # peak resident memory of the process (model included)
+    peak_mib: float  # peak resident memory of the process (model included)
     load: tuple[float, float]  # 1-minute load average at start and end
 
 
@@ -161,8 +161,8 @@ def side_by_side(title: str, target: float, together: Measured, alone: list[Meas
     ratio = separate / together.seconds
     loads = [load for m in (together, *alone) for load in m.load]
     print(f"\n{title}")
-    print(f"  one pass / loop : {together.seconds:7.1f} s {together.cpu:7.1f} CPU-s   peak {together.peak_mb:6.0f} MB")
-    print(f"  one at a time   : {separate:7.1f} s {separate_cpu:7.1f} CPU-s   peak {max(m.peak_mb for m in alone):6.0f} MB  "
+    print(f"  one pass / loop : {together.seconds:7.1f} s {together.cpu:7.1f} CPU-s   peak {together.peak_mib:6.0f} MiB")
+    print(f"  one at a time   : {separate:7.1f} s {separate_cpu:7.1f} CPU-s   peak {max(m.peak_mib for m in alone):6.0f} MiB  "
           f"({' + '.join(f'{m.seconds:.1f}' for m in alone)} s)")  # fmt: skip
     verdict = "met" if ratio >= target else "NOT met"
     print(f"  speed-up        : {ratio:.2f}x wall, {separate_cpu / together.cpu:.2f}x CPU-s (target >= {target}x: {verdict}); "
