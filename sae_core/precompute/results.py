@@ -190,11 +190,10 @@ def token_index(stats: StreamingStats, per_token: int) -> TokenFeatures:
 
 
 class FeatureWords(NamedTuple):
-    """Rows of each feature's words: the vocabulary tokens it fires on most often, most first
-    (ties by token id)."""
+    """Each feature's words: the vocabulary tokens it fires on most often, a feature's together
+    and most firings first (ties by token id)."""
 
-    feature: torch.Tensor  # (m,)
-    rank: torch.Tensor  # (m,)
+    feature: torch.Tensor  # (m,) ascending
     token_id: torch.Tensor  # (m,)
     count: torch.Tensor  # (m,) firings on the token
     occurrences: torch.Tensor  # (m,) the token's occurrences in the corpus
@@ -207,7 +206,7 @@ def feature_words(stats: StreamingStats, per_feature: int) -> FeatureWords:
     keep = rank < per_feature
     chosen = perm[keep]
     token_id = token_id[chosen]
-    return FeatureWords(feature[chosen], rank[keep], token_id, counts[chosen], stats.tokens.occurrences[token_id])
+    return FeatureWords(feature[chosen], token_id, counts[chosen], stats.tokens.occurrences[token_id])
 
 
 def density_histogram(count: torch.Tensor, n_tokens: int, bins: int = 40) -> dict:

@@ -161,8 +161,7 @@ def token_feature_rows(sae_id: int, t: TokenFeatures) -> Iterator[dict]:
 
 
 def feature_word_rows(sae_id: int, w: FeatureWords) -> Iterator[dict]:
-    """One row per feature, its words' lists packed in the order of their ranks (``w`` holds each
-    feature's words together, ranks ascending)."""
+    """One row per feature, its words' lists packed, most firings first."""
     features, counts = torch.unique_consecutive(w.feature, return_counts=True)
     stops = torch.cumsum(counts, 0)
     for feature, start, stop in zip(features.tolist(), (stops - counts).tolist(), stops.tolist(), strict=True):
