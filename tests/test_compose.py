@@ -17,6 +17,8 @@ import httpx
 import pytest
 import yaml
 
+from sae_core.labels import embeddings
+from sae_core.labels.background import VectorWatcher
 from tests.app.server_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +75,8 @@ def test_compose_commands_against_postgres(pg_schema, llama_dir, text_corpus, tm
     assert "blocks.1.hook_resid_post: activations read from" in first.stderr  # training's cache, no second forward
     again = run(shell_command(compose["pipeline"]["command"]))  # a rerun finds everything done
     assert "nothing to do" in again.stdout and "already complete" in again.stderr
+    if embeddings.embedder_available():  # labels, but their vectors are left to the app
+        assert VectorWatcher(pg_schema, tmp_path / "vectors.log").awaiting() == ["tiny-l1"]
 
     argv = shell_command(compose["app"]["command"])
     port = free_port()
@@ -84,21 +88,27 @@ def test_compose_commands_against_postgres(pg_schema, llama_dir, text_corpus, tm
         assert [sae["name"] for sae in saes["data"]] == ["tiny-l1"]
         page = httpx.get(f"http://127.0.0.1:{port}/saes/tiny-l1/features/0", timeout=30)
         assert page.status_code == 200
+        if embeddings.embedder_available():
+            # The pipeline labelled without vectors; the app writes them in the background, and
+            # semantic search then answers by meaning.
+            search = f"http://127.0.0.1:{port}/api/v1/saes/tiny-l1/search?q=code"
+            assert wait_for_json(search, server, until=lambda body: body["mode"] == "semantic")
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def wait_for_json(url: str, process: subprocess.Popen, timeout: float = 120.0) -> dict:
+def wait_for_json(url: str, process: subprocess.Popen, timeout: float = 120.0, until=lambda body: True) -> dict:
+    """The first JSON body of ``url`` that satisfies ``until``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(process.stdout.read().decode()[-2000:])
         try:
             response = httpx.get(url, timeout=5)
-            if response.status_code == 200:
+            if response.status_code == 200 and until(response.json()):
                 return response.json()
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout} s")
+    raise AssertionError(f"{url} did not answer as expected in {timeout} s")

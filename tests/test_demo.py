@@ -14,6 +14,7 @@ from app.settings import Settings
 from sae_core.cli import main
 from sae_core.commands import demo
 from sae_core.labels import embeddings
+from sae_core.labels.background import VectorWatcher
 from sae_core.saes.train_config import TrainConfig
 from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, SaeRow, create_engine_for
 
@@ -85,17 +86,20 @@ def embedded_and_labelled(engine) -> tuple[int, int]:
 
 
 def check_background_embedding(url: str, tmp_path) -> None:
-    """Without --no-serve the demo serves before the label embeddings are written; its
+    """Without --no-serve the demo serves before the label vectors are written; serve's
     background process then writes every SAE's, as --no-serve did before returning."""
     engine = create_engine_for(url)
     embedded, labelled = embedded_and_labelled(engine)
     assert embedded == labelled > 0  # --no-serve: all written before the demo returned
     with engine.begin() as conn:
         conn.execute(sa.delete(FeatureEmbeddingRow))
-        names = conn.scalars(sa.select(SaeRow.name)).all()
-    child = demo.embed_in_background(url, list(names), tmp_path / "embed.log")
-    assert child.wait(timeout=300) == 0, (tmp_path / "embed.log").read_text()
+        names = conn.scalars(sa.select(SaeRow.name).order_by(SaeRow.id)).all()
+    watcher = VectorWatcher(url, tmp_path / "vectors.log")
+    assert watcher.awaiting() == names
+    child = watcher.check()
+    assert child.wait(timeout=300) == 0, (tmp_path / "vectors.log").read_text()
     assert embedded_and_labelled(engine) == (labelled, labelled)
+    assert watcher.check() is None and watcher.awaiting() == []
     engine.dispose()
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_core.inputs import distributed
-from sae_core.inputs.subject import cache_dir
+from sae_core.inputs.paths import cache_dir
 from sae_core.saes.checkpoint import CHECKPOINT
 from sae_core.saes.sae import SAE, SAEConfig
 from sae_core.saes.train_data import TensorSource

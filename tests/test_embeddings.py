@@ -7,7 +7,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sae_core.labels import embeddings
+from sae_core.labels import background, embeddings
+from sae_core.labels.background import VectorWatcher
 from sae_core.labels.run import record_label, set_human_label
 from sae_core.labels.search import search_labels
 from sae_core.store.db import (
@@ -262,3 +263,25 @@ def test_vectors_written_by_another_process_are_seen(store, embedder, monkeypatc
     other.dispose()
     with Session(engine) as session:
         assert search_labels(session, sae_id=sae_id, query="Rome").hits[0].idx == 3
+
+
+def test_the_watcher_writes_what_precompute_left_and_waits_after_a_failure(tmp_path, monkeypatch):
+    """serve's background vectors: an SAE with labels and no vectors is found, one child writes
+    them, and then nothing is left; a child that fails is not restarted at once."""
+    url = f"sqlite:///{tmp_path}/store.db"
+    sae_id = write_labelled_store(url)
+    watcher = VectorWatcher(url, tmp_path / "logs" / "vectors.log", every_s=1000)
+    assert watcher.awaiting() == ["s"]
+    child = watcher.check()
+    assert watcher.check() is None  # one child at a time
+    assert child.wait(timeout=300) == 0, (tmp_path / "logs" / "vectors.log").read_text()
+    assert watcher.awaiting() == [] and watcher.check() is None
+    engine = create_engine_for(url)
+    with Session(engine) as session:
+        assert embeddings.embedding_progress(session, sae_id) == (len(LABELS), len(LABELS))
+        session.execute(sa.delete(FeatureEmbeddingRow))
+        session.commit()
+    engine.dispose()
+    monkeypatch.setattr(background, "NICE", ["false"])  # the child exits 1 before it runs
+    assert watcher.check().wait(timeout=30) == 1
+    assert watcher.check() is None and watcher.awaiting() == ["s"]  # backed off: no second try yet

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from sae_core.inputs import distributed
 from sae_core.inputs.activations import iter_activations
 from sae_core.inputs.corpus import build_contexts
-from sae_core.inputs.subject import cache_dir
+from sae_core.inputs.paths import cache_dir
 from sae_core.precompute.checkpoint import Checkpoint, ResumeFiles, write_safetensors
 from sae_core.precompute.config import PrecomputeConfig
 from sae_core.precompute.job import run_precompute

@@ -9,17 +9,15 @@ interrupted first run picks up where it stopped:
    on a few more layers (for attribution graphs), all read from one caching pass over the corpus,
 3. precompute of the whole release in one corpus pass (``sae_core.precompute.job.run_precompute``;
    resumes, skips what is done),
-4. automatic labels (``sae_core.labels.run.label_sae``; skips labelled features); their embeddings
-   for semantic search are written by a background process once the browser is up,
-5. ``saescope serve`` with live prompts on.
+4. automatic labels (``sae_core.labels.run.label_sae``; skips labelled features),
+5. ``saescope serve`` with live prompts on; it writes the labels' vectors for semantic search in
+   the background (``sae_core.labels.background``). With ``--no-serve`` the demo writes them
+   itself before it returns.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -178,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.serve:
         return 0
-    embed_in_background(db_url, names, out / "embed-labels.log")
     stage(5, f"serving http://{args.host}:{args.port}/")
     from sae_core.commands import serve
 
@@ -191,31 +188,10 @@ def run(args: argparse.Namespace) -> int:
             live=args.live,
             model=None,
             max_prompt_tokens=None,
+            embed=None,  # the label vectors of semantic search: written in the background
             log_level="info",
         )
     )
-
-
-def embed_in_background(db_url: str, names: list[str], log: Path) -> subprocess.Popen | None:
-    """Write the label embeddings of semantic search while the browser is already up: they are
-    the slow part of labelling on a CPU (all-MiniLM-L6-v2 runs at ~130 labels/s on 2 cores, over
-    two minutes for the demo's 21k labels, against seconds for the rules). Until an SAE's vectors
-    are all written, its semantic search answers from label words and says so. One niced child
-    process, the SAEs in turn; Ctrl-C stops it with the demo (one process group)."""
-    from sae_core.labels import embeddings
-
-    if not embeddings.embedder_available():
-        return None
-    commands = [
-        shlex.join([sys.executable, "-m", "sae_core", "label", "--db", db_url, "--sae", name, "--embed"])
-        for name in names
-    ]
-    with open(log, "ab") as sink:
-        child = subprocess.Popen(
-            ["nice", "-n", "10", "sh", "-c", "; ".join(commands)], stdout=sink, stderr=subprocess.STDOUT
-        )
-    print(f"saescope: label embeddings for semantic search are being written in the background (log: {log})")
-    return child
 
 
 class Stages:

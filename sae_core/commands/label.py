@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.labels.explainer import ExplainerConfig
 from sae_core.labels.report import label_report
-from sae_core.labels.run import LabelOptions, get_sae, label_sae
+from sae_core.labels.run import LabelOptions, embed_labels, get_sae, label_sae
 from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
 
 HELP = "label every alive feature of SAEs in the store and score each label"
@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="embed labels for semantic search (default: when the embed extra is installed)",
     )
+    parser.add_argument(
+        "--embed-only",
+        action="store_true",
+        help="write the semantic-search vectors the current labels lack and stop (labels nothing; "
+        "what `saescope serve` runs in the background)",
+    )
 
 
 def _print_report(engine, sae_name: str) -> None:
@@ -77,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         for name in names:
             _print_report(engine, name)
+        return 0
+    if args.embed_only:
+        for name in names:
+            print(f"{name}: {embed_labels(engine, name)} label vectors written")
         return 0
     explainer = ExplainerConfig.from_env(
         url=args.explainer_url, model=args.explainer_model, key_env=args.explainer_key_env

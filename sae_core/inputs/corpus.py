@@ -41,7 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
-from sae_core.inputs.subject import cache_dir, special_token_ids
+from sae_core.inputs.paths import cache_dir
+from sae_core.inputs.subject import special_token_ids
 
 DEFAULT_CORPUS = "default"
 DOCS_CORPUS = "stdlib-docs"

@@ -33,6 +33,7 @@ from torch import nn
 
 from sae_core.errors import SaescopeError
 from sae_core.inputs.device import model_autocast
+from sae_core.inputs.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -66,12 +67,6 @@ def hub_id(spec: str) -> str:
     """The hub id other tools know a model spec by: a named model's source, else the spec itself."""
     source = NAMED_MODELS.get(spec)
     return (source.hub_id if source else None) or spec
-
-
-def cache_dir() -> Path:
-    """Where converted models, corpora and activation caches live (``SAESCOPE_CACHE`` moves it)."""
-    root = os.environ.get("SAESCOPE_CACHE") or Path.home() / ".cache" / "saescope"
-    return Path(root)
 
 
 def hook_name(layer: int) -> str:

