@@ -29,7 +29,11 @@ search: one SAE 0.60x with labels and 0.78x without; its labels took 35 s, of wh
 embeddings read labels without their token markup and checkpoints stopped listing the dense
 co-activation counts: 0.76x with labels (22.5 s of them) and 0.92x without; peak 1,281 MiB. A
 rerun with the whitespace tokens named too: 0.65x (labels 21.4 s) and 0.77x, the bare forward
-itself moving 93.0 -> 82.9 s between its two runs; peak 1,267 MiB.
+itself moving 93.0 -> 82.9 s between its two runs; peak 1,267 MiB. Since 3 December the
+command's labels leave the label vectors of semantic search to `saescope serve` (MiniLM was 15 of
+their ~20 s): on a slow day (bare forward 929-1,030 tokens/s), two runs gave 0.77x and 0.82x with
+labels (5.0 and 5.2 s of them) against 0.81x (19.5 s) just before the change, the bare forward's
+own drift within a run being as large (94.7 / 99.6 s and 105.1 / 110.1 s); peaks 1,173 and 1,210 MiB.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
