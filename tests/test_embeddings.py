@@ -267,7 +267,8 @@ def test_vectors_written_by_another_process_are_seen(store, embedder, monkeypatc
 
 def test_the_watcher_writes_what_precompute_left_and_waits_after_a_failure(tmp_path, monkeypatch):
     """serve's background vectors: an SAE with labels and no vectors is found, one child writes
-    them, and then nothing is left; a child that fails is not restarted at once."""
+    them, and then nothing is left; a child that fails, or leaves its SAE without vectors, is not
+    restarted at once."""
     url = f"sqlite:///{tmp_path}/store.db"
     sae_id = write_labelled_store(url)
     watcher = VectorWatcher(url, tmp_path / "logs" / "vectors.log", every_s=1000)
@@ -282,6 +283,8 @@ def test_the_watcher_writes_what_precompute_left_and_waits_after_a_failure(tmp_p
         session.execute(sa.delete(FeatureEmbeddingRow))
         session.commit()
     engine.dispose()
-    monkeypatch.setattr(background, "NICE", ["false"])  # the child exits 1 before it runs
-    assert watcher.check().wait(timeout=30) == 1
-    assert watcher.check() is None and watcher.awaiting() == ["s"]  # backed off: no second try yet
+    for stand_in, code in (("false", 1), ("true", 0)):  # fails; "succeeds" but writes nothing
+        monkeypatch.setattr(background, "NICE", [stand_in])  # the child exits before it runs
+        watcher = VectorWatcher(url, tmp_path / "logs" / "vectors.log", every_s=1000)
+        assert watcher.check().wait(timeout=30) == code
+        assert watcher.check() is None and watcher.awaiting() == ["s"]  # backed off: no second try yet

@@ -39,6 +39,7 @@ class VectorWatcher:
     def __init__(self, db_url: str, log: Path, every_s: float = CHECK_EVERY_S):
         self.db_url, self.log, self.every_s = db_url, log, every_s
         self.child: subprocess.Popen | None = None
+        self._names: list[str] = []  # the SAEs the last child was started for
         self._failures = 0
         self._not_before = 0.0  # time.monotonic() before which no child starts (after failures)
         self._stop = threading.Event()
@@ -58,14 +59,17 @@ class VectorWatcher:
         if self.child is not None:
             if self.child.poll() is None:
                 return None
-            self._failures = self._failures + 1 if self.child.returncode else 0
+            # a child that failed, or left its SAEs awaiting (labels it cannot embed), is not
+            # started again every minute: the wait doubles, up to an hour
+            stalled = self.child.returncode != 0 or set(self._names) & set(self.awaiting())
+            self._failures = self._failures + 1 if stalled else 0
             self._not_before = time.monotonic() + min(
                 MAX_BACKOFF_S, self.every_s * (2**self._failures - 1)
             )
             self.child = None
         if time.monotonic() < self._not_before:
             return None
-        names = self.awaiting()
+        names = self._names = self.awaiting()
         if not names:
             return None
         command = [sys.executable, "-m", "sae_core", "label", "--embed-only"]
