@@ -4,11 +4,11 @@ co-activation, the token index, each feature's words and the density histogram. 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 
+from sae_core.precompute.memory import give_back_freed
 from sae_core.precompute.stats import (
     FINE_BINS,
     Reservoir,
@@ -91,27 +91,21 @@ def coactivation_neighbours(stats: StreamingStats, n: int, *, memory_budget: int
     is scored and ranked over those alone (scoring every entry of dense chunks, F x F in all, took
     21 of the 16,384-wide SAE's 63 CPU-seconds of results at 16k tokens, for its 1 M pairs). Ties go
     to the features after this one first, then wrap around: i + 1, ..., F - 1, 0, ..., i - 1.
-    Each chunk runs on one thread (small sorts and gathers, which torch's two threads ran 9x slower
-    in CPU-seconds at load 10), and a worker per core takes chunks, as ``chunk_effects`` does: the
-    16,384-wide demo SAE's 246k tokens took 9.6 s on one thread."""
+    On one thread: small sorts and gathers, which two threads ran 9x slower in CPU-seconds at load 10."""
     coact, n_features = stats.coact, stats.n_features
-    workers = torch.get_num_threads()
-    # ~15 int64s per pair entry, rows_per_chunk's quarter of the budget quartered again for all the
-    # chunks in flight: they are ranked on top of all the pass holds, and a quarter of 1 GB raised
-    # the peak of a 4,096-wide SAE's precompute at 100k tokens from ~1,160 to ~1,300 MiB (a
-    # sixteenth: no rise, same time)
-    chunk = rows_per_chunk(4 * 128 * n_features * workers, memory_budget)
+    # ~15 int64s per pair entry; rows_per_chunk's quarter of the budget, quartered again: the chunk
+    # is ranked on top of all the pass holds, and a quarter of 1 GB raised the peak of a 4,096-wide
+    # SAE's precompute at 100k tokens from ~1,160 to ~1,300 MiB (a sixteenth: no rise, same time)
+    chunk = rows_per_chunk(4 * 128 * n_features, memory_budget)
+    parts = []
     with one_thread():
         entries = pair_entries(coact.pairs, n_features)
-
-        def top_of_chunk(start: int) -> Neighbours:
+        for start in range(0, n_features, chunk):
             stop = min(start + chunk, n_features)
             i, j, both = entries(start, stop)  # (m,) each
             jaccard = both / (coact.occurrences[i] + coact.occurrences[j] - both)  # (m,) float32
-            return top_in_rows(jaccard, i - start, j, (i - j) % n_features, rows=stop - start, n=n)
-
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(top_of_chunk, range(0, n_features, chunk)))
+            parts.append(top_in_rows(jaccard, i - start, j, (i - j) % n_features, rows=stop - start, n=n))
+    give_back_freed()  # the chunks' temporaries, before the rows are made and written
     return Neighbours(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
 
