@@ -141,6 +141,8 @@ def run(args) -> int:
                 print(f"saescope: labelled {summary.n_labelled} features of {result.name}")
         finally:
             engine.dispose()
-        if not args.embed:
+        from sae_core.labels.embeddings import embedder_available
+
+        if not args.embed and embedder_available():  # without the model no command writes them
             print("saescope: `saescope serve` writes the labels' semantic-search vectors in the background")
     return 0

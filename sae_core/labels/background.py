@@ -56,12 +56,15 @@ class VectorWatcher:
     def check(self) -> subprocess.Popen | None:
         """Start a child for the SAEs awaiting vectors, unless one is still running, the last ones
         failed a moment ago, or none await; the child started, if any."""
+        names = None  # the SAEs awaiting vectors, once read in this round
         if self.child is not None:
             if self.child.poll() is None:
                 return None
             # a child that failed, or left its SAEs awaiting (labels it cannot embed), is not
             # started again every minute: the wait doubles, up to an hour
-            stalled = self.child.returncode != 0 or set(self._names) & set(self.awaiting())
+            if self.child.returncode == 0:
+                names = self.awaiting()
+            stalled = names is None or set(self._names) & set(names)
             self._failures = self._failures + 1 if stalled else 0
             self._not_before = time.monotonic() + min(
                 MAX_BACKOFF_S, self.every_s * (2**self._failures - 1)
@@ -69,7 +72,7 @@ class VectorWatcher:
             self.child = None
         if time.monotonic() < self._not_before:
             return None
-        names = self._names = self.awaiting()
+        names = self._names = self.awaiting() if names is None else names
         if not names:
             return None
         command = [sys.executable, "-m", "sae_core", "label", "--embed-only"]
