@@ -32,8 +32,10 @@ from sae_core.precompute.stats import (
     SparseCounter,
     StreamingStats,
     TrianglePairs,
+    add_fixed,
     pow2_ceil,
     sample_priority,
+    to_fixed,
 )
 from sae_core.precompute.weights import SEGMENT, extremes, row_histograms
 from sae_core.saes.sae import ARCHITECTURES, SAE, SAEConfig
@@ -482,6 +484,11 @@ def test_sparse_counts_do_not_depend_on_when_they_coalesce(monkeypatch):
     late.coalesce()
     assert torch.equal(late.keys, early.keys) and torch.equal(late.counts, early.counts)
     assert torch.equal(late.fixed_sums, early.fixed_sums)
+    every_key = torch.cat([keys for keys, _ in batches])
+    keys, inverse = torch.unique(every_key, return_inverse=True)
+    sums = add_fixed(torch.zeros(keys.numel(), 2, dtype=torch.int64), inverse, to_fixed(torch.cat([w for _, w in batches])))
+    assert torch.equal(early.keys, keys) and torch.equal(early.counts, torch.bincount(inverse))
+    assert torch.equal(early.fixed_sums, sums)
 
 
 def test_dense_and_sparse_co_activation_counts_agree():
