@@ -18,6 +18,7 @@ import tests.test_precompute as precompute_tests
 from app.families.graph import family_graph
 from app.families.map import get_feature_map
 from sae_core.cli import main
+from sae_core.families.layout import LayoutsBeside
 from sae_core.families.run import FamiliesConfig, FamiliesError, run_families
 from sae_core.precompute.job import run_precompute
 from sae_core.saes.sae import SAE, SAEConfig
@@ -207,3 +208,26 @@ def test_no_families_leaves_the_release_unlinked(tmp_path, planted, llama_dir, c
         for table in (FeatureLinkRow, FeatureMapRow):
             assert conn.scalar(sa.select(sa.func.count()).select_from(table)) == 0
     engine.dispose()
+
+
+def test_a_large_map_made_beside_the_tail_is_the_map_made_in_process(tmp_path, planted, llama_dir, corpus, monkeypatch):
+    """From BESIDE_FROM features on, the map is made in a spawned process while the SAEs'
+    results are written: the same positions, to the bit, as made in the precompute's own."""
+
+    def stored_map(url):
+        engine = create_engine_for(url)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(FeatureMapRow.sae_id, FeatureMapRow.feature_idx, FeatureMapRow.x, FeatureMapRow.y)).all()
+        engine.dispose()
+        return sorted(map(tuple, rows))
+
+    submitted = []
+    submit = LayoutsBeside.submit
+    monkeypatch.setattr(LayoutsBeside, "submit", lambda self, *a, **kw: submitted.append(a) or submit(self, *a, **kw))
+    here, beside = (f"sqlite:///{tmp_path / name}.db" for name in ("here", "beside"))
+    precompute_release(here, planted.folders.values(), llama_dir, corpus)
+    assert not submitted  # 80 features: made in process
+    monkeypatch.setattr("sae_core.families.feed.BESIDE_FROM", sum(WIDTHS.values()))
+    precompute_release(beside, planted.folders.values(), llama_dir, corpus)
+    assert len(submitted) == 1
+    assert stored_map(beside) == stored_map(here) and len(stored_map(here)) == sum(WIDTHS.values())

@@ -49,13 +49,21 @@ def link_rows(sae_id: int, other_id: int, links: Links) -> Iterator[dict]:
 
 
 def build_families(
-    engine: Engine, saes: Sequence[FamilySae], cofiring: CoFiring, *, memory_budget: int, seed: int = 0
+    engine: Engine,
+    saes: Sequence[FamilySae],
+    cofiring: CoFiring,
+    *,
+    memory_budget: int,
+    seed: int = 0,
+    positions: Sequence[np.ndarray] | None = None,
 ) -> FamiliesResult:
     """Replace the links and map positions of ``saes`` (SAEs of one release on one hook, in the
-    order ``cofiring`` counted them)."""
+    order ``cofiring`` counted them). ``positions``: their map, made already (``map_units``'s
+    ``feature_layout``), else it is made here."""
     ids = [s.sae_id for s in saes]
     links = [(saes[a].sae_id, saes[b].sae_id, found) for a, b, found in all_links(saes, cofiring, memory_budget=memory_budget)]
-    positions = feature_layout([unit_directions(s.W_dec) for s in saes], seed=seed, memory_budget=memory_budget)
+    if positions is None:
+        positions = feature_layout(map_units(saes), seed=seed, memory_budget=memory_budget)
     with engine.begin() as conn:
         for table in (FeatureLinkRow, FeatureMapRow):
             conn.execute(sa.delete(table).where(table.sae_id.in_(ids)))
@@ -63,6 +71,11 @@ def build_families(
         n_points = insert_rows(conn, FeatureMapRow, map_rows(ids, positions))
         mark_mapped(conn, ids)
     return FamiliesResult(n_links, n_points)
+
+
+def map_units(saes: Sequence[FamilySae]) -> list[torch.Tensor]:
+    """What the map places: each SAE's unit decoder rows."""
+    return [unit_directions(s.W_dec) for s in saes]
 
 
 def map_rows(ids: Sequence[int], positions: Sequence[np.ndarray]) -> Iterator[dict]:

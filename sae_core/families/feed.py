@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from sqlalchemy.engine import Engine
 
-from sae_core.families.build import FamilySae, build_families
+from sae_core.families.build import FamilySae, build_families, map_units
 from sae_core.families.cofiring import CoFiring
+from sae_core.families.layout import BESIDE_FROM, LayoutsBeside
 from sae_core.inputs.paths import cache_dir
 from sae_core.precompute.stats import BatchActs
 
@@ -86,11 +88,29 @@ def open_feeds(
     return feeds, unfed
 
 
-def publish_feeds(engine: Engine, streams: Sequence, feeds: Sequence[Feed], *, memory_budget: int, seed: int) -> None:
-    """Links and map of each fed layer, once its SAEs are published."""
+def family_saes(streams: Sequence, feed: Feed) -> list[FamilySae]:
+    targets = [streams[i].target for i in feed.members]
+    return [FamilySae(t.sae_id, t.sae.W_dec.detach().float().cpu()) for t in targets]
+
+
+def start_maps(streams: Sequence, feeds: Sequence[Feed], layouts: LayoutsBeside, *, memory_budget: int, seed: int) -> dict[int, AsyncResult]:
+    """The maps of the fed layers with BESIDE_FROM features or more, started in ``layouts``'
+    process (the decoders are all they need), by layer."""
+    started = {}
     for feed in feeds:
-        targets = [streams[i].target for i in feed.members]
-        W_decs = [t.sae.W_dec.detach().float().cpu() for t in targets]
-        build_families(engine, [FamilySae(t.sae_id, w) for t, w in zip(targets, W_decs, strict=True)], feed.cofiring,
-                       memory_budget=memory_budget, seed=seed)  # fmt: skip
+        saes = family_saes(streams, feed)
+        if sum(s.W_dec.shape[0] for s in saes) >= BESIDE_FROM:
+            started[feed.layer] = layouts.submit(map_units(saes), seed=seed, memory_budget=memory_budget)
+    return started
+
+
+def publish_feeds(
+    engine: Engine, streams: Sequence, feeds: Sequence[Feed], *, memory_budget: int, seed: int, maps: dict[int, AsyncResult] | None = None
+) -> None:
+    """Links and map of each fed layer, once its SAEs are published; ``maps``: those
+    ``start_maps`` started, by layer (the others are made here)."""
+    maps = maps or {}
+    for feed in feeds:
+        positions = maps[feed.layer].get() if feed.layer in maps else None
+        build_families(engine, family_saes(streams, feed), feed.cofiring, memory_budget=memory_budget, seed=seed, positions=positions)
         feed.path.unlink(missing_ok=True)

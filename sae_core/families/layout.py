@@ -4,7 +4,9 @@ land together."""
 
 from __future__ import annotations
 
+import multiprocessing
 import warnings
+from multiprocessing.pool import AsyncResult
 
 import numpy as np
 import torch
@@ -17,6 +19,9 @@ MIN_DIST = 0.05  # tighter than the default 0.1: families sit as visible clumps
 # costs ~150 CPU-seconds of numba compilation in every fresh process (uncached), more than the
 # search; below it, umap-learn computes every distance itself.
 APPROXIMATE_FROM = 4096
+# From this many points on, precompute makes the map in a process of its own beside its tail
+# (``LayoutsBeside``); below it, the map takes a few seconds and a fresh process more.
+BESIDE_FROM = 4096
 
 
 def feature_layout(units: list[torch.Tensor], *, seed: int = 0, memory_budget: int = 256 << 20) -> list[np.ndarray]:
@@ -65,3 +70,33 @@ def cosine_neighbours(unit: torch.Tensor, k: int, memory_budget: int) -> tuple[n
         indices.append(top.indices.int())
         distances.append((1 - top.values).clamp_(min=0))
     return torch.cat(indices).numpy(), torch.cat(distances).numpy(), None
+
+
+
+class LayoutsBeside:
+    """A process that makes feature maps while this one does other work: UMAP runs on one core
+    (``random_state`` makes it single-threaded), and most of precompute's tail after the pass
+    (co-activation neighbours, rows, writes) runs on one core too, leaving the other idle.
+    Spawned, not forked: the parent's torch threads do not survive a fork. Nothing starts before
+    the first map; leaving the ``with`` block ends the process, on an error in the parent too."""
+
+    def __init__(self):
+        self.pool = None
+
+    def submit(self, units: list[torch.Tensor], *, seed: int, memory_budget: int) -> AsyncResult:
+        """``feature_layout(units, ...)`` in the background; ``.get()`` waits for its positions."""
+        if self.pool is None:
+            self.pool = multiprocessing.get_context("spawn").Pool(1)
+        return self.pool.apply_async(_layout_alone, ([u.numpy() for u in units], seed, memory_budget))
+
+    def __enter__(self) -> LayoutsBeside:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _layout_alone(units: list[np.ndarray], seed: int, memory_budget: int) -> list[np.ndarray]:
+    torch.set_num_threads(1)  # the parent's tail has the other core
+    return feature_layout([torch.from_numpy(u) for u in units], seed=seed, memory_budget=memory_budget)

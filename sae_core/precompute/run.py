@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from sqlalchemy.engine import Engine
 
-from sae_core.families.feed import Feed, open_feeds, publish_feeds
+from sae_core.families.feed import Feed, open_feeds, publish_feeds, start_maps
+from sae_core.families.layout import LayoutsBeside
 from sae_core.families.run import FamiliesConfig, run_families
 from sae_core.inputs import distributed
 from sae_core.inputs.activations import ActivationCache, find_cache, iter_layer_activations
@@ -182,8 +183,10 @@ def precompute_into(engine: Engine, cfg: PrecomputeConfig, release: Release, sub
         open_feeds(cfg.db_url, streams, kept, max_active=cfg.max_active, memory_budget=cfg.memory_budget) if cfg.families else ([], [])
     )
     first_pass(run, streams, feeds=feeds)
-    results = [finish(run, stream.target, stream.stats, release.name, stream.batches_done or 0) for stream in streams]
-    publish_feeds(engine, streams, feeds, memory_budget=cfg.memory_budget, seed=cfg.seed)
+    with LayoutsBeside() as layouts:  # the large maps, beside the tail
+        maps = start_maps(streams, feeds, layouts, memory_budget=cfg.memory_budget, seed=cfg.seed)
+        results = [finish(run, stream.target, stream.stats, release.name, stream.batches_done or 0) for stream in streams]
+        publish_feeds(engine, streams, feeds, memory_budget=cfg.memory_budget, seed=cfg.seed, maps=maps)
     if unfed:  # links need co-firing over the same tokens: a pass of their own for these layers
         say(f"layers {', '.join(map(str, unfed))}: counting co-firing in a pass of its own (some SAEs were not in this one)")
         families = FamiliesConfig(
