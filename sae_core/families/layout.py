@@ -72,7 +72,6 @@ def cosine_neighbours(unit: torch.Tensor, k: int, memory_budget: int) -> tuple[n
     return torch.cat(indices).numpy(), torch.cat(distances).numpy(), None
 
 
-
 class LayoutsBeside:
     """A process that makes feature maps while this one does other work: UMAP runs on one core
     (``random_state`` makes it single-threaded), and most of precompute's tail after the pass
