@@ -34,6 +34,8 @@ command's labels leave the label vectors of semantic search to `saescope serve` 
 their ~20 s): on a slow day (bare forward 929-1,030 tokens/s), two runs gave 0.77x and 0.82x with
 labels (5.0 and 5.2 s of them) against 0.81x (19.5 s) just before the change, the bare forward's
 own drift within a run being as large (94.7 / 99.6 s and 105.1 / 110.1 s); peaks 1,173 and 1,210 MiB.
+Later on 3 December, with the sparse counters merging their sorted buffer into the table (bare forward
+866 tokens/s): 0.83x with labels (6.2 s of them), 0.87x without; peak 1,171 MiB.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """

@@ -91,8 +91,13 @@ class LayoutsBeside:
     def __enter__(self) -> LayoutsBeside:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
+    def __exit__(self, exc_type, *_) -> None:
+        if self.pool is None:
+            return
+        if exc_type is None:  # let it end on its own: killed, it leaves a semaphore umap's imports made
+            self.pool.close()
+            self.pool.join()
+        else:
             self.pool.terminate()
 
 
