@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 
 from sae_core.families.cofiring import CoFiring, SparseActs
 from sae_core.families.feed import open_feeds
-from sae_core.families.layout import cosine_neighbours
+from sae_core.families.layout import LayoutsBeside, cosine_neighbours
 from sae_core.families.links import links_both_ways, unit_directions
 from sae_core.precompute.stats import active_sets
 
@@ -159,3 +161,15 @@ def test_map_neighbours_are_the_exact_cosine_neighbours_itself_first():
     assert np.allclose(chunked_distances, distances, atol=1e-6)
     rows, cols = np.nonzero(chunked != indices)
     assert torch.allclose(brute[rows, chunked[rows, cols]], brute[rows, indices[rows, cols]], atol=1e-6)
+
+
+def test_an_error_beside_a_map_ends_the_map_process():
+    """Precompute's tail failing while the map is made in its own process ends that process too:
+    the error reaches the user at once, and nothing is left running."""
+    before = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="the tail failed"), LayoutsBeside() as layouts:
+        layouts.submit([unit_directions(torch.randn(64, 8))], seed=0, memory_budget=1 << 20)
+        started = set(multiprocessing.active_children()) - before
+        assert started
+        raise RuntimeError("the tail failed")
+    assert [child.exitcode for child in started] == [-signal.SIGTERM]  # stopped, not waited for
