@@ -58,8 +58,8 @@ def build_families(
     positions: Sequence[np.ndarray] | None = None,
 ) -> FamiliesResult:
     """Replace the links and map positions of ``saes`` (SAEs of one release on one hook, in the
-    order ``cofiring`` counted them). ``positions``: their map, made already (``map_units``'s
-    ``feature_layout``), else it is made here."""
+    order ``cofiring`` counted them). ``positions``: their map if it was made already
+    (``feature_layout`` of ``map_units(saes)``), else it is made here."""
     ids = [s.sae_id for s in saes]
     links = [(saes[a].sae_id, saes[b].sae_id, found) for a, b, found in all_links(saes, cofiring, memory_budget=memory_budget)]
     if positions is None:

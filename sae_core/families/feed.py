@@ -89,6 +89,7 @@ def open_feeds(
 
 
 def family_saes(streams: Sequence, feed: Feed) -> list[FamilySae]:
+    """The feed's SAEs as the families see them: published id and decoder (float32, on the CPU)."""
     targets = [streams[i].target for i in feed.members]
     return [FamilySae(t.sae_id, t.sae.W_dec.detach().float().cpu()) for t in targets]
 
