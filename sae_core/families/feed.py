@@ -97,12 +97,11 @@ def family_saes(streams: Sequence, feed: Feed) -> list[FamilySae]:
 def start_maps(streams: Sequence, feeds: Sequence[Feed], layouts: LayoutsBeside, *, memory_budget: int, seed: int) -> dict[int, AsyncResult]:
     """The maps of the fed layers with BESIDE_FROM features or more, started in ``layouts``'
     process (the decoders are all they need), by layer."""
-    started = {}
-    for feed in feeds:
-        saes = family_saes(streams, feed)
-        if sum(s.W_dec.shape[0] for s in saes) >= BESIDE_FROM:
-            started[feed.layer] = layouts.submit(map_units(saes), seed=seed, memory_budget=memory_budget)
-    return started
+    return {
+        feed.layer: layouts.submit(map_units(family_saes(streams, feed)), seed=seed, memory_budget=memory_budget)
+        for feed in feeds
+        if sum(streams[i].target.sae.d_sae for i in feed.members) >= BESIDE_FROM
+    }
 
 
 def publish_feeds(
