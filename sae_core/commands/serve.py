@@ -12,7 +12,10 @@ page requests never wait behind a forward pass. Labels that have no semantic-sea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 
 HELP = "serve the feature browser and the REST API over a store"
 
@@ -69,9 +72,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (``docker stop``, ``kill``) ends serve as Ctrl-C does: through its ``with``
+    blocks, so the live model process and the vector watcher are stopped and the live socket's
+    folder is removed. Uvicorn catches SIGTERM while it serves and raises it again once it has
+    shut down; under the default action serve then died before any of that ran, leaving the
+    model process to notice its parent gone and exit without cleaning up."""
 
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # the status a death by the signal would have given
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.live.remote import ModelProcess
@@ -91,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{name: value for name, value in flags.items() if value is not None})
     open_store(settings).dispose()  # a wrong --db fails here in one line, not in every worker
-    with ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_unwinds())
         if settings.live is not False:
             print("saescope: loading the live model in its own process", flush=True)
             model = stack.enter_context(ModelProcess.start(settings))

@@ -49,8 +49,11 @@ def server_processes(port: int) -> list[int]:
 
 
 @contextmanager
-def serving(db_url: str, *flags: str, timeout: float = 60.0) -> Iterator[str]:
-    """Run ``saescope serve --db db_url --no-live *flags``; yield its base URL once it answers."""
+def serving(
+    db_url: str, *flags: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``saescope serve --db db_url --no-live *flags`` (with ``env`` added to the
+    environment); yield its base URL once it answers. Leaving the block sends it SIGTERM."""
     port = free_port()
     command = [
         sys.executable,
@@ -66,7 +69,7 @@ def serving(db_url: str, *flags: str, timeout: float = 60.0) -> Iterator[str]:
         "warning",
         *flags,
     ]
-    with running(command, port, timeout=timeout) as base:
+    with running(command, port, env=env, timeout=timeout) as base:
         yield base
 
 

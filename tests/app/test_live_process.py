@@ -226,3 +226,20 @@ def test_serve_with_two_workers_loads_the_model_once(store_url, llama_dir):
         tree = server_processes(int(base.rsplit(":", 1)[1]))
         assert len(tree) >= 4  # the server, its model process and two web workers (and helpers)
         assert len([pid for pid in tree if _holds_torch(pid)]) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_serve_through_its_cleanup(store_url, llama_dir, tmp_path):
+    """``docker stop`` sends SIGTERM: serve must stop its model process and remove the live
+    socket's folder, as Ctrl-C does (uvicorn raises the signal again after its own shutdown)."""
+    flags = ("--live", "--model", str(llama_dir), "--no-embed")
+    with serving(store_url, *flags, timeout=120, env={"TMPDIR": str(tmp_path)}) as base:
+        tree = server_processes(int(base.rsplit(":", 1)[1]))
+        assert list(tmp_path.glob("saescope-live-*")), "the live socket's folder is in TMPDIR"
+    assert list(tmp_path.glob("saescope-live-*")) == []
+    deadline = time.monotonic() + 10  # the last of them may still be exiting
+    while (
+        left := [pid for pid in tree if Path(f"/proc/{pid}").exists()]
+    ) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == []
