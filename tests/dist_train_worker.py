@@ -27,6 +27,13 @@ def main(out: Path) -> None:
             result = fit(TensorSource(x), recipe_config(architecture), out / architecture, resume=True, progress=False)
             if world.is_main:
                 save_file({k: v.contiguous() for k, v in result.sae.state_dict().items()}, out / f"{architecture}.safetensors")
+    (out / f"gloo-threads-rank{world.rank}.txt").write_text("\n".join(gloo_threads()))
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that gloo runs (Linux names them in /proc)."""
+    names = ((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+    return sorted(name for name in names if "gloo" in name)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ def test_data_parallel_training_matches_one_process(tmp_path):
     assert torch.load(tmp_path / "batchtopk" / CHECKPOINT)["step"] == 10
     finished = subprocess.run(torchrun("-m", "tests.dist_train_worker", str(tmp_path)), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    for rank in (0, 1):  # left running, they abort the process at exit now and then
+        assert (tmp_path / f"gloo-threads-rank{rank}.txt").read_text() == "", f"gloo's threads outlived rank {rank}'s session"
     for architecture in RECIPES:
         single = fit(TensorSource(x), recipe_config(architecture), tmp_path / f"single-{architecture}", progress=False)
         sharded = load_file(tmp_path / f"{architecture}.safetensors")

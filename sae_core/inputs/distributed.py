@@ -88,6 +88,7 @@ def session() -> Iterator[World]:
     if torch.cuda.is_available():
         torch.cuda.set_device(wanted.local_rank)
     timeout = datetime.timedelta(seconds=float(os.environ.get("SAESCOPE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    _bind_world_defaults_unset()
     try:
         dist.init_process_group(backend(), timeout=timeout)
     except (RuntimeError, ValueError) as err:
@@ -99,14 +100,28 @@ def session() -> Iterator[World]:
         if backend() != "gloo":
             _host_group = dist.new_group(backend="gloo")
         yield world()
-        # every rank done before any leaves: a rank that tore its gloo group down while rank 0
-        # was still writing its last file aborted now and then ("terminate called without an
-        # active exception", SIGABRT, on a quiet machine too). Not on the way out of an error,
-        # where the other ranks may never come.
+        # every rank done before any leaves (not on the way out of an error, where the other
+        # ranks may never come). The aborts at exit this barrier was once meant to stop came
+        # from the group outliving destroy_process_group: see _bind_world_defaults_unset.
         dist.barrier()
     finally:
         _host_group = None
         dist.destroy_process_group()
+
+
+def _bind_world_defaults_unset() -> None:
+    """Import ``torch.distributed.nn.functional`` before the process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, bound when the module is
+    imported: imported after ``init_process_group`` (as ``torch._dynamo`` does, which the first
+    optimizer imports), ten defaults hold the group for good. ``destroy_process_group`` then
+    cannot free it, so gloo's worker threads outlive ``session()`` into interpreter shutdown,
+    and one that drops the last reference to a finished all-reduce's tensor then takes the
+    GIL, which ends the thread by a forced unwind that C++ answers with ``std::terminate``:
+    "terminate called without an active exception", SIGABRT, in one run in 20 to 30 of the
+    tests' two-rank training. Imported first, the defaults are None, read as the default group
+    when called."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def first_line(err: BaseException) -> str:
