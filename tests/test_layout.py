@@ -10,6 +10,8 @@ its function (docs/architecture.md says why).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,20 @@ def test_the_composition_root_imports_app_only_inside_its_function():
         and any((getattr(node, "module", None) or a.name).startswith("app") for a in node.names)
     ]
     assert top_level == []
+
+
+def test_the_cli_parser_imports_no_heavy_library():
+    """Every call of the CLI builds every command's parser, so a command module imports what its
+    work needs inside its ``run``: numba (the labels) held ~55 MB in `saescope precompute
+    --no-label` when ``saescope label`` imported it at the top."""
+    script = (
+        "import sys\n"
+        "from sae_core.cli import build_parser\n"
+        "build_parser().parse_args(['precompute', '--sae', 'x'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numba', 'fastapi', 'umap') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
