@@ -58,8 +58,9 @@ from sae_core.labels.evidence import (  # noqa: E402
     load_examples,
     tuning_evidence,
 )
+from sae_core.labels.history import get_sae  # noqa: E402
 from sae_core.labels.report import label_report  # noqa: E402
-from sae_core.labels.run import PROMOTED, LabelOptions, get_sae, label_sae  # noqa: E402
+from sae_core.labels.run import PROMOTED, LabelOptions, label_sae  # noqa: E402
 from sae_core.labels.scoring import score_rule  # noqa: E402
 from sae_core.store.db import (  # noqa: E402
     FeatureRow,

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from sae_core.labels import background, embeddings
 from sae_core.labels.background import VectorWatcher
-from sae_core.labels.run import record_label, set_human_label
+from sae_core.labels.history import record_label, set_human_label
 from sae_core.labels.search import search_labels
 from sae_core.store.db import (
     FeatureEmbeddingRow,

@@ -32,20 +32,18 @@ from sae_core.labels.evidence import (
     tuning_evidence,
 )
 from sae_core.labels.explainer import ExplainerConfig, ExplainerError, parse_explanation
+from sae_core.labels.history import (
+    LabelError,
+    get_sae,
+    label_history,
+    score_stored_label,
+    set_human_label,
+)
 from sae_core.labels.induction import fit_rule, fit_rules
 from sae_core.labels.lexical import CONTEXT_NAMES, context_masks
 from sae_core.labels.report import EVIDENCE_EDGES, evidence_bands
 from sae_core.labels.rules import WINDOW, LabelRule, Term, parse_label
-from sae_core.labels.run import (
-    LabelError,
-    LabelOptions,
-    auto_label_text,
-    get_sae,
-    label_history,
-    label_sae,
-    score_stored_label,
-    set_human_label,
-)
+from sae_core.labels.run import LabelOptions, auto_label_text, label_sae
 from sae_core.labels.scoring import score_rule
 from sae_core.labels.search import search_labels
 from sae_core.labels.token_batch import TokenBatch

@@ -7,7 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from app.params import StoreText
-from sae_core.labels.run import MAX_AUTHOR_CHARS, MAX_LABEL_CHARS
+from sae_core.labels.history import MAX_AUTHOR_CHARS, MAX_LABEL_CHARS
 from sae_core.labels.search import SearchMode
 
 

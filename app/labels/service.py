@@ -21,7 +21,7 @@ from app.labels.schemas import (
 )
 from sae_core.labels import embeddings
 from sae_core.labels import search as label_search
-from sae_core.labels.run import label_history, set_human_label
+from sae_core.labels.history import label_history, set_human_label
 from sae_core.store.db import FeatureEmbeddingRow, LabelRow
 from sae_core.store.lookup import find_feature, find_release, find_sae
 from sae_core.store.releases import release_saes

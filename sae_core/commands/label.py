@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _print_report(engine, sae_name: str) -> None:
     from sqlalchemy.orm import Session
 
+    from sae_core.labels.history import get_sae
     from sae_core.labels.report import label_report
-    from sae_core.labels.run import get_sae
 
     with Session(engine) as session:
         sae = get_sae(session, sae_name)
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
     from sae_core.labels.explainer import ExplainerConfig
-    from sae_core.labels.run import LabelOptions, embed_labels, get_sae, label_sae
+    from sae_core.labels.history import get_sae
+    from sae_core.labels.run import LabelOptions, embed_labels, label_sae
     from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
 
     url = args.db or default_db_url()

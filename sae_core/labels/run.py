@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from sae_core.errors import SaescopeError
 from sae_core.labels import embeddings
 from sae_core.labels.corpus_words import corpus_firings, corpus_terms, with_corpus_words
 from sae_core.labels.evidence import (
@@ -39,7 +38,6 @@ from sae_core.labels.evidence import (
     HeldOut,
     Vocab,
     gather_evidence,
-    heldout_tokens,
     load_examples,
 )
 from sae_core.labels.explainer import (
@@ -48,13 +46,18 @@ from sae_core.labels.explainer import (
     explain,
     render_example,
 )
+from sae_core.labels.history import (
+    AUTO_SOURCE,
+    LabelError,
+    get_sae,
+    replaces_current,
+    rule_json,
+)
 from sae_core.labels.induction import compile_search, fit_rules
-from sae_core.labels.rules import LabelRule, parse_label, token_list
+from sae_core.labels.rules import LabelRule, token_list
 from sae_core.labels.scoring import LabelScore, score_rule
 from sae_core.store.db import FeatureRow, LabelRow, SaeRow, create_engine_for, utcnow
-from sae_core.store.lookup import find_feature
 
-AUTO_SOURCE = "auto"
 METHOD = "rules-v6"  # recorded with every automatic label; bump when the algorithm changes
 FEATURES_PER_CHUNK = 256  # features labelled per transaction: an interruption loses at most these
 EXPLAINED_PER_CHUNK = 8  # explainer answers are slow; commit them often
@@ -66,13 +69,6 @@ EXPLAINER_EXAMPLES = (
     12  # examples shown to an explainer: enough variety, short enough for small models
 )
 PROMOTED = 10  # top logit effects tried as "before" keys: what the feature predicts comes next
-MAX_LABEL_CHARS = 500  # a human label longer than a paragraph is a note, not a label
-# A human label's source is "human:<author>", in the store's 64-character source column.
-MAX_AUTHOR_CHARS = 64 - len("human:")
-
-
-class LabelError(SaescopeError):
-    """A labelling request that cannot be carried out."""
 
 
 @dataclass(frozen=True)
@@ -93,138 +89,11 @@ class LabelSummary(NamedTuple):
     n_embedded: int
 
 
-def get_sae(session: Session, name: str) -> SaeRow:
-    sae = session.scalar(sa.select(SaeRow).where(SaeRow.name == name))
-    if sae is None:
-        known = ", ".join(session.scalars(sa.select(SaeRow.name).order_by(SaeRow.name))) or "none"
-        raise LabelError(
-            f"no SAE named {name!r} in the store (known: {known}); run `saescope precompute` first"
-        )
-    return sae
-
-
-# ---------------------------------------------------------------------------------------------
-# Recording labels
-
-
-def _is_human(source: str | None) -> bool:
-    return bool(source) and source.startswith("human:")
-
-
-def _replaces(
-    current: tuple[str | None, str | None, float | None], source: str, f1: float | None
-) -> bool:
-    """Whether a new label (``source``, ``f1``) becomes current over the feature's current
-    (label, source, f1): a human label always, a machine one unless a human's is current, when
-    it renews its own source or scores at least as well."""
-    label, current_source, current_f1 = current
-    if _is_human(source):
-        return True
-    if _is_human(current_source):
-        return False
-    return label is None or current_source == source or (f1 or 0.0) >= (current_f1 or 0.0)
-
-
-def record_label(session: Session, feature: FeatureRow, label: LabelRow) -> None:
-    """Add ``label`` to the history and make it the feature's current label if it ranks first."""
-    session.add(label)
-    if _replaces((feature.label, feature.label_source, feature.label_f1), label.source, label.f1):
-        feature.label, feature.label_source = label.label, label.source
-        feature.label_precision, feature.label_recall, feature.label_f1 = (
-            label.precision,
-            label.recall,
-            label.f1,
-        )
-
-
-def set_human_label(
-    session: Session, *, sae: SaeRow, idx: int, label: str, author: str
-) -> LabelRow:
-    """A researcher's label: current from now on, kept in the history with who and when. A label
-    written in the rule language (e.g. ``" Paris" / " Lyon"``) is scored on the held-out contexts
-    of the feature's automatic label; free text is not scored."""
-    label, author = label.strip(), author.strip()
-    if not label or len(label) > MAX_LABEL_CHARS:
-        raise LabelError(f"a label must have 1 to {MAX_LABEL_CHARS} characters")
-    if not author or len(author) > MAX_AUTHOR_CHARS:
-        raise LabelError(f"say who is editing: an author of 1 to {MAX_AUTHOR_CHARS} characters")
-    feature = find_feature(session, sae, idx)
-    row = LabelRow(
-        sae_id=sae.id,
-        feature_idx=idx,
-        label=label,
-        source=f"human:{author}",
-        author=author,
-        created_at=utcnow(),
-    )
-    rule, auto = parse_label(label), _latest_auto_label(session, sae, idx)
-    if rule is not None and auto is not None:
-        held = HeldOut.from_json(auto.rule["heldout"])
-        score = score_on_heldout(session, sae, idx, rule, held)
-        row.precision, row.recall, row.f1 = score.precision, score.recall, score.f1
-        row.rule = _rule_json(rule, held, score, method="human")
-    record_label(session, feature, row)
-    return row
-
-
-def _latest_auto_label(session: Session, sae: SaeRow, idx: int) -> LabelRow | None:
-    return session.scalar(
-        sa.select(LabelRow)
-        .where(
-            LabelRow.sae_id == sae.id, LabelRow.feature_idx == idx, LabelRow.source == AUTO_SOURCE
-        )
-        .order_by(LabelRow.id.desc())
-        .limit(1)
-    )
-
-
-def label_history(session: Session, *, sae: SaeRow, idx: int) -> list[LabelRow]:
-    """Every label the feature was given, newest first."""
-    find_feature(session, sae, idx)
-    return list(
-        session.scalars(
-            sa.select(LabelRow)
-            .where(LabelRow.sae_id == sae.id, LabelRow.feature_idx == idx)
-            .order_by(LabelRow.id.desc())
-        )
-    )
-
-
-def _rule_json(rule: LabelRule, held: HeldOut, score: LabelScore, *, method: str = METHOD) -> dict:
-    return {
-        "method": method,
-        "rule": rule.to_json(),
-        "heldout": held.to_json(),
-        "n_firing": score.n_firing,
-        "n_predicted": score.n_predicted,
-    }
-
-
 class _MachineLabel(NamedTuple):
     text: str
     source: str  # auto | llm:<model>
     author: str  # the program, or the explainer's URL
     rule: LabelRule
-
-
-def score_on_heldout(
-    session: Session, sae: SaeRow, idx: int, rule: LabelRule, held: HeldOut
-) -> LabelScore:
-    """Score ``rule`` for feature ``idx`` on the given held-out contexts (read from the store)."""
-    vocab = Vocab.load(session, sae)
-    library = ContextLibrary.load(session, sae, vocab, held.positives + held.negatives)
-    positives = load_examples(session, sae.id, idx, idx + 1, contexts=held.positives).get(idx, [])
-    return score_rule(rule, heldout_tokens(library, positives, held), vocab)
-
-
-def score_stored_label(session: Session, sae: SaeRow, label: LabelRow) -> LabelScore:
-    """Recompute a scored label's score from its stored rule and held-out contexts."""
-    if not label.rule:
-        raise LabelError(
-            f"label {label.id} has no rule to score (free-text human labels are not scored)"
-        )
-    rule, held = LabelRule.from_json(label.rule["rule"]), HeldOut.from_json(label.rule["heldout"])
-    return score_on_heldout(session, sae, label.feature_idx, rule, held)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +215,7 @@ def _label_row(
         "precision": score.precision,
         "recall": score.recall,
         "f1": score.f1,
-        "rule": _rule_json(made.rule, held, score) | extra,
+        "rule": rule_json(made.rule, held, score, method=METHOD) | extra,
     }
 
 
@@ -371,7 +240,7 @@ def _write_labels(
             "label_f1": row["f1"],
         }
         for row in rows
-        if _replaces(current[row["feature_idx"]], row["source"], row["f1"])
+        if replaces_current(current[row["feature_idx"]], row["source"], row["f1"])
     ]
     if updates:
         session.execute(sa.update(FeatureRow), updates)

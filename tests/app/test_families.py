@@ -221,7 +221,7 @@ def test_the_map_is_built_once_and_rebuilt_when_a_label_changes(tmp_path):
     from sqlalchemy.orm import Session
 
     from app.families import map as feature_map
-    from sae_core.labels.run import set_human_label
+    from sae_core.labels.history import set_human_label
     from sae_core.store.db import SaeRow
     from sae_core.store.families import FeatureMapRow, mark_mapped
     from sae_core.store.lookup import find_sae

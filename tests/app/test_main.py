@@ -19,7 +19,8 @@ from app.settings import Settings
 from sae_core.store.db import StoreError
 
 
-def test_browse_only_server_serves_without_importing_torch(sqlite_store):
+def test_browse_only_server_serves_without_importing_torch_or_numba(sqlite_store):
+    """A web worker holds neither the models nor the labels' rule search (numba, ~55 MB)."""
     script = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
@@ -27,7 +28,7 @@ def test_browse_only_server_serves_without_importing_torch(sqlite_store):
         "from app.settings import Settings\n"
         f"with TestClient(create_app(Settings(db_url={sqlite_store.url!r}, live=False))) as client:\n"
         f"    assert client.get('/saes/{sqlite_store.sae}/features/1').status_code == 200\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numba') if m in sys.modules))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True

@@ -178,7 +178,7 @@ def test_a_page_of_results_is_kept_until_a_label_changes(tmp_path, monkeypatch):
     from app import search as feature_search
     from app.main import create_app
     from app.settings import Settings
-    from sae_core.labels.run import set_human_label
+    from sae_core.labels.history import set_human_label
     from sae_core.store.db import create_engine_for
     from sae_core.store.lookup import find_sae
     from tests.app.synthetic_store import build_synthetic_store
