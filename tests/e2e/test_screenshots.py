@@ -30,6 +30,9 @@ pytestmark = pytest.mark.e2e
 
 STORE = os.environ.get("SAESCOPE_SCREENSHOT_DB")
 FEATURES = [int(i) for i in os.environ.get("SAESCOPE_SCREENSHOT_FEATURES", "3544,3079").split(",")]
+# the SAE of the feature and prompt pages (default: the narrowest SAE that has every one of FEATURES;
+# in the demo's release, the 4,096-wide one on block 15)
+SAE = os.environ.get("SAESCOPE_SCREENSHOT_SAE")
 PROMPT = "def is_even(n):\n    if n % 2 == 0:\n        return True\n    return False"
 OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 GRAPH_PROMPT = "The capital of France is"  # SmolLM2-135M answers " Paris": which features say so
@@ -44,8 +47,8 @@ def test_screenshots_of_a_real_store(page):
     OUT.mkdir(parents=True, exist_ok=True)
     with serving(STORE, "--live", timeout=180) as base:
         page.goto(base + "/")
-        sae = page.locator("a[href^='/saes/']").first.get_attribute("href")
         page.screenshot(path=OUT / "home.png")
+        sae = f"/saes/{SAE or pictured_sae(base)}"
         page.goto(base + sae)
         page.screenshot(path=OUT / "sae.png")
         for index in FEATURES:
@@ -57,6 +60,13 @@ def test_screenshots_of_a_real_store(page):
         page.click("#prompt-form button[type=submit]")
         page.locator("table.ranked tbody tr").first.wait_for(timeout=120_000)
         page.screenshot(path=OUT / "prompt.png")
+
+
+def pictured_sae(base: str) -> str:
+    saes = httpx.get(f"{base}/api/v1/saes").json()["data"]
+    wide_enough = [sae for sae in saes if sae["d_sae"] > max(FEATURES)]
+    assert wide_enough, f"no SAE has feature {max(FEATURES)}: set SAESCOPE_SCREENSHOT_FEATURES"
+    return min(wide_enough, key=lambda sae: (sae["d_sae"], sae["name"]))["name"]
 
 
 @pytest.fixture(scope="module")
