@@ -1,8 +1,11 @@
 """``saescope``: one command, one subcommand per job.
 
 Each subcommand lives in ``sae_core.commands.<name>`` as ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. Errors a user can cause end as one line on stderr and exit 2: bad options
-(``Parser.error``) and everything a command refuses (``SaescopeError``).
+``run(args) -> int``. Every call builds every subcommand's parser, so a command module imports
+what its work needs inside ``run`` (torch, transformers, the labels' numba): ``saescope serve``
+or ``saescope precompute --no-label`` then holds none it does not use. Errors a user can cause end
+as one line on stderr and exit 2: bad options (``Parser.error``) and everything a command refuses
+(``SaescopeError``).
 """
 
 from __future__ import annotations
