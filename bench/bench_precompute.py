@@ -40,6 +40,9 @@ Later still, once the CLI stopped importing the labels (and numba, ~55 MB reside
 its parser (bare forward 1,043 tokens/s, its own peak 950 MiB): 0.89x with labels (5.6 s of
 them), 0.94x without; peak 1,119 MiB in precompute and with labels, flat through the pass
 (1,083 / 1,076 / 1,068 / 1,084 MiB at a quarter, half, three quarters and the end).
+The demo's release (1k/4k/16k, trained) the same evening, families on as in the command (bare
+forward 1,012 tokens/s): 0.33x with labels, 0.36x without (SAE 61.9 s, tail 84.8 s with the
+family links and map, labels 24.0 s); peak 3,110 MiB.
 
     python bench/bench_precompute.py [--tokens 100000] [--no-label] [--sae FOLDER] [--release FOLDER ...]
 """
