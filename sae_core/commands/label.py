@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from sqlalchemy.orm import Session
+
+from sae_core.labels.explainer import ExplainerConfig
+from sae_core.labels.history import get_sae
+from sae_core.labels.report import label_report
+from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
+
 HELP = "label every alive feature of SAEs in the store and score each label"
 
 
@@ -58,11 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_report(engine, sae_name: str) -> None:
-    from sqlalchemy.orm import Session
-
-    from sae_core.labels.history import get_sae
-    from sae_core.labels.report import label_report
-
     with Session(engine) as session:
         sae = get_sae(session, sae_name)
         print(f"labels of {sae.name}:")
@@ -71,14 +73,9 @@ def _print_report(engine, sae_name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: every command's parser is built on each call of the CLI, and
-    # the labels' modules bring numba (~55 MB resident), which `saescope precompute --no-label`
-    # or `saescope serve` would otherwise hold for nothing.
-    from sqlalchemy.orm import Session
-
-    from sae_core.labels.explainer import ExplainerConfig
-    from sae_core.labels.history import get_sae
+    # the labeller brings numba (~55 MB resident), which `saescope precompute --no-label` or
+    # `saescope serve` would otherwise hold for nothing.
     from sae_core.labels.run import LabelOptions, embed_labels, label_sae
-    from sae_core.store.db import check_store_url, create_engine_for, default_db_url, migrate
 
     url = args.db or default_db_url()
     check_store_url(url, create=False)  # labels go into a store precompute wrote
